@@ -1,0 +1,1 @@
+"""Pure logic of the paper (UTS, AKD, DWC, wire formats, rounds). Never imports rclpy."""

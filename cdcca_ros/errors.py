@@ -84,3 +84,16 @@ class CameraTimeoutError(CameraError, TimeoutError):
 
 class EndOfStreamError(CameraError):
     """A finite camera source (a video file) has no more frames."""
+
+
+# --- downlink deltas (core/dwc.py, core/updates.py) --------------------------------------
+class DeltaMismatchError(CdccaError, ValueError):
+    """A delta does not fit a state dict (keys, shapes or dtypes differ)."""
+
+
+class DeltaGateRejection(DeltaRejectedError):
+    """The device gate refused a delta; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f'{reason}: {message}')
+        self.reason = reason

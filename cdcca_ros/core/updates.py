@@ -1,0 +1,342 @@
+"""The device-side gatekeeper for downlink deltas (pure logic, no rclpy).
+
+The cloud seals a compressed delta into a :class:`DeltaEnvelope` (signed over every field);
+the device hands it to :meth:`DeltaGate.accept`, which verifies and decodes it or raises
+:class:`~cdcca_ros.errors.DeltaGateRejection` (a ``DeltaRejectedError`` with a ``reason``
+code) without changing anything. The node then applies the delta on a copy
+(:func:`cdcca_ros.core.dwc.apply_delta`), checks the result's hash against the envelope's
+``new_hash`` and calls :meth:`DeltaGate.commit`.
+
+Envelope bytes (:meth:`DeltaEnvelope.encode`, version 1): magic ``b'CDEV'``, a version
+byte, then device id, round, base version, base hash, new version, new hash, codec, payload
+and signature, each length-prefixed (8-byte little-endian length); integers are 8-byte
+little-endian unsigned.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cdcca_ros.core import wire
+from cdcca_ros.errors import CodecError, DeltaGateRejection, SignatureError, WireError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+    from torch import Tensor
+
+ENVELOPE_MAGIC = b'CDEV'
+ENVELOPE_VERSION = 1
+_U64_MAX = (1 << 64) - 1
+
+
+class RejectReason(enum.StrEnum):
+    """Why the gate refused a delta (the ``reason`` of :class:`DeltaGateRejection`)."""
+
+    TOO_LARGE = 'too_large'
+    BAD_SIGNATURE = 'bad_signature'
+    WRONG_DEVICE = 'wrong_device'
+    REPLAY = 'replay'
+    ROLLBACK = 'rollback'
+    WRONG_BASE = 'wrong_base'
+    CODEC_MISMATCH = 'codec_mismatch'
+    UNDECODABLE = 'undecodable'
+    WRONG_KEYS = 'wrong_keys'
+    WRONG_SHAPE = 'wrong_shape'
+    NON_FINITE = 'non_finite'
+    HASH_MISMATCH = 'hash_mismatch'
+
+
+@dataclass(frozen=True)
+class DeltaEnvelope:
+    """One signed downlink delta.
+
+    Attributes:
+        device_id: The device it is for.
+        round: Cloud round that produced it.
+        base_version: Model version the delta applies to.
+        base_hash: :func:`~cdcca_ros.core.wire.state_dict_hash` of that base.
+        new_version: Version after applying (strictly greater than ``base_version``).
+        new_hash: Hash of the weights after applying (the cloud's view of the device).
+        codec: Codec name of the payload (e.g. ``'sparse'``).
+        payload: Codec bytes (:mod:`cdcca_ros.core.dwc`).
+        signature: Ed25519 signature over all the fields above.
+    """
+
+    device_id: str
+    round: int
+    base_version: int
+    base_hash: str
+    new_version: int
+    new_hash: str
+    codec: str
+    payload: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        for name in ('device_id', 'base_hash', 'new_hash', 'codec'):
+            if not isinstance(getattr(self, name), str):
+                raise WireError(f'envelope {name} must be a str, got '
+                                f'{type(getattr(self, name)).__name__}')
+        for name in ('round', 'base_version', 'new_version'):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U64_MAX:
+                raise WireError(f'envelope {name} must be an integer in [0, 2**64), got {v!r}')
+        for name in ('payload', 'signature'):
+            if not isinstance(getattr(self, name), bytes):
+                raise WireError(f'envelope {name} must be bytes, got '
+                                f'{type(getattr(self, name)).__name__}')
+
+    def verify(self, public_key: Ed25519PublicKey) -> None:
+        """Check the signature over every field.
+
+        Raises:
+            SignatureError: It does not verify.
+        """
+        wire.verify_delta(public_key, self.signature, self.payload, self.device_id, self.round,
+                          self.base_hash, self.new_version, base_version=self.base_version,
+                          new_hash=self.new_hash, codec=self.codec)
+
+    def encode(self) -> bytes:
+        """The envelope as bytes (format in the module docstring)."""
+        u64 = struct.Struct('<Q').pack
+        fields = [self.device_id.encode(), u64(self.round), u64(self.base_version),
+                  self.base_hash.encode(), u64(self.new_version), self.new_hash.encode(),
+                  self.codec.encode(), self.payload, self.signature]
+        return ENVELOPE_MAGIC + bytes([ENVELOPE_VERSION]) + b''.join(
+            struct.pack('<Q', len(f)) + f for f in fields)
+
+    @classmethod
+    def decode(cls, data: bytes) -> DeltaEnvelope:
+        """Parse :meth:`encode` output (the signature is not checked here).
+
+        Raises:
+            WireError: Wrong magic or version, truncated, trailing bytes, or bad fields.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise WireError(f'envelope must be bytes, got {type(data).__name__}')
+        data = bytes(data)
+        if data[:4] != ENVELOPE_MAGIC:
+            raise WireError(f'envelope magic is {data[:4]!r}, expected {ENVELOPE_MAGIC!r}')
+        if len(data) < 5 or data[4] != ENVELOPE_VERSION:
+            raise WireError(f'envelope version {data[4] if len(data) > 4 else None} is not '
+                            f'supported (this build reads {ENVELOPE_VERSION})')
+        pos = 5
+        fields: list[bytes] = []
+        for _ in range(9):
+            if pos + 8 > len(data):
+                raise WireError(f'envelope truncated at byte {pos} of {len(data)}')
+            (n,) = struct.unpack_from('<Q', data, pos)
+            pos += 8
+            if n > len(data) - pos:
+                raise WireError(f'envelope field of {n} bytes overruns the {len(data)}-byte '
+                                'envelope')
+            fields.append(data[pos:pos + n])
+            pos += n
+        if pos != len(data):
+            raise WireError(f'envelope has {len(data) - pos} trailing bytes')
+
+        def text(b: bytes, what: str) -> str:
+            try:
+                return b.decode()
+            except UnicodeDecodeError as err:
+                raise WireError(f'envelope {what} is not UTF-8') from err
+
+        def num(b: bytes, what: str) -> int:
+            if len(b) != 8:
+                raise WireError(f'envelope {what} is {len(b)} bytes, expected 8')
+            return struct.unpack('<Q', b)[0]
+
+        return cls(device_id=text(fields[0], 'device_id'), round=num(fields[1], 'round'),
+                   base_version=num(fields[2], 'base_version'),
+                   base_hash=text(fields[3], 'base_hash'),
+                   new_version=num(fields[4], 'new_version'),
+                   new_hash=text(fields[5], 'new_hash'), codec=text(fields[6], 'codec'),
+                   payload=fields[7], signature=fields[8])
+
+
+def seal_delta(private_key: Ed25519PrivateKey, *, device_id: str, round: int,
+               base_version: int, base_hash: str, new_version: int, new_hash: str,
+               codec: str, payload: bytes) -> DeltaEnvelope:
+    """Sign a payload and its routing fields into an envelope (cloud side).
+
+    Raises:
+        WireError: A field has the wrong type or range.
+    """
+    try:
+        signature = wire.sign_delta(private_key, payload, device_id, round, base_hash,
+                                    new_version, base_version=base_version,
+                                    new_hash=new_hash, codec=codec)
+    except SignatureError as err:
+        raise WireError(f'cannot seal delta for device {device_id!r}: {err}') from err
+    return DeltaEnvelope(device_id=device_id, round=round, base_version=base_version,
+                         base_hash=base_hash, new_version=new_version, new_hash=new_hash,
+                         codec=codec, payload=bytes(payload), signature=signature)
+
+
+def _shape_spec(trainable: Mapping[str, Tensor | Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for name, v in trainable.items():
+        shape = getattr(v, 'shape', v)
+        out[name] = tuple(int(s) for s in shape)
+    return out
+
+
+class DeltaGate:
+    """Decides whether a device takes a delta; nothing changes until :meth:`commit`.
+
+    Checks, in order: payload size, signature (every field), device id, version strictly
+    newer than the current one (equal: replay, older: rollback), base version and hash equal
+    to the current ones, codec name matching the payload, decodability, names and shapes
+    equal to the trainable set, every value finite.
+
+    Args:
+        device_id: This device.
+        public_key: The cloud's Ed25519 key.
+        current_version: Version of the weights now in use.
+        current_base_hash: Their :func:`~cdcca_ros.core.wire.state_dict_hash`.
+        trainable: The trainable set: name -> tensor (or shape).
+        max_payload_bytes: Largest payload accepted.
+    """
+
+    def __init__(self, device_id: str, public_key: Ed25519PublicKey, current_version: int,
+                 current_base_hash: str, trainable: Mapping[str, Tensor | Sequence[int]], *,
+                 max_payload_bytes: int = 64 << 20) -> None:
+        from cdcca_ros.errors import ConfigError
+
+        if not isinstance(device_id, str) or not device_id:
+            raise ConfigError(f'device_id must be a non-empty str, got {device_id!r}')
+        if isinstance(current_version, bool) or not isinstance(current_version, int) or (
+                not 0 <= current_version <= _U64_MAX):
+            raise ConfigError(f'current_version must be an integer in [0, 2**64), '
+                              f'got {current_version!r}')
+        if not isinstance(current_base_hash, str) or not current_base_hash:
+            raise ConfigError(f'current_base_hash must be a non-empty str, '
+                              f'got {current_base_hash!r}')
+        if max_payload_bytes <= 0:
+            raise ConfigError(f'max_payload_bytes must be positive, got {max_payload_bytes}')
+        self.device_id = device_id
+        self.public_key = public_key
+        self.max_payload_bytes = int(max_payload_bytes)
+        self._shapes = _shape_spec(trainable)
+        self._version = current_version
+        self._hash = current_base_hash
+        self._pending: tuple[int, str] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> int:
+        """Version of the weights in use."""
+        return self._version
+
+    @property
+    def base_hash(self) -> str:
+        """Hash of the weights in use."""
+        return self._hash
+
+    def _reject(self, reason: RejectReason, env: DeltaEnvelope, msg: str) -> DeltaGateRejection:
+        return DeltaGateRejection(
+            reason.value, f'delta round {env.round} v{env.base_version}->v{env.new_version} '
+            f'for device {env.device_id!r}: {msg}')
+
+    def accept(self, envelope: DeltaEnvelope) -> dict[str, Tensor]:
+        """Verify and decode a delta for this device.
+
+        Returns:
+            The decoded delta (name -> float tensor of the trainable shapes).
+
+        Raises:
+            DeltaGateRejection: Refused; ``reason`` says why. The gate is unchanged.
+        """
+        from cdcca_ros.core import dwc
+
+        env = envelope
+        if not isinstance(env, DeltaEnvelope):
+            raise DeltaGateRejection(RejectReason.UNDECODABLE.value,
+                                     f'expected a DeltaEnvelope, got {type(env).__name__}')
+        with self._lock:
+            if len(env.payload) > self.max_payload_bytes:
+                raise self._reject(RejectReason.TOO_LARGE, env,
+                                   f'payload of {len(env.payload)} bytes exceeds '
+                                   f'{self.max_payload_bytes}')
+            try:
+                env.verify(self.public_key)
+            except SignatureError as err:
+                raise self._reject(RejectReason.BAD_SIGNATURE, env, str(err)) from err
+            if env.device_id != self.device_id:
+                raise self._reject(RejectReason.WRONG_DEVICE, env,
+                                   f'this is device {self.device_id!r}')
+            if env.new_version == self._version:
+                raise self._reject(RejectReason.REPLAY, env,
+                                   f'version {env.new_version} is already in use')
+            if env.new_version < self._version:
+                raise self._reject(RejectReason.ROLLBACK, env,
+                                   f'version {env.new_version} is older than the current '
+                                   f'{self._version}')
+            if env.base_version != self._version or env.base_hash != self._hash:
+                raise self._reject(RejectReason.WRONG_BASE, env,
+                                   f'it applies to v{env.base_version} '
+                                   f'{env.base_hash[:12]}, device holds v{self._version} '
+                                   f'{self._hash[:12]}')
+            try:
+                payload_codec = dwc.read_payload_codec(env.payload)
+                if payload_codec != env.codec:
+                    raise self._reject(RejectReason.CODEC_MISMATCH, env,
+                                       f'envelope says {env.codec!r}, payload says '
+                                       f'{payload_codec!r}')
+                delta = dwc.get_codec(env.codec).decode(env.payload)
+            except CodecError as err:
+                raise self._reject(RejectReason.UNDECODABLE, env, str(err)) from err
+            if set(delta) != set(self._shapes):
+                missing = sorted(set(self._shapes) - set(delta))[:5]
+                extra = sorted(set(delta) - set(self._shapes))[:5]
+                raise self._reject(RejectReason.WRONG_KEYS, env,
+                                   f'missing {missing}, unexpected {extra}')
+            for name, t in delta.items():
+                if tuple(t.shape) != self._shapes[name]:
+                    raise self._reject(RejectReason.WRONG_SHAPE, env,
+                                       f'{name!r} has shape {tuple(t.shape)}, expected '
+                                       f'{self._shapes[name]}')
+            for name, t in delta.items():
+                if t.numel() and not bool(t.isfinite().all()):
+                    raise self._reject(RejectReason.NON_FINITE, env,
+                                       f'{name!r} holds NaN or Inf')
+            self._pending = (env.new_version, env.new_hash)
+            return delta
+
+    def commit(self, new_version: int, new_hash: str) -> None:
+        """Record that the node now runs ``new_version`` (after applying a delta).
+
+        Raises:
+            DeltaGateRejection: ``new_version`` is not newer (``rollback``/``replay``), or it
+                is the version last accepted and ``new_hash`` differs from the envelope's
+                (``hash_mismatch``: the applied weights are not what the cloud computed).
+        """
+        from cdcca_ros.errors import ConfigError
+
+        if not isinstance(new_hash, str) or not new_hash:
+            raise ConfigError(f'new_hash must be a non-empty str, got {new_hash!r}')
+        with self._lock:
+            if isinstance(new_version, bool) or not isinstance(new_version, int) or (
+                    new_version <= self._version):
+                reason = (RejectReason.REPLAY if new_version == self._version
+                          else RejectReason.ROLLBACK)
+                raise DeltaGateRejection(reason.value,
+                                         f'cannot commit version {new_version!r} over '
+                                         f'{self._version}')
+            if self._pending is not None and self._pending[0] == new_version and (
+                    self._pending[1] and self._pending[1] != new_hash):
+                raise DeltaGateRejection(
+                    RejectReason.HASH_MISMATCH.value,
+                    f'applied weights hash {new_hash[:12]} but the cloud expects '
+                    f'{self._pending[1][:12]} for version {new_version}')
+            self._version = new_version
+            self._hash = new_hash
+            self._pending = None
+

@@ -1,0 +1,335 @@
+"""device_node: the on-device MLLM answers questions about the latest camera frame.
+
+Topics (relative names: namespaces and remapping apply):
+    in  image (sensor_msgs/Image, sensor-data QoS): the camera; remap to any image topic
+    in  question (cdcca_ros/Question)             out answer (cdcca_ros/Answer)
+    in  dwc_delta (cdcca_ros/DwcDelta)            out model_version (std_msgs/String, latched)
+    out annotated_image (sensor_msgs/Image)       out adaptation_status (AdaptationStatus)
+    out /diagnostics
+Services: ask (cdcca_ros/Ask), rollback (cdcca_ros/Rollback).
+
+The image callback only stores the latest frame; answers are computed in worker threads, so
+callbacks never block on inference. UTS runs in the same process (``uts.enabled``, see
+:mod:`cdcca_ros.nodes.uts_node`) because stage 2 needs the device model itself.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header, String
+
+from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
+from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
+from cdcca_ros.errors import CdccaError, DeltaRejectedError
+from cdcca_ros.msg import AdaptationStatus, Answer, DwcDelta, Question
+from cdcca_ros.nodes.common import (
+    DELTA_QOS,
+    ERROR,
+    LATCHED_QOS,
+    OK,
+    RELIABLE_QOS,
+    SENSOR_QOS,
+    WARN,
+    Diagnostics,
+    declare_table,
+)
+from cdcca_ros.nodes.delta_msgs import DeltaReassembler
+from cdcca_ros.srv import Ask, Rollback
+
+SampleListener = Callable[[AnsweredSample, Header, np.ndarray], None]
+
+
+def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
+    """Load the model and the cloud key named by the node's parameters."""
+    from cdcca_ros.core import wire
+    from cdcca_ros.models import bundled
+
+    model = bundled.load(params['model'], None if params['quantization'] == 'none'
+                         else params['quantization'], params['torch_device'])
+    key = wire.load_public_key(params['cloud_public_key']) if params['cloud_public_key'] \
+        else None
+    state_dir = params['state_dir'] or str(Path.home() / '.cdcca' / params['device_id'])
+    return DeviceRuntime(model, params['device_id'], key, state_dir,
+                         probe_question=params['probe_question'],
+                         max_new_tokens=params['max_new_tokens'])
+
+
+class DeviceNode(Node):
+    """Thin ROS adapter over :class:`DeviceRuntime`."""
+
+    def __init__(self, runtime: DeviceRuntime | None = None, **kwargs: Any) -> None:
+        super().__init__('device_node', **kwargs)
+        self.params = declare_table(self, 'device_node')
+        self.runtime: DeviceRuntime | None = runtime
+        self.listeners: list[SampleListener] = []
+        self._latest: Image | None = None
+        self._latest_lock = threading.Lock()
+        self._questions: queue.Queue[Question] = queue.Queue(maxsize=100)
+        self._deltas: queue.Queue[Any] = queue.Queue(maxsize=4)
+        self._reassembler = DeltaReassembler()
+        self.counters = {'answers': 0, 'rejected_images': 0, 'questions_dropped': 0,
+                         'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0}
+        self._last_error = ''
+        self._stop = threading.Event()
+
+        self._answer_pub = self.create_publisher(Answer, 'answer', RELIABLE_QOS)
+        self._annotated_pub = self.create_publisher(Image, 'annotated_image', SENSOR_QOS)
+        self._version_pub = self.create_publisher(String, 'model_version', LATCHED_QOS)
+        self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
+                                                 RELIABLE_QOS)
+        self._diag = Diagnostics(self, hardware_id=self.params['device_id'])
+        self.create_subscription(Image, 'image', self._on_image, SENSOR_QOS)
+        self.create_subscription(Question, 'question', self._on_question, RELIABLE_QOS)
+        self.create_subscription(DwcDelta, 'dwc_delta', self._on_delta, DELTA_QOS)
+        # The service waits for the model: its own group, so images keep flowing meanwhile.
+        self.create_service(Ask, 'ask', self._on_ask,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_service(Rollback, 'rollback', self._on_rollback,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(1.0, self._report)
+
+        self._threads = [threading.Thread(target=self._question_worker, daemon=True),
+                         threading.Thread(target=self._delta_worker, daemon=True)]
+        if self.runtime is None:
+            self._threads.append(threading.Thread(target=self._load, daemon=True))
+        else:
+            self._publish_version()
+        for t in self._threads:
+            t.start()
+
+    # ---------------------------------------------------------------- model
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None
+
+    def _load(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            self.runtime = build_runtime(self.params)
+            self.get_logger().info(f'model {self.params["model"]} ready in '
+                                   f'{time.perf_counter() - t0:.1f} s, version '
+                                   f'{self.runtime.version}')
+            self._publish_version()
+        except (CdccaError, OSError, ValueError) as err:
+            self._last_error = f'model load failed: {err}'
+            self.get_logger().error(self._last_error)
+
+    def _publish_version(self) -> None:
+        rt = self.runtime
+        self._version_pub.publish(String(data=f'{rt.device_id}:v{rt.version}:{rt.base_hash[:16]}'))
+
+    # ---------------------------------------------------------------- answering
+    def _on_image(self, msg: Image) -> None:
+        with self._latest_lock:
+            self._latest = msg
+
+    def _on_question(self, msg: Question) -> None:
+        try:
+            self._questions.put_nowait(msg)
+        except queue.Full:
+            self.counters['questions_dropped'] += 1
+            self.get_logger().warning('question queue full: dropped a question')
+
+    def _question_worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                q = self._questions.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            answer, error = self.answer(q.question_id, q.question, list(q.choices),
+                                        q.image if q.use_image else None)
+            if error:
+                self.get_logger().warning(f'question {q.question_id!r} not answered: {error}')
+
+    def answer(self, question_id: str, question: str, choices: list[str],
+               image: Image | None) -> tuple[Answer | None, str]:
+        """Answer about ``image`` or the latest frame; publishes and returns the Answer."""
+        if self.runtime is None:
+            return None, 'model not ready'
+        if image is None:
+            with self._latest_lock:
+                image = self._latest
+            if image is None:
+                return None, 'no camera frame received yet'
+            age_ms = (self.get_clock().now().nanoseconds
+                      - (image.header.stamp.sec * 10**9 + image.header.stamp.nanosec)) / 1e6
+            if age_ms > self.params['frame_max_age_ms']:
+                return None, f'latest frame is {age_ms:.0f} ms old'
+        try:
+            rgb = msg_to_rgb(image)
+        except CdccaError as err:
+            self.counters['rejected_images'] += 1
+            self._last_error = f'image rejected: {err}'
+            self.get_logger().error(self._last_error)
+            return None, self._last_error
+        try:
+            sample = self.runtime.answer(rgb, question, choices)
+        except (CdccaError, RuntimeError, ValueError) as err:
+            self.counters['errors'] += 1
+            self._last_error = f'answer failed: {err}'
+            self.get_logger().error(self._last_error)
+            return None, self._last_error
+        msg = Answer(header=Header(frame_id=image.header.frame_id),
+                     question_id=question_id or uuid.uuid4().hex[:12], question=question,
+                     answer=sample.text, choice_index=sample.choice_index,
+                     confidence=sample.confidence, entropy_mean=sample.entropy_mean,
+                     entropy_max=sample.entropy_max,
+                     model_version=f'{self.runtime.device_id}:v{sample.version}',
+                     latency_ms=sample.latency_ms)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.image_stamp = image.header.stamp
+        self._answer_pub.publish(msg)
+        self.counters['answers'] += 1
+        if self.params['annotate'] and self._annotated_pub.get_subscription_count():
+            lines = [f'Q: {question}', f'A: {sample.text} ({sample.confidence:.2f})',
+                     f'H={sample.entropy_mean:.2f} v{sample.version}']
+            self._annotated_pub.publish(image_to_msg(annotate(rgb, lines), 'rgb8', Image,
+                                                     header=image.header))
+        for listener in self.listeners:
+            listener(sample, image.header, rgb)
+        return msg, ''
+
+    def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
+        answer, error = self.answer(request.question_id, request.question,
+                                    list(request.choices),
+                                    request.image if request.use_image else None)
+        response.success = answer is not None
+        response.message = error
+        if answer is not None:
+            response.answer = answer
+        return response
+
+    # ---------------------------------------------------------------- updates
+    def _on_delta(self, msg: DwcDelta) -> None:
+        if msg.device_id != self.params['device_id']:
+            return  # addressed to another device sharing this graph
+        try:
+            envelope = self._reassembler.add(msg)
+        except CdccaError as err:
+            self._reject(f'delta chunk rejected: {err}', msg.round)
+            return
+        self._reassembler.expire()
+        if envelope is not None:
+            try:
+                self._deltas.put_nowait(envelope)
+            except queue.Full:
+                self._reject('delta queue full: delta dropped', msg.round)
+
+    def _delta_worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                envelope = self._deltas.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if self.runtime is None:
+                self._reject('delta arrived before the model was ready', envelope.round)
+                continue
+            try:
+                report = self.runtime.apply(envelope)
+            except DeltaRejectedError as err:
+                self._reject(f'delta rejected: {err}', envelope.round)
+                continue
+            self.counters['deltas_applied'] += 1
+            self.get_logger().info(
+                f'applied round {report.round}: v{report.old_version} -> v{report.new_version}, '
+                f'{report.payload_bytes} B ({report.bits_per_param:.2f} bit/param), '
+                f'{report.apply_ms:.1f} ms (lock held {report.swap_ms:.1f} ms)')
+            self._publish_version()
+            self._status(AdaptationStatus.STATE_APPLIED, report.round, 'ok',
+                         downlink_bytes=report.payload_bytes,
+                         bits_per_param=report.bits_per_param, apply_ms=report.apply_ms)
+
+    def _reject(self, why: str, round_: int) -> None:
+        self.counters['deltas_rejected'] += 1
+        self._last_error = why
+        self.get_logger().error(why)
+        self._status(AdaptationStatus.STATE_REJECTED, round_, why)
+
+    def _status(self, state: str, round_: int, message: str, **fields: Any) -> None:
+        msg = AdaptationStatus(device_id=self.params['device_id'], node='device', round=round_,
+                               state=state, message=message[:500],
+                               model_version=(f'v{self.runtime.version}' if self.runtime
+                                              else ''),
+                               accuracy_before=float('nan'), accuracy_after=float('nan'),
+                               **fields)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._status_pub.publish(msg)
+
+    def _on_rollback(self, request: Rollback.Request,
+                     response: Rollback.Response) -> Rollback.Response:
+        if self.runtime is None:
+            response.success, response.message = False, 'model not ready'
+            return response
+        try:
+            version = self.runtime.rollback()
+        except DeltaRejectedError as err:
+            response.success, response.message = False, str(err)
+        else:
+            response.success, response.message = True, f'restored as v{version}'
+            self._publish_version()
+            self._status(AdaptationStatus.STATE_ROLLED_BACK, self.runtime.round,
+                         response.message)
+        response.model_version = f'v{self.runtime.version}'
+        return response
+
+    # ---------------------------------------------------------------- health
+    def _report(self) -> None:
+        values: dict[str, Any] = dict(self.counters)
+        values['last_error'] = self._last_error
+        with self._latest_lock:
+            values['have_frame'] = self._latest is not None
+        if self.runtime is None:
+            level, text = (ERROR, 'model failed to load') if self._last_error else (
+                WARN, 'loading model')
+        else:
+            values.update(self.runtime.status())
+            level, text = (OK, 'ready') if not self._last_error else (WARN, 'ready, see '
+                                                                            'last_error')
+        self._diag.publish(level, text, values)
+
+    def destroy_node(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5.0)
+        super().destroy_node()
+
+
+def spin_device(args: list[str] | None, with_uts: bool) -> None:
+    """Run device_node (and the in-process UTS node) on a multi-threaded executor."""
+    try:
+        with rclpy.init(args=args):
+            device = DeviceNode()
+            nodes: list[Node] = [device]
+            if with_uts and device.params['uts.enabled']:
+                from cdcca_ros.nodes.uts_node import UtsNode
+                nodes.append(UtsNode(device))
+            executor = MultiThreadedExecutor(num_threads=4)
+            for n in nodes:
+                executor.add_node(n)
+            try:
+                executor.spin()
+            finally:
+                for n in reversed(nodes):
+                    n.destroy_node()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+
+
+def main(args: list[str] | None = None) -> None:
+    spin_device(args, with_uts=True)
+
+
+if __name__ == '__main__':
+    main()

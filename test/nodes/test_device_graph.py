@@ -1,0 +1,152 @@
+"""camera_node (synthetic) -> device_node -> uts_node on a real ROS graph."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
+
+from rclpy.parameter import Parameter  # noqa: E402
+
+from conftest import Spinner  # noqa: E402
+from ros_graph import spin_until  # noqa: E402
+
+
+def _call(node, executor, client, request, timeout=60.0):
+    future = client.call_async(request)
+    assert spin_until([executor], future.done, timeout), 'service call timed out'
+    return future.result()
+
+
+@pytest.fixture
+def device_graph(ros_context_pair, tiny_student_dir, tmp_path):
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+
+    from cdcca_ros.msg import Answer, UtsTokens
+    from cdcca_ros.nodes.camera_node import CameraNode
+    from cdcca_ros.nodes.device_node import DeviceNode
+    from cdcca_ros.nodes.uts_node import UtsNode
+    from cdcca_ros.srv import Ask
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    ctx_robot, ctx_client = ros_context_pair
+    camera = CameraNode(context=ctx_robot, parameter_overrides=[
+        Parameter('fps', value=5.0), Parameter('width', value=320),
+        Parameter('height', value=240), Parameter('synthetic.schedule', value='source:600')])
+    device = DeviceNode(context=ctx_robot, parameter_overrides=[
+        Parameter('model', value=str(tiny_student_dir)),
+        Parameter('state_dir', value=str(tmp_path / 'state')),
+        Parameter('uts.entropy_threshold', value=0.0),
+        Parameter('uts.keep_ratio', value=0.25),
+        Parameter('uts.pack_dtype', value='int8')])
+    device.get_logger().set_level(50)  # rejected images are expected; keep the log quiet
+    uts = UtsNode(device, context=ctx_robot)
+    # The camera publishes image_raw; the device listens on image (as a remap would do).
+    camera._image_pub = camera.create_publisher(type(camera._image_pub.msg_type()), 'image',
+                                                camera._image_pub.qos_profile)
+    spinner = Spinner(ctx_robot, [camera, device, uts])
+
+    client = Node('test_client', context=ctx_client)
+    executor = SingleThreadedExecutor(context=ctx_client)
+    executor.add_node(client)
+    got = {'tokens': [], 'answers': [], 'diag': []}
+    client.create_subscription(UtsTokens, 'uts_tokens', got['tokens'].append, 50)
+    client.create_subscription(Answer, 'answer', got['answers'].append, 50)
+    client.create_subscription(DiagnosticArray, '/diagnostics', got['diag'].append, 50)
+    ask = client.create_client(Ask, 'ask')
+    try:
+        assert spin_until([executor], ask.service_is_ready, 30.0), 'ask service not found'
+        assert spin_until([executor], lambda: device.ready, 60.0), 'model never loaded'
+        yield {'client': client, 'executor': executor, 'ask': ask, 'got': got,
+               'device': device, 'uts': uts}
+    finally:
+        executor.shutdown()
+        client.destroy_node()
+        spinner.close()
+
+
+def _ask_until_frame(g, question='what color is the circle?'):
+    from cdcca_ros.srv import Ask
+
+    response = None
+    for _ in range(50):
+        response = _call(g['client'], g['executor'], g['ask'], Ask.Request(question=question))
+        if response.success or 'no camera frame' not in response.message:
+            break
+        spin_until([g['executor']], lambda: False, 0.2)
+    return response
+
+
+def test_ask_answers_about_the_latest_frame_and_uts_uplinks(device_graph):
+    g = device_graph
+    response = _ask_until_frame(g)
+    assert response.success, response.message
+    answer = response.answer
+    assert answer.question == 'what color is the circle?'
+    assert answer.model_version == 'robot1:v0'
+    assert answer.latency_ms > 0
+    assert 0.0 <= answer.confidence <= 1.0
+    assert math.isfinite(answer.entropy_mean) and answer.entropy_max >= answer.entropy_mean
+    assert answer.image_stamp.sec > 0
+    # Stage 1 threshold 0: every answered sample goes on to stage 2 and uplink.
+    assert spin_until([g['executor']], lambda: len(g['got']['tokens']) > 0, 30.0)
+    tokens = g['got']['tokens'][0]
+    kept = list(tokens.kept_indices)
+    assert tokens.device_id == 'robot1' and tokens.question == 'what color is the circle?'
+    assert tokens.device_answer == answer.answer
+    assert 0 < len(kept) < tokens.num_tokens
+    assert kept == sorted(kept) and kept[-1] < tokens.num_tokens
+    assert tokens.dtype == 'int8' and len(tokens.scales) == len(kept)
+    assert len(tokens.payload) == len(kept) * tokens.token_dim
+    assert len(tokens.token_variance) == len(kept)
+    # Only the kept tokens travel: far fewer bytes than the full fp16 token matrix.
+    assert len(tokens.payload) < 0.5 * tokens.num_tokens * tokens.token_dim * 2
+
+
+@pytest.mark.parametrize('bad', ['wrong_size', 'unknown_encoding', 'zero_size'])
+def test_malformed_image_is_rejected_and_node_keeps_serving(device_graph, bad):
+    from sensor_msgs.msg import Image
+
+    from cdcca_ros.srv import Ask
+
+    g = device_graph
+    image = Image(height=48, width=64, encoding='rgb8', step=64 * 3, data=bytes(64 * 3 * 48))
+    if bad == 'wrong_size':
+        image.data = bytes(100)
+    elif bad == 'unknown_encoding':
+        image.encoding = 'yuv422_weird'
+    else:
+        image.height = 0
+        image.data = b''
+    response = _call(g['client'], g['executor'], g['ask'],
+                     Ask.Request(question='what color is the circle?', use_image=True,
+                                 image=image))
+    assert not response.success
+    assert 'image rejected' in response.message
+    assert g['device'].counters['rejected_images'] >= 1
+    # The node is alive and answers the next, well-formed request.
+    image = Image(height=48, width=64, encoding='rgb8', step=64 * 3, data=bytes(64 * 3 * 48))
+    response = _call(g['client'], g['executor'], g['ask'],
+                     Ask.Request(question='how many objects are there?', use_image=True,
+                                 image=image))
+    assert response.success, response.message
+    assert response.answer.question == 'how many objects are there?'
+
+
+def test_question_topic_and_diagnostics(device_graph):
+    from cdcca_ros.msg import Question
+
+    g = device_graph
+    assert _ask_until_frame(g).success
+    pub = g['client'].create_publisher(Question, 'question', 10)
+    assert spin_until([g['executor']], lambda: pub.get_subscription_count() > 0, 10.0)
+    pub.publish(Question(question_id='topic-1', question='is there a red square?'))
+    assert spin_until([g['executor']], lambda: any(
+        a.question_id == 'topic-1' for a in g['got']['answers']), 30.0)
+
+    def names():
+        return {s.name for d in g['got']['diag'] for s in d.status}
+    assert spin_until([g['executor']], lambda: {'/device_node', '/uts_node', '/camera_node'}
+                      <= names(), 10.0), names()

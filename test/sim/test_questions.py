@@ -1,0 +1,111 @@
+"""Questions: correct answers on constructed scenes, MC form, balanced types, closed vocabulary."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from cdcca_ros.errors import ConfigError
+from cdcca_ros.sim.domains import DRIFTED, SOURCE
+from cdcca_ros.sim.questions import (ANSWER_POOLS, NUM_CHOICES, QTYPES, Question, answer_space,
+                                     ask, format_mc_prompt, reference_answers, tokenize,
+                                     vocabulary)
+from cdcca_ros.sim.scene import Scene, SceneObject
+from cdcca_ros.sim.world import World
+
+SCENE = Scene((SceneObject('circle', 'red', cell=(0, 0)),
+               SceneObject('square', 'blue', cell=(1, 1)),
+               SceneObject('star', 'yellow', cell=(2, 2))))
+TRUTH_BY_KIND = {'circle': ('red', 'left'), 'square': ('blue', 'middle'),
+                 'star': ('yellow', 'right')}
+KIND_BY_COLOR = {'red': 'circle', 'blue': 'square', 'yellow': 'star'}
+
+
+def _named(text: str, names) -> str:
+    found = [n for n in names if n in tokenize(text)]
+    assert len(found) == 1, text
+    return found[0]
+
+
+@pytest.mark.parametrize('qtype', QTYPES)
+def test_answers_are_correct_on_a_constructed_scene(qtype: str) -> None:
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(60):
+        q = ask(SCENE, rng, qtype)
+        assert q.qtype == qtype
+        seen.add(q.answer)
+        if qtype == 'color':
+            assert q.answer == TRUTH_BY_KIND[_named(q.text, TRUTH_BY_KIND)][0]
+        elif qtype == 'shape':
+            assert q.answer == KIND_BY_COLOR[_named(q.text, KIND_BY_COLOR)]
+        elif qtype == 'count':
+            assert q.answer == '3'
+        elif qtype == 'position':
+            words = tokenize(q.text)
+            kind = next((k for k in TRUTH_BY_KIND if k in words), None)
+            kind = kind or KIND_BY_COLOR[_named(q.text, KIND_BY_COLOR)]
+            assert q.answer == TRUTH_BY_KIND[kind][1]
+        else:
+            words = tokenize(q.text)
+            pair = (next(w for w in words if w in ('red', 'green', 'blue', 'yellow')),
+                    next(w for w in words if w in ANSWER_POOLS['shape']))
+            present = {(o.color, o.kind) for o in SCENE.objects}
+            assert q.answer == ('yes' if pair in present else 'no'), q.text
+    expected = {'count': {'3'}, 'exist': {'yes', 'no'}}.get(qtype)
+    assert seen == expected if expected else len(seen) == 3
+
+
+def test_multiple_choice_form() -> None:
+    rng = np.random.default_rng(1)
+    for qtype in QTYPES * 20:
+        q = ask(SCENE, rng, qtype)
+        assert len(q.choices) == NUM_CHOICES == len(set(q.choices))
+        assert q.choices[q.answer_index] == q.answer
+        prompt = q.mc_prompt
+        assert prompt.startswith(q.text) and all(c in prompt for c in q.choices)
+    assert format_mc_prompt('is it?', ['yes', 'no', 'red', '2']) == \
+        'is it? choices: yes, no, red, 2.'
+
+
+def test_reference_answers_have_ten_with_synonyms() -> None:
+    assert reference_answers('red') == ('red',) * 10
+    refs = reference_answers('middle')
+    assert len(refs) == 10 and refs.count('middle') == 7 and refs.count('center') == 3
+
+
+@pytest.mark.parametrize('call', [
+    lambda: ask(SCENE, np.random.default_rng(0), 'weather'),
+    lambda: ask(Scene(()), np.random.default_rng(0), 'count'),
+    lambda: Question('q', 'red', ('red',) * 10, 'color', ('red', 'a', 'b', 'c'), 1),
+])
+def test_question_errors(call) -> None:
+    with pytest.raises(ConfigError):
+        call()
+
+
+def test_types_balanced_and_answers_spread() -> None:
+    samples = World(3).samples(SOURCE, 500, image_size=16)
+    types = collections.Counter(s.qtype for s in samples)
+    assert set(types.values()) == {100}
+    for qtype in QTYPES:
+        answers = collections.Counter(s.answer for s in samples if s.qtype == qtype)
+        # Every source answer of the type appears and none dominates.
+        pool = [a for a in ANSWER_POOLS[qtype] if a not in ('star', 'cross')]
+        assert set(answers) == set(pool), (qtype, answers)
+        assert max(answers.values()) < 0.6 * 100, (qtype, answers)
+
+
+def test_vocabulary_is_closed_over_every_domain() -> None:
+    vocab = set(vocabulary())
+    assert set(answer_space()) <= vocab
+    world = World(11)
+    used: set[str] = set()
+    for domain in (SOURCE, *DRIFTED):
+        for s in world.samples(domain, 800, image_size=8):
+            for text in (s.mc_prompt, *s.answers, *s.choices):
+                used.update(tokenize(text))
+    assert used <= vocab, used - vocab
+    # The vocabulary is not padded with words nothing ever produces.
+    assert len(vocab - used) <= 2, vocab - used

@@ -22,9 +22,9 @@ import datetime as dt
 import ipaddress
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -102,7 +102,7 @@ class CertificateAuthority:
                ) -> CertificateAuthority:
         """A new self-signed CA (EC P-256)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
@@ -144,7 +144,7 @@ class CertificateAuthority:
             days: Validity.
         """
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         if server:
             usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)

@@ -20,14 +20,14 @@ Everything is built as a plain dict (easy to test and to print) and turned into 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cdcca_ros.errors import ConfigError
 from cdcca_ros.transport.certs import DEFAULT_CLOUD, ROUTER_NAME, Identity, common_name
-from cdcca_ros.transport.keys import DEFAULT_PREFIX, LinkKeys, validate_device_id, \
-    validate_prefix
+from cdcca_ros.transport.keys import DEFAULT_PREFIX, LinkKeys, validate_device_id, validate_prefix
 
 _PROTOCOLS = ('tls', 'tcp', 'quic')
 

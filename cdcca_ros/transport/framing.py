@@ -21,11 +21,16 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Hashable, Iterator
 
-from cdcca_ros.errors import ChecksumError, ChunkError, ConfigError, PayloadTooLargeError, \
-    WireError
+from cdcca_ros.errors import (
+    ChecksumError,
+    ChunkError,
+    ConfigError,
+    PayloadTooLargeError,
+    WireError,
+)
 
 MAGIC = b'CDCZ'
 VERSION = 1

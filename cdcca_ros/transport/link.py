@@ -33,17 +33,39 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
-from cdcca_ros.errors import CdccaError, ConfigError, LinkError, PayloadTooLargeError, \
-    SpoolError, WireError
+from cdcca_ros.errors import (
+    CdccaError,
+    ConfigError,
+    LinkError,
+    PayloadTooLargeError,
+    SpoolError,
+    WireError,
+)
 from cdcca_ros.transport.config import SessionConfig, to_zenoh_config
-from cdcca_ros.transport.framing import HEADER_SIZE, KIND_ACK, KIND_DATA, KIND_VERSION, \
-    MAX_TOPIC_BYTES, Frame, Reassembler, ack_frame, decode_frame, split_message
-from cdcca_ros.transport.keys import DEFAULT_PREFIX, LinkKeys, parse_key, validate_device_id, \
-    validate_prefix
+from cdcca_ros.transport.framing import (
+    HEADER_SIZE,
+    KIND_ACK,
+    KIND_DATA,
+    KIND_VERSION,
+    MAX_TOPIC_BYTES,
+    Frame,
+    Reassembler,
+    ack_frame,
+    decode_frame,
+    split_message,
+)
+from cdcca_ros.transport.keys import (
+    DEFAULT_PREFIX,
+    LinkKeys,
+    parse_key,
+    validate_device_id,
+    validate_prefix,
+)
 from cdcca_ros.transport.spool import Inbox, LatestStore, Spool
 
 _log = logging.getLogger(__name__)

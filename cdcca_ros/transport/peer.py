@@ -28,7 +28,8 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from cdcca_ros.errors import CdccaError
 from cdcca_ros.transport.config import SessionConfig

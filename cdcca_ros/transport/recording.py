@@ -25,9 +25,10 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from cdcca_ros import __version__
 from cdcca_ros.errors import ConfigError, WireError

@@ -18,8 +18,9 @@ import json
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from types import FrameType
-from typing import Any, Sequence
+from typing import Any
 
 from cdcca_ros.errors import ConfigError, LinkError
 from cdcca_ros.transport.config import RouterConfig, to_zenoh_config

@@ -51,6 +51,7 @@ def _connect(path: Path, durable: bool) -> sqlite3.Connection:
         # isolation_level=None: explicit BEGIN/COMMIT; the object's lock serializes threads.
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
                                timeout=10.0)
+        conn.execute('PRAGMA page_size=65536')  # fewer overflow pages per large payload
         conn.execute('PRAGMA journal_mode=WAL')
         conn.execute(f'PRAGMA synchronous={"FULL" if durable else "NORMAL"}')
     except (sqlite3.Error, OSError) as err:

@@ -7,8 +7,15 @@ import random
 import pytest
 
 from cdcca_ros.errors import ChecksumError, ChunkError, PayloadTooLargeError, WireError
-from cdcca_ros.transport.framing import HEADER_SIZE, KIND_ACK, Frame, Reassembler, ack_frame, \
-    decode_frame, split_message
+from cdcca_ros.transport.framing import (
+    HEADER_SIZE,
+    KIND_ACK,
+    Frame,
+    Reassembler,
+    ack_frame,
+    decode_frame,
+    split_message,
+)
 
 CHUNK = 1000
 

@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 
 from cdcca_ros.errors import ConfigError
-from cdcca_ros.transport.config import RouterConfig, SessionConfig, access_control_rules, \
-    to_zenoh_config
+from cdcca_ros.transport.config import (
+    RouterConfig,
+    SessionConfig,
+    access_control_rules,
+    to_zenoh_config,
+)
 
 
 def test_router_listens_on_tls_with_mutual_auth_and_denies_by_default(certs: Path) -> None:

@@ -1,0 +1,183 @@
+"""One CD-CCA round without ROS: device answers + UTS, cloud AKD + DWC, device hot-apply.
+
+The teacher is a tiny BLIP-2 briefly trained to answer 'red' to everything, so pseudo-labels
+are known; the student shares its vision encoder and starts answering something else.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cdcca_ros.core.akd import AKDConfig
+from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
+from cdcca_ros.core.device_runtime import DeviceRuntime
+from cdcca_ros.core.updates import DeltaEnvelope, seal_delta
+from cdcca_ros.core.uts import UtsConfig, UtsPipeline, unpack_tokens
+from cdcca_ros.core.wire import generate_keypair
+from cdcca_ros.errors import DeltaRejectedError, WireError
+
+VOCAB = ['what', 'color', 'is', 'the', 'circle', 'square', 'red', 'green', 'blue', '?']
+QUESTION = 'what color is the circle?'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope='module')
+def images():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory, images):
+    from cdcca_ros.models import build_tiny
+    from cdcca_ros.models.base import TrainableConfig
+
+    torch.manual_seed(0)
+    teacher = build_tiny('blip2', VOCAB, seed=1, qformer_layers=2, dropout=0.0)
+    params = [p for p in teacher.torch_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    tokens = teacher.vision_tokens(images)
+    teacher.torch_model.train()
+    for _ in range(40):
+        out = teacher.forward_train(tokens, None, [QUESTION] * len(images), ['red'] * len(images))
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    teacher.torch_model.eval()
+    assert teacher.answer(images[:1], [QUESTION])[0].text == 'red'
+    student = build_tiny('blip2', VOCAB, seed=2, qformer_layers=1, dropout=0.1,
+                         vision_from=teacher)
+    student.configure_trainable(TrainableConfig(lora_r=4, lora_alpha=8))
+    path = tmp_path_factory.mktemp('student')
+    student.save(path)
+    return teacher, path
+
+
+def _load_student(path):
+    from cdcca_ros.models import bundled
+
+    return bundled.load(str(path))
+
+
+def _round(models, images, tmp_path, codec='sparse', codec_params=None):
+    teacher, student_dir = models
+    private, public = generate_keypair()
+    device = DeviceRuntime(_load_student(student_dir), 'robot1', public, tmp_path / 'device',
+                           probe_image=images[0])
+    cloud = CloudRuntime(teacher, _load_student(student_dir), private, CloudConfig(
+        min_samples=len(images), akd=AKDConfig(steps=30, lr=5e-3, batch_size=6),
+        codec=codec, codec_params=codec_params or {}, budget_bytes=None),
+        state_dir=tmp_path / 'cloud')
+    assert cloud.device('robot1').hash == device.base_hash  # both start from the same base
+    uts = UtsPipeline(UtsConfig(stage1_threshold=0.0, keep_ratio=0.5, pack_dtype='fp16'),
+                      device.mc_token_features, has_cls=True)
+    for image in images:
+        sample = device.answer(image, QUESTION)
+        result = uts.process(sample.step_probs, sample.tokens)
+        assert result is not None
+        kept = torch.as_tensor(result.kept_indices)
+        cloud.add_sample('robot1', unpack_tokens(result.packed), kept, QUESTION,
+                         int(sample.tokens.shape[0]), int(sample.tokens.shape[1]))
+    assert cloud.due('robot1')
+    return device, cloud, cloud.run_round('robot1'), private
+
+
+def test_one_round_changes_device_version_and_answers(models, images, tmp_path):
+    device, cloud, result, _ = _round(models, images, tmp_path)
+    before = [device.answer(im, QUESTION).text for im in images]
+    assert result is not None and result.samples == len(images)
+    assert result.losses[-1]['total'] < result.losses[0]['total']
+    assert result.agreement_after > result.agreement_before
+    report = device.apply(result.envelope)
+    after = [device.answer(im, QUESTION).text for im in images]
+    assert device.version == 1 and report.new_version == 1
+    assert device.base_hash == cloud.device('robot1').hash
+    assert after != before
+    assert after.count('red') > before.count('red')
+    # A restart of the device comes back on the applied adapter.
+    again = DeviceRuntime(_load_student(models[1]), 'robot1', device.public_key,
+                          tmp_path / 'device', probe_image=images[0])
+    assert again.version == 1 and again.base_hash == device.base_hash
+    assert [again.answer(im, QUESTION).text for im in images] == after
+    # Rollback restores the previous answers under a new, higher version.
+    assert device.rollback() == 2
+    assert [device.answer(im, QUESTION).text for im in images] == before
+
+
+def test_cloud_state_survives_restart(models, images, tmp_path):
+    teacher, student_dir = models
+    _, cloud, result, private = _round(models, images, tmp_path)
+    state = cloud.device('robot1')
+    restarted = CloudRuntime(teacher, _load_student(student_dir), private, cloud.cfg,
+                             state_dir=tmp_path / 'cloud')
+    again = restarted.device('robot1')
+    assert (again.version, again.round, again.hash) == (state.version, state.round, state.hash)
+    assert again.pending == []
+    # Pending samples are on disk too.
+    restarted.add_sample('robot1', torch.zeros(3, restarted.space.dim), torch.tensor([0, 1, 2]),
+                         QUESTION, restarted.space.num_tokens, restarted.space.dim)
+    third = CloudRuntime(teacher, _load_student(student_dir), private, cloud.cfg,
+                         state_dir=tmp_path / 'cloud')
+    assert len(third.device('robot1').pending) == 1
+
+
+def test_wrong_vision_space_is_refused(models, tmp_path):
+    teacher, student_dir = models
+    private, _ = generate_keypair()
+    cloud = CloudRuntime(teacher, _load_student(student_dir), private, CloudConfig())
+    with pytest.raises(WireError, match='expects'):
+        cloud.add_sample('robot1', torch.zeros(2, 7), None, QUESTION, 65, 7)
+
+
+def _mutations(env: DeltaEnvelope, private, device):
+    good = dict(device_id=env.device_id, round=env.round, base_version=env.base_version,
+                base_hash=env.base_hash, new_version=env.new_version, new_hash=env.new_hash,
+                codec=env.codec, payload=env.payload)
+    from cdcca_ros.core import dwc
+
+    # The encoders refuse non-finite values: build the container by hand, as a broken cloud
+    # or an attacker holding the key would.
+    base = device.model.trainable_state_dict()
+    entries = [dwc._Entry(k, 'float32', tuple(v.shape)) for k, v in base.items()]
+    values = np.zeros(sum(v.numel() for v in base.values()), np.float16)
+    values[3] = np.nan
+    nan_payload = dwc._write_payload('fp16', {}, entries, {'values': values})
+    other_private, _ = generate_keypair()
+    return {
+        'bad_signature': dataclasses.replace(env, signature=bytes(64)),
+        'wrong_key': seal_delta(other_private, **good),
+        'wrong_device': seal_delta(private, **{**good, 'device_id': 'robot2'}),
+        'wrong_base': seal_delta(private, **{**good, 'base_hash': 'f' * 64}),
+        'older_version': seal_delta(private, **{**good, 'new_version': 0}),
+        'truncated': seal_delta(private, **{**good, 'payload': env.payload[:-7]}),
+        'nan': seal_delta(private, **{**good, 'codec': 'fp16', 'payload': nan_payload}),
+        'wrong_hash': seal_delta(private, **{**good, 'new_hash': '0' * 64}),
+    }
+
+
+def test_every_bad_delta_is_rejected_and_answers_unchanged(models, images, tmp_path):
+    device, _, result, private = _round(models, images, tmp_path)
+    before = [device.answer(im, QUESTION) for im in images]
+    for name, bad in _mutations(result.envelope, private, device).items():
+        with pytest.raises(DeltaRejectedError):
+            device.apply(bad)
+        assert device.version == 0, name
+        now = [device.answer(im, QUESTION) for im in images]
+        assert [a.text for a in now] == [a.text for a in before], name
+        assert all(np.allclose(a.step_probs, b.step_probs) for a, b in zip(now, before)), name
+    assert device.rejected == 8
+    device.apply(result.envelope)
+    assert device.version == 1
+    with pytest.raises(DeltaRejectedError, match='replay|already'):
+        device.apply(result.envelope)  # replay
+    assert device.version == 1

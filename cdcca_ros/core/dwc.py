@@ -955,6 +955,7 @@ def _bisect(delta: StateDict, importance: Mapping[str, Tensor] | None, budget: i
         return None
     for _ in range(steps):
         mid = math.sqrt(lo * hi) if geometric else 0.5 * (lo + hi)
+        mid = float(f'{mid:.4g}')  # readable knobs in logs; finer steps buy nothing
         trial_codec = make(mid)
         trial = trial_codec.encode(delta, importance=importance)
         if len(trial) <= budget:
@@ -1142,7 +1143,11 @@ class ErrorFeedback:
 
     @classmethod
     def load(cls, path: str | Path) -> ErrorFeedback:
-        """Read a state written by :meth:`save`."""
+        """Read a state written by :meth:`save`.
+
+        Raises:
+            DeltaMismatchError: The file cannot be read, or views and residuals do not pair.
+        """
         import safetensors
         import safetensors.torch
 

@@ -330,14 +330,17 @@ class HFMLLM(MLLM):
         ids = torch.stack(chosen, dim=1).cpu().numpy()    # [B, T]
         results = []
         for b in range(len(questions)):
-            row = ids[b].tolist()
+            row = [int(t) for t in ids[b]]
             length = row.index(self.eos_token_id) if self.eos_token_id in row else len(row)
-            token_ids = [int(t) for t in row[:length]]
-            step_probs = np.ascontiguousarray(probs[b, :length], dtype=np.float32)
+            # The eos step is kept: how sure the model was to stop matters for Eq. 2, and an
+            # empty answer still has one distribution.
+            steps_kept = min(length + 1, len(row))
+            step_probs = np.ascontiguousarray(probs[b, :steps_kept], dtype=np.float32)
+            token_ids = row[:length]
             results.append(AnswerResult(
                 text=self.tokenizer.decode(token_ids, skip_special_tokens=True).strip(),
                 token_ids=token_ids, step_probs=step_probs,
-                token_probs=step_probs[np.arange(length), token_ids].astype(np.float32),
+                token_probs=step_probs[np.arange(steps_kept), row[:steps_kept]],
                 latency_ms=latency_ms))
         return results
 
@@ -442,7 +445,8 @@ class HFMLLM(MLLM):
                     f'{self.family}: no linear module matches lora_targets={targets!r}')
             lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                               lora_dropout=cfg.lora_dropout, target_modules=names, bias='none')
-            inject_adapter_in_model(lora, self.torch_model)
+            # A fixed seed: the same base gets the same LoRA A matrices on cloud and device.
+            seeded(0, lambda: inject_adapter_in_model(lora, self.torch_model))
         self.trainable_config = cfg
         for name, param in self.torch_model.named_parameters():
             param.requires_grad_(self._wants_grad(name, cfg))

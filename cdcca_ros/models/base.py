@@ -30,9 +30,11 @@ class AnswerResult:
     Attributes:
         text: Decoded answer, stripped.
         token_ids: Generated ids (no prompt, no eos).
-        step_probs: ``[T, V]`` float32 softmax distribution of every generated step (Eq. 2);
-            ``T == len(token_ids)``: the step that produced eos is not included.
-        token_probs: ``[T]`` probability of each chosen token.
+        step_probs: ``[T, V]`` float32 softmax distribution of every generated step (Eq. 2),
+            the step that chose eos included: ``T == len(token_ids) + 1`` when generation
+            stopped at eos, ``T == len(token_ids)`` when ``max_new_tokens`` cut it. So
+            ``T >= 1`` even for an empty answer.
+        token_probs: ``[T]`` probability of each chosen token (eos included, as above).
         latency_ms: Wall time of the call that produced this answer (whole batch).
     """
 

@@ -117,6 +117,7 @@ class Blip2MLLM(HFMLLM):
             q = attn.query(query).view(-1, heads, head_dim)                      # [Q, h, d]
             keep = keep_mask((num_masks, batch, num, dim), p, generator, tokens.device)
             x = (tokens.unsqueeze(0) * keep / (1.0 - p)).reshape(-1, num, dim)   # [MB, N, D]
+            x = x.to(attn.key.weight.dtype)  # the Q-Former stays fp32 in half-precision models
             k = attn.key(x).view(x.shape[0], num, heads, head_dim)
             v = attn.value(x).view(x.shape[0], num, heads, head_dim)
             scores = torch.einsum('qhd,bnhd->bhqn', q, k) * attn.scaling

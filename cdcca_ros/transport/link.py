@@ -66,7 +66,7 @@ from cdcca_ros.transport.keys import (
     validate_device_id,
     validate_prefix,
 )
-from cdcca_ros.transport.spool import Inbox, LatestStore, Spool
+from cdcca_ros.transport.spool import Inbox, LatestStore, Spool, SpoolEntry
 
 _log = logging.getLogger(__name__)
 CLOUD_SOURCE = 'cloud'
@@ -218,26 +218,34 @@ class _Sender:
         if self._inflight and now - self._last_progress > self.cfg.ack_timeout_s:
             self.timeouts += 1
             self.go_back(now)
+        floor = self.spool.first_seq()
         while (len(self._inflight) < self.cfg.window_messages
                and self._inflight_bytes < self.cfg.window_bytes):
-            entry = self.spool.next_after(self._through)
-            if entry is None:
+            # A few at a time: payloads may be large, the window may be wide.
+            free = self.cfg.window_messages - len(self._inflight)
+            batch = self.spool.pending(self._through, limit=min(free, 8))
+            if not batch:
                 return
-            floor = self.spool.first_seq() or entry.seq
-            for frame in split_message(entry.payload, chunk_size=self.cfg.chunk_size,
-                                       epoch=self.spool.epoch, seq=entry.seq, floor=floor,
-                                       created_ns=entry.created_ns, topic=entry.topic):
-                self.publish(frame)
-            if entry.seq <= self._max_sent:
-                self.resent += 1
-            else:
-                self.sent += 1
-                self._max_sent = entry.seq
-            if not self._inflight:
-                self._last_progress = now
-            self._inflight.append((entry.seq, len(entry.payload)))
-            self._inflight_bytes += len(entry.payload)
-            self._through = entry.seq
+            for entry in batch:
+                if self._inflight_bytes >= self.cfg.window_bytes:
+                    return
+                self._send_one(entry, floor or entry.seq, now)
+
+    def _send_one(self, entry: SpoolEntry, floor: int, now: float) -> None:
+        for frame in split_message(entry.payload, chunk_size=self.cfg.chunk_size,
+                                   epoch=self.spool.epoch, seq=entry.seq, floor=floor,
+                                   created_ns=entry.created_ns, topic=entry.topic):
+            self.publish(frame)
+        if entry.seq <= self._max_sent:
+            self.resent += 1
+        else:
+            self.sent += 1
+            self._max_sent = entry.seq
+        if not self._inflight:
+            self._last_progress = now
+        self._inflight.append((entry.seq, len(entry.payload)))
+        self._inflight_bytes += len(entry.payload)
+        self._through = entry.seq
 
     def stats(self) -> dict[str, Any]:
         s = self.spool.stats()
@@ -257,8 +265,8 @@ class _Receiver:
         self.received = self.duplicates = self.out_of_order = self.skipped = 0
         self.stale = 0
 
-    def on_frame(self, source: str, frame: Frame, now: float) -> bytes | None:
-        """Return the acknowledgement frame to send back, if any."""
+    def on_frame(self, source: str, frame: Frame, now: float) -> tuple[int, int] | None:
+        """Return ``(epoch, seq)`` to acknowledge, if any."""
         payload = self.reasm.add(source, frame, now)
         if payload is None:
             return None
@@ -274,7 +282,7 @@ class _Receiver:
         else:
             self.stale += 1
             return None
-        return ack_frame(frame.epoch, acc.ack)
+        return frame.epoch, acc.ack
 
     def stats(self) -> dict[str, Any]:
         return {'received': self.received, 'duplicates': self.duplicates,
@@ -289,6 +297,7 @@ class _LinkBase:
     def __init__(self, config: LinkConfig, inbox_path: Path,
                  deliver: Callable[[LinkMessage], None], recorder: Recorder | None) -> None:
         self.config = config
+        config.session.to_dict()  # fail now, not in the thread: missing files, wrong cert CN
         self._deliver_cb = deliver
         self._recorder = recorder
         self._inbox = Inbox(inbox_path, durable=config.durable)
@@ -306,6 +315,10 @@ class _LinkBase:
         self._last_error: str | None = None
         self._last_error_time: float | None = None
         self._threads: list[threading.Thread] = []
+        # Acknowledgements are cumulative: within one batch of events only the last one per
+        # peer matters, which saves puts and spool transactions under load.
+        self._acks_out: dict[str, tuple[int, int]] = {}
+        self._acks_in: dict[str, tuple[int, int]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
     def _start(self, name: str) -> None:
@@ -377,7 +390,7 @@ class _LinkBase:
                     try:
                         self._open(zenoh)
                         backoff = sc.retry_init_ms / 1000
-                    except zenoh.ZError as err:
+                    except (zenoh.ZError, CdccaError) as err:
                         with self._lock:
                             self.connect_failures += 1
                         # Zenoh reports every refusal (router down, TLS handshake or
@@ -390,7 +403,12 @@ class _LinkBase:
                         self._stop.wait(backoff)
                         backoff = min(backoff * 2, sc.retry_max_ms / 1000)
                         continue
-                self._step()
+                try:
+                    self._step()
+                except Exception as err:  # noqa: BLE001 - a link must outlive a bug in one step
+                    _log.exception('link engine step failed')
+                    self._error(f'internal error: {type(err).__name__}: {err}', logging.ERROR)
+                    self._stop.wait(self.config.tick_s)
         finally:
             self._close_session()
 
@@ -435,9 +453,27 @@ class _LinkBase:
                 ev = None
         now = time.monotonic()
         try:
+            self._flush_acks(now)
             self._housekeeping(now)
         except (CdccaError, sqlite3.Error) as err:
             self._error(err, logging.ERROR)
+
+    @staticmethod
+    def _merge_ack(acks: dict[str, tuple[int, int]], peer: str, epoch: int, seq: int) -> None:
+        prev = acks.get(peer)
+        acks[peer] = (epoch, max(seq, prev[1])) if prev and prev[0] == epoch else (epoch, seq)
+
+    def _flush_acks(self, now: float) -> None:
+        acks_out, self._acks_out = self._acks_out, {}
+        acks_in, self._acks_in = self._acks_in, {}
+        for peer, (epoch, seq) in acks_in.items():
+            self._sender_for(peer).on_ack(epoch, seq, now)
+        for peer, (epoch, seq) in acks_out.items():
+            publisher = self._ack_publisher(peer)
+            if publisher is not None:
+                self._put(publisher, ack_frame(epoch, seq))
+        if acks_out:
+            self._deliver_wake.set()
 
     def _dispatch_safely(self, ev: tuple[Any, ...]) -> None:
         now = time.monotonic()
@@ -470,7 +506,10 @@ class _LinkBase:
         _log.info('%s: router link %s', self.config.session.name, 'up' if up else 'down')
 
     def _on_raw(self, key: str, data: bytes, now: float) -> None:
-        device, direction, channel = parse_key(key, self.config.prefix)
+        try:
+            device, direction, channel = parse_key(key, self.config.prefix)
+        except ConfigError as err:
+            raise WireError(f'frame on an unexpected key: {err}') from err
         frame = decode_frame(data, self.config.max_payload_bytes)
         self._on_frame(device, direction, channel, frame, now)
 
@@ -551,6 +590,12 @@ class _LinkBase:
 
     def _deliver_extra(self) -> None:
         """Hook run by the delivery thread at each wake-up."""
+
+    def _sender_for(self, peer: str) -> _Sender:
+        raise NotImplementedError
+
+    def _ack_publisher(self, peer: str) -> Any:
+        raise NotImplementedError
 
 
 class DeviceLink(_LinkBase):
@@ -644,13 +689,11 @@ class DeviceLink(_LinkBase):
         if device != self.device_id or direction != 'down':
             raise WireError(f'{self.device_id}: frame on a foreign key ({device}/{direction})')
         if channel == 'ack' and frame.kind == KIND_ACK:
-            self._sender.on_ack(frame.epoch, frame.seq, now)
-            self._wake()
+            self._merge_ack(self._acks_in, CLOUD_SOURCE, frame.epoch, frame.seq)
         elif channel == 'data' and frame.kind == KIND_DATA:
             ack = self._receiver.on_frame(CLOUD_SOURCE, frame, now)
             if ack is not None:
-                self._put(self._pub_ack, ack)
-                self._deliver_wake.set()
+                self._merge_ack(self._acks_out, CLOUD_SOURCE, *ack)
         elif channel == 'version' and frame.kind == KIND_VERSION:
             payload = self._receiver.reasm.add('version', frame, now)
             if payload is not None and hashlib.sha256(payload).digest() != self._version_digest:
@@ -660,6 +703,12 @@ class DeviceLink(_LinkBase):
         else:
             raise WireError(f'{self.device_id}: unexpected frame kind {frame.kind} on '
                             f'channel {channel!r}')
+
+    def _sender_for(self, peer: str) -> _Sender:
+        return self._sender
+
+    def _ack_publisher(self, peer: str) -> Any:
+        return self._pub_ack
 
     def _deliver_extra(self) -> None:
         payload, self._version_pending = self._version_pending, None
@@ -816,6 +865,8 @@ class CloudLink(_LinkBase):
             self._declare_device(session, zenoh, self._state(dev))
 
     def _declare_device(self, session: Any, zenoh: Any, st: _DeviceState) -> None:
+        if st.pub_data is not None:
+            return  # already declared in this session
         block = zenoh.CongestionControl.BLOCK
         # One subscription per device: the router's access control lets a device learn only
         # of subscriptions within its own keys, so a wildcard one would hide the cloud.
@@ -871,15 +922,19 @@ class CloudLink(_LinkBase):
             raise WireError(f'cloud: frame on a downlink key of {device!r}')
         if channel == 'data' and frame.kind == KIND_DATA:
             ack = self._receiver.on_frame(device, frame, now)
-            if ack is not None and st.pub_ack is not None:
-                self._put(st.pub_ack, ack)
-                self._deliver_wake.set()
+            if ack is not None:
+                self._merge_ack(self._acks_out, device, *ack)
         elif channel == 'ack' and frame.kind == KIND_ACK:
-            st.sender.on_ack(frame.epoch, frame.seq, now)
-            self._wake()
+            self._merge_ack(self._acks_in, st.device, frame.epoch, frame.seq)
         else:
             raise WireError(f'cloud: unexpected frame kind {frame.kind} on channel '
                             f'{channel!r} from {device!r}')
+
+    def _sender_for(self, peer: str) -> _Sender:
+        return self._state(peer).sender
+
+    def _ack_publisher(self, peer: str) -> Any:
+        return self._state(peer).pub_ack
 
     def _housekeeping(self, now: float) -> None:
         self._receiver.reasm.expire(now)

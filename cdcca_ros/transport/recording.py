@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 import threading
 import time
@@ -143,7 +144,7 @@ def read_recording(path: str | Path, topics: Iterable[str] | None = None
                 yield RecordedMessage(channel.topic, schema.name if schema else '',
                                       bytes(message.data), message.log_time,
                                       message.publish_time, message.sequence)
-    except (McapError, EOFError, ValueError) as err:
+    except (McapError, EOFError, ValueError, struct.error) as err:
         raise WireError(f'recording {path} cannot be read: {type(err).__name__}: {err}') \
             from err
 
@@ -167,7 +168,7 @@ def decode_recording(path: str | Path, topics: Iterable[str] | None = None
                 yield (RecordedMessage(channel.topic, schema.name if schema else '',
                                        bytes(message.data), message.log_time,
                                        message.publish_time, message.sequence), value)
-    except (McapError, EOFError, ValueError) as err:
+    except (McapError, EOFError, ValueError, struct.error) as err:
         raise WireError(f'recording {path} cannot be decoded: {type(err).__name__}: {err}') \
             from err
 

@@ -19,8 +19,7 @@ from cdcca_ros.core.uts import UtsConfig, UtsPipeline, unpack_tokens
 from cdcca_ros.core.wire import generate_keypair
 from cdcca_ros.errors import DeltaRejectedError, WireError
 
-VOCAB = ['what', 'color', 'is', 'the', 'circle', 'square', 'red', 'green', 'blue', '?']
-QUESTION = 'what color is the circle?'
+from tiny_models import QUESTION, random_images, red_teacher_and_student
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -33,34 +32,13 @@ def _one_thread():
 
 @pytest.fixture(scope='module')
 def images():
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    return random_images()
 
 
 @pytest.fixture(scope='module')
 def models(tmp_path_factory, images):
-    from cdcca_ros.models import build_tiny
-    from cdcca_ros.models.base import TrainableConfig
-
-    torch.manual_seed(0)
-    teacher = build_tiny('blip2', VOCAB, seed=1, qformer_layers=2, dropout=0.0)
-    params = [p for p in teacher.torch_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3)
-    tokens = teacher.vision_tokens(images)
-    teacher.torch_model.train()
-    for _ in range(40):
-        out = teacher.forward_train(tokens, None, [QUESTION] * len(images), ['red'] * len(images))
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    teacher.torch_model.eval()
-    assert teacher.answer(images[:1], [QUESTION])[0].text == 'red'
-    student = build_tiny('blip2', VOCAB, seed=2, qformer_layers=1, dropout=0.1,
-                         vision_from=teacher)
-    student.configure_trainable(TrainableConfig(lora_r=4, lora_alpha=8))
     path = tmp_path_factory.mktemp('student')
-    student.save(path)
-    return teacher, path
+    return red_teacher_and_student(path, images), path
 
 
 def _load_student(path):

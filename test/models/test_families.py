@@ -37,12 +37,18 @@ def test_answer(model, images, questions):
     assert len(results) == 2
     for res in results:
         assert isinstance(res.text, str) and res.text == res.text.strip()
-        steps = len(res.token_ids)
-        assert steps <= 4 and model.eos_token_id not in res.token_ids
+        steps = len(res.step_probs)
+        assert len(res.token_ids) <= 4 and model.eos_token_id not in res.token_ids
+        # The eos step is included when generation stopped there.
+        chosen = res.token_ids + [model.eos_token_id] * (steps - len(res.token_ids))
+        assert steps in (len(res.token_ids), len(res.token_ids) + 1) and 1 <= steps <= 4
+        if steps == len(res.token_ids):
+            assert steps == 4  # only max_new_tokens ends an answer without eos
         assert res.step_probs.shape == (steps, vocab) and res.step_probs.dtype == np.float32
+        assert res.token_probs.shape == (steps,) and res.token_probs.dtype == np.float32
         np.testing.assert_allclose(res.step_probs.sum(axis=1), 1.0, atol=1e-4)
         np.testing.assert_allclose(
-            res.token_probs, res.step_probs[np.arange(steps), res.token_ids], rtol=1e-6)
+            res.token_probs, res.step_probs[np.arange(steps), chosen], rtol=1e-6)
         # Greedy: every chosen token is the step's most likely one.
         assert np.all(res.token_probs >= res.step_probs.max(axis=1) - 1e-7)
         assert 0.0 < res.latency_ms < 5000.0
@@ -311,3 +317,22 @@ def test_vision_space_follows_vision_weights(make_model):
         next(teacher.torch_model.vision_model.parameters()).add_(0.01)
     with pytest.raises(VisionSpaceMismatchError, match='encoder'):
         check_vision_space(teacher, student)
+
+
+def test_empty_answer_keeps_the_eos_step(make_model, images, questions):
+    model = make_model('blip2')
+    eos = model.eos_token_id
+
+    def favour_eos(module, args, out):
+        out[..., eos] += 100.0
+        return out
+
+    handle = model.lm_head.register_forward_hook(favour_eos)
+    try:
+        results = model.answer(images, questions)
+    finally:
+        handle.remove()
+    for res in results:
+        assert res.token_ids == [] and res.text == ''
+        assert res.step_probs.shape == (1, model.lm_head.out_features)
+        np.testing.assert_allclose(res.token_probs, [1.0], atol=1e-6)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import zenoh
 from linktest_utils import wait_until
 
-from cdcca_ros.transport.config import SessionConfig, to_zenoh_config
 from cdcca_ros.transport.framing import split_message
 from cdcca_ros.transport.link import CloudLink, DeviceLink
 

@@ -158,13 +158,18 @@ class MLLM(abc.ABC):
 
     Attributes:
         family: Registry name of the family (``'blip2'``, ``'llava'``, ``'qwen2_vl'``).
-        torch_model: The underlying HF model (``nn.Module``), possibly wrapped by peft.
+        torch_model: The underlying HF model (``nn.Module``) with peft LoRA layers injected
+            in place once :meth:`configure_trainable` ran. Built/loaded in eval mode; a
+            trainer calls ``torch_model.train()`` itself (answering always runs in eval mode).
         tokenizer: The HF tokenizer.
+        trainable_config: The :class:`TrainableConfig` in force, None before
+            :meth:`configure_trainable` (restored by :meth:`load`).
     """
 
     family: ClassVar[str]
     torch_model: nn.Module
     tokenizer: Any
+    trainable_config: TrainableConfig | None = None
 
     @abc.abstractmethod
     def vision_space(self) -> VisionSpace:

@@ -40,9 +40,7 @@ def load(spec: str, quantization: str | None = None, device: str = 'cpu') -> MLL
     from cdcca_ros.models.registry import load_model
 
     model = load_model(resolve(spec), quantization=quantization, device=device)
-    try:
-        model.trainable_state_dict()
-    except Exception:  # noqa: BLE001 - a model saved without a trainable set raises ModelError
+    if getattr(model, 'trainable_config', None) is None:
         model.configure_trainable(TrainableConfig())
     model.torch_model.eval()
     return model

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from linktest_utils import Proc, free_port

@@ -1,0 +1,71 @@
+"""What the launch files share: launch arguments from the parameter tables, nodes from sets.
+
+Imported only by ``launch/*.launch.py`` (it needs ``launch`` and ``launch_ros``, which a normal
+ROS 2 install has and the PyPI wheels do not).
+"""
+from __future__ import annotations
+
+from launch import LaunchContext, LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+from cdcca_ros.nodes.sets import SETS, node_launches
+from cdcca_ros.nodes.tables import TABLES
+
+UNSET = '__unset__'
+
+
+def arguments(set_name: str) -> list[DeclareLaunchArgument]:
+    """One launch argument per node parameter (``<node>.<param>``), plus namespaces/files.
+
+    Parameter arguments default to "unset", so the YAML file in config/ keeps precedence over
+    the table defaults unless the argument is given; the description shows the table default.
+    """
+    args = [DeclareLaunchArgument('device_ns', default_value='robot1',
+                                  description='namespace of the device-side nodes'),
+            DeclareLaunchArgument('cloud_ns', default_value='cloud',
+                                  description='namespace of the cloud-side nodes')]
+    seen = set()
+    for spec in SETS[set_name]:
+        args.append(DeclareLaunchArgument(
+            f'{spec.key}.params_file', default_value='',
+            description=f'YAML replacing config/{spec.table}.yaml'))
+        for param in TABLES[spec.table]:
+            name = f'{spec.key}.{param.name}'
+            if name in seen or param.name in dict(spec.fixed):
+                continue
+            seen.add(name)
+            args.append(DeclareLaunchArgument(
+                name, default_value=UNSET,
+                description=f'{param.description} (default: {param.default!r})'))
+    return args
+
+
+def _nodes(context: LaunchContext, set_name: str) -> list[Node]:
+    overrides, files = {}, {}
+    for spec in SETS[set_name]:
+        path = LaunchConfiguration(f'{spec.key}.params_file').perform(context)
+        if path:
+            files[spec.key] = path
+        for param in TABLES[spec.table]:
+            if param.name in dict(spec.fixed):
+                continue
+            value = LaunchConfiguration(f'{spec.key}.{param.name}').perform(context)
+            if value != UNSET:
+                overrides[f'{spec.key}.{param.name}'] = value
+    launches = node_launches(set_name, overrides,
+                             device_ns=LaunchConfiguration('device_ns').perform(context),
+                             cloud_ns=LaunchConfiguration('cloud_ns').perform(context),
+                             params_files=files)
+    return [Node(package='cdcca_ros', executable=launch.executable, name=launch.name,
+                 namespace=launch.namespace, output='screen',
+                 parameters=[p for p in (launch.params_file, launch.parameters) if p],
+                 remappings=list(launch.remappings))
+            for launch in launches]
+
+
+def description(set_name: str) -> LaunchDescription:
+    """The launch description of a node set."""
+    return LaunchDescription([*arguments(set_name),
+                              OpaqueFunction(function=_nodes, args=[set_name])])

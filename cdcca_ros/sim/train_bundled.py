@@ -1,0 +1,730 @@
+"""The recipe that trains the bundled teacher and student on the drifting synthetic world.
+
+``python -m cdcca_ros.sim.train_bundled [--out DIR] [--seed N] [--quick]`` (``make models``)
+writes ``teacher/``, ``student/`` and ``accuracy.json`` into ``DIR`` (default: the package's
+``assets/models``). Both models are BLIP-2s built through the model layer
+(:func:`cdcca_ros.models.build_tiny`) and saved with :meth:`MLLM.save`, so they load with
+``load_model(dir)`` and answer through ``answer()``/``answer_from_tokens()`` like any other.
+
+Three stages, because a tiny BLIP-2 trained end to end from scratch learns colour fast but
+shape slowly and unstably (getting spatial detail through the queries is the hard part):
+
+1. **Vision.** The teacher's ViT is trained alone with linear heads on scene attributes: per
+   patch, the kind and colour of the object under the patch centre; on the CLS token, the
+   number of objects. Every token then carries what is in its patch, and the Q-Former only has
+   to learn where to look. The heads are per domain (one set per domain), so the encoder is
+   not forced to map a foggy red triangle onto the same features as a clean one: like a real
+   pretrained encoder it represents each condition in its own way, and a reader trained on
+   one condition does not transfer for free. The ViT is frozen after this stage and shared
+   with the student (same weights, same vision-token space).
+2. **Teacher bridge.** Q-Former, projection and OPT language model of the teacher learn to
+   answer on every domain, from cached vision tokens (the frozen ViT runs once per image),
+   with one question of each type per image (balanced types), AdamW with warm-up and cosine
+   decay, and the best checkpoint on a held-out validation set kept.
+3. **Student bridge.** A smaller Q-Former (half the layers) and language model over the same
+   ViT learn the same way on the source domain only. Its trainable set (LoRA on the language
+   model and on the Q-Former's query/key/value, norms, biases, query tokens) is configured
+   before saving, so the cloud can adapt it with AKD.
+
+Everything is seeded; the accuracy table of both models on held-out samples of every domain
+is written to ``accuracy.json`` together with what it was measured on.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cdcca_ros.errors import ConfigError
+from cdcca_ros.sim.domains import DRIFTED, SOURCE
+from cdcca_ros.sim.questions import QTYPES, ask, vocabulary
+from cdcca_ros.sim.scene import COLORS, KINDS, MAX_OBJECTS, Scene
+from cdcca_ros.sim.world import World
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import Tensor, nn
+
+    from cdcca_ros.models.base import MLLM, TrainableConfig
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / 'assets' / 'models'
+ACCURACY_FILE = 'accuracy.json'
+DOMAINS: tuple[str, ...] = (SOURCE,) + DRIFTED
+
+# Index ranges of the World's per-domain sample sequences: training, validation (checkpoint
+# choice) and test (the recorded table) never overlap.
+TRAIN_START = 0
+VAL_START = 500_000
+EVAL_START = 1_000_000
+
+STUDENT_LORA_TARGETS: tuple[str, ...] = (
+    'q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2', 'query', 'key', 'value')
+"""LoRA on the OPT language model and on the Q-Former's self- and cross-attention."""
+
+
+# --- configuration ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BridgeSizes:
+    """Sizes of the part above the shared ViT (Q-Former, projection, OPT)."""
+
+    qformer_hidden: int
+    qformer_layers: int
+    qformer_heads: int
+    lm_hidden: int
+    lm_layers: int
+    lm_heads: int
+    num_query_tokens: int = 8
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ('qformer_hidden', 'qformer_layers', 'qformer_heads', 'lm_hidden',
+                     'lm_layers', 'lm_heads', 'num_query_tokens'):
+            if getattr(self, name) < 1:
+                raise ConfigError(f'BridgeSizes.{name} must be >= 1, got {getattr(self, name)}')
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f'BridgeSizes.dropout must be in [0, 1), got {self.dropout}')
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One optimisation stage: AdamW, linear warm-up then cosine decay."""
+
+    epochs: float
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    final_lr_fraction: float = 0.05
+    grad_clip: float = 1.0
+    evals: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.epochs > 0:
+            raise ConfigError(f'StageConfig.epochs must be > 0, got {self.epochs}')
+        if self.batch_size < 1 or self.evals < 1:
+            raise ConfigError(f'StageConfig batch_size={self.batch_size} and '
+                              f'evals={self.evals} must be >= 1')
+        if not (self.lr > 0 and 0.0 <= self.warmup < 1.0
+                and 0.0 <= self.final_lr_fraction <= 1.0):
+            raise ConfigError(f'StageConfig lr={self.lr}, warmup={self.warmup}, '
+                              f'final_lr_fraction={self.final_lr_fraction} out of range')
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate of ``step`` (0-based) out of ``total``."""
+        warm = max(1, int(self.warmup * total))
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        floor = self.final_lr_fraction
+        return self.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the bundled models (the seed included).
+
+    Attributes:
+        seed: Seed of the world, the initialisations and the batch order.
+        image_size: Side of the square training images.
+        patch_size: ViT patch side.
+        vision_hidden: ViT width.
+        vision_layers: ViT depth.
+        vision_heads: ViT attention heads.
+        teacher: Teacher bridge sizes.
+        student: Student bridge sizes (half the Q-Former, smaller LM).
+        teacher_images: Training images per domain for the vision stage and the teacher.
+        student_images: Source-domain training images for the student.
+        val_images: Validation images per domain (checkpoint choice).
+        eval_images: Test images per domain for the recorded accuracy table.
+        vision: Vision-stage optimisation.
+        teacher_stage: Teacher-bridge optimisation.
+        student_stage: Student-bridge optimisation.
+        per_domain_heads: One set of vision-stage heads per domain (see the module docstring).
+        lora_r: Rank of the student's LoRA.
+        lora_alpha: LoRA scaling numerator.
+    """
+
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    vision_heads: int = 4
+    teacher: BridgeSizes = field(default_factory=lambda: BridgeSizes(
+        qformer_hidden=64, qformer_layers=2, qformer_heads=4, lm_hidden=64, lm_layers=2,
+        lm_heads=4))
+    student: BridgeSizes = field(default_factory=lambda: BridgeSizes(
+        qformer_hidden=48, qformer_layers=1, qformer_heads=4, lm_hidden=48, lm_layers=1,
+        lm_heads=4))
+    teacher_images: int = 3000
+    student_images: int = 4000
+    val_images: int = 100
+    eval_images: int = 200
+    vision: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, lr=2e-3))
+    teacher_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=2e-3))
+    student_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, lr=2e-3))
+    per_domain_heads: bool = True
+    lora_r: int = 8
+    lora_alpha: int = 16
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f'Recipe.seed must be >= 0, got {self.seed}')
+        if self.image_size % self.patch_size:
+            raise ConfigError(f'Recipe.image_size={self.image_size} must be a multiple of '
+                              f'patch_size={self.patch_size}')
+        for name in ('teacher_images', 'student_images', 'val_images', 'eval_images'):
+            if getattr(self, name) < 1:
+                raise ConfigError(f'Recipe.{name} must be >= 1, got {getattr(self, name)}')
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> Recipe:
+        """A few-minute smoke run: same stages, far less data (accuracy well below target)."""
+        return cls(seed=seed, teacher_images=300, student_images=400, val_images=30,
+                   eval_images=40, vision=StageConfig(epochs=2, lr=2e-3, evals=2),
+                   teacher_stage=StageConfig(epochs=1, lr=2e-3, evals=2),
+                   student_stage=StageConfig(epochs=1, lr=2e-3, evals=2))
+
+    def trainable_config(self) -> TrainableConfig:
+        """The student's saved trainable set (what AKD adapts on the cloud)."""
+        from cdcca_ros.models.base import TrainableConfig
+
+        return TrainableConfig(lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                               lora_targets=STUDENT_LORA_TARGETS)
+
+
+# --- data --------------------------------------------------------------------------------------
+@dataclass
+class ImageSet:
+    """Rendered images of one or more domains with their scenes."""
+
+    images: np.ndarray          # [N, H, W, 3] uint8
+    scenes: list[Scene]
+    domains: np.ndarray         # [N] int domain index into DOMAINS
+    indices: np.ndarray         # [N] sample index within the domain
+
+
+@dataclass
+class QuestionSet:
+    """Questions about the images of an :class:`ImageSet` (several per image)."""
+
+    image: np.ndarray           # [M] int row of the image set
+    questions: list[str]
+    answers: list[str]
+    references: list[tuple[str, ...]]
+    qtypes: list[str]
+
+
+def render_images(world: World, domains: Sequence[str], n: int, start: int, image_size: int,
+                  desc: str, progress: bool = True) -> ImageSet:
+    """``n`` images of every domain in ``domains`` (samples ``start .. start + n - 1``)."""
+    from tqdm import tqdm
+
+    images, scenes, doms, idx = [], [], [], []
+    bar = tqdm(total=n * len(domains), desc=desc, disable=not progress, leave=False)
+    for name in domains:
+        for i in range(start, start + n):
+            sample = world.sample(name, i, image_size)
+            images.append(sample.image)
+            scenes.append(sample.scene)
+            doms.append(DOMAINS.index(name) if name in DOMAINS else -1)
+            idx.append(i)
+            bar.update()
+    bar.close()
+    return ImageSet(images=np.stack(images), scenes=scenes, domains=np.asarray(doms),
+                    indices=np.asarray(idx))
+
+
+def ask_all(images: ImageSet, seed: int, per_type: int = 1) -> QuestionSet:
+    """``per_type`` questions of every type about every image (balanced types)."""
+    rng = np.random.default_rng([seed, 0x515])
+    rows, questions, answers, refs, qtypes = [], [], [], [], []
+    for row, scene in enumerate(images.scenes):
+        for qtype in QTYPES:
+            for _ in range(per_type):
+                q = ask(scene, rng, qtype)
+                rows.append(row)
+                questions.append(q.text)
+                answers.append(q.answer)
+                refs.append(q.answers)
+                qtypes.append(q.qtype)
+    return QuestionSet(image=np.asarray(rows), questions=questions, answers=answers,
+                       references=refs, qtypes=qtypes)
+
+
+def patch_targets(scenes: Sequence[Scene], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch labels: kind (0 none, 1.. KINDS) and colour (0 none, 1.. COLORS).
+
+    A patch is labelled with the object whose centre lies within 0.85 radius of the patch
+    centre (objects sit in distinct cells of a 3x3 grid, so at most one does).
+    """
+    centres = (np.arange(grid) + 0.5) / grid
+    xs, ys = np.meshgrid(centres, centres)            # [grid, grid], row-major patches
+    kinds = np.zeros((len(scenes), grid * grid), dtype=np.int64)
+    colors = np.zeros((len(scenes), grid * grid), dtype=np.int64)
+    color_names = list(COLORS)
+    for i, scene in enumerate(scenes):
+        for obj in scene.objects:
+            cx, cy = obj.center
+            inside = ((xs - cx) ** 2 + (ys - cy) ** 2 <= (0.85 * obj.radius) ** 2).reshape(-1)
+            kinds[i, inside] = KINDS.index(obj.kind) + 1
+            colors[i, inside] = color_names.index(obj.color) + 1
+    return kinds, colors
+
+
+# --- stage 1: the vision encoder ---------------------------------------------------------------
+class _AuxHeads:
+    """Linear probes of the vision stage (a set per domain, or one shared set)."""
+
+    def __init__(self, dim: int, sets: int) -> None:
+        from torch import nn
+
+        self.kind = nn.ModuleList(nn.Linear(dim, 1 + len(KINDS)) for _ in range(sets))
+        self.color = nn.ModuleList(nn.Linear(dim, 1 + len(COLORS)) for _ in range(sets))
+        self.count = nn.ModuleList(nn.Linear(dim, MAX_OBJECTS) for _ in range(sets))
+        self.modules = nn.ModuleList([self.kind, self.color, self.count])
+
+    def loss(self, hidden: Tensor, head: Tensor, kinds: Tensor, colors: Tensor,
+             counts: Tensor) -> tuple[Tensor, dict[str, tuple[int, int]]]:
+        """Mean cross-entropy of the three probes and ``(hits, scored)`` per probe.
+
+        Hits are counted on object patches only for kind and colour (most patches are empty
+        background), on every image for the count.
+        """
+        import torch
+        from torch.nn import functional as F
+
+        total = hidden.new_zeros(())
+        hits = {'kind': [0, 0], 'color': [0, 0], 'count': [0, 0]}
+        for h in torch.unique(head).tolist():
+            rows = head == h
+            patches, cls = hidden[rows, 1:], hidden[rows, 0]
+            for name, layer, target, x in (('kind', self.kind[h], kinds[rows], patches),
+                                           ('color', self.color[h], colors[rows], patches),
+                                           ('count', self.count[h], counts[rows], cls)):
+                logits = layer(x)
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+                total = total + ce * int(rows.sum())
+                keep = target > 0 if name != 'count' else torch.ones_like(target, dtype=bool)
+                hits[name][0] += int(((logits.argmax(-1) == target) & keep).sum())
+                hits[name][1] += int(keep.sum())
+        return total / hidden.shape[0], {k: (v[0], v[1]) for k, v in hits.items()}
+
+
+def _normalizer(model: MLLM) -> tuple[Tensor, Tensor]:
+    import torch
+
+    proc = model.image_processor
+    mean = torch.tensor(proc.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(proc.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean, std
+
+
+def _pixels(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 ``[B, H, W, 3]`` -> normalised ``[B, 3, H, W]``, as the image processor does
+    at the training resolution (its resize is the identity there)."""
+    return (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+def train_vision(model: MLLM, train: ImageSet, val: ImageSet, recipe: Recipe,
+                 progress: bool = True) -> dict[str, float]:
+    """Stage 1: train ``model``'s ViT with linear heads on patch/scene attributes.
+
+    Returns:
+        The validation hit rates (object patches' kind and colour, object count).
+    """
+    import torch
+    from tqdm import tqdm
+
+    cfg = recipe.vision
+    vit = model.torch_model.vision_model
+    grid = recipe.image_size // recipe.patch_size
+    sets = len(DOMAINS) if recipe.per_domain_heads else 1
+    torch.manual_seed(recipe.seed + 11)
+    heads = _AuxHeads(vit.config.hidden_size, sets)
+    mean, std = _normalizer(model)
+
+    def tensors(data: ImageSet) -> tuple[Tensor, ...]:
+        kinds, colors = patch_targets(data.scenes, grid)
+        counts = np.asarray([len(s.objects) - 1 for s in data.scenes])
+        head = data.domains if recipe.per_domain_heads else np.zeros_like(data.domains)
+        return (torch.from_numpy(data.images), torch.from_numpy(kinds),
+                torch.from_numpy(colors), torch.from_numpy(counts), torch.from_numpy(head))
+
+    tr, va = tensors(train), tensors(val)
+    params = list(vit.parameters()) + list(heads.modules.parameters())
+    for p in vit.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(train.images)
+    per_epoch = max(1, n // cfg.batch_size)
+    total = max(1, int(cfg.epochs * per_epoch))
+    gen = torch.Generator().manual_seed(recipe.seed + 12)
+    eval_every = max(1, total // cfg.evals)
+
+    def evaluate() -> dict[str, float]:
+        vit.eval()
+        sums = {'kind': [0, 0], 'color': [0, 0], 'count': [0, 0]}
+        with torch.no_grad():
+            for s in range(0, len(va[0]), 256):
+                part = [t[s:s + 256] for t in va]
+                hidden = vit(pixel_values=_pixels(part[0], mean, std)).last_hidden_state
+                _, hits = heads.loss(hidden, part[4], part[1], part[2], part[3])
+                for k, (hit, scored) in hits.items():
+                    sums[k][0] += hit
+                    sums[k][1] += scored
+        vit.train()
+        return {k: v[0] / max(1, v[1]) for k, v in sums.items()}
+
+    best: dict[str, float] = {}
+    best_state: dict[str, Tensor] | None = None
+    vit.train()
+    bar = tqdm(range(total), desc='vision', disable=not progress)
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    for step in bar:
+        if pos + cfg.batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        rows = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        for group in opt.param_groups:
+            group['lr'] = cfg.lr_at(step, total)
+        hidden = vit(pixel_values=_pixels(tr[0][rows], mean, std)).last_hidden_state
+        loss, _ = heads.loss(hidden, tr[4][rows], tr[1][rows], tr[2][rows], tr[3][rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            scores = evaluate()
+            bar.set_postfix(loss=f'{float(loss):.3f}', **{k: f'{v:.3f}' for k, v in
+                                                          scores.items()})
+            if not best or sum(scores.values()) > sum(best.values()):
+                best = scores
+                best_state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
+    assert best_state is not None
+    vit.load_state_dict(best_state)
+    vit.eval()
+    for p in vit.parameters():
+        p.requires_grad_(False)
+    return best
+
+
+# --- stages 2 and 3: Q-Former + language model on cached tokens -----------------------------
+def encode(model: MLLM, images: np.ndarray, batch: int = 256, desc: str = 'encode',
+           progress: bool = True) -> Tensor:
+    """Vision tokens of every image (the model's own preprocessing), ``[N, T, D]``."""
+    import torch
+    from tqdm import tqdm
+
+    parts = []
+    for s in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
+        parts.append(model.vision_tokens(list(images[s:s + batch])))
+    return torch.cat(parts)
+
+
+def first_token_accuracy(model: MLLM, tokens: Tensor, qs: QuestionSet,
+                         batch: int = 256) -> np.ndarray:
+    """Per question: 1.0 when the greedy first answer token is the answer's (teacher forced).
+
+    Every answer of the world is one word, i.e. one token, so this is the greedy answer's
+    exact match (up to the eos that follows), at the cost of one forward pass.
+    """
+    import torch
+
+    hits = np.zeros(len(qs.questions))
+    torch_model = model.torch_model
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(qs.questions), batch):
+                rows = qs.image[s:s + batch]
+                answers = qs.answers[s:s + batch]
+                out = model.forward_train(tokens[torch.from_numpy(rows)], None,
+                                          qs.questions[s:s + batch], answers)
+                # With left padding the answer (+ eos) ends every row: the first answer token
+                # sits at position S - len(answer) - 1 and is predicted one step earlier.
+                lengths = out.answer_mask.sum(1)
+                seq = out.logits.shape[1]
+                pred = out.logits[torch.arange(len(rows)), seq - lengths - 1].argmax(-1)
+                ids = [_first_id(model, a) for a in answers]
+                hits[s:s + batch] = (pred.cpu().numpy() == np.asarray(ids)).astype(float)
+    finally:
+        torch_model.train(was_training)
+    return hits
+
+
+def _first_id(model: MLLM, answer: str) -> int:
+    """First token id of ``answer`` as :meth:`MLLM.forward_train` tokenises answers."""
+    return int(model.tokenizer(' ' + answer, add_special_tokens=False)['input_ids'][0])
+
+
+def _bridge_parameters(model: MLLM) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.torch_model.named_parameters()
+            if not n.startswith('vision_model.')}
+
+
+def train_bridge(model: MLLM, tokens: Tensor, qs: QuestionSet, val_tokens: Tensor,
+                 val_qs: QuestionSet, val_domains: np.ndarray, cfg: StageConfig, seed: int,
+                 desc: str, progress: bool = True) -> dict[str, float]:
+    """Train everything above the (frozen) ViT on cached tokens; keep the best checkpoint.
+
+    The checkpoint score is the mean over the validation domains of the first-token accuracy
+    (every domain counts alike, however many questions it has).
+
+    Returns:
+        Validation accuracy per domain name of the kept checkpoint.
+    """
+    import torch
+    from tqdm import tqdm
+
+    params = _bridge_parameters(model)
+    for name, p in model.torch_model.named_parameters():
+        p.requires_grad_(name in params)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(qs.questions)
+    total = max(1, int(cfg.epochs * max(1, n // cfg.batch_size)))
+    eval_every = max(1, total // cfg.evals)
+    gen = torch.Generator().manual_seed(seed)
+    doms = sorted(set(val_domains[val_qs.image].tolist()))
+
+    def evaluate() -> dict[str, float]:
+        hits = first_token_accuracy(model, val_tokens, val_qs)
+        per_q_dom = val_domains[val_qs.image]
+        return {DOMAINS[d]: float(hits[per_q_dom == d].mean()) for d in doms}
+
+    best_score, best_acc, best_state = -1.0, {}, None
+    model.torch_model.train()
+    order, pos = torch.randperm(n, generator=gen), 0
+    bar = tqdm(range(total), desc=desc, disable=not progress)
+    for step in bar:
+        if pos + cfg.batch_size > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        rows = order[pos:pos + cfg.batch_size].numpy()
+        pos += cfg.batch_size
+        for group in opt.param_groups:
+            group['lr'] = cfg.lr_at(step, total)
+        image_rows = torch.from_numpy(qs.image[rows])
+        out = model.forward_train(tokens[image_rows], None, [qs.questions[i] for i in rows],
+                                  [qs.answers[i] for i in rows])
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+        opt.step()
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            acc = evaluate()
+            score = float(np.mean(list(acc.values())))
+            bar.set_postfix(loss=f'{float(out.loss):.3f}', val=f'{score:.3f}')
+            if score > best_score:
+                best_score, best_acc = score, acc
+                best_state = {k: v.detach().clone() for k, v in params.items()}
+    assert best_state is not None
+    with torch.no_grad():
+        for k, v in best_state.items():
+            params[k].copy_(v)
+    model.torch_model.eval()
+    return best_acc
+
+
+# --- the whole recipe ------------------------------------------------------------------------
+def build_teacher(recipe: Recipe) -> MLLM:
+    """The untrained teacher (its ViT is the one both models share)."""
+    from cdcca_ros.models import build_tiny
+
+    t = recipe.teacher
+    return build_tiny('blip2', vocabulary(), image_size=recipe.image_size,
+                      patch_size=recipe.patch_size, vision_hidden=recipe.vision_hidden,
+                      vision_layers=recipe.vision_layers, vision_heads=recipe.vision_heads,
+                      qformer_hidden=t.qformer_hidden, qformer_layers=t.qformer_layers,
+                      qformer_heads=t.qformer_heads, num_query_tokens=t.num_query_tokens,
+                      lm_hidden=t.lm_hidden, lm_layers=t.lm_layers, lm_heads=t.lm_heads,
+                      dropout=t.dropout, seed=recipe.seed + 1)
+
+
+def build_student(recipe: Recipe, teacher: MLLM) -> MLLM:
+    """The untrained student over the teacher's ViT (same weights)."""
+    from cdcca_ros.models import build_tiny
+
+    s = recipe.student
+    return build_tiny('blip2', vocabulary(), qformer_hidden=s.qformer_hidden,
+                      qformer_layers=s.qformer_layers, qformer_heads=s.qformer_heads,
+                      num_query_tokens=s.num_query_tokens, lm_hidden=s.lm_hidden,
+                      lm_layers=s.lm_layers, lm_heads=s.lm_heads, dropout=s.dropout,
+                      seed=recipe.seed + 2, vision_from=teacher)
+
+
+def _save(model: MLLM, path: Path) -> None:
+    """Save into a fresh directory, replacing ``path`` only once the save succeeded."""
+    tmp = path.with_name(path.name + '.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of every file under ``path``."""
+    return sum(p.stat().st_size for p in path.rglob('*') if p.is_file())
+
+
+def train_bundled(out: str | Path = DEFAULT_OUT, recipe: Recipe | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run the whole recipe and write ``teacher/``, ``student/`` and ``accuracy.json``.
+
+    Returns:
+        The record written to ``accuracy.json``.
+    """
+    import torch
+
+    from cdcca_ros.models.registry import check_vision_space
+    from cdcca_ros.sim.evaluate import EvalSpec, evaluate_models, format_table
+
+    recipe = recipe or Recipe()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    world = World(recipe.seed)
+
+    t0 = time.perf_counter()
+    train = render_images(world, DOMAINS, recipe.teacher_images, TRAIN_START,
+                          recipe.image_size, 'render train', progress)
+    extra = recipe.student_images - recipe.teacher_images
+    source_more = (render_images(world, (SOURCE,), extra, TRAIN_START + recipe.teacher_images,
+                                 recipe.image_size, 'render source', progress)
+                   if extra > 0 else None)
+    val = render_images(world, DOMAINS, recipe.val_images, VAL_START, recipe.image_size,
+                        'render val', progress)
+    timings['render_s'] = time.perf_counter() - t0
+
+    teacher = build_teacher(recipe)
+    t0 = time.perf_counter()
+    vision_val = train_vision(teacher, train, val, recipe, progress)
+    timings['vision_s'] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tokens = encode(teacher, train.images, desc='encode train', progress=progress)
+    val_tokens = encode(teacher, val.images, desc='encode val', progress=progress)
+    qs = ask_all(train, recipe.seed)
+    val_qs = ask_all(val, recipe.seed + 1)
+    timings['encode_s'] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    teacher_val = train_bridge(teacher, tokens, qs, val_tokens, val_qs, val.domains,
+                               recipe.teacher_stage, recipe.seed + 21, 'teacher', progress)
+    timings['teacher_s'] = time.perf_counter() - t0
+
+    # The student sees the source domain only: the source part of the teacher's training
+    # images, plus more source images when the recipe asks for more.
+    t0 = time.perf_counter()
+    src = np.flatnonzero(train.domains == DOMAINS.index(SOURCE))
+    s_tokens = tokens[torch.from_numpy(src)]
+    s_images = ImageSet(images=train.images[src], scenes=[train.scenes[i] for i in src],
+                        domains=train.domains[src], indices=train.indices[src])
+    if source_more is not None:
+        s_tokens = torch.cat([s_tokens, encode(teacher, source_more.images,
+                                               desc='encode source', progress=progress)])
+        s_images = ImageSet(images=np.concatenate([s_images.images, source_more.images]),
+                            scenes=s_images.scenes + source_more.scenes,
+                            domains=np.concatenate([s_images.domains, source_more.domains]),
+                            indices=np.concatenate([s_images.indices, source_more.indices]))
+    else:
+        s_tokens = s_tokens[:recipe.student_images]
+        s_images = ImageSet(images=s_images.images[:recipe.student_images],
+                            scenes=s_images.scenes[:recipe.student_images],
+                            domains=s_images.domains[:recipe.student_images],
+                            indices=s_images.indices[:recipe.student_images])
+    s_qs = ask_all(s_images, recipe.seed + 2)
+    v_src = np.flatnonzero(val.domains == DOMAINS.index(SOURCE))
+    v_src_qs = _subset_questions(val_qs, v_src)
+    student = build_student(recipe, teacher)
+    check_vision_space(teacher, student)
+    student_val = train_bridge(student, s_tokens, s_qs, val_tokens, v_src_qs, val.domains,
+                               recipe.student_stage, recipe.seed + 31, 'student', progress)
+    timings['student_s'] = time.perf_counter() - t0
+
+    student.configure_trainable(recipe.trainable_config())
+    _save(teacher, out / 'teacher')
+    _save(student, out / 'student')
+
+    t0 = time.perf_counter()
+    spec = EvalSpec(seed=recipe.seed, n=recipe.eval_images, start=EVAL_START,
+                    image_size=recipe.image_size, domains=DOMAINS)
+    table = evaluate_models({'teacher': teacher, 'student': student}, spec, progress=progress)
+    timings['eval_s'] = time.perf_counter() - t0
+    timings['total_s'] = time.perf_counter() - t_all
+
+    record = {
+        **table,
+        'source_domain': SOURCE,
+        'eval': spec.to_dict(),
+        'validation_first_token': {'teacher': teacher_val, 'student': student_val},
+        'vision_stage_val': vision_val,
+        'recipe': _recipe_dict(recipe),
+        'sizes_bytes': {name: dir_size(out / name) for name in ('teacher', 'student')},
+        'parameters': {name: sum(p.numel() for p in m.torch_model.parameters())
+                       for name, m in (('teacher', teacher), ('student', student))},
+        'timings_s': {k: round(v, 1) for k, v in timings.items()},
+        'torch_threads': torch.get_num_threads(),
+    }
+    (out / ACCURACY_FILE).write_text(json.dumps(record, indent=2) + '\n')
+    if progress:
+        print(format_table(table, SOURCE))
+    return record
+
+
+def _subset_questions(qs: QuestionSet, rows: np.ndarray) -> QuestionSet:
+    """Questions whose image row is in ``rows`` (image rows keep their numbering)."""
+    keep = np.flatnonzero(np.isin(qs.image, rows))
+    return QuestionSet(image=qs.image[keep], questions=[qs.questions[i] for i in keep],
+                       answers=[qs.answers[i] for i in keep],
+                       references=[qs.references[i] for i in keep],
+                       qtypes=[qs.qtypes[i] for i in keep])
+
+
+def _recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    data = asdict(recipe)
+    data['student_trainable'] = recipe.trainable_config().to_dict()
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m cdcca_ros.sim.train_bundled [--out DIR] [--seed N] [--quick]``."""
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--out', type=Path, default=DEFAULT_OUT,
+                        help=f'output directory (default: {DEFAULT_OUT})')
+    parser.add_argument('--seed', type=int, default=0, help='seed of everything (default 0)')
+    parser.add_argument('--quick', action='store_true',
+                        help='a few-minute smoke run on little data (models below target)')
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default 2)')
+    args = parser.parse_args(argv)
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    import torch
+
+    torch.set_num_threads(args.threads)
+    recipe = Recipe.quick(args.seed) if args.quick else Recipe(seed=args.seed)
+    record = train_bundled(args.out, recipe)
+    print(f'wrote {args.out} in {record["timings_s"]["total_s"]:.0f} s '
+          f'(teacher {record["sizes_bytes"]["teacher"] / 1e6:.1f} MB, student '
+          f'{record["sizes_bytes"]["student"] / 1e6:.1f} MB)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Launch the demo node set of cdcca_ros (see cdcca_ros/nodes/sets.py).
+
+    ros2 launch cdcca_ros demo.launch.py [<node>.<param>:=<value> ...]
+
+Every node parameter is a launch argument named <node>.<param> (`ros2 launch cdcca_ros
+demo.launch.py --show-args` lists them); config/<node>.yaml holds the deployment's values.
+Without ROS 2 launch, `python -m cdcca_ros.runner demo` starts the same nodes.
+"""
+from cdcca_ros.nodes.launch_support import description
+
+
+def generate_launch_description():
+    return description('demo')

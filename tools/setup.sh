@@ -32,7 +32,8 @@ pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 # --- 2. system packages -----------------------------------------------------------------------
 # pyrealsense2 needs libusb-1.0; building the messages needs cmake and a C/C++ compiler.
 missing=()
-ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0' || missing+=(libusb-1.0-0)
+# (grep without -q: with pipefail, an early-exiting grep -q makes ldconfig die of SIGPIPE.)
+ldconfig -p 2>/dev/null | grep 'libusb-1.0.so.0' >/dev/null || missing+=(libusb-1.0-0)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v g++ >/dev/null || missing+=(g++)
 command -v make >/dev/null || missing+=(make)

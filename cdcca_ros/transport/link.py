@@ -43,7 +43,6 @@ from cdcca_ros.errors import (
     ConfigError,
     LinkError,
     PayloadTooLargeError,
-    SpoolError,
     WireError,
 )
 from cdcca_ros.transport.config import SessionConfig, to_zenoh_config
@@ -535,22 +534,27 @@ class _LinkBase:
         while not self._stop.is_set():
             self._deliver_wake.wait(0.5)
             self._deliver_wake.clear()
-            self._deliver_extra()
-            while not self._stop.is_set():
-                try:
-                    rows = self._inbox.undelivered(64)
-                except (SpoolError, sqlite3.Error) as err:
-                    self._error(err, logging.ERROR)
-                    break
-                if not rows:
-                    break
-                for row_id, e in rows:
-                    if self._stop.is_set():
-                        return
-                    msg = LinkMessage(e.source if e.source != CLOUD_SOURCE else self._own_id(),
-                                      e.seq, e.topic, e.payload, e.created_ns, e.received_ns)
-                    self._hand_over(msg)
-                    self._inbox.done(row_id)
+            try:
+                self._deliver_extra()
+                self._deliver_pending()
+            except Exception as err:  # noqa: BLE001 - keep delivering after a store/recorder fault
+                _log.exception('link delivery failed')
+                self._error(f'delivery failed: {type(err).__name__}: {err}', logging.ERROR)
+                self._stop.wait(0.5)
+                self._deliver_wake.set()  # try again
+
+    def _deliver_pending(self) -> None:
+        while not self._stop.is_set():
+            rows = self._inbox.undelivered(64)
+            if not rows:
+                return
+            for row_id, e in rows:
+                if self._stop.is_set():
+                    return
+                msg = LinkMessage(e.source if e.source != CLOUD_SOURCE else self._own_id(),
+                                  e.seq, e.topic, e.payload, e.created_ns, e.received_ns)
+                self._hand_over(msg)
+                self._inbox.done(row_id)
 
     def _hand_over(self, msg: LinkMessage) -> None:
         if self._recorder is not None:
@@ -619,9 +623,9 @@ class DeviceLink(_LinkBase):
                               f'device id {device_id!r} (its certificate)')
         self.keys = LinkKeys.for_device(device_id, config.prefix)
         spool_dir = Path(spool_dir)
+        super().__init__(config, spool_dir / 'downlink_inbox.sqlite', on_downlink, None)
         self._spool = Spool(spool_dir / 'uplink.sqlite', config.spool_max_bytes,
                             config.spool_max_messages, durable=config.durable)
-        super().__init__(config, spool_dir / 'downlink_inbox.sqlite', on_downlink, None)
         self._on_version = on_version
         self._pub_data: Any = None
         self._pub_ack: Any = None
@@ -665,7 +669,9 @@ class DeviceLink(_LinkBase):
         self._entities.append(session.declare_subscriber(self.keys.down,
                                                          self._subscriber_callback))
         self._pub_data = session.declare_publisher(self.keys.up_data, congestion_control=block)
-        self._pub_ack = session.declare_publisher(self.keys.up_ack, congestion_control=block)
+        # Acks jump the queue of bulk data (Zenoh keeps one queue per priority).
+        self._pub_ack = session.declare_publisher(self.keys.up_ack, congestion_control=block,
+                                                  priority=zenoh.Priority.INTERACTIVE_HIGH)
         self._entities += [self._pub_data, self._pub_ack]
         self._entities.append(self._pub_data.declare_matching_listener(
             lambda st: self._events.put(('match', bool(st.matching)))))
@@ -872,7 +878,8 @@ class CloudLink(_LinkBase):
         # of subscriptions within its own keys, so a wildcard one would hide the cloud.
         self._entities.append(session.declare_subscriber(st.keys.up, self._subscriber_callback))
         st.pub_data = session.declare_publisher(st.keys.down_data, congestion_control=block)
-        st.pub_ack = session.declare_publisher(st.keys.down_ack, congestion_control=block)
+        st.pub_ack = session.declare_publisher(st.keys.down_ack, congestion_control=block,
+                                               priority=zenoh.Priority.INTERACTIVE_HIGH)
         st.pub_version = session.declare_publisher(st.keys.down_version,
                                                    congestion_control=block)
         self._entities += [st.pub_data, st.pub_ack, st.pub_version]

@@ -73,6 +73,9 @@ def test_router_killed_mid_stream_every_message_once_and_in_order(
     assert [e['seq'] for e in down] == list(range(1, n_down + 1))
     assert _texts(down, 'd') == _expect('d', n_down)
     dst, cst = dev.stats(), cloud.stats()
+    keys = ('sent', 'resent', 'go_backs', 'ack_timeouts', 'reconnects')
+    print('\nrouter kill: device', {k: dst[k] for k in keys},
+          'cloud', {k: cst[k] for k in ('received', 'duplicates', 'out_of_order')})
     assert dst['reconnects'] >= 1 and cst['reconnects'] >= 1
     assert dst['acked'] == n_up and dst['spooled_messages'] == 0
     assert cst['devices']['robot1']['acked'] == n_down

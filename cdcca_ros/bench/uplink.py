@@ -1,0 +1,290 @@
+"""Uplink bytes (issue 4): what one selected sample costs on the link, and how many are selected.
+
+Per sample (frames at the camera's resolution, 640x480, of the source and every drifted domain):
+
+* the raw RGB frame, and its JPEG at quality 90 (``cv2.imencode``: the fair baseline, an
+  ``image`` uplink mode would send it);
+* all vision tokens in fp16 (what the official code sends);
+* the UTS-kept tokens as ``uts_node`` sends them: the device's default stage 2 (keep ratio)
+  packed fp16 and int8, payload = codes + float32 scales + uint32 indices (what ``uts_node``
+  counts as uplink bytes), and the whole serialized ``UtsTokens`` message when the ROS
+  messages are built.
+
+Packing is judged by what the cloud does with the tokens: the teacher's answer from the
+unpacked kept tokens is compared with its answer from the exact (float32) kept tokens. A sweep
+over the keep ratio shows the bytes/answer trade-off.
+
+Stage 1: the fraction of samples whose answer entropy passes the device's default gate, on the
+source and on the drifted domains, with the entropy distribution per domain and the student's
+accuracy, so a better default threshold can be read off.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from cdcca_ros.bench.common import (
+    BenchContext,
+    BenchResult,
+    Target,
+    camera_size,
+    device_params,
+    device_uts_config,
+    ratio,
+    world_samples,
+)
+
+NAME = 'uplink'
+DESCRIPTION = ('uplink bytes per selected sample (raw, JPEG q90, all tokens, UTS-kept fp16/int8) '
+               'and stage-1 pass rates on source vs drifted domains')
+TARGETS = (Target('uts_over_jpeg', '<=', 0.01, 'issue 4'),)
+JPEG_QUALITY = 90
+INDEX_BYTES = 4  # UtsTokens.kept_indices is uint32[]
+# int8 is the better default when the teacher's answers from it agree with those from the
+# exact tokens at least this nearly as often as from fp16 (fraction of samples).
+AGREEMENT_TOLERANCE = 0.01
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Bench arguments."""
+    parser.add_argument('--per-domain', type=int, default=None,
+                        help='samples per domain (default 60, quick 2)')
+    parser.add_argument('--keep-ratios', default='0.03,0.05,0.1,0.25',
+                        help='keep ratios of the sweep (int8 packing)')
+
+
+def _jpeg_bytes(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> int:
+    import cv2
+
+    ok, buf = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError('cv2.imencode failed to encode a JPEG')
+    return int(buf.size)
+
+
+def _message_bytes(sample: Any, result: Any, space: Any) -> int | None:
+    """Serialized size of the ``UtsTokens`` message uts_node would publish (None without ROS)."""
+    try:
+        from rclpy.serialization import serialize_message
+        from std_msgs.msg import Header
+
+        from cdcca_ros.nodes.uts_node import to_msg
+    except ImportError:
+        return None
+    msg = to_msg('robot1', 'robot1-000001', sample, result, Header(frame_id='camera'), space)
+    return len(serialize_message(msg))
+
+
+def _teacher_text(teacher: Any, tokens: Any, indices: Any, question: str) -> str:
+    import torch
+
+    idx = None if indices is None else torch.as_tensor(indices, dtype=torch.long)[None]
+    return teacher.answer_from_tokens(tokens.float()[None], idx, [question])[0].text
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values)
+    return {f'p{q}': float(np.percentile(arr, q)) for q in (10, 25, 50, 75, 90)} | {
+        'mean': float(arr.mean())}
+
+
+def run(ctx: BenchContext) -> BenchResult:
+    """Measure and summarise (see the module docstring)."""
+    from cdcca_ros.core.device_runtime import DeviceRuntime
+    from cdcca_ros.core.uts import (
+        UtsPipeline,
+        pack_stats,
+        pack_tokens,
+        select_tokens,
+        unpack_tokens,
+    )
+    from cdcca_ros.sim.domains import DRIFTED, SOURCE
+    from cdcca_ros.sim.scoring import vqa_accuracy
+
+    per_domain = ctx.args.per_domain or (2 if ctx.quick else 60)
+    ratios = [float(r) for r in str(ctx.args.keep_ratios).split(',') if r.strip()]
+    width, height = camera_size()
+    params = device_params()
+    student = ctx.models.student()
+    teacher = ctx.models.teacher()
+    runtime = DeviceRuntime(student, 'robot1', max_new_tokens=params['max_new_tokens'])
+    space = student.vision_space()
+    default = device_uts_config()
+    selectors = {}
+    # Stage 2 on every sample: the bytes of a selected sample do not depend on whether this
+    # one was selected, and the pack comparison needs many samples.
+    pipeline = UtsPipeline(device_uts_config(stage1_threshold=0.0, pack_dtype='fp16'),
+                           runtime.mc_token_features, has_cls=space.has_cls)
+    domains = (SOURCE,) + DRIFTED
+    samples = world_samples(ctx.seed, domains, per_domain, (width, height))
+    rec: dict[str, list[Any]] = {k: [] for k in (
+        'domain', 'jpeg', 'entropy', 'passed', 'correct', 'fp16', 'int8', 'msg', 'agree_fp16',
+        'agree_int8', 'agree_all', 'teacher_acc_all', 'teacher_acc_int8', 'cos_int8',
+        'rel_l2_int8', 'rel_l2_fp16', 'kept')}
+    sweep: dict[float, dict[str, list[float]]] = {r: {'bytes': [], 'agree': [], 'acc': []}
+                                                  for r in ratios}
+    for s in samples:
+        answered = runtime.answer(s.image, s.question)
+        selector = selectors.setdefault(s.domain, default.make_selector())
+        rec['domain'].append(s.domain)
+        rec['jpeg'].append(_jpeg_bytes(s.image))
+        rec['entropy'].append(answered.entropy_mean)
+        rec['passed'].append(selector.offer(answered.entropy_mean))
+        rec['correct'].append(vqa_accuracy(answered.text, s.answers))
+        result = pipeline.process(answered.step_probs, answered.tokens)
+        assert result is not None  # stage 1 threshold 0 passes every sample
+        kept_idx = result.kept_indices
+        kept = answered.tokens.detach().float().cpu()[kept_idx]
+        index_bytes = INDEX_BYTES * int(kept_idx.numel())
+        rec['kept'].append(int(kept_idx.numel()))
+        packed8 = pack_tokens(kept, 'int8')
+        rec['fp16'].append(result.packed.nbytes + index_bytes)
+        rec['int8'].append(packed8.nbytes + index_bytes)
+        default_result = result if default.pack_dtype == 'fp16' else type(result)(
+            entropy=result.entropy, kept_indices=kept_idx, variance=result.variance,
+            packed=packed8, stage2_ms=result.stage2_ms)
+        rec['msg'].append(_message_bytes(answered, default_result, space))
+        st8, st16 = pack_stats(kept, 'int8'), pack_stats(kept, 'fp16')
+        rec['cos_int8'].append(st8.cosine)
+        rec['rel_l2_int8'].append(st8.rel_l2)
+        rec['rel_l2_fp16'].append(st16.rel_l2)
+        exact = _teacher_text(teacher, kept, kept_idx, s.question)
+        all_tokens = _teacher_text(teacher, answered.tokens, None, s.question)
+        from_int8 = _teacher_text(teacher, unpack_tokens(packed8), kept_idx, s.question)
+        from_fp16 = _teacher_text(teacher, unpack_tokens(result.packed), kept_idx, s.question)
+        rec['agree_fp16'].append(float(from_fp16 == exact))
+        rec['agree_int8'].append(float(from_int8 == exact))
+        rec['agree_all'].append(float(exact == all_tokens))
+        rec['teacher_acc_all'].append(vqa_accuracy(all_tokens, s.answers))
+        rec['teacher_acc_int8'].append(vqa_accuracy(from_int8, s.answers))
+        for r in ratios:
+            idx = select_tokens(result.variance, mode='keep_ratio', keep_ratio=r,
+                                min_keep=default.min_keep,
+                                always_keep_cls=default.always_keep_cls and space.has_cls)
+            p8 = pack_tokens(answered.tokens.detach().float().cpu()[idx], 'int8')
+            text = _teacher_text(teacher, unpack_tokens(p8), idx, s.question)
+            sweep[r]['bytes'].append(p8.nbytes + INDEX_BYTES * int(idx.numel()))
+            sweep[r]['agree'].append(float(text == all_tokens))
+            sweep[r]['acc'].append(vqa_accuracy(text, s.answers))
+
+    domain = np.asarray(rec['domain'])
+    src = domain == SOURCE
+    drift = ~src
+    jpeg_mean = float(np.mean(rec['jpeg']))
+    raw = width * height * 3
+    n_tok, dim = space.num_tokens, space.dim
+    all_fp16 = n_tok * dim * 2
+    mean = {k: float(np.mean(rec[k])) for k in ('fp16', 'int8', 'agree_fp16', 'agree_int8',
+                                                'agree_all')}
+    msgs = [m for m in rec['msg'] if m is not None]
+    default_bytes = mean[default.pack_dtype]
+    recommended = ('int8' if mean['agree_int8'] >= mean['agree_fp16'] - AGREEMENT_TOLERANCE
+                   else 'fp16')
+    passed = np.asarray(rec['passed'], dtype=bool)
+    entropy = np.asarray(rec['entropy'])
+    correct = np.asarray(rec['correct'])
+    # A threshold that passes 10% of the source samples (what the model already knows) and
+    # what it passes of the drifted ones.
+    suggested = float(np.percentile(entropy[src], 90)) if src.any() else math.nan
+    summary = {
+        'raw_bytes': raw,
+        'jpeg_bytes': jpeg_mean,
+        'all_tokens_fp16_bytes': all_fp16,
+        'uts_bytes_fp16': mean['fp16'],
+        'uts_bytes_int8': mean['int8'],
+        'uts_bytes': default_bytes,
+        'uts_over_jpeg': ratio(default_bytes, jpeg_mean),
+        'uts_fp16_over_jpeg': ratio(mean['fp16'], jpeg_mean),
+        'uts_int8_over_jpeg': ratio(mean['int8'], jpeg_mean),
+        'uts_msg_over_jpeg': ratio(float(np.mean(msgs)), jpeg_mean) if msgs else None,
+        'all_tokens_over_jpeg': ratio(all_fp16, jpeg_mean),
+        'pack_dtype_default': default.pack_dtype,
+        'pack_dtype_recommended': recommended,
+        'teacher_agreement_fp16': mean['agree_fp16'],
+        'teacher_agreement_int8': mean['agree_int8'],
+        'pass_rate_source': float(passed[src].mean()) if src.any() else math.nan,
+        'pass_rate_drifted': float(passed[drift].mean()) if drift.any() else math.nan,
+        'entropy_threshold_default': default.stage1_threshold,
+        'entropy_threshold_suggested': suggested,
+        'pass_rate_drifted_at_suggested': (float((entropy[drift] > suggested).mean())
+                                           if drift.any() else math.nan),
+        'samples': len(samples),
+    }
+    per_domain_rows = []
+    per_domain_detail = {}
+    for d in domains:
+        m = domain == d
+        wrong = m & (correct < 1.0)
+        right = m & (correct >= 1.0)
+        per_domain_detail[d] = {
+            'samples': int(m.sum()), 'jpeg_bytes': float(np.mean(np.asarray(rec['jpeg'])[m])),
+            'pass_rate': float(passed[m].mean()), 'entropy': _quantiles(entropy[m].tolist()),
+            'student_accuracy': float(correct[m].mean()),
+            'pass_rate_wrong': float(passed[wrong].mean()) if wrong.any() else None,
+            'pass_rate_right': float(passed[right].mean()) if right.any() else None,
+            'pass_rate_at_suggested': float((entropy[m] > suggested).mean()),
+            'teacher_accuracy_all_tokens': float(np.mean(np.asarray(rec['teacher_acc_all'])[m])),
+            'teacher_accuracy_uts_int8': float(np.mean(np.asarray(rec['teacher_acc_int8'])[m])),
+        }
+        pd = per_domain_detail[d]
+        per_domain_rows.append([f'stage 1 on {d}', pd['pass_rate'],
+                                pd['entropy'].get('p50'), pd['student_accuracy'],
+                                pd['pass_rate_at_suggested']])
+    rows: list[list[Any]] = [
+        ['raw frame RGB', raw, ratio(raw, jpeg_mean), '-'],
+        [f'JPEG q{JPEG_QUALITY} {width}x{height}', jpeg_mean, 1.0, '-'],
+        [f'all tokens fp16 ({n_tok}x{dim})', all_fp16, ratio(all_fp16, jpeg_mean), '-'],
+        ['UTS kept, fp16', mean['fp16'], summary['uts_fp16_over_jpeg'], mean['agree_fp16']],
+        ['UTS kept, int8', mean['int8'], summary['uts_int8_over_jpeg'], mean['agree_int8']],
+    ]
+    if msgs:
+        rows.append([f'UtsTokens message ({default.pack_dtype})', float(np.mean(msgs)),
+                     summary['uts_msg_over_jpeg'], '-'])
+    for r in ratios:
+        b = float(np.mean(sweep[r]['bytes']))
+        rows.append([f'keep_ratio {r:g}, int8 (vs all tokens)', b, ratio(b, jpeg_mean),
+                     float(np.mean(sweep[r]['agree']))])
+    detail = {
+        'per_domain': per_domain_detail,
+        'keep_ratio_sweep': {f'{r:g}': {
+            'bytes': float(np.mean(v['bytes'])), 'over_jpeg': ratio(float(np.mean(v['bytes'])),
+                                                                    jpeg_mean),
+            'teacher_agreement_vs_all_tokens': float(np.mean(v['agree'])),
+            'teacher_accuracy': float(np.mean(v['acc']))} for r, v in sweep.items()},
+        'teacher_agreement_kept_vs_all_tokens': mean['agree_all'],
+        'teacher_accuracy_all_tokens': float(np.mean(rec['teacher_acc_all'])),
+        'teacher_accuracy_uts_int8': float(np.mean(rec['teacher_acc_int8'])),
+        'int8_cosine_mean': float(np.mean(rec['cos_int8'])),
+        'int8_rel_l2_mean': float(np.mean(rec['rel_l2_int8'])),
+        'fp16_rel_l2_mean': float(np.mean(rec['rel_l2_fp16'])),
+        'message_bytes_mean': float(np.mean(msgs)) if msgs else None,
+        'vision_space': asdict(space), 'uts_config_default': asdict(default),
+        'frame_size': [width, height], 'jpeg_quality': JPEG_QUALITY,
+        'kept_tokens_mean': float(np.mean(rec['kept'])),
+    }
+    notes = [
+        f'{len(samples)} frames {width}x{height} ({per_domain} per domain); bytes are means, '
+        'ratios are totals over the run (what the link carries)',
+        'UTS payload = packed codes + float32 scales + uint32 kept indices (uts_node\'s '
+        'uplink_bytes); the message adds question, answer, ids and per-token variance',
+        f'packing: teacher answers from unpacked tokens equal those from exact kept tokens in '
+        f'{mean["agree_int8"]:.1%} (int8) vs {mean["agree_fp16"]:.1%} (fp16) of samples: '
+        f'use {recommended}',
+        f'stage 1 default threshold {default.stage1_threshold:g} nats passes '
+        f'{summary["pass_rate_source"]:.1%} of source and {summary["pass_rate_drifted"]:.1%} '
+        f'of drifted samples; {suggested:.3g} nats would pass 10% of source and '
+        f'{summary["pass_rate_drifted_at_suggested"]:.1%} of drifted',
+    ]
+    return BenchResult(summary=summary, headers=['uplink per sample', 'bytes', 'x JPEG',
+                                                 'teacher agreement'],
+                       rows=rows + [['-', '-', '-', '-']] + [
+                           [r[0], f'pass {r[1]:.1%}', f'H50 {r[2]:.3g}',
+                            f'acc {r[3]:.1%}'] for r in per_domain_rows],
+                       detail=detail, notes=notes)

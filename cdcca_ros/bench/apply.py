@@ -74,7 +74,7 @@ def delta_stream(base: dict[str, Any], private: Any, device_id: str, codec_name:
     hash_ = feedback.view_hash()
     codec = dwc.get_codec(codec_name)
     while True:
-        for name, t in trained.items():
+        for t in trained.values():
             rms = float(t.float().pow(2).mean().sqrt()) if t.numel() else 0.0
             std = RELATIVE_CHANGE * rms if rms > 0 else ZERO_INIT_STD
             t += torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) * std
@@ -166,7 +166,7 @@ def run(ctx: BenchContext) -> BenchResult:
     failures: list[str] = []
     for k in range(n_seq):
         image, question = images[k % len(images)]
-        t, _ = timed_ms(lambda: runtime.answer(image, question))
+        t, _ = timed_ms(lambda i=image, q=question: runtime.answer(i, q))
         answer_ms.append(t)
         env, _ = envelopes[k]
         for key, value in _breakdown(runtime, env, public, probe_tokens).items():

@@ -44,6 +44,7 @@ BENCHES: dict[str, str] = {
     'node_overhead': 'cdcca_ros.bench.node_overhead',
     'downlink': 'cdcca_ros.bench.downlink',
     'apply': 'cdcca_ros.bench.apply',
+    'link': 'cdcca_ros.bench.link',
 }
 
 TINY_SPEC = 'tiny'
@@ -414,7 +415,7 @@ def run_bench(name: str, argv: Sequence[str]) -> dict[str, Any]:
     targets = target_rows(module.TARGETS, result.summary)
     record = {
         'bench': name, 'description': module.DESCRIPTION,
-        'created': _dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds'),
+        'created': _dt.datetime.now(_dt.UTC).isoformat(timespec='seconds'),
         'seed': args.seed, 'quick': args.quick,
         'args': {k: v for k, v in vars(args).items()}, 'models': ctx.models.describe(),
         'machine': machine, 'duration_s': round(duration, 2),

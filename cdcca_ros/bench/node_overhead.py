@@ -183,7 +183,7 @@ def run(ctx: BenchContext) -> BenchResult:
     med_direct = median(direct_ms)
     med_ros = median(ros_ms)
     med_img = median(ros_image_ms)
-    paired = [r - d for r, d in zip(ros_ms, direct_ms)]
+    paired = [r - d for r, d in zip(ros_ms, direct_ms, strict=True)]
     summary = {
         'ros_over_direct': ratio(med_ros, med_direct),
         'ros_image_over_direct': ratio(med_img, med_direct),

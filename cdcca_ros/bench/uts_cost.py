@@ -109,7 +109,7 @@ def run(ctx: BenchContext) -> BenchResult:
         'uts_ms': med_uts,
         'samples': len(answer_ms),
     }
-    per_sample = [u / a for u, a in zip(uts_ms, answer_ms) if a > 0]
+    per_sample = [u / a for u, a in zip(uts_ms, answer_ms, strict=True) if a > 0]
     space = model.vision_space()
     rows = [['answer (vision tokens + decoding)', med_answer, 1.0],
             ['stage 1 (entropy + gate)', median(stage1_ms), summary['stage1_over_answer']],

@@ -4,6 +4,7 @@ Topics (relative: namespaces and remapping apply):
     image_raw (sensor_msgs/Image, rgb8, sensor-data QoS)
     image_raw/compressed (sensor_msgs/CompressedImage, JPEG; when publish_compressed)
     depth/image_raw (sensor_msgs/Image, 16UC1 millimetres; RealSense with enable_depth)
+    scene (std_msgs/String, JSON; synthetic source): domain and a ground-truth question
     /diagnostics (fps, frames, drops, connected, reconnects, last error)
 
 A missing camera is not a crash: the node logs the error, reports it on /diagnostics and tries
@@ -50,7 +51,7 @@ class CameraNode(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('camera_node', **kwargs)
-        self.params = declare_table(self, 'camera_node')
+        self.params = declare_table(self, 'camera_node', on_change=self._on_param)
         kind, fields = camera_fields(self.params)
         self.camera: Camera = create_camera(kind, **fields)
         self._image_pub = self.create_publisher(Image, 'image_raw', SENSOR_QOS)
@@ -60,7 +61,8 @@ class CameraNode(Node):
         self._depth_pub = (self.create_publisher(Image, 'depth/image_raw', SENSOR_QOS)
                            if kind == 'realsense' and self.params['realsense.enable_depth']
                            else None)
-        # Ground truth of synthetic frames (JSON), for evaluation and rqt.
+        # Ground truth of synthetic frames (JSON: domain, a question and its answers), for
+        # evaluation (the demo) and rqt.
         self._scene_pub = (self.create_publisher(String, 'scene', 10)
                            if kind == 'synthetic' else None)
         self._diag = Diagnostics(self, hardware_id=self.camera.describe())
@@ -72,6 +74,22 @@ class CameraNode(Node):
         self.create_timer(1.0, self._report)
         self._reconnect_timer = self.create_timer(self.params['reconnect_period_s'],
                                                   self._ensure_connected)
+        self._ensure_connected()
+
+    def _on_param(self, name: str, value: Any) -> None:
+        """Live change of the synthetic domain schedule (e.g. to drive a drift by hand)."""
+        self.params[name] = value
+        if name != 'synthetic.schedule' or self.params['source'] != 'synthetic':
+            return
+        try:
+            kind, fields = camera_fields(self.params)
+            camera = create_camera(kind, **fields)
+        except CdccaError as err:
+            self.get_logger().error(f'schedule {value!r} refused: {err}')
+            return
+        old, self.camera = self.camera, camera
+        old.disconnect()
+        self.get_logger().info(f'synthetic schedule is now {value!r}')
         self._ensure_connected()
 
     def _ensure_connected(self) -> None:
@@ -115,8 +133,12 @@ class CameraNode(Node):
         if self._depth_pub is not None and frame.depth is not None:
             self._depth_pub.publish(image_to_msg(frame.depth, '16UC1', Image, header=header))
         if self._scene_pub is not None:
+            # Ground truth of the frame: its domain and one question with its answers.
             meta = {k: v for k, v in frame.meta.items() if k in ('domain', 'frame_index', 'seed')}
             meta['stamp_ns'] = frame.stamp_ns
+            q = self.camera.ask(frame)
+            meta.update(question=q.text, answer=q.answer, answers=list(q.answers),
+                        qtype=q.qtype, choices=list(q.choices))
             self._scene_pub.publish(String(data=json.dumps(meta)))
         self._published += 1
 

@@ -154,7 +154,7 @@ class DeviceNode(Node):
                 self.get_logger().warning(f'question {q.question_id!r} not answered: {error}')
 
     def answer(self, question_id: str, question: str, choices: list[str],
-               image: Image | None) -> tuple[Answer | None, str]:
+               image: Image | None, uplink: bool = True) -> tuple[Answer | None, str]:
         """Answer about ``image`` or the latest frame; publishes and returns the Answer."""
         if self.runtime is None:
             return None, 'model not ready'
@@ -197,14 +197,16 @@ class DeviceNode(Node):
                      f'H={sample.entropy_mean:.2f} v{sample.version}']
             self._annotated_pub.publish(image_to_msg(annotate(rgb, lines), 'rgb8', Image,
                                                      header=image.header))
-        for listener in self.listeners:
-            listener(sample, image.header, rgb)
+        if uplink:
+            for listener in self.listeners:
+                listener(sample, image.header, rgb)
         return msg, ''
 
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
         answer, error = self.answer(request.question_id, request.question,
                                     list(request.choices),
-                                    request.image if request.use_image else None)
+                                    request.image if request.use_image else None,
+                                    uplink=not request.no_uplink)
         response.success = answer is not None
         response.message = error
         if answer is not None:

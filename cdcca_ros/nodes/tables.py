@@ -173,3 +173,20 @@ def validate(node: str, overrides: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f'{node}: unknown parameter {name!r}')
         values[name] = table[name].check(value)
     return values
+
+
+def markdown(node: str) -> str:
+    """The parameter table of ``node`` as Markdown (used for the README)."""
+    rows = ['| parameter | default | description |', '| --- | --- | --- |']
+    for p in TABLES[node]:
+        extra = f' (one of: {", ".join(p.choices)})' if p.choices else ''
+        if p.low is not None or p.high is not None:
+            extra += f' [{p.low if p.low is not None else ""}, ' \
+                     f'{p.high if p.high is not None else ""}]'
+        rows.append(f'| `{p.name}` | `{p.default!r}` | {p.description}{extra} |')
+    return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+    for _name in TABLES:
+        print(f'### {_name}\n\n{markdown(_name)}\n')

@@ -162,8 +162,10 @@ for _domain in (
                'low light with a blue-green cast and sensor noise'),
         Domain('clutter', (('textured_background', 0.9), ('distractors', 0.8)),
                'patterned coloured backgrounds and thin distractor marks'),
-        Domain('novel', (('novel_kinds', 0.8), ('textures', 0.8)),
-               'new object kinds (star, cross) and striped/dotted textures'),
+        Domain('novel', (('novel_kinds', 0.8), ('novel_colors', 0.6), ('extra_objects', 0.5),
+                         ('textures', 0.5)),
+               'new kinds (star, cross), new colours (purple, orange), up to 5-6 objects, '
+               'striped/dotted textures'),
 ):
     register_domain(_domain)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cdcca_ros.errors import ConfigError
-from cdcca_ros.sim.scene import BASE_KINDS, COLORS, COLUMNS, KINDS, MAX_OBJECTS, Scene
+from cdcca_ros.sim.scene import (BASE_COLORS, BASE_KINDS, COLORS, COLUMNS, KINDS, MAX_OBJECTS,
+                                 Scene)
 
 QTYPES: tuple[str, ...] = ('color', 'shape', 'count', 'exist', 'position')
 
@@ -159,10 +160,12 @@ def ask(scene: Scene, rng: np.random.Generator, qtype: str | None = None) -> Que
         if bool(rng.integers(0, 2)):
             color, kind, answer = obj.color, obj.kind, 'yes'
         else:
-            kinds = sorted(set(BASE_KINDS) | {o.kind for o in scene.objects},
-                           key=KINDS.index)
+            # Absent pairs from the source concepts plus what the scene shows, so a clean
+            # scene never prompts a word only drift brings.
+            kinds = [k for k in KINDS if k in BASE_KINDS or scene.count(kind=k)]
+            colors = [c for c in COLORS if c in BASE_COLORS or scene.count(color=c)]
             present = {(o.color, o.kind) for o in scene.objects}
-            absent = [(c, k) for c in COLORS for k in kinds if (c, k) not in present]
+            absent = [(c, k) for c in colors for k in kinds if (c, k) not in present]
             color, kind = _pick(rng, absent)  # type: ignore[misc]
             answer = 'no'
         text = template.format(color=color, kind=kind)

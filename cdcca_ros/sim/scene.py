@@ -28,11 +28,19 @@ NOVEL_KINDS: tuple[str, ...] = ('star', 'cross')
 
 KINDS: tuple[str, ...] = BASE_KINDS + NOVEL_KINDS
 
+BASE_COLORS: tuple[str, ...] = ('red', 'green', 'blue', 'yellow')
+"""Colours the source domain shows."""
+
+NOVEL_COLORS: tuple[str, ...] = ('purple', 'orange')
+"""Colours that only appear under drift (scene shifts ``novel_colors``, ``extra_objects``)."""
+
 COLORS: dict[str, RGB] = {
     'red': (215, 40, 40),
     'green': (40, 165, 60),
     'blue': (45, 85, 220),
     'yellow': (240, 205, 35),
+    'purple': (150, 50, 200),
+    'orange': (250, 135, 20),
 }
 """Object colour names and their RGB values (saturated, far apart, so that a cast or fog
 keeps them separable for a model that has seen the cast)."""
@@ -48,8 +56,9 @@ ROWS: tuple[str, ...] = ('top', 'middle', 'bottom')
 BACKGROUND_PATTERNS: tuple[str, ...] = ('plain', 'stripes', 'checker', 'waves')
 CLUTTER_KINDS: tuple[str, ...] = ('line', 'dot', 'arc')
 
-MAX_OBJECTS = len(BASE_KINDS)
-"""At most one object per colour, so no more objects than colours."""
+MAX_OBJECTS = min(len(KINDS), len(COLORS), GRID * GRID)
+"""Distinct kinds and colours per scene bound the number of objects (6; the source shows at
+most ``len(BASE_COLORS)``)."""
 
 
 @dataclass(frozen=True)
@@ -198,15 +207,17 @@ class SceneConfig:
 
     Attributes:
         min_objects: Fewest objects.
-        max_objects: Most objects (at most :data:`MAX_OBJECTS`).
+        max_objects: Most objects (at most the number of kinds and of colours).
         kinds: Kinds to draw from.
+        colors: Colours to draw from.
         gray_range: Range of the plain background's grey level.
         jitter: Largest centre jitter in image fractions (kept inside the cell).
     """
 
     min_objects: int = 1
-    max_objects: int = MAX_OBJECTS
+    max_objects: int = len(BASE_COLORS)
     kinds: tuple[str, ...] = BASE_KINDS
+    colors: tuple[str, ...] = BASE_COLORS
     gray_range: tuple[int, int] = (150, 215)
     jitter: float = 0.02
 
@@ -215,7 +226,7 @@ class SceneConfig:
             raise ConfigError(
                 f'SceneConfig needs 1 <= min_objects <= max_objects, got '
                 f'min_objects={self.min_objects}, max_objects={self.max_objects}')
-        limit = min(len(COLORS), len(self.kinds), GRID * GRID)
+        limit = min(len(set(self.colors)), len(set(self.kinds)), GRID * GRID)
         if self.max_objects > limit:
             raise ConfigError(
                 f'SceneConfig max_objects={self.max_objects} exceeds {limit} '
@@ -223,6 +234,9 @@ class SceneConfig:
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown:
             raise ConfigError(f'SceneConfig kinds {unknown} are not in {KINDS}')
+        unknown = [c for c in self.colors if c not in COLORS]
+        if unknown:
+            raise ConfigError(f'SceneConfig colors {unknown} are not in {tuple(COLORS)}')
         lo, hi = self.gray_range
         if not 0 <= lo <= hi <= 255:
             raise ConfigError(f'SceneConfig gray_range {self.gray_range} must be 0 <= lo <= hi <= 255')
@@ -244,14 +258,13 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig | None = None) ->
     cfg = config or SceneConfig()
     n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     kinds = rng.permutation(len(cfg.kinds))[:n]
-    colors = rng.permutation(len(COLORS))[:n]
+    colors = rng.permutation(len(cfg.colors))[:n]
     cells = rng.permutation(GRID * GRID)[:n]
     sizes = rng.integers(0, len(SIZES), size=n)
     offsets = rng.uniform(-cfg.jitter, cfg.jitter, size=(n, 2))
-    color_names = tuple(COLORS)
     size_names = tuple(SIZES)
     objects = tuple(
-        SceneObject(kind=cfg.kinds[int(kinds[i])], color=color_names[int(colors[i])],
+        SceneObject(kind=cfg.kinds[int(kinds[i])], color=cfg.colors[int(colors[i])],
                     size=size_names[int(sizes[i])],
                     cell=(int(cells[i]) // GRID, int(cells[i]) % GRID),
                     offset=(float(offsets[i, 0]), float(offsets[i, 1])))

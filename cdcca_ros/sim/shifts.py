@@ -27,8 +27,8 @@ import cv2
 import numpy as np
 
 from cdcca_ros.errors import ConfigError
-from cdcca_ros.sim.scene import (COLORS, GRID, NOVEL_KINDS, RGB, TEXTURES, Background, Clutter,
-                                 Scene)
+from cdcca_ros.sim.scene import (BASE_COLORS, COLORS, GRID, KINDS, NOVEL_COLORS, NOVEL_KINDS, RGB,
+                                 SIZES, TEXTURES, Background, Clutter, Scene, SceneObject)
 
 Stage = Literal['scene', 'image']
 SceneShiftFn = Callable[[Scene, float, np.random.Generator], Scene]
@@ -249,7 +249,7 @@ def textured_background(scene: Scene, strength: float, rng: np.random.Generator)
 def distractors(scene: Scene, strength: float, rng: np.random.Generator) -> Scene:
     """Add thin lines, dots and arcs in object colours (not objects: never counted or asked)."""
     count = int(round(12 * strength * float(rng.uniform(0.7, 1.3))))
-    palette = list(COLORS.values())
+    palette = [COLORS[c] for c in BASE_COLORS]
     items = list(scene.clutter)
     for _ in range(count):
         kind = ('line', 'dot', 'arc')[int(rng.integers(0, 3))]
@@ -305,4 +305,37 @@ def crowding(scene: Scene, strength: float, rng: np.random.Generator) -> Scene:
         reach = max(0.0, 0.5 / GRID - obj.radius) * strength
         dx, dy = rng.uniform(-reach, reach, size=2)
         objects.append(dataclasses.replace(obj, offset=(float(dx), float(dy))))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+@register_shift('novel_colors', 'scene')
+def novel_colors(scene: Scene, strength: float, rng: np.random.Generator) -> Scene:
+    """Repaint objects in colours the source never shows (purple, orange), each w.p. strength."""
+    used = {o.color for o in scene.objects}
+    free = [c for c in NOVEL_COLORS if c not in used]
+    objects = []
+    for obj in scene.objects:
+        if float(rng.random()) < strength and free:
+            obj = dataclasses.replace(obj, color=free.pop(int(rng.integers(0, len(free)))))
+        objects.append(obj)
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+@register_shift('extra_objects', 'scene')
+def extra_objects(scene: Scene, strength: float, rng: np.random.Generator) -> Scene:
+    """Add up to ``round(2 * strength)`` objects (counts above the source's) in free cells."""
+    wanted = int(rng.integers(0, round(2 * strength) + 1))
+    objects = list(scene.objects)
+    for _ in range(wanted):
+        kinds = [k for k in KINDS if k not in {o.kind for o in objects}]
+        colors = [c for c in COLORS if c not in {o.color for o in objects}]
+        cells = [(r, c) for r in range(GRID) for c in range(GRID)
+                 if (r, c) not in {o.cell for o in objects}]
+        if not (kinds and colors and cells):
+            break
+        objects.append(SceneObject(
+            kind=kinds[int(rng.integers(0, len(kinds)))],
+            color=colors[int(rng.integers(0, len(colors)))],
+            size=tuple(SIZES)[int(rng.integers(0, len(SIZES)))],
+            cell=cells[int(rng.integers(0, len(cells)))]))
     return dataclasses.replace(scene, objects=tuple(objects))

@@ -313,9 +313,15 @@ class _AuxHeads:
                                            ('color', self.color[h], colors[rows], patches),
                                            ('count', self.count[h], counts[rows], cls)):
                 logits = layer(x)
-                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-                total = total + ce * int(rows.sum())
                 keep = target > 0 if name != 'count' else torch.ones_like(target, dtype=bool)
+                if name == 'kind':
+                    # Only object patches: background ones would drown the shape signal.
+                    ce = (F.cross_entropy(logits[keep], target[keep]) if bool(keep.any())
+                          else logits.sum() * 0.0)
+                else:
+                    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         target.reshape(-1))
+                total = total + ce * int(rows.sum())
                 hits[name][0] += int(((logits.argmax(-1) == target) & keep).sum())
                 hits[name][1] += int(keep.sum())
         return total / hidden.shape[0], {k: (v[0], v[1]) for k, v in hits.items()}

@@ -1,0 +1,176 @@
+"""Every bench runs with ``--quick`` on tiny models and writes the promised JSON record.
+
+No timing is asserted (the machine is shared): only that each figure exists, has the right type
+and lies in its possible range, and that what must hold regardless of speed does (no lost
+answer from an error, budgets respected, byte counts ordered).
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cdcca_ros.bench.__main__ import main, render_report
+from cdcca_ros.bench.common import BENCHES, Models, Target, jsonable, run_bench
+from cdcca_ros.errors import ConfigError
+
+REAL_CONFIGS = ('blip2-opt-2.7b', 'llava-1.5-7b', 'qwen2-vl-2b')
+
+
+def _fraction(x: Any) -> bool:
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def _positive(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _check_uplink(s: dict[str, Any], rec: dict[str, Any]) -> None:
+    assert s['raw_bytes'] == 640 * 480 * 3
+    assert 0 < s['uts_bytes_int8'] < s['uts_bytes_fp16'] < s['all_tokens_fp16_bytes']
+    assert _positive(s['jpeg_bytes']) and s['jpeg_bytes'] < s['raw_bytes']
+    assert _positive(s['uts_over_jpeg'])
+    assert s['uts_over_jpeg'] == pytest.approx(s['uts_bytes'] / s['jpeg_bytes'])
+    assert _fraction(s['pass_rate_source']) and _fraction(s['pass_rate_drifted'])
+    assert s['pack_dtype_recommended'] in ('fp16', 'int8')
+    assert _fraction(s['teacher_agreement_int8']) and _fraction(s['teacher_agreement_fp16'])
+    assert set(rec['detail']['per_domain']) == {'source', 'fog', 'night', 'clutter', 'novel'}
+
+
+def _check_uts_cost(s: dict[str, Any], rec: dict[str, Any]) -> None:
+    assert _positive(s['uts_over_answer']) and _positive(s['answer_ms'])
+    assert s['samples'] == 6
+    assert s['uts_over_answer'] == pytest.approx(s['uts_ms'] / s['answer_ms'])
+    assert [row['mc_masks'] for row in rec['detail']['mc_sweep']] == [4, 8, 16, 32]
+
+
+def _check_node_overhead(s: dict[str, Any], rec: dict[str, Any]) -> None:
+    assert _positive(s['ros_over_direct']) and _positive(s['ros_image_over_direct'])
+    assert s['samples'] == 4 and s['failures'] == 0
+    # Same model, same frame: the node answers exactly what the model layer answers.
+    assert rec['detail']['answer_mismatches'] == 0
+
+
+def _check_downlink(s: dict[str, Any], rec: dict[str, Any]) -> None:
+    codecs = s['codecs']
+    assert {'fp16', 'nf4', 'sparse', 'sparse@1bit'} <= set(codecs)
+    for name in ('fp16', 'nf4', 'sparse', 'sparse@1bit'):
+        c = codecs[name]
+        assert _positive(c['bits_per_param']), name
+        assert c['gain_retained'] is None or isinstance(c['gain_retained'], float), name
+    assert 16.0 <= codecs['fp16']['bits_per_param'] < 20.0
+    assert codecs['sparse@1bit']['bits_per_param'] <= 1.0  # the byte budget holds
+    assert codecs['sparse']['bits_per_param'] < codecs['nf4']['bits_per_param']
+    assert set(s['payload_over_full_model']) == set(REAL_CONFIGS)
+    for name in REAL_CONFIGS:
+        assert 0.0 < s['payload_over_full_model'][name] < 0.01, name
+        real = rec['detail']['real_models'][name]
+        assert real['codecs']['sparse@1bit']['bits_per_param'] <= 1.0
+    assert _fraction(s['accuracy_base']) and _fraction(s['accuracy_uncompressed'])
+
+
+def _check_apply(s: dict[str, Any], rec: dict[str, Any]) -> None:
+    assert _positive(s['apply_over_answer']) and _positive(s['lock_over_answer'])
+    assert isinstance(s['answers_lost'], int) and s['answers_total'] > 0
+    assert s['apply_failures'] == 0
+    # Timeouts depend on the machine's load; errors and non-finite answers never may happen.
+    assert not [lost for lost in rec['detail']['concurrent']['lost'] if lost != 'timeout']
+    assert s['lock_held_ms'] <= s['apply_ms']
+
+
+CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
+    'uplink': _check_uplink,
+    'uts_cost': _check_uts_cost,
+    'node_overhead': _check_node_overhead,
+    'downlink': _check_downlink,
+    'apply': _check_apply,
+}
+
+
+@pytest.fixture(scope='module')
+def tiny_specs(tmp_path_factory) -> tuple[str, str]:
+    """One tiny teacher/student pair saved for every bench (building it once saves time)."""
+    from cdcca_ros.bench.common import build_tiny_pair
+
+    root = tmp_path_factory.mktemp('tiny')
+    teacher, student = build_tiny_pair(0)
+    teacher.save(root / 'teacher')
+    student.save(root / 'student')
+    return str(root / 'teacher'), str(root / 'student')
+
+
+@pytest.fixture(scope='module')
+def records(tiny_specs, tmp_path_factory) -> dict[str, dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp('bench')
+    teacher, student = tiny_specs
+    out = {}
+    for name in BENCHES:
+        if name == 'node_overhead':
+            try:
+                import cdcca_ros.msg  # noqa: F401
+            except ImportError:
+                continue  # package not built: the node test files skip too
+        path = out_dir / f'{name}.json'
+        run_bench(name, ['--out', str(path), '--quick', '--seed', '3',
+                         '--teacher', teacher, '--student', student])
+        out[name] = json.loads(path.read_text())
+    return out
+
+
+def test_registry_matches_checks():
+    assert set(CHECKS) == set(BENCHES)
+
+
+@pytest.mark.parametrize('name', list(BENCHES))
+def test_bench_writes_summary_machine_and_targets(records, name):
+    if name not in records:
+        pytest.skip('package not built: run through `make test`')
+    rec = records[name]
+    assert rec['bench'] == name and rec['seed'] == 3 and rec['quick'] is True
+    machine = rec['machine']
+    assert machine['cpu_count'] >= 1 and machine['torch'] and machine['platform']
+    assert machine['torch_threads'] == 1
+    assert rec['targets'], 'every bench states its targets'
+    for target in rec['targets']:
+        assert target['met'] in (True, False, None)
+        assert target['measured'] == Target(target['key'], target['op'], target['value']
+                                            ).measured(rec['summary'])
+    assert rec['table']['headers'] and rec['table']['rows']
+    CHECKS[name](rec['summary'], rec)
+
+
+def test_report_lists_every_target(records):
+    text = render_report(records)
+    for name, rec in records.items():
+        assert f'## {name}' in text
+        for target in rec['targets']:
+            assert f'`{target["key"]}`' in text
+
+
+@pytest.mark.parametrize('summary, met', [
+    ({'a': {'b': 0.5}}, True), ({'a': {'b': 2.0}}, False), ({'a': {'b': None}}, None),
+    ({'a': {}}, None), ({'a': {'b': math.nan}}, None),
+])
+def test_target_reads_nested_figures(summary, met):
+    assert Target('a/b', '<=', 1.0).met(summary) is met
+
+
+def test_jsonable_makes_strict_json():
+    import numpy as np
+
+    value = jsonable({'x': np.float32(1.5), 'n': math.nan, 'p': Path('/tmp'), 't': (1, 2)})
+    assert value == {'x': 1.5, 'n': None, 'p': '/tmp', 't': [1, 2]}
+    json.dumps(value, allow_nan=False)
+
+
+def test_unknown_bench_and_half_tiny_specs_are_refused(tmp_path, capsys):
+    assert main(['no_such_bench', '--out', str(tmp_path / 'x.json')]) == 2
+    assert 'unknown bench' in capsys.readouterr().err
+    with pytest.raises(ConfigError, match='tiny'):
+        Models('tiny', 'bundled:student', tmp_path, 0)
+    assert main(['list']) == 0
+    assert set(capsys.readouterr().out.split()) >= set(BENCHES)

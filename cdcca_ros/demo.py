@@ -61,7 +61,8 @@ class Driver:
         self.scenes: dict[int, dict] = {}
         self.device_status: list[Any] = []
         self.cloud_status: list[Any] = []
-        self.node.create_subscription(Image, 'image', self.images.append, SENSOR_QOS)
+        self.node.create_subscription(Image, 'image', lambda m: self.images.append(m),
+                                      SENSOR_QOS)
         self.node.create_subscription(String, 'scene', self._on_scene, 50)
         self.node.create_subscription(AdaptationStatus, 'adaptation_status',
                                       self.device_status.append, RELIABLE_QOS)
@@ -259,9 +260,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runner.start()
         driver = Driver('robot1', 'cloud')
         print(f'starting {len(launches)} nodes and the Zenoh router (logs: {out/"nodes.log"})')
-        if not driver.spin_until(lambda: driver.ask_client.service_is_ready()
-                                 and driver.param_client.service_is_ready(), 120.0):
-            raise RuntimeError(f'the device node did not come up; see {out / "nodes.log"}')
+        if not driver.spin_until(lambda: runner.poll() is not None or (
+                driver.ask_client.service_is_ready()
+                and driver.param_client.service_is_ready()), 120.0) or runner.poll() is not None:
+            raise RuntimeError(f'the nodes did not come up; see {out / "nodes.log"}')
         # The device answers once its model is loaded.
         probe = eval_msgs[plan[0]][0]
         deadline = time.monotonic() + 180.0

@@ -278,8 +278,10 @@ def _isolate_ros(domain_id: int | None) -> int:
 class _Child:
     """A Python subprocess whose stdout lines are read by a thread (JSON ones parsed)."""
 
-    def __init__(self, args: list[str], name: str, stderr_path: Path) -> None:
+    def __init__(self, args: list[str], name: str, stderr_path: Path,
+                 stop_on_eof: bool = True) -> None:
         self.name = name
+        self.stop_on_eof = stop_on_eof  # else SIGTERM (the router runs until a signal)
         self.stderr_path = stderr_path
         self._stderr: IO[bytes] = open(stderr_path, 'wb')
         env = dict(os.environ, PYTHONUNBUFFERED='1')
@@ -334,7 +336,10 @@ class _Child:
     def close(self, timeout_s: float = 15.0) -> None:
         if self.popen.poll() is None:
             try:
-                self.popen.stdin.close()  # type: ignore[union-attr]  # EOF: the child stops
+                if self.stop_on_eof:
+                    self.popen.stdin.close()  # type: ignore[union-attr]  # EOF: it stops
+                else:
+                    self.popen.terminate()
                 self.popen.wait(timeout_s)
             except (OSError, subprocess.TimeoutExpired):
                 self.popen.terminate()
@@ -343,6 +348,8 @@ class _Child:
                 except subprocess.TimeoutExpired:
                     self.popen.kill()
                     self.popen.wait(5.0)
+        if self.popen.stdin is not None:
+            self.popen.stdin.close()
         self._stderr.close()
 
 
@@ -378,26 +385,31 @@ class _Receipts:
 class _Sender:
     """Both paths' sending ends in this process: a ``DeviceLink`` and an rclpy publisher."""
 
-    def __init__(self, connect: str, certs: Path, spool: Path) -> None:
+    def __init__(self) -> None:
         import rclpy
         from rclpy.context import Context
         from rclpy.node import Node
         from rclpy.serialization import serialize_message
 
         from cdcca_ros.msg import UtsTokens
-        from cdcca_ros.transport.link import DeviceLink
 
         self._serialize = serialize_message
         self.context = Context()
         rclpy.init(context=self.context)
         self.node = Node('link_bench_sender', context=self.context)
         self.pub = self.node.create_publisher(UtsTokens, TOPIC, bench_qos())
-        self.link = DeviceLink(DEVICE, bridge_link_config(connect, certs, DEVICE), spool,
-                               on_downlink=lambda _m: None)
+        self.link: Any = None
         self.counter = 0
 
+    def connect(self, connect: str, certs: Path, spool: Path) -> None:
+        """Open the ``DeviceLink`` (once the router listens: its first retries back off)."""
+        from cdcca_ros.transport.link import DeviceLink
+
+        self.link = DeviceLink(DEVICE, bridge_link_config(connect, certs, DEVICE), spool,
+                               on_downlink=lambda _m: None)
+
     def ready(self) -> bool:
-        return (self.pub.get_subscription_count() > 0
+        return (self.pub.get_subscription_count() > 0 and self.link is not None
                 and bool(self.link.stats()['cloud_reachable']))
 
     def send(self, path: str, msg: Any) -> str:
@@ -414,7 +426,8 @@ class _Sender:
     def close(self) -> None:
         import rclpy
 
-        self.link.close()
+        if self.link is not None:
+            self.link.close()
         self.node.destroy_node()
         if self.context.ok():
             rclpy.shutdown(context=self.context)
@@ -515,9 +528,11 @@ def run(ctx: BenchContext) -> BenchResult:
     per_size: dict[str, dict[str, Any]] = {}
     lost_total = 0
     try:
+        # DDS first: its discovery (seconds here) runs while the router and receiver start.
+        sender = _Sender()
         router = _Child(['-m', 'cdcca_ros.transport.router', '--certs', str(certs), '--listen',
                          f'tls/127.0.0.1:{port}', '--devices', DEVICE, '--cloud', CLOUD],
-                        'router', ctx.workdir / 'router.err')
+                        'router', ctx.workdir / 'router.err', stop_on_eof=False)
         children.append(router)
         router.wait_line('READY', READY_TIMEOUT_S)
         receiver = _Child(['-m', 'cdcca_ros.bench.link', '--certs', str(certs), '--connect',
@@ -526,7 +541,7 @@ def run(ctx: BenchContext) -> BenchResult:
         children.append(receiver)
         receiver.wait_line('{"ev": "ready"', READY_TIMEOUT_S)
         receipts = _Receipts(receiver)
-        sender = _Sender(connect, certs, ctx.workdir / 'device-spool')
+        sender.connect(connect, certs, ctx.workdir / 'device-spool')
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not sender.ready():
             if time.monotonic() > deadline:

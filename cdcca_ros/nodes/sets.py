@@ -80,7 +80,7 @@ class NodeLaunch:
             # Node-specific: other nodes in the process (uts_node) keep their names.
             args += ['-r', f'{self.executable}:__node:={self.name}']
         if self.namespace:
-            args += ['-r', f'__ns:={self.namespace}']
+            args += ['-r', f'__ns:=/{self.namespace.strip("/")}']
         if self.params_file:
             args += ['--params-file', self.params_file]
         for name, value in self.parameters.items():

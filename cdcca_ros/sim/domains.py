@@ -164,7 +164,7 @@ for _domain in (
                'patterned coloured backgrounds and thin distractor marks'),
         Domain('novel', (('novel_kinds', 0.8), ('novel_colors', 0.6), ('extra_objects', 0.5),
                          ('textures', 0.5)),
-               'new kinds (star, cross), new colours (purple, orange), up to 5-6 objects, '
+               'new kinds (star, cross), new colours (white, black), up to 5-6 objects, '
                'striped/dotted textures'),
 ):
     register_domain(_domain)

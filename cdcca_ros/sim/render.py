@@ -152,7 +152,8 @@ def _draw_object(img: np.ndarray, obj: SceneObject) -> None:
     mask = np.zeros((height, width), dtype=np.uint8)
     cv2.fillPoly(mask, [pts], 255, cv2.LINE_8, _SHIFT)
     inside = (mask > 0) & _texture_mask(width, height, obj.texture)
-    img[inside] = tuple(int(0.4 * c) for c in color)
+    # Darker stripes/dots of the same hue (light ones on dark colours) keep the colour readable.
+    img[inside] = tuple(int(0.55 * c) if sum(color) > 150 else 110 for c in color)
 
 
 def render(scene: Scene, size: tuple[int, int] | int = 64) -> np.ndarray:

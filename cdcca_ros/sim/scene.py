@@ -31,7 +31,7 @@ KINDS: tuple[str, ...] = BASE_KINDS + NOVEL_KINDS
 BASE_COLORS: tuple[str, ...] = ('red', 'green', 'blue', 'yellow')
 """Colours the source domain shows."""
 
-NOVEL_COLORS: tuple[str, ...] = ('purple', 'orange')
+NOVEL_COLORS: tuple[str, ...] = ('white', 'black')
 """Colours that only appear under drift (scene shifts ``novel_colors``, ``extra_objects``)."""
 
 COLORS: dict[str, RGB] = {
@@ -39,8 +39,8 @@ COLORS: dict[str, RGB] = {
     'green': (40, 165, 60),
     'blue': (45, 85, 220),
     'yellow': (240, 205, 35),
-    'purple': (150, 50, 200),
-    'orange': (250, 135, 20),
+    'white': (245, 245, 245),
+    'black': (25, 25, 25),
 }
 """Object colour names and their RGB values (saturated, far apart, so that a cast or fog
 keeps them separable for a model that has seen the cast)."""

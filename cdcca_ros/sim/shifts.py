@@ -310,7 +310,7 @@ def crowding(scene: Scene, strength: float, rng: np.random.Generator) -> Scene:
 
 @register_shift('novel_colors', 'scene')
 def novel_colors(scene: Scene, strength: float, rng: np.random.Generator) -> Scene:
-    """Repaint objects in colours the source never shows (purple, orange), each w.p. strength."""
+    """Repaint objects in colours the source never shows (white, black), each w.p. strength."""
     used = {o.color for o in scene.objects}
     free = [c for c in NOVEL_COLORS if c not in used]
     objects = []

@@ -55,7 +55,7 @@ def test_overrides_are_typed_and_reach_the_command_line():
     cmd = command(camera)
     assert cmd[:3] == [sys.executable, '-m', 'cdcca_ros.nodes.camera_node']
     assert "opencv.device:='0'" in cmd and 'fps:=5.0' in cmd
-    assert 'image_raw:=image' in cmd and '__ns:=robot1' in cmd
+    assert 'image_raw:=image' in cmd and '__ns:=/robot1' in cmd
     assert cmd[cmd.index('--params-file') + 1].endswith('config/camera_node.yaml')
 
 

@@ -46,17 +46,18 @@ def make(pool, seed, dom, n, start=0, chunk=1000):
 
 
 class Net(nn.Module):
-    def __init__(self):
+    def __init__(self, w=1):
         super().__init__()
+        c1, c2, c3, c4 = 16 * w, 32 * w, 48 * w, 16 * w
         self.conv = nn.Sequential(
-            nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 48, 3, 2, 1), nn.BatchNorm2d(48), nn.ReLU())
-        self.emb = nn.EmbeddingBag(len(VOCAB) + 1, 48, mode='mean', padding_idx=0)
-        self.film = nn.Linear(48, 96)
-        self.conv2 = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1), nn.ReLU(),
-                                   nn.Conv2d(48, 16, 1), nn.ReLU())
-        self.head = nn.Sequential(nn.Linear(16 * 64 + 48, 128), nn.ReLU(),
+            nn.Conv2d(3, c1, 3, 2, 1), nn.BatchNorm2d(c1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, 2, 1), nn.BatchNorm2d(c2), nn.ReLU(),
+            nn.Conv2d(c2, c3, 3, 2, 1), nn.BatchNorm2d(c3), nn.ReLU())
+        self.emb = nn.EmbeddingBag(len(VOCAB) + 1, c3, mode='mean', padding_idx=0)
+        self.film = nn.Linear(c3, 2 * c3)
+        self.conv2 = nn.Sequential(nn.Conv2d(c3, c3, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(c3, c4, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(c4 * 64 + c3, 128), nn.ReLU(),
                                   nn.Linear(128, len(ANS)))
 
     def forward(self, x, q):
@@ -68,10 +69,10 @@ class Net(nn.Module):
         return self.head(torch.cat([f, e], 1))
 
 
-def train(data, epochs, bs=128):
+def train(data, epochs, bs=128, width=1):
     x, q, y, _ = (d.to(DEV) for d in data)
     torch.manual_seed(0)
-    net = Net().to(DEV)
+    net = Net(width).to(DEV)
     opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-4)
     steps = epochs * (len(y) // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
@@ -120,7 +121,7 @@ def main():
                 tests[f'{d}/{sname}'] = make(pool, 2, Domain(d, tuple(map(tuple, sh))), n_test)
         print(f'data {time.perf_counter() - t0:.1f}s', flush=True)
         print('source-only:', flush=True)
-        net = train(src, epochs)
+        net = train(src, epochs, width=cfg.get('width', 1))
         for k, v in tests.items():
             show(k, *evaluate(net, *v))
         for sname, doms in settings.items():
@@ -130,7 +131,7 @@ def main():
                       for d, sh in doms.items()]
             mix = tuple(torch.cat([p[k] for p in parts]) for k in range(4))
             print(f'all-domains ({sname}):', flush=True)
-            net = train(mix, epochs)
+            net = train(mix, epochs, width=cfg.get('width', 1))
             for k, v in tests.items():
                 if k == SOURCE or k.endswith('/' + sname):
                     show(k, *evaluate(net, *v))

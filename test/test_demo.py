@@ -1,0 +1,36 @@
+"""The demo runs end to end at a reduced size (one short round) on the embedded default."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {'domain', 'acc_before', 'acc_after', 'uplink_bytes', 'downlink_bytes', 'bits_per_param',
+        'apply_ms'}
+
+
+def test_demo_quick_round_writes_json_and_plot(tmp_path):
+    env = dict(os.environ, HOME=str(tmp_path))  # the nodes' default state dirs stay in tmp
+    out = tmp_path / 'demo'
+    proc = subprocess.run([sys.executable, '-m', 'cdcca_ros.demo', '--quick', '--out', str(out),
+                           '--round-timeout', '300'], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + (
+        (out / 'nodes.log').read_text()[-4000:] if (out / 'nodes.log').exists() else '')
+    result = json.loads((out / 'demo.json').read_text())
+    assert len(result['rounds']) == 1
+    row = result['rounds'][0]
+    assert KEYS <= set(row)
+    assert 0.0 <= row['acc_before'] <= 1.0 and 0.0 <= row['acc_after'] <= 1.0
+    assert row['uplink_bytes'] > 0 and row['downlink_bytes'] > 0
+    assert row['bits_per_param'] > 0 and row['apply_ms'] > 0
+    assert row['model_version'] == 'v1'
+    assert (out / 'demo.png').stat().st_size > 10_000
+    assert 'round' in proc.stdout and 'acc before' in proc.stdout

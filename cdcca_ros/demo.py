@@ -195,6 +195,7 @@ def print_table(rounds: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from sensor_msgs.msg import Image
     from tqdm import tqdm
 
     from cdcca_ros.camera.convert import image_to_msg
@@ -206,7 +207,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from cdcca_ros.transport.certs import create_certificates
     from cdcca_ros.transport.config import RouterConfig
     from cdcca_ros.transport.router import Router
-    from sensor_msgs.msg import Image
 
     out = Path(args.out).absolute()
     work = out / 'work'
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i, domain in enumerate(plan, start=1):
             driver.set_schedule(f'{domain}:100000')
             driver.images.clear()
-            if not driver.spin_until(lambda: driver.latest_frame(domain) is not None, 60.0):
+            if not driver.spin_until(lambda d=domain: driver.latest_frame(d) is not None, 60.0):
                 raise RuntimeError(f'no {domain} frame from the camera')
             acc_before = evaluate(driver, eval_sets[domain], eval_msgs[domain])
             t_before = time.monotonic() - t0
@@ -290,8 +290,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        leave=False)
             deadline = time.monotonic() + args.round_timeout
 
-            def applied():
-                return any(s.state == 'applied' for s in driver.device_status[n_status:])
+            def applied(n=n_status):
+                return any(s.state == 'applied' for s in driver.device_status[n:])
             while not applied():
                 if time.monotonic() > deadline:
                     raise RuntimeError(f'round {i}: no update within {args.round_timeout} s '
@@ -312,8 +312,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.close()
             t_apply = time.monotonic() - t0
             status = next(s for s in driver.device_status[n_status:] if s.state == 'applied')
-            driver.spin_until(lambda: any(s.round == status.round for s in driver.cloud_status),
-                              10.0)
+            driver.spin_until(
+                lambda r=status.round: any(s.round == r for s in driver.cloud_status), 10.0)
             cloud = next((s for s in driver.cloud_status if s.round == status.round), None)
             version += 1
             acc_after = evaluate(driver, eval_sets[domain], eval_msgs[domain])

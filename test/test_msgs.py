@@ -10,10 +10,9 @@ msg = pytest.importorskip('cdcca_ros.msg', reason='package not built: run throug
 srv = pytest.importorskip('cdcca_ros.srv')
 
 from rclpy.serialization import deserialize_message, serialize_message  # noqa: E402
+from ros_graph import spin_until  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from std_msgs.msg import Header  # noqa: E402
-
-from ros_graph import spin_until  # noqa: E402
 
 
 def _header(frame: str = 'camera_color_optical_frame') -> Header:
@@ -143,7 +142,8 @@ def test_publish_subscribe_over_dds(ros_context_pair, name):
     try:
         publisher = pub_node.create_publisher(type(original), 'roundtrip', qos)
         sub_node.create_subscription(type(original), 'roundtrip', received.append, qos)
-        executors = [SingleThreadedExecutor(context=ctx_pub), SingleThreadedExecutor(context=ctx_sub)]
+        executors = [SingleThreadedExecutor(context=ctx_pub),
+                     SingleThreadedExecutor(context=ctx_sub)]
         executors[0].add_node(pub_node)
         executors[1].add_node(sub_node)
         assert spin_until(executors, lambda: publisher.get_subscription_count() > 0, 15.0), \
@@ -174,7 +174,8 @@ def test_service_call_over_dds(ros_context_pair):
 
         server.create_service(srv.Ask, 'ask', handle)
         client = client_node.create_client(srv.Ask, 'ask')
-        executors = [SingleThreadedExecutor(context=ctx_srv), SingleThreadedExecutor(context=ctx_cli)]
+        executors = [SingleThreadedExecutor(context=ctx_srv),
+                     SingleThreadedExecutor(context=ctx_cli)]
         executors[0].add_node(server)
         executors[1].add_node(client_node)
         assert spin_until(executors, client.service_is_ready, 15.0), 'service never discovered'

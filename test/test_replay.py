@@ -60,10 +60,10 @@ def recording(tmp_path: Path):
 @pytest.fixture
 def cloud_subscriber(ros_context):
     """A subscriber in /cloud on uts_tokens (the cloud node's input), spinning in a thread."""
+    from cdcca_ros.msg import UtsTokens
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
 
-    from cdcca_ros.msg import UtsTokens
     from cdcca_ros.nodes.common import RELIABLE_QOS
 
     node = Node('cloud_node', namespace='cloud', context=ros_context)

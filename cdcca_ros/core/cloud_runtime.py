@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdcca_ros.core import dwc, wire
-from cdcca_ros.core.akd import AKDConfig, AKDTrainer, AkdSample
+from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
 from cdcca_ros.core.updates import DeltaEnvelope, seal_delta
 from cdcca_ros.errors import ConfigError, ModelError, WireError
 

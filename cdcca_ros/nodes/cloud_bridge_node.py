@@ -19,7 +19,6 @@ counted; the bridge keeps running.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 

@@ -103,7 +103,8 @@ class Diagnostics:
         self._hardware_id = hardware_id
         self._pub = node.create_publisher(DiagnosticArray, '/diagnostics', 10)
 
-    def publish(self, level: bytes | int, message: str, values: dict[str, Any]) -> DiagnosticStatus:
+    def publish(self, level: bytes | int, message: str,
+                values: dict[str, Any]) -> DiagnosticStatus:
         """Publish a status; ``level`` is DiagnosticStatus.OK/WARN/ERROR/STALE."""
         status = DiagnosticStatus(
             level=level if isinstance(level, bytes) else bytes([level]),

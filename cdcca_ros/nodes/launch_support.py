@@ -5,13 +5,13 @@ ROS 2 install has and the PyPI wheels do not).
 """
 from __future__ import annotations
 
-from launch import LaunchContext, LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from cdcca_ros.nodes.sets import SETS, node_launches
 from cdcca_ros.nodes.tables import TABLES
+from launch import LaunchContext, LaunchDescription
 
 UNSET = '__unset__'
 

@@ -121,10 +121,12 @@ class UtsNode(Node):
             + 4 * len(msg.kept_indices)
         self.counters['tokens_kept'] += len(msg.kept_indices)
         self.counters['tokens_total'] += msg.num_tokens
-        if self.device.params['uts.publish_heatmap'] and self._heatmap_pub.get_subscription_count():
-            heat = variance_heatmap(result.variance.cpu().numpy() if hasattr(
-                result.variance, 'cpu') else np.asarray(result.variance), space.grid,
-                space.has_cls, rgb, kept=np.asarray(result.kept_indices))
+        wanted = self._heatmap_pub.get_subscription_count() > 0
+        if self.device.params['uts.publish_heatmap'] and wanted:
+            variance = (result.variance.cpu().numpy() if hasattr(result.variance, 'cpu')
+                        else np.asarray(result.variance))
+            heat = variance_heatmap(variance, space.grid, space.has_cls, rgb,
+                                    kept=np.asarray(result.kept_indices))
             self._heatmap_pub.publish(image_to_msg(heat, 'rgb8', Image, header=header))
         return msg
 
@@ -132,7 +134,8 @@ class UtsNode(Node):
         values = dict(self.counters)
         values['last_error'] = self._last_error
         if self.counters['tokens_total']:
-            values['kept_fraction'] = f'{self.counters["tokens_kept"] / self.counters["tokens_total"]:.3f}'
+            kept = self.counters['tokens_kept'] / self.counters['tokens_total']
+            values['kept_fraction'] = f'{kept:.3f}'
         self._diag.publish(WARN if self._last_error else OK,
                            'selecting' if self.device.ready else 'waiting for the model', values)
 

@@ -2,8 +2,15 @@
 
 Pure numpy + OpenCV; importing it loads neither torch nor rclpy.
 """
-from cdcca_ros.sim.domains import (DRIFTED, SOURCE, Domain, DomainSchedule, domain_names,
-                                   get_domain, register_domain)
+from cdcca_ros.sim.domains import (
+                                   DRIFTED,
+                                   SOURCE,
+                                   Domain,
+                                   DomainSchedule,
+                                   domain_names,
+                                   get_domain,
+                                   register_domain,
+)
 from cdcca_ros.sim.questions import QTYPES, Question, answer_space, vocabulary
 from cdcca_ros.sim.scoring import mc_accuracy, normalize_answer, vqa_accuracy
 from cdcca_ros.sim.shifts import register_shift, shift_names

@@ -90,7 +90,7 @@ class Domain:
                                               np.random.default_rng(int(seed)))
         return image
 
-    def blend(self, other: 'Domain', weight: float) -> 'Domain':
+    def blend(self, other: Domain, weight: float) -> Domain:
         """Linear mix: strength ``(1 - weight) * self + weight * other`` for every shift.
 
         Raises:
@@ -224,7 +224,7 @@ class DomainSchedule:
                 f'shortest segment ({shortest})')
 
     @classmethod
-    def parse(cls, text: str) -> 'DomainSchedule':
+    def parse(cls, text: str) -> DomainSchedule:
         """Parse ``'name:duration,...[;unit=s|frames][;blend=X][;loop=true|false]'``.
 
         Raises:

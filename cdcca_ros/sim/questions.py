@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cdcca_ros.errors import ConfigError
-from cdcca_ros.sim.scene import (BASE_COLORS, BASE_KINDS, COLORS, COLUMNS, KINDS, MAX_OBJECTS,
-                                 Scene)
+from cdcca_ros.sim.scene import BASE_COLORS, BASE_KINDS, COLORS, COLUMNS, KINDS, MAX_OBJECTS, Scene
 
 QTYPES: tuple[str, ...] = ('color', 'shape', 'count', 'exist', 'position')
 

@@ -7,7 +7,7 @@ when the prediction (an index, or text that normalises to one of the choices) is
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from cdcca_ros.errors import ConfigError
 

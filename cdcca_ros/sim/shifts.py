@@ -20,15 +20,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import cv2
 import numpy as np
 
 from cdcca_ros.errors import ConfigError
-from cdcca_ros.sim.scene import (BASE_COLORS, COLORS, GRID, KINDS, NOVEL_COLORS, NOVEL_KINDS, RGB,
-                                 SIZES, TEXTURES, Background, Clutter, Scene, SceneObject)
+from cdcca_ros.sim.scene import (
+    BASE_COLORS,
+    COLORS,
+    GRID,
+    KINDS,
+    NOVEL_COLORS,
+    NOVEL_KINDS,
+    RGB,
+    SIZES,
+    TEXTURES,
+    Background,
+    Clutter,
+    Scene,
+    SceneObject,
+)
 
 Stage = Literal['scene', 'image']
 SceneShiftFn = Callable[[Scene, float, np.random.Generator], Scene]

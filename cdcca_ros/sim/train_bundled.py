@@ -32,14 +32,13 @@ is written to ``accuracy.json`` together with what it was measured on.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +51,6 @@ from cdcca_ros.sim.scene import COLORS, KINDS, MAX_OBJECTS, Scene
 from cdcca_ros.sim.world import World
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
     from torch import Tensor, nn
 
     from cdcca_ros.models.base import MLLM, TrainableConfig

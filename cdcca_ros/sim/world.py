@@ -7,8 +7,8 @@ the order of the calls, or on the image size (the same scene and question at 64x
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 

@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tiny_models import QUESTION, random_images, red_teacher_and_student
 
 from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
@@ -18,8 +19,6 @@ from cdcca_ros.core.updates import DeltaEnvelope, seal_delta
 from cdcca_ros.core.uts import UtsConfig, UtsPipeline, unpack_tokens
 from cdcca_ros.core.wire import generate_keypair
 from cdcca_ros.errors import DeltaRejectedError, WireError
-
-from tiny_models import QUESTION, random_images, red_teacher_and_student
 
 
 @pytest.fixture(scope='module', autouse=True)

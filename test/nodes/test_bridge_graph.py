@@ -12,9 +12,8 @@ import pytest
 
 pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
 
-from rclpy.parameter import Parameter  # noqa: E402
-
 from conftest import Spinner  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
 from ros_graph import spin_until  # noqa: E402
 
 
@@ -26,10 +25,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def link_graph(ros_context_pair, tmp_path):
+    from cdcca_ros.msg import DwcDelta, UtsTokens
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
 
-    from cdcca_ros.msg import DwcDelta, UtsTokens
     from cdcca_ros.nodes.cloud_bridge_node import CloudBridgeNode
     from cdcca_ros.nodes.common import DELTA_QOS, RELIABLE_QOS
     from cdcca_ros.transport.certs import create_certificates

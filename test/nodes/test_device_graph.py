@@ -7,9 +7,8 @@ import pytest
 
 pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
 
-from rclpy.parameter import Parameter  # noqa: E402
-
 from conftest import Spinner  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
 from ros_graph import spin_until  # noqa: E402
 
 
@@ -21,15 +20,15 @@ def _call(node, executor, client, request, timeout=60.0):
 
 @pytest.fixture
 def device_graph(ros_context_pair, tiny_student_dir, tmp_path):
+    from cdcca_ros.msg import Answer, UtsTokens
+    from cdcca_ros.srv import Ask
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
 
-    from cdcca_ros.msg import Answer, UtsTokens
     from cdcca_ros.nodes.camera_node import CameraNode
     from cdcca_ros.nodes.device_node import DeviceNode
     from cdcca_ros.nodes.uts_node import UtsNode
-    from cdcca_ros.srv import Ask
-    from diagnostic_msgs.msg import DiagnosticArray
 
     ctx_robot, ctx_client = ros_context_pair
     camera = CameraNode(context=ctx_robot, parameter_overrides=[
@@ -107,9 +106,8 @@ def test_ask_answers_about_the_latest_frame_and_uts_uplinks(device_graph):
 
 @pytest.mark.parametrize('bad', ['wrong_size', 'unknown_encoding', 'zero_size'])
 def test_malformed_image_is_rejected_and_node_keeps_serving(device_graph, bad):
-    from sensor_msgs.msg import Image
-
     from cdcca_ros.srv import Ask
+    from sensor_msgs.msg import Image
 
     g = device_graph
     image = Image(height=48, width=64, encoding='rgb8', step=64 * 3, data=bytes(64 * 3 * 48))

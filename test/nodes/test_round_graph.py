@@ -10,9 +10,8 @@ import pytest
 
 pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
 
-from rclpy.parameter import Parameter  # noqa: E402
-
 from conftest import Spinner  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
 from ros_graph import spin_until  # noqa: E402
 from tiny_models import QUESTION, random_images, red_teacher_and_student  # noqa: E402
 
@@ -33,6 +32,8 @@ def _image_msg(rgb):
 
 
 def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tmp_path):
+    from cdcca_ros.msg import AdaptationStatus, DwcDelta
+    from cdcca_ros.srv import Ask, Rollback
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
 
@@ -41,12 +42,10 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
     from cdcca_ros.core.device_runtime import DeviceRuntime
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.models import bundled
-    from cdcca_ros.msg import AdaptationStatus, DwcDelta
     from cdcca_ros.nodes.cloud_node import CloudNode
     from cdcca_ros.nodes.delta_msgs import envelope_to_msgs
     from cdcca_ros.nodes.device_node import DeviceNode
     from cdcca_ros.nodes.uts_node import UtsNode
-    from cdcca_ros.srv import Ask, Rollback
 
     teacher, student_dir, images = models
     private, public = generate_keypair()

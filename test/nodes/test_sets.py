@@ -91,8 +91,9 @@ def test_launch_files_produce_the_runner_nodes(name):
     pytest.importorskip('launch_ros', reason='ROS 2 launch is not installed (PyPI wheels)')
     import importlib.util
 
-    from launch import LaunchContext
     from launch.actions import DeclareLaunchArgument, OpaqueFunction
+
+    from launch import LaunchContext
 
     spec = importlib.util.spec_from_file_location('lf', REPO / 'launch' / f'{name}.launch.py')
     module = importlib.util.module_from_spec(spec)

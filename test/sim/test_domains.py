@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 
 from cdcca_ros.errors import ConfigError
-from cdcca_ros.sim.domains import (DRIFTED, SOURCE, Domain, DomainSchedule, Segment,
-                                   domain_names, get_domain)
+from cdcca_ros.sim.domains import (
+    DRIFTED,
+    SOURCE,
+    Domain,
+    DomainSchedule,
+    Segment,
+    domain_names,
+    get_domain,
+)
 
 
 def test_builtin_domains() -> None:

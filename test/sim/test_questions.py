@@ -8,9 +8,18 @@ import pytest
 
 from cdcca_ros.errors import ConfigError
 from cdcca_ros.sim.domains import DRIFTED, SOURCE
-from cdcca_ros.sim.questions import (ANSWER_POOLS, NUM_CHOICES, QTYPES, Question, answer_space,
-                                     ask, format_mc_prompt, reference_answers, tokenize,
-                                     vocabulary)
+from cdcca_ros.sim.questions import (
+    ANSWER_POOLS,
+    NUM_CHOICES,
+    QTYPES,
+    Question,
+    answer_space,
+    ask,
+    format_mc_prompt,
+    reference_answers,
+    tokenize,
+    vocabulary,
+)
 from cdcca_ros.sim.scene import Scene, SceneObject
 from cdcca_ros.sim.world import World
 

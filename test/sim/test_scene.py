@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from cdcca_ros.errors import ConfigError
-from cdcca_ros.sim.scene import (BASE_KINDS, COLORS, GRID, Background, Scene, SceneConfig,
-                                 SceneObject, sample_scene)
+from cdcca_ros.sim.scene import (
+    BASE_KINDS,
+    COLORS,
+    GRID,
+    Background,
+    Scene,
+    SceneConfig,
+    SceneObject,
+    sample_scene,
+)
 
 
 @pytest.mark.parametrize('kwargs', [

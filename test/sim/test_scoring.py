@@ -4,8 +4,14 @@ from __future__ import annotations
 import pytest
 
 from cdcca_ros.errors import ConfigError
-from cdcca_ros.sim.scoring import (choice_index, mc_accuracy, mean_mc_accuracy,
-                                   mean_vqa_accuracy, normalize_answer, vqa_accuracy)
+from cdcca_ros.sim.scoring import (
+    choice_index,
+    mc_accuracy,
+    mean_mc_accuracy,
+    mean_vqa_accuracy,
+    normalize_answer,
+    vqa_accuracy,
+)
 
 
 @pytest.mark.parametrize('raw, norm', [

@@ -126,6 +126,15 @@ class McapRecorder:
         self.close()
 
 
+def _zstd_error() -> type[Exception]:
+    """zstandard's error type (a corrupted compressed chunk), or a placeholder."""
+    try:
+        from zstandard import ZstdError
+    except ImportError:  # pragma: no cover - mcap installs zstandard
+        return ValueError
+    return ZstdError
+
+
 def read_recording(path: str | Path, topics: Iterable[str] | None = None
                    ) -> Iterator[RecordedMessage]:
     """Yield the messages of an MCAP file in log-time order.
@@ -138,13 +147,13 @@ def read_recording(path: str | Path, topics: Iterable[str] | None = None
 
     try:
         with open(path, 'rb') as f:
-            reader = make_reader(f)
+            reader = make_reader(f, validate_crcs=True)
             for schema, channel, message in reader.iter_messages(
                     topics=list(topics) if topics is not None else None):
                 yield RecordedMessage(channel.topic, schema.name if schema else '',
                                       bytes(message.data), message.log_time,
                                       message.publish_time, message.sequence)
-    except (McapError, EOFError, ValueError, struct.error) as err:
+    except (McapError, EOFError, ValueError, struct.error, _zstd_error()) as err:
         raise WireError(f'recording {path} cannot be read: {type(err).__name__}: {err}') \
             from err
 
@@ -160,7 +169,7 @@ def decode_recording(path: str | Path, topics: Iterable[str] | None = None
     factory = DecoderFactory()
     try:
         with open(path, 'rb') as f:
-            reader = make_reader(f)
+            reader = make_reader(f, validate_crcs=True)
             for schema, channel, message in reader.iter_messages(
                     topics=list(topics) if topics is not None else None):
                 decoder = factory.decoder_for(channel.message_encoding, schema)
@@ -168,7 +177,7 @@ def decode_recording(path: str | Path, topics: Iterable[str] | None = None
                 yield (RecordedMessage(channel.topic, schema.name if schema else '',
                                        bytes(message.data), message.log_time,
                                        message.publish_time, message.sequence), value)
-    except (McapError, EOFError, ValueError, struct.error) as err:
+    except (McapError, EOFError, ValueError, struct.error, _zstd_error()) as err:
         raise WireError(f'recording {path} cannot be decoded: {type(err).__name__}: {err}') \
             from err
 

@@ -1,4 +1,4 @@
-"""The drifting synthetic world: scenes, questions, drifting domains, scoring, bundled-model recipe.
+"""The drifting synthetic world: scenes, questions, drifting domains, scoring, model recipe.
 
 Pure numpy + OpenCV; importing it loads neither torch nor rclpy.
 """

@@ -156,14 +156,14 @@ DRIFTED: tuple[str, ...] = ('fog', 'night', 'clutter', 'novel')
 
 for _domain in (
         Domain(SOURCE, (), 'clean: plain grey background, solid shapes, daylight'),
-        Domain('fog', (('fog', 0.85), ('blur', 0.5)),
-               'dense haze and soft focus: low contrast, washed-out colours'),
-        Domain('night', (('dark', 0.8), ('color_cast', 0.8), ('noise', 0.4)),
+        Domain('fog', (('fog', 0.75), ('blur', 0.4)),
+               'haze and soft focus: low contrast, washed-out colours'),
+        Domain('night', (('dark', 0.65), ('color_cast', 0.65), ('noise', 0.3)),
                'low light with a blue-green cast and sensor noise'),
-        Domain('clutter', (('textured_background', 0.9), ('distractors', 0.8)),
+        Domain('clutter', (('textured_background', 0.7), ('distractors', 0.6)),
                'patterned coloured backgrounds and thin distractor marks'),
-        Domain('novel', (('novel_kinds', 0.8), ('novel_colors', 0.6), ('extra_objects', 0.5),
-                         ('textures', 0.5)),
+        Domain('novel', (('novel_kinds', 0.8), ('novel_colors', 0.5), ('extra_objects', 0.5),
+                         ('textures', 0.3)),
                'new kinds (star, cross), new colours (white, black), up to 5-6 objects, '
                'striped/dotted textures'),
 ):

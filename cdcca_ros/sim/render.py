@@ -111,7 +111,7 @@ def _draw_background(img: np.ndarray, bg: Background) -> None:
     w = _pattern_weight(bg, width, height)
     base = np.asarray(bg.color, dtype=np.float32)
     other = np.asarray(bg.pattern_color, dtype=np.float32)
-    img[:] = np.clip(base + w * (other - base) + 0.5, 0, 255).astype(np.uint8)
+    img[:] = (base + w * (other - base) + 0.5).astype(np.uint8)  # convex mix: in range
 
 
 def _px(points: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -239,7 +239,8 @@ class SceneConfig:
             raise ConfigError(f'SceneConfig colors {unknown} are not in {tuple(COLORS)}')
         lo, hi = self.gray_range
         if not 0 <= lo <= hi <= 255:
-            raise ConfigError(f'SceneConfig gray_range {self.gray_range} must be 0 <= lo <= hi <= 255')
+            raise ConfigError(
+                f'SceneConfig gray_range {self.gray_range} must be 0 <= lo <= hi <= 255')
         if not 0.0 <= self.jitter <= 1.0 / (2 * GRID) - max(SIZES.values()):
             raise ConfigError(
                 f'SceneConfig jitter={self.jitter} would push objects out of their cells')

@@ -10,8 +10,16 @@ import pytest
 from cdcca_ros.errors import ConfigError
 from cdcca_ros.sim import shifts
 from cdcca_ros.sim.domains import Domain, register_domain, unregister_domain
+from cdcca_ros.sim.questions import ask
 from cdcca_ros.sim.render import render
-from cdcca_ros.sim.scene import Scene, SceneObject
+from cdcca_ros.sim.scene import (
+    BASE_COLORS,
+    BASE_KINDS,
+    NOVEL_COLORS,
+    NOVEL_KINDS,
+    Scene,
+    SceneObject,
+)
 from cdcca_ros.sim.world import World
 
 SCENE = Scene((SceneObject('circle', 'red', cell=(0, 0)),
@@ -38,7 +46,24 @@ def test_scene_shift_changes_scene_and_image(name: str) -> None:
     out = shifts.apply_scene_shift(name, SCENE, 1.0, np.random.default_rng(3))
     assert isinstance(out, Scene) and out != SCENE
     assert (render(out, 64) != render(SCENE, 64)).any()
-    assert [o.color for o in out.objects] == [o.color for o in SCENE.objects]
+    assert len(out.objects) >= len(SCENE.objects)
+
+
+def test_extra_objects_and_novel_concepts_reach_questions() -> None:
+    full = Scene(tuple(SceneObject(k, c, cell=(0, i)) if i < 3 else
+                       SceneObject(k, c, cell=(1, 0))
+                       for i, (k, c) in enumerate(zip(BASE_KINDS, BASE_COLORS))))
+    counts = set()
+    for seed in range(20):
+        out = shifts.apply_scene_shift('extra_objects', full, 1.0, np.random.default_rng(seed))
+        counts.add(len(out.objects))
+        assert {o.kind for o in out.objects[4:]} <= set(NOVEL_KINDS)
+        assert {o.color for o in out.objects[4:]} <= set(NOVEL_COLORS)
+        assert ask(out, np.random.default_rng(seed), 'count').answer == str(len(out.objects))
+    assert counts == {4, 5, 6}
+    recoloured = shifts.apply_scene_shift('novel_colors', full, 1.0, np.random.default_rng(0))
+    assert sorted(o.color for o in recoloured.objects if o.color in NOVEL_COLORS) == \
+        sorted(NOVEL_COLORS)
 
 
 def test_strength_is_monotone_for_fog_and_dark() -> None:

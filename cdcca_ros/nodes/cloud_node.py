@@ -195,8 +195,12 @@ class CloudNode(Node):
             accuracy_before=result.agreement_before, accuracy_after=result.agreement_after)
         status.header.stamp = stamp
         self._status_pub.publish(status)
+        first = result.losses[0] if result.losses else {}
         self.get_logger().info(
-            f'round {result.round} for {device_id!r}: {result.samples} samples, teacher '
+            f'round {result.round} for {device_id!r}: L_total {first.get("total", 0):.3f} -> '
+            f'{last.get("total", 0):.3f} (query {last.get("query", 0):.3f}, repr '
+            f'{last.get("repr", 0):.3f}, ce {last.get("ce", 0):.3f}) over {len(result.losses)} '
+            f'steps; {result.samples} samples, teacher '
             f'agreement {result.agreement_before:.2f} -> {result.agreement_after:.2f}, delta '
             f'{result.stats.nbytes} B ({result.stats.bits_per_param:.2f} bit/param)')
         return result

@@ -117,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--out', type=Path, required=True, help='JSON file to write')
     parser.add_argument('--n', type=int, default=200, help='samples per domain (default 200)')
     parser.add_argument('--seed', type=int, default=0, help='world seed (default 0)')
+    parser.add_argument('--image-size', type=int, default=48,
+                        help='side of the rendered images (default 48, the bundled models\' '
+                             'own resolution; any size works, the models resize)')
     parser.add_argument('--start', type=int, default=EVAL_START,
                         help=f'first sample index per domain (default {EVAL_START})')
     parser.add_argument('--teacher', default='bundled:teacher', help='teacher model spec')
@@ -129,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cdcca_ros.models.bundled import load
 
     torch.set_num_threads(args.threads)
-    spec = EvalSpec(seed=args.seed, n=args.n, start=args.start)
+    spec = EvalSpec(seed=args.seed, n=args.n, start=args.start, image_size=args.image_size)
     models = {'teacher': load(args.teacher), 'student': load(args.student)}
     table = evaluate_models(models, spec, progress=True)
     print(format_table(table, SOURCE))

@@ -6,28 +6,34 @@ writes ``teacher/``, ``student/`` and ``accuracy.json`` into ``DIR`` (default: t
 (:func:`cdcca_ros.models.build_tiny`) and saved with :meth:`MLLM.save`, so they load with
 ``load_model(dir)`` and answer through ``answer()``/``answer_from_tokens()`` like any other.
 
-Three stages, because a tiny BLIP-2 trained end to end from scratch learns colour fast but
-shape slowly and unstably (getting spatial detail through the queries is the hard part):
+A tiny BLIP-2 trained end to end from scratch learns colour fast but shape slowly, and the
+language model binds question words to image content only after a long plateau. What makes
+it fast and stable here, stage by stage:
 
-1. **Vision.** The teacher's ViT is trained alone with linear heads on scene attributes: per
-   patch, the kind and colour of the object under the patch centre; on the CLS token, the
-   number of objects. Every token then carries what is in its patch, and the Q-Former only has
-   to learn where to look. The heads are per domain (one set per domain), so the encoder is
-   not forced to map a foggy red triangle onto the same features as a clean one: like a real
-   pretrained encoder it represents each condition in its own way, and a reader trained on
-   one condition does not transfer for free. The ViT is frozen after this stage and shared
-   with the student (same weights, same vision-token space).
-2. **Teacher bridge.** Q-Former, projection and OPT language model of the teacher learn to
-   answer on every domain, from cached vision tokens (the frozen ViT runs once per image),
-   with one question of each type per image (balanced types), AdamW with warm-up and cosine
-   decay, and the best checkpoint on a held-out validation set kept.
-3. **Student bridge.** A smaller Q-Former (half the layers) and language model over the same
-   ViT learn the same way on the source domain only. Its trainable set (LoRA on the language
-   model and on the Q-Former's query/key/value, norms, biases, query tokens) is configured
-   before saving, so the cloud can adapt it with AKD.
+1. **Vision (shared).** 48 px images in 16 px patches: the 3x3 patch grid is the world's 3x3
+   scene grid, so one object lies in one patch and its shape is a local pattern. The ViT
+   (0.02 init) is trained alone with linear probes: per patch, the kind and colour of the
+   object covering most of it and the patch's own cell (keeps positions in the tokens); on
+   CLS, the number of objects. It sees clean images of every object category (domains
+   ``source`` and ``novel``) but none of the imaging shifts (fog, night, clutter), like a
+   pretrained encoder that meets conditions it was not tuned for; then it is frozen and
+   shared by both models (same weights, same vision-token space).
+2. **Teacher bridge.** The Q-Former, projection and OPT language model learn to answer on
+   every domain from cached vision tokens, one question of each type per image (balanced),
+   AdamW with warm-up and cosine decay, the best checkpoint on held-out validation kept.
+   Two auxiliary probes break the binding plateau (:func:`train_bridge`): each query
+   describes one fixed subject (a colour or a kind, :data:`SLOTS`), and after the language
+   model's first layer each subject word of the question holds what its query says.
+3. **Student bridge.** Half the Q-Former layers and a narrower language model over the same
+   ViT, trained the same way on the source domain only. Its trainable set (LoRA on the
+   language model and on the Q-Former's query/key/value, norms, biases, query tokens) is
+   configured before saving, so the cloud can adapt it with AKD.
 
-Everything is seeded; the accuracy table of both models on held-out samples of every domain
-is written to ``accuracy.json`` together with what it was measured on.
+The student does well on the source and poorly under drift; the teacher does well on every
+domain; and distilling the teacher into the student's trainable set on a few hundred
+drifted samples recovers much of the gap. ``accuracy.json`` records all three (accuracy on
+held-out samples of every domain, and the before/after of :func:`adaptation_check`) with
+the seed and the sample ranges they were measured on.
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,12 +72,42 @@ TRAIN_START = 0
 VAL_START = 500_000
 EVAL_START = 1_000_000
 
+SLOTS: tuple[str, ...] = tuple(COLORS) + KINDS
+"""What each of the first query tokens is trained to describe (see :func:`slot_targets`)."""
+
 STUDENT_LORA_TARGETS: tuple[str, ...] = (
     'q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2', 'query', 'key', 'value')
 """LoRA on the OPT language model and on the Q-Former's self- and cross-attention."""
 
 
 # --- configuration ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AdaptSpec:
+    """The adaptability check: AKD of the student on teacher pseudo-labels of one domain.
+
+    Attributes:
+        domain: The drifted domain.
+        samples: Uplinked samples (tokens + question, no answer) the cloud distils on.
+        steps: AKD optimiser steps.
+        batch_size: Samples per step.
+        lr: AdamW learning rate of the trainable set.
+        eval_images: Held-out images per domain for the before/after accuracy.
+    """
+
+    domain: str = 'night'
+    samples: int = 300
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 3e-3
+    eval_images: int = 200
+
+    def __post_init__(self) -> None:
+        if self.domain not in DRIFTED:
+            raise ConfigError(f'AdaptSpec.domain must be one of {DRIFTED}, got {self.domain!r}')
+        if min(self.samples, self.steps, self.batch_size, self.eval_images) < 1 or self.lr <= 0:
+            raise ConfigError(f'AdaptSpec numbers must be positive, got {self}')
+
+
 @dataclass(frozen=True)
 class BridgeSizes:
     """Sizes of the part above the shared ViT (Q-Former, projection, OPT)."""
@@ -82,7 +118,7 @@ class BridgeSizes:
     lm_hidden: int
     lm_layers: int
     lm_heads: int
-    num_query_tokens: int = 10
+    num_query_tokens: int = len(SLOTS)
     dropout: float = 0.05
 
     def __post_init__(self) -> None:
@@ -90,6 +126,9 @@ class BridgeSizes:
                      'lm_layers', 'lm_heads', 'num_query_tokens'):
             if getattr(self, name) < 1:
                 raise ConfigError(f'BridgeSizes.{name} must be >= 1, got {getattr(self, name)}')
+        if self.num_query_tokens < len(SLOTS):
+            raise ConfigError(f'BridgeSizes.num_query_tokens={self.num_query_tokens} must be >= '
+                              f'{len(SLOTS)} (one query per slot: {SLOTS})')
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f'BridgeSizes.dropout must be in [0, 1), got {self.dropout}')
 
@@ -148,9 +187,14 @@ class Recipe:
         vision: Vision-stage optimisation.
         teacher_stage: Teacher-bridge optimisation.
         student_stage: Student-bridge optimisation.
-        per_domain_heads: One set of vision-stage heads per domain (see the module docstring).
+        per_domain_heads: One set of vision-stage heads per domain.
+        vision_domains: Domains the shared ViT is trained on (see the module docstring).
+        slot_weight: Weight of the query-slot probe (see :func:`train_bridge`).
+        read_weight: Weight of the word-reads-its-slot probe (see :func:`train_bridge`).
         lora_r: Rank of the student's LoRA.
         lora_alpha: LoRA scaling numerator.
+        adapt: Settings of the adaptability check recorded in ``accuracy.json``.
+        adapt_domains: Drifted domains the check runs on (empty: none).
     """
 
     seed: int = 0
@@ -163,19 +207,23 @@ class Recipe:
         qformer_hidden=64, qformer_layers=2, qformer_heads=4, lm_hidden=64, lm_layers=2,
         lm_heads=4))
     student: BridgeSizes = field(default_factory=lambda: BridgeSizes(
-        qformer_hidden=48, qformer_layers=1, qformer_heads=4, lm_hidden=48, lm_layers=1,
+        qformer_hidden=48, qformer_layers=1, qformer_heads=4, lm_hidden=48, lm_layers=2,
         lm_heads=4))
     teacher_images: int = 2000
     student_images: int = 3000
     val_images: int = 100
     eval_images: int = 200
-    vision: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, lr=2e-3))
-    teacher_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=2e-3))
-    student_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=4, lr=2e-3))
+    vision: StageConfig = field(default_factory=lambda: StageConfig(epochs=8, lr=3e-3))
+    teacher_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=3, lr=3e-3))
+    student_stage: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=3e-3))
     per_domain_heads: bool = True
+    vision_domains: tuple[str, ...] = (SOURCE, 'novel')
     slot_weight: float = 1.0
+    read_weight: float = 1.0
     lora_r: int = 8
     lora_alpha: int = 16
+    adapt: AdaptSpec = field(default_factory=lambda: AdaptSpec())
+    adapt_domains: tuple[str, ...] = DRIFTED
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -186,14 +234,24 @@ class Recipe:
         for name in ('teacher_images', 'student_images', 'val_images', 'eval_images'):
             if getattr(self, name) < 1:
                 raise ConfigError(f'Recipe.{name} must be >= 1, got {getattr(self, name)}')
+        unknown = [d for d in (*self.vision_domains, *self.adapt_domains) if d not in DOMAINS]
+        if unknown or not self.vision_domains:
+            raise ConfigError(f'Recipe: domains {unknown} are not in {DOMAINS} (and '
+                              f'vision_domains={self.vision_domains} must not be empty)')
+        if self.teacher.num_query_tokens != self.student.num_query_tokens:
+            raise ConfigError(
+                f'Recipe: teacher num_query_tokens={self.teacher.num_query_tokens} and student '
+                f'num_query_tokens={self.student.num_query_tokens} differ (AKD aligns them)')
 
     @classmethod
     def quick(cls, seed: int = 0) -> Recipe:
         """A few-minute smoke run: same stages, far less data (accuracy well below target)."""
         return cls(seed=seed, teacher_images=300, student_images=400, val_images=30,
-                   eval_images=40, vision=StageConfig(epochs=2, lr=2e-3, evals=2),
-                   teacher_stage=StageConfig(epochs=1, lr=2e-3, evals=2),
-                   student_stage=StageConfig(epochs=1, lr=2e-3, evals=2))
+                   eval_images=40, vision=StageConfig(epochs=2, lr=3e-3, evals=2),
+                   teacher_stage=StageConfig(epochs=1, lr=3e-3, evals=2),
+                   student_stage=StageConfig(epochs=1, lr=3e-3, evals=2),
+                   adapt=AdaptSpec(samples=64, steps=10, eval_images=40),
+                   adapt_domains=('night',))
 
     def trainable_config(self) -> TrainableConfig:
         """The student's saved trainable set (what AKD adapts on the cloud)."""
@@ -292,13 +350,16 @@ def patch_targets(scenes: Sequence[Scene], grid: int, image_size: int,
 class _AuxHeads:
     """Linear probes of the vision stage (a set per domain, or one shared set)."""
 
-    def __init__(self, dim: int, sets: int) -> None:
+    def __init__(self, dim: int, sets: int, patches: int) -> None:
         from torch import nn
 
         self.kind = nn.ModuleList(nn.Linear(dim, 1 + len(KINDS)) for _ in range(sets))
         self.color = nn.ModuleList(nn.Linear(dim, 1 + len(COLORS)) for _ in range(sets))
         self.count = nn.ModuleList(nn.Linear(dim, MAX_OBJECTS) for _ in range(sets))
-        self.modules = nn.ModuleList([self.kind, self.color, self.count])
+        # Where each patch is: nothing above needs it, so without this probe the tokens lose
+        # their (tiny, 0.02-initialised) position embeddings and 'where is ...?' is unanswerable.
+        self.cell = nn.Linear(dim, patches)
+        self.modules = nn.ModuleList([self.kind, self.color, self.count, self.cell])
 
     def loss(self, hidden: Tensor, head: Tensor, kinds: Tensor, colors: Tensor,
              counts: Tensor) -> tuple[Tensor, dict[str, tuple[int, int]]]:
@@ -310,8 +371,11 @@ class _AuxHeads:
         import torch
         from torch.nn import functional as F
 
-        total = hidden.new_zeros(())
-        hits = {'kind': [0, 0], 'color': [0, 0], 'count': [0, 0]}
+        cell_logits = self.cell(hidden[:, 1:])
+        cells = torch.arange(cell_logits.shape[1]).expand(cell_logits.shape[:2])
+        total = F.cross_entropy(cell_logits.flatten(0, 1), cells.flatten()) * hidden.shape[0]
+        hits = {'kind': [0, 0], 'color': [0, 0], 'count': [0, 0],
+                'cell': [int((cell_logits.argmax(-1) == cells).sum()), cells.numel()]}
         for h in torch.unique(head).tolist():
             rows = head == h
             patches, cls = hidden[rows, 1:], hidden[rows, 0]
@@ -363,7 +427,7 @@ def train_vision(model: MLLM, train: ImageSet, val: ImageSet, recipe: Recipe,
     grid = recipe.image_size // recipe.patch_size
     sets = len(DOMAINS) if recipe.per_domain_heads else 1
     torch.manual_seed(recipe.seed + 11)
-    heads = _AuxHeads(vit.config.hidden_size, sets)
+    heads = _AuxHeads(vit.config.hidden_size, sets, grid * grid)
     mean, std = _normalizer(model)
 
     def tensors(data: ImageSet) -> tuple[Tensor, ...]:
@@ -373,6 +437,9 @@ def train_vision(model: MLLM, train: ImageSet, val: ImageSet, recipe: Recipe,
         return (torch.from_numpy(data.images), torch.from_numpy(kinds),
                 torch.from_numpy(colors), torch.from_numpy(counts), torch.from_numpy(head))
 
+    keep = [DOMAINS.index(d) for d in recipe.vision_domains]
+    train, val = (_subset_images(d, np.flatnonzero(np.isin(d.domains, keep)))
+                  for d in (train, val))
     tr, va = tensors(train), tensors(val)
     params = list(vit.parameters()) + list(heads.modules.parameters())
     for p in vit.parameters():
@@ -386,7 +453,7 @@ def train_vision(model: MLLM, train: ImageSet, val: ImageSet, recipe: Recipe,
 
     def evaluate() -> dict[str, float]:
         vit.eval()
-        sums = {'kind': [0, 0], 'color': [0, 0], 'count': [0, 0]}
+        sums = {'kind': [0, 0], 'color': [0, 0], 'count': [0, 0], 'cell': [0, 0]}
         with torch.no_grad():
             for s in range(0, len(va[0]), 256):
                 part = [t[s:s + 256] for t in va]
@@ -433,10 +500,6 @@ def train_vision(model: MLLM, train: ImageSet, val: ImageSet, recipe: Recipe,
 
 
 # --- query slots -----------------------------------------------------------------------------
-SLOTS: tuple[str, ...] = tuple(COLORS) + KINDS
-"""What each of the first query tokens is trained to describe (see :func:`slot_targets`)."""
-
-
 def slot_targets(scenes: Sequence[Scene]) -> np.ndarray:
     """Per image and slot: ``[attribute, column]`` of the object the slot names (0: absent).
 
@@ -473,14 +536,43 @@ class _SlotHeads:
 
     def loss(self, query: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy over slots; ``query`` ``[B, L, C]``, ``targets`` ``[B, S, 2]``."""
+        import torch
+
+        n = len(SLOTS)
+        slot = torch.arange(n).expand(query.shape[0], n)
+        return self.flat_loss(query[:, :n].flatten(0, 1), slot.flatten(), targets.flatten(0, 1))
+
+    def flat_loss(self, x: Tensor, slot: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of features ``x`` ``[K, C]`` describing slots ``slot`` ``[K]``."""
         from torch.nn import functional as F
 
-        nc = len(COLORS)
-        q = query[:, :len(SLOTS)]
-        loss = F.cross_entropy(self.kind(q[:, :nc]).flatten(0, 1), targets[:, :nc, 0].flatten())
-        loss = loss + F.cross_entropy(self.color(q[:, nc:]).flatten(0, 1),
-                                      targets[:, nc:, 0].flatten())
-        return loss + F.cross_entropy(self.column(q).flatten(0, 1), targets[:, :, 1].flatten())
+        by_color = slot < len(COLORS)
+        loss = F.cross_entropy(self.column(x), targets[:, 1])
+        if bool(by_color.any()):
+            loss = loss + F.cross_entropy(self.kind(x[by_color]), targets[by_color, 0])
+        if bool((~by_color).any()):
+            loss = loss + F.cross_entropy(self.color(x[~by_color]), targets[~by_color, 0])
+        return loss
+
+
+def subject_positions(model: MLLM, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Where the colour/kind words of each question sit and which slot each names.
+
+    Returns:
+        ``(from_end, slot)``, both ``[M, 2]`` (-1: none): ``from_end`` counts prompt tokens
+        from the word to the end of the prompt, so the word's position in a left-padded
+        training row is ``S - answer_length - from_end``.
+    """
+    vocab = {model.tokenizer.convert_tokens_to_ids(w): j for j, w in enumerate(SLOTS)}
+    from_end = np.full((len(questions), 2), -1, dtype=np.int64)
+    slot = np.full((len(questions), 2), -1, dtype=np.int64)
+    for i, q in enumerate(questions):
+        ids = model.tokenizer(model.prompt_template.format(question=q),
+                              add_special_tokens=False)['input_ids']
+        found = [(len(ids) - k, vocab[t]) for k, t in enumerate(ids) if t in vocab][:2]
+        for j, (fe, sl) in enumerate(found):
+            from_end[i, j], slot[i, j] = fe, sl
+    return from_end, slot
 
 
 # --- stages 2 and 3: Q-Former + language model on cached tokens -----------------------------
@@ -541,8 +633,18 @@ def _bridge_parameters(model: MLLM) -> dict[str, nn.Parameter]:
 def train_bridge(model: MLLM, tokens: Tensor, slots: np.ndarray, qs: QuestionSet,
                  val_tokens: Tensor, val_qs: QuestionSet, val_domains: np.ndarray,
                  cfg: StageConfig, seed: int, desc: str, slot_weight: float = 1.0,
-                 progress: bool = True) -> dict[str, float]:
+                 read_weight: float = 1.0, progress: bool = True) -> dict[str, float]:
     """Train everything above the (frozen) ViT on cached tokens; keep the best checkpoint.
+
+    Besides the answer cross-entropy, two auxiliary probes (discarded afterwards) shape the
+    path from the image to the answer:
+
+    - ``slot_weight``: query ``j`` must describe the object :data:`SLOTS` ``[j]` names
+      (:func:`slot_targets`);
+    - ``read_weight``: after the language model's first layer, each colour/kind word of the
+      question must carry what its slot says, i.e. the word has looked its object up. The
+      second layer then only has to copy from the word to the answer; without this hint the
+      two attention hops have to appear together and training stalls near chance.
 
     The checkpoint score is the mean over the validation domains of the first-token accuracy
     (every domain counts alike, however many questions it has).
@@ -557,9 +659,13 @@ def train_bridge(model: MLLM, tokens: Tensor, slots: np.ndarray, qs: QuestionSet
     for name, p in model.torch_model.named_parameters():
         p.requires_grad_(name in params)
     torch.manual_seed(seed)
-    heads = _SlotHeads(model.torch_model.config.qformer_config.hidden_size)
+    config = model.torch_model.config
+    q_heads = _SlotHeads(config.qformer_config.hidden_size)
+    lm_heads = _SlotHeads(config.text_config.hidden_size)
     slot_t = torch.from_numpy(slots)
-    opt = torch.optim.AdamW(list(params.values()) + list(heads.modules.parameters()),
+    from_end, subj_slot = (torch.from_numpy(a) for a in subject_positions(model, qs.questions))
+    opt = torch.optim.AdamW(list(params.values()) + list(q_heads.modules.parameters())
+                            + list(lm_heads.modules.parameters()),
                             lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(qs.questions)
     total = max(1, int(cfg.epochs * max(1, n // cfg.batch_size)))
@@ -572,36 +678,52 @@ def train_bridge(model: MLLM, tokens: Tensor, slots: np.ndarray, qs: QuestionSet
         per_q_dom = val_domains[val_qs.image]
         return {DOMAINS[d]: float(hits[per_q_dom == d].mean()) for d in doms}
 
+    captured: dict[str, Tensor] = {}
+    hook = model.decoder.layers[0].register_forward_hook(
+        lambda _module, _args, output: captured.__setitem__(
+            'h', output[0] if isinstance(output, tuple) else output))
     best_score, best_acc, best_state = -1.0, {}, None
     model.torch_model.train()
     order, pos = torch.randperm(n, generator=gen), 0
     bar = tqdm(range(total), desc=desc, disable=not progress)
-    for step in bar:
-        if pos + cfg.batch_size > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        rows = order[pos:pos + cfg.batch_size].numpy()
-        pos += cfg.batch_size
-        for group in opt.param_groups:
-            group['lr'] = cfg.lr_at(step, total)
-        image_rows = torch.from_numpy(qs.image[rows])
-        out = model.forward_train(tokens[image_rows], None, [qs.questions[i] for i in rows],
-                                  [qs.answers[i] for i in rows])
-        loss = out.loss + slot_weight * heads.loss(out.query, slot_t[image_rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-        opt.step()
-        if (step + 1) % eval_every == 0 or step + 1 == total:
-            acc = evaluate()
-            score = float(np.mean(list(acc.values())))
-            bar.set_postfix(loss=f'{float(loss):.3f}', val=f'{score:.3f}')
-            if score > best_score:
-                best_score, best_acc = score, acc
-                best_state = {k: v.detach().clone() for k, v in params.items()}
+    try:
+        for step in bar:
+            if pos + cfg.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            rows_t = order[pos:pos + cfg.batch_size]
+            rows = rows_t.numpy()
+            pos += cfg.batch_size
+            for group in opt.param_groups:
+                group['lr'] = cfg.lr_at(step, total)
+            image_rows = torch.from_numpy(qs.image[rows])
+            out = model.forward_train(tokens[image_rows], None,
+                                      [qs.questions[i] for i in rows],
+                                      [qs.answers[i] for i in rows])
+            loss = out.loss + slot_weight * q_heads.loss(out.query, slot_t[image_rows])
+            fe, sl = from_end[rows_t], subj_slot[rows_t]
+            b, k = (fe >= 0).nonzero(as_tuple=True)
+            if read_weight > 0 and len(b):
+                hidden = captured['h']
+                where = hidden.shape[1] - out.answer_mask.sum(1)[b] - fe[b, k]
+                loss = loss + read_weight * lm_heads.flat_loss(
+                    hidden[b, where], sl[b, k], slot_t[image_rows[b], sl[b, k]])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            opt.step()
+            if (step + 1) % eval_every == 0 or step + 1 == total:
+                acc = evaluate()
+                score = float(np.mean(list(acc.values())))
+                bar.set_postfix(loss=f'{float(out.loss):.3f}', val=f'{score:.3f}')
+                if score > best_score:
+                    best_score, best_acc = score, acc
+                    best_state = {k: v.detach().clone() for k, v in params.items()}
+    finally:
+        hook.remove()
     assert best_state is not None
     with torch.no_grad():
-        for k, v in best_state.items():
-            params[k].copy_(v)
+        for name, value in best_state.items():
+            params[name].copy_(value)
     model.torch_model.eval()
     return best_acc
 
@@ -694,7 +816,8 @@ def train_bundled(out: str | Path = DEFAULT_OUT, recipe: Recipe | None = None,
     t0 = time.perf_counter()
     teacher_val = train_bridge(teacher, tokens, slot_targets(train.scenes), qs, val_tokens,
                                val_qs, val.domains, recipe.teacher_stage, recipe.seed + 21,
-                               'teacher', recipe.slot_weight, progress)
+                               'teacher', recipe.slot_weight, recipe.read_weight,
+                               progress)
     timings['teacher_s'] = time.perf_counter() - t0
 
     # The student sees the source domain only: the source part of the teacher's training
@@ -724,7 +847,8 @@ def train_bundled(out: str | Path = DEFAULT_OUT, recipe: Recipe | None = None,
     check_vision_space(teacher, student)
     student_val = train_bridge(student, s_tokens, slot_targets(s_images.scenes), s_qs,
                                val_tokens, v_src_qs, val.domains, recipe.student_stage,
-                               recipe.seed + 31, 'student', recipe.slot_weight, progress)
+                               recipe.seed + 31, 'student', recipe.slot_weight,
+                               recipe.read_weight, progress)
     timings['student_s'] = time.perf_counter() - t0
 
     student.configure_trainable(recipe.trainable_config())
@@ -736,6 +860,12 @@ def train_bundled(out: str | Path = DEFAULT_OUT, recipe: Recipe | None = None,
                     image_size=recipe.image_size, domains=DOMAINS)
     table = evaluate_models({'teacher': teacher, 'student': student}, spec, progress=progress)
     timings['eval_s'] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    adaptation = [adaptation_check(teacher, out / 'student', replace(recipe.adapt, domain=d),
+                                   recipe.seed, recipe.image_size, progress)
+                  for d in recipe.adapt_domains]
+    timings['adapt_s'] = time.perf_counter() - t0
     timings['total_s'] = time.perf_counter() - t_all
 
     record = {
@@ -744,6 +874,7 @@ def train_bundled(out: str | Path = DEFAULT_OUT, recipe: Recipe | None = None,
         'eval': spec.to_dict(),
         'validation_first_token': {'teacher': teacher_val, 'student': student_val},
         'vision_stage_val': vision_val,
+        'adaptation': adaptation,
         'recipe': _recipe_dict(recipe),
         'sizes_bytes': {name: dir_size(out / name) for name in ('teacher', 'student')},
         'parameters': {name: sum(p.numel() for p in m.torch_model.parameters())
@@ -754,7 +885,60 @@ def train_bundled(out: str | Path = DEFAULT_OUT, recipe: Recipe | None = None,
     (out / ACCURACY_FILE).write_text(json.dumps(record, indent=2) + '\n')
     if progress:
         print(format_table(table, SOURCE))
+        for item in adaptation:
+            print(f'AKD on {item["domain"]}: {100 * item["before"][item["domain"]]:.1f} -> '
+                  f'{100 * item["after"][item["domain"]]:.1f} '
+                  f'(source {100 * item["before"][SOURCE]:.1f} -> '
+                  f'{100 * item["after"][SOURCE]:.1f})')
     return record
+
+
+ADAPT_START = 2_000_000
+"""First sample index of the adaptation samples (apart from training, validation, test)."""
+
+
+def adaptation_check(teacher: MLLM, student_dir: str | Path, spec: AdaptSpec, seed: int = 0,
+                     image_size: int = 48, progress: bool = True) -> dict[str, Any]:
+    """Distil ``teacher`` into a fresh copy of the saved student on one drifted domain.
+
+    The copy is loaded from ``student_dir`` (its saved trainable set: LoRA, norms, biases,
+    query tokens) and trained with :class:`~cdcca_ros.core.akd.AKDTrainer` on the teacher's
+    pseudo-labels of ``spec.samples`` uplinked samples, as the cloud does in one round.
+
+    Returns:
+        Accuracy on held-out samples of the domain and of the source, before and after, the
+        AKD settings and the training time.
+    """
+    from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
+    from cdcca_ros.models.registry import load_model
+    from cdcca_ros.sim.evaluate import EvalSpec, evaluate_model
+
+    student = load_model(student_dir)
+    student.torch_model.eval()
+    eval_spec = EvalSpec(seed=seed, n=spec.eval_images, start=EVAL_START, image_size=image_size,
+                         domains=(spec.domain, SOURCE))
+    before = evaluate_model(student, eval_spec)
+    samples = World(seed).samples(spec.domain, spec.samples, image_size, start=ADAPT_START)
+    tokens = encode(student, np.stack([x.image for x in samples]), desc='encode adapt',
+                    progress=progress)
+    cfg = AKDConfig(lr=spec.lr, steps=spec.steps, batch_size=spec.batch_size, seed=seed)
+    t0 = time.perf_counter()
+    trainer = AKDTrainer(teacher, student, cfg, progress=progress)
+    losses = trainer.fit([AkdSample(tokens[i], None, x.question) for i, x in enumerate(samples)])
+    train_s = time.perf_counter() - t0
+    student.torch_model.eval()
+    after = evaluate_model(student, eval_spec)
+    return {'domain': spec.domain, 'samples': spec.samples, 'start': ADAPT_START,
+            'akd': asdict(cfg), 'before': before, 'after': after,
+            'gain': after[spec.domain] - before[spec.domain],
+            'loss_first': losses[0] if losses else None,
+            'loss_last': losses[-1] if losses else None, 'train_s': round(train_s, 1)}
+
+
+def _subset_images(data: ImageSet, rows: np.ndarray) -> ImageSet:
+    """The images at ``rows``."""
+    return ImageSet(images=data.images[rows], scenes=[data.scenes[i] for i in rows],
+                    domains=data.domains[rows], indices=data.indices[rows])
 
 
 def _subset_questions(qs: QuestionSet, rows: np.ndarray) -> QuestionSet:
@@ -786,6 +970,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    # Busy-waiting OpenMP threads slow tiny ops badly on a shared CPU (set before torch loads).
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     import torch
 
     torch.set_num_threads(args.threads)

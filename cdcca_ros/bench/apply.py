@@ -31,6 +31,7 @@ from cdcca_ros.bench.common import (
     BenchContext,
     BenchResult,
     Target,
+    camera_size,
     describe_ms,
     device_params,
     median,
@@ -152,7 +153,7 @@ def run(ctx: BenchContext) -> BenchResult:
     stream = delta_stream(base, private, 'robot1', cloud['dwc.codec'],
                           cloud['dwc.budget_bytes'], ctx.seed)
     envelopes = [next(stream) for _ in range(n_seq + n_conc)]
-    samples = world_samples(ctx.seed, (SOURCE,) + DRIFTED, 2, (640, 480))
+    samples = world_samples(ctx.seed, (SOURCE,) + DRIFTED, 2, camera_size())
     images = [(s.image, s.question) for s in samples]
     probe_tokens = runtime.model.vision_tokens([runtime.probe_image])
 

@@ -45,6 +45,11 @@ BENCHES: dict[str, str] = {
     'downlink': 'cdcca_ros.bench.downlink',
     'apply': 'cdcca_ros.bench.apply',
     'link': 'cdcca_ros.bench.link',
+    # The paper's tables on the drifting world (accuracy per round, ablation, bytes).
+    'table1': 'cdcca_ros.bench.table1',
+    'table3': 'cdcca_ros.bench.table3',
+    'table4': 'cdcca_ros.bench.table4',
+    'table5': 'cdcca_ros.bench.table5',
 }
 
 TINY_SPEC = 'tiny'
@@ -166,6 +171,11 @@ class Models:
         self._workdir = workdir
         self._seed = seed
         self._paths: dict[str, str] | None = None
+
+    def spec(self, which: str) -> str:
+        """A spec a node's ``model`` parameter (or :func:`bundled.load`) accepts for
+        ``'teacher'`` or ``'student'`` (a tiny pair is built and saved first)."""
+        return self._resolve(which)
 
     def _resolve(self, which: str) -> str:
         spec = self.teacher_spec if which == 'teacher' else self.student_spec
@@ -472,6 +482,14 @@ def device_uts_config(**overrides: Any) -> Any:
                     stage2_mode=p['uts.stage2_mode'], beta=p['uts.beta'],
                     keep_ratio=p['uts.keep_ratio'], pack_dtype=p['uts.pack_dtype'])
     return replace(cfg, **overrides)
+
+
+def model_image_size(model: Any, default: int = 64) -> int:
+    """Side of the square images ``model``'s vision encoder takes (what it resizes to)."""
+    config = getattr(getattr(model, 'torch_model', None), 'config', None)
+    vision = getattr(config, 'vision_config', None)
+    size = getattr(vision, 'image_size', None)
+    return int(size) if isinstance(size, int) and size > 0 else default
 
 
 def camera_size() -> tuple[int, int]:

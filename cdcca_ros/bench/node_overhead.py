@@ -1,22 +1,33 @@
 """ROS overhead of answering (issue 4): the ``ask`` service vs the model layer, same model.
 
-``device_node`` runs on a real graph (its own rclpy context, a multi-threaded executor in a
-background thread, as the node tests run it) around a :class:`DeviceRuntime`; a client in a
-second context (its own DDS participant) publishes each camera frame on ``image``, waits until
-the node holds it, and then times one ``ask`` round trip about the latest frame. The same
-runtime answers the same frame directly (``DeviceRuntime.answer``); both are interleaved
-sample by sample, alternating which goes first, and the figure is the ratio of the medians.
+A client publishes each camera frame (640x480) on ``image``, then times one ``ask`` round trip
+about the latest frame; the same frame is answered directly by a :class:`DeviceRuntime` over
+the same model (``DeviceRuntime.answer``). Both are interleaved sample by sample, each timed
+on its second answer in a row (warm caches, as on a robot where only the node computes), and
+the figure is the ratio of the medians. Two set-ups (``--modes``):
+
+* ``process`` (the summary figure): the real ``device_node`` executable in its own process
+  (``python -m cdcca_ros.nodes.device_node --ros-args -p model:=...``, its own multi-threaded
+  executor, UTS off so only the answer path is timed), the same torch thread count as the
+  direct side; the client and the direct runtime live in this process. No GIL is shared.
+* ``inprocess``: ``DeviceNode`` around the very runtime that answers directly, spun by a
+  multi-threaded executor in a thread of this process (as the node tests run it), the client
+  in a second rclpy context. Client and node share the GIL, so this overstates the overhead;
+  it also splits the round trip into the node's handler and the rest (DDS, executors).
 
 Also measured: ``ask`` with the frame inside the request (``use_image``: 921,600 bytes more per
-call on DDS). The client shares the node's process (and GIL), so the overhead is, if anything,
-overstated. UTS is not attached (``uts_node`` works off the answer path, in its own thread).
-Traffic stays on this machine: a domain id of its own and localhost-only discovery.
+call on DDS). Traffic stays on this machine: a domain id of its own, localhost-only discovery.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cdcca_ros.bench.common import (
@@ -31,20 +42,27 @@ from cdcca_ros.bench.common import (
     ratio,
     world_samples,
 )
+from cdcca_ros.errors import ConfigError
 
 NAME = 'node_overhead'
 DESCRIPTION = 'answer latency through the ROS ask service vs DeviceRuntime.answer (same model)'
 TARGETS = (Target('ros_over_direct', '<=', 1.10, 'issue 4'),)
 WARMUP = 3
 CALL_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 120.0
+MODES = ('process', 'inprocess')
+KEYS = ('direct', 'ros', 'ros_image', 'handler', 'model_ros', 'model_direct')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Bench arguments."""
     parser.add_argument('--samples', type=int, default=None,
-                        help='timed samples (default 60, quick 4)')
+                        help='timed samples per mode (default 100, quick 4)')
     parser.add_argument('--domain-id', type=int, default=None,
                         help='ROS_DOMAIN_ID (default: 120 + pid %% 100)')
+    parser.add_argument('--modes', default='process,inprocess',
+                        help='set-ups to measure (see the module docstring); the first gives '
+                             'the summary figure')
 
 
 def _isolate_ros(domain_id: int | None) -> int:
@@ -56,156 +74,317 @@ def _isolate_ros(domain_id: int | None) -> int:
     return did
 
 
+class _Client:
+    """A client node in its own rclpy context: publishes frames, calls ``ask``."""
+
+    def __init__(self) -> None:
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.node import Node
+        from sensor_msgs.msg import Image
+
+        from cdcca_ros.nodes.common import SENSOR_QOS
+        from cdcca_ros.srv import Ask
+
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = Node('bench_client', context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.image_pub = self.node.create_publisher(Image, 'image', SENSOR_QOS)
+        self.ask = self.node.create_client(Ask, 'ask')
+
+    def spin_until(self, cond: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.executor.spin_once(timeout_sec=0.01)
+            if cond():
+                return True
+        return cond()
+
+    def call(self, request: Any) -> tuple[float, Any]:
+        t0 = time.perf_counter()
+        future = self.ask.call_async(request)
+        self.executor.spin_until_future_complete(future, timeout_sec=CALL_TIMEOUT_S)
+        elapsed = ms_since(t0)
+        if not future.done():
+            raise RuntimeError(f'ask did not answer within {CALL_TIMEOUT_S} s')
+        return elapsed, future.result()
+
+    def frame(self, rgb: Any) -> Any:
+        """Publish ``rgb`` stamped now; returns the message."""
+        from sensor_msgs.msg import Image
+        from std_msgs.msg import Header
+
+        from cdcca_ros.camera.convert import image_to_msg
+
+        header = Header(frame_id='camera_color_optical_frame',
+                        stamp=self.node.get_clock().now().to_msg())
+        msg = image_to_msg(rgb, 'rgb8', Image, header=header)
+        self.image_pub.publish(msg)
+        return msg
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=5.0)
+        self.node.destroy_node()
+        if self.context.ok():
+            rclpy.shutdown(context=self.context)
+
+
+def _loop(client: _Client, samples: list[Any], runtime: Any,
+          has_frame: Callable[[Any], bool] | None, handler_ms: list[float]) -> dict[str, Any]:
+    """Time every sample: direct, ask about the latest frame, ask with the frame inside.
+
+    ``has_frame(stamp)`` tells when the node holds the published frame; None: the ask is
+    repeated (untimed) until the answer names the frame's stamp.
+    """
+    from cdcca_ros.srv import Ask
+
+    out: dict[str, Any] = {k: [] for k in KEYS}
+    out.update(mismatches=0, failures=[], stale=0)
+    for i, s in enumerate(samples):
+        msg = client.frame(s.image)
+        stamp = msg.header.stamp
+        # Frames go best effort (sensor QoS) and a 921 kB one can be lost: publish it again
+        # until the node holds it (same stamp, so its age stays honest).
+        deadline = time.monotonic() + 10.0
+        arrived = False
+        while not arrived and time.monotonic() < deadline:
+            if has_frame is not None:
+                arrived = client.spin_until(lambda st=stamp: has_frame(st), 0.2)
+            else:
+                client.spin_until(lambda: False, 0.01)
+                _, r = client.call(Ask.Request(question=s.question))
+                arrived = bool(r.success and r.answer.image_stamp == stamp)
+            if not arrived:
+                client.image_pub.publish(msg)
+        if not arrived:
+            out['failures'].append(f'frame {i} never reached device_node')
+            continue
+        # Each side is timed on its second answer in a row, so both run with warm caches as
+        # on a robot where only the node computes (with two processes, whichever ran last
+        # would otherwise have the cache to itself).
+        if has_frame is not None:
+            client.call(Ask.Request(question=s.question))
+        handler_ms.clear()
+        t_ros, response = client.call(Ask.Request(question=s.question))
+        t_handler = handler_ms[-1] if handler_ms else math.nan
+        runtime.answer(s.image, s.question)
+        t0 = time.perf_counter()
+        direct = runtime.answer(s.image, s.question)
+        t_direct = ms_since(t0)
+        t_img, response_img = client.call(Ask.Request(question=s.question, use_image=True,
+                                                      image=msg))
+        if not (response.success and response_img.success):
+            out['failures'].append(f'sample {i}: {response.message or response_img.message}')
+            continue
+        if response.answer.image_stamp != stamp:
+            out['stale'] += 1  # answered about an older frame: not comparable
+            continue
+        out['mismatches'] += int(response.answer.answer != direct.text)
+        if i < WARMUP:
+            continue
+        out['direct'].append(t_direct)
+        out['ros'].append(t_ros)
+        out['ros_image'].append(t_img)
+        out['handler'].append(t_handler)
+        out['model_ros'].append(float(response.answer.latency_ms))
+        out['model_direct'].append(direct.latency_ms)
+    return out
+
+
+def _measure_inprocess(samples: list[Any], runtime: Any, workdir: Path) -> dict[str, Any]:
+    """DeviceNode around ``runtime`` on a multi-threaded executor in a thread of ours."""
+    import threading
+
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from cdcca_ros.nodes.device_node import DeviceNode
+
+    ctx_robot = Context()
+    rclpy.init(context=ctx_robot)
+    device = executor = thread = client = None
+    try:
+        device = DeviceNode(runtime, context=ctx_robot, parameter_overrides=[
+            Parameter('state_dir', value=str(workdir / 'state'))])
+        handler_ms: list[float] = []
+        inner = device.answer
+
+        def timed_answer(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                handler_ms.append(ms_since(t0))
+
+        device.answer = timed_answer  # the service handler calls self.answer
+        executor = MultiThreadedExecutor(num_threads=4, context=ctx_robot)  # as spin_device
+        executor.add_node(device)
+        thread = threading.Thread(target=executor.spin, daemon=True)
+        thread.start()
+        client = _Client()
+        if not client.spin_until(client.ask.service_is_ready, 30.0):
+            raise RuntimeError('the ask service of device_node was not found in 30 s')
+
+        def has_frame(stamp: Any) -> bool:
+            latest = device._latest  # noqa: SLF001 - the bench waits for the node's buffer
+            return latest is not None and latest.header.stamp == stamp
+
+        return _loop(client, samples, runtime, has_frame, handler_ms)
+    finally:
+        if client is not None:
+            client.close()
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)
+        if device is not None:
+            device.destroy_node()
+        if thread is not None:
+            thread.join(timeout=5.0)
+        if ctx_robot.ok():
+            rclpy.shutdown(context=ctx_robot)
+
+
+def _measure_process(samples: list[Any], runtime: Any, spec: str, workdir: Path,
+                     threads: int) -> dict[str, Any]:
+    """The device_node executable in its own process, loading ``spec``."""
+    from cdcca_ros.srv import Ask
+
+    log = workdir / 'device_node.log'
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, '-m', 'cdcca_ros.nodes.device_node', '--ros-args',
+           '-p', f'model:={spec}', '-p', f'state_dir:={workdir / "process-state"}',
+           '-p', 'uts.enabled:=false', '--log-level', 'warn']
+    with open(log, 'wb') as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    client = None
+    try:
+        client = _Client()
+        ready = client.spin_until(client.ask.service_is_ready, START_TIMEOUT_S)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while ready and time.monotonic() < deadline and proc.poll() is None:
+            # The node loads its model in the background: ask about a frame until it answers.
+            client.frame(samples[0].image)
+            client.spin_until(lambda: False, 0.05)
+            _, r = client.call(Ask.Request(question=samples[0].question))
+            if r.success:
+                break
+        else:
+            raise RuntimeError(f'device_node did not come up (exit {proc.poll()}): '
+                               f'{log.read_text(errors="replace")[-2000:]}')
+        return _loop(client, samples, runtime, None, [])
+    finally:
+        if client is not None:
+            client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10.0)
+
+
+def ratio_interval(num: list[float], den: list[float], seed: int,
+                   rounds: int = 1000) -> list[float] | None:
+    """Paired bootstrap 5-95% interval of ``median(num) / median(den)``."""
+    import numpy as np
+
+    if not num or len(num) != len(den):
+        return None
+    a, b = np.asarray(num), np.asarray(den)
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(rounds, a.size))
+    values = np.median(a[idx], axis=1) / np.median(b[idx], axis=1)
+    return [float(np.percentile(values, 5)), float(np.percentile(values, 95))]
+
+
 def run(ctx: BenchContext) -> BenchResult:
     """Measure and summarise (see the module docstring)."""
     domain_id = _isolate_ros(ctx.args.domain_id)
     import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
-    from rclpy.node import Node
-    from rclpy.parameter import Parameter
-    from sensor_msgs.msg import Image
-    from std_msgs.msg import Header
 
-    from cdcca_ros.camera.convert import image_to_msg
     from cdcca_ros.core.device_runtime import DeviceRuntime
-    from cdcca_ros.nodes.common import SENSOR_QOS
-    from cdcca_ros.nodes.device_node import DeviceNode
     from cdcca_ros.sim.domains import DRIFTED, SOURCE
-    from cdcca_ros.srv import Ask
 
-    n = ctx.args.samples or (4 if ctx.quick else 60)
+    modes = [m.strip() for m in str(ctx.args.modes).split(',') if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f'--modes: unknown mode {mode!r}; known: {", ".join(MODES)}')
+    n = ctx.args.samples or (4 if ctx.quick else 100)
     domains = (SOURCE,) + DRIFTED
     per_domain = -(-(n + WARMUP) // len(domains))
     samples = world_samples(ctx.seed, domains, per_domain, camera_size())[:n + WARMUP]
     params = device_params()
     runtime = DeviceRuntime(ctx.models.student(), 'robot1',
                             max_new_tokens=params['max_new_tokens'])
+    measured: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        if mode == 'process':
+            measured[mode] = _measure_process(samples, runtime, ctx.models.spec('student'),
+                                              ctx.workdir, int(ctx.args.threads))
+        else:
+            measured[mode] = _measure_inprocess(samples, runtime, ctx.workdir)
+    rmw = (rclpy.get_rmw_implementation_identifier()
+           if hasattr(rclpy, 'get_rmw_implementation_identifier')
+           else os.environ.get('RMW_IMPLEMENTATION', ''))
 
-    ctx_robot, ctx_client = Context(), Context()
-    rclpy.init(context=ctx_robot)
-    rclpy.init(context=ctx_client)
-    device = client = None
-    robot_exec = client_exec = None
-    thread = None
-    direct_ms: list[float] = []
-    ros_ms: list[float] = []
-    ros_image_ms: list[float] = []
-    mismatches = 0
-    failures: list[str] = []
-    try:
-        import threading
-
-        device = DeviceNode(runtime, context=ctx_robot, parameter_overrides=[
-            Parameter('state_dir', value=str(ctx.workdir / 'state'))])
-        robot_exec = MultiThreadedExecutor(num_threads=4, context=ctx_robot)
-        robot_exec.add_node(device)
-        thread = threading.Thread(target=robot_exec.spin, daemon=True)
-        thread.start()
-        client = Node('bench_client', context=ctx_client)
-        client_exec = SingleThreadedExecutor(context=ctx_client)
-        client_exec.add_node(client)
-        image_pub = client.create_publisher(Image, 'image', SENSOR_QOS)
-        ask = client.create_client(Ask, 'ask')
-
-        def spin_until(cond: Any, timeout: float) -> bool:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                client_exec.spin_once(timeout_sec=0.01)
-                if cond():
-                    return True
-            return cond()
-
-        if not spin_until(ask.service_is_ready, 30.0):
-            raise RuntimeError('the ask service of device_node was not found in 30 s')
-        if not spin_until(lambda: image_pub.get_subscription_count() > 0, 30.0):
-            raise RuntimeError('device_node never subscribed to image')
-
-        def call(request: Any) -> tuple[float, Any]:
-            t0 = time.perf_counter()
-            future = ask.call_async(request)
-            client_exec.spin_until_future_complete(future, timeout_sec=CALL_TIMEOUT_S)
-            elapsed = ms_since(t0)
-            if not future.done():
-                raise RuntimeError(f'ask did not answer within {CALL_TIMEOUT_S} s')
-            return elapsed, future.result()
-
-        for i, s in enumerate(samples):
-            header = Header(frame_id='camera_color_optical_frame',
-                            stamp=client.get_clock().now().to_msg())
-            msg = image_to_msg(s.image, 'rgb8', Image, header=header)
-            image_pub.publish(msg)
-
-            def has_frame(stamp: Any = header.stamp) -> bool:
-                latest = device._latest  # noqa: SLF001 - the bench waits for the node's buffer
-                return latest is not None and latest.header.stamp == stamp
-
-            if not spin_until(has_frame, 10.0):
-                failures.append(f'frame {i} never reached device_node')
-                continue
-            t_direct = t_ros = 0.0
-            direct = response = None
-            for first in ((True, False) if i % 2 == 0 else (False, True)):
-                if first:
-                    t0 = time.perf_counter()
-                    direct = runtime.answer(s.image, s.question)
-                    t_direct = ms_since(t0)
-                else:
-                    t_ros, response = call(Ask.Request(question=s.question))
-            t_img, response_img = call(Ask.Request(question=s.question, use_image=True,
-                                                   image=msg))
-            if not (response.success and response_img.success):
-                failures.append(f'sample {i}: {response.message or response_img.message}')
-                continue
-            mismatches += int(response.answer.answer != direct.text)
-            if i < WARMUP:
-                continue
-            direct_ms.append(t_direct)
-            ros_ms.append(t_ros)
-            ros_image_ms.append(t_img)
-        rmw = rclpy.get_rmw_implementation_identifier() if hasattr(
-            rclpy, 'get_rmw_implementation_identifier') else os.environ.get(
-            'RMW_IMPLEMENTATION', '')
-    finally:
-        if robot_exec is not None:
-            robot_exec.shutdown(timeout_sec=5.0)
-        if client_exec is not None:
-            client_exec.shutdown(timeout_sec=5.0)
-        for node in (client, device):
-            if node is not None:
-                node.destroy_node()
-        if thread is not None:
-            thread.join(timeout=5.0)
-        for c in (ctx_client, ctx_robot):
-            if c.ok():
-                rclpy.shutdown(context=c)
-
-    med_direct = median(direct_ms)
-    med_ros = median(ros_ms)
-    med_img = median(ros_image_ms)
-    paired = [r - d for r, d in zip(ros_ms, direct_ms, strict=True)]
-    summary = {
-        'ros_over_direct': ratio(med_ros, med_direct),
-        'ros_image_over_direct': ratio(med_img, med_direct),
-        'overhead_ms': median(paired),
+    first = measured[modes[0]]
+    med_direct = median(first['direct'])
+    summary: dict[str, Any] = {
+        'ros_over_direct': ratio(median(first['ros']), med_direct),
+        'ros_over_direct_interval': ratio_interval(first['ros'], first['direct'], ctx.seed),
+        'ros_image_over_direct': ratio(median(first['ros_image']), med_direct),
+        'overhead_ms': median([r - d for r, d in zip(first['ros'], first['direct'],
+                                                    strict=True)]),
         'direct_ms': med_direct,
-        'ros_ms': med_ros,
-        'samples': len(ros_ms),
-        'failures': len(failures),
+        'ros_ms': median(first['ros']),
+        'mode': modes[0],
+        'samples': len(first['ros']),
+        'failures': sum(len(m['failures']) for m in measured.values()),
     }
-    rows = [['DeviceRuntime.answer (direct)', med_direct, 1.0],
-            ['ask service, latest frame', med_ros, summary['ros_over_direct']],
-            ['ask service, frame in request', med_img, summary['ros_image_over_direct']]]
+    rows: list[list[Any]] = []
+    detail: dict[str, Any] = {'rmw': rmw, 'ros_domain_id': domain_id,
+                              'frame_size': list(camera_size()), 'warmup_samples': WARMUP,
+                              'modes': {}}
+    for mode, m in measured.items():
+        d, r = median(m['direct']), median(m['ros'])
+        if mode != modes[0]:
+            summary[f'ros_over_direct_{mode}'] = ratio(r, d)
+        rows += [[f'[{mode}] DeviceRuntime.answer (direct)', d, 1.0],
+                 [f'[{mode}] ask service, latest frame', r, ratio(r, d)],
+                 [f'[{mode}]   model time in the node', median(m['model_ros']),
+                  ratio(median(m['model_ros']), d)]]
+        if mode == 'inprocess':
+            h = median(m['handler'])
+            rows.append([f'[{mode}]   in the node\'s handler', h, ratio(h, d)])
+        rows.append([f'[{mode}] ask service, frame in request', median(m['ros_image']),
+                     ratio(median(m['ros_image']), d)])
+        detail['modes'][mode] = {
+            'direct_ms': describe_ms(m['direct']), 'ros_ms': describe_ms(m['ros']),
+            'ros_image_ms': describe_ms(m['ros_image']),
+            'model_ms_in_node': describe_ms(m['model_ros']),
+            'model_ms_direct': describe_ms(m['model_direct']),
+            'paired_overhead_ms': describe_ms([a - b for a, b in zip(
+                m['ros'], m['direct'], strict=True)]),
+            'answer_mismatches': m['mismatches'], 'stale_frames': m['stale'],
+            'failures': m['failures'][:20]}
+        if mode == 'inprocess':
+            detail['modes'][mode]['handler_ms'] = describe_ms(m['handler'])
+            detail['modes'][mode]['transport_and_executor_ms'] = median(
+                [a - b for a, b in zip(m['ros'], m['handler'], strict=True)])
+    detail['answer_mismatches'] = sum(m['mismatches'] for m in measured.values())
     return BenchResult(
-        summary=summary, headers=['path', 'median ms', 'x direct'], rows=rows,
-        detail={'direct_ms': describe_ms(direct_ms), 'ros_ms': describe_ms(ros_ms),
-                'ros_image_ms': describe_ms(ros_image_ms),
-                'paired_overhead_ms': describe_ms(paired), 'answer_mismatches': mismatches,
-                'failures': failures[:20], 'rmw': rmw, 'ros_domain_id': domain_id,
-                'frame_size': list(camera_size()), 'warmup_samples': WARMUP},
-        notes=[f'{len(ros_ms)} frames {camera_size()[0]}x{camera_size()[1]}, rmw {rmw}; '
-               'direct and ask interleaved (alternating order), ratio of medians',
-               'client and node in one process (two DDS participants): the overhead is '
-               'an upper bound of a separate client process',
-               f'the node\'s answers differed from the direct ones on {mismatches} frames '
-               '(expected 0: same model, same frame)'])
+        summary=summary, headers=['path', 'median ms', 'x direct'], rows=rows, detail=detail,
+        notes=[f'{summary["samples"]} frames {camera_size()[0]}x{camera_size()[1]} per mode, '
+               f'rmw {rmw}; direct and ask interleaved, each timed warm, ratio of medians; '
+               f'summary figure: {modes[0]} mode, paired-bootstrap 5-95% interval '
+               + ('-' if not summary['ros_over_direct_interval'] else '{:.3f}..{:.3f}'.format(
+                   *summary['ros_over_direct_interval'])),
+               'process: the device_node executable (UTS off) in its own process; inprocess: '
+               'DeviceNode in this process, sharing the GIL with the client (an upper bound)',
+               f'the node\'s answers differed from the direct ones on '
+               f'{detail["answer_mismatches"]} frames (expected 0: same weights, same frame)'])

@@ -34,6 +34,7 @@ from cdcca_ros.bench.common import (
     camera_size,
     device_params,
     device_uts_config,
+    fmt,
     ratio,
     world_samples,
 )
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Bench arguments."""
     parser.add_argument('--per-domain', type=int, default=None,
                         help='samples per domain (default 60, quick 2)')
-    parser.add_argument('--keep-ratios', default='0.03,0.05,0.1,0.25',
+    parser.add_argument('--keep-ratios', default='0.1,0.25,0.5,0.75,1.0',
                         help='keep ratios of the sweep (int8 packing)')
 
 
@@ -93,6 +94,23 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values)
     return {f'p{q}': float(np.percentile(arr, q)) for q in (10, 25, 50, 75, 90)} | {
         'mean': float(arr.mean())}
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float | None:
+    """Probability that a positive scores above a negative (ties count half); None when a
+    side is empty."""
+    if positive.size == 0 or negative.size == 0:
+        return None
+    both = np.concatenate([positive, negative])
+    order = both.argsort(kind='mergesort')
+    ranks = np.empty(both.size)
+    ranks[order] = np.arange(1, both.size + 1)
+    for value in np.unique(both):  # average ranks of ties
+        tie = both == value
+        ranks[tie] = ranks[tie].mean()
+    r_pos = ranks[:positive.size].sum()
+    return float((r_pos - positive.size * (positive.size + 1) / 2)
+                 / (positive.size * negative.size))
 
 
 def run(ctx: BenchContext) -> BenchResult:
@@ -215,6 +233,8 @@ def run(ctx: BenchContext) -> BenchResult:
         'entropy_threshold_suggested': suggested,
         'pass_rate_drifted_at_suggested': (float((entropy[drift] > suggested).mean())
                                            if drift.any() else math.nan),
+        'entropy_auroc_drifted_vs_source': auroc(entropy[drift], entropy[src]),
+        'entropy_auroc_wrong_vs_right': auroc(entropy[correct < 1.0], entropy[correct >= 1.0]),
         'samples': len(samples),
     }
     per_domain_rows = []
@@ -281,6 +301,9 @@ def run(ctx: BenchContext) -> BenchResult:
         f'{summary["pass_rate_source"]:.1%} of source and {summary["pass_rate_drifted"]:.1%} '
         f'of drifted samples; {suggested:.3g} nats would pass 10% of source and '
         f'{summary["pass_rate_drifted_at_suggested"]:.1%} of drifted',
+        'entropy AUROC (how well the answer entropy ranks): drifted vs source '
+        f'{fmt(summary["entropy_auroc_drifted_vs_source"])}, wrong vs right answers '
+        f'{fmt(summary["entropy_auroc_wrong_vs_right"])}',
     ]
     return BenchResult(summary=summary, headers=['uplink per sample', 'bytes', 'x JPEG',
                                                  'teacher agreement'],

@@ -31,6 +31,7 @@ NAME = 'uts_cost'
 DESCRIPTION = 'time of UTS stage 1 + stage 2 relative to one answer of the same model'
 TARGETS = (Target('uts_over_answer', '<=', 0.10, 'issue 4'),)
 WARMUP = 3
+REFERENCE_MASKS = 64
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,15 +91,25 @@ def run(ctx: BenchContext) -> BenchResult:
     masks = [int(m) for m in str(ctx.args.sweep).split(',') if m.strip()]
     sweep_n = 3 if ctx.quick else 20
     tokens_cache = [runtime.answer(s.image, s.question) for s in samples[:sweep_n]]
+    # Which tokens a large M keeps: the reference the smaller M's selections are compared to.
+    reference = []
+    ref_pipe = UtsPipeline(device_uts_config(stage1_threshold=0.0, mc_masks=REFERENCE_MASKS),
+                           runtime.mc_token_features, has_cls=has_cls)
+    for a in tokens_cache:
+        res = ref_pipe.process(a.step_probs, a.tokens)
+        reference.append(set(res.kept_indices.tolist()) if res is not None else set())
     for m in masks:
         sweep_pipe = UtsPipeline(device_uts_config(stage1_threshold=0.0, mc_masks=m),
                                  runtime.mc_token_features, has_cls=has_cls)
-        times = []
-        for a in tokens_cache:
+        times, overlap = [], []
+        for a, ref in zip(tokens_cache, reference, strict=True):
             res = sweep_pipe.process(a.step_probs, a.tokens)
             if res is not None:
                 times.append(res.stage2_ms)
-        sweep.append({'mc_masks': m, 'stage2_ms': describe_ms(times)})
+                kept_set = set(res.kept_indices.tolist())
+                overlap.append(len(kept_set & ref) / max(1, len(kept_set | ref)))
+        sweep.append({'mc_masks': m, 'stage2_ms': describe_ms(times),
+                      'jaccard_vs_reference': median(overlap)})
 
     med_answer, med_uts = median(answer_ms), median(uts_ms)
     summary = {
@@ -116,7 +127,9 @@ def run(ctx: BenchContext) -> BenchResult:
             ['stage 2 (MC features + select + pack)', median(stage2_ms),
              summary['stage2_over_answer']],
             ['UTS total (pipeline.process)', med_uts, summary['uts_over_answer']]]
-    rows += [[f'stage 2 with M={s["mc_masks"]}', s['stage2_ms'].get('median'),
+    rows += [[f'stage 2 with M={s["mc_masks"]} (kept tokens: '
+              f'{s["jaccard_vs_reference"]:.2f} Jaccard vs M={REFERENCE_MASKS})',
+              s['stage2_ms'].get('median'),
               ratio(s['stage2_ms'].get('median', float('nan')), med_answer)] for s in sweep]
     return BenchResult(
         summary=summary, headers=['step', 'median ms', 'x answer'], rows=rows,

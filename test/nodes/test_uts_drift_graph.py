@@ -18,18 +18,18 @@ N = 40
 
 
 def test_drifted_stream_uplinks_markedly_more_than_source(ros_context_pair, tmp_path):
+    from cdcca_ros.msg import UtsTokens
+    from cdcca_ros.srv import Ask
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import Image
 
     from cdcca_ros.camera.convert import image_to_msg
-    from cdcca_ros.msg import UtsTokens
     from cdcca_ros.nodes.device_node import DeviceNode
     from cdcca_ros.nodes.uts_node import UtsNode
     from cdcca_ros.sim.domains import SOURCE, domain_names
     from cdcca_ros.sim.world import World
-    from cdcca_ros.srv import Ask
 
     ctx_robot, ctx_client = ros_context_pair
     device = DeviceNode(context=ctx_robot, parameter_overrides=[

@@ -16,7 +16,6 @@ is loaded with the device's ``trained`` copy before a round. Only adapters are k
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdcca_ros.core import dwc, wire
 from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
+from cdcca_ros.core.atomic import atomic_write
 from cdcca_ros.core.updates import DeltaEnvelope, seal_delta
 from cdcca_ros.errors import ConfigError, ModelError, WireError
 
@@ -80,13 +80,6 @@ class RoundResult:
     train_s: float
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class DeviceState:
@@ -113,14 +106,14 @@ class DeviceState:
         from safetensors.torch import save
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.dir / 'trained.safetensors',
+        atomic_write(self.dir / 'trained.safetensors',
                       save({k: v.contiguous() for k, v in self.trained.items()}))
-        _atomic_write(self.dir / 'feedback.safetensors',
+        atomic_write(self.dir / 'feedback.safetensors',
                       save({k: v.contiguous() for k, v in self.feedback.state_dict().items()}))
         record = {'device_id': self.device_id, 'version': self.version, 'round': self.round,
                   'hash': self.hash, 'samples_seen': self.samples_seen,
                   'next_sample_file': self.next_sample_file}
-        _atomic_write(self.dir / 'state.json', json.dumps(record).encode())
+        atomic_write(self.dir / 'state.json', json.dumps(record).encode())
 
     @classmethod
     def load(cls, device_id: str, base: dict[str, Tensor], directory: Path) -> DeviceState:
@@ -159,7 +152,7 @@ class DeviceState:
                 tensors['indices'] = sample.indices.contiguous()
             path = pending / f'{self.next_sample_file:012d}.safetensors'
             self.next_sample_file += 1
-            _atomic_write(path, save(tensors, metadata={'question': sample.question}))
+            atomic_write(path, save(tensors, metadata={'question': sample.question}))
             self.pending_files.append(path)
         self.pending.append(sample)
         self.samples_seen += 1

@@ -12,7 +12,6 @@ comes back on it; the previous adapter is kept in memory for :meth:`rollback`.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cdcca_ros.core import dwc, wire
+from cdcca_ros.core.atomic import atomic_write
 from cdcca_ros.core.updates import DeltaEnvelope, DeltaGate, RejectReason
 from cdcca_ros.core.uts import answer_entropy
 from cdcca_ros.errors import CdccaError, DeltaRejectedError, ModelError
@@ -91,13 +91,6 @@ def format_question(question: str, choices: Sequence[str]) -> str:
     return f'{question} choices: {", ".join(choices)}'
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class DeviceRuntime:
@@ -251,10 +244,10 @@ class DeviceRuntime:
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         blob = save({k: v.detach().contiguous().cpu() for k, v in weights.items()})
-        _atomic_write(self.state_dir / WEIGHTS_FILE, blob)
+        atomic_write(self.state_dir / WEIGHTS_FILE, blob)
         record = {'device_id': self.device_id, 'version': self.version, 'round': self.round,
                   'hash': self.base_hash}
-        _atomic_write(self.state_dir / STATE_FILE, json.dumps(record).encode())
+        atomic_write(self.state_dir / STATE_FILE, json.dumps(record).encode())
 
     def _restore(self) -> None:
         if self.state_dir is None or not (self.state_dir / STATE_FILE).is_file():

@@ -94,7 +94,7 @@ def test_table1_summary(report_dir):
         assert _percent(acc['da']) and _percent(acc['mc'])
     assert s['gain_over_source_only'] == pytest.approx(
         s['final']['CD-CCA (UTS + AKD + DWC)']['da'] - s['final']['Source-only']['da'])
-    assert s['rounds'] == 2 and s['stream_per_round'] == 8
+    assert s['rounds'] == 2 and s['stream_per_round'] == 4  # quick: 2 domains x 2 samples
     for key in ('gain_over_source_only', 'gain_over_tent', 'gain_over_ce_only'):
         lo, hi = s[f'{key}_ci95']
         assert lo <= s[key] + 1e-9 and s[key] <= hi + 1e-9, key
@@ -107,7 +107,7 @@ def test_table1_link_bytes(report_dir):
     ours, ce = runs['CD-CCA (UTS + AKD + DWC)'], runs['Teacher pseudo-labels, L_CE only']
     # Kept tokens only: fewer bytes per uplinked sample than all tokens.
     assert ours['uplink_bytes'] / ours['uplinked'] < ce['uplink_bytes'] / ce['uplinked']
-    assert ce['uplinked'] == 16  # every sample of both rounds
+    assert ce['uplinked'] == 8  # every sample of both rounds of both tasks
     assert ours['downlink_bytes'] > 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
     from cdcca_ros.models.base import MLLM
+
+
+RECENT_IDS = 10_000  # sample ids remembered per device for deduplication
 
 
 @dataclass
@@ -98,6 +102,9 @@ class DeviceState:
         self.first_pending_t: float | None = None
         self.samples_seen = 0
         self.next_sample_file = 0
+        # Sample ids already taken, kept across restarts: the link delivers at least once, so
+        # a sample re-delivered after a crash of the cloud must not be trained on twice.
+        self.recent_ids: deque[str] = deque(maxlen=RECENT_IDS)
 
     # ---------------------------------------------------------------- persistence
     def save(self) -> None:
@@ -112,7 +119,8 @@ class DeviceState:
                       save({k: v.contiguous() for k, v in self.feedback.state_dict().items()}))
         record = {'device_id': self.device_id, 'version': self.version, 'round': self.round,
                   'hash': self.hash, 'samples_seen': self.samples_seen,
-                  'next_sample_file': self.next_sample_file}
+                  'next_sample_file': self.next_sample_file,
+                  'recent_ids': list(self.recent_ids)}
         atomic_write(self.dir / 'state.json', json.dumps(record).encode())
 
     @classmethod
@@ -137,11 +145,17 @@ class DeviceState:
         state.hash = record['hash']
         state.samples_seen = int(record.get('samples_seen', 0))
         state.next_sample_file = int(record.get('next_sample_file', 0))
+        state.recent_ids.extend(record.get('recent_ids', []))
         for path in sorted((directory / 'pending').glob('*.safetensors')):
             state._load_sample(path)
+            # Samples added after the last checkpoint: never reuse their file names.
+            state.next_sample_file = max(state.next_sample_file, int(path.stem) + 1)
         return state
 
-    def add(self, sample: AkdSample) -> None:
+    def add(self, sample: AkdSample, sample_id: str = '') -> bool:
+        """Queue a sample (persisted); False when ``sample_id`` was already taken."""
+        if sample_id and sample_id in self.recent_ids:
+            return False
         if self.dir is not None:
             from safetensors.torch import save
 
@@ -152,18 +166,25 @@ class DeviceState:
                 tensors['indices'] = sample.indices.contiguous()
             path = pending / f'{self.next_sample_file:012d}.safetensors'
             self.next_sample_file += 1
-            atomic_write(path, save(tensors, metadata={'question': sample.question}))
+            atomic_write(path, save(tensors, metadata={'question': sample.question,
+                                                       'sample_id': sample_id}))
             self.pending_files.append(path)
         self.pending.append(sample)
+        if sample_id:
+            self.recent_ids.append(sample_id)
         self.samples_seen += 1
         if self.first_pending_t is None:
             self.first_pending_t = time.monotonic()
+        return True
 
     def _load_sample(self, path: Path) -> None:
         from safetensors import safe_open
 
         with safe_open(str(path), framework='pt') as f:
-            question = (f.metadata() or {}).get('question', '')
+            meta = f.metadata() or {}
+            question = meta.get('question', '')
+            if meta.get('sample_id'):
+                self.recent_ids.append(meta['sample_id'])
             tokens = f.get_tensor('tokens')
             indices = f.get_tensor('indices') if 'indices' in f.keys() else None
         self.pending.append(AkdSample(tokens=tokens, indices=indices, question=question))
@@ -212,8 +233,9 @@ class CloudRuntime:
         return state
 
     def add_sample(self, device_id: str, tokens: Tensor, indices: Tensor | None, question: str,
-                   num_tokens: int, token_dim: int) -> None:
-        """Queue one uplinked sample.
+                   num_tokens: int, token_dim: int, sample_id: str = '') -> bool:
+        """Queue one uplinked sample; False when ``sample_id`` was already taken (a
+        re-delivery after a restart).
 
         Raises:
             WireError: the tokens do not live in this cloud's vision-token space.
@@ -226,8 +248,8 @@ class CloudRuntime:
                                                          int(indices.max()) >= num_tokens)):
             raise WireError(f'sample from {device_id!r} has token indices outside '
                             f'[0, {num_tokens})')
-        self.device(device_id).add(AkdSample(tokens=tokens.float(), indices=indices,
-                                             question=question))
+        return self.device(device_id).add(AkdSample(tokens=tokens.float(), indices=indices,
+                                                    question=question), sample_id)
 
     def due(self, device_id: str, now: float | None = None) -> bool:
         """Whether a round should start for ``device_id``."""

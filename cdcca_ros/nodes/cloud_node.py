@@ -101,8 +101,8 @@ class CloudNode(Node):
         self.runtime = runtime
         self._lock = threading.Lock()  # samples vs rounds
         self._stop = threading.Event()
-        self.counters = {'samples': 0, 'samples_rejected': 0, 'rounds': 0, 'uplink_bytes': 0,
-                         'downlink_bytes': 0}
+        self.counters = {'samples': 0, 'samples_rejected': 0, 'duplicates': 0, 'rounds': 0,
+                         'uplink_bytes': 0, 'downlink_bytes': 0}
         self._round_bytes: dict[str, int] = {}
         self._round_samples: dict[str, int] = {}
         self._last_error = ''
@@ -138,12 +138,16 @@ class CloudNode(Node):
         try:
             tokens, indices = tokens_from_msg(msg)
             with self._lock:
-                self.runtime.add_sample(msg.device_id, tokens, indices, msg.question,
-                                        int(msg.num_tokens), int(msg.token_dim))
+                fresh = self.runtime.add_sample(msg.device_id, tokens, indices, msg.question,
+                                                int(msg.num_tokens), int(msg.token_dim),
+                                                msg.sample_id)
         except CdccaError as err:
             self.counters['samples_rejected'] += 1
             self._last_error = f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'
             self.get_logger().error(self._last_error)
+            return
+        if not fresh:
+            self.counters['duplicates'] += 1
             return
         size = len(msg.payload) + 4 * len(msg.scales) + 4 * len(msg.kept_indices)
         self.counters['samples'] += 1

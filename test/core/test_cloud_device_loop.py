@@ -106,6 +106,15 @@ def test_cloud_state_survives_restart(models, images, tmp_path):
     third = CloudRuntime(teacher, _load_student(student_dir), private, cloud.cfg,
                          state_dir=tmp_path / 'cloud')
     assert len(third.device('robot1').pending) == 1
+    # A sample re-delivered after a restart (the link is at-least-once) is taken only once.
+    args = (torch.zeros(3, third.space.dim), torch.tensor([0, 1, 2]), QUESTION,
+            third.space.num_tokens, third.space.dim)
+    assert third.add_sample('robot1', *args, sample_id='robot1-7')
+    fourth = CloudRuntime(teacher, _load_student(student_dir), private, cloud.cfg,
+                          state_dir=tmp_path / 'cloud')
+    assert not fourth.add_sample('robot1', *args, sample_id='robot1-7')
+    assert fourth.add_sample('robot1', *args, sample_id='robot1-8')
+    assert len(fourth.device('robot1').pending) == 3
 
 
 def test_wrong_vision_space_is_refused(models, tmp_path):

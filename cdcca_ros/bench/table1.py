@@ -1,11 +1,12 @@
 """Table 1 of the paper on the drifting world: accuracy per round of four ways to adapt.
 
 Every method sees the same rounds (each a stream of drifted-domain samples the device answers,
-Algorithm 1) and is scored on the same held-out samples of every drifted domain after each round
-(see :mod:`cdcca_ros.bench.adaptation`):
+Algorithm 1; one adaptation task per drifted domain) and is scored on the same held-out samples
+of the domain after each round (see :mod:`cdcca_ros.bench.adaptation`):
 
 * source-only: the shipped student, never updated;
-* TENT: entropy minimisation of the student's own answers on the device (no teacher, no link);
+* TENT: entropy minimisation of the student's own answers on the device (no teacher, no link),
+  at the cloud's learning rate and at a tenth of it (the better one is the TENT baseline);
 * teacher pseudo-labels, L_CE only: every sample and all its tokens uplinked, the cloud trains
   the student on the teacher's answers with cross-entropy alone (no L_query / L_repr);
 * CD-CCA: UTS stage 1 + 2 on the device (its defaults), AKD (L_query + L_repr + L_CE) on the

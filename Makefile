@@ -21,7 +21,7 @@ setup:
 	@tools/setup.sh
 
 test:
-	@$(RUN) 'python -m pytest test $(PYTEST_ARGS)'
+	@$(RUN) 'python tools/run_tests.py test $(PYTEST_ARGS)'
 
 demo:
 	@$(RUN) 'python -m cdcca_ros.demo $(ARGS)'

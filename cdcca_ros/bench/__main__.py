@@ -44,7 +44,10 @@ def render_report(records: Mapping[str, Mapping[str, Any]]) -> str:
                   f'{machine.get("torch")} ({machine.get("torch_threads")} threads), load '
                   f'{machine.get("loadavg")}, {rec.get("duration_s")} s', '']
         table = rec.get('table') or {}
-        if table.get('rows'):
+        markdown = (rec.get('detail') or {}).get('markdown')
+        if isinstance(markdown, str) and markdown.strip():
+            lines += [markdown.rstrip(), '']  # the bench's own Markdown table renders best
+        elif table.get('rows'):
             lines += ['```', format_table(table['headers'], table['rows']), '```']
         for note in rec.get('notes', []):
             lines.append(f'- {note}')

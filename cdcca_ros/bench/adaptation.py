@@ -544,9 +544,9 @@ class Experiment:
         p = self.cloud_params
         lq, lr_ = ((p['akd.lambda_query'], p['akd.lambda_repr']) if losses == 'akd'
                    else (0.0, 0.0))
-        return AKDConfig(lambda_query=lq, lambda_repr=lr_, lambda_ce=p['akd.lambda_ce'],
-                         lr=p['akd.lr'], steps=self.plan.akd_steps,
-                         batch_size=self.plan.batch_size, seed=self.plan.seed)
+        return AKDConfig.from_params(p, lambda_query=lq, lambda_repr=lr_,
+                                     steps=self.plan.akd_steps,
+                                     batch_size=self.plan.batch_size, seed=self.plan.seed)
 
     def _log(self, text: str) -> None:
         if self.progress:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -145,6 +147,10 @@ class AKDConfig:
         weight_decay: AdamW weight decay (>= 0).
         max_new_tokens: Generation limit of the teacher's pseudo-labels (>= 1).
         train_mode: Put the student in train mode (dropout) during the steps.
+        min_label_confidence: Drop pseudo-labels whose teacher confidence (geometric mean of
+            the answer tokens' probabilities) is below this, in [0, 1); 0 keeps every label.
+            The teacher sees only the uplinked tokens, so some of its answers are guesses:
+            confidence thresholding (as in FixMatch) keeps the student off most of them.
     """
 
     lambda_query: float = 1.0
@@ -158,6 +164,7 @@ class AKDConfig:
     weight_decay: float = 0.0
     max_new_tokens: int = 6
     train_mode: bool = True
+    min_label_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ('lambda_query', 'lambda_repr', 'lambda_ce'):
@@ -181,10 +188,32 @@ class AKDConfig:
         if self.max_new_tokens < 1:
             raise ConfigError(
                 f'AKDConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}')
+        if not 0.0 <= self.min_label_confidence < 1.0:
+            raise ConfigError(f'AKDConfig.min_label_confidence must be in [0, 1), '
+                              f'got {self.min_label_confidence}')
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> AKDConfig:
+        """The config a cloud node builds from its ``akd.*`` parameters (see
+        :mod:`cdcca_ros.nodes.tables`), then ``overrides`` (field names)."""
+        fields = {name: params[f'akd.{name}'] for name in (
+            'lambda_query', 'lambda_repr', 'lambda_ce', 'lr', 'steps', 'batch_size',
+            'min_label_confidence') if f'akd.{name}' in params}
+        fields.update(overrides)
+        return cls(**fields)
 
     def combine(self, query: Tensor, repr_: Tensor, ce: Tensor) -> Tensor:
         """Eq. 6: the weighted sum of the three losses."""
         return self.lambda_query * query + self.lambda_repr * repr_ + self.lambda_ce * ce
+
+
+def answer_confidence(token_probs: Sequence[float] | np.ndarray) -> float:
+    """Confidence of a generated answer: the geometric mean of its tokens' probabilities
+    (0.0 for an empty answer)."""
+    p = np.asarray(token_probs, dtype=np.float64).reshape(-1)
+    if not p.size:
+        return 0.0
+    return float(np.exp(np.log(np.clip(p, 1e-12, 1.0)).mean()))
 
 
 # --- samples ---------------------------------------------------------------------------------
@@ -279,6 +308,7 @@ class AKDTrainer:
         self._optimizer: torch.optim.Optimizer | None = None
         self._batch_rng = torch.Generator().manual_seed(cfg.seed)
         self.steps_done = 0
+        self.dropped_unsure = 0  # pseudo-labels below min_label_confidence in the last label()
 
     # ---- pseudo-labels ----
     def pseudo_label(self, tokens: Tensor, indices: Tensor | None,
@@ -290,6 +320,12 @@ class AKDTrainer:
             indices: ``[B, K]`` kept positions, or None for all tokens.
             questions: One question per row.
         """
+        return [text for text, _ in self.pseudo_label_scored(tokens, indices, questions)]
+
+    def pseudo_label_scored(self, tokens: Tensor, indices: Tensor | None,
+                            questions: Sequence[str]) -> list[tuple[str, float]]:
+        """Teacher answers with their confidence: the geometric mean of the probabilities
+        of the answer's tokens (0.0 for an empty answer). Arguments as :meth:`pseudo_label`."""
         model = self.teacher.torch_model
         was_training = model.training
         model.eval()
@@ -301,28 +337,35 @@ class AKDTrainer:
                     list(questions), max_new_tokens=self.cfg.max_new_tokens)
         finally:
             model.train(was_training)
-        return [r.text.strip() for r in results]
+        return [(r.text.strip(), answer_confidence(r.token_probs)) for r in results]
 
     def label(self, samples: Sequence[AkdSample]) -> list[AkdSample]:
-        """Fill missing answers with teacher pseudo-labels; drop samples labelled empty.
+        """Fill missing answers with teacher pseudo-labels; drop the unusable ones.
 
         Samples are labelled in batches of ``cfg.batch_size`` within stackable groups.
-        An empty pseudo-label gives no answer position to learn from, so it is dropped.
+        An empty pseudo-label gives no answer position to learn from, and one the teacher is
+        less sure of than ``cfg.min_label_confidence`` is likely wrong: both are dropped
+        (counted in :attr:`dropped_unsure`). Samples that came with an answer are kept as is.
         """
         answers: dict[int, str] = {i: s.answer for i, s in enumerate(samples)
                                    if s.answer is not None}
+        unsure: set[int] = set()
         for group in _groups(samples):
             todo = [i for i in group if i not in answers]
             for start in range(0, len(todo), self.cfg.batch_size):
                 chunk = todo[start:start + self.cfg.batch_size]
                 tokens, indices, questions = _stack([samples[i] for i in chunk])
-                texts = self.pseudo_label(tokens, indices, questions)
-                if len(texts) != len(chunk):
-                    raise ModelError(f'teacher {self.teacher.family} returned {len(texts)} '
+                scored = self.pseudo_label_scored(tokens, indices, questions)
+                if len(scored) != len(chunk):
+                    raise ModelError(f'teacher {self.teacher.family} returned {len(scored)} '
                                      f'answers for {len(chunk)} questions')
-                answers.update(zip(chunk, texts, strict=True))
+                for i, (text, confidence) in zip(chunk, scored, strict=True):
+                    answers[i] = text
+                    if text and confidence < self.cfg.min_label_confidence:
+                        unsure.add(i)
+        self.dropped_unsure = len(unsure)
         return [AkdSample(s.tokens, s.indices, s.question, answers[i])
-                for i, s in enumerate(samples) if answers[i].strip()]
+                for i, s in enumerate(samples) if answers[i].strip() and i not in unsure]
 
     # ---- losses ----
     def _build_projectors(self, t_out: TrainOutputs, s_out: TrainOutputs) -> None:

@@ -61,10 +61,7 @@ def signing_key(params: dict[str, Any], state_dir: Path):
 
 def cloud_config(params: dict[str, Any]) -> CloudConfig:
     """Round, AKD and DWC settings from the node's parameters."""
-    akd = AKDConfig(lambda_query=params['akd.lambda_query'],
-                    lambda_repr=params['akd.lambda_repr'], lambda_ce=params['akd.lambda_ce'],
-                    lr=params['akd.lr'], steps=params['akd.steps'],
-                    batch_size=params['akd.batch_size'])
+    akd = AKDConfig.from_params(params)
     return CloudConfig(min_samples=params['round.min_samples'],
                        max_wait_s=params['round.max_wait_s'], akd=akd,
                        codec=params['dwc.codec'], budget_bytes=params['dwc.budget_bytes'])

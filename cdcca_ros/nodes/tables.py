@@ -127,6 +127,8 @@ CLOUD = (
     Param('akd.lambda_query', 1.0, 'weight of L_query (Eq. 6)', low=0.0),
     Param('akd.lambda_repr', 1.0, 'weight of L_repr (Eq. 6)', low=0.0),
     Param('akd.lambda_ce', 1.0, 'weight of L_CE (Eq. 6)', low=0.0),
+    Param('akd.min_label_confidence', 0.0, 'drop teacher pseudo-labels less confident than '
+          'this (geometric mean of the answer token probabilities)', low=0.0, high=0.999),
     Param('dwc.codec', 'sparse', 'delta codec', choices=('fp16', 'nf4', 'sparse')),
     Param('dwc.budget_bytes', 65536, 'per-device byte budget of one delta', low=64),
     Param('dwc.chunk_bytes', 32768, 'largest DwcDelta chunk', low=256),

@@ -151,6 +151,17 @@ def test_report_lists_every_target(records):
             assert f'`{target["key"]}`' in text
 
 
+def test_report_prefers_a_bench_markdown_table(records):
+    name, rec = next(iter(records.items()))
+    table = '| a | b |\n|---|---|\n| 1 | 2 |'
+    text = render_report({name: {**rec, 'detail': {**(rec.get('detail') or {}),
+                                                   'markdown': table}}})
+    assert table in text
+    assert '```' not in text.split(f'## {name}')[1]  # no plain-text table beside it
+    text = render_report({name: {**rec, 'detail': {}}})
+    assert '```' in text.split(f'## {name}')[1]
+
+
 @pytest.mark.parametrize('summary, met', [
     ({'a': {'b': 0.5}}, True), ({'a': {'b': 2.0}}, False), ({'a': {'b': None}}, None),
     ({'a': {}}, None), ({'a': {'b': math.nan}}, None),

@@ -18,6 +18,7 @@ from cdcca_ros.core.akd import (
     AKDTrainer,
     QueryProjector,
     ReprProjector,
+    answer_confidence,
     query_loss,
     repr_loss,
 )
@@ -374,6 +375,45 @@ def test_label_drops_empty_pseudo_labels(teacher: TinyMLLM) -> None:
     data = make_dataset(2, seed=1)
     data[0].answer = '  '
     assert [s.answer for s in trainer.label(data)] == [data[1].answer]
+
+
+def test_answer_confidence_is_geometric_mean() -> None:
+    assert answer_confidence([0.5, 0.125]) == pytest.approx(0.25)
+    assert answer_confidence([]) == 0.0
+    assert answer_confidence([0.0]) == pytest.approx(1e-12)
+
+
+def test_label_drops_unsure_pseudo_labels(teacher: TinyMLLM) -> None:
+    data = make_dataset(12, seed=5)
+    tokens = torch.stack([s.tokens for s in data])
+    questions = [s.question for s in data]
+    scored = AKDTrainer(teacher, make_student(), AKDConfig(), progress=False
+                        ).pseudo_label_scored(tokens, None, questions)
+    expected = [answer_confidence(r.token_probs)
+                for r in teacher.answer_from_tokens(tokens, None, questions)]
+    assert [c for _, c in scored] == pytest.approx(expected)
+    confidences = sorted(c for _, c in scored)
+    assert confidences[0] < confidences[-1]  # the threshold below separates something
+    threshold = (confidences[len(confidences) // 2 - 1] + confidences[len(confidences) // 2]) / 2
+    trainer = AKDTrainer(teacher, make_student(), AKDConfig(min_label_confidence=threshold),
+                         progress=False)
+    unlabelled = [AkdSample(s.tokens, None, s.question) for s in data]
+    given = AkdSample(data[0].tokens, None, data[0].question, 'blue')  # given answers stay
+    out = trainer.label(unlabelled + [given])
+    keep = [text for text, c in scored if c >= threshold]
+    assert [s.answer for s in out] == keep + ['blue']
+    assert trainer.dropped_unsure == len(data) - len(keep) > 0
+
+
+def test_akd_config_from_params() -> None:
+    params = {'akd.lambda_query': 0.5, 'akd.lambda_repr': 0.0, 'akd.lambda_ce': 2.0,
+              'akd.lr': 1e-3, 'akd.steps': 7, 'akd.batch_size': 3,
+              'akd.min_label_confidence': 0.8, 'dwc.codec': 'sparse'}
+    cfg = AKDConfig.from_params(params, steps=9)
+    assert (cfg.lambda_query, cfg.lambda_repr, cfg.lambda_ce, cfg.lr, cfg.steps,
+            cfg.batch_size, cfg.min_label_confidence) == (0.5, 0.0, 2.0, 1e-3, 9, 3, 0.8)
+    with pytest.raises(ConfigError, match='min_label_confidence'):
+        AKDConfig.from_params({**params, 'akd.min_label_confidence': 1.0})
 
 
 def test_losses_match_independent_computation(teacher: TinyMLLM) -> None:

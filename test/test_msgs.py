@@ -96,8 +96,34 @@ def test_uint8_arrays_carry_raw_bytes():
     assert isinstance(back.kept_indices, array.array)
 
 
+def test_kept_indices_are_uint16():
+    tokens = _uts_tokens()
+    tokens.kept_indices = [0, 65535]
+    back = deserialize_message(serialize_message(tokens), msg.UtsTokens)
+    assert back.kept_indices.typecode == 'H' and list(back.kept_indices) == [0, 65535]
+    with pytest.raises((AssertionError, ValueError, OverflowError)):
+        tokens.kept_indices = [65536]
+
+
+def test_uplink_bytes_are_the_cdr_bytes_of_the_token_fields():
+    from cdcca_ros.core.uts import uplink_bytes
+
+    full = _uts_tokens()
+    empty = _uts_tokens()
+    empty.kept_indices, empty.scales, empty.payload = [], [], b''
+    counted = uplink_bytes(len(full.payload), len(full.scales), len(full.kept_indices))
+    elements = counted - 3 * 4  # the empty message keeps the three 4-byte counts
+    grown = len(serialize_message(full)) - len(serialize_message(empty))
+    assert elements == 12 + 3 * 4 + 3 * 2
+    assert abs(grown - elements) <= 3 * 2  # alignment padding only
+
+
 def test_constants_are_defined():
-    assert msg.UtsTokens.DTYPE_FP16 == 'fp16' and msg.UtsTokens.DTYPE_INT8 == 'int8'
+    from cdcca_ros.core.uts import PACK_DTYPES
+
+    dtypes = (msg.UtsTokens.DTYPE_FP16, msg.UtsTokens.DTYPE_INT8, msg.UtsTokens.DTYPE_INT4,
+              msg.UtsTokens.DTYPE_ECQ)
+    assert dtypes == PACK_DTYPES
     states = {msg.AdaptationStatus.STATE_ROUND_DONE, msg.AdaptationStatus.STATE_APPLIED,
               msg.AdaptationStatus.STATE_REJECTED, msg.AdaptationStatus.STATE_ROLLED_BACK}
     assert len(states) == 4

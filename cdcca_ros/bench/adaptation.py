@@ -66,7 +66,6 @@ LOSSES = ('akd', 'ce')
 STAGE2 = ('none', 'uts', 'random')
 METRICS = ('da', 'mc')
 EVAL_BATCH = 50
-INDEX_BYTES = 4  # UtsTokens.kept_indices is uint32[] (as the uplink bench counts)
 IMAGE_SIZE = 64  # frame side when the model does not say which size it takes
 DEVICE_ID = 'robot1'
 
@@ -691,7 +690,7 @@ class Experiment:
     def _run_cloud(self, method: Method, domain: str) -> list[tuple[RoundRecord, Scores]]:
         from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
         from cdcca_ros.core.device_runtime import DeviceRuntime
-        from cdcca_ros.core.uts import UtsPipeline, pack_tokens, unpack_tokens
+        from cdcca_ros.core.uts import UtsPipeline, pack_tokens, unpack_tokens, uplink_bytes
 
         private, public = self._keypair()
         p = self.cloud_params
@@ -723,13 +722,14 @@ class Experiment:
                         continue
                     packed = pack_tokens(answered.tokens.detach().cpu(), cfg.pack_dtype)
                     indices = None
-                    up_bytes += packed.nbytes
+                    # All tokens in order: no kept_indices travel.
+                    up_bytes += uplink_bytes(len(packed.data), len(packed.scale), 0)
                 else:
                     result = pipeline.process(answered.step_probs, answered.tokens)
                     if result is None:
                         continue
                     packed, indices = result.packed, result.kept_indices
-                    up_bytes += packed.nbytes + INDEX_BYTES * int(indices.numel())
+                    up_bytes += result.uplink_bytes
                 kept_counts.append(packed.shape[0])
                 tokens = unpack_tokens(packed)
                 sent.append((tokens, indices, s))

@@ -66,7 +66,7 @@ TARGETS: tuple[Target, ...] = ()
 BLIP2_TOKENS = 257
 BLIP2_DIM = 1408
 BLIP2_GRID = (16, 16)
-PACK_DTYPES = ('fp16', 'int8')
+PACK_DTYPES = ('fp16', 'int8', 'int4', 'ecq')  # as cdcca_ros.core.uts (which imports torch)
 DEVICE = 'robot1'
 CLOUD = 'cloud'
 TOPIC = 'uts_tokens'  # the bridge's link topic; the DDS path uses the same name
@@ -84,7 +84,7 @@ class SizeCase:
     Attributes:
         name: Row label.
         kept: Tokens in the message, in ``[1, BLIP2_TOKENS]``.
-        dtype: ``'fp16'`` or ``'int8'`` (int8 adds one float32 scale per token).
+        dtype: One of :data:`PACK_DTYPES` (the payload is real packed random tokens).
         note: What the shape stands for.
     """
 
@@ -120,13 +120,15 @@ def size_cases(keep_ratio: float, pack_dtype: str) -> list[SizeCase]:
 def build_message(case: SizeCase, seed: int) -> Any:
     """A consistent ``UtsTokens`` of ``case``'s shape with random token bytes."""
     import numpy as np
+    import torch
 
+    from cdcca_ros.core.uts import pack_tokens
     from cdcca_ros.msg import UtsTokens
 
     rng = np.random.default_rng(seed)
-    kept = np.sort(rng.choice(BLIP2_TOKENS, size=case.kept, replace=False)).astype(np.uint32)
-    width = 2 if case.dtype == 'fp16' else 1
-    payload = rng.integers(0, 256, size=case.kept * BLIP2_DIM * width, dtype=np.uint8)
+    kept = np.sort(rng.choice(BLIP2_TOKENS, size=case.kept, replace=False)).astype(np.uint16)
+    tokens = rng.standard_normal((case.kept, BLIP2_DIM), dtype=np.float32)
+    packed = pack_tokens(torch.from_numpy(tokens), case.dtype)
     rows, cols = BLIP2_GRID
     msg = UtsTokens(
         device_id=DEVICE, sample_id=f'{DEVICE}-0', model_version=f'{DEVICE}:v0',
@@ -137,10 +139,7 @@ def build_message(case: SizeCase, seed: int) -> Any:
         grid_rows=rows, grid_cols=cols, has_cls=True,
         kept_indices=[int(i) for i in kept],
         token_variance=[float(v) for v in rng.random(case.kept, dtype=np.float32)],
-        dtype=case.dtype,
-        scales=[float(s) for s in rng.random(case.kept, dtype=np.float32) / 127.0]
-        if case.dtype == 'int8' else [],
-        payload=payload.tobytes())
+        dtype=case.dtype, scales=packed.scale, payload=packed.data)
     msg.header.frame_id = 'camera_color_optical_frame'
     return msg
 

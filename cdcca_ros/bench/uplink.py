@@ -5,14 +5,16 @@ Per sample (frames at the camera's resolution, 640x480, of the source and every 
 * the raw RGB frame, and its JPEG at quality 90 (``cv2.imencode``: the fair baseline, an
   ``image`` uplink mode would send it);
 * all vision tokens in fp16 (what the official code sends);
-* the UTS-kept tokens as ``uts_node`` sends them: the device's default stage 2 (keep ratio)
-  packed fp16 and int8, payload = codes + float32 scales + uint32 indices (what ``uts_node``
-  counts as uplink bytes), and the whole serialized ``UtsTokens`` message when the ROS
-  messages are built.
+* the UTS-kept tokens as ``uts_node`` sends them, at the keep ratio of ``--keep-ratio``
+  (default: the device's), in every packing (fp16, int8, int4, ecq): the CDR bytes of the
+  token fields of ``UtsTokens`` (payload, scales, uint16 kept indices, each with its 4-byte
+  count: what ``uts_node`` counts as uplink bytes), and the whole serialized message when the
+  ROS messages are built. ``summary.uts_over_jpeg`` is that of ``--dtype`` (default: the
+  device's packing).
 
 Packing is judged by what the cloud does with the tokens: the teacher's answer from the
 unpacked kept tokens is compared with its answer from the exact (float32) kept tokens. A sweep
-over the keep ratio shows the bytes/answer trade-off.
+over the keep ratio (packing ``--dtype``) shows the bytes/answer trade-off.
 
 Stage 1: the fraction of samples whose answer entropy passes the device's default gate, on the
 source and on the drifted domains, with the entropy distribution per domain and the student's
@@ -40,22 +42,37 @@ from cdcca_ros.bench.common import (
 )
 
 NAME = 'uplink'
-DESCRIPTION = ('uplink bytes per selected sample (raw, JPEG q90, all tokens, UTS-kept fp16/int8) '
-               'and stage-1 pass rates on source vs drifted domains')
-TARGETS = (Target('uts_over_jpeg', '<=', 0.01, 'issue 4'),)
+DESCRIPTION = ('uplink bytes per selected sample (raw, JPEG q90, all tokens, UTS-kept tokens in '
+               'every packing) and stage-1 pass rates on source vs drifted domains')
+TARGET_OVER_JPEG = 0.01
+TARGETS = (Target('uts_over_jpeg', '<=', TARGET_OVER_JPEG, 'issue 4'),)
 JPEG_QUALITY = 90
-INDEX_BYTES = 4  # UtsTokens.kept_indices is uint32[]
-# int8 is the better default when the teacher's answers from it agree with those from the
-# exact tokens at least this nearly as often as from fp16 (fraction of samples).
-AGREEMENT_TOLERANCE = 0.01
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Bench arguments."""
+    from cdcca_ros.core.uts import PACK_DTYPES
+
     parser.add_argument('--per-domain', type=int, default=None,
                         help='samples per domain (default 60, quick 2)')
+    parser.add_argument('--keep-ratio', type=float, default=None,
+                        help='stage-2 keep ratio of the measured configuration '
+                             '(default: the device node\'s uts.keep_ratio)')
+    parser.add_argument('--dtype', choices=PACK_DTYPES, default=None,
+                        help='packing of summary.uts_over_jpeg and of the sweep '
+                             '(default: the device node\'s uts.pack_dtype)')
     parser.add_argument('--keep-ratios', default='0.1,0.25,0.5,0.75,1.0',
-                        help='keep ratios of the sweep (int8 packing)')
+                        help='keep ratios of the sweep')
+
+
+def recommend(over_jpeg: dict[str, float], agreement: dict[str, float],
+              target: float = TARGET_OVER_JPEG) -> str:
+    """The packing to use: among those within the byte target, the one the teacher agrees
+    with most (then the fewest bytes); if none is within it, the fewest bytes."""
+    within = [d for d, r in over_jpeg.items() if r <= target]
+    if within:
+        return max(within, key=lambda d: (agreement[d], -over_jpeg[d]))
+    return min(over_jpeg, key=lambda d: over_jpeg[d])
 
 
 def _jpeg_bytes(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> int:
@@ -117,11 +134,14 @@ def run(ctx: BenchContext) -> BenchResult:
     """Measure and summarise (see the module docstring)."""
     from cdcca_ros.core.device_runtime import DeviceRuntime
     from cdcca_ros.core.uts import (
+        PACK_DTYPES,
+        UtsConfig,
         UtsPipeline,
         pack_stats,
         pack_tokens,
         select_tokens,
         unpack_tokens,
+        uplink_bytes,
     )
     from cdcca_ros.sim.domains import DRIFTED, SOURCE
     from cdcca_ros.sim.scoring import vqa_accuracy
@@ -135,17 +155,23 @@ def run(ctx: BenchContext) -> BenchResult:
     runtime = DeviceRuntime(student, 'robot1', max_new_tokens=params['max_new_tokens'])
     space = student.vision_space()
     default = device_uts_config()
+    keep_ratio = default.keep_ratio if ctx.args.keep_ratio is None else ctx.args.keep_ratio
+    dtype = ctx.args.dtype or default.pack_dtype
+    UtsConfig(keep_ratio=keep_ratio, pack_dtype=dtype)  # checks both (ConfigError)
     selectors = {}
     # Stage 2 on every sample: the bytes of a selected sample do not depend on whether this
     # one was selected, and the pack comparison needs many samples.
-    pipeline = UtsPipeline(device_uts_config(stage1_threshold=0.0, pack_dtype='fp16'),
+    pipeline = UtsPipeline(device_uts_config(stage1_threshold=0.0, keep_ratio=keep_ratio,
+                                             pack_dtype=dtype),
                            runtime.mc_token_features, has_cls=space.has_cls)
     domains = (SOURCE,) + DRIFTED
     samples = world_samples(ctx.seed, domains, per_domain, (width, height))
     rec: dict[str, list[Any]] = {k: [] for k in (
-        'domain', 'jpeg', 'entropy', 'passed', 'correct', 'fp16', 'int8', 'msg', 'agree_fp16',
-        'agree_int8', 'agree_all', 'teacher_acc_all', 'teacher_acc_int8', 'cos_int8',
-        'rel_l2_int8', 'rel_l2_fp16', 'kept')}
+        'domain', 'jpeg', 'entropy', 'passed', 'correct', 'msg', 'agree_all',
+        'teacher_acc_all', 'kept')}
+    packs: dict[str, dict[str, list[float]]] = {
+        d: {'bytes': [], 'agree': [], 'acc': [], 'rel_l2': [], 'cosine': []}
+        for d in PACK_DTYPES}
     sweep: dict[float, dict[str, list[float]]] = {r: {'bytes': [], 'agree': [], 'acc': []}
                                                   for r in ratios}
     for s in samples:
@@ -160,35 +186,31 @@ def run(ctx: BenchContext) -> BenchResult:
         assert result is not None  # stage 1 threshold 0 passes every sample
         kept_idx = result.kept_indices
         kept = answered.tokens.detach().float().cpu()[kept_idx]
-        index_bytes = INDEX_BYTES * int(kept_idx.numel())
         rec['kept'].append(int(kept_idx.numel()))
-        packed8 = pack_tokens(kept, 'int8')
-        rec['fp16'].append(result.packed.nbytes + index_bytes)
-        rec['int8'].append(packed8.nbytes + index_bytes)
-        default_result = result if default.pack_dtype == 'fp16' else type(result)(
-            entropy=result.entropy, kept_indices=kept_idx, variance=result.variance,
-            packed=packed8, stage2_ms=result.stage2_ms)
-        rec['msg'].append(_message_bytes(answered, default_result, space))
-        st8, st16 = pack_stats(kept, 'int8'), pack_stats(kept, 'fp16')
-        rec['cos_int8'].append(st8.cosine)
-        rec['rel_l2_int8'].append(st8.rel_l2)
-        rec['rel_l2_fp16'].append(st16.rel_l2)
+        rec['msg'].append(_message_bytes(answered, result, space))
         exact = _teacher_text(teacher, kept, kept_idx, s.question)
         all_tokens = _teacher_text(teacher, answered.tokens, None, s.question)
-        from_int8 = _teacher_text(teacher, unpack_tokens(packed8), kept_idx, s.question)
-        from_fp16 = _teacher_text(teacher, unpack_tokens(result.packed), kept_idx, s.question)
-        rec['agree_fp16'].append(float(from_fp16 == exact))
-        rec['agree_int8'].append(float(from_int8 == exact))
         rec['agree_all'].append(float(exact == all_tokens))
         rec['teacher_acc_all'].append(vqa_accuracy(all_tokens, s.answers))
-        rec['teacher_acc_int8'].append(vqa_accuracy(from_int8, s.answers))
+        for d in PACK_DTYPES:
+            packed = result.packed if d == dtype else pack_tokens(kept, d)
+            st = pack_stats(kept, d)
+            text = _teacher_text(teacher, unpack_tokens(packed), kept_idx, s.question)
+            row = packs[d]
+            row['bytes'].append(uplink_bytes(len(packed.data), len(packed.scale),
+                                             int(kept_idx.numel())))
+            row['agree'].append(float(text == exact))
+            row['acc'].append(vqa_accuracy(text, s.answers))
+            row['rel_l2'].append(st.rel_l2)
+            row['cosine'].append(st.cosine)
         for r in ratios:
             idx = select_tokens(result.variance, mode='keep_ratio', keep_ratio=r,
                                 min_keep=default.min_keep,
                                 always_keep_cls=default.always_keep_cls and space.has_cls)
-            p8 = pack_tokens(answered.tokens.detach().float().cpu()[idx], 'int8')
-            text = _teacher_text(teacher, unpack_tokens(p8), idx, s.question)
-            sweep[r]['bytes'].append(p8.nbytes + INDEX_BYTES * int(idx.numel()))
+            packed = pack_tokens(answered.tokens.detach().float().cpu()[idx], dtype)
+            text = _teacher_text(teacher, unpack_tokens(packed), idx, s.question)
+            sweep[r]['bytes'].append(uplink_bytes(len(packed.data), len(packed.scale),
+                                                  int(idx.numel())))
             sweep[r]['agree'].append(float(text == all_tokens))
             sweep[r]['acc'].append(vqa_accuracy(text, s.answers))
 
@@ -199,12 +221,11 @@ def run(ctx: BenchContext) -> BenchResult:
     raw = width * height * 3
     n_tok, dim = space.num_tokens, space.dim
     all_fp16 = n_tok * dim * 2
-    mean = {k: float(np.mean(rec[k])) for k in ('fp16', 'int8', 'agree_fp16', 'agree_int8',
-                                                'agree_all')}
+    mean = {d: {k: float(np.mean(v)) for k, v in row.items()} for d, row in packs.items()}
+    over_jpeg = {d: ratio(mean[d]['bytes'], jpeg_mean) for d in PACK_DTYPES}
+    agreement = {d: mean[d]['agree'] for d in PACK_DTYPES}
+    recommended = recommend(over_jpeg, agreement)
     msgs = [m for m in rec['msg'] if m is not None]
-    default_bytes = mean[default.pack_dtype]
-    recommended = ('int8' if mean['agree_int8'] >= mean['agree_fp16'] - AGREEMENT_TOLERANCE
-                   else 'fp16')
     passed = np.asarray(rec['passed'], dtype=bool)
     entropy = np.asarray(rec['entropy'])
     correct = np.asarray(rec['correct'])
@@ -215,18 +236,19 @@ def run(ctx: BenchContext) -> BenchResult:
         'raw_bytes': raw,
         'jpeg_bytes': jpeg_mean,
         'all_tokens_fp16_bytes': all_fp16,
-        'uts_bytes_fp16': mean['fp16'],
-        'uts_bytes_int8': mean['int8'],
-        'uts_bytes': default_bytes,
-        'uts_over_jpeg': ratio(default_bytes, jpeg_mean),
-        'uts_fp16_over_jpeg': ratio(mean['fp16'], jpeg_mean),
-        'uts_int8_over_jpeg': ratio(mean['int8'], jpeg_mean),
+        'pack_dtype': dtype,
+        'keep_ratio': keep_ratio,
+        'kept_tokens_mean': float(np.mean(rec['kept'])),
+        'uts_bytes': mean[dtype]['bytes'],
+        'uts_over_jpeg': over_jpeg[dtype],
+        **{f'uts_bytes_{d}': mean[d]['bytes'] for d in PACK_DTYPES},
+        **{f'uts_{d}_over_jpeg': over_jpeg[d] for d in PACK_DTYPES},
+        **{f'teacher_agreement_{d}': agreement[d] for d in PACK_DTYPES},
         'uts_msg_over_jpeg': ratio(float(np.mean(msgs)), jpeg_mean) if msgs else None,
         'all_tokens_over_jpeg': ratio(all_fp16, jpeg_mean),
         'pack_dtype_default': default.pack_dtype,
+        'keep_ratio_default': default.keep_ratio,
         'pack_dtype_recommended': recommended,
-        'teacher_agreement_fp16': mean['agree_fp16'],
-        'teacher_agreement_int8': mean['agree_int8'],
         'pass_rate_source': float(passed[src].mean()) if src.any() else math.nan,
         'pass_rate_drifted': float(passed[drift].mean()) if drift.any() else math.nan,
         'entropy_threshold_default': default.stage1_threshold,
@@ -239,6 +261,7 @@ def run(ctx: BenchContext) -> BenchResult:
     }
     per_domain_rows = []
     per_domain_detail = {}
+    acc_packed = np.asarray(packs[dtype]['acc'])
     for d in domains:
         m = domain == d
         wrong = m & (correct < 1.0)
@@ -251,7 +274,7 @@ def run(ctx: BenchContext) -> BenchResult:
             'pass_rate_right': float(passed[right].mean()) if right.any() else None,
             'pass_rate_at_suggested': float((entropy[m] > suggested).mean()),
             'teacher_accuracy_all_tokens': float(np.mean(np.asarray(rec['teacher_acc_all'])[m])),
-            'teacher_accuracy_uts_int8': float(np.mean(np.asarray(rec['teacher_acc_int8'])[m])),
+            f'teacher_accuracy_uts_{dtype}': float(acc_packed[m].mean()),
         }
         pd = per_domain_detail[d]
         per_domain_rows.append([f'stage 1 on {d}', pd['pass_rate'],
@@ -261,42 +284,48 @@ def run(ctx: BenchContext) -> BenchResult:
         ['raw frame RGB', raw, ratio(raw, jpeg_mean), '-'],
         [f'JPEG q{JPEG_QUALITY} {width}x{height}', jpeg_mean, 1.0, '-'],
         [f'all tokens fp16 ({n_tok}x{dim})', all_fp16, ratio(all_fp16, jpeg_mean), '-'],
-        ['UTS kept, fp16', mean['fp16'], summary['uts_fp16_over_jpeg'], mean['agree_fp16']],
-        ['UTS kept, int8', mean['int8'], summary['uts_int8_over_jpeg'], mean['agree_int8']],
     ]
+    rows += [[f'UTS kept ({keep_ratio:g}), {d}' + (' *' if d == dtype else ''),
+              mean[d]['bytes'], over_jpeg[d], agreement[d]] for d in PACK_DTYPES]
     if msgs:
-        rows.append([f'UtsTokens message ({default.pack_dtype})', float(np.mean(msgs)),
+        rows.append([f'UtsTokens message ({dtype})', float(np.mean(msgs)),
                      summary['uts_msg_over_jpeg'], '-'])
     for r in ratios:
         b = float(np.mean(sweep[r]['bytes']))
-        rows.append([f'keep_ratio {r:g}, int8 (vs all tokens)', b, ratio(b, jpeg_mean),
+        rows.append([f'keep_ratio {r:g}, {dtype} (vs all tokens)', b, ratio(b, jpeg_mean),
                      float(np.mean(sweep[r]['agree']))])
     detail = {
         'per_domain': per_domain_detail,
+        'packings': {d: {'bytes': mean[d]['bytes'], 'over_jpeg': over_jpeg[d],
+                         'teacher_agreement_vs_exact_kept': agreement[d],
+                         'teacher_accuracy': mean[d]['acc'], 'rel_l2_mean': mean[d]['rel_l2'],
+                         'cosine_mean': mean[d]['cosine']} for d in PACK_DTYPES},
         'keep_ratio_sweep': {f'{r:g}': {
             'bytes': float(np.mean(v['bytes'])), 'over_jpeg': ratio(float(np.mean(v['bytes'])),
                                                                     jpeg_mean),
             'teacher_agreement_vs_all_tokens': float(np.mean(v['agree'])),
             'teacher_accuracy': float(np.mean(v['acc']))} for r, v in sweep.items()},
-        'teacher_agreement_kept_vs_all_tokens': mean['agree_all'],
+        'teacher_agreement_kept_vs_all_tokens': float(np.mean(rec['agree_all'])),
         'teacher_accuracy_all_tokens': float(np.mean(rec['teacher_acc_all'])),
-        'teacher_accuracy_uts_int8': float(np.mean(rec['teacher_acc_int8'])),
-        'int8_cosine_mean': float(np.mean(rec['cos_int8'])),
-        'int8_rel_l2_mean': float(np.mean(rec['rel_l2_int8'])),
-        'fp16_rel_l2_mean': float(np.mean(rec['rel_l2_fp16'])),
+        f'teacher_accuracy_uts_{dtype}': float(acc_packed.mean()),
         'message_bytes_mean': float(np.mean(msgs)) if msgs else None,
         'vision_space': asdict(space), 'uts_config_default': asdict(default),
         'frame_size': [width, height], 'jpeg_quality': JPEG_QUALITY,
-        'kept_tokens_mean': float(np.mean(rec['kept'])),
     }
+    agree_text = ', '.join(f'{d} {agreement[d]:.1%} ({mean[d]["bytes"]:.0f} B)'
+                           for d in PACK_DTYPES)
     notes = [
         f'{len(samples)} frames {width}x{height} ({per_domain} per domain); bytes are means, '
         'ratios are totals over the run (what the link carries)',
-        'UTS payload = packed codes + float32 scales + uint32 kept indices (uts_node\'s '
-        'uplink_bytes); the message adds question, answer, ids and per-token variance',
+        f'measured configuration: keep_ratio {keep_ratio:g} ({summary["kept_tokens_mean"]:.1f} '
+        f'of {n_tok} tokens kept), packing {dtype} (*): summary.uts_over_jpeg; device defaults '
+        f'keep_ratio {default.keep_ratio:g}, {default.pack_dtype}',
+        'UTS bytes = CDR bytes of the UtsTokens token fields: payload + float32 scales + '
+        'uint16 kept indices, each with its 4-byte count (uts_node\'s uplink_bytes); the '
+        'message adds question, answer, ids and per-token variance',
         f'packing: teacher answers from unpacked tokens equal those from exact kept tokens in '
-        f'{mean["agree_int8"]:.1%} (int8) vs {mean["agree_fp16"]:.1%} (fp16) of samples: '
-        f'use {recommended}',
+        f'{agree_text}: use {recommended} (within {TARGET_OVER_JPEG:.0%} of the JPEG, the '
+        'most agreement; else the fewest bytes)',
         f'stage 1 default threshold {default.stage1_threshold:g} nats passes '
         f'{summary["pass_rate_source"]:.1%} of source and {summary["pass_rate_drifted"]:.1%} '
         f'of drifted samples; {suggested:.3g} nats would pass 10% of source and '

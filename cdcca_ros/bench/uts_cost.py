@@ -2,10 +2,10 @@
 
 For every sample (camera-resolution frames of the source and drifted domains) the device runtime
 answers (vision tokens + greedy decoding, as ``device_node`` does), then the UTS pipeline runs
-on that answer with the device's default settings, stage 1 forced to pass so stage 2 runs every
-time (its cost is what a selected sample pays). The two are interleaved sample by sample and the
-figure is the ratio of their medians. A sweep over the number of Monte-Carlo masks ``M`` shows
-how stage 2 scales.
+on that answer with the device's default settings (``--keep-ratio`` and ``--dtype`` override the
+keep ratio and the packing), stage 1 forced to pass so stage 2 runs every time (its cost is what
+a selected sample pays). The two are interleaved sample by sample and the figure is the ratio of
+their medians. A sweep over the number of Monte-Carlo masks ``M`` shows how stage 2 scales.
 """
 from __future__ import annotations
 
@@ -38,8 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Bench arguments."""
     parser.add_argument('--samples', type=int, default=None,
                         help='timed samples (default 60, quick 6)')
+    from cdcca_ros.core.uts import PACK_DTYPES
+
     parser.add_argument('--sweep', default='4,8,16,32',
                         help='Monte-Carlo mask counts of the stage-2 sweep (empty: none)')
+    parser.add_argument('--keep-ratio', type=float, default=None,
+                        help='stage-2 keep ratio (default: the device node\'s uts.keep_ratio)')
+    parser.add_argument('--dtype', choices=PACK_DTYPES, default=None,
+                        help='packing of the kept tokens (default: the device node\'s '
+                             'uts.pack_dtype)')
 
 
 def run(ctx: BenchContext) -> BenchResult:
@@ -56,8 +63,11 @@ def run(ctx: BenchContext) -> BenchResult:
     per_domain = -(-(n + WARMUP) // len(domains))
     samples = world_samples(ctx.seed, domains, per_domain, camera_size())[:n + WARMUP]
     default_cfg = device_uts_config()
+    chosen = {'keep_ratio': (default_cfg.keep_ratio if ctx.args.keep_ratio is None
+                             else ctx.args.keep_ratio),
+              'pack_dtype': ctx.args.dtype or default_cfg.pack_dtype}
     # Stage 1 must pass for stage 2 to be timed on every sample; everything else is default.
-    cfg = device_uts_config(stage1_mode='threshold', stage1_threshold=0.0)
+    cfg = device_uts_config(stage1_mode='threshold', stage1_threshold=0.0, **chosen)
     pipeline = UtsPipeline(cfg, runtime.mc_token_features, has_cls=has_cls)
     selector = SampleSelector(mode=default_cfg.stage1_mode,
                               threshold=default_cfg.stage1_threshold,
@@ -93,13 +103,14 @@ def run(ctx: BenchContext) -> BenchResult:
     tokens_cache = [runtime.answer(s.image, s.question) for s in samples[:sweep_n]]
     # Which tokens a large M keeps: the reference the smaller M's selections are compared to.
     reference = []
-    ref_pipe = UtsPipeline(device_uts_config(stage1_threshold=0.0, mc_masks=REFERENCE_MASKS),
+    ref_pipe = UtsPipeline(device_uts_config(stage1_threshold=0.0, mc_masks=REFERENCE_MASKS,
+                                             **chosen),
                            runtime.mc_token_features, has_cls=has_cls)
     for a in tokens_cache:
         res = ref_pipe.process(a.step_probs, a.tokens)
         reference.append(set(res.kept_indices.tolist()) if res is not None else set())
     for m in masks:
-        sweep_pipe = UtsPipeline(device_uts_config(stage1_threshold=0.0, mc_masks=m),
+        sweep_pipe = UtsPipeline(device_uts_config(stage1_threshold=0.0, mc_masks=m, **chosen),
                                  runtime.mc_token_features, has_cls=has_cls)
         times, overlap = [], []
         for a, ref in zip(tokens_cache, reference, strict=True):
@@ -141,6 +152,10 @@ def run(ctx: BenchContext) -> BenchResult:
                 'domains': list(domains), 'mc_sweep': sweep, 'warmup_samples': WARMUP},
         notes=[f'{len(answer_ms)} samples at {camera_size()[0]}x{camera_size()[1]} over '
                f'{", ".join(domains)}; answer and UTS interleaved, ratio of medians',
-               f'device UTS defaults (M={cfg.mc_masks}, p={cfg.dropout_p}, '
-               f'{cfg.stage2_mode}={cfg.keep_ratio}, {cfg.pack_dtype}), stage 1 forced to '
-               'pass so every sample pays stage 2'])
+               f'UTS settings: device defaults (M={cfg.mc_masks}, p={cfg.dropout_p}, '
+               f'{cfg.stage2_mode}={default_cfg.keep_ratio}, {default_cfg.pack_dtype}), '
+               f'measured at {cfg.stage2_mode}={cfg.keep_ratio}, {cfg.pack_dtype}; stage 1 '
+               'forced to pass so every sample pays stage 2',
+               'stage 2 = Monte-Carlo features (M masked copies of the tokens through the '
+               'first Q-Former cross-attention in one product, query side and projections '
+               'cached per weights) + variance + selection + packing'])

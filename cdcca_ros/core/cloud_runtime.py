@@ -10,6 +10,11 @@ writes, so a restart resumes where it stopped):
   next delta: that is the error feedback of DWC;
 - the samples received since the last round (``pending/``, one safetensors file each).
 
+A round's delta goes out as a compact DWC payload (no tensor index: the device decodes it
+against its own trainable set) under the byte budget; when the plain payload is lossy
+(relative error above ``refit_min_error``), the kept coordinates are first retrained on the
+round's samples through the codec (:mod:`cdcca_ros.core.refit`).
+
 One student module serves every device: its trainable set (LoRA, norms, biases, query tokens)
 is loaded with the device's ``trained`` copy before a round. Only adapters are kept per device.
 """
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from cdcca_ros.core import dwc, wire
 from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
 from cdcca_ros.core.atomic import atomic_write
+from cdcca_ros.core.refit import RefitConfig, RefitResult, akd_task_loss, refit_compress
 from cdcca_ros.core.updates import DeltaEnvelope, seal_delta
 from cdcca_ros.errors import ConfigError, ModelError, WireError
 
@@ -49,6 +55,10 @@ class CloudConfig:
         codec: DWC codec name (``fp16``, ``nf4``, ``sparse``).
         codec_params: codec knobs (e.g. ``{'density': 0.05, 'bits': 2}`` for ``sparse``).
         budget_bytes: per-device byte budget of one delta payload; None: unlimited.
+        refit: compression-aware refit (:mod:`cdcca_ros.core.refit`); ``refit.steps`` 0
+            turns it off.
+        refit_min_error: refit only when the plain payload's relative L2 error exceeds this
+            (a payload that already carries the delta closely gains nothing from it).
     """
 
     min_samples: int = 32
@@ -57,6 +67,8 @@ class CloudConfig:
     codec: str = 'sparse'
     codec_params: dict[str, Any] = field(default_factory=dict)
     budget_bytes: int | None = 65536
+    refit: RefitConfig = field(default_factory=RefitConfig)
+    refit_min_error: float = 0.2
 
     def __post_init__(self) -> None:
         if self.min_samples < 1:
@@ -67,6 +79,8 @@ class CloudConfig:
             raise ConfigError(f'unknown codec {self.codec!r}; known: {dwc.codec_names()}')
         if self.budget_bytes is not None and self.budget_bytes < 64:
             raise ConfigError(f'budget_bytes must be >= 64, got {self.budget_bytes}')
+        if not self.refit_min_error >= 0:
+            raise ConfigError(f'refit_min_error must be >= 0, got {self.refit_min_error}')
 
 
 @dataclass
@@ -82,6 +96,7 @@ class RoundResult:
     agreement_before: float
     agreement_after: float
     train_s: float
+    refit: RefitResult | None = None
 
 
 
@@ -294,8 +309,9 @@ class CloudRuntime:
         after = self._agreement(labelled)
         trained = self.student.trainable_state_dict()
         delta = dwc.compute_delta(trained, state.feedback.view)
-        codec = dwc.get_codec(self.cfg.codec, **self.cfg.codec_params)
-        compressed = dwc.compress(delta, codec, self.cfg.budget_bytes)
+        compressed, refitted = self._compress(delta, labelled, trainer, state.feedback.view)
+        # The device adds exactly compressed.decoded; the rest stays in trained - view and
+        # goes out with the next round's delta (error feedback).
         state.feedback.commit(delta, compressed.decoded)
         new_hash = state.feedback.view_hash()
         envelope = seal_delta(self.key, device_id=device_id, round=state.round + 1,
@@ -311,4 +327,19 @@ class CloudRuntime:
         return RoundResult(device_id=device_id, round=state.round, envelope=envelope,
                            samples=len(labelled), losses=losses, stats=compressed.stats,
                            agreement_before=before, agreement_after=after,
-                           train_s=time.perf_counter() - t0)
+                           train_s=time.perf_counter() - t0, refit=refitted)
+
+    def _compress(self, delta: dict[str, Tensor], labelled: list[AkdSample],
+                  trainer: AKDTrainer, view: dict[str, Tensor]
+                  ) -> tuple[dwc.Compressed, RefitResult | None]:
+        """The payload of a round: compact (the device knows its trainable set), under the
+        budget, refitted on the round's samples when the plain payload is too lossy."""
+        codec = dwc.get_codec(self.cfg.codec, **self.cfg.codec_params)
+        plain = dwc.compress(delta, codec, self.cfg.budget_bytes, self_describing=False)
+        if self.cfg.refit.steps == 0 or plain.stats.rel_l2_error <= self.cfg.refit_min_error:
+            return plain, None
+        result = refit_compress(self.student, labelled, view, delta, codec,
+                                self.cfg.budget_bytes, self.cfg.refit,
+                                task_loss=akd_task_loss(trainer))
+        self.student.torch_model.eval()
+        return result.compressed, result

@@ -2,19 +2,41 @@
 
 One :class:`DeviceRuntime` owns the on-device MLLM. Answers and weight swaps take the same lock,
 so a delta is swapped in *between* two answers: everything slow (signature check, decoding,
-building the candidate weights, the finite check) happens outside the lock, and only the
-in-place load of the trainable tensors and one probe answer happen inside it. A candidate that
-fails the probe is swapped back out before the lock is released, so no answer ever sees it.
+building the candidate weights, the finite check, the hash) happens outside the lock, and only
+the in-place load of the trainable tensors and one probe step happen inside it. A candidate
+that fails the probe is swapped back out before the lock is released, so no answer ever sees it.
 
-The adapter in use is persisted (safetensors + a JSON record, written atomically) so a restart
-comes back on it; the previous adapter is kept in memory for :meth:`rollback`.
+Hot-apply path (see :meth:`DeviceRuntime.apply`): the runtime keeps its own copy of the weights
+in use packed in flat buffers (:class:`FlatWeights`), so Eq. 8 is one add per buffer, the
+finite check one reduction and the hash one pass over contiguous bytes; the swap is a direct
+``copy_`` into the model's parameters. The runtime is the only writer of the trainable set.
+
+The probe runs the probe image's vision tokens (computed once: the vision encoder is frozen,
+checked at start) through the whole trainable path -- Q-Former / projector and the language
+model with the new weights -- for one decoding step, and checks that the step distribution is
+finite, sums to 1 and is not flat (all logits equal: what a LayerNorm whose variance overflowed
+gives); it runs in ``torch.inference_mode`` (this model is never trained on the device).
+Together with the hash check (the weights are bit-identical to what the cloud computed) this
+proves the swapped weights run and give sane numbers; it does not judge
+whether the update is *good* (that is the cloud's job), though ``max_probe_tv`` can bound how
+far the probe distribution may move in one update.
+
+The adapter in use is persisted (one safetensors file carrying its version record, written
+atomically) by a background writer *after* :meth:`DeviceRuntime.apply` returned: the writer
+always writes the latest version, in version order, and :attr:`DeviceRuntime.persisted_version`
+says what a restart would come back on. A runtime starting on a folder waits for pending
+writes to it; pending writes also finish at interpreter exit, but a crash (or SIGKILL) in the
+few milliseconds between an apply and its write restarts on the version before. The previous
+adapter is kept in memory for :meth:`DeviceRuntime.rollback`.
 """
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,18 +45,29 @@ import numpy as np
 
 from cdcca_ros.core import dwc, wire
 from cdcca_ros.core.atomic import atomic_write
-from cdcca_ros.core.updates import DeltaEnvelope, DeltaGate, RejectReason
+from cdcca_ros.core.updates import DeltaEnvelope, DeltaGate, RejectReason, all_finite
 from cdcca_ros.core.uts import answer_entropy
-from cdcca_ros.errors import CdccaError, DeltaRejectedError, ModelError
+from cdcca_ros.errors import (
+    CdccaError,
+    ConfigError,
+    DeltaMismatchError,
+    DeltaRejectedError,
+    ModelError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from torch import Tensor
 
     from cdcca_ros.models.base import MLLM, AnswerResult
 
-STATE_FILE = 'adapter.json'
 WEIGHTS_FILE = 'adapter.safetensors'
+STATE_FILE = 'adapter.json'  # the version record of older runtimes (read when restoring)
+ADAPTER_FORMAT = 'cdcca-adapter-v1'
+PROBE_SUM_TOLERANCE = 1e-3
+PROBE_FLAT_TOLERANCE = 1e-7
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,15 +88,23 @@ class AnsweredSample:
 
 @dataclass
 class ApplyReport:
-    """What one hot-apply did."""
+    """What one hot-apply did.
+
+    ``apply_ms`` covers everything :meth:`DeviceRuntime.apply` waits for (verify, decode,
+    build, finite check, hash, swap, probe, commit); the adapter is then handed to the
+    background writer, which persists it after apply returned. ``extra['steps_ms']`` times
+    each step, ``extra['probe_tv']`` is the total variation distance between the probe's step
+    distribution before and after the swap and ``extra['probe_token_changed']`` whether its
+    top token changed.
+    """
 
     round: int
     old_version: int
     new_version: int
     payload_bytes: int
     num_params: int
-    apply_ms: float          # verify + decode + build + swap + probe
-    swap_ms: float           # time the answer lock was held
+    apply_ms: float          # verify + decode + build + finite + hash + swap + probe
+    swap_ms: float           # time the answer lock was held (swap + probe)
     probe_answer: str
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -91,6 +132,278 @@ def format_question(question: str, choices: Sequence[str]) -> str:
     return f'{question} choices: {", ".join(choices)}'
 
 
+class FlatWeights:
+    """One immutable copy of a trainable set, packed in flat buffers (one per dtype/device).
+
+    The tensors are views into the buffers, laid out in sorted-name order, so the
+    :func:`~cdcca_ros.core.wire.state_dict_hash` is one pass over contiguous bytes, Eq. 8
+    (:meth:`plus`) is one add per buffer and the finite check one reduction per buffer.
+    Nothing writes into a buffer once built, so the weights in use, the previous ones (for
+    rollback) and a snapshot being persisted share them safely.
+    """
+
+    def __init__(self, layout: _Layout, buffers: list[Tensor]) -> None:
+        self.layout = layout
+        self.buffers = buffers
+        self.tensors: dict[str, Tensor] = layout.views(buffers)
+        self.tensor_list = list(self.tensors.values())  # in layout (sorted-name) order
+        self._hash: str | None = None
+
+    @classmethod
+    def pack(cls, sd: Mapping[str, Tensor]) -> FlatWeights:
+        """Copy a state dict into flat buffers (dtypes and devices kept)."""
+        import torch
+
+        layout = _Layout(sd)
+        buffers = [torch.cat([sd[name].detach().reshape(-1) for name in members])
+                   for members in layout.members]
+        return cls(layout, buffers)
+
+    def plus(self, delta: Mapping[str, Tensor]) -> FlatWeights:
+        """Eq. 8 on a copy: bit-identical to :func:`cdcca_ros.core.dwc.apply_delta`.
+
+        Per buffer: the delta's values gathered in layout order, one add in
+        ``promote(dtype, float32)``, one cast back -- the same elementwise IEEE operations
+        as the per-tensor version.
+
+        Raises:
+            DeltaMismatchError: The delta's names, shapes or dtypes do not fit.
+        """
+        import torch
+
+        layout = self.layout
+        if delta.keys() != layout.name_set:
+            missing = sorted(layout.name_set - set(delta))[:5]
+            extra = sorted(set(delta) - layout.name_set)[:5]
+            raise DeltaMismatchError(f'delta names differ from the trainable set: missing '
+                                     f'{missing}, unexpected {extra}')
+        values = [delta[name] for name in layout.names]
+        try:
+            shapes_ok = [v.shape for v in values] == layout.shape_list
+            dtypes_ok = all(dt.is_floating_point for dt in {v.dtype for v in values})
+        except AttributeError:
+            shapes_ok = dtypes_ok = False
+        if not (shapes_ok and dtypes_ok):
+            name, v = next((n, v) for n, v in zip(layout.names, values, strict=True)
+                           if not isinstance(v, torch.Tensor) or not v.is_floating_point()
+                           or v.shape != layout.shapes[n])
+            got = f'{v.dtype} {tuple(v.shape)}' if isinstance(v, torch.Tensor) else \
+                type(v).__name__
+            raise DeltaMismatchError(f'delta[{name!r}] is {got}, expected a float tensor of '
+                                     f'shape {tuple(layout.shapes[name])}')
+        out: list[Tensor] = []
+        with torch.no_grad():
+            for base, (dtype, device), members in zip(self.buffers, layout.groups,
+                                                      layout.members, strict=True):
+                acc = torch.promote_types(dtype, torch.float32)
+                flat = torch.cat([delta[name].reshape(-1) for name in members])
+                flat = flat.to(device=device, dtype=acc)
+                out.append(base + flat if dtype == acc else (base.to(acc) + flat).to(dtype))
+        return FlatWeights(layout, out)
+
+    def first_non_finite(self) -> str | None:
+        """Name of the first tensor holding NaN or Inf, or None when all are finite."""
+        for buffer, members in zip(self.buffers, self.layout.members, strict=True):
+            if not all_finite(buffer):
+                return next(name for name in members if not all_finite(self.tensors[name]))
+        return None
+
+    def digest(self) -> str:
+        """:func:`~cdcca_ros.core.wire.state_dict_hash` of these weights (cached)."""
+        import torch
+
+        if self._hash is None:
+            raw = [memoryview(b.view(torch.uint8).cpu().numpy()) for b in self.buffers]
+            layout = self.layout
+            self._hash = wire.hash_tensor_bytes(
+                (header, raw[group][start:stop])
+                for header, (group, start, stop) in zip(layout.headers, layout.byte_ranges,
+                                                        strict=True))
+        return self._hash
+
+    def cpu_state_dict(self) -> dict[str, Tensor]:
+        """Separate CPU copies of every tensor (for safetensors, which refuses shared memory)."""
+        return {name: t.to('cpu', copy=True) for name, t in self.tensors.items()}
+
+
+class _Layout:
+    """Where each tensor of a trainable set sits in :class:`FlatWeights` buffers."""
+
+    def __init__(self, sd: Mapping[str, Tensor]) -> None:
+        import torch
+
+        self.names = tuple(sorted(sd))
+        self.name_set = frozenset(self.names)
+        group_of: dict[tuple[torch.dtype, torch.device], int] = {}
+        self.groups: list[tuple[torch.dtype, torch.device]] = []
+        self.members: list[list[str]] = []
+        self.shapes: dict[str, torch.Size] = {}
+        slots: dict[str, tuple[int, int]] = {}  # name -> (group, element offset)
+        sizes: list[int] = []
+        for name in self.names:
+            t = sd[name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ModelError(f'trainable tensor {name!r} is not a float tensor')
+            key = (t.dtype, t.device)
+            if key not in group_of:
+                group_of[key] = len(self.groups)
+                self.groups.append(key)
+                self.members.append([])
+                sizes.append(0)
+            g = group_of[key]
+            slots[name] = (g, sizes[g])
+            sizes[g] += t.numel()
+            self.members[g].append(name)
+            self.shapes[name] = t.shape
+        self.shape_list = [self.shapes[name] for name in self.names]
+        self._slots = [(name, *slots[name], tuple(self.shapes[name]),
+                        torch.empty(self.shapes[name], device='meta').stride())
+                       for name in self.names]
+        self.headers = [wire.tensor_hash_header(name, sd[name].dtype, self.shapes[name])
+                        for name in self.names]
+        self.byte_ranges = []
+        for name in self.names:
+            g, offset = slots[name]
+            size = self.groups[g][0].itemsize
+            start = offset * size
+            self.byte_ranges.append((g, start, start + sd[name].numel() * size))
+
+    def views(self, buffers: list[Tensor]) -> dict[str, Tensor]:
+        """Tensors of the layout as views into ``buffers``."""
+        return {name: buffers[g].as_strided(shape, stride, buffers[g].storage_offset() + off)
+                for name, g, off, shape, stride in self._slots}
+
+
+@dataclass(frozen=True)
+class AdapterSnapshot:
+    """One adapter version to persist (what :func:`write_adapter` writes)."""
+
+    device_id: str
+    version: int
+    round: int
+    hash: str
+    weights: FlatWeights
+
+
+class _AdapterWriter:
+    """Persists adapters to one folder off the apply path: latest version first, in order.
+
+    One daemon thread per folder; :meth:`submit` only hands over the snapshot (newer ones
+    replace an older one not yet written, so versions reach the disk in increasing order and
+    the last one always does). Writes are atomic (temporary file, fsync, rename).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.persisted_version: int | None = None
+        self.error = ''
+        self._cond = threading.Condition()
+        self._pending: AdapterSnapshot | None = None
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, snapshot: AdapterSnapshot) -> None:
+        with self._cond:
+            self._pending = snapshot
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name=f'adapter-writer:{self.directory.name}')
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted is written; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending is None and not self._busy,
+                                       timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None)
+                snapshot, self._pending, self._busy = self._pending, None, True
+            assert snapshot is not None
+            try:
+                write_adapter(self.directory, snapshot)
+                error = ''
+            except Exception as err:  # noqa: BLE001 - the writer must outlive a failed write
+                error = f'cannot persist v{snapshot.version} to {self.directory}: {err}'
+                _log.error(error)
+            with self._cond:
+                self._busy = False
+                self.error = error
+                if not error:
+                    self.persisted_version = snapshot.version
+                self._cond.notify_all()
+
+
+_WRITERS: dict[Path, _AdapterWriter] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def _writer_for(directory: Path) -> _AdapterWriter:
+    """The one writer of a folder (runtimes on the same folder share it)."""
+    key = directory.resolve()
+    with _WRITERS_LOCK:
+        if key not in _WRITERS:
+            _WRITERS[key] = _AdapterWriter(directory)
+        return _WRITERS[key]
+
+
+@atexit.register
+def _flush_writers_at_exit() -> None:
+    with _WRITERS_LOCK:
+        writers = list(_WRITERS.values())
+    for writer in writers:
+        writer.flush(timeout=30.0)
+
+
+def write_adapter(directory: Path, snapshot: AdapterSnapshot) -> None:
+    """Write one adapter file atomically: tensors plus the version record as metadata."""
+    from safetensors.torch import save
+
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {'format': ADAPTER_FORMAT, 'device_id': snapshot.device_id,
+            'version': str(snapshot.version), 'round': str(snapshot.round),
+            'hash': snapshot.hash}
+    atomic_write(directory / WEIGHTS_FILE, save(snapshot.weights.cpu_state_dict(), meta))
+    (directory / STATE_FILE).unlink(missing_ok=True)  # an older runtime's record
+
+
+def _live_parameters(model: MLLM, weights: FlatWeights) -> list[Tensor] | None:
+    """The model's trainable parameters in ``weights``' layout order, for a direct copy.
+
+    None when the model does not expose them (``trainable_parameters``) or they do not match
+    the layout exactly; the swap then goes through ``load_trainable_state_dict``.
+    """
+    get = getattr(model, 'trainable_parameters', None)
+    if get is None:
+        return None
+    params = get()
+    layout = weights.layout
+    if set(params) != layout.name_set:
+        return None
+    out = [params[name] for name in layout.names]
+    for param, value in zip(out, weights.tensor_list, strict=True):
+        if (param.shape, param.dtype, param.device) != (value.shape, value.dtype,
+                                                         value.device):
+            return None
+    return out
+
+
+def _vision_frozen(model: MLLM, trainable: Sequence[str]) -> bool:
+    """Whether no trainable tensor can change the vision tokens.
+
+    True when the model declares its shared vision encoder (``shared_vision_prefixes``,
+    minus ``vision_not_shared_prefixes``: parts applied after the tokens, such as Qwen2-VL's
+    merger) and no trainable name lies inside it. Unknown: False (tokens are recomputed).
+    """
+    prefixes = tuple(getattr(model, 'shared_vision_prefixes', ()) or ())
+    if not prefixes:
+        return False
+    exceptions = tuple(getattr(model, 'vision_not_shared_prefixes', ()) or ())
+    return not any(name.startswith(prefixes) and not name.startswith(exceptions)
+                   for name in trainable)
 
 
 class DeviceRuntime:
@@ -101,15 +414,19 @@ class DeviceRuntime:
         device_id: this device's id (deltas name it).
         public_key: the cloud's Ed25519 key; None refuses every delta.
         state_dir: where the adapter in use is persisted; None: not persisted.
-        probe_image: image for the probe answer after a swap (default: mid-grey).
-        probe_question: question for the probe answer.
+        probe_image: image for the probe after a swap (default: mid-grey); fixed at start.
+        probe_question: question for the probe.
         max_new_tokens: longest answer.
+        max_probe_tv: refuse an update that moves the probe's step distribution by more than
+            this total variation distance (in (0, 1]); None: no bound.
     """
 
     def __init__(self, model: MLLM, device_id: str, public_key: Ed25519PublicKey | None = None,
                  state_dir: str | Path | None = None, probe_image: np.ndarray | None = None,
-                 probe_question: str = 'what color is the object?', max_new_tokens: int = 6
-                 ) -> None:
+                 probe_question: str = 'what color is the object?', max_new_tokens: int = 6,
+                 max_probe_tv: float | None = None) -> None:
+        if max_probe_tv is not None and not 0.0 < max_probe_tv <= 1.0:
+            raise ConfigError(f'max_probe_tv must be in (0, 1] or None, got {max_probe_tv}')
         self.model = model
         self.device_id = device_id
         self.public_key = public_key
@@ -118,15 +435,28 @@ class DeviceRuntime:
                             else np.full((64, 64, 3), 128, np.uint8))
         self.probe_question = probe_question
         self.max_new_tokens = max_new_tokens
+        self.max_probe_tv = max_probe_tv
         self.lock = threading.RLock()
+        self._apply_lock = threading.Lock()  # one apply / rollback at a time
         self.version = 0
         self.round = 0
-        self._previous: tuple[int, str, dict[str, Tensor]] | None = None
+        self._previous: tuple[int, str, FlatWeights, np.ndarray | None] | None = None
         self.rejected = 0
         self.applied = 0
-        self._restore()
-        self.base_hash = wire.state_dict_hash(self.model.trainable_state_dict())
+        self._writer = _writer_for(self.state_dir) if self.state_dir else None
+        restored = self._restore()
+        self._weights = FlatWeights.pack(self.model.trainable_state_dict())
+        self.base_hash = self._weights.digest()
+        self._params = _live_parameters(model, self._weights)
+        if self._writer is not None:
+            self._writer.persisted_version = self.version if restored else 0
+        self._probe_tokens: Tensor | None = None
+        self._probe_ref: np.ndarray | None = None
         self._gate = self._make_gate()
+        if self._gate is not None:
+            if _vision_frozen(model, self._weights.layout.names):
+                self._probe_tokens = model.vision_tokens([self.probe_image])
+            self._probe_ref = self._probe()
 
     # ------------------------------------------------------------------ answering
     def answer(self, image: np.ndarray, question: str, choices: Sequence[str] = ()
@@ -160,17 +490,79 @@ class DeviceRuntime:
         if self.public_key is None:
             return None
         return DeltaGate(self.device_id, self.public_key, self.version, self.base_hash,
-                         self.model.trainable_state_dict())
+                         self._weights.tensors)
+
+    def _load(self, weights: FlatWeights) -> None:
+        """Copy ``weights`` into the model's trainable parameters (callers hold the lock)."""
+        if self._params is None:
+            self.model.load_trainable_state_dict(weights.tensors)
+            return
+        import torch
+
+        with torch.no_grad():
+            # One fused copy when torch has it (its optimizers use it), else one per tensor.
+            foreach_copy = getattr(torch, '_foreach_copy_', None)
+            if foreach_copy is not None:
+                foreach_copy(self._params, weights.tensor_list)
+            else:  # pragma: no cover - older torch
+                for param, value in zip(self._params, weights.tensor_list, strict=True):
+                    param.copy_(value)
+
+    def _probe(self) -> np.ndarray:
+        """The probe's first answer step through the whole trainable path, checked.
+
+        The cached vision tokens skip the frozen encoder; Q-Former / projector and every
+        language-model layer run with the weights in place, in one decoder pass
+        (:meth:`~cdcca_ros.models.base.MLLM.next_token_probs`). Runs under :attr:`lock`.
+
+        Returns:
+            The step distribution ``[V]`` (float32).
+
+        Raises:
+            ModelError: The step distribution is not finite, does not sum to 1 or is flat.
+        """
+        import torch
+
+        tokens = self._probe_tokens
+        if tokens is None:
+            tokens = self.model.vision_tokens([self.probe_image])
+        with torch.inference_mode():
+            dist = self.model.next_token_probs(tokens, None, [self.probe_question])
+        probs = dist.detach().to('cpu', torch.float32).numpy()
+        if probs.ndim != 2 or probs.shape[0] < 1 or not np.isfinite(probs).all():
+            raise ModelError(f'probe step distribution of shape {probs.shape} is empty or '
+                             'holds NaN or Inf')
+        probs = probs[0]
+        total = float(probs.sum(dtype=np.float64))
+        if abs(total - 1.0) > PROBE_SUM_TOLERANCE:
+            raise ModelError(f'probe step distribution sums to {total:.6f}, not 1')
+        if probs.size > 1 and float(probs.max() - probs.min()) <= PROBE_FLAT_TOLERANCE:
+            # All logits equal: what a LayerNorm whose variance overflowed to Inf gives.
+            raise ModelError('probe step distribution is flat: the model lost its input')
+        return probs
+
+    def _probe_text(self, probs: np.ndarray) -> str:
+        """The probe's most likely first token as text (for reports)."""
+        tokenizer = getattr(self.model, 'tokenizer', None)
+        top = int(np.argmax(probs))
+        try:
+            return str(tokenizer.decode([top], skip_special_tokens=True)).strip()
+        except Exception:  # noqa: BLE001 - a report string; never fail an apply on it
+            return f'<token {top}>'
 
     def apply(self, envelope: DeltaEnvelope) -> ApplyReport:
         """Verify, decode, apply on a copy, swap in between two answers, probe, commit.
+
+        Returns once the new version answers; persisting it follows in the background (see
+        :attr:`persisted_version` and :meth:`flush`).
 
         Raises:
             DeltaRejectedError: refused or failed; the model and version are unchanged.
         """
         t0 = time.perf_counter()
         try:
-            return self._apply(envelope, t0)
+            with self._apply_lock:
+                return self._apply(envelope, t0)
         except DeltaRejectedError:
             self.rejected += 1
             raise
@@ -178,42 +570,66 @@ class DeviceRuntime:
     def _apply(self, envelope: DeltaEnvelope, t0: float) -> ApplyReport:
         if self._gate is None:
             raise DeltaRejectedError('no cloud public key is configured: every delta is refused')
+        steps: dict[str, float] = {}
+        t = t0
         delta = self._gate.accept(envelope)  # signature, device, version, base, finite, shapes
-        current = self.model.trainable_state_dict()
-        candidate = dwc.apply_delta(current, delta)
-        for name, t in candidate.items():
-            if t.numel() and not bool(t.isfinite().all()):
-                raise DeltaRejectedError(f'applying the delta makes {name!r} non-finite')
-        new_hash = wire.state_dict_hash(candidate)
+        t, steps['gate_ms'] = _lap(t)
+        current = self._weights
+        try:
+            candidate = current.plus(delta)
+        except DeltaMismatchError as err:
+            raise DeltaRejectedError(f'{RejectReason.WRONG_SHAPE.value}: {err}') from err
+        t, steps['build_ms'] = _lap(t)
+        # Finite base + finite delta can still overflow to Inf.
+        bad = candidate.first_non_finite()
+        if bad is not None:
+            raise DeltaRejectedError(f'{RejectReason.NON_FINITE.value}: applying the delta '
+                                     f'makes {bad!r} non-finite')
+        t, steps['finite_ms'] = _lap(t)
+        new_hash = candidate.digest()
         if new_hash != envelope.new_hash:
             raise DeltaRejectedError(
                 f'{RejectReason.HASH_MISMATCH.value}: weights after applying hash to '
                 f'{new_hash[:12]}, the cloud computed {envelope.new_hash[:12]}')
+        t, steps['hash_ms'] = _lap(t)
         with self.lock:
-            t_swap = time.perf_counter()
-            self.model.load_trainable_state_dict(candidate)
+            t_swap = t = time.perf_counter()
+            self._load(candidate)
+            t, steps['swap_ms'] = _lap(t)
             try:
-                probe = self.model.answer([self.probe_image], [self.probe_question],
-                                          max_new_tokens=self.max_new_tokens)[0]
-                if not np.isfinite(probe.step_probs).all():
-                    raise ModelError('probe answer produced non-finite probabilities')
+                probs = self._probe()
+                tv = (0.5 * float(np.abs(probs - self._probe_ref).sum())
+                      if self._probe_ref is not None and probs.shape == self._probe_ref.shape
+                      else float('nan'))
+                token_changed = bool(self._probe_ref is not None
+                                     and int(np.argmax(probs)) != int(np.argmax(self._probe_ref)))
+                if self.max_probe_tv is not None and not tv <= self.max_probe_tv:
+                    raise ModelError(f'probe distribution moved by {tv:.3f} (total '
+                                     f'variation), more than max_probe_tv={self.max_probe_tv}')
+                self._gate.commit(envelope.new_version, new_hash)
             except (CdccaError, RuntimeError, ValueError) as err:
-                self.model.load_trainable_state_dict(current)
-                raise DeltaRejectedError(f'probe answer failed after the swap, restored '
+                self._load(current)
+                raise DeltaRejectedError(f'probe after the swap failed, restored '
                                          f'v{self.version}: {err}') from err
-            self._gate.commit(envelope.new_version, new_hash)
+            t, steps['probe_ms'] = _lap(t)
             old_version = self.version
-            self._previous = (self.version, self.base_hash, current)
+            self._previous = (self.version, self.base_hash, current, self._probe_ref)
+            self._weights, self._probe_ref = candidate, probs
             self.version, self.base_hash, self.round = (envelope.new_version, new_hash,
                                                         envelope.round)
             swap_ms = (time.perf_counter() - t_swap) * 1e3
         self.applied += 1
-        self._persist(candidate)
-        return ApplyReport(round=envelope.round, old_version=old_version,
-                           new_version=envelope.new_version, payload_bytes=len(envelope.payload),
-                           num_params=dwc.num_params(delta),
-                           apply_ms=(time.perf_counter() - t0) * 1e3, swap_ms=swap_ms,
-                           probe_answer=probe.text)
+        report = ApplyReport(round=envelope.round, old_version=old_version,
+                             new_version=envelope.new_version,
+                             payload_bytes=len(envelope.payload),
+                             num_params=dwc.num_params(delta),
+                             apply_ms=(time.perf_counter() - t0) * 1e3, swap_ms=swap_ms,
+                             probe_answer=self._probe_text(probs),
+                             extra={'steps_ms': steps, 'probe_tv': tv,
+                                    'probe_token_changed': token_changed})
+        # Last: the writer thread wakes up now and competes for the GIL.
+        self._persist()
+        return report
 
     def rollback(self) -> int:
         """Restore the adapter held before the last apply; returns the version now in use.
@@ -224,52 +640,92 @@ class DeviceRuntime:
         Raises:
             DeltaRejectedError: nothing to roll back to.
         """
-        if self._previous is None:
-            raise DeltaRejectedError('nothing to roll back to')
-        _, _, weights = self._previous
-        with self.lock:
-            self.model.load_trainable_state_dict(weights)
-            self.version += 1
-            self.base_hash = wire.state_dict_hash(weights)
-            self._previous = None
-            self._gate = self._make_gate()
-        self._persist(weights)
-        return self.version
+        with self._apply_lock:
+            if self._previous is None:
+                raise DeltaRejectedError('nothing to roll back to')
+            _, old_hash, weights, probe_ref = self._previous
+            with self.lock:
+                self._load(weights)
+                self.version += 1
+                self.base_hash = old_hash
+                self._weights, self._probe_ref = weights, probe_ref
+                self._previous = None
+                self._gate = self._make_gate()
+            self._persist()
+            return self.version
+
+    @property
+    def weights(self) -> FlatWeights:
+        """The trainable weights in use (this runtime's immutable copy)."""
+        return self._weights
 
     # ------------------------------------------------------------------ persistence
-    def _persist(self, weights: dict[str, Tensor]) -> None:
+    @property
+    def persisted_version(self) -> int | None:
+        """The version a restart would come back on now (0: the base model); None when
+        nothing is persisted (no ``state_dir``). Lags :attr:`version` while a write is
+        pending."""
+        return self._writer.persisted_version if self._writer is not None else None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the adapter in use is on disk; False on timeout (or no ``state_dir``
+        always True)."""
+        return self._writer.flush(timeout) if self._writer is not None else True
+
+    def _persist(self) -> None:
+        if self._writer is not None:
+            self._writer.submit(AdapterSnapshot(self.device_id, self.version, self.round,
+                                          self.base_hash, self._weights))
+
+    def _restore(self) -> bool:
+        """Load the persisted adapter, if any; True when one was loaded."""
         if self.state_dir is None:
-            return
-        from safetensors.torch import save
-
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        blob = save({k: v.detach().contiguous().cpu() for k, v in weights.items()})
-        atomic_write(self.state_dir / WEIGHTS_FILE, blob)
-        record = {'device_id': self.device_id, 'version': self.version, 'round': self.round,
-                  'hash': self.base_hash}
-        atomic_write(self.state_dir / STATE_FILE, json.dumps(record).encode())
-
-    def _restore(self) -> None:
-        if self.state_dir is None or not (self.state_dir / STATE_FILE).is_file():
-            return
-        from safetensors.torch import load
+            return False
+        assert self._writer is not None
+        self._writer.flush()  # a runtime that used this folder before may still be writing
+        path = self.state_dir / WEIGHTS_FILE
+        if not path.is_file():
+            if (self.state_dir / STATE_FILE).is_file():
+                raise ModelError(f'{self.state_dir / STATE_FILE} has no {WEIGHTS_FILE} beside '
+                                 'it; move the folder away to start from the base model')
+            return False
+        from safetensors import SafetensorError, safe_open
 
         try:
-            record = json.loads((self.state_dir / STATE_FILE).read_text())
-            weights = load((self.state_dir / WEIGHTS_FILE).read_bytes())
+            with safe_open(str(path), framework='pt') as f:
+                meta = f.metadata() or {}
+                weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            if 'version' in meta:
+                record: dict[str, Any] = meta
+            else:  # an older runtime kept the record in a JSON file beside the weights
+                record = json.loads((self.state_dir / STATE_FILE).read_text())
             if wire.state_dict_hash(weights) != record['hash']:
                 raise ModelError('persisted adapter does not match its recorded hash')
             if record.get('device_id') != self.device_id:
                 raise ModelError(f'persisted adapter belongs to {record.get("device_id")!r}')
+            version, round_ = int(record['version']), int(record.get('round', 0))
             self.model.load_trainable_state_dict(weights)
-        except (OSError, KeyError, ValueError, CdccaError) as err:
+        except (OSError, KeyError, ValueError, SafetensorError, CdccaError) as err:
             raise ModelError(f'cannot restore the adapter persisted in {self.state_dir}: {err}; '
                              'move the folder away to start from the base model') from err
-        self.version, self.round = int(record['version']), int(record.get('round', 0))
+        self.version, self.round = version, round_
+        return True
 
     def status(self) -> dict[str, Any]:
+        """Counters and state for diagnostics. ``persisted_version`` is what a restart comes
+        back on (-1: no ``state_dir``); it lags ``version`` while a write is pending, and
+        ``persist_error`` names the last failed write (empty once a write succeeded)."""
+        writer = self._writer
         return {'device_id': self.device_id, 'version': self.version, 'round': self.round,
                 'hash': self.base_hash[:16], 'applied': self.applied, 'rejected': self.rejected,
                 'can_roll_back': self._previous is not None,
-                'verifying': self.public_key is not None}
+                'verifying': self.public_key is not None,
+                'persisted_version': (-1 if writer is None or writer.persisted_version is None
+                                      else writer.persisted_version),
+                'persist_error': writer.error if writer is not None else ''}
 
+
+def _lap(t: float) -> tuple[float, float]:
+    """(now, ms since ``t``)."""
+    now = time.perf_counter()
+    return now, (now - t) * 1e3

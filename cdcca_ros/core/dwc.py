@@ -14,40 +14,62 @@ Codecs (registry by name, :func:`get_codec`):
 * ``sparse`` (ours): optional top-k selection by importance (``density``), then a uniform
   quantizer whose step follows the kept values' RMS (``bits``: about that many bits per kept
   value for Gaussian values, fewer for heavy-tailed ones), a per-tensor reconstruction
-  point for the +-1 level, and a static rANS entropy coder over all symbols. Zeros are cheap
-  symbols, so positions need no separate index. On Gaussian deltas it reaches NF4's error
-  (~0.09) at ~3.7 bits per parameter; on heavy-tailed deltas it needs far fewer bits.
+  point for the +-1 level, and a static ANS entropy coder (``constriction``) over all
+  symbols. Zeros are cheap symbols, so positions need no separate index. On Gaussian deltas
+  it reaches NF4's error (~0.09) at ~3.7 bits per parameter; on heavy-tailed deltas it
+  needs far fewer bits.
 
-Payload format (version 1), the same container for every codec: a safetensors file
-(``safetensors.numpy.save``; never pickle) whose ``__metadata__`` holds ``format``
-(``'cdcca-dwc'``), ``version`` (``'1'``), ``codec`` (name), ``params`` (the encoder's
-knobs as JSON, informational) and ``sha256`` (hex digest over every tensor's name, dtype
-string, shape and bytes in sorted-name order, so corruption never decodes silently).
-Tensor ``__index__`` is zlib-compressed UTF-8 JSON ``[[name, dtype, [shape...]], ...]`` in
-payload order (compressed because LoRA key names repeat and would otherwise dominate small
-payloads). The other tensors belong to the codec:
+Payload format, version 2 (the same container for every codec; never pickle). All integers
+little-endian; ``varint`` is unsigned LEB128 (at most 9 bytes)::
 
-* ``fp16``: ``values`` float16, all tensors flattened and concatenated.
-* ``nf4``: ``packed`` uint8 (two 4-bit codes per byte, per tensor ``ceil(n/2)`` bytes),
-  ``absmax`` float32 per 64-block; with double quantization ``absmax`` is uint8 and
-  ``absmax2`` float32 (per 256 absmax values) and ``offset`` float32 (per tensor) come along.
-* ``sparse``: ``step`` and ``level1`` float32 per tensor, and the rANS stream: ``freq``
-  uint16 (symbol table over ``[-E, E]`` plus an escape, summing to 2**15), ``states``
-  uint32 (final state of each interleaved lane), ``words`` uint16 (renormalisation words in
-  decoding order), ``escapes`` int32 (levels beyond ``+-E``).
+    magic      4 B    b'CDWC'
+    version    u8     2
+    flags      u8     bit 0: self-describing (an index follows); other bits must be 0
+    codec      u8 length (1..32) + ASCII name ('fp16', 'nf4', 'sparse', ...)
+    index      self-describing: varint length + zlib-compressed UTF-8 JSON
+                 {"index": [[name, dtype, [shape...]], ...], "params": {knobs}}
+                 (payload order; dtype one of float16/bfloat16/float32/float64);
+               compact: 8 B spec digest (below); the decoder is given the spec
+    arrays     u8 count, then per array: u8 name length + ASCII name, u8 dtype code
+                 (1 u8, 2 u16, 3 u32, 4 u64, 5 i8, 6 i16, 7 i32, 8 i64, 9 f16, 10 f32,
+                 11 f64), varint element count, the elements (1-D, little-endian)
+    check      8 B    first 8 bytes of sha256 over every byte before it
 
-Decoding never trusts the bytes: any malformed, truncated or inconsistent payload raises
+Compact payloads (what the cloud sends: the device always knows its trainable set) carry no
+names, dtypes or shapes: their tensors are the spec's, sorted by name, decoded as float32,
+and the spec digest is the first 8 bytes of sha256 over ``b'cdcca-dwc-spec-v2'`` then, per
+tensor in name order, varint(len(name)) + UTF-8 name + varint(ndim) + varint(each dim). A
+decoder given another trainable set refuses the payload. Self-describing payloads (tools,
+replay, tests) decode without a spec and keep every tensor's name, dtype and key order.
+
+The codecs' arrays, in the order of the elements they describe:
+
+* ``fp16``: ``values`` f16, all tensors flattened and concatenated.
+* ``nf4``: ``packed`` u8 (two 4-bit codes per byte, per tensor ``ceil(n/2)`` bytes),
+  ``absmax`` f32 per 64-block; with double quantization ``absmax`` is u8 and ``absmax2`` f32
+  (per 256 absmax values) and ``offset`` f32 (per tensor) come along.
+* ``sparse``: ``freq`` u16 (symbol table over the levels ``[-E, E]`` plus an escape symbol,
+  summing to 2**14, every symbol that occurs at least 1), ``ans`` u32 (the ``constriction``
+  ANS stack of all levels, i.i.d. under ``freq / 2**14``, ``Categorical(perfect=False)``),
+  ``esc`` i32 (levels beyond ``+-E``, in order; absent when none), ``step`` u8 (per tensor
+  holding a non-zero level: quantization step ``2 ** ((code - 200) / 8)``) and ``lv1`` u8
+  (per tensor holding a +-1 level: its reconstruction point in steps,
+  ``0.5 + (code + 0.5) / 256``).
+
+Decoding never trusts the bytes: any malformed, truncated or inconsistent payload (checksum,
+lengths, table, a coder that does not end exactly empty, escape counts, spec digest) raises
 :class:`~cdcca_ros.errors.CodecError`.
 """
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import math
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,11 +81,16 @@ from torch import Tensor
 from cdcca_ros.errors import CodecError, DeltaMismatchError, PayloadTooLargeError
 
 FORMAT_NAME = 'cdcca-dwc'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAGIC = b'CDWC'
 # Refuse to decode payloads that claim more values than this (2**28 floats = 1 GiB).
 DEFAULT_MAX_NUMEL = 1 << 28
 _MAX_INDEX_BYTES = 64 << 20
-_INDEX_KEY = '__index__'
+_FLAG_SELF_DESCRIBING = 0x01
+_CHECK_BYTES = 8
+_DIGEST_BYTES = 8
+_MAX_CODEC_NAME = 32
+_SPEC_SALT = b'cdcca-dwc-spec-v2'
 
 _DTYPES: dict[str, torch.dtype] = {
     'float16': torch.float16,
@@ -72,8 +99,17 @@ _DTYPES: dict[str, torch.dtype] = {
     'float64': torch.float64,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# Array element types on the wire (code -> little-endian numpy dtype).
+_WIRE_DTYPES: dict[int, np.dtype] = {
+    1: np.dtype('<u1'), 2: np.dtype('<u2'), 3: np.dtype('<u4'), 4: np.dtype('<u8'),
+    5: np.dtype('<i1'), 6: np.dtype('<i2'), 7: np.dtype('<i4'), 8: np.dtype('<i8'),
+    9: np.dtype('<f2'), 10: np.dtype('<f4'), 11: np.dtype('<f8'),
+}
+_WIRE_CODES = {dt.str: code for code, dt in _WIRE_DTYPES.items()}
 
 StateDict = Mapping[str, Tensor]
+# What a decoder is told of the trainable set: name -> tensor or shape.
+Spec = Mapping[str, Tensor | Sequence[int]]
 
 
 # --- delta arithmetic (Eq. 7-8) -----------------------------------------------------------
@@ -208,7 +244,9 @@ def _flat_f32(name: str, t: Tensor) -> np.ndarray:
     return arr
 
 
-def _entries(delta: StateDict) -> list[_Entry]:
+def _entries(delta: StateDict, self_describing: bool = True) -> list[_Entry]:
+    """The delta's tensors in payload order: the delta's own order when self-describing,
+    else sorted by name (float32, as a compact payload decodes)."""
     out = []
     for name, t in delta.items():
         if not isinstance(name, str):
@@ -216,33 +254,121 @@ def _entries(delta: StateDict) -> list[_Entry]:
         if not isinstance(t, Tensor) or t.dtype not in _DTYPE_NAMES:
             raise CodecError(f'delta[{name!r}] must be a float tensor, got '
                              f'{getattr(t, "dtype", type(t).__name__)}')
-        out.append(_Entry(name, _DTYPE_NAMES[t.dtype], tuple(int(s) for s in t.shape)))
-    return out
+        out.append(_Entry(name, _DTYPE_NAMES[t.dtype] if self_describing else 'float32',
+                          tuple(int(s) for s in t.shape)))
+    return out if self_describing else sorted(out, key=lambda e: e.name)
 
 
-def _arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
-    """sha256 over every array's name, dtype, shape and bytes, in sorted-name order."""
-    h = hashlib.sha256(b'cdcca-dwc-arrays-v1')
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        for part in (name.encode(), a.dtype.str.encode(), str(a.shape).encode()):
-            h.update(len(part).to_bytes(8, 'little') + part)
-        h.update(a.size.to_bytes(8, 'little'))
-        h.update(a.reshape(-1).view(np.uint8).tobytes())
-    return h.hexdigest()
+def _varint(value: int) -> bytes:
+    if value < 0:
+        raise CodecError(f'cannot write a negative length {value}')
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _spec_digest(entries: Sequence[_Entry]) -> bytes:
+    """The 8-byte digest of a trainable set's names and shapes (see the module docstring)."""
+    h = hashlib.sha256(_SPEC_SALT)
+    for e in sorted(entries, key=lambda e: e.name):
+        name = e.name.encode()
+        h.update(_varint(len(name)) + name + _varint(len(e.shape)))
+        h.update(b''.join(_varint(s) for s in e.shape))
+    return h.digest()[:_DIGEST_BYTES]
+
+
+def _spec_key(spec: Spec) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """A hashable, order-free form of a spec: ((name, shape), ...) sorted by name (checked
+    by :func:`_spec_resolved`; building it is on every device decode, so it is kept cheap)."""
+    if not isinstance(spec, Mapping):
+        raise CodecError(f'spec must map names to tensors or shapes, got {type(spec).__name__}')
+    try:
+        key = tuple(sorted((name, value if type(value) is tuple
+                            else tuple(getattr(value, 'shape', value)))
+                           for name, value in spec.items()))
+        hash(key)
+    except TypeError as err:
+        raise CodecError(f'spec must map names (str) to shapes: {err}') from err
+    return key
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each tensor lies in the flat value array: ``(name, dtype, shape, strides,
+    offset)`` per tensor, precomputed (decoding is on the device's hot path)."""
+
+    views: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...], int], ...]
+    sizes: tuple[int, ...]
+    total: int
+    ends: np.ndarray  # cumulative sizes (int64): tensor i holds [ends[i-1], ends[i])
+
+
+def _layout(entries: Sequence[_Entry]) -> _Layout:
+    views = []
+    pos = 0
+    for e in entries:
+        strides = []
+        step = 1
+        for dim in reversed(e.shape):
+            strides.append(step)
+            step *= dim
+        views.append((e.name, e.dtype, e.shape, tuple(reversed(strides)), pos))
+        pos += e.numel
+    sizes = tuple(e.numel for e in entries)
+    return _Layout(tuple(views), sizes, pos, np.cumsum(np.asarray(sizes, dtype=np.int64)))
+
+
+@functools.lru_cache(maxsize=16)
+def _spec_resolved(key: tuple[tuple[str, tuple[int, ...]], ...]
+                   ) -> tuple[tuple[_Entry, ...], bytes, _Layout]:
+    """Entries, digest and layout of a spec (cached: a device decodes against the same
+    trainable set every time)."""
+    for name, dims in key:
+        if (not isinstance(name, str)
+                or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                           and d >= 0 for d in dims)):
+            raise CodecError(f'spec entry {name!r}: {dims} is not a valid name and shape')
+    entries = tuple(_Entry(name, 'float32', tuple(int(d) for d in dims)) for name, dims in key)
+    return entries, _spec_digest(entries), _layout(entries)
 
 
 def _write_payload(codec: str, params: dict[str, Any], entries: list[_Entry],
-                   arrays: dict[str, np.ndarray]) -> bytes:
-    import safetensors.numpy
-
-    index = json.dumps([[e.name, e.dtype, list(e.shape)] for e in entries],
-                       separators=(',', ':')).encode()
-    tensors = {_INDEX_KEY: np.frombuffer(zlib.compress(index, 9), dtype=np.uint8)}
-    tensors.update({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-    meta = {'format': FORMAT_NAME, 'version': str(FORMAT_VERSION), 'codec': codec,
-            'params': json.dumps(params, sort_keys=True), 'sha256': _arrays_digest(tensors)}
-    return safetensors.numpy.save(tensors, metadata=meta)
+                   arrays: dict[str, np.ndarray], *, self_describing: bool = True) -> bytes:
+    """Build a container (see the module docstring); ``params`` travel only when
+    self-describing (they are informational)."""
+    name = codec.encode('ascii')
+    if not 0 < len(name) <= _MAX_CODEC_NAME:
+        raise CodecError(f'codec name {codec!r} must be 1..{_MAX_CODEC_NAME} ASCII characters')
+    parts = [MAGIC, bytes([FORMAT_VERSION, _FLAG_SELF_DESCRIBING if self_describing else 0,
+                           len(name)]), name]
+    if self_describing:
+        index = json.dumps({'index': [[e.name, e.dtype, list(e.shape)] for e in entries],
+                            'params': params}, separators=(',', ':'), sort_keys=True)
+        blob = zlib.compress(index.encode(), 9)
+        parts += [_varint(len(blob)), blob]
+    else:
+        parts.append(_spec_digest(entries))
+    if len(arrays) > 255:
+        raise CodecError(f'{codec} payload has {len(arrays)} arrays (at most 255)')
+    parts.append(bytes([len(arrays)]))
+    for key, arr in arrays.items():
+        arr = np.asarray(arr)
+        wire = arr.dtype.newbyteorder('<') if arr.dtype.itemsize > 1 else arr.dtype
+        code = _WIRE_CODES.get(np.dtype(wire).str)
+        key_b = key.encode('ascii')
+        if code is None or arr.ndim != 1 or not 0 < len(key_b) < 256:
+            raise CodecError(f'{codec} payload array {key!r} ({arr.dtype} {arr.shape}) '
+                             'cannot go on the wire')
+        parts += [bytes([len(key_b)]), key_b, bytes([code]), _varint(arr.size),
+                  np.ascontiguousarray(arr, dtype=wire).tobytes()]
+    body = b''.join(parts)
+    return body + hashlib.sha256(body).digest()[:_CHECK_BYTES]
 
 
 @dataclass(frozen=True)
@@ -251,36 +377,53 @@ class _Payload:
     params: dict[str, Any]
     entries: list[_Entry]
     arrays: dict[str, np.ndarray]
+    layout: _Layout
 
 
-def _read_header_meta(data: bytes) -> dict[str, str]:
-    # safetensors.numpy.load drops __metadata__; after it validated the file, read the
-    # header (8-byte little-endian length + JSON) ourselves.
-    (size,) = np.frombuffer(data[:8], dtype='<u8')
-    header = json.loads(data[8:8 + int(size)])
-    meta = header.get('__metadata__', {})
-    if not isinstance(meta, dict):
-        raise CodecError('payload __metadata__ is not a JSON object')
-    return meta
+class _Reader:
+    """Bounds-checked reads from a byte string (every overrun is a CodecError)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise CodecError(f'payload is truncated (reading {what})')
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def byte(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def varint(self, what: str) -> int:
+        value = 0
+        for i in range(9):
+            b = self.byte(what)
+            value |= (b & 0x7F) << (7 * i)
+            if not b & 0x80:
+                return value
+        raise CodecError(f'payload {what} is not a valid length')
 
 
-def _parse_index(raw: np.ndarray, max_numel: int) -> list[_Entry]:
-    if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise CodecError(f'payload index must be 1-D uint8, got {raw.dtype} {raw.shape}')
+def _parse_index(blob: bytes, max_numel: int) -> tuple[list[_Entry], dict[str, Any]]:
     dec = zlib.decompressobj()
     try:
-        text = dec.decompress(raw.tobytes(), _MAX_INDEX_BYTES)
+        text = dec.decompress(blob, _MAX_INDEX_BYTES)
     except zlib.error as err:
         raise CodecError(f'payload index does not decompress: {err}') from err
-    if dec.unconsumed_tail or not dec.eof:
-        raise CodecError('payload index is truncated or larger than '
+    if dec.unconsumed_tail or not dec.eof or dec.unused_data:
+        raise CodecError('payload index is truncated, followed by stray bytes or larger than '
                          f'{_MAX_INDEX_BYTES} bytes')
     try:
-        rows = json.loads(text)
+        doc = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CodecError(f'payload index is not JSON: {err}') from err
-    if not isinstance(rows, list):
-        raise CodecError('payload index is not a list')
+    rows = doc.get('index') if isinstance(doc, dict) else None
+    params = doc.get('params', {}) if isinstance(doc, dict) else None
+    if not isinstance(rows, list) or not isinstance(params, dict):
+        raise CodecError('payload index is not {"index": [...], "params": {...}}')
     entries: list[_Entry] = []
     seen: set[str] = set()
     total = 0
@@ -297,79 +440,148 @@ def _parse_index(raw: np.ndarray, max_numel: int) -> list[_Entry]:
         if total > max_numel:
             raise CodecError(f'payload claims more than max_numel={max_numel} values')
         entries.append(entry)
-    return entries
+    return entries, params
 
 
-def _read_payload(payload: bytes, max_numel: int = DEFAULT_MAX_NUMEL) -> _Payload:
-    import safetensors
-    import safetensors.numpy
+@dataclass(frozen=True)
+class _Container:
+    codec: str
+    index: bytes | None     # zlib'd JSON when self-describing
+    digest: bytes | None    # spec digest when compact
+    arrays: dict[str, np.ndarray]
 
+
+def _parse_container(payload: bytes) -> _Container:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CodecError(f'payload must be bytes, got {type(payload).__name__}')
     data = bytes(payload)
-    try:
-        arrays = safetensors.numpy.load(data)
-        meta = _read_header_meta(data)
-    except (safetensors.SafetensorError, ValueError, TypeError) as err:
-        raise CodecError(f'payload is not a valid safetensors container '
-                         f'({len(data)} bytes): {err}') from err
-    if meta.get('format') != FORMAT_NAME:
-        raise CodecError(f'payload format is {meta.get("format")!r}, expected {FORMAT_NAME!r}')
-    if meta.get('version') != str(FORMAT_VERSION):
-        raise CodecError(f'payload format version {meta.get("version")!r} is not supported '
+    if len(data) < len(MAGIC) + 3 + _CHECK_BYTES or data[:len(MAGIC)] != MAGIC:
+        raise CodecError(f'payload is not a {FORMAT_NAME} container ({len(data)} bytes, '
+                         f'starts {data[:4]!r})')
+    body, check = data[:-_CHECK_BYTES], data[-_CHECK_BYTES:]
+    if hashlib.sha256(body).digest()[:_CHECK_BYTES] != check:
+        raise CodecError(f'payload fails its checksum ({len(data)} bytes: truncated or '
+                         'corrupted in transit?)')
+    r = _Reader(body)
+    r.take(len(MAGIC), 'magic')
+    version = r.byte('version')
+    if version != FORMAT_VERSION:
+        raise CodecError(f'payload format version {version} is not supported '
                          f'(this build reads {FORMAT_VERSION})')
-    codec = meta.get('codec')
-    if not isinstance(codec, str):
-        raise CodecError('payload names no codec')
+    flags = r.byte('flags')
+    if flags & ~_FLAG_SELF_DESCRIBING:
+        raise CodecError(f'payload has unknown flags {flags:#04x}')
+    name_len = r.byte('codec name')
+    if not 0 < name_len <= _MAX_CODEC_NAME:
+        raise CodecError(f'payload codec name length {name_len} is invalid')
     try:
-        params = json.loads(meta.get('params', '{}'))
-    except json.JSONDecodeError as err:
-        raise CodecError(f'payload params are not JSON: {err}') from err
-    if meta.get('sha256') != _arrays_digest(arrays):
-        raise CodecError(f'{codec} payload fails its sha256 check (corrupted in transit?)')
-    if _INDEX_KEY not in arrays:
-        raise CodecError('payload has no index')
-    entries = _parse_index(arrays.pop(_INDEX_KEY), max_numel)
-    return _Payload(codec, params if isinstance(params, dict) else {}, entries, arrays)
+        codec = r.take(name_len, 'codec name').decode('ascii')
+    except UnicodeDecodeError as err:
+        raise CodecError('payload codec name is not ASCII') from err
+    index = digest = None
+    if flags & _FLAG_SELF_DESCRIBING:
+        index = r.take(r.varint('index length'), 'index')
+    else:
+        digest = r.take(_DIGEST_BYTES, 'spec digest')
+    arrays: dict[str, np.ndarray] = {}
+    for _ in range(r.byte('array count')):
+        key_b = r.take(r.byte('array name'), 'array name')
+        try:
+            key = key_b.decode('ascii')
+        except UnicodeDecodeError as err:
+            raise CodecError('payload array name is not ASCII') from err
+        dtype = _WIRE_DTYPES.get(r.byte('array dtype'))
+        if dtype is None or not key or key in arrays:
+            raise CodecError(f'payload array {key!r} has an unknown dtype or repeats')
+        count = r.varint(f'array {key!r} length')
+        if count > (len(body) - r.pos) // dtype.itemsize:
+            raise CodecError(f'payload array {key!r} claims {count} values; the payload is '
+                             'shorter')
+        raw = r.take(count * dtype.itemsize, f'array {key!r}')
+        arrays[key] = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder('='))
+    if r.pos != len(body):
+        raise CodecError(f'payload has {len(body) - r.pos} stray bytes after its arrays')
+    return _Container(codec, index, digest, arrays)
 
 
-def _array(p: _Payload, key: str, dtype: type, size: int | None) -> np.ndarray:
-    """A codec array from the payload, checked for dtype, rank and (when given) size."""
+def _read_payload(payload: bytes, max_numel: int = DEFAULT_MAX_NUMEL,
+                  spec: Spec | None = None) -> _Payload:
+    c = _parse_container(payload)
+    if c.index is not None:
+        # Self-describing: the index is authoritative (a gate compares it with its set).
+        entries, params = _parse_index(c.index, max_numel)
+        layout = _layout(entries)
+    else:
+        if spec is None:
+            raise CodecError(f'{c.codec} payload is compact (no tensor index): the decoder '
+                             'needs the trainable spec (decode(..., spec=...))')
+        resolved, digest, layout = _spec_resolved(_spec_key(spec))
+        if layout.total > max_numel:
+            raise CodecError(f'spec holds {layout.total} values, more than '
+                             f'max_numel={max_numel}')
+        if digest != c.digest:
+            raise CodecError(f'{c.codec} payload was encoded for another trainable set (its '
+                             f'spec digest {c.digest.hex()} differs from this decoder\'s '
+                             f'{digest.hex()} over {len(resolved)} tensors)')
+        entries, params = list(resolved), {}
+    return _Payload(c.codec, params, entries, c.arrays, layout)
+
+
+def _array(p: _Payload, key: str, dtype: type, size: int | None,
+           optional: bool = False) -> np.ndarray:
+    """A codec array from the payload, checked for dtype and (when given) size; an absent
+    ``optional`` array reads as empty."""
     arr = p.arrays.get(key)
     if arr is None:
-        raise CodecError(f'{p.codec} payload lacks tensor {key!r}')
-    if arr.dtype != np.dtype(dtype) or arr.ndim != 1:
-        raise CodecError(f'{p.codec} payload tensor {key!r} is {arr.dtype} {arr.shape}, '
-                         f'expected 1-D {np.dtype(dtype)}')
+        if optional:
+            arr = np.zeros(0, dtype)
+        else:
+            raise CodecError(f'{p.codec} payload lacks array {key!r}')
+    if arr.dtype != np.dtype(dtype):
+        raise CodecError(f'{p.codec} payload array {key!r} is {arr.dtype}, expected '
+                         f'{np.dtype(dtype)}')
     if size is not None and arr.size != size:
-        raise CodecError(f'{p.codec} payload tensor {key!r} has {arr.size} values, '
+        raise CodecError(f'{p.codec} payload array {key!r} has {arr.size} values, '
                          f'expected {size}')
     return arr
 
 
-def _unflatten(entries: list[_Entry], flats: list[np.ndarray]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for e, flat in zip(entries, flats, strict=True):
-        t = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)).reshape(e.shape)
-        out[e.name] = t.to(_DTYPES[e.dtype])
-    return out
+def _unflatten(layout: _Layout, flat: np.ndarray) -> dict[str, Tensor]:
+    """Split one flat float array into the payload's tensors (float32 ones are views of one
+    buffer; others are cast copies)."""
+    whole = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+    if whole.numel() != layout.total:
+        raise CodecError(f'decoded {whole.numel()} values, the payload holds {layout.total}')
+    return {name: (whole.as_strided(shape, strides, offset) if dtype == 'float32' else
+                   whole.as_strided(shape, strides, offset).to(_DTYPES[dtype]))
+            for name, dtype, shape, strides, offset in layout.views}
 
 
 def read_payload_codec(payload: bytes) -> str:
-    """The codec name recorded in a payload.
+    """The codec name recorded in a payload (compact or self-describing).
 
     Raises:
         CodecError: The bytes are not a DWC payload.
     """
-    return _read_payload(payload).codec
+    return _parse_container(payload).codec
+
+
+def is_self_describing(payload: bytes) -> bool:
+    """Whether a payload carries its own tensor index (else it needs a spec to decode).
+
+    Raises:
+        CodecError: The bytes are not a DWC payload.
+    """
+    return _parse_container(payload).index is not None
 
 
 # --- codec interface and registry ------------------------------------------------------------
 class Codec(abc.ABC):
     """Turns a delta into bytes and back; ``decode(encode(d))`` approximates ``d``.
 
-    Decoding reads everything it needs from the payload, so any instance of a codec class
-    decodes what any other instance (other knobs) encoded.
+    Decoding reads everything it needs from the payload (and, for a compact payload, the
+    trainable spec), so any instance of a codec class decodes what any other instance (other
+    knobs) encoded.
     """
 
     name: ClassVar[str]
@@ -379,27 +591,37 @@ class Codec(abc.ABC):
         """The encoder's knobs (recorded in the payload)."""
 
     @abc.abstractmethod
-    def encode(self, delta: StateDict, *,
-               importance: Mapping[str, Tensor] | None = None) -> bytes:
+    def encode(self, delta: StateDict, *, importance: Mapping[str, Tensor] | None = None,
+               self_describing: bool = True) -> bytes:
         """Encode a delta.
 
         Args:
-            delta: Float tensors (keys in any order; order is kept).
-            importance: Optional per-tensor importance (e.g. input-activation scale),
-                broadcastable to each delta tensor; codecs that select use it, others
-                ignore it.
+            delta: Float tensors (keys in any order; kept when self-describing).
+            importance: Optional per-tensor importance (e.g. input-activation scale, or the
+                square root of the diagonal Fisher), broadcastable to each delta tensor;
+                codecs that select use it, others ignore it.
+            self_describing: Carry the tensor index (names, dtypes, shapes); ``False``
+                writes a compact payload that only a decoder given the spec reads.
 
         Raises:
             CodecError: The delta cannot be encoded (non-finite, non-float, out of range).
         """
 
     @abc.abstractmethod
-    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL
-               ) -> dict[str, Tensor]:
+    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
+               spec: Spec | None = None) -> dict[str, Tensor]:
         """Decode a payload into tensors of the recorded names, shapes and dtypes.
 
+        Args:
+            payload: The bytes.
+            max_numel: Refuse payloads (or specs) of more values.
+            spec: The trainable set (name -> tensor or shape); needed for compact payloads
+                (their tensors come out float32, sorted by name), unused by self-describing
+                ones.
+
         Raises:
-            CodecError: Malformed, truncated or foreign bytes, or another codec's payload.
+            CodecError: Malformed, truncated or foreign bytes, another codec's payload, or a
+                compact payload without (or with another) spec.
         """
 
     def describe(self) -> str:
@@ -407,8 +629,8 @@ class Codec(abc.ABC):
         knobs = ','.join(f'{k}={v}' for k, v in sorted(self.params().items()))
         return f'{self.name}({knobs})'
 
-    def _open(self, payload: bytes, max_numel: int) -> _Payload:
-        p = _read_payload(payload, max_numel)
+    def _open(self, payload: bytes, max_numel: int, spec: Spec | None) -> _Payload:
+        p = _read_payload(payload, max_numel, spec)
         if p.codec != self.name:
             raise CodecError(f'payload was encoded by codec {p.codec!r}, not {self.name!r}')
         return p
@@ -443,14 +665,15 @@ def get_codec(name: str, **params: Any) -> Codec:
     return factory(**params)
 
 
-def decode_payload(payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL
-                   ) -> dict[str, Tensor]:
+def decode_payload(payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
+                   spec: Spec | None = None) -> dict[str, Tensor]:
     """Decode any registered codec's payload (the codec is read from the payload).
 
     Raises:
-        CodecError: Malformed bytes or an unknown codec.
+        CodecError: Malformed bytes, an unknown codec, or a compact payload without its spec.
     """
-    return get_codec(read_payload_codec(payload)).decode(payload, max_numel=max_numel)
+    return get_codec(read_payload_codec(payload)).decode(payload, max_numel=max_numel,
+                                                         spec=spec)
 
 
 # --- fp16 -------------------------------------------------------------------------------------
@@ -465,25 +688,24 @@ class Fp16Codec(Codec):
     def params(self) -> dict[str, Any]:
         return {}
 
-    def encode(self, delta: StateDict, *,
-               importance: Mapping[str, Tensor] | None = None) -> bytes:
-        entries = _entries(delta)
+    def encode(self, delta: StateDict, *, importance: Mapping[str, Tensor] | None = None,
+               self_describing: bool = True) -> bytes:
+        entries = _entries(delta, self_describing)
         flats = [_flat_f32(e.name, delta[e.name]) for e in entries]
         for e, f in zip(entries, flats, strict=True):
             if f.size and float(np.abs(f).max()) > _FP16_MAX:
                 raise CodecError(f'delta[{e.name!r}] exceeds the float16 range '
                                  f'(max |x| = {float(np.abs(f).max()):.3g})')
         values = np.concatenate(flats).astype(np.float16) if flats else np.zeros(0, np.float16)
-        return _write_payload(self.name, self.params(), entries, {'values': values})
+        return _write_payload(self.name, self.params(), entries, {'values': values},
+                              self_describing=self_describing)
 
-    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL
-               ) -> dict[str, Tensor]:
-        p = self._open(payload, max_numel)
+    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
+               spec: Spec | None = None) -> dict[str, Tensor]:
+        p = self._open(payload, max_numel, spec)
         total = sum(e.numel for e in p.entries)
         values = _array(p, 'values', np.float16, total)
-        bounds = np.cumsum([0] + [e.numel for e in p.entries])
-        return _unflatten(p.entries, [values[a:b] for a, b in zip(bounds[:-1], bounds[1:],
-                                                                    strict=True)])
+        return _unflatten(p.layout, values.astype(np.float32))
 
 
 # --- nf4 (bitsandbytes) -------------------------------------------------------------------------
@@ -507,11 +729,11 @@ class Nf4Codec(Codec):
     def params(self) -> dict[str, Any]:
         return {'double_quant': self.double_quant}
 
-    def encode(self, delta: StateDict, *,
-               importance: Mapping[str, Tensor] | None = None) -> bytes:
+    def encode(self, delta: StateDict, *, importance: Mapping[str, Tensor] | None = None,
+               self_describing: bool = True) -> bytes:
         from bitsandbytes import functional as bnbf
 
-        entries = _entries(delta)
+        entries = _entries(delta, self_describing)
         packed, absmax, absmax2, offsets = [], [], [], []
         nf4 = bnbf.get_4bit_type('nf4', device='cpu')
         for e in entries:
@@ -539,13 +761,14 @@ class Nf4Codec(Codec):
             arrays['absmax2'] = (np.concatenate(absmax2) if absmax2
                                  else np.zeros(0, np.float32))
             arrays['offset'] = np.asarray(offsets, dtype=np.float32)
-        return _write_payload(self.name, self.params(), entries, arrays)
+        return _write_payload(self.name, self.params(), entries, arrays,
+                              self_describing=self_describing)
 
-    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL
-               ) -> dict[str, Tensor]:
+    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
+               spec: Spec | None = None) -> dict[str, Tensor]:
         from bitsandbytes import functional as bnbf
 
-        p = self._open(payload, max_numel)
+        p = self._open(payload, max_numel, spec)
         double = 'absmax2' in p.arrays
         sizes = [e.numel for e in p.entries]
         n_bytes = [(n + 1) // 2 for n in sizes]
@@ -580,111 +803,63 @@ class Nf4Codec(Codec):
             pos += n_bytes[i]
             blk += n_blocks[i]
             blk2 += n_blocks2[i]
-        return _unflatten(p.entries, flats)
-
-
-# --- static rANS entropy coder (vectorised over interleaved lanes) -------------------------
-# 32-bit states in [2**16, 2**32), 16-bit renormalisation words, 15-bit probabilities: at
-# most one word per symbol and lane. Symbol i goes to lane i % K; the encoder walks the steps
-# backwards, the decoder forwards, and at each step the lanes that renormalise read the next
-# words in lane order, so the stream needs no per-lane offsets. The encoder starts every lane
-# at 2**16, so a correct decode ends there too: a built-in integrity check.
-_PROB_BITS = 15
-_PROB_SCALE = 1 << _PROB_BITS
-_RANS_L = 1 << 16
-_STEPS_PER_LANE = 2048
-_MAX_LANES = 4096
-
-
-def _rans_lanes(n: int) -> int:
-    # ~2048 steps per lane: 32 bits of final state per lane cost ~0.016 bits/symbol.
-    return int(min(_MAX_LANES, max(1, -(-n // _STEPS_PER_LANE))))
-
-
-def _rans_freqs(counts: np.ndarray) -> np.ndarray:
-    """Counts -> frequencies summing to 2**15, every present symbol at least 1."""
-    counts = counts.astype(np.int64)
-    total = int(counts.sum())
-    present = counts > 0
-    freq = np.zeros(counts.size, dtype=np.int64)
-    if total == 0:
-        freq[0] = _PROB_SCALE
-        return freq
-    n_present = int(present.sum())
-    freq[present] = counts[present] * (_PROB_SCALE - n_present) // total + 1
-    freq[int(np.argmax(freq))] += _PROB_SCALE - int(freq.sum())
-    return freq
-
-
-def _rans_encode(symbols: np.ndarray, freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Encode symbol indices; returns (final lane states uint32, words uint16)."""
-    n = symbols.size
-    if n == 0:
-        return np.zeros(0, np.uint32), np.zeros(0, np.uint16)
-    lanes = _rans_lanes(n)
-    steps = -(-n // lanes)
-    f64 = freq.astype(np.uint64)
-    cum = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint64)
-    x = np.full(lanes, _RANS_L, dtype=np.uint64)
-    shift_max = np.uint64(32 - _PROB_BITS)
-    out: list[np.ndarray] = []
-    for j in range(steps - 1, -1, -1):
-        s = symbols[j * lanes:(j + 1) * lanes]
-        xa = x[:s.size]
-        fs = f64[s]
-        emit = xa >= (fs << shift_max)
-        out.append((xa[emit] & np.uint64(0xFFFF)).astype(np.uint16))
-        xa[emit] >>= np.uint64(16)
-        xa[:] = ((xa // fs) << np.uint64(_PROB_BITS)) + (xa % fs) + cum[s]
-    words = np.concatenate(out[::-1]) if out else np.zeros(0, np.uint16)
-    return x.astype(np.uint32), words
-
-
-def _rans_decode(n: int, freq: np.ndarray, states: np.ndarray, words: np.ndarray
-                 ) -> np.ndarray:
-    """Decode ``n`` symbol indices; raises CodecError on any inconsistency."""
-    if n == 0:
-        if states.size or words.size:
-            raise CodecError('rANS stream holds data for zero symbols')
-        return np.zeros(0, np.int64)
-    if states.size != _rans_lanes(n):
-        raise CodecError(f'rANS stream has {states.size} lanes, expected {_rans_lanes(n)}')
-    if np.any(states < _RANS_L):
-        raise CodecError('rANS lane state out of range')
-    lanes = states.size
-    steps = -(-n // lanes)
-    f64 = freq.astype(np.uint64)
-    cum = np.concatenate([[0], np.cumsum(freq)[:-1]]).astype(np.uint64)
-    slot2sym = np.repeat(np.arange(freq.size, dtype=np.int64), freq)
-    x = states.astype(np.uint64)
-    w64 = words.astype(np.uint64)
-    out = np.empty(n, dtype=np.int64)
-    ptr = 0
-    mask = np.uint64(_PROB_SCALE - 1)
-    for j in range(steps):
-        a = min(lanes, n - j * lanes)
-        xa = x[:a]
-        slot = xa & mask
-        s = slot2sym[slot]
-        out[j * lanes:j * lanes + a] = s
-        xa[:] = f64[s] * (xa >> np.uint64(_PROB_BITS)) + slot - cum[s]
-        need = xa < _RANS_L
-        cnt = int(need.sum())
-        if cnt:
-            if ptr + cnt > w64.size:
-                raise CodecError('rANS stream is truncated')
-            xa[need] = (xa[need] << np.uint64(16)) | w64[ptr:ptr + cnt]
-            ptr += cnt
-    if ptr != w64.size or np.any(x != _RANS_L):
-        raise CodecError('rANS stream is corrupt (final state or length mismatch)')
-    return out
+        return _unflatten(p.layout, np.concatenate(flats) if flats
+                          else np.zeros(0, np.float32))
 
 
 # --- sparse (ours) ----------------------------------------------------------------------------
 _SQRT_2PI_E = math.sqrt(2.0 * math.pi * math.e)
 _MAX_ESCAPE_RANGE = 4095
 _MAX_LEVEL = (1 << 31) - 1
+_FREQ_BITS = 14
+_FREQ_TOTAL = 1 << _FREQ_BITS
+# Step codes: 8 per octave, code 200 = a step of 1.0 (range 2**-25 .. 2**6.9).
+_STEP_ZERO_CODE = 200
+_STEP_CODES_PER_OCTAVE = 8
 SPARSE_SCOPES = ('tensor', 'global')
+
+
+def _step_code(step: float) -> int:
+    """The u8 code of the wire step nearest ``step`` (clamped to the code range)."""
+    if not (step > 0 and math.isfinite(step)):
+        return _STEP_ZERO_CODE
+    code = round(_STEP_CODES_PER_OCTAVE * math.log2(step)) + _STEP_ZERO_CODE
+    return min(255, max(0, code))
+
+
+def _steps_from_codes(codes: np.ndarray) -> np.ndarray:
+    return np.exp2((codes.astype(np.float64) - _STEP_ZERO_CODE) / _STEP_CODES_PER_OCTAVE)
+
+
+def _lv1_code(ratio: float) -> int:
+    return min(255, max(0, math.floor((ratio - 0.5) * 256.0)))
+
+
+def _lv1_from_codes(codes: np.ndarray) -> np.ndarray:
+    return 0.5 + (codes.astype(np.float64) + 0.5) / 256.0
+
+
+def _freq_table(counts: np.ndarray) -> np.ndarray:
+    """Counts -> frequencies summing to 2**14, every present symbol at least 1."""
+    counts = counts.astype(np.int64)
+    total = int(counts.sum())
+    freq = np.zeros(counts.size, dtype=np.int64)
+    if total == 0:
+        freq[0] = _FREQ_TOTAL
+        return freq
+    present = counts > 0
+    n_present = int(present.sum())
+    freq[present] = counts[present] * (_FREQ_TOTAL - n_present) // total + 1
+    freq[int(np.argmax(freq))] += _FREQ_TOTAL - int(freq.sum())
+    return freq
+
+
+def _ans_model(freq: np.ndarray) -> Any:
+    """The entropy model both ends build from the same integer table (identical floats)."""
+    import constriction
+
+    return constriction.stream.model.Categorical(freq.astype(np.float64) / _FREQ_TOTAL,
+                                                 perfect=False)
 
 
 class SparseCodec(Codec):
@@ -693,10 +868,11 @@ class SparseCodec(Codec):
     Per tensor (or over all tensors with ``scope='global'``) the codec keeps the
     ``density`` fraction of elements with the largest importance (``|delta|``, times the
     given importance if any), quantizes kept values with step
-    ``sqrt(2*pi*e) * rms(kept) * 2**-bits`` (for Gaussian values the symbol entropy is then
-    ~``bits``) and entropy-codes all symbols (zeros included) with rANS. Values that round
-    to +-1 are rebuilt at their mean magnitude (one float per tensor), which lowers the error
-    of the many small values at no rate cost.
+    ``sqrt(2*pi*e) * rms(kept) * 2**-bits`` (rounded to the wire's 8 steps per octave; for
+    Gaussian values the symbol entropy is then ~``bits``) and entropy-codes all symbols
+    (zeros included) with one static ANS model (``constriction``). Values that round to +-1
+    are rebuilt at their mean magnitude (one byte per tensor), which lowers the error of the
+    many small values at no rate cost.
 
     Args:
         density: Fraction of elements that may be sent, in (0, 1]. 1.0 keeps everything
@@ -775,14 +951,14 @@ class SparseCodec(Codec):
         return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _step(self, kept: np.ndarray) -> float:
+        """The wire step (a power of 2**(1/8)) for values of this RMS."""
         rms = math.sqrt(float(np.mean(kept.astype(np.float64) ** 2))) if kept.size else 0.0
-        step = _SQRT_2PI_E * rms * 2.0 ** -self.bits
-        # float32 on the wire; a zero step would make every level ambiguous.
-        return float(np.float32(step)) if step > 0 and math.isfinite(step) else 1.0
+        code = _step_code(_SQRT_2PI_E * rms * 2.0 ** -self.bits)
+        return float(_steps_from_codes(np.asarray([code]))[0])
 
-    def encode(self, delta: StateDict, *,
-               importance: Mapping[str, Tensor] | None = None) -> bytes:
-        entries = _entries(delta)
+    def encode(self, delta: StateDict, *, importance: Mapping[str, Tensor] | None = None,
+               self_describing: bool = True) -> bytes:
+        entries = _entries(delta, self_describing)
         flats = [_flat_f32(e.name, delta[e.name]) for e in entries]
         scores = [self._importance(e.name, f, e.shape, importance)
                   for e, f in zip(entries, flats, strict=True)]
@@ -814,26 +990,34 @@ class SparseCodec(Codec):
             lv1 = [float(r.mean()) if r.size else 1.0 for r in ratios]
         allq = np.concatenate(levels) if levels else np.zeros(0, np.int64)
         arrays = _encode_levels(allq)
-        arrays['step'] = np.asarray(steps, dtype=np.float32)
-        arrays['level1'] = np.asarray(lv1, dtype=np.float32)
-        return _write_payload(self.name, self.params(), entries, arrays)
+        # Side data only for the tensors that use it (the decoder knows which from the levels).
+        arrays['step'] = np.asarray([_step_code(s) for s, q in zip(steps, levels, strict=True)
+                                     if np.any(q)], dtype=np.uint8)
+        arrays['lv1'] = np.asarray([_lv1_code(v) for v, o in zip(lv1, ones, strict=True)
+                                    if np.any(o)], dtype=np.uint8)
+        return _write_payload(self.name, self.params(), entries, arrays,
+                              self_describing=self_describing)
 
     # decode ----------------------------------------------------------------------------
-    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL
-               ) -> dict[str, Tensor]:
-        p = self._open(payload, max_numel)
-        sizes = [e.numel for e in p.entries]
-        steps = _array(p, 'step', np.float32, len(sizes))
-        lv1 = _array(p, 'level1', np.float32, len(sizes))
-        allq = _decode_levels(p, sum(sizes))
-        flats: list[np.ndarray] = []
-        pos = 0
-        for i, n in enumerate(sizes):
-            q = allq[pos:pos + n]
-            pos += n
-            mag = np.where(np.abs(q) == 1, np.float64(lv1[i]), np.abs(q).astype(np.float64))
-            flats.append((np.sign(q) * mag * np.float64(steps[i])).astype(np.float32))
-        return _unflatten(p.entries, flats)
+    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
+               spec: Spec | None = None) -> dict[str, Tensor]:
+        p = self._open(payload, max_numel, spec)
+        count = len(p.layout.sizes)
+        levels = _decode_levels(p, p.layout.total)
+        # Only the non-zero levels need a value; tid: the tensor each one belongs to.
+        nz = np.flatnonzero(levels)
+        lv = levels[nz]
+        tid = np.searchsorted(p.layout.ends, nz, side='right')
+        one = np.abs(lv) == 1
+        has_nz = np.bincount(tid, minlength=count) > 0
+        has_one = np.bincount(tid[one], minlength=count) > 0
+        steps = np.zeros(count)
+        steps[has_nz] = _steps_from_codes(_array(p, 'step', np.uint8, int(has_nz.sum())))
+        lv1 = np.ones(count)
+        lv1[has_one] = _lv1_from_codes(_array(p, 'lv1', np.uint8, int(has_one.sum())))
+        values = np.zeros(levels.size, np.float32)
+        values[nz] = np.sign(lv) * np.where(one, lv1[tid], np.abs(lv)) * steps[tid]
+        return _unflatten(p.layout, values)
 
 
 def _keep_count(density: float, n: int) -> int:
@@ -855,39 +1039,54 @@ def _escape_range(absq: np.ndarray) -> int:
 
 
 def _encode_levels(levels: np.ndarray) -> dict[str, np.ndarray]:
+    """Levels -> symbol table, ANS words and escapes (see the module docstring)."""
+    import constriction
+
     absq = np.abs(levels)
     erange = _escape_range(absq)
     esc = absq > erange
-    symbols = np.where(esc, 2 * erange + 1, levels + erange).astype(np.int64)
-    counts = np.bincount(symbols, minlength=2 * erange + 2)
-    freq = _rans_freqs(counts)
-    states, words = _rans_encode(symbols, freq)
-    # Frequencies are at most 2**15, so uint16 holds every one.
-    return {'freq': freq.astype(np.uint16), 'states': states, 'words': words,
-            'escapes': levels[esc].astype(np.int32)}
+    symbols = np.where(esc, 2 * erange + 1, levels + erange).astype(np.int32)
+    freq = _freq_table(np.bincount(symbols, minlength=2 * erange + 2))
+    coder = constriction.stream.stack.AnsCoder()
+    if symbols.size:
+        coder.encode_reverse(symbols, _ans_model(freq))
+    out = {'freq': freq.astype(np.uint16), 'ans': coder.get_compressed().astype(np.uint32)}
+    if esc.any():
+        out['esc'] = levels[esc].astype(np.int32)
+    return out
 
 
 def _decode_levels(p: _Payload, n: int) -> np.ndarray:
-    freq = p.arrays.get('freq')
-    if freq is None or freq.ndim != 1 or freq.dtype != np.uint16:
-        raise CodecError('sparse payload lacks a valid symbol table')
+    import constriction
+
+    freq = _array(p, 'freq', np.uint16, None)
     if freq.size < 2 or freq.size % 2 or freq.size > 2 * _MAX_ESCAPE_RANGE + 2:
         raise CodecError(f'sparse payload symbol table has {freq.size} entries')
     freq = freq.astype(np.int64)
-    if int(freq.sum()) != _PROB_SCALE:
+    if int(freq.sum()) != _FREQ_TOTAL:
         raise CodecError(f'sparse payload symbol table sums to {int(freq.sum())}, '
-                         f'expected {_PROB_SCALE}')
-    states = _array(p, 'states', np.uint32, None)
-    words = _array(p, 'words', np.uint16, None)
-    escapes = _array(p, 'escapes', np.int32, None)
-    symbols = _rans_decode(n, freq, states, words)
+                         f'expected {_FREQ_TOTAL}')
+    words = _array(p, 'ans', np.uint32, None)
+    escapes = _array(p, 'esc', np.int32, None, optional=True)
+    if n == 0:
+        if words.size or escapes.size:
+            raise CodecError('sparse payload holds symbols for an empty delta')
+        return np.zeros(0, np.int64)
+    try:
+        coder = constriction.stream.stack.AnsCoder(words)
+        symbols = coder.decode(_ans_model(freq), n)
+    except (ValueError, RuntimeError) as err:
+        raise CodecError(f'sparse payload ANS stream is invalid: {err}') from err
+    if not coder.is_empty():
+        raise CodecError('sparse payload ANS stream holds more data than its symbols')
     erange = freq.size // 2 - 1
-    esc = symbols == 2 * erange + 1
-    if int(esc.sum()) != escapes.size:
+    levels = symbols.astype(np.int64, copy=False) - erange
+    esc = levels == erange + 1  # the escape symbol 2E+1
+    if int(np.count_nonzero(esc)) != escapes.size:
         raise CodecError(f'sparse payload has {escapes.size} escapes, the stream needs '
-                         f'{int(esc.sum())}')
-    levels = symbols - erange
-    levels[esc] = escapes.astype(np.int64)
+                         f'{int(np.count_nonzero(esc))}')
+    if escapes.size:
+        levels[esc] = escapes
     return levels
 
 
@@ -947,17 +1146,18 @@ BUDGET_KNOBS = ('auto', 'bits', 'density')
 
 def _bisect(delta: StateDict, importance: Mapping[str, Tensor] | None, budget: int,
             make: Callable[[float], Codec], lo: float, hi: float, geometric: bool,
-            steps: int) -> tuple[Codec, bytes] | None:
+            steps: int, self_describing: bool) -> tuple[Codec, bytes] | None:
     """Largest knob in [lo, hi] whose payload fits; None when even ``lo`` does not."""
     best_codec = make(lo)
-    best = best_codec.encode(delta, importance=importance)
+    best = best_codec.encode(delta, importance=importance, self_describing=self_describing)
     if len(best) > budget:
         return None
     for _ in range(steps):
         mid = math.sqrt(lo * hi) if geometric else 0.5 * (lo + hi)
         mid = float(f'{mid:.4g}')  # readable knobs in logs; finer steps buy nothing
         trial_codec = make(mid)
-        trial = trial_codec.encode(delta, importance=importance)
+        trial = trial_codec.encode(delta, importance=importance,
+                                   self_describing=self_describing)
         if len(trial) <= budget:
             lo, best, best_codec = mid, trial, trial_codec
         else:
@@ -968,7 +1168,7 @@ def _bisect(delta: StateDict, importance: Mapping[str, Tensor] | None, budget: i
 def compress(delta: StateDict, codec: Codec, budget_bytes: int | None = None, *,
              importance: Mapping[str, Tensor] | None = None, knob: str = 'auto',
              min_bits: float = 1.0, min_density: float = 1e-4,
-             search_steps: int = 10) -> Compressed:
+             search_steps: int = 10, self_describing: bool = True) -> Compressed:
     """Encode a delta under a byte budget and report what it cost.
 
     When the codec's own setting does not fit and the codec is tunable (``sparse``), a knob
@@ -987,6 +1187,9 @@ def compress(delta: StateDict, codec: Codec, budget_bytes: int | None = None, *,
         min_bits: Lowest ``bits`` tried.
         min_density: Lowest density tried.
         search_steps: Bisection steps per knob (each one encodes once).
+        self_describing: Write the tensor index into the payload; ``False`` (what the cloud
+            sends) writes a compact payload that the device decodes with its trainable
+            spec (see the module docstring).
 
     Returns:
         The payload, its decoding (from the bytes, as the device decodes it) and stats.
@@ -1001,7 +1204,7 @@ def compress(delta: StateDict, codec: Codec, budget_bytes: int | None = None, *,
     if knob not in BUDGET_KNOBS:
         raise ConfigError(f'compress knob must be one of {BUDGET_KNOBS}, got {knob!r}')
     t0 = time.perf_counter()
-    payload = codec.encode(delta, importance=importance)
+    payload = codec.encode(delta, importance=importance, self_describing=self_describing)
     chosen: Codec = codec
     if budget_bytes is not None and len(payload) > budget_bytes:
         if not isinstance(codec, SparseCodec):
@@ -1013,11 +1216,12 @@ def compress(delta: StateDict, codec: Codec, budget_bytes: int | None = None, *,
         for name in ('bits', 'density') if knob == 'auto' else (knob,):
             if name == 'bits' and current.bits > min_bits:
                 found = _bisect(delta, importance, budget_bytes, current.with_bits, min_bits,
-                                current.bits, False, search_steps)
+                                current.bits, False, search_steps, self_describing)
                 current = current.with_bits(min_bits)
             elif name == 'density' and current.density > min_density:
                 found = _bisect(delta, importance, budget_bytes, current.with_density,
-                                min_density, current.density, True, search_steps)
+                                min_density, current.density, True, search_steps,
+                                self_describing)
                 current = current.with_density(min_density)
             if found is not None:
                 break
@@ -1026,7 +1230,9 @@ def compress(delta: StateDict, codec: Codec, budget_bytes: int | None = None, *,
                 f'{current.describe()} still exceeds the budget of {budget_bytes} bytes '
                 f'(knob {knob!r}); raise the budget')
         chosen, payload = found
-    decoded = chosen.decode(payload)
+    # Decoded from the bytes, exactly as the device decodes them, in the delta's key order.
+    decoded = chosen.decode(payload, spec=delta)
+    decoded = {k: decoded[k] for k in delta}
     return Compressed(payload, decoded, chosen, _stats(delta, payload, decoded, chosen, t0))
 
 

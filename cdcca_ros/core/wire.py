@@ -14,12 +14,14 @@ No rclpy, no torch at import time (hashing imports torch when called).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import math
 import os
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,7 @@ from cdcca_ros.errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
     from torch import Tensor
 
 _U64_MAX = (1 << 64) - 1
@@ -50,6 +53,37 @@ def _lp(data: bytes) -> bytes:
 
 
 # --- state-dict hash --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8192)
+def _tensor_header(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    nbytes = math.prod(shape) * dtype.itemsize
+    return b''.join([_lp(name.encode()), _lp(str(dtype).removeprefix('torch.').encode()),
+                     _lp(','.join(str(s) for s in shape).encode()), struct.pack('<Q', nbytes)])
+
+
+def tensor_hash_header(name: str, dtype: torch.dtype, shape: Sequence[int]) -> bytes:
+    """The bytes :func:`state_dict_hash` feeds in front of one tensor's raw bytes.
+
+    Length-prefixed UTF-8 name, dtype name (e.g. ``float32``) and comma-joined shape, then
+    the tensor's byte length as an 8-byte little-endian integer. Cached: the same trainable
+    set is hashed once per delta.
+    """
+    return _tensor_header(name, dtype, tuple(int(s) for s in shape))
+
+
+def hash_tensor_bytes(parts: Iterable[tuple[bytes, bytes | memoryview]]) -> str:
+    """:func:`state_dict_hash` from ``(tensor_hash_header(...), raw bytes)`` pairs.
+
+    For callers that already hold the tensors' bytes (e.g. one flat buffer sliced per
+    tensor): the pairs must come in sorted-name order, the raw bytes in native
+    (little-endian) order, C-contiguous.
+    """
+    h = hashlib.sha256(_HASH_TAG)
+    for header, raw in parts:
+        h.update(header)
+        h.update(raw)
+    return h.hexdigest()
+
+
 def state_dict_hash(sd: Mapping[str, Tensor]) -> str:
     """Deterministic sha256 (hex) of a state dict's names, dtypes, shapes and raw bytes.
 
@@ -57,25 +91,37 @@ def state_dict_hash(sd: Mapping[str, Tensor]) -> str:
     ``float32``), shape and little-endian raw bytes, all length-prefixed. Equal hashes mean
     bit-identical tensors; devices and strides do not matter.
 
+    The tensors of each device are gathered into one byte buffer (one copy, one transfer to
+    the CPU) and hashed in a single pass; the digest is the one a tensor-by-tensor walk gives.
+
     Raises:
         TypeError: A key is not a string or a value is not a tensor.
     """
     import torch
 
-    h = hashlib.sha256(_HASH_TAG)
-    for name in sorted(sd):
+    names = sorted(sd)
+    tensors = []
+    for name in names:
         t = sd[name]
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise TypeError(f'state_dict_hash needs str -> Tensor, got {name!r}: '
                             f'{type(t).__name__}')
-        flat = t.detach().to('cpu').contiguous().reshape(-1)
-        raw = flat.view(torch.uint8).numpy() if flat.numel() else b''
-        h.update(_lp(name.encode()))
-        h.update(_lp(str(t.dtype).removeprefix('torch.').encode()))
-        h.update(_lp(','.join(str(s) for s in t.shape).encode()))
-        h.update(struct.pack('<Q', flat.numel() * flat.element_size()))
-        h.update(memoryview(raw))
-    return h.hexdigest()
+        tensors.append(t.detach())
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    raw: list[memoryview] = [memoryview(b'')] * len(tensors)
+    for members in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1).view(torch.uint8) for i in members])
+        view = memoryview(flat.cpu().numpy())
+        pos = 0
+        for i in members:
+            n = tensors[i].numel() * tensors[i].element_size()
+            raw[i] = view[pos:pos + n]
+            pos += n
+    return hash_tensor_bytes(
+        (_tensor_header(name, t.dtype, tuple(t.shape)), r)
+        for name, t, r in zip(names, tensors, raw, strict=True))
 
 
 # --- keys -------------------------------------------------------------------------------------

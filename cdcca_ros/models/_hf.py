@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -344,6 +345,17 @@ class HFMLLM(MLLM):
                 latency_ms=latency_ms))
         return results
 
+    def next_token_probs(self, tokens: Tensor, indices: Tensor | None,
+                         questions: Sequence[str]) -> Tensor:
+        # One decoder pass without a KV cache, token ids or text: the first step of _greedy.
+        tokens = self._check_tokens(tokens, indices, len(questions))
+        with eval_mode(self.torch_model):
+            image_embeds, _ = self._image_embeds(tokens, indices)
+            batch = self._build_batch(image_embeds.shape[1], questions)
+            embeds = self._inputs_embeds(batch, image_embeds)
+            hidden = self._run_decoder(embeds, batch.attention_mask, batch.position_ids)
+            return torch.softmax(self.lm_head(hidden[:, -1]).float(), dim=-1)
+
     def _greedy(self, embeds: Tensor, mask: Tensor, positions: Tensor,
                 max_new_tokens: int) -> tuple[list[Tensor], list[Tensor]]:
         """Greedy decoding with a KV cache; returns per-step softmax and chosen ids."""
@@ -647,3 +659,86 @@ def seeded(seed: int, fn: Callable[[], Any]) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return fn()
+
+
+class WeightsStamp:
+    """A cheap check that nothing a cached computation read from a model has changed.
+
+    Taken over named paths of a module (``'qformer.encoder.layer.0'``, ``'query_tokens'``),
+    it records every slot on and under those paths (submodules, parameters, buffers: which
+    object sits under which name), each tensor's storage, dtype and in-place version, and
+    peft's adapter switches. :meth:`matches` then needs only dict lookups and attribute reads
+    (tens of microseconds), no module walk. Caught: ``copy_``/``load_state_dict`` (hot-apply,
+    rollback), optimizer steps and peft merges (version bump), ``to()`` (storage), replaced
+    modules or parameters (peft injection, ``load_state_dict(assign=True)``), adapter
+    enable/disable/switch. Not caught: writes through ``.data``, which bypass the version
+    counter.
+    """
+
+    def __init__(self, root: nn.Module, paths: Sequence[str]) -> None:
+        """Stamp ``paths`` (dotted attribute paths under ``root``) as they are now.
+
+        Raises:
+            ModelError: A path does not exist under ``root``.
+        """
+        self._slots: list[tuple[dict[str, Any], str, Any]] = []
+        self._tensors: list[Tensor] = []
+        self._adapters: list[nn.Module] = []
+        for path in paths:
+            node: Any = root
+            for name in path.split('.'):
+                store = next((s for s in (node._modules, node._parameters, node._buffers)
+                              if name in s), None) if isinstance(node, nn.Module) else None
+                if store is None:
+                    raise ModelError(f'{type(root).__name__} has no {path!r} (at {name!r})')
+                node = store[name]
+                self._slots.append((store, name, node))
+            if isinstance(node, nn.Module):
+                self._walk(node)
+            elif node is not None:
+                self._tensors.append(node)
+        self._stores = [slot[0] for slot in self._slots]
+        self._names = [slot[1] for slot in self._slots]
+        self._objects = [slot[2] for slot in self._slots]
+        self._state = self._read()
+
+    def _walk(self, module: nn.Module) -> bool:
+        """Record ``module``'s tensors, adapter switches and the slots that lead to them.
+
+        Subtrees without a tensor (dropout, identity, empty adapter dicts) are skipped: they
+        hold no weights, and fewer slots keep :meth:`matches` cheap. Returns whether
+        ``module`` holds a tensor.
+        """
+        if '_active_adapter' in module.__dict__:
+            self._adapters.append(module)
+        found = False
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None:
+                    self._slots.append((store, name, tensor))
+                    self._tensors.append(tensor)
+                    found = True
+        for name, child in module._modules.items():
+            if child is not None and self._walk(child):
+                self._slots.append((module._modules, name, child))
+                found = True
+        return found
+
+    def _read(self) -> tuple[Any, ...]:
+        # map() over C-level getters: no Python loop per tensor.
+        tensors = self._tensors
+        return (list(map(_VERSION, tensors)), list(map(Tensor.data_ptr, tensors)),
+                list(map(_DTYPE, tensors)),
+                [(m.__dict__.get('_disable_adapters'), repr(m.__dict__['_active_adapter']),
+                  tuple(m.__dict__.get('merged_adapters', ()))) for m in self._adapters])
+
+    def matches(self) -> bool:
+        """Whether every stamped slot still holds the same, unmodified object."""
+        held = map(dict.get, self._stores, self._names)
+        if not all(map(operator.is_, held, self._objects)):
+            return False
+        return self._read() == self._state
+
+
+_VERSION = operator.attrgetter('_version')
+_DTYPE = operator.attrgetter('dtype')

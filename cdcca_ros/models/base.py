@@ -205,6 +205,20 @@ class MLLM(abc.ABC):
             max_new_tokens: Generation limit.
         """
 
+    def next_token_probs(self, tokens: Tensor, indices: Tensor | None,
+                         questions: Sequence[str]) -> Tensor:
+        """The first answer step's distribution ``[B, V]`` (float32, eval mode, no grad).
+
+        What one greedy step of :meth:`answer_from_tokens` computes, without generation's
+        bookkeeping: the cheapest call that still runs every trainable module (the device's
+        probe after a hot-apply). Families override it with a leaner path.
+        """
+        import torch
+
+        results = self.answer_from_tokens(tokens, indices, questions, max_new_tokens=1)
+        return torch.stack([torch.as_tensor(r.step_probs[0], dtype=torch.float32)
+                            for r in results])
+
     @abc.abstractmethod
     def forward_train(self, tokens: Tensor, indices: Tensor | None,
                       questions: Sequence[str], answers: Sequence[str]) -> TrainOutputs:

@@ -17,6 +17,7 @@ from cdcca_ros.errors import ConfigError, ModelLoadError
 from cdcca_ros.models._hf import (
     DEFAULT_PROMPT,
     HFMLLM,
+    WeightsStamp,
     check_mc_args,
     eval_mode,
     keep_mask,
@@ -47,6 +48,8 @@ class Blip2MLLM(HFMLLM):
         if not torch_model.config.use_decoder_only_language_model:
             raise ModelLoadError('blip2: only decoder-only language models (OPT) are supported')
         super().__init__(torch_model, tokenizer, image_processor, prompt_template)
+        # (stamp of the weights read, projection) of mc_token_features; see _mc_projection.
+        self._mc_cache: tuple[WeightsStamp, tuple[Tensor, Tensor, int, int, int]] | None = None
 
     # ---------------------------------------------------------------- hooks
     @classmethod
@@ -100,30 +103,90 @@ class Blip2MLLM(HFMLLM):
         tokens. The softmax couples the tokens, and the key/value projections mix feature
         dimensions, so the variance is a property of this model, not ``x^2 p / (1 - p)``.
 
+        What does not depend on the tokens is cached (see :meth:`_mc_projection`), so the
+        ``M * B`` masked copies go through one matrix product and one softmax.
+
         Returns:
             ``[M, B, N, C]`` with ``C`` the Q-Former hidden size.
         """
         check_mc_args(p, num_masks)
-        tokens = self._check_tokens(tokens, None, tokens.shape[0])
+        weight, bias, heads, queries, num_tokens = self._mc_projection()
+        if tokens.ndim != 3 or tokens.shape[1] != num_tokens or tokens.shape[2] != weight.shape[0]:
+            self._check_tokens(tokens, None, tokens.shape[0])  # raises, naming what is wrong
+        batch, num, dim = tokens.shape
+        with torch.no_grad():
+            keep = keep_mask((num_masks, batch, num, dim), p, generator, weight.device)
+            # As the Q-Former sees them: in the vision dtype, then its own (it stays fp32 in
+            # half-precision models).
+            x = tokens.to(weight.device, self._vision_dtype()).to(weight.dtype)
+            x = (x.unsqueeze(0) * keep).reshape(-1, dim)                         # [MBN, D]
+            # bias + (x @ weight) / (1 - p): dropout's scale on the inputs, not the bias.
+            y = torch.addmm(bias, x, weight, alpha=1.0 / (1.0 - p))
+            split = heads * queries
+            scores = y[:, :split].reshape(-1, num, heads, queries)              # [MB, N, h, Q]
+            probs = scores.softmax(dim=1).sum(dim=3)                             # [MB, N, h]
+            values = y[:, split:].reshape(-1, num, heads, (y.shape[1] - split) // heads)
+            contrib = probs.unsqueeze(-1) * values                               # [MB, N, h, d]
+        return contrib.reshape(num_masks, batch, num, -1)
+
+    # What the cached projection reads: query tokens, the layernorm on them, the first
+    # Q-Former layer's self-attention block (makes the queries) and its cross-attention's
+    # query/key/value projections.
+    _MC_PATHS: ClassVar[tuple[str, ...]] = (
+        'query_tokens', 'qformer.layernorm', 'qformer.encoder.layer.0.attention',
+        *(f'qformer.encoder.layer.0.crossattention.attention.{name}'
+          for name in ('query', 'key', 'value')))
+
+    def clear_mc_cache(self) -> None:
+        """Drop the cached projection of :meth:`mc_token_features` (rebuilt on next use).
+
+        Only needed after writes the cache cannot see (through ``.data``); see
+        :class:`~cdcca_ros.models._hf.WeightsStamp`.
+        """
+        self._mc_cache = None
+
+    def _mc_projection(self) -> tuple[Tensor, Tensor, int, int, int]:
+        """The token-independent part of the first cross-attention, cached per weights.
+
+        The queries (query tokens -> layernorm -> self-attention block) are fixed, so the
+        attention scores of the tokens ``x`` are ``x @ G`` with ``G = W_k^T q * scaling`` per
+        head and query; the key bias adds the same score to every token of a (head, query)
+        row, which the softmax over tokens cancels. The value projection is read off the
+        (LoRA-wrapped) module itself by feeding it the identity, so it is exactly what the
+        module computes, adapters included.
+
+        Returns:
+            ``(weight [D, h*Q + C], bias [h*Q + C], heads h, queries Q, tokens N)``:
+            ``x @ weight + bias`` gives the scores (first ``h*Q`` columns, laid out
+            ``[h, Q]``, bias 0) and the values; ``N`` is the vision space's token count.
+        """
+        cached = self._mc_cache
+        if cached is not None and cached[0].matches():
+            return cached[1]
         model = self.torch_model
         layer = model.qformer.encoder.layer[0]
         if not layer.has_cross_attention:
             raise ModelLoadError('blip2: the first Q-Former layer has no cross-attention')
-        batch, num, dim = tokens.shape
+        stamp = WeightsStamp(model, self._MC_PATHS)
+        cross = layer.crossattention.attention
+        key_proj, value_proj = cross.key, cross.value
+        heads, head_dim = cross.num_attention_heads, cross.attention_head_size
         with eval_mode(model):
-            query = layer.attention(model.qformer.layernorm(model.query_tokens))  # [1, Q, C]
-            attn = layer.crossattention.attention
-            heads, head_dim = attn.num_attention_heads, attn.attention_head_size
-            q = attn.query(query).view(-1, heads, head_dim)                      # [Q, h, d]
-            keep = keep_mask((num_masks, batch, num, dim), p, generator, tokens.device)
-            x = (tokens.unsqueeze(0) * keep / (1.0 - p)).reshape(-1, num, dim)   # [MB, N, D]
-            x = x.to(attn.key.weight.dtype)  # the Q-Former stays fp32 in half-precision models
-            k = attn.key(x).view(x.shape[0], num, heads, head_dim)
-            v = attn.value(x).view(x.shape[0], num, heads, head_dim)
-            scores = torch.einsum('qhd,bnhd->bhqn', q, k) * attn.scaling
-            probs = scores.softmax(dim=-1).sum(dim=2)                            # [MB, h, N]
-            contrib = probs.transpose(1, 2).unsqueeze(-1) * v                   # [MB, N, h, d]
-        return contrib.reshape(num_masks, batch, num, heads * head_dim)
+            query = layer.attention(model.qformer.layernorm(model.query_tokens))[0]  # [Q, C]
+            q = cross.query(query).view(-1, heads, head_dim)                     # [Q, h, d]
+            dim = model.config.qformer_config.encoder_hidden_size
+            eye = torch.eye(dim, dtype=q.dtype, device=q.device)
+            zero = torch.zeros(1, dim, dtype=q.dtype, device=q.device)
+            key_bias = key_proj(zero)
+            key_weight = (key_proj(eye) - key_bias).view(dim, heads, head_dim)   # [D, h, d]
+            scores = torch.einsum('khd,qhd->khq', key_weight, q) * cross.scaling
+            value_bias = value_proj(zero)[0]                                      # [C]
+            value_weight = value_proj(eye) - value_bias                           # [D, C]
+            weight = torch.cat([scores.reshape(dim, -1), value_weight], dim=1).contiguous()
+            bias = torch.cat([torch.zeros_like(weight[0, :scores[0].numel()]), value_bias])
+        result = (weight, bias, heads, q.shape[0], self._vision_space_raw()[1])
+        self._mc_cache = (stamp, result)
+        return result
 
     # ---------------------------------------------------------------- factory
     @classmethod

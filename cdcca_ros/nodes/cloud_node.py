@@ -25,7 +25,8 @@ from rclpy.node import Node
 
 from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
-from cdcca_ros.core.uts import PackedTokens, unpack_tokens
+from cdcca_ros.core.refit import RefitConfig
+from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
 from cdcca_ros.errors import CdccaError
 from cdcca_ros.msg import AdaptationStatus, DwcDelta, UtsTokens
 from cdcca_ros.nodes.common import (
@@ -64,7 +65,9 @@ def cloud_config(params: dict[str, Any]) -> CloudConfig:
     akd = AKDConfig.from_params(params)
     return CloudConfig(min_samples=params['round.min_samples'],
                        max_wait_s=params['round.max_wait_s'], akd=akd,
-                       codec=params['dwc.codec'], budget_bytes=params['dwc.budget_bytes'])
+                       codec=params['dwc.codec'], budget_bytes=params['dwc.budget_bytes'],
+                       refit=RefitConfig(steps=params['dwc.refit_steps']),
+                       refit_min_error=params['dwc.refit_min_error'])
 
 
 def build_runtime(params: dict[str, Any]) -> CloudRuntime:
@@ -146,7 +149,7 @@ class CloudNode(Node):
         if not fresh:
             self.counters['duplicates'] += 1
             return
-        size = len(msg.payload) + 4 * len(msg.scales) + 4 * len(msg.kept_indices)
+        size = uplink_bytes(len(msg.payload), len(msg.scales), len(msg.kept_indices))
         self.counters['samples'] += 1
         self.counters['uplink_bytes'] += size
         self._round_bytes[msg.device_id] = self._round_bytes.get(msg.device_id, 0) + size

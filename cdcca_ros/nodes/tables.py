@@ -87,6 +87,8 @@ DEVICE = (
     Param('frame_max_age_ms', 2000.0, 'refuse to answer about frames older than this',
           low=1.0, high=3.6e6),
     Param('annotate', True, 'publish the annotated image (answer drawn on the frame)'),
+    Param('executor', 'events', 'executor of the node process (events: shortest service '
+          'latency, one thread)', choices=('events', 'multi_threaded', 'single_threaded')),
     Param('state_dir', '', 'where the current adapter is persisted; empty: ~/.cdcca/<device_id>'),
     Param('cloud_public_key', '', 'Ed25519 public key (PEM) that signs deltas; empty: refuse all'),
     Param('probe_question', 'what color is the object?',
@@ -94,7 +96,7 @@ DEVICE = (
     Param('uts.enabled', True, 'run UTS in this process on every answered sample'),
     Param('uts.stage1_mode', 'threshold', 'stage 1 selection (Eq. 2)',
           choices=('threshold', 'top_fraction')),
-    Param('uts.entropy_threshold', 0.3, 'stage 1: mean answer entropy above which a sample '
+    Param('uts.entropy_threshold', 0.05, 'stage 1: mean answer entropy above which a sample '
           'goes on (nats)', low=0.0, high=50.0),
     Param('uts.top_fraction', 0.2, 'stage 1: fraction of the window passed on', low=0.0, high=1.0),
     Param('uts.window', 50, 'stage 1: window of recent samples for top_fraction', low=1),
@@ -103,8 +105,9 @@ DEVICE = (
     Param('uts.stage2_mode', 'keep_ratio', 'stage 2 selection (Eq. 4)',
           choices=('threshold', 'keep_ratio')),
     Param('uts.beta', 0.0, 'stage 2: variance threshold beta', low=0.0),
-    Param('uts.keep_ratio', 0.25, 'stage 2: fraction of tokens kept', low=0.0, high=1.0),
-    Param('uts.pack_dtype', 'int8', 'packing of the kept tokens', choices=('fp16', 'int8')),
+    Param('uts.keep_ratio', 0.5, 'stage 2: fraction of tokens kept', low=0.0, high=1.0),
+    Param('uts.pack_dtype', 'ecq', 'packing of the kept tokens',
+          choices=('fp16', 'int8', 'int4', 'ecq')),
     Param('uts.publish_heatmap', True, 'publish the token-uncertainty heatmap image'),
 )
 
@@ -131,6 +134,10 @@ CLOUD = (
           'this (geometric mean of the answer token probabilities)', low=0.0, high=0.999),
     Param('dwc.codec', 'sparse', 'delta codec', choices=('fp16', 'nf4', 'sparse')),
     Param('dwc.budget_bytes', 65536, 'per-device byte budget of one delta', low=64),
+    Param('dwc.refit_steps', 150, 'steps retraining the kept coordinates through the codec '
+          'when the plain payload is lossy (0: never)', low=0),
+    Param('dwc.refit_min_error', 0.2, 'refit when the plain payload\'s relative L2 error '
+          'exceeds this', low=0.0),
     Param('dwc.chunk_bytes', 32768, 'largest DwcDelta chunk', low=256),
 )
 

@@ -6,7 +6,8 @@ and its current adapter; sharing the process avoids a second copy of the model a
 token tensor per sample on DDS. Samples reach it through an in-process bounded queue (oldest
 dropped), so answering never waits for UTS.
 
-Topics: out uts_tokens (cdcca_ros/UtsTokens; only the kept tokens and their indices, packed),
+Topics: out uts_tokens (cdcca_ros/UtsTokens; only the kept tokens and their indices, packed;
+``uplink_bytes`` counts the CDR bytes of indices, scales and payload),
 out uts_heatmap (sensor_msgs/Image), out /diagnostics. Parameters: the ``uts.*`` entries of the
 device node's table.
 """
@@ -117,8 +118,7 @@ class UtsNode(Node):
         sample_id = f'{runtime.device_id}-{self.counters["selected"]}'
         msg = to_msg(runtime.device_id, sample_id, sample, result, header, space)
         self._pub.publish(msg)
-        self.counters['uplink_bytes'] += len(msg.payload) + 4 * len(msg.scales) \
-            + 4 * len(msg.kept_indices)
+        self.counters['uplink_bytes'] += result.uplink_bytes
         self.counters['tokens_kept'] += len(msg.kept_indices)
         self.counters['tokens_total'] += msg.num_tokens
         wanted = self._heatmap_pub.get_subscription_count() > 0

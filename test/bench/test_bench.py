@@ -30,15 +30,49 @@ def _positive(x: Any) -> bool:
 
 
 def _check_uplink(s: dict[str, Any], rec: dict[str, Any]) -> None:
+    from cdcca_ros.bench.common import device_uts_config
+    from cdcca_ros.core.uts import PACK_DTYPES
+
     assert s['raw_bytes'] == 640 * 480 * 3
-    assert 0 < s['uts_bytes_int8'] < s['uts_bytes_fp16'] < s['all_tokens_fp16_bytes']
+    assert (0 < s['uts_bytes_ecq'] < s['uts_bytes_int4'] < s['uts_bytes_int8']
+            < s['uts_bytes_fp16'])
     assert _positive(s['jpeg_bytes']) and s['jpeg_bytes'] < s['raw_bytes']
     assert _positive(s['uts_over_jpeg'])
+    # The summary figure is that of the measured configuration: the device's by default.
+    default = device_uts_config()
+    assert (s['pack_dtype'], s['keep_ratio']) == (default.pack_dtype, default.keep_ratio)
+    assert s['uts_bytes'] == s[f'uts_bytes_{s["pack_dtype"]}']
     assert s['uts_over_jpeg'] == pytest.approx(s['uts_bytes'] / s['jpeg_bytes'])
     assert _fraction(s['pass_rate_source']) and _fraction(s['pass_rate_drifted'])
-    assert s['pack_dtype_recommended'] in ('fp16', 'int8')
-    assert _fraction(s['teacher_agreement_int8']) and _fraction(s['teacher_agreement_fp16'])
+    assert s['pack_dtype_recommended'] in PACK_DTYPES
+    for dtype in PACK_DTYPES:
+        assert _fraction(s[f'teacher_agreement_{dtype}']), dtype
     assert set(rec['detail']['per_domain']) == {'source', 'fog', 'night', 'clutter', 'novel'}
+
+
+def test_uplink_bench_measures_the_configuration_given(tiny_specs, tmp_path):
+    teacher, student = tiny_specs
+    path = tmp_path / 'uplink.json'
+    run_bench('uplink', ['--out', str(path), '--quick', '--per-domain', '1', '--keep-ratio',
+                         '1.0', '--dtype', 'int4', '--keep-ratios', '1.0',
+                         '--teacher', teacher, '--student', student])
+    s = json.loads(path.read_text())['summary']
+    assert (s['pack_dtype'], s['keep_ratio']) == ('int4', 1.0)
+    assert s['uts_bytes'] == s['uts_bytes_int4']
+    # Every token kept: int4 codes + one float32 scale per token + uint16 indices + counts.
+    n = int(s['kept_tokens_mean'])
+    dim = s['all_tokens_fp16_bytes'] // (2 * n)
+    assert s['uts_bytes'] == 12 + math.ceil(n * dim / 2) + 4 * n + 2 * n
+
+
+def test_uplink_recommends_within_the_target_then_agreement():
+    from cdcca_ros.bench.uplink import recommend
+
+    over = {'fp16': 0.04, 'int8': 0.02, 'int4': 0.012, 'ecq': 0.0095}
+    agree = {'fp16': 1.0, 'int8': 1.0, 'int4': 0.98, 'ecq': 0.97}
+    assert recommend(over, agree) == 'ecq'
+    assert recommend(over, agree, target=0.05) == 'int8'  # fp16 ties on agreement: fewer bytes
+    assert recommend({k: v * 10 for k, v in over.items()}, agree) == 'ecq'  # none within
 
 
 def _check_uts_cost(s: dict[str, Any], rec: dict[str, Any]) -> None:
@@ -64,6 +98,13 @@ def _check_downlink(s: dict[str, Any], rec: dict[str, Any]) -> None:
         assert c['gain_retained'] is None or isinstance(c['gain_retained'], float), name
     assert 16.0 <= codecs['fp16']['bits_per_param'] < 20.0
     assert codecs['sparse@1bit']['bits_per_param'] <= 1.0  # the byte budget holds
+    # The cloud's own 1-bit round (Fisher selection + refit) and its control.
+    refit = rec['detail']['codecs']['sparse@1bit+refit']
+    assert 0 < codecs['sparse@1bit+refit']['bits_per_param'] <= 1.0
+    assert refit['bytes'] <= refit['budget_bytes']
+    assert 'sparse@1bit+refit:fisher_only' in codecs
+    assert _positive(s['refit_control']['answer_loss']) and s['refit_control']['steps'] >= 1
+    assert 0 < s['container_overhead_bytes'] < 100 and _positive(s['decode_ms'])
     assert codecs['sparse']['bits_per_param'] < codecs['nf4']['bits_per_param']
     assert set(s['payload_over_full_model']) == set(REAL_CONFIGS)
     for name in REAL_CONFIGS:
@@ -80,6 +121,10 @@ def _check_apply(s: dict[str, Any], rec: dict[str, Any]) -> None:
     # Timeouts depend on the machine's load; errors and non-finite answers never may happen.
     assert not [lost for lost in rec['detail']['concurrent']['lost'] if lost != 'timeout']
     assert s['lock_held_ms'] <= s['apply_ms']
+    # apply() returns before the background write, which then catches up with the version.
+    assert s['persisted_latest'] is True
+    assert {'gate_ms', 'build_ms', 'finite_ms', 'hash_ms', 'swap_ms', 'probe_ms', 'verify_ms',
+            'decode_ms', 'persist_ms'} <= set(rec['detail']['steps_ms'])
 
 
 CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {

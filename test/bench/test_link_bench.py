@@ -69,3 +69,17 @@ def test_detail_per_size_and_printed_table(record) -> None:
     assert rec['summary']['link_over_dds_latency'] == sizes['uts']['link_over_dds_latency']
     assert len(rec['table']['rows']) == 2 and 'lat x' in rec['table']['headers']
     assert '== link:' in stdout and 'lat x' in stdout and 'uts' in stdout
+
+
+@pytest.mark.parametrize('dtype', ['fp16', 'int8', 'int4', 'ecq'])
+def test_bench_messages_are_what_uts_node_sends(dtype: str) -> None:
+    """Every packing the device may use builds a message the cloud decodes (no link needed)."""
+    from cdcca_ros.bench.link import BLIP2_DIM, PACK_DTYPES, SizeCase, build_message
+    from cdcca_ros.core.uts import PACK_DTYPES as UTS_DTYPES
+    from cdcca_ros.nodes.cloud_node import tokens_from_msg
+
+    assert PACK_DTYPES == UTS_DTYPES
+    msg = build_message(SizeCase('t', 5, dtype), seed=0)
+    tokens, indices = tokens_from_msg(msg)
+    assert tokens.shape == (5, BLIP2_DIM) and indices.tolist() == list(msg.kept_indices)
+    assert indices.tolist() == sorted(set(indices.tolist()))

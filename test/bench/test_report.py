@@ -127,8 +127,11 @@ def test_table4_summary(report_dir):
     assert _number(s['uts_minus_random']) and _number(s['uts_minus_random_mc'])
     assert set(s['by_ratio']) == {'0.25', '0.5', '0.75'}
     for cell in s['by_ratio'].values():
-        # Equal bytes: random keeps exactly as many tokens as UTS.
-        assert cell['random']['uplink_bytes'] == cell['uts']['uplink_bytes']
+        # Equal bytes: random keeps exactly as many tokens as UTS (the entropy-coded packing
+        # makes the bytes per sample differ a little).
+        assert cell['random']['tokens_per_sample'] == cell['uts']['tokens_per_sample'] > 0
+        per = [cell[k]['uplink_bytes'] / cell[k]['uplinked'] for k in ('random', 'uts')]
+        assert per[0] == pytest.approx(per[1], rel=0.1)
         assert _percent(cell['uts']['da']) and _percent(cell['random']['mc'])
     assert s['uts_minus_random'] == pytest.approx(
         s['by_ratio']['0.5']['uts']['da'] - s['by_ratio']['0.5']['random']['da'])

@@ -46,16 +46,21 @@ def _load_student(path):
     return bundled.load(str(path))
 
 
-def _round(models, images, tmp_path, codec='sparse', codec_params=None):
+def _round(models, images, tmp_path, codec='sparse', codec_params=None, **cfg):
     teacher, student_dir = models
     private, public = generate_keypair()
     device = DeviceRuntime(_load_student(student_dir), 'robot1', public, tmp_path / 'device',
                            probe_image=images[0])
     cloud = CloudRuntime(teacher, _load_student(student_dir), private, CloudConfig(
         min_samples=len(images), akd=AKDConfig(steps=30, lr=5e-3, batch_size=6),
-        codec=codec, codec_params=codec_params or {}, budget_bytes=None),
+        codec=codec, codec_params=codec_params or {}, **{'budget_bytes': None, **cfg}),
         state_dir=tmp_path / 'cloud')
     assert cloud.device('robot1').hash == device.base_hash  # both start from the same base
+    _uplink(device, cloud, images)
+    return device, cloud, cloud.run_round('robot1'), private
+
+
+def _uplink(device, cloud, images):
     uts = UtsPipeline(UtsConfig(stage1_threshold=0.0, keep_ratio=0.5, pack_dtype='fp16'),
                       device.mc_token_features, has_cls=True)
     for image in images:
@@ -66,7 +71,6 @@ def _round(models, images, tmp_path, codec='sparse', codec_params=None):
         cloud.add_sample('robot1', unpack_tokens(result.packed), kept, QUESTION,
                          int(sample.tokens.shape[0]), int(sample.tokens.shape[1]))
     assert cloud.due('robot1')
-    return device, cloud, cloud.run_round('robot1'), private
 
 
 def test_one_round_changes_device_version_and_answers(models, images, tmp_path):
@@ -89,6 +93,41 @@ def test_one_round_changes_device_version_and_answers(models, images, tmp_path):
     # Rollback restores the previous answers under a new, higher version.
     assert device.rollback() == 2
     assert [device.answer(im, QUESTION).text for im in images] == before
+
+
+def test_round_at_one_bit_refits_and_the_device_follows_exactly(models, images, tmp_path):
+    from cdcca_ros.core import dwc
+    from cdcca_ros.core.refit import RefitConfig
+
+    n = dwc.num_params(_load_student(models[1]).trainable_state_dict())
+    budget = n // 8  # 1 bit per trainable value, container included
+    device, cloud, result, _ = _round(models, images, tmp_path, budget_bytes=budget,
+                                      refit=RefitConfig(steps=20, fisher_batches=2))
+    assert result.refit is not None and result.refit.used
+    assert result.refit.objective_after < result.refit.objective_before
+    assert len(result.envelope.payload) <= budget and result.stats.bits_per_param <= 1.0
+    # The cloud sends compact payloads: no index, the device decodes with its own set.
+    assert not dwc.is_self_describing(result.envelope.payload)
+    before = [device.answer(im, QUESTION).text for im in images]
+    device.apply(result.envelope)
+    assert device.base_hash == cloud.device('robot1').hash
+    assert [device.answer(im, QUESTION).text for im in images] != before
+    # Error feedback: what the refit left out of this round is in the next delta, taken
+    # against exactly what the device holds.
+    state = cloud.device('robot1')
+    assert state.feedback.residual_norm() > 0
+    lacking = dwc.compute_delta(state.trained, state.feedback.view)
+    for k, r in state.feedback.residual.items():
+        torch.testing.assert_close(r, lacking[k], atol=1e-6, rtol=1e-4)
+    _uplink(device, cloud, images)
+    second = cloud.run_round('robot1')
+    device.apply(second.envelope)
+    assert device.version == 2 and device.base_hash == cloud.device('robot1').hash
+
+
+def test_lossless_enough_payload_skips_the_refit(models, images, tmp_path):
+    _, _, result, _ = _round(models, images, tmp_path)  # 4-bit default: ~0.08 error
+    assert result.stats.rel_l2_error < 0.2 and result.refit is None
 
 
 def test_cloud_state_survives_restart(models, images, tmp_path):

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from cdcca_ros.core import dwc, wire
-from cdcca_ros.core.updates import DeltaEnvelope, DeltaGate, RejectReason, seal_delta
+from cdcca_ros.core.updates import (
+    DeltaEnvelope,
+    DeltaGate,
+    RejectReason,
+    all_finite,
+    seal_delta,
+)
 from cdcca_ros.errors import ConfigError, DeltaGateRejection, DeltaRejectedError, WireError
 
 DEVICE = 'robot-1'
@@ -132,13 +138,13 @@ def test_good_delta_is_accepted_applied_and_committed(keys, setup) -> None:
 
 
 # --- the gate: every way to be refused ------------------------------------------------------
-def _nonfinite_payload(value: float) -> bytes:
+def _nonfinite_payload(value: float, index: int = 5) -> bytes:
     # The encoders refuse non-finite values, so build the container by hand, as an attacker
     # (or a broken cloud) would.
     base = trainable()
     entries = [dwc._Entry(k, 'float32', tuple(v.shape)) for k, v in base.items()]
     values = np.zeros(sum(v.numel() for v in base.values()), np.float16)
-    values[5] = value
+    values[index] = value
     return dwc._write_payload('fp16', {}, entries, {'values': values})
 
 
@@ -210,6 +216,34 @@ def test_bad_envelope_is_rejected_and_gate_unchanged(keys, setup, bad_envelopes,
     assert _state(gate) == before
     # A genuine delta is still accepted afterwards.
     assert set(gate.accept(_sealed(keys[0], base))) == set(base)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_all_finite_finds_any_nan_or_inf(dtype) -> None:
+    x = torch.linspace(-3e4, 3e4, 257).to(dtype)
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(x.reshape(1, 257).t())
+    for value in (float('nan'), float('inf'), -float('inf')):
+        for pos in (0, 128, 256):
+            y = x.clone()
+            y[pos] = value
+            assert not all_finite(y), (value, pos)
+            assert not all_finite(y.reshape(257, 1).t())  # strided views too
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize('tensor', ['lora_A', 'norm', 'query_tokens'])
+def test_non_finite_value_is_named_wherever_it_sits(keys, setup, value: float,
+                                                    tensor: str) -> None:
+    base, gate = setup
+    names = list(base)
+    # First element of the named tensor in the payload's flat order.
+    index = sum(base[n].numel() for n in names[:names.index(tensor)])
+    env = _sealed(keys[0], base, codec='fp16', payload=_nonfinite_payload(value, index))
+    before = _state(gate)
+    with pytest.raises(DeltaGateRejection, match=repr(tensor)) as err:
+        gate.accept(env)
+    assert err.value.reason == RejectReason.NON_FINITE
+    assert _state(gate) == before
 
 
 def test_older_version_is_a_rollback(keys, setup) -> None:

@@ -2,6 +2,7 @@
 packing of the kept tokens, the rviz heatmap and the two-stage pipeline."""
 from __future__ import annotations
 
+import heapq
 import math
 import warnings
 from dataclasses import replace
@@ -12,16 +13,25 @@ import torch
 from torch import Tensor, nn
 
 from cdcca_ros.core.uts import (
+    ECQ_CODE_LENGTHS,
+    ECQ_LIMIT,
+    ECQ_STEPS_PER_SIGMA,
+    INDEX_BYTES,
+    MAX_TOKENS,
+    PACK_DTYPES,
     PackedTokens,
     SampleSelector,
     UtsConfig,
     UtsPipeline,
+    UtsResult,
     answer_entropy,
+    canonical_codes,
     pack_stats,
     pack_tokens,
     select_tokens,
     token_variance,
     unpack_tokens,
+    uplink_bytes,
     variance_heatmap,
 )
 from cdcca_ros.errors import CodecError, ConfigError, ModelError, WireError
@@ -226,42 +236,60 @@ def layernorm_like_tokens(k: int, d: int, seed: int = 0, outliers: int = 0) -> T
     return x
 
 
-@pytest.mark.parametrize('dtype', ['fp16', 'int8'])
-@pytest.mark.parametrize('k,d', [(0, 8), (1, 1), (5, 48), (64, 768)])
+@pytest.mark.parametrize('dtype', PACK_DTYPES)
+@pytest.mark.parametrize('k,d', [(0, 8), (1, 1), (5, 48), (6, 64), (7, 9), (64, 768)])
 def test_pack_round_trip_sizes_and_error(dtype: str, k: int, d: int) -> None:
     x = layernorm_like_tokens(k, d)
     packed = pack_tokens(x, dtype)
     assert packed.shape == (k, d) and packed.dtype == dtype
+    # Scales are float32 values, so a float32 wire field carries them exactly.
+    assert all(float(np.float32(s)) == s for s in packed.scale)
     if dtype == 'fp16':
         assert len(packed.data) == 2 * k * d and packed.scale == []
-        assert packed.nbytes == 2 * k * d
-    else:
+    elif dtype == 'int8':
         assert len(packed.data) == k * d and len(packed.scale) == k
-        assert packed.nbytes == k * d + 4 * k
-        # Scales are float32 values, so a float32 wire field carries them exactly.
-        assert all(float(np.float32(s)) == s for s in packed.scale)
+    elif dtype == 'int4':
+        assert len(packed.data) == (k * d + 1) // 2 and len(packed.scale) == k
+    else:
+        assert len(packed.scale) == 1
+        assert 8 * len(packed.data) >= 3 * k * d  # every code is >= 3 bits
+    assert packed.nbytes == len(packed.data) + 4 * len(packed.scale)
     y = unpack_tokens(packed)
     assert y.shape == (k, d) and y.dtype == torch.float32
     err = (y - x).abs()
     if dtype == 'fp16':
         # Half precision: relative rounding 2^-11, plus the subnormal step near 0.
         assert torch.all(err <= x.abs() * 2.0 ** -11 + 2.0 ** -24)
+    elif dtype == 'ecq':
+        # Round to nearest step, escapes included: at most half a step anywhere.
+        assert torch.all(err <= packed.scale[0] * 0.5 * (1 + 1e-5) + 1e-12)
     else:
         # Round to nearest code: at most half a step of the token's own scale.
         scale = torch.tensor(packed.scale).reshape(k, 1)
         assert torch.all(err <= scale * 0.5 * (1 + 1e-6) + 1e-12)
 
 
-@pytest.mark.parametrize('outliers,max_rel_fp16,max_rel_int8', [(0, 5e-4, 0.015),
-                                                                (4, 5e-4, 0.07)])
-def test_pack_error_on_realistic_tokens(outliers: int, max_rel_fp16: float,
-                                        max_rel_int8: float) -> None:
+@pytest.mark.parametrize('outliers,max_rel', [
+    (0, {'fp16': 5e-4, 'int8': 0.015, 'int4': 0.2, 'ecq': 0.13}),
+    (4, {'fp16': 5e-4, 'int8': 0.07, 'int4': 0.9, 'ecq': 0.13}),
+])
+def test_pack_error_on_realistic_tokens(outliers: int, max_rel: dict[str, float]) -> None:
     x = layernorm_like_tokens(64, 1408, outliers=outliers)
-    fp16, int8 = pack_stats(x, 'fp16'), pack_stats(x, 'int8')
-    assert fp16.nbytes == 64 * 1408 * 2 and int8.nbytes == 64 * 1408 + 64 * 4
-    assert fp16.rel_l2 < max_rel_fp16 and int8.rel_l2 < max_rel_int8
-    assert int8.cosine > 0.998 and fp16.cosine > 0.99999
-    assert int8.rel_l2 > fp16.rel_l2  # the price of half the bytes
+    stats = {dtype: pack_stats(x, dtype) for dtype in PACK_DTYPES}
+    assert stats['fp16'].nbytes == 64 * 1408 * 2
+    assert stats['int8'].nbytes == 64 * 1408 + 64 * 4
+    assert stats['int4'].nbytes == 64 * 1408 // 2 + 64 * 4
+    for dtype, st in stats.items():
+        assert st.rel_l2 < max_rel[dtype], dtype
+    assert stats['int8'].cosine > 0.998 and stats['fp16'].cosine > 0.99999
+    assert stats['int8'].rel_l2 > stats['fp16'].rel_l2  # the price of half the bytes
+    # ecq: ~3.4 bits a value on Gaussian-like tokens, fewer bytes than int4 and (with
+    # outlier channels) far less error: its step ignores them, they go out as escapes.
+    bits = 8 * stats['ecq'].nbytes / x.numel()
+    assert 3.2 < bits < (3.6 if not outliers else 3.8)
+    assert stats['ecq'].nbytes < stats['int4'].nbytes
+    if outliers:
+        assert stats['ecq'].rel_l2 < stats['int4'].rel_l2 / 3
 
 
 def test_int8_exact_for_multiples_of_the_scale_and_zero_tokens() -> None:
@@ -273,10 +301,90 @@ def test_int8_exact_for_multiples_of_the_scale_and_zero_tokens() -> None:
     assert torch.allclose(y[2], x[2], atol=0.5 / 127)
 
 
+def test_int4_nibble_layout() -> None:
+    x = torch.tensor([[7.0, -7.0, 1.0], [0.0, -1.0, 3.0], [0.0, 0.0, 0.0]])
+    packed = pack_tokens(x, 'int4')
+    assert packed.scale == [1.0, float(np.float32(3.0 / 7.0)), 0.0]
+    # Codes 7 -7 1 | 0 -2 7 | 0 0 0 as two's-complement nibbles, low nibble first; the
+    # ninth value leaves the last high nibble 0.
+    assert packed.data == bytes([0x97, 0x01, 0x7E, 0x00, 0x00])
+    y = unpack_tokens(packed)
+    assert torch.equal(y[0], x[0]) and torch.equal(y[2], x[2])
+    assert torch.allclose(y[1], torch.tensor([0.0, -2.0, 7.0]) * packed.scale[1])
+
+
+def test_ecq_code_is_complete_and_optimal_for_its_gaussian() -> None:
+    lengths = ECQ_CODE_LENGTHS
+    assert len(lengths) == 2 * ECQ_LIMIT + 1
+    assert sum(2.0 ** -n for n in lengths) == 1.0  # complete: every bit string decodes
+    codes = canonical_codes(lengths)
+    words = [format(c, f'0{n}b') for c, n in zip(codes, lengths, strict=True)]
+    assert not any(a != b and b.startswith(a) for a in words for b in words)  # prefix-free
+    # P(round(2.5 z) = q), z ~ N(0, 1), the ends taking the tails; a Huffman code for it.
+    k, edges = ECQ_STEPS_PER_SIGMA, np.arange(-ECQ_LIMIT + 0.5, ECQ_LIMIT)
+    cdf = np.array([0.5 * math.erfc(-e / k / math.sqrt(2.0)) for e in edges])
+    probs = np.diff(np.concatenate([[0.0], cdf, [1.0]]))
+    heap = [(p, i, (i,)) for i, p in enumerate(probs)]
+    huffman = [0] * len(probs)
+    heapq.heapify(heap)
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap), heapq.heappop(heap)
+        for symbol in a[2] + b[2]:
+            huffman[symbol] += 1
+        heapq.heappush(heap, (a[0] + b[0], a[1], a[2] + b[2]))
+    mean_bits = float(probs @ np.asarray(lengths))
+    assert mean_bits == pytest.approx(float(probs @ np.asarray(huffman)), abs=1e-12)
+    entropy = float(-(probs * np.log2(probs)).sum())
+    assert entropy <= mean_bits < entropy + 0.05
+
+
+@pytest.mark.parametrize('x', [
+    torch.zeros(3, 4),                                                 # step 0
+    torch.tensor([[0.0, 0.0, 0.0, 5.0], [0.0, 0.0, 0.0, -1.0]]),       # median 0: rms step
+    torch.tensor([[0.1, -0.2, 0.3, 1e4], [-3e5, 0.2, -0.1, 0.05]]),    # escapes, both signs
+    torch.tensor([[1e30, -1e30, 2.0, 1.0]]),
+])
+def test_ecq_edge_values_round_trip(x: Tensor) -> None:
+    packed = pack_tokens(x, 'ecq')
+    y = unpack_tokens(packed)
+    # Half a step, plus the float32 rounding of the decoded value.
+    assert torch.all((y - x).abs() <= packed.scale[0] * 0.5 * (1 + 1e-5) + x.abs() * 2.0 ** -24)
+    assert not torch.any((y == 0) & (x.abs() > packed.scale[0]))  # nothing clipped to 0
+
+
+def test_ecq_bit_stream_layout() -> None:
+    x = torch.tensor([[0.0, 1.0, -1.0, 12.0]])
+    packed = pack_tokens(x, 'ecq')
+    # median |x| = 1: sigma = 1 / 0.6745, step = sigma / 2.5, as a float32.
+    step = float(np.float32(1.0 / 0.6744897501960817 / ECQ_STEPS_PER_SIGMA))
+    assert packed.scale == [step]
+    q = [round(v / step) for v in x[0].tolist()]
+    assert q == [0, 2, -2, 20]
+    codes, lengths = canonical_codes(ECQ_CODE_LENGTHS), ECQ_CODE_LENGTHS
+    symbols = [min(max(v, -ECQ_LIMIT), ECQ_LIMIT) + ECQ_LIMIT for v in q]
+    bits = ''.join(format(codes[s], f'0{lengths[s]}b') for s in symbols)
+    bits += '0' * (-len(bits) % 8)
+    stream = int(bits, 2).to_bytes(len(bits) // 8, 'big')
+    assert packed.data == stream + bytes([20 - ECQ_LIMIT])  # the escape's remainder, LEB128
+
+
+def test_uplink_bytes_count_every_token_field() -> None:
+    assert INDEX_BYTES == 2 and MAX_TOKENS == 65536
+    # payload + scales + kept_indices, each with its 4-byte CDR count.
+    assert uplink_bytes(160, 1, 6) == 12 + 160 + 4 + 12
+    packed = pack_tokens(layernorm_like_tokens(6, 64), 'ecq')
+    result = UtsResult(entropy=answer_entropy(np.full((1, 4), 0.25)),
+                       kept_indices=torch.arange(6), variance=torch.zeros(10), packed=packed,
+                       stage2_ms=0.0)
+    assert result.uplink_bytes == 12 + len(packed.data) + 4 + 2 * 6
+
+
 @pytest.mark.parametrize('tokens,dtype', [
     (torch.full((2, 3), 1e5), 'fp16'),       # beyond the fp16 range
     (torch.tensor([[1.0, float('nan')]]), 'int8'),
+    (torch.tensor([[1.0, float('inf')]]), 'ecq'),
     (torch.zeros(2, 3, 4), 'fp16'),
+    (torch.zeros(2, 3, 4), 'ecq'),
 ])
 def test_pack_rejects_unencodable(tokens: Tensor, dtype: str) -> None:
     with pytest.raises(CodecError):
@@ -285,17 +393,21 @@ def test_pack_rejects_unencodable(tokens: Tensor, dtype: str) -> None:
 
 def test_pack_rejects_unknown_dtype() -> None:
     with pytest.raises(ConfigError):
-        pack_tokens(torch.zeros(2, 2), 'int4')
+        pack_tokens(torch.zeros(2, 2), 'int3')
 
 
 GOOD_FP16 = pack_tokens(layernorm_like_tokens(3, 4), 'fp16')
 GOOD_INT8 = pack_tokens(layernorm_like_tokens(3, 4), 'int8')
+GOOD_INT4 = pack_tokens(layernorm_like_tokens(3, 5), 'int4')   # 15 values: one pad nibble
+GOOD_ECQ = pack_tokens(layernorm_like_tokens(3, 4), 'ecq')
+ESCAPED = torch.tensor([[0.1, -0.2, 0.3, 1e4]])
+GOOD_ECQ_ESC = pack_tokens(ESCAPED, 'ecq')
 CORRUPT = [
     ('truncated fp16', replace(GOOD_FP16, data=GOOD_FP16.data[:-1])),
     ('extra byte int8', replace(GOOD_INT8, data=GOOD_INT8.data + b'\x00')),
     ('scale count', replace(GOOD_INT8, scale=GOOD_INT8.scale[:-1])),
     ('fp16 with scale', replace(GOOD_FP16, scale=[1.0, 1.0, 1.0])),
-    ('unknown dtype', replace(GOOD_INT8, dtype='int4')),
+    ('unknown dtype', replace(GOOD_INT8, dtype='int3')),
     ('negative scale', replace(GOOD_INT8, scale=[-1.0, 1.0, 1.0])),
     ('nan scale', replace(GOOD_INT8, scale=[float('nan'), 1.0, 1.0])),
     ('negative shape', replace(GOOD_FP16, shape=(-3, -4))),
@@ -304,6 +416,22 @@ CORRUPT = [
     ('swapped shape', replace(GOOD_INT8, shape=(4, 3))),
     ('fp16 NaN bytes', replace(GOOD_FP16, data=b'\x00\x7e' + GOOD_FP16.data[2:])),
     ('int8 -128', replace(GOOD_INT8, data=b'\x80' + GOOD_INT8.data[1:])),
+    ('truncated int4', replace(GOOD_INT4, data=GOOD_INT4.data[:-1])),
+    ('int4 -8', replace(GOOD_INT4, data=b'\x08' + GOOD_INT4.data[1:])),
+    ('int4 pad nibble', replace(GOOD_INT4, data=GOOD_INT4.data[:-1]
+                                + bytes([GOOD_INT4.data[-1] | 0x10]))),
+    ('int4 scale count', replace(GOOD_INT4, scale=GOOD_INT4.scale[:2])),
+    ('ecq two scales', replace(GOOD_ECQ, scale=GOOD_ECQ.scale * 2)),
+    ('ecq no scale', replace(GOOD_ECQ, scale=[])),
+    ('ecq inf scale', replace(GOOD_ECQ, scale=[float('inf')])),
+    ('ecq overflowing scale', replace(GOOD_ECQ_ESC, scale=[3e38])),
+    ('ecq truncated', replace(GOOD_ECQ, data=GOOD_ECQ.data[:-2])),
+    ('ecq extra byte', replace(GOOD_ECQ, data=GOOD_ECQ.data + b'\x01')),
+    ('ecq bytes for no value', replace(GOOD_ECQ, shape=(0, 4))),
+    ('ecq huge shape', replace(GOOD_ECQ, shape=(1 << 20, 1 << 20))),
+    ('ecq empty', replace(GOOD_ECQ, data=b'')),
+    ('ecq escape truncated', replace(GOOD_ECQ_ESC, data=GOOD_ECQ_ESC.data[:-1])),
+    ('ecq byte after escapes', replace(GOOD_ECQ_ESC, data=GOOD_ECQ_ESC.data + b'\x00')),
 ]
 
 
@@ -311,6 +439,28 @@ CORRUPT = [
 def test_unpack_rejects_corrupt(name: str, packed: PackedTokens) -> None:
     with pytest.raises(WireError):
         unpack_tokens(packed)
+
+
+def _escape_varint_bytes(packed: PackedTokens) -> int:
+    """Length of the single escape varint at the end of ``packed`` (built from ESCAPED)."""
+    step = packed.scale[0]
+    remainder = round(float(ESCAPED[0, 3]) / step) - ECQ_LIMIT
+    return max(1, -(-remainder.bit_length() // 7))
+
+
+def test_ecq_rejects_bad_padding_and_escapes() -> None:
+    packed = pack_tokens(torch.tensor([[0.0, 0.0, 0.0]]), 'ecq')  # 3 x 3 bits: 7 pad bits
+    assert len(packed.data) == 2
+    with pytest.raises(WireError, match='padding'):
+        unpack_tokens(replace(packed, data=packed.data[:1] + bytes([packed.data[1] | 1])))
+    n = _escape_varint_bytes(GOOD_ECQ_ESC)
+    stream, varint = GOOD_ECQ_ESC.data[:-n], GOOD_ECQ_ESC.data[-n:]
+    assert n >= 2 and all(b & 0x80 for b in varint[:-1]) and not varint[-1] & 0x80
+    with pytest.raises(WireError, match='minimally'):  # same value, one byte longer
+        unpack_tokens(replace(GOOD_ECQ_ESC, data=stream + varint[:-1]
+                              + bytes([varint[-1] | 0x80, 0x00])))
+    with pytest.raises(WireError, match='longer than'):
+        unpack_tokens(replace(GOOD_ECQ_ESC, data=stream + b'\xff' * 5 + b'\x01'))
 
 
 # --- heatmap ---------------------------------------------------------------------------------
@@ -452,3 +602,25 @@ def test_pipeline_rejects_wrong_feature_shape() -> None:
     pipe = UtsPipeline(cfg, lambda t, p, m: torch.zeros(m, 1, t.shape[1] - 1, 4))
     with pytest.raises(ModelError, match='mc_features'):
         pipe.process(np.full((1, 4), 0.25), make_tokens())
+
+
+def test_pipeline_packs_ecq_and_counts_uplink_bytes() -> None:
+    tokens = make_tokens()
+    probe = CrossAttentionProbe(tokens.shape[1])
+    cfg = UtsConfig(stage1_threshold=0.0, keep_ratio=0.5, pack_dtype='ecq')
+    result = UtsPipeline(cfg, probe, has_cls=True).process(np.full((1, 4), 0.25), tokens)
+    assert result is not None and result.packed.dtype == 'ecq'
+    k = result.kept_indices.numel()
+    assert k == 1 + 8  # CLS + half the patches
+    kept = tokens[result.kept_indices]
+    assert torch.all((unpack_tokens(result.packed) - kept).abs()
+                     <= result.packed.scale[0] * 0.5 * (1 + 1e-5))
+    assert result.uplink_bytes == 12 + len(result.packed.data) + 4 + 2 * k
+
+
+def test_pipeline_rejects_more_tokens_than_uint16_indices() -> None:
+    calls = []
+    pipe = UtsPipeline(UtsConfig(stage1_threshold=0.0), lambda t, p, m: calls.append(t))
+    with pytest.raises(ValueError, match='uint16'):
+        pipe.process(np.full((1, 4), 0.25), torch.zeros(MAX_TOKENS + 1, 2))
+    assert calls == [] and pipe.selector.offered == 0

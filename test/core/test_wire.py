@@ -67,6 +67,47 @@ def test_hash_refuses_non_tensors() -> None:
         wire.state_dict_hash({'a': [1.0, 2.0]})  # type: ignore[dict-item]
 
 
+def _golden_sd() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    return {
+        'b.weight': torch.randn(4, 3, generator=g),
+        'a.bias': torch.randn(5, generator=g).to(torch.float16),
+        'c.lora_A.default.weight': torch.randn(2, 6, generator=g).to(torch.bfloat16),
+        'd.double': torch.randn(3, generator=g, dtype=torch.float64),
+        'e.empty': torch.zeros(0, 4),
+        'f.scalar': torch.tensor(1.5),
+        'g.noncontig': torch.randn(3, 4, generator=g).t(),
+        'h.int': torch.arange(5),
+        'é.unicode': torch.ones(2),
+    }
+
+
+def test_hash_values_are_stable() -> None:
+    # Digests of the tensor-by-tensor implementation the cloud and older devices use: a
+    # faster implementation must give the very same values.
+    assert wire.state_dict_hash(_golden_sd()) == (
+        '914ceb834ff6966fb92fc551ce4fa7a16fdaf8212c9eb99f865a943ff2fb80da')
+    assert wire.state_dict_hash({}) == (
+        '3e86a5c83bea4c3a3080d2cf9a109ec7834817c3285881aa9ff1d6c7c0414db9')
+
+
+def test_hash_from_flat_bytes_matches_state_dict_hash() -> None:
+    sd = {k: v.contiguous() for k, v in _golden_sd().items()}
+    names = sorted(sd)
+    # One buffer holding every tensor's bytes back to back, sliced per tensor.
+    flat = torch.cat([sd[n].reshape(-1).view(torch.uint8) for n in names])
+    view = memoryview(flat.numpy())
+    parts, pos = [], 0
+    for n in names:
+        size = sd[n].numel() * sd[n].element_size()
+        parts.append((wire.tensor_hash_header(n, sd[n].dtype, sd[n].shape),
+                      view[pos:pos + size]))
+        pos += size
+    assert wire.hash_tensor_bytes(parts) == wire.state_dict_hash(sd)
+    # Out of sorted order it is another digest: the caller must keep the order.
+    assert wire.hash_tensor_bytes(parts[::-1]) != wire.state_dict_hash(sd)
+
+
 # --- keys ---------------------------------------------------------------------------------
 def test_keys_round_trip_through_pem(tmp_path) -> None:
     priv, pub = wire.generate_keypair()

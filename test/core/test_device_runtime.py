@@ -1,0 +1,357 @@
+"""DeviceRuntime hot-apply: flat weights, the probe, background persistence and restarts.
+
+A tiny BLIP-2 (LoRA on the language model and the Q-Former) plays the device; deltas are made
+the cloud's way (error-feedback view, codec, Ed25519 seal) without the training.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import QUESTION, VOCAB, random_images
+
+from cdcca_ros.core import device_runtime, dwc, wire
+from cdcca_ros.core.device_runtime import DeviceRuntime, FlatWeights
+from cdcca_ros.core.updates import DeltaEnvelope, seal_delta
+from cdcca_ros.errors import ConfigError, DeltaMismatchError, DeltaRejectedError, ModelError
+
+DEVICE = 'robot1'
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope='module')
+def student_dir(tmp_path_factory):
+    from cdcca_ros.models import build_tiny
+    from cdcca_ros.models.base import TrainableConfig
+
+    path = tmp_path_factory.mktemp('student')
+    model = build_tiny('blip2', VOCAB, seed=2, qformer_layers=1, dropout=0.0)
+    model.configure_trainable(TrainableConfig(
+        lora_r=4, lora_alpha=8, lora_targets=('q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1',
+                                              'fc2', 'query', 'value')))
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def keys():
+    return wire.generate_keypair()
+
+
+@pytest.fixture(scope='module')
+def images():
+    return random_images(3)
+
+
+def _load(path):
+    from cdcca_ros.models import bundled
+
+    return bundled.load(str(path))
+
+
+class Cloud:
+    """The cloud's side for one device: error-feedback view, compress, seal."""
+
+    def __init__(self, base: dict[str, torch.Tensor], key, codec: str = 'fp16') -> None:
+        self.ef = dwc.ErrorFeedback(base)
+        self.key = key
+        self.codec = dwc.get_codec(codec)
+        self.version = 0
+
+    def make(self, trained: dict[str, torch.Tensor]) -> DeltaEnvelope:
+        base_hash = self.ef.view_hash()
+        delta = dwc.compute_delta(trained, self.ef.view)
+        c = dwc.compress(delta, self.codec)
+        self.ef.commit(delta, c.decoded)
+        self.version += 1
+        return seal_delta(self.key, device_id=DEVICE, round=self.version,
+                          base_version=self.version - 1, base_hash=base_hash,
+                          new_version=self.version, new_hash=self.ef.view_hash(),
+                          codec=self.codec.name, payload=c.payload)
+
+    def step(self, seed: int, scale: float = 0.05) -> DeltaEnvelope:
+        g = torch.Generator().manual_seed(seed)
+        trained = {k: v + torch.randn(v.shape, generator=g) * scale
+                   for k, v in self.ef.view.items()}
+        return self.make(trained)
+
+
+def _runtime(student_dir, keys, state_dir=None, **kwargs) -> DeviceRuntime:
+    return DeviceRuntime(_load(student_dir), DEVICE, keys[1], state_dir, **kwargs)
+
+
+def _model_hash(rt: DeviceRuntime) -> str:
+    return wire.state_dict_hash(rt.model.trainable_state_dict())
+
+
+# --- flat weights -------------------------------------------------------------------------
+def _mixed(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {'z.lora_B': torch.randn(6, 4, generator=g),
+            'a.norm': torch.randn(5, generator=g).half(),
+            'm.lora_A': torch.randn(4, 6, generator=g).bfloat16(),
+            'q.query_tokens': torch.randn(1, 3, 4, generator=g),
+            'd.double': torch.randn(3, generator=g, dtype=torch.float64),
+            'e.empty': torch.zeros(0, 4),
+            's.scalar': torch.tensor(0.25)}
+
+
+@pytest.mark.parametrize('delta_dtype', [torch.float32, torch.float16, torch.float64])
+def test_flat_build_is_bit_identical_to_apply_delta(delta_dtype) -> None:
+    base = _mixed(0)
+    g = torch.Generator().manual_seed(1)
+    delta = {k: (torch.randn(v.shape, generator=g) * 1e-2).to(delta_dtype)
+             for k, v in base.items()}
+    flat = FlatWeights.pack(base).plus(delta)
+    ref = dwc.apply_delta(base, delta)
+    for name, t in ref.items():
+        got = flat.tensors[name]
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        assert torch.equal(got, t), name
+    assert flat.digest() == wire.state_dict_hash(ref)
+    assert FlatWeights.pack(base).digest() == wire.state_dict_hash(base)
+
+
+def test_flat_build_refuses_a_delta_that_does_not_fit() -> None:
+    base = _mixed(0)
+    weights = FlatWeights.pack(base)
+    zeros = {k: torch.zeros(v.shape) for k, v in base.items()}
+    bad = {'missing': {k: v for k, v in zeros.items() if k != 'a.norm'},
+           'extra': dict(zeros, other=torch.zeros(1)),
+           'shape': dict(zeros, **{'z.lora_B': torch.zeros(4, 6)}),
+           'dtype': dict(zeros, **{'a.norm': torch.zeros(5, dtype=torch.int64)})}
+    for kind, delta in bad.items():
+        with pytest.raises(DeltaMismatchError):
+            weights.plus(delta)
+        assert weights.digest() == wire.state_dict_hash(base), kind
+
+
+def test_overflow_of_finite_values_is_caught() -> None:
+    base = {'a': torch.ones(3), 'b': torch.full((2,), 3e38)}
+    flat = FlatWeights.pack(base).plus({'a': torch.ones(3), 'b': torch.full((2,), 3e38)})
+    assert flat.first_non_finite() == 'b'
+    assert FlatWeights.pack(base).first_non_finite() is None
+
+
+# --- apply and the probe ------------------------------------------------------------------
+@pytest.mark.parametrize('direct', [True, False], ids=['direct_copy', 'load_state_dict'])
+def test_apply_matches_the_cloud_and_reports_its_steps(student_dir, keys, images,
+                                                       direct: bool) -> None:
+    rt = _runtime(student_dir, keys)
+    assert rt._params is not None  # the swap copies straight into the live parameters
+    if not direct:
+        rt._params = None  # a model that does not expose them: load_trainable_state_dict
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    before = [rt.answer(im, QUESTION).step_probs for im in images]
+    report = rt.apply(cloud.step(1))
+    assert rt.version == 1 and report.new_version == 1
+    assert rt.base_hash == cloud.ef.view_hash() == _model_hash(rt)
+    assert set(report.extra['steps_ms']) == {'gate_ms', 'build_ms', 'finite_ms', 'hash_ms',
+                                             'swap_ms', 'probe_ms'}
+    assert 0.0 < report.extra['probe_tv'] <= 1.0
+    assert report.swap_ms <= report.apply_ms
+    after = [rt.answer(im, QUESTION).step_probs for im in images]
+    assert not all(np.allclose(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_probe_tokens_are_cached_only_when_the_vision_encoder_is_frozen(student_dir,
+                                                                       keys) -> None:
+    rt = _runtime(student_dir, keys)
+    assert not any(n.startswith('vision_model.') for n in rt.weights.layout.names)
+    assert rt._probe_tokens is not None
+    expected = rt.model.vision_tokens([rt.probe_image])
+    assert torch.equal(rt._probe_tokens, expected)
+    # A trainable name inside the encoder, or a model that does not say where its encoder
+    # is: the tokens are recomputed for every probe.
+    names = rt.weights.layout.names
+    assert not device_runtime._vision_frozen(rt.model, names + ('vision_model.post.bias',))
+    assert not device_runtime._vision_frozen(object(), names)  # type: ignore[arg-type]
+
+
+def test_probe_rejects_finite_weights_that_blow_up(student_dir, keys, images) -> None:
+    """Every value finite (the candidate passes the finite check), the outputs are not."""
+    rt = _runtime(student_dir, keys)
+    base = rt.model.trainable_state_dict()
+    cloud = Cloud(base, keys[0])
+    trained = {k: torch.full_like(v, 6e4) if k.startswith('language_model') else v.clone()
+               for k, v in base.items()}
+    env = cloud.make(trained)
+    before = [rt.answer(im, QUESTION) for im in images]
+    with pytest.raises(DeltaRejectedError, match='probe.*NaN'):
+        rt.apply(env)
+    assert rt.version == 0 and rt.rejected == 1
+    assert _model_hash(rt) == rt.base_hash == wire.state_dict_hash(base)
+    now = [rt.answer(im, QUESTION) for im in images]
+    assert [a.text for a in now] == [a.text for a in before]
+    assert all(np.array_equal(a.step_probs, b.step_probs)
+               for a, b in zip(now, before, strict=True))
+
+
+def test_probe_refuses_a_flat_distribution(student_dir, keys) -> None:
+    # The last MLP's LoRA all equal and huge: the final LayerNorm's variance overflows and
+    # every logit comes out equal.
+    rt = _runtime(student_dir, keys)
+    base = rt.model.trainable_state_dict()
+    rt.model.load_trainable_state_dict(
+        {k: torch.full_like(v, 6e4) if 'layers.1.fc' in k and 'lora_' in k else v
+         for k, v in base.items()})
+    with pytest.raises(ModelError, match='flat'):
+        rt._probe()
+    rt.model.load_trainable_state_dict(base)
+    probs = rt._probe()
+    assert probs.ndim == 1 and abs(float(probs.sum()) - 1.0) < 1e-4
+
+
+def test_next_token_probs_is_the_first_answer_step(student_dir, keys) -> None:
+    rt = _runtime(student_dir, keys)
+    tokens = rt.model.vision_tokens([rt.probe_image])
+    first = rt.model.answer_from_tokens(tokens, None, [rt.probe_question], max_new_tokens=3)
+    probs = rt.model.next_token_probs(tokens, None, [rt.probe_question])
+    assert probs.shape == (1, first[0].step_probs.shape[1])
+    np.testing.assert_allclose(probs[0].numpy(), first[0].step_probs[0], atol=1e-6)
+    np.testing.assert_allclose(rt._probe(), first[0].step_probs[0], atol=1e-6)
+
+
+def test_probe_bound_on_the_distribution_shift(student_dir, keys) -> None:
+    with pytest.raises(ConfigError):
+        _runtime(student_dir, keys, max_probe_tv=0.0)
+    rt = _runtime(student_dir, keys, max_probe_tv=1e-9)
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    with pytest.raises(DeltaRejectedError, match='max_probe_tv'):
+        rt.apply(cloud.step(1, scale=0.5))
+    assert rt.version == 0 and _model_hash(rt) == rt.base_hash
+
+
+def test_answers_continue_while_applying(student_dir, keys, images) -> None:
+    rt = _runtime(student_dir, keys)
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    envelopes = [cloud.step(seed) for seed in range(1, 6)]
+    stop = threading.Event()
+    outcomes: list[tuple[int, bool]] = []
+
+    def answer_loop() -> None:
+        i = 0
+        while not stop.is_set():
+            sample = rt.answer(images[i % len(images)], QUESTION)
+            outcomes.append((sample.version, bool(np.isfinite(sample.step_probs).all())))
+            i += 1
+
+    thread = threading.Thread(target=answer_loop)
+    thread.start()
+    try:
+        for env in envelopes:
+            rt.apply(env)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert rt.version == 5
+    assert outcomes and all(ok for _, ok in outcomes)
+    versions = [v for v, _ in outcomes]
+    assert versions == sorted(versions)  # every answer names the version that produced it
+
+
+# --- persistence --------------------------------------------------------------------------
+def test_two_quick_applies_then_restart_lands_on_the_second(student_dir, keys, images,
+                                                            tmp_path) -> None:
+    rt = _runtime(student_dir, keys, tmp_path / 'device')
+    assert rt.persisted_version == 0  # nothing on disk: a restart starts from the base
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    rt.apply(cloud.step(1))
+    rt.apply(cloud.step(2))
+    answers = [rt.answer(im, QUESTION).step_probs for im in images]
+    # No flush: a runtime starting on the folder waits for the pending writes itself.
+    again = _runtime(student_dir, keys, tmp_path / 'device')
+    assert again.version == 2 and again.round == 2
+    assert again.base_hash == rt.base_hash == _model_hash(again)
+    assert rt.persisted_version == 2 and rt.status()['persisted_version'] == 2
+    assert all(np.array_equal(again.answer(im, QUESTION).step_probs, a)
+               for im, a in zip(images, answers, strict=True))
+    # The cloud's next delta applies on the restarted device.
+    again.apply(cloud.step(3))
+    assert again.version == 3
+
+
+def test_rollback_is_persisted(student_dir, keys, tmp_path) -> None:
+    rt = _runtime(student_dir, keys, tmp_path / 'device')
+    base_hash = rt.base_hash
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    rt.apply(cloud.step(1))
+    assert rt.rollback() == 2
+    assert rt.base_hash == base_hash == _model_hash(rt)
+    assert rt.flush(timeout=30) and rt.persisted_version == 2
+    again = _runtime(student_dir, keys, tmp_path / 'device')
+    assert again.version == 2 and again.base_hash == base_hash
+
+
+def test_writer_writes_the_latest_version_in_order(student_dir, keys, tmp_path,
+                                                   monkeypatch) -> None:
+    rt = _runtime(student_dir, keys, tmp_path / 'device')
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    envelopes = [cloud.step(seed) for seed in range(1, 6)]
+    written: list[int] = []
+    started, release = threading.Event(), threading.Event()
+    real_write = device_runtime.write_adapter
+
+    def slow_write(directory, snapshot) -> None:
+        started.set()
+        release.wait(30)  # a slow disk: the applies overtake the writer
+        real_write(directory, snapshot)
+        written.append(snapshot.version)
+
+    monkeypatch.setattr(device_runtime, 'write_adapter', slow_write)
+    rt.apply(envelopes[0])
+    assert started.wait(30)  # v1 is being written
+    for env in envelopes[1:]:
+        rt.apply(env)  # does not wait for the disk...
+        assert rt.persisted_version == 0  # ...and never claims what is not there
+    assert rt.status()['persisted_version'] == 0
+    release.set()
+    assert rt.flush(timeout=30)
+    assert written == [1, 5]  # in order; versions overtaken while writing are skipped
+    assert rt.persisted_version == 5
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / 'device' / device_runtime.WEIGHTS_FILE), 'pt') as f:
+        meta = f.metadata()
+    assert meta['version'] == '5' and meta['hash'] == rt.base_hash
+
+
+def test_failed_write_is_reported_and_retried(student_dir, keys, tmp_path) -> None:
+    blocker = tmp_path / 'not-a-folder'
+    blocker.write_text('a file where the state folder should be')
+    rt = _runtime(student_dir, keys, blocker)
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    rt.apply(cloud.step(1))  # the apply itself succeeds
+    assert rt.flush(timeout=30)
+    assert rt.version == 1 and rt.persisted_version == 0
+    assert 'cannot persist v1' in rt.status()['persist_error']
+    blocker.unlink()
+    rt.apply(cloud.step(2))
+    assert rt.flush(timeout=30)
+    assert rt.persisted_version == 2 and rt.status()['persist_error'] == ''
+
+
+def test_corrupt_or_foreign_state_is_refused(student_dir, keys, tmp_path) -> None:
+    rt = _runtime(student_dir, keys, tmp_path / 'device')
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    rt.apply(cloud.step(1))
+    assert rt.flush(timeout=30)
+    with pytest.raises(ModelError, match='belongs to'):
+        DeviceRuntime(_load(student_dir), 'robot2', keys[1], tmp_path / 'device')
+    path = tmp_path / 'device' / device_runtime.WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # one weight byte: the recorded hash no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match='hash'):
+        _runtime(student_dir, keys, tmp_path / 'device')

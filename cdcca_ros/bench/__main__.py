@@ -4,10 +4,11 @@
 bench's arguments. Two more commands:
 
 * ``list``: the benches and what they measure.
-* ``report [--out-dir DIR] [--only a,b] [ARGS...]``: run every bench (each in its own process,
-  so thread settings and memory do not leak between them) into ``DIR/<name>.json`` (default
-  ``bench/results``), then write ``DIR/REPORT.md``: every target with its measured figure. Any
-  further arguments (``--quick``, ``--teacher ...``) are passed to every bench.
+* ``report [--out-dir DIR] [--only a,b] [--no-run] [ARGS...]``: run every bench (each in its own
+  process, so thread settings and memory do not leak between them) into ``DIR/<name>.json``
+  (default ``bench/results``), then write ``DIR/REPORT.md``: every target with its measured
+  figure. Any further arguments (``--quick``, ``--teacher ...``) are passed to every bench.
+  ``--no-run`` only rewrites the report from the JSON files already in ``DIR``.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def _report(argv: Sequence[str]) -> int:
                                      description='run every bench and write the report')
     parser.add_argument('--out-dir', type=Path, default=Path('bench/results'))
     parser.add_argument('--only', default='', help='comma-separated bench names')
+    parser.add_argument('--no-run', action='store_true',
+                        help='rewrite the report from the JSON files already in --out-dir')
     args, passthrough = parser.parse_known_args(list(argv))
     names = [n for n in args.only.split(',') if n] or list(BENCHES)
     for name in names:
@@ -68,6 +71,10 @@ def _report(argv: Sequence[str]) -> int:
     failed = []
     for name in names:
         out = args.out_dir / f'{name}.json'
+        if args.no_run:
+            if out.is_file():
+                records[name] = json.loads(out.read_text())
+            continue
         code = subprocess.call([sys.executable, '-m', 'cdcca_ros.bench', name, '--out',
                                 str(out), *passthrough])
         if code != 0 or not out.is_file():

@@ -7,13 +7,21 @@ on its second answer in a row (warm caches, as on a robot where only the node co
 the figure is the ratio of the medians. Two set-ups (``--modes``):
 
 * ``process`` (the summary figure): the real ``device_node`` executable in its own process
-  (``python -m cdcca_ros.nodes.device_node --ros-args -p model:=...``, its own multi-threaded
-  executor, UTS off so only the answer path is timed), the same torch thread count as the
-  direct side; the client and the direct runtime live in this process. No GIL is shared.
-* ``inprocess``: ``DeviceNode`` around the very runtime that answers directly, spun by a
-  multi-threaded executor in a thread of this process (as the node tests run it), the client
-  in a second rclpy context. Client and node share the GIL, so this overstates the overhead;
-  it also splits the round trip into the node's handler and the rest (DDS, executors).
+  (``python -m cdcca_ros.nodes.device_node --ros-args -p model:=...``, its default executor
+  unless ``--executor`` names another, UTS off so only the answer path is timed), the same
+  torch thread count as the direct side; the client and the direct runtime live in this
+  process. No GIL is shared.
+* ``inprocess``: ``DeviceNode`` around the very runtime that answers directly, spun in a
+  thread of this process on the same kind of executor, the client in a second rclpy context.
+  Client and node share the GIL, so this overstates the overhead; it also splits the round
+  trip into the node's handler and the rest (DDS, executors).
+
+Both sides are honest about what a user gets: the node runs as shipped, and the client is an
+ordinary rclpy client that waits the efficient way, ``spin_until_future_complete`` on rclpy's
+EventsExecutor (``--client events``, the default; ``single_threaded`` is the classic
+SingleThreadedExecutor). The node still does all it promises per answer (latest frame, age
+check, Answer published, annotated image when watched); on a one-thread executor the publishing
+is a task of that executor, run right after the response is sent.
 
 Also measured: ``ask`` with the frame inside the request (``use_image``: 921,600 bytes more per
 call on DDS). Traffic stays on this machine: a domain id of its own, localhost-only discovery.
@@ -51,6 +59,7 @@ WARMUP = 3
 CALL_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 120.0
 MODES = ('process', 'inprocess')
+CLIENTS = ('events', 'single_threaded')
 KEYS = ('direct', 'ros', 'ros_image', 'handler', 'model_ros', 'model_direct')
 
 
@@ -63,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--modes', default='process,inprocess',
                         help='set-ups to measure (see the module docstring); the first gives '
                              'the summary figure')
+    parser.add_argument('--executor', default=None,
+                        help='device_node executor (its executor parameter); default: the '
+                             "node's default")
+    parser.add_argument('--client', default='events', choices=CLIENTS,
+                        help='executor the client waits on (default events)')
 
 
 def _isolate_ros(domain_id: int | None) -> int:
@@ -75,22 +89,31 @@ def _isolate_ros(domain_id: int | None) -> int:
 
 
 class _Client:
-    """A client node in its own rclpy context: publishes frames, calls ``ask``."""
+    """A client node in its own rclpy context: publishes frames, calls ``ask``.
 
-    def __init__(self) -> None:
+    ``kind``: 'events' waits on rclpy's EventsExecutor (SingleThreadedExecutor where this rclpy
+    has none; ``self.kind`` says which), 'single_threaded' on a SingleThreadedExecutor.
+    """
+
+    def __init__(self, kind: str = 'events') -> None:
         import rclpy
         from rclpy.context import Context
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.node import Node
         from sensor_msgs.msg import Image
 
-        from cdcca_ros.nodes.common import SENSOR_QOS
+        from cdcca_ros.nodes.common import SENSOR_QOS, events_executor_factory
         from cdcca_ros.srv import Ask
 
+        if kind not in CLIENTS:
+            raise ConfigError(f'--client: unknown client {kind!r}; known: {", ".join(CLIENTS)}')
         self.context = Context()
         rclpy.init(context=self.context)
         self.node = Node('bench_client', context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
+        factory = events_executor_factory() if kind == 'events' else None
+        self.kind = kind if factory is not None or kind != 'events' else 'single_threaded'
+        self.executor = (factory(context=self.context) if factory is not None
+                         else SingleThreadedExecutor(context=self.context))
         self.executor.add_node(self.node)
         self.image_pub = self.node.create_publisher(Image, 'image', SENSOR_QOS)
         self.ask = self.node.create_client(Ask, 'ask')
@@ -196,20 +219,19 @@ def _loop(client: _Client, samples: list[Any], runtime: Any,
     return out
 
 
-def _measure_inprocess(samples: list[Any], runtime: Any, workdir: Path) -> dict[str, Any]:
-    """DeviceNode around ``runtime`` on a multi-threaded executor in a thread of ours."""
-    import threading
-
+def _measure_inprocess(samples: list[Any], runtime: Any, workdir: Path, executor_kind: str,
+                       client_kind: str) -> dict[str, Any]:
+    """DeviceNode around ``runtime`` on an ``executor_kind`` executor in a thread of ours."""
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
 
+    from cdcca_ros.nodes.common import NodeSpinner
     from cdcca_ros.nodes.device_node import DeviceNode
 
     ctx_robot = Context()
     rclpy.init(context=ctx_robot)
-    device = executor = thread = client = None
+    device = spinner = client = None
     try:
         device = DeviceNode(runtime, context=ctx_robot, parameter_overrides=[
             Parameter('state_dir', value=str(workdir / 'state'))])
@@ -224,11 +246,9 @@ def _measure_inprocess(samples: list[Any], runtime: Any, workdir: Path) -> dict[
                 handler_ms.append(ms_since(t0))
 
         device.answer = timed_answer  # the service handler calls self.answer
-        executor = MultiThreadedExecutor(num_threads=4, context=ctx_robot)  # as spin_device
-        executor.add_node(device)
-        thread = threading.Thread(target=executor.spin, daemon=True)
-        thread.start()
-        client = _Client()
+        # As spin_device does, in a thread of ours.
+        spinner = NodeSpinner([device], executor_kind, context=ctx_robot, num_threads=4).start()
+        client = _Client(client_kind)
         if not client.spin_until(client.ask.service_is_ready, 30.0):
             raise RuntimeError('the ask service of device_node was not found in 30 s')
 
@@ -236,22 +256,22 @@ def _measure_inprocess(samples: list[Any], runtime: Any, workdir: Path) -> dict[
             latest = device._latest  # noqa: SLF001 - the bench waits for the node's buffer
             return latest is not None and latest.header.stamp == stamp
 
-        return _loop(client, samples, runtime, has_frame, handler_ms)
+        out = _loop(client, samples, runtime, has_frame, handler_ms)
+        out['executor'], out['client'] = spinner.kind, client.kind
+        return out
     finally:
         if client is not None:
             client.close()
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)
+        if spinner is not None:
+            spinner.shutdown(timeout_sec=5.0)
         if device is not None:
             device.destroy_node()
-        if thread is not None:
-            thread.join(timeout=5.0)
         if ctx_robot.ok():
             rclpy.shutdown(context=ctx_robot)
 
 
 def _measure_process(samples: list[Any], runtime: Any, spec: str, workdir: Path,
-                     threads: int) -> dict[str, Any]:
+                     threads: int, executor_kind: str, client_kind: str) -> dict[str, Any]:
     """The device_node executable in its own process, loading ``spec``."""
     from cdcca_ros.srv import Ask
 
@@ -259,12 +279,13 @@ def _measure_process(samples: list[Any], runtime: Any, spec: str, workdir: Path,
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, '-m', 'cdcca_ros.nodes.device_node', '--ros-args',
            '-p', f'model:={spec}', '-p', f'state_dir:={workdir / "process-state"}',
-           '-p', 'uts.enabled:=false', '--log-level', 'warn']
+           '-p', 'uts.enabled:=false', '-p', f'executor:={executor_kind}',
+           '--log-level', 'warn']
     with open(log, 'wb') as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     client = None
     try:
-        client = _Client()
+        client = _Client(client_kind)
         ready = client.spin_until(client.ask.service_is_ready, START_TIMEOUT_S)
         deadline = time.monotonic() + START_TIMEOUT_S
         while ready and time.monotonic() < deadline and proc.poll() is None:
@@ -277,7 +298,9 @@ def _measure_process(samples: list[Any], runtime: Any, spec: str, workdir: Path,
         else:
             raise RuntimeError(f'device_node did not come up (exit {proc.poll()}): '
                                f'{log.read_text(errors="replace")[-2000:]}')
-        return _loop(client, samples, runtime, None, [])
+        out = _loop(client, samples, runtime, None, [])
+        out['executor'], out['client'] = executor_kind, client.kind
+        return out
     finally:
         if client is not None:
             client.close()
@@ -304,16 +327,23 @@ def ratio_interval(num: list[float], den: list[float], seed: int,
 
 def run(ctx: BenchContext) -> BenchResult:
     """Measure and summarise (see the module docstring)."""
+    from cdcca_ros.nodes.tables import TABLES
+
+    modes = [m.strip() for m in str(ctx.args.modes).split(',') if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            raise ConfigError(f'--modes: unknown mode {mode!r}; known: {", ".join(MODES)}')
+    executors = next(p.choices for p in TABLES['device_node'] if p.name == 'executor') or ()
+    executor_kind = ctx.args.executor or device_params()['executor']
+    if executor_kind not in executors:
+        raise ConfigError(f'--executor: unknown executor {executor_kind!r}; known: '
+                          f'{", ".join(executors)}')
     domain_id = _isolate_ros(ctx.args.domain_id)
     import rclpy
 
     from cdcca_ros.core.device_runtime import DeviceRuntime
     from cdcca_ros.sim.domains import DRIFTED, SOURCE
 
-    modes = [m.strip() for m in str(ctx.args.modes).split(',') if m.strip()]
-    for mode in modes:
-        if mode not in MODES:
-            raise ConfigError(f'--modes: unknown mode {mode!r}; known: {", ".join(MODES)}')
     n = ctx.args.samples or (4 if ctx.quick else 100)
     domains = (SOURCE,) + DRIFTED
     per_domain = -(-(n + WARMUP) // len(domains))
@@ -325,9 +355,11 @@ def run(ctx: BenchContext) -> BenchResult:
     for mode in modes:
         if mode == 'process':
             measured[mode] = _measure_process(samples, runtime, ctx.models.spec('student'),
-                                              ctx.workdir, int(ctx.args.threads))
+                                              ctx.workdir, int(ctx.args.threads),
+                                              executor_kind, ctx.args.client)
         else:
-            measured[mode] = _measure_inprocess(samples, runtime, ctx.workdir)
+            measured[mode] = _measure_inprocess(samples, runtime, ctx.workdir, executor_kind,
+                                                ctx.args.client)
     rmw = (rclpy.get_rmw_implementation_identifier()
            if hasattr(rclpy, 'get_rmw_implementation_identifier')
            else os.environ.get('RMW_IMPLEMENTATION', ''))
@@ -343,6 +375,8 @@ def run(ctx: BenchContext) -> BenchResult:
         'direct_ms': med_direct,
         'ros_ms': median(first['ros']),
         'mode': modes[0],
+        'executor': first['executor'],
+        'client': first['client'],
         'samples': len(first['ros']),
         'failures': sum(len(m['failures']) for m in measured.values()),
     }
@@ -371,6 +405,7 @@ def run(ctx: BenchContext) -> BenchResult:
             'paired_overhead_ms': describe_ms([a - b for a, b in zip(
                 m['ros'], m['direct'], strict=True)]),
             'answer_mismatches': m['mismatches'], 'stale_frames': m['stale'],
+            'executor': m['executor'], 'client': m['client'],
             'failures': m['failures'][:20]}
         if mode == 'inprocess':
             detail['modes'][mode]['handler_ms'] = describe_ms(m['handler'])
@@ -386,5 +421,10 @@ def run(ctx: BenchContext) -> BenchResult:
                    *summary['ros_over_direct_interval'])),
                'process: the device_node executable (UTS off) in its own process; inprocess: '
                'DeviceNode in this process, sharing the GIL with the client (an upper bound)',
+               f'node executor {first["executor"]}, client waits on '
+               f'{"EventsExecutor" if first["client"] == "events" else "SingleThreadedExecutor"}'
+               ' (spin_until_future_complete); the node publishes Answer (and the annotated '
+               'image when watched) with every answer, after the response on a one-thread '
+               'executor',
                f'the node\'s answers differed from the direct ones on '
                f'{detail["answer_mismatches"]} frames (expected 0: same weights, same frame)'])

@@ -8,9 +8,20 @@ Topics (relative names: namespaces and remapping apply):
     out /diagnostics
 Services: ask (cdcca_ros/Ask), rollback (cdcca_ros/Rollback).
 
-The image callback only stores the latest frame; answers are computed in worker threads, so
-callbacks never block on inference. UTS runs in the same process (``uts.enabled``, see
-:mod:`cdcca_ros.nodes.uts_node`) because stage 2 needs the device model itself.
+The image callback only stores the latest frame. Questions on the topic are answered in a
+worker thread; the ``ask`` service answers in its own callback. What follows an answer
+(publishing ``answer``, drawing and publishing ``annotated_image``, giving the sample to UTS)
+goes through one queue, in answer order and without dropping any; after a service answer on a
+one-thread executor it is left to a task of that executor, so the response goes out first and
+no other thread competes for the GIL while it is sent. UTS runs in the same process
+(``uts.enabled``, see :mod:`cdcca_ros.nodes.uts_node`) because stage 2 needs the device model
+itself.
+
+The process spins on the executor named by the ``executor`` parameter (see
+:class:`cdcca_ros.nodes.common.NodeSpinner`): ``events`` (default) has the shortest service
+round trip but one thread, so callbacks that arrive while ``ask`` computes wait until it returns
+(none of them computes: they store a frame or queue work, and catch up at once);
+``multi_threaded`` runs ``ask`` in its own callback group beside them.
 """
 from __future__ import annotations
 
@@ -20,12 +31,12 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
@@ -43,12 +54,41 @@ from cdcca_ros.nodes.common import (
     SENSOR_QOS,
     WARN,
     Diagnostics,
+    NodeSpinner,
     declare_table,
+    runs_one_callback_at_a_time,
 )
 from cdcca_ros.nodes.delta_msgs import DeltaReassembler
 from cdcca_ros.srv import Ask, Rollback
 
 SampleListener = Callable[[AnsweredSample, Header, np.ndarray], None]
+
+
+class _Answered(NamedTuple):
+    """What :meth:`DeviceNode.answer` leaves to be published after it returns."""
+
+    msg: Answer
+    header: Header
+    rgb: np.ndarray
+    sample: AnsweredSample
+    question: str
+    uplink: bool
+
+
+def frame_rgb(msg: Image) -> np.ndarray:
+    """The RGB array of an image message: a read-only view of its buffer when packed rgb8.
+
+    The model only reads the frame, so the usual camera case skips the 0.9 MB copy that
+    :func:`msg_to_rgb` makes for a 640x480 frame; every other message (other encodings, row
+    padding, a size that does not add up) goes through :func:`msg_to_rgb`, which validates and
+    converts it or raises :class:`~cdcca_ros.errors.ImageConversionError`.
+    """
+    if (msg.encoding == 'rgb8' and msg.height > 0 and msg.width > 0
+            and msg.step == msg.width * 3 and len(msg.data) == msg.step * msg.height):
+        view = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.width, 3)
+        view.flags.writeable = False  # a view of the message: nobody may draw on it
+        return view
+    return msg_to_rgb(msg)
 
 
 def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
@@ -78,6 +118,9 @@ class DeviceNode(Node):
         self._latest_lock = threading.Lock()
         self._questions: queue.Queue[Question] = queue.Queue(maxsize=100)
         self._deltas: queue.Queue[Any] = queue.Queue(maxsize=4)
+        # Unbounded: every answer is published; answers are far slower than publishing them.
+        self._answered: queue.SimpleQueue[_Answered] = queue.SimpleQueue()
+        self._publish_lock = threading.Lock()  # one drainer at a time keeps answer order
         self._reassembler = DeltaReassembler()
         self.counters = {'answers': 0, 'rejected_images': 0, 'questions_dropped': 0,
                          'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0}
@@ -93,7 +136,8 @@ class DeviceNode(Node):
         self.create_subscription(Image, 'image', self._on_image, SENSOR_QOS)
         self.create_subscription(Question, 'question', self._on_question, RELIABLE_QOS)
         self.create_subscription(DwcDelta, 'dwc_delta', self._on_delta, DELTA_QOS)
-        # The service waits for the model: its own group, so images keep flowing meanwhile.
+        # The service waits for the model: its own group, so on the multi-threaded executor
+        # images keep flowing meanwhile.
         self.create_service(Ask, 'ask', self._on_ask,
                             callback_group=MutuallyExclusiveCallbackGroup())
         self.create_service(Rollback, 'rollback', self._on_rollback,
@@ -154,8 +198,16 @@ class DeviceNode(Node):
                 self.get_logger().warning(f'question {q.question_id!r} not answered: {error}')
 
     def answer(self, question_id: str, question: str, choices: list[str],
-               image: Image | None, uplink: bool = True) -> tuple[Answer | None, str]:
-        """Answer about ``image`` or the latest frame; publishes and returns the Answer."""
+               image: Image | None, uplink: bool = True, *,
+               publish_later: bool = False) -> tuple[Answer | None, str]:
+        """Answer about ``image`` or the latest frame; returns the Answer (or None and why).
+
+        The Answer is published, the annotated image drawn and published and the sample given
+        to the listeners (UTS; when ``uplink``) in answer order: before this returns, or with
+        ``publish_later`` in a task of the node's executor when that runs one callback at a
+        time (the task then runs after the calling callback has returned). A multi-threaded
+        executor would run the task beside the caller at once, so there it is done here too.
+        """
         if self.runtime is None:
             return None, 'model not ready'
         if image is None:
@@ -168,7 +220,7 @@ class DeviceNode(Node):
             if age_ms > self.params['frame_max_age_ms']:
                 return None, f'latest frame is {age_ms:.0f} ms old'
         try:
-            rgb = msg_to_rgb(image)
+            rgb = frame_rgb(image)
         except CdccaError as err:
             self.counters['rejected_images'] += 1
             self._last_error = f'image rejected: {err}'
@@ -190,23 +242,48 @@ class DeviceNode(Node):
                      latency_ms=sample.latency_ms)
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.image_stamp = image.header.stamp
-        self._answer_pub.publish(msg)
         self.counters['answers'] += 1
-        if self.params['annotate'] and self._annotated_pub.get_subscription_count():
-            lines = [f'Q: {question}', f'A: {sample.text} ({sample.confidence:.2f})',
-                     f'H={sample.entropy_mean:.2f} v{sample.version}']
-            self._annotated_pub.publish(image_to_msg(annotate(rgb, lines), 'rgb8', Image,
-                                                     header=image.header))
-        if uplink:
-            for listener in self.listeners:
-                listener(sample, image.header, rgb)
+        self._answered.put(_Answered(msg, image.header, rgb, sample, question, uplink))
+        executor = self.executor
+        if publish_later and runs_one_callback_at_a_time(executor):
+            executor.create_task(self._drain_answered)
+        else:
+            self._drain_answered()
         return msg, ''
+
+    def _drain_answered(self) -> None:
+        """Publish what the queued answers produced, oldest first."""
+        with self._publish_lock:
+            while True:
+                try:
+                    done = self._answered.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    self._publish_answered(done)
+                except (CdccaError, RuntimeError, ValueError) as err:
+                    self.counters['errors'] += 1
+                    self._last_error = (f'publishing answer {done.msg.question_id!r} failed: '
+                                        f'{err}')
+                    self.get_logger().error(self._last_error)
+
+    def _publish_answered(self, done: _Answered) -> None:
+        self._answer_pub.publish(done.msg)
+        sample = done.sample
+        if self.params['annotate'] and self._annotated_pub.get_subscription_count():
+            lines = [f'Q: {done.question}', f'A: {sample.text} ({sample.confidence:.2f})',
+                     f'H={sample.entropy_mean:.2f} v{sample.version}']
+            self._annotated_pub.publish(image_to_msg(annotate(done.rgb, lines), 'rgb8', Image,
+                                                     header=done.header))
+        if done.uplink:
+            for listener in self.listeners:
+                listener(sample, done.header, done.rgb)
 
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
         answer, error = self.answer(request.question_id, request.question,
                                     list(request.choices),
                                     request.image if request.use_image else None,
-                                    uplink=not request.no_uplink)
+                                    uplink=not request.no_uplink, publish_later=True)
         response.success = answer is not None
         response.message = error
         if answer is not None:
@@ -305,11 +382,12 @@ class DeviceNode(Node):
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5.0)
+        self._drain_answered()  # whatever the executor had not published yet
         super().destroy_node()
 
 
 def spin_device(args: list[str] | None, with_uts: bool) -> None:
-    """Run device_node (and the in-process UTS node) on a multi-threaded executor."""
+    """Run device_node (and the in-process UTS node) on the executor its parameter names."""
     try:
         with rclpy.init(args=args):
             device = DeviceNode()
@@ -317,11 +395,13 @@ def spin_device(args: list[str] | None, with_uts: bool) -> None:
             if with_uts and device.params['uts.enabled']:
                 from cdcca_ros.nodes.uts_node import UtsNode
                 nodes.append(UtsNode(device))
-            executor = MultiThreadedExecutor(num_threads=4)
-            for n in nodes:
-                executor.add_node(n)
+            spinner = NodeSpinner(nodes, device.params['executor'], num_threads=4)
+            if spinner.kind != device.params['executor']:
+                device.get_logger().warning(
+                    f'executor {device.params["executor"]!r} is not available in this rclpy: '
+                    f'spinning on {spinner.kind!r}')
             try:
-                executor.spin()
+                spinner.spin()
             finally:
                 for n in reversed(nodes):
                     n.destroy_node()

@@ -80,6 +80,17 @@ def test_report_and_figures_are_written(report_dir):
         assert rec['table']['rows'] and rec['detail']['markdown'].startswith('|')
 
 
+def test_report_no_run_rewrites_from_the_json(report_dir, tmp_path):
+    import shutil
+
+    for name in TABLES[:1]:
+        shutil.copy(report_dir / f'{name}.json', tmp_path / f'{name}.json')
+    assert main(['report', '--out-dir', str(tmp_path), '--only', ','.join(TABLES),
+                 '--no-run']) == 0
+    text = (tmp_path / 'REPORT.md').read_text()
+    assert f'## {TABLES[0]}' in text and f'## {TABLES[1]}' not in text
+
+
 def test_table1_summary(report_dir):
     s = _record(report_dir, 'table1')['summary']
     for key in ('gain_over_source_only', 'gain_over_tent', 'gain_over_ce_only',

@@ -21,14 +21,6 @@ from cdcca_ros.core.wire import generate_keypair
 from cdcca_ros.errors import DeltaRejectedError, WireError
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope='module')
 def images():
     return random_images()

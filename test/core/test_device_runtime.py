@@ -21,14 +21,6 @@ from cdcca_ros.errors import ConfigError, DeltaMismatchError, DeltaRejectedError
 DEVICE = 'robot1'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope='module')
 def student_dir(tmp_path_factory):
     from cdcca_ros.models import build_tiny

@@ -18,14 +18,6 @@ from cdcca_ros.errors import ConfigError, ModelError
 from cdcca_ros.models.base import TrainOutputs
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope='module')
 def round_state(tmp_path_factory):
     """A trained round: teacher, student (at the trained weights), base, delta, samples."""

@@ -19,11 +19,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cdcca_ros.core.uts import answer_confidence
 from cdcca_ros.errors import ConfigError, ModelError
 from cdcca_ros.models.base import MLLM, TrainOutputs
 
@@ -205,15 +205,6 @@ class AKDConfig:
     def combine(self, query: Tensor, repr_: Tensor, ce: Tensor) -> Tensor:
         """Eq. 6: the weighted sum of the three losses."""
         return self.lambda_query * query + self.lambda_repr * repr_ + self.lambda_ce * ce
-
-
-def answer_confidence(token_probs: Sequence[float] | np.ndarray) -> float:
-    """Confidence of a generated answer: the geometric mean of its tokens' probabilities
-    (0.0 for an empty answer)."""
-    p = np.asarray(token_probs, dtype=np.float64).reshape(-1)
-    if not p.size:
-        return 0.0
-    return float(np.exp(np.log(np.clip(p, 1e-12, 1.0)).mean()))
 
 
 # --- samples ---------------------------------------------------------------------------------

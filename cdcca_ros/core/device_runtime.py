@@ -46,7 +46,7 @@ import numpy as np
 from cdcca_ros.core import dwc, wire
 from cdcca_ros.core.atomic import atomic_write
 from cdcca_ros.core.updates import DeltaEnvelope, DeltaGate, RejectReason, all_finite
-from cdcca_ros.core.uts import answer_entropy
+from cdcca_ros.core.uts import answer_confidence, answer_entropy
 from cdcca_ros.errors import (
     CdccaError,
     ConfigError,
@@ -471,9 +471,7 @@ class DeviceRuntime:
             latency = (time.perf_counter() - t0) * 1e3
             version = self.version
         stats = answer_entropy(result.step_probs)
-        probs = np.asarray(result.token_probs, dtype=np.float64)
-        confidence = float(np.exp(np.log(np.clip(probs, 1e-12, 1.0)).mean())) if probs.size \
-            else 0.0
+        confidence = answer_confidence(result.token_probs)
         return AnsweredSample(
             question=question, text=result.text, choice_index=match_choice(result.text, choices),
             confidence=confidence, entropy_mean=float(stats.mean), entropy_max=float(stats.max),

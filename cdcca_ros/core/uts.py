@@ -94,6 +94,15 @@ def answer_entropy(step_probs: np.ndarray) -> EntropyStats:
                         per_step=per_step)
 
 
+def answer_confidence(token_probs: Sequence[float] | np.ndarray) -> float:
+    """Confidence of a generated answer: the geometric mean of its tokens' probabilities
+    (0.0 for an empty answer)."""
+    p = np.asarray(token_probs, dtype=np.float64).reshape(-1)
+    if not p.size:
+        return 0.0
+    return float(np.exp(np.log(np.clip(p, 1e-12, 1.0)).mean()))
+
+
 class SampleSelector:
     """Stage-1 gate: decide online whether a sample is uncertain enough to send.
 

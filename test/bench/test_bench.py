@@ -137,18 +137,6 @@ CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
 
 
 @pytest.fixture(scope='module')
-def tiny_specs(tmp_path_factory) -> tuple[str, str]:
-    """One tiny teacher/student pair saved for every bench (building it once saves time)."""
-    from cdcca_ros.bench.common import build_tiny_pair
-
-    root = tmp_path_factory.mktemp('tiny')
-    teacher, student = build_tiny_pair(0)
-    teacher.save(root / 'teacher')
-    student.save(root / 'student')
-    return str(root / 'teacher'), str(root / 'student')
-
-
-@pytest.fixture(scope='module')
 def records(tiny_specs, tmp_path_factory) -> dict[str, dict[str, Any]]:
     out_dir = tmp_path_factory.mktemp('bench')
     teacher, student = tiny_specs

@@ -37,18 +37,6 @@ def _percent(x: Any) -> bool:
 
 
 @pytest.fixture(scope='module')
-def tiny_specs(tmp_path_factory) -> tuple[str, str]:
-    """A tiny teacher/student pair saved once (every bench process loads it)."""
-    from cdcca_ros.bench.common import build_tiny_pair
-
-    root = tmp_path_factory.mktemp('tiny')
-    teacher, student = build_tiny_pair(0)
-    teacher.save(root / 'teacher')
-    student.save(root / 'student')
-    return str(root / 'teacher'), str(root / 'student')
-
-
-@pytest.fixture(scope='module')
 def report_dir(tiny_specs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp('results')
     teacher, student = tiny_specs

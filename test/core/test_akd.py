@@ -18,11 +18,10 @@ from cdcca_ros.core.akd import (
     AKDTrainer,
     QueryProjector,
     ReprProjector,
-    answer_confidence,
     query_loss,
     repr_loss,
 )
-from cdcca_ros.core.uts import UtsConfig, UtsPipeline, unpack_tokens
+from cdcca_ros.core.uts import UtsConfig, UtsPipeline, answer_confidence, unpack_tokens
 from cdcca_ros.errors import ConfigError, ModelError
 from cdcca_ros.models.base import MLLM, AnswerResult, TrainableConfig, TrainOutputs, VisionSpace
 

@@ -236,7 +236,7 @@ class AkdSample:
         return (int(self.tokens.shape[0]), int(self.tokens.shape[1]), self.indices is None)
 
 
-def _stack(samples: Sequence[AkdSample]) -> tuple[Tensor, Tensor | None, list[str]]:
+def stack_samples(samples: Sequence[AkdSample]) -> tuple[Tensor, Tensor | None, list[str]]:
     """Stack samples of one group into ``tokens [B, K, D]``, ``indices [B, K]``, questions."""
     tokens = torch.stack([s.tokens for s in samples])
     indices = (None if samples[0].indices is None
@@ -244,12 +244,24 @@ def _stack(samples: Sequence[AkdSample]) -> tuple[Tensor, Tensor | None, list[st
     return tokens, indices, [s.question for s in samples]
 
 
-def _groups(samples: Sequence[AkdSample]) -> list[list[int]]:
+def group_samples(samples: Sequence[AkdSample]) -> list[list[int]]:
     """Indices of ``samples`` grouped by :meth:`AkdSample.group_key`, in first-seen order."""
     groups: dict[tuple[int, int, bool], list[int]] = defaultdict(list)
     for i, sample in enumerate(samples):
         groups[sample.group_key()].append(i)
     return list(groups.values())
+
+
+def random_batches(samples: Sequence[AkdSample], size: int, gen: torch.Generator
+                   ) -> Iterator[list[AkdSample]]:
+    """Endless random batches: a stackable group picked with probability by its size, then up
+    to ``size`` of its samples without repeats (``gen`` drives both draws)."""
+    groups = group_samples(samples)
+    sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
+    while True:
+        group = groups[int(torch.multinomial(sizes, 1, generator=gen))]
+        perm = torch.randperm(len(group), generator=gen)
+        yield [samples[group[int(i)]] for i in perm[:size]]
 
 
 def _device_of(model: MLLM) -> torch.device:
@@ -341,11 +353,11 @@ class AKDTrainer:
         answers: dict[int, str] = {i: s.answer for i, s in enumerate(samples)
                                    if s.answer is not None}
         unsure: set[int] = set()
-        for group in _groups(samples):
+        for group in group_samples(samples):
             todo = [i for i in group if i not in answers]
             for start in range(0, len(todo), self.cfg.batch_size):
                 chunk = todo[start:start + self.cfg.batch_size]
-                tokens, indices, questions = _stack([samples[i] for i in chunk])
+                tokens, indices, questions = stack_samples([samples[i] for i in chunk])
                 scored = self.pseudo_label_scored(tokens, indices, questions)
                 if len(scored) != len(chunk):
                     raise ModelError(f'teacher {self.teacher.family} returned {len(scored)} '
@@ -450,14 +462,7 @@ class AKDTrainer:
         return {k: float(v.detach()) for k, v in out.items()}
 
     def _batches(self, samples: Sequence[AkdSample]) -> Iterator[list[AkdSample]]:
-        """Endless random batches: a group picked by size, then samples without repeats."""
-        groups = _groups(samples)
-        sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
-        while True:
-            g = int(torch.multinomial(sizes, 1, generator=self._batch_rng))
-            group = groups[g]
-            perm = torch.randperm(len(group), generator=self._batch_rng)
-            yield [samples[group[int(i)]] for i in perm[:self.cfg.batch_size]]
+        return random_batches(samples, self.cfg.batch_size, self._batch_rng)
 
     def fit(self, samples: Sequence[AkdSample]) -> list[dict[str, float]]:
         """Pseudo-label what is unlabelled, then run ``cfg.steps`` optimiser steps.
@@ -474,7 +479,7 @@ class AKDTrainer:
         for _ in tqdm(range(self.cfg.steps), desc='AKD', disable=not self.progress,
                       leave=False):
             batch = next(batches)
-            tokens, indices, questions = _stack(batch)
+            tokens, indices, questions = stack_samples(batch)
             history.append(self.step(tokens, indices, questions, [s.answer for s in batch]))
         return history
 
@@ -495,10 +500,10 @@ class AKDTrainer:
         count = 0
         try:
             with torch.no_grad():
-                for group in _groups(samples):
+                for group in group_samples(samples):
                     for start in range(0, len(group), self.cfg.batch_size):
                         batch = [samples[i] for i in group[start:start + self.cfg.batch_size]]
-                        tokens, indices, questions = _stack(batch)
+                        tokens, indices, questions = stack_samples(batch)
                         out = self.losses(tokens, indices, questions,
                                           [s.answer for s in batch])  # type: ignore[misc]
                         for key in LOSS_KEYS:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from cdcca_ros.core import dwc
+from cdcca_ros.core.akd import group_samples, random_batches, stack_samples
 from cdcca_ros.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -160,32 +160,19 @@ Batch = tuple[Tensor, 'Tensor | None', list[str], list[str]]
 
 
 def _stack(samples: Sequence[AkdSample]) -> Batch:
-    tokens = torch.stack([s.tokens for s in samples])
-    indices = (None if samples[0].indices is None
-               else torch.stack([s.indices.to(torch.long) for s in samples]))
-    return tokens, indices, [s.question for s in samples], [s.answer or '' for s in samples]
+    return (*stack_samples(samples), [s.answer or '' for s in samples])
 
 
 def _batches(samples: Sequence[AkdSample], size: int, gen: torch.Generator
              ) -> Iterator[Batch]:
-    """Endless random batches within stackable groups (a group picked by its size)."""
-    groups: dict[tuple[int, int, bool], list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        groups[s.group_key()].append(i)
-    members = list(groups.values())
-    weights = torch.tensor([len(g) for g in members], dtype=torch.float64)
-    while True:
-        group = members[int(torch.multinomial(weights, 1, generator=gen))]
-        perm = torch.randperm(len(group), generator=gen)[:size]
-        yield _stack([samples[group[int(i)]] for i in perm])
+    """Endless random batches within stackable groups (as AKD draws them)."""
+    for batch in random_batches(samples, size, gen):
+        yield _stack(batch)
 
 
 def _all_batches(samples: Sequence[AkdSample], size: int) -> list[Batch]:
-    groups: dict[tuple[int, int, bool], list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        groups[s.group_key()].append(i)
     return [_stack([samples[i] for i in g[a:a + size]])
-            for g in groups.values() for a in range(0, len(g), size)]
+            for g in group_samples(samples) for a in range(0, len(g), size)]
 
 
 # --- the refit ---------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def delta_stream(base: dict[str, Any], private: Any, device_id: str, codec_name:
             std = RELATIVE_CHANGE * rms if rms > 0 else ZERO_INIT_STD
             t += torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype) * std
         delta = dwc.compute_delta(trained, feedback.view)
-        compressed = dwc.compress(delta, codec, budget)
+        # Compact, as the cloud node sends them (the device decodes with its trainable set).
+        compressed = dwc.compress(delta, codec, budget, self_describing=False)
         feedback.commit(delta, compressed.decoded)
         new_hash = feedback.view_hash()
         env = seal_delta(private, device_id=device_id, round=version + 1, base_version=version,
@@ -101,8 +102,10 @@ def _breakdown(runtime: Any, env: Any, public: Any, scratch: Path) -> dict[str, 
     model = runtime.model
     out: dict[str, float] = {}
     out['verify_ms'], _ = timed_ms(lambda: env.verify(public))
-    out['decode_ms'], delta = timed_ms(lambda: dwc.get_codec(env.codec).decode(env.payload))
     current = runtime.weights
+    spec = current.tensors
+    out['decode_ms'], delta = timed_ms(lambda: dwc.get_codec(env.codec).decode(env.payload,
+                                                                               spec=spec))
     candidate = current.plus(delta)
     snapshot = device_runtime.AdapterSnapshot(runtime.device_id, env.new_version, env.round,
                                               candidate.digest(), candidate)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cdcca_ros.core import dwc, wire
+from cdcca_ros.core import wire
 from cdcca_ros.core.atomic import atomic_write
 from cdcca_ros.core.updates import DeltaEnvelope, DeltaGate, RejectReason, all_finite
 from cdcca_ros.core.uts import answer_confidence, answer_entropy
@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from torch import Tensor
 
+    from cdcca_ros.core.dwc import FlatDelta
     from cdcca_ros.models.base import MLLM, AnswerResult
 
 WEIGHTS_FILE = 'adapter.safetensors'
@@ -201,6 +202,31 @@ class FlatWeights:
                 out.append(base + flat if dtype == acc else (base.to(acc) + flat).to(dtype))
         return FlatWeights(layout, out)
 
+    def plus_flat(self, delta: FlatDelta) -> FlatWeights:
+        """:meth:`plus` for a :class:`~cdcca_ros.core.dwc.FlatDelta`: one add when these
+        weights are one buffer laid out as the delta (the usual case: one dtype, one device,
+        names sorted alike), else through :meth:`plus`. Bit-identical either way.
+
+        Raises:
+            DeltaMismatchError: The delta's names or shapes do not fit.
+        """
+        import torch
+
+        layout = self.layout
+        if len(self.buffers) != 1 or delta.names != layout.names:
+            return self.plus(delta.tensors())
+        if tuple(v[2] for v in delta.layout.views) != layout.shape_tuples:
+            name = next(n for n, v in zip(layout.names, delta.layout.views, strict=True)
+                        if v[2] != tuple(layout.shapes[n]))
+            raise DeltaMismatchError(f'delta[{name!r}] has shape {delta.shapes[name]}, '
+                                     f'expected {tuple(layout.shapes[name])}')
+        (dtype, device), base = layout.groups[0], self.buffers[0]
+        acc = torch.promote_types(dtype, torch.float32)
+        with torch.no_grad():
+            flat = delta.values.to(device=device, dtype=acc)
+            out = base + flat if dtype == acc else (base.to(acc) + flat).to(dtype)
+        return FlatWeights(layout, [out])
+
     def first_non_finite(self) -> str | None:
         """Name of the first tensor holding NaN or Inf, or None when all are finite."""
         for buffer, members in zip(self.buffers, self.layout.members, strict=True):
@@ -256,6 +282,7 @@ class _Layout:
             self.members[g].append(name)
             self.shapes[name] = t.shape
         self.shape_list = [self.shapes[name] for name in self.names]
+        self.shape_tuples = tuple(tuple(s) for s in self.shape_list)
         self._slots = [(name, *slots[name], tuple(self.shapes[name]),
                         torch.empty(self.shapes[name], device='meta').stride())
                        for name in self.names]
@@ -570,11 +597,12 @@ class DeviceRuntime:
             raise DeltaRejectedError('no cloud public key is configured: every delta is refused')
         steps: dict[str, float] = {}
         t = t0
-        delta = self._gate.accept(envelope)  # signature, device, version, base, finite, shapes
+        # Signature, device, version, base, finite, shapes; one float32 vector in name order.
+        delta = self._gate.accept_flat(envelope)
         t, steps['gate_ms'] = _lap(t)
         current = self._weights
         try:
-            candidate = current.plus(delta)
+            candidate = current.plus_flat(delta)
         except DeltaMismatchError as err:
             raise DeltaRejectedError(f'{RejectReason.WRONG_SHAPE.value}: {err}') from err
         t, steps['build_ms'] = _lap(t)
@@ -620,7 +648,7 @@ class DeviceRuntime:
         report = ApplyReport(round=envelope.round, old_version=old_version,
                              new_version=envelope.new_version,
                              payload_bytes=len(envelope.payload),
-                             num_params=dwc.num_params(delta),
+                             num_params=int(delta.values.numel()),
                              apply_ms=(time.perf_counter() - t0) * 1e3, swap_ms=swap_ms,
                              probe_answer=self._probe_text(probs),
                              extra={'steps_ms': steps, 'probe_tv': tv,

@@ -307,6 +307,9 @@ class _Layout:
     sizes: tuple[int, ...]
     total: int
     ends: np.ndarray  # cumulative sizes (int64): tensor i holds [ends[i-1], ends[i])
+    tid: np.ndarray  # per value: index of its tensor (intp)
+    nonempty: np.ndarray  # per tensor: holds any value (bool)
+    starts: np.ndarray  # start offsets of the non-empty tensors (for ``reduceat``)
 
 
 def _layout(entries: Sequence[_Entry]) -> _Layout:
@@ -320,8 +323,20 @@ def _layout(entries: Sequence[_Entry]) -> _Layout:
             step *= dim
         views.append((e.name, e.dtype, e.shape, tuple(reversed(strides)), pos))
         pos += e.numel
-    sizes = tuple(e.numel for e in entries)
-    return _Layout(tuple(views), sizes, pos, np.cumsum(np.asarray(sizes, dtype=np.int64)))
+    sizes = np.asarray([e.numel for e in entries], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    nonempty = sizes > 0
+    return _Layout(tuple(views), tuple(int(n) for n in sizes), pos, ends,
+                   np.repeat(np.arange(sizes.size, dtype=np.intp), sizes), nonempty,
+                   (ends - sizes)[nonempty])
+
+
+def _per_tensor_any(layout: _Layout, mask: np.ndarray) -> np.ndarray:
+    """Per tensor of ``layout``: whether ``mask`` (one bool per value) holds any True."""
+    out = np.zeros(len(layout.sizes), dtype=bool)
+    if layout.starts.size:
+        out[layout.nonempty] = np.logical_or.reduceat(mask, layout.starts)
+    return out
 
 
 @functools.lru_cache(maxsize=16)
@@ -378,6 +393,7 @@ class _Payload:
     entries: list[_Entry]
     arrays: dict[str, np.ndarray]
     layout: _Layout
+    self_describing: bool
 
 
 class _Reader:
@@ -524,7 +540,7 @@ def _read_payload(payload: bytes, max_numel: int = DEFAULT_MAX_NUMEL,
                              f'spec digest {c.digest.hex()} differs from this decoder\'s '
                              f'{digest.hex()} over {len(resolved)} tensors)')
         entries, params = list(resolved), {}
-    return _Payload(c.codec, params, entries, c.arrays, layout)
+    return _Payload(c.codec, params, entries, c.arrays, layout, c.index is not None)
 
 
 def _array(p: _Payload, key: str, dtype: type, size: int | None,
@@ -557,6 +573,44 @@ def _unflatten(layout: _Layout, flat: np.ndarray) -> dict[str, Tensor]:
             for name, dtype, shape, strides, offset in layout.views}
 
 
+@dataclass(frozen=True)
+class FlatDelta:
+    """A decoded compact delta as one float32 vector (:meth:`Codec.decode_flat`).
+
+    ``values`` holds the spec's tensors sorted by name, each flattened (row-major), back to
+    back; :attr:`names` and :attr:`shapes` say which is which.
+    """
+
+    layout: _Layout
+    values: Tensor
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Tensor names, in the order their values lie in :attr:`values`."""
+        return tuple(v[0] for v in self.layout.views)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape."""
+        return {v[0]: v[2] for v in self.layout.views}
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Name -> tensor (views of :attr:`values`)."""
+        return _unflatten(self.layout, self.values.numpy())
+
+    def first_non_finite(self) -> str | None:
+        """Name of the first tensor holding NaN or Inf (one reduction when all are finite)."""
+        values = self.values
+        if not values.numel():
+            return None
+        lo, hi = torch.aminmax(values)
+        if math.isfinite(lo.item()) and math.isfinite(hi.item()):
+            return None
+        bad = ~torch.isfinite(values)
+        first = int(torch.nonzero(bad)[0, 0])
+        return self.layout.views[int(self.layout.tid[first])][0]
+
+
 def read_payload_codec(payload: bytes) -> str:
     """The codec name recorded in a payload (compact or self-describing).
 
@@ -564,6 +618,38 @@ def read_payload_codec(payload: bytes) -> str:
         CodecError: The bytes are not a DWC payload.
     """
     return _parse_container(payload).codec
+
+
+def read_payload_kind(payload: bytes) -> tuple[str, bool]:
+    """``(codec name, self-describing)`` of a payload, read once.
+
+    Raises:
+        CodecError: The bytes are not a DWC payload.
+    """
+    c = _parse_container(payload)
+    return c.codec, c.index is not None
+
+
+def flatten_delta(delta: Mapping[str, Tensor], spec: Spec) -> FlatDelta:
+    """A delta of ``spec``'s names and shapes as a :class:`FlatDelta` (float32, name order).
+
+    Raises:
+        CodecError: ``delta`` lacks a tensor of ``spec``, has another, or one of another
+            number of values.
+    """
+    _, _, layout = _spec_resolved(_spec_key(spec))
+    names = [v[0] for v in layout.views]
+    if delta.keys() != set(names):
+        raise CodecError(f'delta names differ from the spec: missing '
+                         f'{sorted(set(names) - set(delta))[:5]}, unexpected '
+                         f'{sorted(set(delta) - set(names))[:5]}')
+    for name, size in zip(names, layout.sizes, strict=True):
+        if delta[name].numel() != size:
+            raise CodecError(f'delta[{name!r}] holds {delta[name].numel()} values, the spec '
+                             f'{size}')
+    values = (torch.cat([delta[n].detach().reshape(-1).to('cpu', torch.float32) for n in names])
+              if names else torch.zeros(0))
+    return FlatDelta(layout, values)
 
 
 def is_self_describing(payload: bytes) -> bool:
@@ -607,7 +693,6 @@ class Codec(abc.ABC):
             CodecError: The delta cannot be encoded (non-finite, non-float, out of range).
         """
 
-    @abc.abstractmethod
     def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
                spec: Spec | None = None) -> dict[str, Tensor]:
         """Decode a payload into tensors of the recorded names, shapes and dtypes.
@@ -623,6 +708,34 @@ class Codec(abc.ABC):
             CodecError: Malformed, truncated or foreign bytes, another codec's payload, or a
                 compact payload without (or with another) spec.
         """
+        p = self._open(payload, max_numel, spec)
+        return _unflatten(p.layout, self._values(p))
+
+    def decode_flat(self, payload: bytes, spec: Spec, *,
+                    max_numel: int = DEFAULT_MAX_NUMEL) -> FlatDelta:
+        """Decode a compact payload into one float32 vector over ``spec`` (the device's path).
+
+        The values come out in the compact layout (the spec's tensors sorted by name, each
+        flattened), with no per-tensor objects on the way: what a device adds to weights it
+        keeps in the same order (Eq. 8 as one add).
+
+        Raises:
+            CodecError: As :meth:`decode`; also for a self-describing payload (its index, not
+                the spec, would decide names, order and dtypes).
+        """
+        p = self._open(payload, max_numel, spec)
+        if p.self_describing:
+            raise CodecError(f'{p.codec} payload is self-describing: decode_flat reads compact '
+                             'payloads (decode() reads both)')
+        values = torch.from_numpy(np.ascontiguousarray(self._values(p), dtype=np.float32))
+        if values.numel() != p.layout.total:
+            raise CodecError(f'decoded {values.numel()} values, the payload holds '
+                             f'{p.layout.total}')
+        return FlatDelta(p.layout, values)
+
+    @abc.abstractmethod
+    def _values(self, p: _Payload) -> np.ndarray:
+        """Every decoded value, flat in the payload's layout order (float32 or wider)."""
 
     def describe(self) -> str:
         """``name(k=v,...)`` for logs and the envelope's codec description."""
@@ -700,12 +813,8 @@ class Fp16Codec(Codec):
         return _write_payload(self.name, self.params(), entries, {'values': values},
                               self_describing=self_describing)
 
-    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
-               spec: Spec | None = None) -> dict[str, Tensor]:
-        p = self._open(payload, max_numel, spec)
-        total = sum(e.numel for e in p.entries)
-        values = _array(p, 'values', np.float16, total)
-        return _unflatten(p.layout, values.astype(np.float32))
+    def _values(self, p: _Payload) -> np.ndarray:
+        return _array(p, 'values', np.float16, p.layout.total).astype(np.float32)
 
 
 # --- nf4 (bitsandbytes) -------------------------------------------------------------------------
@@ -764,11 +873,9 @@ class Nf4Codec(Codec):
         return _write_payload(self.name, self.params(), entries, arrays,
                               self_describing=self_describing)
 
-    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
-               spec: Spec | None = None) -> dict[str, Tensor]:
+    def _values(self, p: _Payload) -> np.ndarray:
         from bitsandbytes import functional as bnbf
 
-        p = self._open(payload, max_numel, spec)
         double = 'absmax2' in p.arrays
         sizes = [e.numel for e in p.entries]
         n_bytes = [(n + 1) // 2 for n in sizes]
@@ -803,8 +910,7 @@ class Nf4Codec(Codec):
             pos += n_bytes[i]
             blk += n_blocks[i]
             blk2 += n_blocks2[i]
-        return _unflatten(p.layout, np.concatenate(flats) if flats
-                          else np.zeros(0, np.float32))
+        return np.concatenate(flats) if flats else np.zeros(0, np.float32)
 
 
 # --- sparse (ours) ----------------------------------------------------------------------------
@@ -999,25 +1105,27 @@ class SparseCodec(Codec):
                               self_describing=self_describing)
 
     # decode ----------------------------------------------------------------------------
-    def decode(self, payload: bytes, *, max_numel: int = DEFAULT_MAX_NUMEL,
-               spec: Spec | None = None) -> dict[str, Tensor]:
-        p = self._open(payload, max_numel, spec)
-        count = len(p.layout.sizes)
-        levels = _decode_levels(p, p.layout.total)
-        # Only the non-zero levels need a value; tid: the tensor each one belongs to.
-        nz = np.flatnonzero(levels)
-        lv = levels[nz]
-        tid = np.searchsorted(p.layout.ends, nz, side='right')
-        one = np.abs(lv) == 1
-        has_nz = np.bincount(tid, minlength=count) > 0
-        has_one = np.bincount(tid[one], minlength=count) > 0
+    def _values(self, p: _Payload) -> np.ndarray:
+        layout = p.layout
+        count = len(layout.sizes)
+        levels = _decode_levels(p, layout.total)
+        # Vectorised over every value with the layout's value -> tensor map: this runs on
+        # the device between receiving and applying. Level * step in float64 (the +-1 levels
+        # at their reconstruction point), rounded once to float32.
+        tid = layout.tid
+        ones = np.flatnonzero((levels == 1) | (levels == -1))
+        one_mask = np.zeros(levels.size, dtype=bool)
+        one_mask[ones] = True
+        has_nz = _per_tensor_any(layout, levels != 0)
+        has_one = _per_tensor_any(layout, one_mask)
         steps = np.zeros(count)
         steps[has_nz] = _steps_from_codes(_array(p, 'step', np.uint8, int(has_nz.sum())))
         lv1 = np.ones(count)
         lv1[has_one] = _lv1_from_codes(_array(p, 'lv1', np.uint8, int(has_one.sum())))
-        values = np.zeros(levels.size, np.float32)
-        values[nz] = np.sign(lv) * np.where(one, lv1[tid], np.abs(lv)) * steps[tid]
-        return _unflatten(p.layout, values)
+        out = levels.astype(np.float64)
+        out[ones] = np.copysign(lv1[tid[ones]], out[ones])
+        out *= steps[tid]
+        return out.astype(np.float32)
 
 
 def _keep_count(density: float, n: int) -> int:

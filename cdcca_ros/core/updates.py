@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     )
     from torch import Tensor
 
+    from cdcca_ros.core.dwc import FlatDelta
+
 ENVELOPE_MAGIC = b'CDEV'
 ENVELOPE_VERSION = 1
 _U64_MAX = (1 << 64) - 1
@@ -284,6 +286,22 @@ class DeltaGate:
         Raises:
             DeltaGateRejection: Refused; ``reason`` says why. The gate is unchanged.
         """
+        delta = self._accept(envelope, flat=False)
+        assert isinstance(delta, dict)
+        return delta
+
+    def accept_flat(self, envelope: DeltaEnvelope) -> FlatDelta:
+        """:meth:`accept`, the delta as one float32 vector over the trainable set in name
+        order (a compact payload decodes straight into it: the device's fast path).
+
+        Raises:
+            DeltaGateRejection: Refused; ``reason`` says why. The gate is unchanged.
+        """
+        delta = self._accept(envelope, flat=True)
+        assert not isinstance(delta, dict)
+        return delta
+
+    def _accept(self, envelope: DeltaEnvelope, flat: bool) -> dict[str, Tensor] | FlatDelta:
         from cdcca_ros.core import dwc
 
         env = envelope
@@ -315,14 +333,26 @@ class DeltaGate:
                                    f'{env.base_hash[:12]}, device holds v{self._version} '
                                    f'{self._hash[:12]}')
             try:
-                payload_codec = dwc.read_payload_codec(env.payload)
+                payload_codec, self_describing = dwc.read_payload_kind(env.payload)
                 if payload_codec != env.codec:
                     raise self._reject(RejectReason.CODEC_MISMATCH, env,
                                        f'envelope says {env.codec!r}, payload says '
                                        f'{payload_codec!r}')
-                delta = dwc.get_codec(env.codec).decode(env.payload, spec=self._shapes)
+                codec = dwc.get_codec(env.codec)
+                if flat and not self_describing:
+                    # Names and shapes are the spec's by construction (its digest matched).
+                    flat_delta = codec.decode_flat(env.payload, self._shapes)
+                else:
+                    delta = codec.decode(env.payload, spec=self._shapes)
             except CodecError as err:
                 raise self._reject(RejectReason.UNDECODABLE, env, str(err)) from err
+            if flat and not self_describing:
+                bad = flat_delta.first_non_finite()
+                if bad is not None:
+                    raise self._reject(RejectReason.NON_FINITE, env,
+                                       f'{bad!r} holds NaN or Inf')
+                self._pending = (env.new_version, env.new_hash)
+                return flat_delta
             if set(delta) != set(self._shapes):
                 missing = sorted(set(self._shapes) - set(delta))[:5]
                 extra = sorted(set(delta) - set(self._shapes))[:5]
@@ -337,7 +367,7 @@ class DeltaGate:
             if bad is not None:
                 raise self._reject(RejectReason.NON_FINITE, env, f'{bad!r} holds NaN or Inf')
             self._pending = (env.new_version, env.new_hash)
-            return delta
+            return dwc.flatten_delta(delta, self._shapes) if flat else delta
 
     def commit(self, new_version: int, new_hash: str) -> None:
         """Record that the node now runs ``new_version`` (after applying a delta).

@@ -107,6 +107,9 @@ class HFMLLM(MLLM):
         self.trainable_config: TrainableConfig | None = None
         self._trainable: dict[str, nn.Parameter] = {}
         self._prompt_cache: dict[str, list[int]] = {}
+        # next_token_probs inputs by (image embeddings, questions): a device probes the same
+        # question after every update. Tensors in it are never written to.
+        self._probe_batches: dict[tuple[int, tuple[str, ...]], _Batch] = {}
         self._vision_space: VisionSpace | None = None
         self._vision_key: tuple[tuple[int, int], ...] = ()
         self.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -351,7 +354,13 @@ class HFMLLM(MLLM):
         tokens = self._check_tokens(tokens, indices, len(questions))
         with eval_mode(self.torch_model):
             image_embeds, _ = self._image_embeds(tokens, indices)
-            batch = self._build_batch(image_embeds.shape[1], questions)
+            key = (int(image_embeds.shape[1]), tuple(questions))
+            batch = self._probe_batches.get(key)
+            if batch is None:
+                batch = self._build_batch(key[0], questions)
+                if len(self._probe_batches) >= 8:
+                    self._probe_batches.clear()
+                self._probe_batches[key] = batch
             embeds = self._inputs_embeds(batch, image_embeds)
             hidden = self._run_decoder(embeds, batch.attention_mask, batch.position_ids)
             return torch.softmax(self.lm_head(hidden[:, -1]).float(), dim=-1)

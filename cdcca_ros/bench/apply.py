@@ -4,8 +4,9 @@ Deltas are made the cloud's way, minus the training: a LoRA-like random change o
 trainable set (Gaussian, 5% of each tensor's RMS; the zero-initialised LoRA ``B`` matrices get
 a small absolute change), compressed with the cloud node's default codec and byte budget,
 committed to a cloud-side :class:`~cdcca_ros.core.dwc.ErrorFeedback` view and sealed with
-Ed25519, so each delta names the base the device holds after the previous one. The device
-persists its adapter (a state folder, as ``device_node`` does).
+Ed25519 (compact payloads, as the cloud node sends them), so each delta names the base the
+device holds after the previous one. The device persists its adapter (a state folder, as
+``device_node`` does) and runs its probe as the node does (``probe_trace``).
 
 1. Sequential: answer, then apply the next delta, alternately; figure = median apply time /
    median answer time. Each apply reports its own steps (``ApplyReport.extra['steps_ms']``:
@@ -139,6 +140,7 @@ def run(ctx: BenchContext) -> BenchResult:
     private, public = generate_keypair()
     runtime = DeviceRuntime(ctx.models.student(), 'robot1', public, ctx.workdir / 'device',
                             probe_question=params['probe_question'],
+                            trace_probe=params['probe_trace'],
                             max_new_tokens=params['max_new_tokens'])
     base = runtime.model.trainable_state_dict()
     stream = delta_stream(base, private, 'robot1', cloud['dwc.codec'],
@@ -156,6 +158,7 @@ def run(ctx: BenchContext) -> BenchResult:
     lock_ms: list[float] = []
     steps: dict[str, list[float]] = {}
     probe_tv: list[float] = []
+    probe_modes: set[str] = set()
     failures: list[str] = []
     for k in range(n_seq):
         image, question = images[k % len(images)]
@@ -172,6 +175,7 @@ def run(ctx: BenchContext) -> BenchResult:
         apply_ms.append(report.apply_ms)
         lock_ms.append(report.swap_ms)
         probe_tv.append(report.extra['probe_tv'])
+        probe_modes.add(report.extra.get('probe_mode', 'eager'))
         for key, value in report.extra['steps_ms'].items():
             steps.setdefault(key, []).append(value)
         # The background write would otherwise share the CPU (and the GIL) with the next
@@ -246,13 +250,14 @@ def run(ctx: BenchContext) -> BenchResult:
         'apply_over_answer_before': ratio(before, med_answer),
         'persisted_latest': bool(persisted and runtime.persisted_version == runtime.version),
         'probe_tv_median': median(probe_tv),
+        'probe_mode': '/'.join(sorted(probe_modes)),
         'payload_bytes': float(np.mean([s.nbytes for s in stats])),
         'bits_per_param': float(np.mean([s.bits_per_param for s in stats])),
     }
     labels = [('gate', 'gate (verify + decode + checks)'), ('verify', '  verify (alone)'),
               ('decode', '  decode (alone)'), ('build', 'build (Eq. 8, flat)'),
               ('finite', 'finite (flat)'), ('hash', 'hash (flat)'), ('swap', 'swap (copy_)'),
-              ('probe', 'probe (1 step, cached tokens)')]
+              ('probe', f'probe (1 step, cached tokens, {"/".join(sorted(probe_modes))})')]
     rows: list[list[Any]] = [['answer', med_answer, 1.0],
                              ['apply (DeviceRuntime.apply)', median(apply_ms),
                               summary['apply_over_answer']],

@@ -103,7 +103,8 @@ def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
     state_dir = params['state_dir'] or str(Path.home() / '.cdcca' / params['device_id'])
     return DeviceRuntime(model, params['device_id'], key, state_dir,
                          probe_question=params['probe_question'],
-                         max_new_tokens=params['max_new_tokens'])
+                         max_new_tokens=params['max_new_tokens'],
+                         trace_probe=params['probe_trace'])
 
 
 class DeviceNode(Node):

@@ -93,6 +93,8 @@ DEVICE = (
     Param('cloud_public_key', '', 'Ed25519 public key (PEM) that signs deltas; empty: refuse all'),
     Param('probe_question', 'what color is the object?',
           'question answered on a candidate adapter before it is committed'),
+    Param('probe_trace', True, 'run that probe as a torch.jit trace of the model (checked '
+          'equal to eager at start; eager when it is not)'),
     Param('uts.enabled', True, 'run UTS in this process on every answered sample'),
     Param('uts.stage1_mode', 'threshold', 'stage 1 selection (Eq. 2)',
           choices=('threshold', 'top_fraction')),

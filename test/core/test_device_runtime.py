@@ -128,6 +128,29 @@ def test_flat_build_refuses_a_delta_that_does_not_fit() -> None:
         assert weights.digest() == wire.state_dict_hash(base), kind
 
 
+@pytest.mark.parametrize('codec', ['fp16', 'sparse'])
+def test_flat_delta_build_is_bit_identical_to_the_tensor_build(codec: str) -> None:
+    g = torch.Generator().manual_seed(2)
+    base = {k: torch.randn(s, generator=g) for k, s in
+            {'z.lora_B': (6, 4), 'a.norm': (5,), 'q.query_tokens': (1, 3, 4)}.items()}
+    delta = {k: torch.randn(v.shape, generator=g) * 1e-2 for k, v in base.items()}
+    c = dwc.get_codec(codec)
+    payload = c.encode(delta, self_describing=False)
+    weights = FlatWeights.pack(base)
+    flat = weights.plus_flat(c.decode_flat(payload, base))
+    ref = weights.plus(c.decode(payload, spec=base))
+    assert len(flat.buffers) == 1 and torch.equal(flat.buffers[0], ref.buffers[0])
+    assert flat.digest() == ref.digest()
+    # Weights in several buffers (mixed dtypes) take the per-tensor way, same result.
+    mixed = dict(base, **{'a.norm': base['a.norm'].half()})
+    mixed_flat = FlatWeights.pack(mixed).plus_flat(c.decode_flat(payload, base))
+    assert mixed_flat.digest() == FlatWeights.pack(mixed).plus(
+        c.decode(payload, spec=base)).digest()
+    with pytest.raises(DeltaMismatchError):
+        FlatWeights.pack(dict(base, **{'z.lora_B': torch.zeros(4, 6)})).plus_flat(
+            c.decode_flat(payload, base))
+
+
 def test_overflow_of_finite_values_is_caught() -> None:
     base = {'a': torch.ones(3), 'b': torch.full((2,), 3e38)}
     flat = FlatWeights.pack(base).plus({'a': torch.ones(3), 'b': torch.full((2,), 3e38)})
@@ -168,6 +191,48 @@ def test_probe_tokens_are_cached_only_when_the_vision_encoder_is_frozen(student_
     names = rt.weights.layout.names
     assert not device_runtime._vision_frozen(rt.model, names + ('vision_model.post.bias',))
     assert not device_runtime._vision_frozen(object(), names)  # type: ignore[arg-type]
+
+
+def test_probe_is_traced_and_follows_the_weights(student_dir, keys) -> None:
+    rt = _runtime(student_dir, keys)
+    assert rt.probe_mode == 'traced'
+    traced = rt._traced_probe
+    assert traced is not None and traced.usable(rt._params)
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    before = rt._probe()
+    report = rt.apply(cloud.step(1, scale=0.2))
+    assert report.extra['probe_mode'] == 'traced' and rt.status()['probe'] == 'traced'
+    after = rt._probe()
+    assert not np.allclose(before, after)  # the trace computes with the new weights
+    np.testing.assert_allclose(after, rt._eager_probe()[0].numpy(), rtol=1e-5, atol=1e-7)
+    # A trainable tensor given new storage: the trace no longer sees it, the eager probe runs.
+    param = rt._params[0]
+    param.data = param.data.clone() + 1.0
+    assert not traced.usable(rt._params)
+    np.testing.assert_array_equal(rt._probe(), rt._eager_probe()[0].numpy())
+    assert _runtime(student_dir, keys, trace_probe=False).probe_mode == 'eager'
+
+
+def test_a_trace_that_froze_the_weights_is_not_used(student_dir, keys, monkeypatch) -> None:
+    """A trace computing with copies of the weights (constants) fails the check after the
+    weights are perturbed: the runtime probes eagerly."""
+    real_trace = torch.jit.trace
+
+    def frozen_trace(module, inputs, **kwargs):
+        with torch.no_grad():
+            snapshot = module(*inputs).clone()
+        traced = real_trace(module, inputs, **kwargs)
+
+        class Frozen:
+            def __call__(self, x):
+                return snapshot if torch.equal(x, inputs[0]) else traced(x)
+        return Frozen()
+
+    monkeypatch.setattr(torch.jit, 'trace', frozen_trace)
+    rt = _runtime(student_dir, keys)
+    assert rt._traced_probe is None
+    assert rt.probe_mode.startswith('eager (the trace does not follow')
+    assert _model_hash(rt) == rt.base_hash  # the perturbation was undone
 
 
 def test_probe_rejects_finite_weights_that_blow_up(student_dir, keys, images) -> None:

@@ -548,3 +548,59 @@ def test_container_refuses_malformed_headers() -> None:
             dwc.decode_payload(sealed(bad))
     with pytest.raises(CodecError, match='checksum'):
         dwc.decode_payload(good[:-1] + bytes([good[-1] ^ 1]))
+
+
+# --- flat decoding (the device's path) ------------------------------------------------------
+@pytest.mark.parametrize('name', ['fp16', 'nf4', 'sparse'])
+def test_decode_flat_is_decode_in_name_order(name: str) -> None:
+    delta = dict(reversed(list(lora_like(seed=11, heavy=0.02).items())))
+    delta['empty.bias'] = torch.zeros(0)
+    delta['zero.bias'] = torch.zeros(7)
+    codec = dwc.get_codec(name)
+    payload = codec.encode(delta, self_describing=False)
+    tensors = codec.decode(payload, spec=delta)
+    flat = codec.decode_flat(payload, delta)
+    assert flat.names == tuple(sorted(delta)) == tuple(tensors)
+    assert flat.shapes == {k: tuple(v.shape) for k, v in delta.items()}
+    assert flat.values.dtype == torch.float32 and flat.values.ndim == 1
+    assert torch.equal(flat.values, torch.cat([tensors[k].reshape(-1) for k in flat.names]))
+    assert all(torch.equal(v, tensors[k]) for k, v in flat.tensors().items())
+    assert torch.equal(dwc.flatten_delta(tensors, delta).values, flat.values)
+    assert flat.first_non_finite() is None
+
+
+def test_decode_flat_reads_compact_payloads_only() -> None:
+    delta = lora_like(seed=12)
+    codec = dwc.get_codec('sparse')
+    with pytest.raises(CodecError, match='self-describing'):
+        codec.decode_flat(codec.encode(delta), delta)
+    payload = codec.encode(delta, self_describing=False)
+    with pytest.raises(CodecError, match='another trainable set'):
+        codec.decode_flat(payload, dict(delta, extra=torch.zeros(2)))
+    with pytest.raises(CodecError, match='not \'sparse\''):
+        dwc.get_codec('sparse').decode_flat(
+            dwc.get_codec('fp16').encode(delta, self_describing=False), delta)
+    assert dwc.read_payload_kind(payload) == ('sparse', False)
+    assert dwc.read_payload_kind(codec.encode(delta)) == ('sparse', True)
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf')])
+def test_flat_delta_names_the_first_non_finite_tensor(value: float) -> None:
+    delta = lora_like(seed=13)
+    names = sorted(delta)
+    bad = names[5]
+    delta[bad] = delta[bad].clone()
+    delta[bad].view(-1)[3] = value
+    delta[names[9]] = delta[names[9]].clone()
+    delta[names[9]].view(-1)[0] = value
+    assert dwc.flatten_delta(delta, delta).first_non_finite() == bad
+
+
+def test_flatten_delta_refuses_a_delta_of_another_set() -> None:
+    delta = lora_like(seed=14)
+    with pytest.raises(CodecError, match='missing'):
+        dwc.flatten_delta(dict(list(delta.items())[1:]), delta)
+    with pytest.raises(CodecError, match='unexpected'):
+        dwc.flatten_delta(dict(delta, other=torch.zeros(1)), delta)
+    with pytest.raises(CodecError, match='values'):
+        dwc.flatten_delta(dict(delta, **{'qformer.query_tokens': torch.zeros(3)}), delta)

@@ -203,14 +203,15 @@ def bad_envelopes(keys):
     return _bad_envelopes(keys)
 
 
+@pytest.mark.parametrize('method', ['accept', 'accept_flat'])
 @pytest.mark.parametrize('kind', BAD_KINDS)
 def test_bad_envelope_is_rejected_and_gate_unchanged(keys, setup, bad_envelopes,
-                                                     kind: str) -> None:
+                                                     kind: str, method: str) -> None:
     base, gate = setup
     reason, env = bad_envelopes[kind]
     before = _state(gate)
     with pytest.raises(DeltaRejectedError) as err:
-        gate.accept(env)
+        getattr(gate, method)(env)
     assert isinstance(err.value, DeltaGateRejection)
     assert err.value.reason == reason, str(err.value)
     assert _state(gate) == before
@@ -244,6 +245,42 @@ def test_non_finite_value_is_named_wherever_it_sits(keys, setup, value: float,
         gate.accept(env)
     assert err.value.reason == RejectReason.NON_FINITE
     assert _state(gate) == before
+
+
+def _compact_nonfinite_payload(value: float, tensor: str) -> bytes:
+    base = trainable()
+    entries = [dwc._Entry(k, 'float32', tuple(base[k].shape)) for k in sorted(base)]
+    values = np.zeros(sum(v.numel() for v in base.values()), np.float16)
+    values[sum(base[k].numel() for k in sorted(base)[:sorted(base).index(tensor)])] = value
+    return dwc._write_payload('fp16', {}, entries, {'values': values}, self_describing=False)
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf])
+def test_accept_flat_names_a_non_finite_tensor_of_a_compact_payload(keys, setup,
+                                                                    value: float) -> None:
+    base, gate = setup
+    tensor = sorted(base)[len(base) // 2]
+    env = _sealed(keys[0], base, codec='fp16',
+                  payload=_compact_nonfinite_payload(value, tensor))
+    before = _state(gate)
+    with pytest.raises(DeltaGateRejection, match=repr(tensor)) as err:
+        gate.accept_flat(env)
+    assert err.value.reason == RejectReason.NON_FINITE
+    assert _state(gate) == before
+
+
+@pytest.mark.parametrize('compact', [True, False], ids=['compact', 'self_describing'])
+def test_accept_flat_is_accept_in_name_order(keys, setup, compact: bool) -> None:
+    base, gate = setup
+    delta = update(base, 3)
+    codec = dwc.get_codec('sparse')
+    env = _sealed(keys[0], base, codec='sparse',
+                  payload=codec.encode(delta, self_describing=not compact))
+    tensors = gate.accept(env)
+    flat = gate.accept_flat(env)
+    assert flat.names == tuple(sorted(base))
+    assert torch.equal(flat.values, torch.cat([tensors[k].float().reshape(-1)
+                                               for k in flat.names]))
 
 
 def test_older_version_is_a_rollback(keys, setup) -> None:

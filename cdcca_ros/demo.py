@@ -48,9 +48,10 @@ class Driver:
         from std_msgs.msg import String
 
         from cdcca_ros.msg import AdaptationStatus
-        from cdcca_ros.nodes.common import RELIABLE_QOS, SENSOR_QOS
+        from cdcca_ros.nodes.common import RELIABLE_QOS, SENSOR_QOS, use_dds_profile
         from cdcca_ros.srv import Ask
 
+        use_dds_profile()  # the driver publishes frames too
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = Node('demo_driver', namespace=device_ns, context=self.context)

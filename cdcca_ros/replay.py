@@ -234,7 +234,9 @@ def _replay_on_graph(cfg: ReplayConfig, check: RecordingCheck) -> int:
     from rclpy.node import Node
 
     from cdcca_ros.msg import UtsTokens
+    from cdcca_ros.nodes.dds_profile import use_dds_profile
 
+    use_dds_profile()
     context = Context()
     rclpy.init(context=context)
     node = None

@@ -19,6 +19,11 @@ os.environ['ROS_LOG_DIR'] = tempfile.mkdtemp(prefix='cdcca-roslog-')
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['TRANSFORMERS_OFFLINE'] = '1'
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+# Test processes publish camera frames to the nodes: the nodes' Fast DDS profile (8 MiB
+# shared-memory segments) for them too.
+from cdcca_ros.nodes.dds_profile import use_dds_profile  # noqa: E402
+
+use_dds_profile()
 
 
 @pytest.fixture

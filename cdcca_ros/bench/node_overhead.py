@@ -23,6 +23,16 @@ SingleThreadedExecutor). The node still does all it promises per answer (latest 
 check, Answer published, annotated image when watched); on a one-thread executor the publishing
 is a task of that executor, run right after the response is sent.
 
+* ``floor``: what any rclpy service costs here. An empty ``ask`` server in its own process
+  (same executor kind) whose handler busy-waits as long as the direct answer took, then
+  returns a fixed Answer; the same client calls it the same way (second call in a row). Its
+  round trip minus the handler time is the transport floor: DDS and the two processes
+  waking up. ``--floor-ms`` adds handlers of other lengths (the floor's ratio for slower
+  models).
+* ``larger``: the process set-up again with a larger random BLIP-2 student (224 px ViT,
+  6 + 2 + 6 layers, see :data:`LARGER`; built and saved in the work folder): the ratio for a
+  model whose answer takes tens of milliseconds, not the bundled student's ten.
+
 Also measured: ``ask`` with the frame inside the request (``use_image``: 921,600 bytes more per
 call on DDS). Traffic stays on this machine: a domain id of its own, localhost-only discovery.
 """
@@ -48,6 +58,7 @@ from cdcca_ros.bench.common import (
     median,
     ms_since,
     ratio,
+    timed_ms,
     world_samples,
 )
 from cdcca_ros.errors import ConfigError
@@ -58,7 +69,12 @@ TARGETS = (Target('ros_over_direct', '<=', 1.10, 'issue 4'),)
 WARMUP = 3
 CALL_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 120.0
-MODES = ('process', 'inprocess')
+MODES = ('process', 'inprocess', 'floor', 'larger')
+# The ``larger`` student: Blip2MLLM.build_tiny sizes (random weights, LoRA like the bundled).
+LARGER = {'image_size': 224, 'patch_size': 16, 'vision_hidden': 384, 'vision_layers': 6,
+          'vision_heads': 6, 'qformer_hidden': 256, 'qformer_layers': 2, 'qformer_heads': 4,
+          'num_query_tokens': 32, 'lm_hidden': 512, 'lm_layers': 6, 'lm_heads': 8}
+FLOOR_TEXT = 'a red box'
 CLIENTS = ('events', 'single_threaded')
 KEYS = ('direct', 'ros', 'ros_image', 'handler', 'model_ros', 'model_direct')
 
@@ -69,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='timed samples per mode (default 100, quick 4)')
     parser.add_argument('--domain-id', type=int, default=None,
                         help='ROS_DOMAIN_ID (default: 120 + pid %% 100)')
-    parser.add_argument('--modes', default='process,inprocess',
+    parser.add_argument('--modes', default='process,inprocess,floor,larger',
                         help='set-ups to measure (see the module docstring); the first gives '
                              'the summary figure')
     parser.add_argument('--executor', default=None,
@@ -77,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "node's default")
     parser.add_argument('--client', default='events', choices=CLIENTS,
                         help='executor the client waits on (default events)')
+    parser.add_argument('--restarts', type=int, default=None,
+                        help='process and larger modes: fresh node and direct processes this '
+                             'many times, samples split between them (default 4, quick 1)')
+    parser.add_argument('--floor-ms', default='30,100',
+                        help='floor mode: handler times (ms) measured besides the direct '
+                             'answer time, comma-separated')
 
 
 def _isolate_ros(domain_id: int | None) -> int:
@@ -85,6 +107,10 @@ def _isolate_ros(domain_id: int | None) -> int:
     os.environ['ROS_DOMAIN_ID'] = str(did)
     os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
     os.environ.pop('ROS_STATIC_PEERS', None)
+    # The client publishes 640x480 frames, as the camera node does: same Fast DDS profile.
+    from cdcca_ros.nodes.dds_profile import use_dds_profile
+
+    use_dds_profile()
     return did
 
 
@@ -157,12 +183,25 @@ class _Client:
             rclpy.shutdown(context=self.context)
 
 
-def _loop(client: _Client, samples: list[Any], runtime: Any,
+def _in_this_process(runtime: Any) -> Callable[[int, Any], tuple[float, str, float]]:
+    """Direct answers by ``runtime`` here: ``(ms of the second of two answers, its text,
+    its model latency)``."""
+    def direct(i: int, s: Any) -> tuple[float, str, float]:
+        runtime.answer(s.image, s.question)
+        t0 = time.perf_counter()
+        answer = runtime.answer(s.image, s.question)
+        return ms_since(t0), answer.text, answer.latency_ms
+    return direct
+
+
+def _loop(client: _Client, samples: list[Any], direct: Callable[[int, Any], tuple[float, str,
+                                                                                   float]],
           has_frame: Callable[[Any], bool] | None, handler_ms: list[float]) -> dict[str, Any]:
     """Time every sample: direct, ask about the latest frame, ask with the frame inside.
 
-    ``has_frame(stamp)`` tells when the node holds the published frame; None: the ask is
-    repeated (untimed) until the answer names the frame's stamp.
+    ``direct(i, sample)`` answers sample ``i`` the direct way (see :func:`_in_this_process`,
+    :class:`_DirectWorker`). ``has_frame(stamp)`` tells when the node holds the published
+    frame; None: the ask is repeated (untimed) until the answer names the frame's stamp.
     """
     from cdcca_ros.srv import Ask
 
@@ -195,10 +234,7 @@ def _loop(client: _Client, samples: list[Any], runtime: Any,
         handler_ms.clear()
         t_ros, response = client.call(Ask.Request(question=s.question))
         t_handler = handler_ms[-1] if handler_ms else math.nan
-        runtime.answer(s.image, s.question)
-        t0 = time.perf_counter()
-        direct = runtime.answer(s.image, s.question)
-        t_direct = ms_since(t0)
+        t_direct, direct_text, direct_model_ms = direct(i, s)
         t_img, response_img = client.call(Ask.Request(question=s.question, use_image=True,
                                                       image=msg))
         if not (response.success and response_img.success):
@@ -207,7 +243,7 @@ def _loop(client: _Client, samples: list[Any], runtime: Any,
         if response.answer.image_stamp != stamp:
             out['stale'] += 1  # answered about an older frame: not comparable
             continue
-        out['mismatches'] += int(response.answer.answer != direct.text)
+        out['mismatches'] += int(response.answer.answer != direct_text)
         if i < WARMUP:
             continue
         out['direct'].append(t_direct)
@@ -215,7 +251,7 @@ def _loop(client: _Client, samples: list[Any], runtime: Any,
         out['ros_image'].append(t_img)
         out['handler'].append(t_handler)
         out['model_ros'].append(float(response.answer.latency_ms))
-        out['model_direct'].append(direct.latency_ms)
+        out['model_direct'].append(direct_model_ms)
     return out
 
 
@@ -256,7 +292,7 @@ def _measure_inprocess(samples: list[Any], runtime: Any, workdir: Path, executor
             latest = device._latest  # noqa: SLF001 - the bench waits for the node's buffer
             return latest is not None and latest.header.stamp == stamp
 
-        out = _loop(client, samples, runtime, has_frame, handler_ms)
+        out = _loop(client, samples, _in_this_process(runtime), has_frame, handler_ms)
         out['executor'], out['client'] = spinner.kind, client.kind
         return out
     finally:
@@ -270,46 +306,241 @@ def _measure_inprocess(samples: list[Any], runtime: Any, workdir: Path, executor
             rclpy.shutdown(context=ctx_robot)
 
 
-def _measure_process(samples: list[Any], runtime: Any, spec: str, workdir: Path,
-                     threads: int, executor_kind: str, client_kind: str) -> dict[str, Any]:
-    """The device_node executable in its own process, loading ``spec``."""
+def bench_samples(seed: int, count: int) -> list[Any]:
+    """The frames and questions answered (source and drifted domains, interleaved)."""
+    from cdcca_ros.sim.domains import DRIFTED, SOURCE
+
+    domains = (SOURCE,) + DRIFTED
+    per_domain = -(-count // len(domains))
+    return world_samples(seed, domains, per_domain, camera_size())[:count]
+
+
+def direct_worker(spec: str, seed: int, count: int, max_new_tokens: int) -> None:
+    """The direct side of the ``process`` mode, in a fresh process like the node's.
+
+    Loads ``spec`` as the node does, rebuilds the bench's samples, prints ``ready``; then
+    for every line ``i`` on stdin answers sample ``i`` twice and prints one JSON line:
+    the second answer's wall time, its text and its model latency.
+    """
+    import json
+
+    from cdcca_ros.core.device_runtime import DeviceRuntime
+    from cdcca_ros.models import bundled
+
+    samples = bench_samples(seed, count)
+    direct = _in_this_process(DeviceRuntime(bundled.load(spec), 'robot1',
+                                            max_new_tokens=max_new_tokens))
+    print('ready', flush=True)
+    for line in sys.stdin:
+        i = int(line)
+        ms, text, model_ms = direct(i, samples[i])
+        print(json.dumps({'ms': ms, 'text': text, 'model_ms': model_ms}), flush=True)
+
+
+class _DirectWorker:
+    """:func:`direct_worker` in a subprocess; call it as ``direct(i, sample)``."""
+
+    def __init__(self, spec: str, seed: int, count: int, max_new_tokens: int,
+                 env: dict[str, str], log: Path) -> None:
+        cmd = [sys.executable, '-c', 'import sys; from cdcca_ros.bench.node_overhead import '
+               'direct_worker; direct_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), '
+               'int(sys.argv[4]))', spec, str(seed), str(count), str(max_new_tokens)]
+        self._log = open(log, 'wb')  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, env=env, text=True)
+        line = self._readline()
+        if line.strip() != 'ready':
+            raise RuntimeError(f'direct worker did not start (exit {self.proc.poll()}): '
+                               f'{log.read_text(errors="replace")[-2000:]}')
+
+    def _readline(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline()
+
+    def __call__(self, i: int, sample: Any) -> tuple[float, str, float]:
+        import json
+
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f'{i}\n')
+        self.proc.stdin.flush()
+        line = self._readline()
+        if not line:
+            raise RuntimeError(f'direct worker died (exit {self.proc.poll()})')
+        doc = json.loads(line)
+        return float(doc['ms']), str(doc['text']), float(doc['model_ms'])
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10.0)
+        self._log.close()
+
+
+def _measure_process(samples: list[Any], seed: int, spec: str, workdir: Path, threads: int,
+                     executor_kind: str, client_kind: str, restarts: int,
+                     max_new_tokens: int) -> dict[str, Any]:
+    """The device_node executable and a direct worker, each in a fresh process, ``restarts``
+    times over consecutive slices of ``samples`` (each slice starts with its warm-up)."""
+    out: dict[str, Any] = {}
+    bounds = [round(k * len(samples) / restarts) for k in range(restarts + 1)]
+    for r in range(restarts):
+        part = _process_round(samples, range(bounds[r], bounds[r + 1]), seed, spec,
+                              workdir / f'round-{r}', threads, executor_kind, client_kind,
+                              max_new_tokens)
+        for key, value in part.items():
+            if isinstance(value, list):
+                out.setdefault(key, []).extend(value)
+            elif isinstance(value, int):
+                out[key] = out.get(key, 0) + value
+            else:
+                out[key] = value
+    out['restarts'] = restarts
+    return out
+
+
+def _process_round(samples: list[Any], indices: range, seed: int, spec: str, workdir: Path,
+                   threads: int, executor_kind: str, client_kind: str,
+                   max_new_tokens: int) -> dict[str, Any]:
     from cdcca_ros.srv import Ask
 
+    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / 'device_node.log'
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, '-m', 'cdcca_ros.nodes.device_node', '--ros-args',
            '-p', f'model:={spec}', '-p', f'state_dir:={workdir / "process-state"}',
            '-p', 'uts.enabled:=false', '-p', f'executor:={executor_kind}',
-           '--log-level', 'warn']
+           '-p', f'max_new_tokens:={max_new_tokens}', '--log-level', 'warn']
     with open(log, 'wb') as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    client = None
+    client = worker = None
+    first = samples[indices[0]]
     try:
+        worker = _DirectWorker(spec, seed, len(samples), max_new_tokens, env,
+                               workdir / 'direct_worker.log')
         client = _Client(client_kind)
         ready = client.spin_until(client.ask.service_is_ready, START_TIMEOUT_S)
         deadline = time.monotonic() + START_TIMEOUT_S
         while ready and time.monotonic() < deadline and proc.poll() is None:
             # The node loads its model in the background: ask about a frame until it answers.
-            client.frame(samples[0].image)
+            client.frame(first.image)
             client.spin_until(lambda: False, 0.05)
-            _, r = client.call(Ask.Request(question=samples[0].question))
+            _, r = client.call(Ask.Request(question=first.question))
             if r.success:
                 break
         else:
             raise RuntimeError(f'device_node did not come up (exit {proc.poll()}): '
                                f'{log.read_text(errors="replace")[-2000:]}')
-        out = _loop(client, samples, runtime, None, [])
+        offset = indices[0]
+        out = _loop(client, [samples[i] for i in indices],
+                    lambda i, s: worker(offset + i, s), None, [])
         out['executor'], out['client'] = executor_kind, client.kind
         return out
     finally:
         if client is not None:
             client.close()
+        if worker is not None:
+            worker.close()
         proc.terminate()
         try:
             proc.wait(timeout=10.0)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10.0)
+
+def floor_server(busy_ms: float, executor_kind: str) -> None:
+    """An empty ``ask`` server (the ``floor`` mode runs it in its own process): every call
+    busy-waits ``busy_ms`` in its handler, then returns a fixed Answer."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.node import Node
+
+    from cdcca_ros.nodes.common import NodeSpinner
+    from cdcca_ros.srv import Ask
+
+    rclpy.init()
+    node = Node('floor_server')
+    busy_s = busy_ms / 1000.0
+
+    def handle(request: Any, response: Any) -> Any:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < busy_s:
+            pass
+        response.success = True
+        response.answer.answer = FLOOR_TEXT
+        response.answer.latency_ms = ms_since(t0)
+        return response
+
+    node.create_service(Ask, 'ask', handle)
+    try:
+        NodeSpinner([node], executor_kind).spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+
+
+def _measure_floor(busy_ms: list[float], n: int, executor_kind: str, client_kind: str,
+                   workdir: Path) -> dict[float, dict[str, list[float]]]:
+    """Round trips to :func:`floor_server` per handler time: ``{busy: {'ms', 'overhead'}}``."""
+    from cdcca_ros.srv import Ask
+
+    out: dict[float, dict[str, list[float]]] = {}
+    for busy in busy_ms:
+        log = workdir / f'floor-{busy:.1f}.log'
+        cmd = [sys.executable, '-c', 'import sys; from cdcca_ros.bench.node_overhead import '
+               'floor_server; floor_server(float(sys.argv[1]), sys.argv[2])',
+               f'{busy:.3f}', executor_kind]
+        with open(log, 'wb') as log_file:
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        client = None
+        try:
+            client = _Client(client_kind)
+            if not client.spin_until(client.ask.service_is_ready, START_TIMEOUT_S):
+                raise RuntimeError(f'floor server did not come up (exit {proc.poll()}): '
+                                   f'{log.read_text(errors="replace")[-2000:]}')
+            request = Ask.Request(question='what color is the object?')
+            for _ in range(WARMUP):
+                client.call(request)
+            ms: list[float] = []
+            overhead: list[float] = []
+            for _ in range(n):
+                client.call(request)  # timed on the second call in a row, as the node
+                t, response = client.call(request)
+                ms.append(t)
+                overhead.append(t - float(response.answer.latency_ms))
+            out[busy] = {'ms': ms, 'overhead': overhead}
+        finally:
+            if client is not None:
+                client.close()
+            proc.terminate()
+            try:
+                proc.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10.0)
+    return out
+
+
+def _larger_student(workdir: Path, seed: int) -> str:
+    """Build (once) and save the ``larger`` student; returns its folder."""
+    path = workdir / 'larger-student'
+    if not path.exists():
+        import torch
+
+        from cdcca_ros.models import build_tiny
+        from cdcca_ros.models.base import TrainableConfig
+        from cdcca_ros.sim.questions import vocabulary
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_tiny('blip2', vocabulary(), seed=seed + 3, dropout=0.0, **LARGER)
+        model.configure_trainable(TrainableConfig(
+            lora_r=4, lora_alpha=8, lora_targets=('q_proj', 'k_proj', 'v_proj', 'out_proj',
+                                                  'fc1', 'fc2', 'query', 'key', 'value')))
+        model.save(str(path))
+    return str(path)
 
 
 def ratio_interval(num: list[float], den: list[float], seed: int,
@@ -333,6 +564,9 @@ def run(ctx: BenchContext) -> BenchResult:
     for mode in modes:
         if mode not in MODES:
             raise ConfigError(f'--modes: unknown mode {mode!r}; known: {", ".join(MODES)}')
+    if not modes or modes[0] not in ('process', 'inprocess'):
+        raise ConfigError('--modes: the first mode (the summary figure) must be process or '
+                          'inprocess')
     executors = next(p.choices for p in TABLES['device_node'] if p.name == 'executor') or ()
     executor_kind = ctx.args.executor or device_params()['executor']
     if executor_kind not in executors:
@@ -342,24 +576,42 @@ def run(ctx: BenchContext) -> BenchResult:
     import rclpy
 
     from cdcca_ros.core.device_runtime import DeviceRuntime
-    from cdcca_ros.sim.domains import DRIFTED, SOURCE
 
     n = ctx.args.samples or (4 if ctx.quick else 100)
-    domains = (SOURCE,) + DRIFTED
-    per_domain = -(-(n + WARMUP) // len(domains))
-    samples = world_samples(ctx.seed, domains, per_domain, camera_size())[:n + WARMUP]
+    restarts = ctx.args.restarts or (1 if ctx.quick else 4)
+    if restarts < 1 or n < restarts:
+        raise ConfigError(f'--restarts must be in 1..samples ({n}), got {restarts}')
+    samples = bench_samples(ctx.seed, n + WARMUP * restarts)
     params = device_params()
     runtime = DeviceRuntime(ctx.models.student(), 'robot1',
                             max_new_tokens=params['max_new_tokens'])
     measured: dict[str, dict[str, Any]] = {}
+    floor: dict[float, dict[str, list[float]]] = {}
+    larger_info: dict[str, Any] = {}
     for mode in modes:
         if mode == 'process':
-            measured[mode] = _measure_process(samples, runtime, ctx.models.spec('student'),
-                                              ctx.workdir, int(ctx.args.threads),
-                                              executor_kind, ctx.args.client)
-        else:
-            measured[mode] = _measure_inprocess(samples, runtime, ctx.workdir, executor_kind,
-                                                ctx.args.client)
+            measured[mode] = _measure_process(samples, ctx.seed, ctx.models.spec('student'),
+                                              ctx.workdir / 'process', int(ctx.args.threads),
+                                              executor_kind, ctx.args.client, restarts,
+                                              params['max_new_tokens'])
+        elif mode == 'inprocess':
+            measured[mode] = _measure_inprocess(samples[:n + WARMUP], runtime, ctx.workdir,
+                                                executor_kind, ctx.args.client)
+        elif mode == 'floor':
+            direct = (median(measured['process']['direct']) if 'process' in measured
+                      else median([timed_ms(lambda s=s: runtime.answer(s.image, s.question))[0]
+                                   for s in samples[:n]]))
+            extra = [float(x) for x in str(ctx.args.floor_ms).split(',') if x.strip()]
+            floor = _measure_floor([direct] + extra, n, executor_kind, ctx.args.client,
+                                   ctx.workdir)
+        else:  # larger: half the samples (its answers take ~20x longer)
+            spec = _larger_student(ctx.workdir, ctx.seed)
+            n_big = max(restarts * (WARMUP + 2), len(samples) // 2)
+            measured[mode] = _measure_process(samples[:n_big], ctx.seed, spec,
+                                              ctx.workdir / 'larger', int(ctx.args.threads),
+                                              executor_kind, ctx.args.client, restarts,
+                                              params['max_new_tokens'])
+            larger_info['spec'] = spec
     rmw = (rclpy.get_rmw_implementation_identifier()
            if hasattr(rclpy, 'get_rmw_implementation_identifier')
            else os.environ.get('RMW_IMPLEMENTATION', ''))
@@ -411,6 +663,26 @@ def run(ctx: BenchContext) -> BenchResult:
             detail['modes'][mode]['handler_ms'] = describe_ms(m['handler'])
             detail['modes'][mode]['transport_and_executor_ms'] = median(
                 [a - b for a, b in zip(m['ros'], m['handler'], strict=True)])
+    if floor:
+        busy_direct = next(iter(floor))
+        floor_overhead = median(floor[busy_direct]['overhead'])
+        summary['floor_overhead_ms'] = floor_overhead
+        # The best any rclpy service could give for an answer this long on this machine.
+        summary['floor_over_direct'] = ratio(med_direct + floor_overhead, med_direct)
+        summary['ros_over_floor'] = ratio(median(first['ros']), med_direct + floor_overhead)
+        detail['floor'] = {}
+        for busy, f in floor.items():
+            o = median(f['overhead'])
+            rows.append([f'[floor] empty ask service, {busy:.1f} ms handler', median(f['ms']),
+                         ratio(busy + o, busy)])
+            detail['floor'][f'{busy:.3f}'] = {'ms': describe_ms(f['ms']),
+                                               'overhead_ms': describe_ms(f['overhead']),
+                                               'ratio': ratio(busy + o, busy)}
+            if busy != busy_direct:
+                summary[f'floor_over_handler_{busy:g}ms'] = ratio(busy + o, busy)
+    if 'larger' in measured:
+        summary['larger_direct_ms'] = median(measured['larger']['direct'])
+        detail['larger_student'] = {'sizes': LARGER}
     detail['answer_mismatches'] = sum(m['mismatches'] for m in measured.values())
     return BenchResult(
         summary=summary, headers=['path', 'median ms', 'x direct'], rows=rows, detail=detail,
@@ -420,7 +692,10 @@ def run(ctx: BenchContext) -> BenchResult:
                + ('-' if not summary['ros_over_direct_interval'] else '{:.3f}..{:.3f}'.format(
                    *summary['ros_over_direct_interval'])),
                'process: the device_node executable (UTS off) in its own process; inprocess: '
-               'DeviceNode in this process, sharing the GIL with the client (an upper bound)',
+               'DeviceNode in this process, sharing the GIL with the client (an upper bound); '
+               'floor: an empty ask service whose handler busy-waits as long as an answer '
+               '(what DDS and waking two processes cost here); larger: process with a larger '
+               'random student',
                f'node executor {first["executor"]}, client waits on '
                f'{"EventsExecutor" if first["client"] == "events" else "SingleThreadedExecutor"}'
                ' (spin_until_future_complete); the node publishes Answer (and the annotated '

@@ -27,7 +27,15 @@ from cdcca_ros.camera import create_camera
 from cdcca_ros.camera.base import Camera, Frame
 from cdcca_ros.camera.convert import image_to_compressed, image_to_msg
 from cdcca_ros.errors import CameraError, CdccaError
-from cdcca_ros.nodes.common import ERROR, OK, SENSOR_QOS, WARN, Diagnostics, declare_table
+from cdcca_ros.nodes.common import (
+    ERROR,
+    OK,
+    SENSOR_QOS,
+    WARN,
+    Diagnostics,
+    declare_table,
+    use_dds_profile,
+)
 
 
 def camera_fields(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -160,6 +168,7 @@ class CameraNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
+    use_dds_profile()
     try:
         with rclpy.init(args=args):
             node = CameraNode()

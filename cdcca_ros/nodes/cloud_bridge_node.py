@@ -38,6 +38,7 @@ from cdcca_ros.nodes.common import (
     WARN,
     Diagnostics,
     declare_table,
+    use_dds_profile,
 )
 
 UPLINK_TOPIC = 'uts_tokens'
@@ -215,6 +216,7 @@ class CloudBridgeNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
+    use_dds_profile()
     try:
         with rclpy.init(args=args):
             node = CloudBridgeNode()

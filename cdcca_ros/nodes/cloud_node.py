@@ -37,6 +37,7 @@ from cdcca_ros.nodes.common import (
     WARN,
     Diagnostics,
     declare_table,
+    use_dds_profile,
 )
 from cdcca_ros.nodes.delta_msgs import envelope_to_msgs
 
@@ -229,6 +230,7 @@ class CloudNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
+    use_dds_profile()
     try:
         with rclpy.init(args=args):
             node = CloudNode()

@@ -30,6 +30,7 @@ from rclpy.qos import (
 )
 
 from cdcca_ros.errors import ConfigError
+from cdcca_ros.nodes.dds_profile import DDS_PROFILE, use_dds_profile  # noqa: F401 - re-export
 from cdcca_ros.nodes.tables import TABLES, Param
 
 SENSOR_QOS = qos_profile_sensor_data

@@ -57,6 +57,7 @@ from cdcca_ros.nodes.common import (
     NodeSpinner,
     declare_table,
     runs_one_callback_at_a_time,
+    use_dds_profile,
 )
 from cdcca_ros.nodes.delta_msgs import DeltaReassembler
 from cdcca_ros.srv import Ask, Rollback
@@ -389,6 +390,7 @@ class DeviceNode(Node):
 
 def spin_device(args: list[str] | None, with_uts: bool) -> None:
     """Run device_node (and the in-process UTS node) on the executor its parameter names."""
+    use_dds_profile()
     try:
         with rclpy.init(args=args):
             device = DeviceNode()

@@ -354,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                         help='drifted domains the camera visits, one per round (cycled)')
     parser.add_argument('--teacher', default='bundled:teacher')
     parser.add_argument('--student', default='bundled:student')
-    parser.add_argument('--eval-n', type=int, default=60, help='held-out samples per domain')
-    parser.add_argument('--min-samples', type=int, default=24,
-                        help='uplinked samples that start a cloud round')
+    parser.add_argument('--eval-n', type=int, default=100, help='held-out samples per domain')
+    parser.add_argument('--min-samples', type=int, default=32,
+                        help='uplinked samples that start a cloud round (the cloud node default)')
     parser.add_argument('--akd-steps', type=int, default=40)
     parser.add_argument('--fps', type=float, default=4.0)
     parser.add_argument('--round-timeout', type=float, default=600.0)

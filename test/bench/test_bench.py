@@ -87,6 +87,11 @@ def _check_node_overhead(s: dict[str, Any], rec: dict[str, Any]) -> None:
     assert s['samples'] == 4 and s['failures'] == 0
     # Same model, same frame: the node answers exactly what the model layer answers.
     assert rec['detail']['answer_mismatches'] == 0
+    # The empty service's round trip is its handler plus something, and the larger student
+    # was measured in its own processes too.
+    assert s['floor_overhead_ms'] > 0 and s['floor_over_direct'] > 1.0
+    assert {'30.000', '100.000'} <= set(rec['detail']['floor'])
+    assert _positive(s['ros_over_direct_larger']) and s['larger_direct_ms'] > s['direct_ms']
 
 
 def _check_downlink(s: dict[str, Any], rec: dict[str, Any]) -> None:

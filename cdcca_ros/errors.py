@@ -44,6 +44,10 @@ class CodecError(CdccaError, ValueError):
     """A tensor codec cannot encode or decode the given data."""
 
 
+class SpecMismatchError(CodecError):
+    """A compact payload was encoded for another trainable set (its spec digest differs)."""
+
+
 class DeltaRejectedError(CdccaError):
     """A weight delta is refused (wrong device, wrong base, replayed, non-finite...)."""
 

@@ -78,7 +78,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cdcca_ros.errors import CodecError, DeltaMismatchError, PayloadTooLargeError
+from cdcca_ros.errors import (
+    CodecError,
+    DeltaMismatchError,
+    PayloadTooLargeError,
+    SpecMismatchError,
+)
 
 FORMAT_NAME = 'cdcca-dwc'
 FORMAT_VERSION = 2
@@ -536,9 +541,10 @@ def _read_payload(payload: bytes, max_numel: int = DEFAULT_MAX_NUMEL,
             raise CodecError(f'spec holds {layout.total} values, more than '
                              f'max_numel={max_numel}')
         if digest != c.digest:
-            raise CodecError(f'{c.codec} payload was encoded for another trainable set (its '
-                             f'spec digest {c.digest.hex()} differs from this decoder\'s '
-                             f'{digest.hex()} over {len(resolved)} tensors)')
+            raise SpecMismatchError(
+                f'{c.codec} payload was encoded for another trainable set (its spec digest '
+                f'{c.digest.hex()} differs from this decoder\'s {digest.hex()} over '
+                f'{len(resolved)} tensors)')
         entries, params = list(resolved), {}
     return _Payload(c.codec, params, entries, c.arrays, layout, c.index is not None)
 

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cdcca_ros.core import wire
-from cdcca_ros.errors import CodecError, DeltaGateRejection, SignatureError, WireError
+from cdcca_ros.errors import (
+    CodecError,
+    DeltaGateRejection,
+    SignatureError,
+    SpecMismatchError,
+    WireError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -344,6 +350,9 @@ class DeltaGate:
                     flat_delta = codec.decode_flat(env.payload, self._shapes)
                 else:
                     delta = codec.decode(env.payload, spec=self._shapes)
+            except SpecMismatchError as err:
+                # A compact payload names its tensors only by the digest of their set.
+                raise self._reject(RejectReason.WRONG_KEYS, env, str(err)) from err
             except CodecError as err:
                 raise self._reject(RejectReason.UNDECODABLE, env, str(err)) from err
             if flat and not self_describing:

@@ -269,6 +269,20 @@ def test_accept_flat_names_a_non_finite_tensor_of_a_compact_payload(keys, setup,
     assert _state(gate) == before
 
 
+@pytest.mark.parametrize('method', ['accept', 'accept_flat'])
+def test_compact_payload_for_another_trainable_set_is_wrong_keys(keys, setup,
+                                                                 method: str) -> None:
+    base, gate = setup
+    other = dict(base, extra=torch.zeros(3))
+    env = _sealed(keys[0], base, codec='sparse', payload=dwc.get_codec('sparse').encode(
+        dwc.compute_delta(update(other), other), self_describing=False))
+    before = _state(gate)
+    with pytest.raises(DeltaGateRejection, match='another trainable set') as err:
+        getattr(gate, method)(env)
+    assert err.value.reason == RejectReason.WRONG_KEYS
+    assert _state(gate) == before
+
+
 @pytest.mark.parametrize('compact', [True, False], ids=['compact', 'self_describing'])
 def test_accept_flat_is_accept_in_name_order(keys, setup, compact: bool) -> None:
     base, gate = setup

@@ -1,28 +1,23 @@
 """ROS overhead of answering (issue 4): the ``ask`` service vs the model layer, same model.
 
 A client publishes each camera frame (640x480) on ``image``, then times one ``ask`` round trip
-about the latest frame; the same frame is answered directly by a :class:`DeviceRuntime` over
-the same model (``DeviceRuntime.answer``). Both are interleaved sample by sample, each timed
-on its second answer in a row (warm caches, as on a robot where only the node computes), and
-the figure is the ratio of the medians. Two set-ups (``--modes``):
+about the latest frame; the same frame is answered directly (``DeviceRuntime.answer`` over the
+same model). Both are interleaved sample by sample, each timed on its second answer in a row
+(warm caches, as on a robot where only the node computes), and the figure is the ratio of the
+medians. Set-ups (``--modes``; the first gives the summary figure):
 
 * ``process`` (the summary figure): the real ``device_node`` executable in its own process
   (``python -m cdcca_ros.nodes.device_node --ros-args -p model:=...``, its default executor
-  unless ``--executor`` names another, UTS off so only the answer path is timed), the same
-  torch thread count as the direct side; the client and the direct runtime live in this
-  process. No GIL is shared.
+  unless ``--executor`` names another, UTS off so only the answer path is timed) against a
+  direct worker, a fresh process too (:func:`direct_worker`: loads the model the node's way
+  and times ``DeviceRuntime.answer`` inside itself), both with the same torch thread count.
+  Both are started ``--restarts`` times over slices of the samples: model time alone differs
+  by up to +-10% between two processes, for the life of each, so one pair per run would make
+  that difference part of the figure.
 * ``inprocess``: ``DeviceNode`` around the very runtime that answers directly, spun in a
   thread of this process on the same kind of executor, the client in a second rclpy context.
   Client and node share the GIL, so this overstates the overhead; it also splits the round
   trip into the node's handler and the rest (DDS, executors).
-
-Both sides are honest about what a user gets: the node runs as shipped, and the client is an
-ordinary rclpy client that waits the efficient way, ``spin_until_future_complete`` on rclpy's
-EventsExecutor (``--client events``, the default; ``single_threaded`` is the classic
-SingleThreadedExecutor). The node still does all it promises per answer (latest frame, age
-check, Answer published, annotated image when watched); on a one-thread executor the publishing
-is a task of that executor, run right after the response is sent.
-
 * ``floor``: what any rclpy service costs here. An empty ``ask`` server in its own process
   (same executor kind) whose handler busy-waits as long as the direct answer took, then
   returns a fixed Answer; the same client calls it the same way (second call in a row). Its
@@ -31,10 +26,18 @@ is a task of that executor, run right after the response is sent.
   models).
 * ``larger``: the process set-up again with a larger random BLIP-2 student (224 px ViT,
   6 + 2 + 6 layers, see :data:`LARGER`; built and saved in the work folder): the ratio for a
-  model whose answer takes tens of milliseconds, not the bundled student's ten.
+  model whose answer takes ~200 ms here, not the bundled student's ~10.
+
+Both sides are honest about what a user gets: the node runs as shipped, and the client is an
+ordinary rclpy client that waits the efficient way, ``spin_until_future_complete`` on rclpy's
+EventsExecutor (``--client events``, the default; ``single_threaded`` is the classic
+SingleThreadedExecutor). The node still does all it promises per answer (latest frame, age
+check, Answer published, annotated image when watched); on a one-thread executor the publishing
+is a task of that executor, run right after the response is sent.
 
 Also measured: ``ask`` with the frame inside the request (``use_image``: 921,600 bytes more per
-call on DDS). Traffic stays on this machine: a domain id of its own, localhost-only discovery.
+call on DDS). Traffic stays on this machine: a domain id of its own, localhost-only discovery,
+and the nodes' Fast DDS profile for this process too (it publishes the frames).
 """
 from __future__ import annotations
 

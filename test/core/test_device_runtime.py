@@ -213,6 +213,23 @@ def test_probe_is_traced_and_follows_the_weights(student_dir, keys) -> None:
     assert _runtime(student_dir, keys, trace_probe=False).probe_mode == 'eager'
 
 
+@pytest.mark.parametrize('family', ['llava', 'qwen2_vl'])
+def test_probe_is_traced_for_the_other_families(family: str, keys) -> None:
+    from cdcca_ros.models import build_tiny
+    from cdcca_ros.models.base import TrainableConfig
+
+    model = build_tiny(family, list(VOCAB), seed=1)
+    model.configure_trainable(TrainableConfig(lora_r=4, lora_alpha=8))
+    rt = DeviceRuntime(model, DEVICE, keys[1])
+    assert rt.probe_mode == 'traced'
+    before = rt._probe()
+    report = rt.apply(Cloud(rt.model.trainable_state_dict(), keys[0]).step(1, scale=0.2))
+    assert report.extra['probe_mode'] == 'traced'
+    after = rt._probe()
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, rt._eager_probe()[0].numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_a_trace_that_froze_the_weights_is_not_used(student_dir, keys, monkeypatch) -> None:
     """A trace computing with copies of the weights (constants) fails the check after the
     weights are perturbed: the runtime probes eagerly."""

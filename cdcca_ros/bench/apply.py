@@ -141,6 +141,7 @@ def run(ctx: BenchContext) -> BenchResult:
     runtime = DeviceRuntime(ctx.models.student(), 'robot1', public, ctx.workdir / 'device',
                             probe_question=params['probe_question'],
                             trace_probe=params['probe_trace'],
+                            shadow_probe=params['probe_shadow'],
                             max_new_tokens=params['max_new_tokens'])
     base = runtime.model.trainable_state_dict()
     stream = delta_stream(base, private, 'robot1', cloud['dwc.codec'],
@@ -251,6 +252,7 @@ def run(ctx: BenchContext) -> BenchResult:
         'persisted_latest': bool(persisted and runtime.persisted_version == runtime.version),
         'probe_tv_median': median(probe_tv),
         'probe_mode': '/'.join(sorted(probe_modes)),
+        'probe_shadow': runtime.probe_shadow,
         'payload_bytes': float(np.mean([s.nbytes for s in stats])),
         'bits_per_param': float(np.mean([s.bits_per_param for s in stats])),
     }
@@ -261,7 +263,8 @@ def run(ctx: BenchContext) -> BenchResult:
     rows: list[list[Any]] = [['answer', med_answer, 1.0],
                              ['apply (DeviceRuntime.apply)', median(apply_ms),
                               summary['apply_over_answer']],
-                             ['  lock held (swap + probe)', median(lock_ms),
+                             [f'  lock held (swap{"" if runtime.probe_shadow else " + probe"})',
+                              median(lock_ms),
                               summary['lock_over_answer']]]
     rows += [[f'    step: {label}', step_med[k], ratio(step_med[k], med_answer)]
              for k, label in labels]

@@ -433,6 +433,32 @@ def _vision_frozen(model: MLLM, trainable: Sequence[str]) -> bool:
                    for name in trainable)
 
 
+def _shadow_model(model: MLLM) -> tuple[MLLM | None, str]:
+    """A copy of ``model`` for the probe that shares every frozen weight with it.
+
+    ``copy.deepcopy`` with the frozen parameters (and the tokenizer and image processor)
+    mapped to themselves: only the trainable tensors, buffers and module objects are new, so
+    it costs the trainable set's memory once more, and a candidate adapter can be probed on
+    it while the model itself keeps answering. Returns (copy or None, why not).
+    """
+    import copy
+
+    get = getattr(model, 'trainable_parameters', None)
+    module = getattr(model, 'torch_model', None)
+    if get is None or module is None:
+        return None, 'the model exposes no torch_model / trainable_parameters'
+    try:
+        trainable = {id(p) for p in get().values()}
+        memo: dict[int, Any] = {id(p): p for p in module.parameters() if id(p) not in trainable}
+        for attr in ('tokenizer', 'image_processor', 'processor'):
+            obj = getattr(model, attr, None)
+            if obj is not None:
+                memo[id(obj)] = obj
+        return copy.deepcopy(model, memo), ''
+    except Exception as err:  # noqa: BLE001 - any failure means: probe the model itself
+        return None, f'copying the model failed: {type(err).__name__}: {err}'
+
+
 class _TracedProbe:
     """The probe (``model.next_token_probs(tokens, None, [question])`` for one fixed input)
     recorded once with ``torch.jit.trace`` and replayed without Python's per-module cost.
@@ -526,12 +552,17 @@ class DeviceRuntime:
             this total variation distance (in (0, 1]); None: no bound.
         trace_probe: run the probe as a ``torch.jit`` trace of the eager one when it checks
             out equal (see :class:`_TracedProbe`; :attr:`probe_mode` says which runs).
+        shadow_probe: probe candidates on a copy of the model that shares its frozen weights
+            (:func:`_shadow_model`), so answers wait only for the copy into the model, not
+            for the probe; False (or a model that cannot be copied so): probe the model
+            itself, under the lock.
     """
 
     def __init__(self, model: MLLM, device_id: str, public_key: Ed25519PublicKey | None = None,
                  state_dir: str | Path | None = None, probe_image: np.ndarray | None = None,
                  probe_question: str = 'what color is the object?', max_new_tokens: int = 6,
-                 max_probe_tv: float | None = None, trace_probe: bool = True) -> None:
+                 max_probe_tv: float | None = None, trace_probe: bool = True,
+                 shadow_probe: bool = True) -> None:
         if max_probe_tv is not None and not 0.0 < max_probe_tv <= 1.0:
             raise ConfigError(f'max_probe_tv must be in (0, 1] or None, got {max_probe_tv}')
         self.model = model
@@ -561,20 +592,35 @@ class DeviceRuntime:
         self._probe_ref: np.ndarray | None = None
         self._traced_probe: _TracedProbe | None = None
         self._probe_traced = False  # whether the last probe ran the trace
-        #: 'traced' or 'eager' (and why), for diagnostics.
+        # What the probe runs on: a shadow copy sharing the frozen weights, or the model.
+        self._probe_model: MLLM = model
+        self._probe_params = self._params
+        self._shadowed = False
+        #: 'traced' or 'eager' (and why), for diagnostics; :attr:`probe_shadow` whether the
+        #: probe runs on a shadow copy.
         self.probe_mode = 'eager (no cloud key: nothing to probe)'
         self._gate = self._make_gate()
         if self._gate is not None:
             if _vision_frozen(model, self._weights.layout.names):
                 self._probe_tokens = model.vision_tokens([self.probe_image])
+            if shadow_probe and self._params is not None:
+                shadow, why = _shadow_model(model)
+                shadow_params = (_live_parameters(shadow, self._weights) if shadow is not None
+                                 else None)
+                if shadow is not None and shadow_params is not None:
+                    self._probe_model, self._probe_params = shadow, shadow_params
+                    self._shadowed = True
+                else:
+                    _log.warning('probing the model itself: %s', why or 'no shadow parameters')
             self.probe_mode = 'eager'
-            if trace_probe and self._probe_tokens is not None and self._params is not None:
+            if (trace_probe and self._probe_tokens is not None
+                    and self._probe_params is not None):
                 with self.lock:
                     self._traced_probe, why = _TracedProbe.build(
-                        model, self._probe_tokens, self.probe_question, self._params,
-                        self._eager_probe)
-                self.probe_mode = 'traced' if self._traced_probe is not None else \
-                    f'eager ({why})'
+                        self._probe_model, self._probe_tokens, self.probe_question,
+                        self._probe_params, self._eager_probe)
+                self.probe_mode = ('traced' if self._traced_probe is not None
+                                   else f'eager ({why})')
                 if self._traced_probe is None:
                     _log.warning('probe runs eagerly: %s', why)
             self._probe_ref = self._probe()
@@ -616,16 +662,7 @@ class DeviceRuntime:
         if self._params is None:
             self.model.load_trainable_state_dict(weights.tensors)
             return
-        import torch
-
-        with torch.no_grad():
-            # One fused copy when torch has it (its optimizers use it), else one per tensor.
-            foreach_copy = getattr(torch, '_foreach_copy_', None)
-            if foreach_copy is not None:
-                foreach_copy(self._params, weights.tensor_list)
-            else:  # pragma: no cover - older torch
-                for param, value in zip(self._params, weights.tensor_list, strict=True):
-                    param.copy_(value)
+        _copy_into(self._params, weights)
 
     def _probe(self) -> np.ndarray:
         """The probe's first answer step through the whole trainable path, checked.
@@ -643,8 +680,8 @@ class DeviceRuntime:
         import torch
 
         traced = self._traced_probe
-        self._probe_traced = (traced is not None and self._params is not None
-                              and traced.usable(self._params))
+        self._probe_traced = (traced is not None and self._probe_params is not None
+                              and traced.usable(self._probe_params))
         dist = traced() if self._probe_traced else self._eager_probe()
         probs = dist.detach().to('cpu', torch.float32).numpy()
         if probs.ndim != 2 or probs.shape[0] < 1 or not np.isfinite(probs).all():
@@ -659,15 +696,33 @@ class DeviceRuntime:
             raise ModelError('probe step distribution is flat: the model lost its input')
         return probs
 
+    def _checked_probe(self) -> tuple[np.ndarray, float, bool]:
+        """:meth:`_probe`, then its shift from the reference: (probs, total variation, top
+        token changed).
+
+        Raises:
+            ModelError: the probe failed, or moved more than ``max_probe_tv``.
+        """
+        probs = self._probe()
+        ref = self._probe_ref
+        tv = (0.5 * float(np.abs(probs - ref).sum())
+              if ref is not None and probs.shape == ref.shape else float('nan'))
+        token_changed = bool(ref is not None and int(np.argmax(probs)) != int(np.argmax(ref)))
+        if self.max_probe_tv is not None and not tv <= self.max_probe_tv:
+            raise ModelError(f'probe distribution moved by {tv:.3f} (total variation), more '
+                             f'than max_probe_tv={self.max_probe_tv}')
+        return probs, tv, token_changed
+
     def _eager_probe(self) -> Tensor:
         """The probe's step distribution ``[1, V]`` through the model's own forward."""
         import torch
 
+        model = self._probe_model
         tokens = self._probe_tokens
         if tokens is None:
-            tokens = self.model.vision_tokens([self.probe_image])
+            tokens = model.vision_tokens([self.probe_image])
         with torch.inference_mode():
-            return self.model.next_token_probs(tokens, None, [self.probe_question])
+            return model.next_token_probs(tokens, None, [self.probe_question])
 
     def _probe_text(self, probs: np.ndarray) -> str:
         """The probe's most likely first token as text (for reports)."""
@@ -721,26 +776,30 @@ class DeviceRuntime:
                 f'{RejectReason.HASH_MISMATCH.value}: weights after applying hash to '
                 f'{new_hash[:12]}, the cloud computed {envelope.new_hash[:12]}')
         t, steps['hash_ms'] = _lap(t)
+        if self._shadowed:
+            # Probe the candidate on the shadow copy while the model keeps answering.
+            assert self._probe_params is not None
+            _copy_into(self._probe_params, candidate)
+            try:
+                probs, tv, token_changed = self._checked_probe()
+            except (CdccaError, RuntimeError, ValueError) as err:
+                raise DeltaRejectedError(f'probe of the candidate failed, v{self.version} '
+                                         f'stays: {err}') from err
+            t, steps['probe_ms'] = _lap(t)
         with self.lock:
             t_swap = t = time.perf_counter()
             self._load(candidate)
             t, steps['swap_ms'] = _lap(t)
             try:
-                probs = self._probe()
-                tv = (0.5 * float(np.abs(probs - self._probe_ref).sum())
-                      if self._probe_ref is not None and probs.shape == self._probe_ref.shape
-                      else float('nan'))
-                token_changed = bool(self._probe_ref is not None
-                                     and int(np.argmax(probs)) != int(np.argmax(self._probe_ref)))
-                if self.max_probe_tv is not None and not tv <= self.max_probe_tv:
-                    raise ModelError(f'probe distribution moved by {tv:.3f} (total '
-                                     f'variation), more than max_probe_tv={self.max_probe_tv}')
+                if not self._shadowed:
+                    probs, tv, token_changed = self._checked_probe()
                 self._gate.commit(envelope.new_version, new_hash)
             except (CdccaError, RuntimeError, ValueError) as err:
                 self._load(current)
                 raise DeltaRejectedError(f'probe after the swap failed, restored '
                                          f'v{self.version}: {err}') from err
-            t, steps['probe_ms'] = _lap(t)
+            if not self._shadowed:
+                t, steps['probe_ms'] = _lap(t)
             old_version = self.version
             self._previous = (self.version, self.base_hash, current, self._probe_ref)
             self._weights, self._probe_ref = candidate, probs
@@ -756,6 +815,7 @@ class DeviceRuntime:
                              probe_answer=self._probe_text(probs),
                              extra={'steps_ms': steps, 'probe_tv': tv,
                                     'probe_mode': 'traced' if self._probe_traced else 'eager',
+                                    'probe_shadow': self._shadowed,
                                     'probe_token_changed': token_changed})
         # Last: the writer thread wakes up now and competes for the GIL.
         self._persist()
@@ -783,6 +843,11 @@ class DeviceRuntime:
                 self._gate = self._make_gate()
             self._persist()
             return self.version
+
+    @property
+    def probe_shadow(self) -> bool:
+        """Whether candidates are probed on a shadow copy (answers wait only for the copy)."""
+        return self._shadowed
 
     @property
     def weights(self) -> FlatWeights:
@@ -850,10 +915,24 @@ class DeviceRuntime:
                 'hash': self.base_hash[:16], 'applied': self.applied, 'rejected': self.rejected,
                 'can_roll_back': self._previous is not None,
                 'verifying': self.public_key is not None,
-                'probe': self.probe_mode,
+                'probe': self.probe_mode, 'probe_shadow': self._shadowed,
                 'persisted_version': (-1 if writer is None or writer.persisted_version is None
                                       else writer.persisted_version),
                 'persist_error': writer.error if writer is not None else ''}
+
+
+def _copy_into(params: list[Tensor], weights: FlatWeights) -> None:
+    """Copy ``weights`` into ``params`` (same layout order)."""
+    import torch
+
+    with torch.no_grad():
+        # One fused copy when torch has it (its optimizers use it), else one per tensor.
+        foreach_copy = getattr(torch, '_foreach_copy_', None)
+        if foreach_copy is not None:
+            foreach_copy(params, weights.tensor_list)
+        else:  # pragma: no cover - older torch
+            for param, value in zip(params, weights.tensor_list, strict=True):
+                param.copy_(value)
 
 
 def _lap(t: float) -> tuple[float, float]:

@@ -105,7 +105,8 @@ def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
     return DeviceRuntime(model, params['device_id'], key, state_dir,
                          probe_question=params['probe_question'],
                          max_new_tokens=params['max_new_tokens'],
-                         trace_probe=params['probe_trace'])
+                         trace_probe=params['probe_trace'],
+                         shadow_probe=params['probe_shadow'])
 
 
 class DeviceNode(Node):

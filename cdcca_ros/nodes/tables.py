@@ -95,6 +95,8 @@ DEVICE = (
           'question answered on a candidate adapter before it is committed'),
     Param('probe_trace', True, 'run that probe as a torch.jit trace of the model (checked '
           'equal to eager at start; eager when it is not)'),
+    Param('probe_shadow', True, 'run that probe on a copy of the model sharing its frozen '
+          'weights, so answers wait only for the copy (costs the trainable set once more)'),
     Param('uts.enabled', True, 'run UTS in this process on every answered sample'),
     Param('uts.stage1_mode', 'threshold', 'stage 1 selection (Eq. 2)',
           choices=('threshold', 'top_fraction')),

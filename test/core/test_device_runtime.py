@@ -197,7 +197,7 @@ def test_probe_is_traced_and_follows_the_weights(student_dir, keys) -> None:
     rt = _runtime(student_dir, keys)
     assert rt.probe_mode == 'traced'
     traced = rt._traced_probe
-    assert traced is not None and traced.usable(rt._params)
+    assert traced is not None and traced.usable(rt._probe_params)
     cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
     before = rt._probe()
     report = rt.apply(cloud.step(1, scale=0.2))
@@ -206,9 +206,9 @@ def test_probe_is_traced_and_follows_the_weights(student_dir, keys) -> None:
     assert not np.allclose(before, after)  # the trace computes with the new weights
     np.testing.assert_allclose(after, rt._eager_probe()[0].numpy(), rtol=1e-5, atol=1e-7)
     # A trainable tensor given new storage: the trace no longer sees it, the eager probe runs.
-    param = rt._params[0]
+    param = rt._probe_params[0]
     param.data = param.data.clone() + 1.0
-    assert not traced.usable(rt._params)
+    assert not traced.usable(rt._probe_params)
     np.testing.assert_array_equal(rt._probe(), rt._eager_probe()[0].numpy())
     assert _runtime(student_dir, keys, trace_probe=False).probe_mode == 'eager'
 
@@ -228,6 +228,51 @@ def test_probe_is_traced_for_the_other_families(family: str, keys) -> None:
     after = rt._probe()
     assert not np.allclose(before, after)
     np.testing.assert_allclose(after, rt._eager_probe()[0].numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('shadow', [True, False], ids=['shadow', 'in_place'])
+def test_the_probe_runs_on_a_shadow_copy_while_answers_go_on(student_dir, keys, images,
+                                                             shadow: bool) -> None:
+    rt = _runtime(student_dir, keys, shadow_probe=shadow)
+    assert rt.probe_shadow is shadow and rt.status()['probe_shadow'] is shadow
+    live = list(rt.model.torch_model.parameters())
+    probed = list(rt._probe_model.torch_model.parameters())
+    trainable = {id(p) for p in rt._params}
+    if shadow:
+        # Every frozen weight shared, every trainable one a tensor of its own.
+        assert all((a is b) == (id(a) not in trainable) for a, b in zip(live, probed,
+                                                                       strict=True))
+    else:
+        assert rt._probe_model is rt.model
+    # During the probe, may another thread take the model lock (i.e. answer)?
+    free_during_probe: list[bool] = []
+    probe = rt._probe
+
+    def watched() -> np.ndarray:
+        out: list[bool] = []
+        t = threading.Thread(target=lambda: out.append(rt.lock.acquire(timeout=0.2)
+                                                       and (rt.lock.release() or True)))
+        t.start()
+        t.join()
+        free_during_probe.append(out[0])
+        return probe()
+
+    rt._probe = watched  # type: ignore[method-assign]
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    before = [rt.answer(im, QUESTION).step_probs for im in images]
+    rt.apply(cloud.step(1))
+    assert free_during_probe == [shadow]
+    assert rt.base_hash == cloud.ef.view_hash() == _model_hash(rt)
+    after = [rt.answer(im, QUESTION).step_probs for im in images]
+    assert not all(np.allclose(a, b) for a, b in zip(after, before, strict=True))
+    # A refused candidate never reaches the model (the shadow saw it; the model did not).
+    trained = {k: torch.full_like(v, 6e4) if k.startswith('language_model') else v.clone()
+               for k, v in cloud.ef.view.items()}
+    with pytest.raises(DeltaRejectedError, match='probe'):
+        rt.apply(cloud.make(trained))
+    assert rt.version == 1 and _model_hash(rt) == rt.base_hash
+    assert all(np.array_equal(rt.answer(im, QUESTION).step_probs, a)
+               for im, a in zip(images, after, strict=True))
 
 
 def test_a_trace_that_froze_the_weights_is_not_used(student_dir, keys, monkeypatch) -> None:
@@ -275,13 +320,14 @@ def test_probe_refuses_a_flat_distribution(student_dir, keys) -> None:
     # The last MLP's LoRA all equal and huge: the final LayerNorm's variance overflows and
     # every logit comes out equal.
     rt = _runtime(student_dir, keys)
-    base = rt.model.trainable_state_dict()
-    rt.model.load_trainable_state_dict(
+    probed = rt._probe_model  # the shadow copy the probe runs on
+    base = probed.trainable_state_dict()
+    probed.load_trainable_state_dict(
         {k: torch.full_like(v, 6e4) if 'layers.1.fc' in k and 'lora_' in k else v
          for k, v in base.items()})
     with pytest.raises(ModelError, match='flat'):
         rt._probe()
-    rt.model.load_trainable_state_dict(base)
+    probed.load_trainable_state_dict(base)
     probs = rt._probe()
     assert probs.ndim == 1 and abs(float(probs.sum()) - 1.0) < 1e-4
 

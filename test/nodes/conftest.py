@@ -1,7 +1,5 @@
-"""Fixtures for node tests: a small saved device model and an executor running nodes."""
+"""Fixtures for node tests: a small saved device model (the executor helper is in ros_graph)."""
 from __future__ import annotations
-
-import threading
 
 import pytest
 
@@ -24,23 +22,3 @@ def tiny_student_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp('models') / 'student'
     model.save(path)
     return path
-
-
-class Spinner:
-    """A multi-threaded executor spinning some nodes in a background thread."""
-
-    def __init__(self, context, nodes) -> None:
-        from rclpy.executors import MultiThreadedExecutor
-
-        self.executor = MultiThreadedExecutor(num_threads=4, context=context)
-        self.nodes = list(nodes)
-        for n in self.nodes:
-            self.executor.add_node(n)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.executor.shutdown(timeout_sec=5.0)
-        for n in reversed(self.nodes):
-            n.destroy_node()
-        self.thread.join(timeout=5.0)

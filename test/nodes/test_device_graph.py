@@ -7,9 +7,8 @@ import pytest
 
 pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
 
-from conftest import Spinner  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from ros_graph import spin_until  # noqa: E402
+from ros_graph import Spinner, spin_until  # noqa: E402
 
 
 def _call(node, executor, client, request, timeout=60.0):

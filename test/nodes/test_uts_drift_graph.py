@@ -11,8 +11,7 @@ import pytest
 
 pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
 
-from conftest import Spinner  # noqa: E402
-from ros_graph import spin_until  # noqa: E402
+from ros_graph import Spinner, spin_until  # noqa: E402
 
 N = 40
 

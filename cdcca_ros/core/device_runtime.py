@@ -96,7 +96,8 @@ class ApplyReport:
     background writer, which persists it after apply returned. ``extra['steps_ms']`` times
     each step, ``extra['probe_tv']`` is the total variation distance between the probe's step
     distribution before and after the swap and ``extra['probe_token_changed']`` whether its
-    top token changed.
+    top token changed; ``extra['probe_mode']`` (traced / eager) and ``extra['probe_shadow']``
+    say how the probe ran.
     """
 
     round: int
@@ -105,7 +106,7 @@ class ApplyReport:
     payload_bytes: int
     num_params: int
     apply_ms: float          # verify + decode + build + finite + hash + swap + probe
-    swap_ms: float           # time the answer lock was held (swap + probe)
+    swap_ms: float           # time the answer lock was held (the swap; + probe unshadowed)
     probe_answer: str
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -465,7 +466,7 @@ class _TracedProbe:
 
     On a small model the probe is almost all interpreter overhead (3.6x faster traced on
     the bundled student). The trace computes with the model's own parameter tensors, not
-    copies, so the swap's in-place copy is what it sees; it is built only when it matches
+    copies, so an in-place copy into them is what it sees; it is built only when it matches
     eager on the current weights and again after every trainable tensor was perturbed (a
     trace that froze a weight as a constant fails that), and :meth:`usable` checks before
     each use that the live trainable tensors are still the storages traced. Anything else
@@ -734,7 +735,10 @@ class DeviceRuntime:
             return f'<token {top}>'
 
     def apply(self, envelope: DeltaEnvelope) -> ApplyReport:
-        """Verify, decode, apply on a copy, swap in between two answers, probe, commit.
+        """Verify, decode, apply on a copy, probe it, swap it in between two answers, commit.
+
+        The probe runs on the shadow copy before the swap (answers wait only for the copy);
+        without a shadow it runs on the model right after the swap, under the lock.
 
         Returns once the new version answers; persisting it follows in the background (see
         :attr:`persisted_version` and :meth:`flush`).

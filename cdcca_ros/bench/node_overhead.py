@@ -685,7 +685,7 @@ def run(ctx: BenchContext) -> BenchResult:
                 summary[f'floor_over_handler_{busy:g}ms'] = ratio(busy + o, busy)
     if 'larger' in measured:
         summary['larger_direct_ms'] = median(measured['larger']['direct'])
-        detail['larger_student'] = {'sizes': LARGER}
+        detail['larger_student'] = {'sizes': LARGER, **larger_info}
     detail['answer_mismatches'] = sum(m['mismatches'] for m in measured.values())
     return BenchResult(
         summary=summary, headers=['path', 'median ms', 'x direct'], rows=rows, detail=detail,

@@ -309,6 +309,18 @@ def _measure_inprocess(samples: list[Any], runtime: Any, workdir: Path, executor
             rclpy.shutdown(context=ctx_robot)
 
 
+def _reap(proc: subprocess.Popen, terminate: bool = True, timeout_s: float = 10.0) -> None:
+    """Stop a child process (SIGTERM unless ``terminate`` is False), killing it when it
+    does not exit within ``timeout_s``."""
+    if terminate:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
 def bench_samples(seed: int, count: int) -> list[Any]:
     """The frames and questions answered (source and drifted domains, interleaved)."""
     from cdcca_ros.sim.domains import DRIFTED, SOURCE
@@ -374,12 +386,8 @@ class _DirectWorker:
 
     def close(self) -> None:
         if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10.0)
+            self.proc.stdin.close()  # its end of input: the worker returns
+        _reap(self.proc, terminate=False)
         self._log.close()
 
 
@@ -447,12 +455,8 @@ def _process_round(samples: list[Any], indices: range, seed: int, spec: str, wor
             client.close()
         if worker is not None:
             worker.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10.0)
+        _reap(proc)
+
 
 def floor_server(busy_ms: float, executor_kind: str) -> None:
     """An empty ``ask`` server (the ``floor`` mode runs it in its own process): every call
@@ -517,12 +521,7 @@ def _measure_floor(busy_ms: list[float], n: int, executor_kind: str, client_kind
         finally:
             if client is not None:
                 client.close()
-            proc.terminate()
-            try:
-                proc.wait(timeout=10.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10.0)
+            _reap(proc)
     return out
 
 

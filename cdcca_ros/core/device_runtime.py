@@ -596,9 +596,9 @@ class DeviceRuntime:
         # What the probe runs on: a shadow copy sharing the frozen weights, or the model.
         self._probe_model: MLLM = model
         self._probe_params = self._params
-        self._shadowed = False
-        #: 'traced' or 'eager' (and why), for diagnostics; :attr:`probe_shadow` whether the
-        #: probe runs on a shadow copy.
+        #: Whether candidates are probed on a shadow copy (answers wait only for the copy).
+        self.probe_shadow = False
+        #: 'traced' or 'eager' (and why), for diagnostics.
         self.probe_mode = 'eager (no cloud key: nothing to probe)'
         self._gate = self._make_gate()
         if self._gate is not None:
@@ -610,7 +610,7 @@ class DeviceRuntime:
                                  else None)
                 if shadow is not None and shadow_params is not None:
                     self._probe_model, self._probe_params = shadow, shadow_params
-                    self._shadowed = True
+                    self.probe_shadow = True
                 else:
                     _log.warning('probing the model itself: %s', why or 'no shadow parameters')
             self.probe_mode = 'eager'
@@ -780,7 +780,7 @@ class DeviceRuntime:
                 f'{RejectReason.HASH_MISMATCH.value}: weights after applying hash to '
                 f'{new_hash[:12]}, the cloud computed {envelope.new_hash[:12]}')
         t, steps['hash_ms'] = _lap(t)
-        if self._shadowed:
+        if self.probe_shadow:
             # Probe the candidate on the shadow copy while the model keeps answering.
             assert self._probe_params is not None
             _copy_into(self._probe_params, candidate)
@@ -795,14 +795,14 @@ class DeviceRuntime:
             self._load(candidate)
             t, steps['swap_ms'] = _lap(t)
             try:
-                if not self._shadowed:
+                if not self.probe_shadow:
                     probs, tv, token_changed = self._checked_probe()
                 self._gate.commit(envelope.new_version, new_hash)
             except (CdccaError, RuntimeError, ValueError) as err:
                 self._load(current)
                 raise DeltaRejectedError(f'probe after the swap failed, restored '
                                          f'v{self.version}: {err}') from err
-            if not self._shadowed:
+            if not self.probe_shadow:
                 t, steps['probe_ms'] = _lap(t)
             old_version = self.version
             self._previous = (self.version, self.base_hash, current, self._probe_ref)
@@ -819,7 +819,7 @@ class DeviceRuntime:
                              probe_answer=self._probe_text(probs),
                              extra={'steps_ms': steps, 'probe_tv': tv,
                                     'probe_mode': 'traced' if self._probe_traced else 'eager',
-                                    'probe_shadow': self._shadowed,
+                                    'probe_shadow': self.probe_shadow,
                                     'probe_token_changed': token_changed})
         # Last: the writer thread wakes up now and competes for the GIL.
         self._persist()
@@ -847,11 +847,6 @@ class DeviceRuntime:
                 self._gate = self._make_gate()
             self._persist()
             return self.version
-
-    @property
-    def probe_shadow(self) -> bool:
-        """Whether candidates are probed on a shadow copy (answers wait only for the copy)."""
-        return self._shadowed
 
     @property
     def weights(self) -> FlatWeights:
@@ -919,7 +914,7 @@ class DeviceRuntime:
                 'hash': self.base_hash[:16], 'applied': self.applied, 'rejected': self.rejected,
                 'can_roll_back': self._previous is not None,
                 'verifying': self.public_key is not None,
-                'probe': self.probe_mode, 'probe_shadow': self._shadowed,
+                'probe': self.probe_mode, 'probe_shadow': self.probe_shadow,
                 'persisted_version': (-1 if writer is None or writer.persisted_version is None
                                       else writer.persisted_version),
                 'persist_error': writer.error if writer is not None else ''}

@@ -311,7 +311,6 @@ class _Layout:
     views: tuple[tuple[str, str, tuple[int, ...], tuple[int, ...], int], ...]
     sizes: tuple[int, ...]
     total: int
-    ends: np.ndarray  # cumulative sizes (int64): tensor i holds [ends[i-1], ends[i])
     tid: np.ndarray  # per value: index of its tensor (intp)
     nonempty: np.ndarray  # per tensor: holds any value (bool)
     starts: np.ndarray  # start offsets of the non-empty tensors (for ``reduceat``)
@@ -331,7 +330,7 @@ def _layout(entries: Sequence[_Entry]) -> _Layout:
     sizes = np.asarray([e.numel for e in entries], dtype=np.int64)
     ends = np.cumsum(sizes)
     nonempty = sizes > 0
-    return _Layout(tuple(views), tuple(int(n) for n in sizes), pos, ends,
+    return _Layout(tuple(views), tuple(int(n) for n in sizes), pos,
                    np.repeat(np.arange(sizes.size, dtype=np.intp), sizes), nonempty,
                    (ends - sizes)[nonempty])
 
@@ -606,14 +605,11 @@ class FlatDelta:
 
     def first_non_finite(self) -> str | None:
         """Name of the first tensor holding NaN or Inf (one reduction when all are finite)."""
-        values = self.values
-        if not values.numel():
+        from cdcca_ros.core.updates import all_finite
+
+        if all_finite(self.values):
             return None
-        lo, hi = torch.aminmax(values)
-        if math.isfinite(lo.item()) and math.isfinite(hi.item()):
-            return None
-        bad = ~torch.isfinite(values)
-        first = int(torch.nonzero(bad)[0, 0])
+        first = int(torch.nonzero(~torch.isfinite(self.values))[0, 0])
         return self.layout.views[int(self.layout.tid[first])][0]
 
 

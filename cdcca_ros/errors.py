@@ -48,6 +48,11 @@ class SpecMismatchError(CodecError):
     """A compact payload was encoded for another trainable set (its spec digest differs)."""
 
 
+class BasisMismatchError(WireError):
+    """An uplink payload was coded with another token basis than the one held here (its
+    version differs), or a basis belongs to another vision-token space."""
+
+
 class DeltaRejectedError(CdccaError):
     """A weight delta is refused (wrong device, wrong base, replayed, non-finite...)."""
 

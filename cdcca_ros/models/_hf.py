@@ -579,7 +579,23 @@ class HFMLLM(MLLM):
 
     @classmethod
     def load(cls, path_or_hub_id: str | Path, quantization: str | None = None,
-             device: str = 'cpu') -> HFMLLM:
+             device: str = 'cpu', dtype: str | None = None) -> HFMLLM:
+        """Load from a directory written by :meth:`save`, a hub id, or a directory holding a
+        real configuration without weights (``cdcca.json`` with ``"init": "random"``, see
+        :mod:`cdcca_ros.models.real`), whose weights are then initialised locally.
+
+        Args:
+            path_or_hub_id: Directory or hub id.
+            quantization: None, ``'4bit'`` or ``'8bit'`` (bitsandbytes).
+            device: Torch device string; ``'meta'`` builds shapes only (accelerate's
+                ``init_empty_weights``: no memory, no values), for a random-init directory.
+            dtype: Weights dtype (``'float32'``, ``'bfloat16'``, ``'float16'``); None: the
+                checkpoint's own for saved weights, float32 for a random init.
+
+        Raises:
+            ConfigError: An unknown quantization or dtype, or a combination that cannot be.
+            ModelLoadError: Nothing loadable at ``path_or_hub_id``.
+        """
         import transformers
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
@@ -587,6 +603,7 @@ class HFMLLM(MLLM):
         if quantization not in QUANTIZATIONS:
             raise ConfigError(
                 f'quantization must be one of {QUANTIZATIONS}, got {quantization!r}')
+        torch_dtype = _torch_dtype(dtype)
         source = str(path_or_hub_id)
         local = Path(source).is_dir()
         meta: dict[str, Any] = {}
@@ -595,7 +612,17 @@ class HFMLLM(MLLM):
             if meta.get('family') != cls.family:
                 raise ModelLoadError(
                     f'{source} holds family {meta.get("family")!r}, not {cls.family!r}')
+        random_init = meta.get('init') == 'random'
+        if device == 'meta' and not random_init:
+            raise ConfigError(f'{source}: device "meta" builds shapes from a random-init '
+                              'configuration only (saved weights have values)')
+        if random_init and quantization is not None:
+            raise ConfigError(
+                f'{source} has no weights to quantize at load: save a random-init model '
+                '(real.materialize) and load that directory quantized')
         kwargs: dict[str, Any] = {}
+        if torch_dtype is not None:
+            kwargs['dtype'] = torch_dtype
         if quantization is not None:
             kwargs['quantization_config'] = cls._bnb_config(quantization)
             kwargs['device_map'] = device
@@ -604,13 +631,17 @@ class HFMLLM(MLLM):
             warnings.filterwarnings('ignore', message='MatMul8bitLt: inputs will be cast')
         hf_class = getattr(transformers, cls.hf_class_name)
         try:
-            model = hf_class.from_pretrained(source, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source)
             image_processor = cls._prepare_image_processor(
                 cls._image_processor_class().from_pretrained(source))
+            if random_init:
+                model = cls._random_model(hf_class, source, tokenizer, int(meta.get('seed', 0)),
+                                          torch_dtype or torch.float32, device)
+            else:
+                model = hf_class.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f'cannot load {cls.family} from {source!r}: {err}') from err
-        if quantization is None:
+        if quantization is None and device != 'meta':
             model.to(device)
         obj = cls(model, tokenizer, image_processor,
                   prompt_template=meta.get('prompt_template', DEFAULT_PROMPT))
@@ -628,6 +659,50 @@ class HFMLLM(MLLM):
                 raise ModelLoadError(f'{source}: {TRAINABLE_FILE} is missing')
             obj.load_trainable_state_dict(load_file(str(trainable_path), device=str(obj.device)))
         return obj
+
+    @classmethod
+    def _random_model(cls, hf_class: Any, source: str, tokenizer: Any, seed: int,
+                      dtype: torch.dtype, device: str) -> nn.Module:
+        """A model of the directory's ``config.json`` with locally initialised weights.
+
+        Token ids the model reads from its config (image placeholders, pad/bos/eos) are
+        those of the directory's tokenizer (the real tokenizers need the hub); sizes,
+        vocabulary included, stay the real ones. ``device='meta'`` builds under accelerate's
+        ``init_empty_weights``: shapes only.
+        """
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source)
+        cls._random_init_config(config, tokenizer)
+
+        if device == 'meta':
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                model = hf_class._from_config(config, dtype=dtype)
+        else:
+            model = seeded(seed, lambda: hf_class._from_config(config, dtype=dtype))
+        # from_pretrained ties the output embeddings to the input ones; _from_config leaves
+        # that to the caller (OPT and Qwen2-VL-2B tie them). Outside init_empty_weights,
+        # whose parameter hook would give the tied slot a fresh meta tensor.
+        model.tie_weights()
+        if device != 'meta':
+            seeded(seed + 1, lambda: cls._random_init_weights(model))
+        return model
+
+    @classmethod
+    def _random_init_config(cls, config: Any, tokenizer: Any) -> None:
+        """Point ``config``'s special token ids at ``tokenizer``'s (families add theirs)."""
+        text = config.get_text_config()
+        for name in ('pad_token_id', 'bos_token_id', 'eos_token_id'):
+            value = getattr(tokenizer, name)
+            for cfg in {id(config): config, id(text): text}.values():
+                if hasattr(cfg, name) or cfg is text:
+                    setattr(cfg, name, value)
+
+    @classmethod
+    def _random_init_weights(cls, model: nn.Module) -> None:
+        """Adjust a freshly initialised random model (family hook; nothing by default)."""
 
     @classmethod
     def _bnb_config(cls, quantization: str) -> Any:
@@ -668,6 +743,22 @@ def seeded(seed: int, fn: Callable[[], Any]) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return fn()
+
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _torch_dtype(dtype: str | None) -> torch.dtype | None:
+    """``'bfloat16'`` -> ``torch.bfloat16``; None stays None.
+
+    Raises:
+        ConfigError: Not one of :data:`DTYPES`.
+    """
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ConfigError(f'dtype must be one of {DTYPES} or None, got {dtype!r}')
+    return getattr(torch, dtype)
 
 
 class WeightsStamp:

@@ -259,11 +259,12 @@ class MLLM(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def load(cls, path_or_hub_id: str | Path, quantization: str | None = None,
-             device: str = 'cpu') -> MLLM:
+             device: str = 'cpu', dtype: str | None = None) -> MLLM:
         """Load from a directory written by :meth:`save` or a hub id.
 
         Args:
             path_or_hub_id: Directory or hub id.
             quantization: None, ``'4bit'`` or ``'8bit'`` (bitsandbytes).
             device: Torch device string.
+            dtype: Weights dtype name (``'float32'``, ``'bfloat16'``, ...); None: default.
         """

@@ -62,6 +62,21 @@ class Blip2MLLM(HFMLLM):
     def decoder(self) -> nn.Module:
         return self.torch_model.language_model.model.decoder
 
+    @classmethod
+    def _random_init_config(cls, config: Any, tokenizer: Any) -> None:
+        super()._random_init_config(config, tokenizer)
+        config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE)
+        # The released ViT config says 1e-10 (its weights always come from a checkpoint):
+        # random weights that small make every token LayerNorm's epsilon (~1e-6, all alike).
+        config.vision_config.initializer_range = max(config.vision_config.initializer_range,
+                                                     config.initializer_range)
+
+    @classmethod
+    def _random_init_weights(cls, model: nn.Module) -> None:
+        # HF starts the queries at zero (all identical); give each its own direction.
+        with torch.no_grad():
+            model.query_tokens.normal_(0.0, model.config.qformer_config.initializer_range)
+
     def _sequence(self, image_ids: list[int], prompt_ids: list[int]) -> list[int]:
         # BLIP-2's layout: image embeddings first, then <s> and the prompt.
         head = [self.bos_token_id] if self.bos_token_id is not None else []

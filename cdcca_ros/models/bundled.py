@@ -1,8 +1,10 @@
 """The embedded default models shipped with the package, and model-spec resolution.
 
-A model spec is what a node's ``model`` parameter holds: a local directory, a hub id, or
+A model spec is what a node's ``model`` parameter holds: a local directory, a hub id,
 ``bundled:<name>`` for the models shipped in ``cdcca_ros/assets/models/<name>`` (trained on the
-drifting synthetic world by ``make models``).
+drifting synthetic world by ``make models``), or ``real:<name>`` for a published model's real
+configuration shipped without weights in ``cdcca_ros/assets/real/<name>`` (weights initialised
+locally at load; see :mod:`cdcca_ros.models.real`).
 """
 from __future__ import annotations
 
@@ -14,16 +16,28 @@ from cdcca_ros.errors import ModelLoadError
 if TYPE_CHECKING:  # pragma: no cover
     from cdcca_ros.models.base import MLLM
 
-BUNDLED_DIR = Path(__file__).resolve().parents[1] / 'assets' / 'models'
+ASSETS_DIR = Path(__file__).resolve().parents[1] / 'assets'
+BUNDLED_DIR = ASSETS_DIR / 'models'
+REAL_DIR = ASSETS_DIR / 'real'
 PREFIX = 'bundled:'
+REAL_PREFIX = 'real:'
 
 
 def resolve(spec: str) -> str:
-    """Turn ``bundled:<name>`` into its directory; other specs are returned unchanged.
+    """Turn ``bundled:<name>`` / ``real:<name>`` into its directory; other specs are returned
+    unchanged.
 
     Raises:
-        ModelLoadError: a bundled model that is not there.
+        ModelLoadError: a bundled or real model that is not there.
     """
+    if spec.startswith(REAL_PREFIX):
+        name = spec[len(REAL_PREFIX):]
+        path = REAL_DIR / name
+        if not name or not (path / 'config.json').is_file():
+            known = sorted(p.name for p in REAL_DIR.iterdir() if (p / 'config.json').is_file())
+            raise ModelLoadError(f'real configuration {name!r} not found in {REAL_DIR}; '
+                                 f'known: {known}')
+        return str(path)
     if not spec.startswith(PREFIX):
         return spec
     name = spec[len(PREFIX):]
@@ -34,12 +48,13 @@ def resolve(spec: str) -> str:
     return str(path)
 
 
-def load(spec: str, quantization: str | None = None, device: str = 'cpu') -> MLLM:
+def load(spec: str, quantization: str | None = None, device: str = 'cpu',
+         dtype: str | None = None) -> MLLM:
     """Load a model from a spec, with its trainable set configured (default set if none)."""
     from cdcca_ros.models.base import TrainableConfig
     from cdcca_ros.models.registry import load_model
 
-    model = load_model(resolve(spec), quantization=quantization, device=device)
+    model = load_model(resolve(spec), quantization=quantization, device=device, dtype=dtype)
     if getattr(model, 'trainable_config', None) is None:
         model.configure_trainable(TrainableConfig())
     model.torch_model.eval()

@@ -49,6 +49,11 @@ class LlavaMLLM(HFMLLM):
     def decoder(self) -> nn.Module:
         return self.torch_model.model.language_model
 
+    @classmethod
+    def _random_init_config(cls, config: Any, tokenizer: Any) -> None:
+        super()._random_init_config(config, tokenizer)
+        config.image_token_index = tokenizer.convert_tokens_to_ids(IMAGE)
+
     def _layers(self) -> list[int]:
         layer = self.torch_model.config.vision_feature_layer
         return [layer] if isinstance(layer, int) else list(layer)

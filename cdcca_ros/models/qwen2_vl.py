@@ -95,6 +95,15 @@ class Qwen2VLMLLM(HFMLLM):
     def decoder(self) -> nn.Module:
         return self.torch_model.model.language_model
 
+    @classmethod
+    def _random_init_config(cls, config: Any, tokenizer: Any) -> None:
+        super()._random_init_config(config, tokenizer)
+        ids = tokenizer.convert_tokens_to_ids
+        config.image_token_id = ids(IMAGE_PAD)
+        config.video_token_id = tokenizer.unk_token_id
+        config.vision_start_token_id = ids(VISION_START)
+        config.vision_end_token_id = ids(VISION_END)
+
     def _vision_modules(self) -> list[nn.Module]:
         visual = self.torch_model.model.visual
         return [visual.patch_embed, visual.blocks]

@@ -62,20 +62,24 @@ def _detect_family(path_or_hub_id: str | Path) -> str:
 
 
 def load_model(path_or_hub_id: str | Path, family: str | None = None,
-               quantization: str | None = None, device: str = 'cpu') -> MLLM:
-    """Load a model saved by :meth:`MLLM.save` (or a hub id with ``family`` given).
+               quantization: str | None = None, device: str = 'cpu',
+               dtype: str | None = None) -> MLLM:
+    """Load a model saved by :meth:`MLLM.save` (or a hub id with ``family`` given, or a
+    real configuration without weights, see :mod:`cdcca_ros.models.real`).
 
     Args:
         path_or_hub_id: Directory or hub id.
         family: Family name; None reads it from the directory.
         quantization: None, ``'4bit'`` or ``'8bit'``.
-        device: Torch device string.
+        device: Torch device string (``'meta'``: shapes only, random-init directories).
+        dtype: Weights dtype name; None: the checkpoint's (float32 for a random init).
     """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f'quantization must be one of {QUANTIZATIONS}, got {quantization!r}')
     if family is None:
         family = _detect_family(path_or_hub_id)
-    return family_class(family).load(path_or_hub_id, quantization=quantization, device=device)
+    return family_class(family).load(path_or_hub_id, quantization=quantization, device=device,
+                                     dtype=dtype)
 
 
 def build_tiny(family: str, vocabulary: Sequence[str], **sizes: Any) -> MLLM:

@@ -91,10 +91,13 @@ def _message_bytes(sample: Any, result: Any, space: Any) -> int | None:
         from rclpy.serialization import serialize_message
         from std_msgs.msg import Header
 
+        from cdcca_ros.core.uplink.pipeline import UplinkSample
         from cdcca_ros.nodes.uts_node import to_msg
     except ImportError:
         return None
-    msg = to_msg('robot1', 'robot1-000001', sample, result, Header(frame_id='camera'), space)
+    msg = to_msg('robot1', 'robot1-000001', sample, UplinkSample(entropy=result.entropy,
+                                                                 uts=result),
+                 Header(frame_id='camera'), space)
     return len(serialize_message(msg))
 
 

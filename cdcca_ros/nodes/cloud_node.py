@@ -26,8 +26,11 @@ from rclpy.node import Node
 from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
 from cdcca_ros.core.refit import RefitConfig
-from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
-from cdcca_ros.errors import CdccaError
+from cdcca_ros.core.uplink.basis import BASIS_FILE, TokenBasis, space_id
+from cdcca_ros.core.uplink.image import JPEG_FORMAT, decode_jpeg
+from cdcca_ros.core.uplink.pipeline import IMAGE, decode_tokens
+from cdcca_ros.core.uts import SEQUENCE_HEADER_BYTES, uplink_bytes
+from cdcca_ros.errors import CdccaError, WireError
 from cdcca_ros.msg import AdaptationStatus, DwcDelta, UtsTokens
 from cdcca_ros.nodes.common import (
     DELTA_QOS,
@@ -83,14 +86,49 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime:
                         state_dir=state_dir)
 
 
-def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpack the kept tokens and their indices (raises WireError on inconsistent data)."""
-    k = len(msg.kept_indices)
-    packed = PackedTokens(data=bytes(msg.payload), dtype=msg.dtype,
-                          scale=[float(s) for s in msg.scales], shape=(k, int(msg.token_dim)))
-    tokens = unpack_tokens(packed)
-    indices = torch.as_tensor(list(msg.kept_indices), dtype=torch.long)
-    return tokens, indices
+def cloud_basis(params: dict[str, Any], student: Any) -> TokenBasis | None:
+    """The token basis of basis-coded samples (``uplink_basis``, else beside the student);
+    None when there is none (such samples are then refused).
+
+    Raises:
+        ConfigError: A configured file that cannot be read.
+        BasisMismatchError: It belongs to another vision space than the student's.
+    """
+    from cdcca_ros.models import bundled
+
+    if params['uplink_basis']:
+        path = Path(params['uplink_basis'])
+    else:
+        path = Path(bundled.resolve(params['student'])) / BASIS_FILE
+        if not path.is_file():
+            return None
+    return TokenBasis.load(path, space_id(student.vision_space()))
+
+
+def tokens_from_msg(msg: UtsTokens, basis: TokenBasis | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack the kept tokens and their indices (raises WireError on inconsistent data,
+    BasisMismatchError on a sample coded in another token basis)."""
+    return decode_tokens(msg.dtype, bytes(msg.payload), [float(s) for s in msg.scales],
+                         list(msg.kept_indices), int(msg.num_tokens), int(msg.token_dim),
+                         msg.basis_version, basis)
+
+
+def frame_tokens(msg: UtsTokens, student: Any) -> torch.Tensor:
+    """Image uplink: decode the JPEG and encode it with the cloud's own vision encoder.
+
+    Returns:
+        ``[N, D]`` tokens (the student's encoder; the teacher shares it, as the cloud runtime
+        checks).
+
+    Raises:
+        WireError: Not a JPEG frame, or one that does not decode.
+    """
+    if msg.image.format.lower() not in (JPEG_FORMAT, 'jpg'):
+        raise WireError(f'image uplink: format {msg.image.format!r}, expected jpeg')
+    rgb = decode_jpeg(bytes(msg.image.data))
+    with torch.no_grad():
+        return student.vision_tokens([rgb])[0].float().cpu()
 
 
 class CloudNode(Node):
@@ -107,6 +145,7 @@ class CloudNode(Node):
         self._round_bytes: dict[str, int] = {}
         self._round_samples: dict[str, int] = {}
         self._last_error = ''
+        self._token_basis: TokenBasis | bool | None = None  # False: looked, there is none
         self.results: list[RoundResult] = []
         self._delta_pub = self.create_publisher(DwcDelta, 'dwc_delta', DELTA_QOS)
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
@@ -132,13 +171,23 @@ class CloudNode(Node):
             self._last_error = f'model load failed: {err}'
             self.get_logger().error(self._last_error)
 
+    def _basis(self) -> TokenBasis | None:
+        """The cloud's token basis, loaded on first use (None: there is none)."""
+        if self._token_basis is None and self.runtime is not None:
+            self._token_basis = cloud_basis(self.params, self.runtime.student) or False
+        return self._token_basis or None
+
     def _on_tokens(self, msg: UtsTokens) -> None:
         if self.runtime is None:
             self.counters['samples_rejected'] += 1
             return
         try:
-            tokens, indices = tokens_from_msg(msg)
             with self._lock:
+                if msg.dtype == IMAGE:
+                    tokens, indices = frame_tokens(msg, self.runtime.student), None
+                else:
+                    tokens, indices = tokens_from_msg(
+                        msg, self._basis() if msg.basis_version else None)
                 fresh = self.runtime.add_sample(msg.device_id, tokens, indices, msg.question,
                                                 int(msg.num_tokens), int(msg.token_dim),
                                                 msg.sample_id)
@@ -150,7 +199,8 @@ class CloudNode(Node):
         if not fresh:
             self.counters['duplicates'] += 1
             return
-        size = uplink_bytes(len(msg.payload), len(msg.scales), len(msg.kept_indices))
+        size = (SEQUENCE_HEADER_BYTES + len(msg.image.data) if msg.dtype == IMAGE else
+                uplink_bytes(len(msg.payload), len(msg.scales), len(msg.kept_indices)))
         self.counters['samples'] += 1
         self.counters['uplink_bytes'] += size
         self._round_bytes[msg.device_id] = self._round_bytes.get(msg.device_id, 0) + size

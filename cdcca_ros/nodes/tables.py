@@ -110,8 +110,17 @@ DEVICE = (
           choices=('threshold', 'keep_ratio')),
     Param('uts.beta', 0.0, 'stage 2: variance threshold beta', low=0.0),
     Param('uts.keep_ratio', 0.5, 'stage 2: fraction of tokens kept', low=0.0, high=1.0),
-    Param('uts.pack_dtype', 'ecq', 'packing of the kept tokens',
-          choices=('fp16', 'int8', 'int4', 'ecq')),
+    Param('uts.pack_dtype', 'ecq', 'packing of the kept tokens (basis: transform-coded in the '
+          'token basis shared with the cloud, under uts.budget_bytes)',
+          choices=('fp16', 'int8', 'int4', 'ecq', 'basis')),
+    Param('uts.budget_bytes', 192, 'basis packing: largest payload of one selected sample '
+          '(the finest step that fits is used)', low=16),
+    Param('uts.basis', '', 'basis packing: token basis file; empty: uplink_basis.safetensors '
+          'in the model directory (without one the node packs ecq and says so)'),
+    Param('uts.uplink', 'tokens', 'what a selected sample sends: its kept tokens, or the frame '
+          'as JPEG (image: for a teacher with its own vision encoder)',
+          choices=('tokens', 'image')),
+    Param('uts.jpeg_quality', 90, 'image uplink: JPEG quality', low=1, high=100),
     Param('uts.publish_heatmap', True, 'publish the token-uncertainty heatmap image'),
 )
 
@@ -143,6 +152,8 @@ CLOUD = (
     Param('dwc.refit_min_error', 0.2, 'refit when the plain payload\'s relative L2 error '
           'exceeds this', low=0.0),
     Param('dwc.chunk_bytes', 32768, 'largest DwcDelta chunk', low=256),
+    Param('uplink_basis', '', 'token basis of basis-coded samples; empty: '
+          'uplink_basis.safetensors in the student directory (none: such samples are refused)'),
 )
 
 BRIDGE = (

@@ -45,6 +45,8 @@ BENCHES: dict[str, str] = {
     'downlink': 'cdcca_ros.bench.downlink',
     'apply': 'cdcca_ros.bench.apply',
     'link': 'cdcca_ros.bench.link',
+    # The three families at their real sizes (random weights), and the uplink there.
+    'realscale': 'cdcca_ros.bench.realscale',
     # The paper's tables on the drifting world (accuracy per round, ablation, bytes).
     'table1': 'cdcca_ros.bench.table1',
     'table3': 'cdcca_ros.bench.table3',

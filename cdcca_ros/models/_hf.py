@@ -11,6 +11,7 @@ Importing this module imports torch and transformers; the registry imports it la
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import operator
@@ -648,7 +649,12 @@ class HFMLLM(MLLM):
         saved_space = meta.get('vision_space')
         if saved_space is not None:
             saved_space['grid'] = tuple(saved_space['grid'])
-            if VisionSpace(**saved_space) != obj.vision_space():
+            saved = VisionSpace(**saved_space)
+            if torch_dtype is not None:
+                # Weights cast to another dtype change the encoder's fingerprint (and its
+                # tokens, slightly); the shapes must still be the saved ones.
+                saved = dataclasses.replace(saved, encoder=obj.vision_space().encoder)
+            if saved != obj.vision_space():
                 raise ModelLoadError(
                     f'{source}: vision space {obj.vision_space()} differs from the saved '
                     f'{saved_space}')

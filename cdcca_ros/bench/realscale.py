@@ -1,0 +1,395 @@
+"""Real scale (issue 15): the three model families at their real sizes, and the uplink there.
+
+``python -m cdcca_ros.bench realscale --out FILE.json [--families blip2,llava,qwen2_vl]
+[--device cpu|cuda]``
+
+Per family, a real-size student with random weights (BLIP-2 OPT-2.7B, LLaVA-1.5-7B,
+Qwen2-VL-2B; :mod:`cdcca_ros.models.real`: the hub's configurations, loaded through the same
+path as a downloaded model) and its real trainable set (LoRA r 8 on the language model's
+attention and MLP, norms, biases, BLIP-2's query tokens), each in a process of its own
+(:mod:`.realscale_family`): answer latency and peak memory, UTS per answer, uplink bytes per
+selected sample against the frame's JPEG q90 at 640x480 and 1920x1080 and the reconstruction
+error of what the teacher consumes, DWC payloads, hot-apply and answers lost, one cloud round
+per sample. Shapes are real; accuracy at real size needs real weights and is not claimed.
+
+On the bundled models, in this process:
+
+* teacher agreement of the uplink (answers from what is sent vs from all exact tokens): the
+  device's default packing, the ``basis`` packing (the shared token basis shipped with the
+  bundled student) and the image mode;
+* the DWC operating point: one AKD round (200 steps), then the cloud's refit at several bit
+  budgets; the smallest whose loss-based gain kept is >= 0.99 is the setting the real-size
+  payloads are measured at, and the measured delta's values (per kind) fill the real-size
+  trainable sets.
+
+Where a model does not fit the machine's memory (weights plus a margin against ``MemAvailable``)
+its language model is cut to the largest layer count that fits, and the record says so; on a
+GPU all run in bf16 and, through bitsandbytes, 4-bit and 8-bit. CPU defaults finish in about
+half an hour on 2 cores: 3 timed samples (+1 warm-up), 8 fit frames, bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdcca_ros.bench.common import (
+    BenchContext,
+    BenchResult,
+    Target,
+    device_params,
+    device_uts_config,
+    fmt,
+    world_samples,
+)
+
+NAME = 'realscale'
+DESCRIPTION = ('real-size BLIP-2 / LLaVA-1.5 / Qwen2-VL students: answer latency and memory, '
+               'UTS, uplink vs JPEG, DWC, hot-apply, one cloud round')
+FAMILIES = ('blip2', 'llava', 'qwen2_vl')
+PAPER_DWC_BYTES = 791_000
+TARGETS = (
+    Target('families/blip2/uplink_over_jpeg_640', '<=', 0.03, 'issue 15'),
+    Target('families/llava/uplink_over_jpeg_640', '<=', 0.03, 'issue 15'),
+    Target('bundled_teacher_agreement', '>=', 0.95, 'issue 15'),
+    Target('families/blip2/dwc_bytes_min', '<=', 400_000, 'issue 15'),
+    *(t for f in FAMILIES for t in (
+        Target(f'families/{f}/uts_over_answer', '<=', 0.10, 'issue 15'),
+        Target(f'families/{f}/apply_over_answer', '<=', 0.5, 'issue 15'),
+        Target(f'families/{f}/answers_lost', '==', 0, 'issue 15'))),
+)
+GAIN_KEPT = 0.99
+MEMORY_MARGIN = 1.35        # weights x this + 2 GiB: activations, shadow trainable set, buffers
+MEMORY_SLACK = 2 << 30
+BUNDLED_BASIS_BUDGET = 192
+BUNDLED_BASIS_KEEP = 1.0
+SUMMARY_KEYS = ('params', 'answer_ms', 'peak_rss_mb', 'uts_over_answer',
+                'uplink_bytes_per_sample', 'uplink_over_jpeg_640', 'uplink_over_jpeg_1080',
+                'dwc_bytes_4bit', 'dwc_bytes_min', 'apply_over_answer', 'answers_lost',
+                'round_s_per_sample')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Bench arguments."""
+    parser.add_argument('--families', default=','.join(FAMILIES),
+                        help='comma-separated families (empty: the bundled parts only)')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--dtypes', default=None,
+                        help='dtypes per family (default cpu: bfloat16; cuda: '
+                             'bfloat16,8bit,4bit); the first gives the summary figures')
+    parser.add_argument('--samples', type=int, default=None,
+                        help='timed samples per family (default 3, quick 1)')
+    parser.add_argument('--fit-frames', type=int, default=None,
+                        help='source frames the token basis is fitted on (default 8, quick 2)')
+    parser.add_argument('--budget', type=int, default=512,
+                        help='basis packing: payload budget of one sample at real size')
+    parser.add_argument('--keep-ratio', type=float, default=0.5,
+                        help='stage-2 keep ratio of the real-size uplink')
+    parser.add_argument('--budget-sweep', default='256,1024,4096,16384')
+    parser.add_argument('--keep-sweep', default='0.25,1.0')
+    parser.add_argument('--bundled-per-domain', type=int, default=None,
+                        help='bundled uplink samples per domain (default 40, quick 2)')
+    parser.add_argument('--dwc-bits', default=None,
+                        help='refit budgets (bit/param) tried on the bundled models (default '
+                             '1,0.5,0.25; quick 1)')
+    parser.add_argument('--applies', type=int, default=2, help='sequential hot-applies')
+    parser.add_argument('--models', default='',
+                        help='family=spec overrides (tests: tiny models)')
+    parser.add_argument('--memory-gb', type=float, default=None,
+                        help='memory to plan with (default: MemAvailable)')
+
+
+# --- bundled: uplink agreement ---------------------------------------------------------------
+def bundled_uplink(ctx: BenchContext, per_domain: int) -> dict[str, Any]:
+    """Teacher agreement (vs all exact tokens) and bytes of the default packing, the basis
+    packing and the image mode on the bundled models."""
+    import torch
+
+    from cdcca_ros.core.uplink.basis import BASIS_FILE, TokenBasis, space_id
+    from cdcca_ros.core.uplink.image import decode_jpeg
+    from cdcca_ros.core.uplink.pipeline import UplinkPipeline, decode_tokens
+    from cdcca_ros.core.uts import UtsPipeline, unpack_tokens
+    from cdcca_ros.models import bundled
+    from cdcca_ros.sim.domains import DRIFTED, SOURCE
+    from cdcca_ros.sim.scoring import vqa_accuracy
+
+    student, teacher = ctx.models.student(), ctx.models.teacher()
+    space = student.vision_space()
+    basis_path = Path(bundled.resolve(ctx.models.spec('student'))) / BASIS_FILE
+    basis = TokenBasis.load(basis_path, space_id(space)) if basis_path.is_file() else None
+    default = device_uts_config(stage1_threshold=0.0)
+    uts = UtsPipeline(default, student.mc_token_features, has_cls=space.has_cls)
+    coded = (UplinkPipeline(device_uts_config(stage1_threshold=0.0,
+                                              keep_ratio=BUNDLED_BASIS_KEEP),
+                            student.mc_token_features, has_cls=space.has_cls, packing='basis',
+                            basis=basis, budget_bytes=BUNDLED_BASIS_BUDGET)
+             if basis is not None else None)
+    image = UplinkPipeline(default, student.mc_token_features, mode='image')
+    samples = world_samples(ctx.seed, (SOURCE,) + DRIFTED, per_domain, (640, 480))
+
+    def text(tokens: Any, idx: Any, question: str) -> str:
+        return teacher.answer_from_tokens(tokens.float()[None],
+                                          None if idx is None else idx[None], [question])[0].text
+
+    rec: dict[str, list[float]] = {k: [] for k in (
+        'default_agree', 'default_bytes', 'basis_agree', 'basis_bytes', 'image_agree',
+        'image_bytes', 'exact_acc', 'default_acc', 'basis_acc', 'image_acc')}
+    for s in samples:
+        with torch.no_grad():
+            tokens = student.vision_tokens([s.image])[0]
+            probs = student.answer_from_tokens(tokens[None], None, [s.question])[0].step_probs
+        exact = text(tokens, None, s.question)
+        rec['exact_acc'].append(vqa_accuracy(exact, s.answers))
+        r = uts.process(probs, tokens)
+        got = text(unpack_tokens(r.packed), r.kept_indices, s.question)
+        rec['default_agree'].append(float(got == exact))
+        rec['default_acc'].append(vqa_accuracy(got, s.answers))
+        rec['default_bytes'].append(r.uplink_bytes)
+        if coded is not None:
+            up = coded.process(probs, tokens)
+            dec, idx = decode_tokens('basis', up.uts.packed.data, up.uts.packed.scale, [],
+                                     tokens.shape[0], tokens.shape[1], up.basis_version, basis)
+            got = text(dec, idx, s.question)
+            rec['basis_agree'].append(float(got == exact))
+            rec['basis_acc'].append(vqa_accuracy(got, s.answers))
+            rec['basis_bytes'].append(up.uplink_bytes)
+        up = image.process(probs, tokens, s.image)
+        with torch.no_grad():
+            cloud_tokens = student.vision_tokens([decode_jpeg(up.image)])[0]
+        got = text(cloud_tokens, None, s.question)
+        rec['image_agree'].append(float(got == exact))
+        rec['image_acc'].append(vqa_accuracy(got, s.answers))
+        rec['image_bytes'].append(up.uplink_bytes)
+    out = {k: float(np.mean(v)) if v else None for k, v in rec.items()}
+    out.update(samples=len(samples), default=f'{default.pack_dtype}, keep {default.keep_ratio:g}',
+               basis=(f'basis {basis.version}, keep {BUNDLED_BASIS_KEEP:g}, budget '
+                      f'{BUNDLED_BASIS_BUDGET} B' if basis is not None else None))
+    return out
+
+
+# --- bundled: DWC operating point ------------------------------------------------------------
+def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path) -> dict[str, Any]:
+    """One AKD round on the bundled models, the refit at each bit budget, the loss-based gain
+    each keeps; writes the measured delta's per-kind values to ``pools_path``."""
+    import torch
+
+    from cdcca_ros.bench.common import EVAL_START, model_image_size
+    from cdcca_ros.bench.downlink import AKD_STEPS, HeldOut, _uplink, delta_pools
+    from cdcca_ros.core import dwc
+    from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
+    from cdcca_ros.core.refit import RefitConfig, akd_task_loss, refit_compress
+    from cdcca_ros.nodes.tables import defaults
+    from cdcca_ros.sim.domains import DRIFTED
+
+    quick = ctx.quick
+    cloud = defaults('cloud_node')
+    batch = 4 if quick else cloud['akd.batch_size']
+    akd = AKDConfig.from_params(cloud, steps=2 if quick else AKD_STEPS, batch_size=batch,
+                                seed=ctx.seed)
+    torch.manual_seed(ctx.seed)
+    device = ctx.models.student()
+    base = device.trainable_state_dict()
+    n_params = dwc.num_params(base)
+    size = model_image_size(device)
+    uplinked = _uplink(device, world_samples(ctx.seed, DRIFTED, 2 if quick else 64, size),
+                       device_uts_config())
+    student = ctx.models.student()
+    trainer = AKDTrainer(ctx.models.teacher(), student, akd)
+    labelled = trainer.label([AkdSample(tokens=t.float(), indices=k, question=q)
+                              for t, k, q in uplinked])
+    trainer.fit(labelled)
+    trained = student.trainable_state_dict()
+    delta = dwc.compute_delta(trained, base)
+    np.savez(pools_path, **delta_pools(delta))
+    held = HeldOut(device, world_samples(ctx.seed, DRIFTED, 2 if quick else 150, size,
+                                         start=EVAL_START))
+
+    def loss(d: dict[str, Any] | None) -> float:
+        device.load_trainable_state_dict(base if d is None else dwc.apply_delta(base, d))
+        return held.loss(device)
+
+    loss_base, loss_full = loss(None), loss(delta)
+    refit_cfg = RefitConfig(steps=3 if quick else cloud['dwc.refit_steps'], batch_size=batch,
+                            fisher_batches=2 if quick else RefitConfig.fisher_batches,
+                            seed=ctx.seed)
+    rows = {}
+    for bits in bits_list:
+        budget = max(64, int(n_params * bits / 8))
+        result = refit_compress(student, labelled, base, delta, dwc.get_codec('sparse'),
+                                budget, refit_cfg, task_loss=akd_task_loss(trainer))
+        student.load_trainable_state_dict(trained)
+        kept = ((loss_base - loss(result.compressed.decoded)) / (loss_base - loss_full)
+                if loss_base > loss_full else None)
+        rows[f'{bits:g}'] = {'bits': bits, 'bytes': result.compressed.stats.nbytes,
+                             'bits_per_param': result.compressed.stats.bits_per_param,
+                             'gain_kept_loss': kept}
+    ok = [r['bits'] for r in rows.values()
+          if r['gain_kept_loss'] is not None and r['gain_kept_loss'] >= GAIN_KEPT]
+    chosen = min(ok) if ok else max(bits_list)
+    return {'trainable_params': n_params, 'answer_loss_base': loss_base,
+            'answer_loss_trained': loss_full, 'refit': rows, 'bits_at_gain': chosen,
+            'gain_target': GAIN_KEPT, 'met': bool(ok)}
+
+
+# --- families ----------------------------------------------------------------------------------
+def _plan_layers(spec: str, dtype: str, memory: float) -> int | None:
+    """None when ``spec`` fits ``memory`` bytes in ``dtype``; else the LM layer count that
+    does (a real configuration only)."""
+    from cdcca_ros.models.real import DTYPE_BYTES, real_model
+
+    if not spec.startswith('real:') or dtype not in DTYPE_BYTES:
+        return None
+    model = real_model(spec.removeprefix('real:'))
+    need = model.weight_bytes(dtype) * MEMORY_MARGIN + MEMORY_SLACK
+    if need <= memory:
+        return None
+    from cdcca_ros.models import bundled
+
+    config = json.loads((Path(bundled.resolve(spec)) / 'config.json').read_text())
+    layers = int(config.get('text_config', config)['num_hidden_layers'])
+    return max(1, int(layers * (memory - MEMORY_SLACK) / need))
+
+
+def run_family(ctx: BenchContext, family: str, spec: str, dtype: str, settings: dict[str, Any]
+               ) -> dict[str, Any]:
+    """Measure one family in a child process (see :mod:`.realscale_family`)."""
+    from cdcca_ros.bench.realscale_family import memory_available_bytes
+    from cdcca_ros.models.real import real_model
+
+    memory = (ctx.args.memory_gb * 2**30 if ctx.args.memory_gb
+              else float(memory_available_bytes()))
+    layers = _plan_layers(spec, dtype, memory) if ctx.args.device == 'cpu' else None
+    teacher_spec = None
+    if spec.startswith('real:'):
+        student = real_model(spec.removeprefix('real:'))
+        teacher = real_model(student.teacher) if student.teacher else None
+        if teacher is not None and not layers and dtype in ('float32', 'bfloat16', 'float16') \
+                and (teacher.weight_bytes(dtype) + student.weight_bytes(dtype)) \
+                * MEMORY_MARGIN + MEMORY_SLACK <= memory:
+            teacher_spec = teacher.spec
+    child = dict(settings, family=family, spec=spec, dtype=dtype, lm_layers=layers,
+                 teacher_spec=teacher_spec)
+    settings_path = ctx.workdir / f'{family}-{dtype}.settings.json'
+    out_path = ctx.workdir / f'{family}-{dtype}.json'
+    settings_path.write_text(json.dumps(child))
+    proc = subprocess.run([sys.executable, '-m', 'cdcca_ros.bench.realscale_family',
+                           str(settings_path), str(out_path)], check=False)
+    if proc.returncode != 0 or not out_path.is_file():
+        return {'family': family, 'spec': spec, 'dtype': dtype,
+                'error': f'measurement process exited with {proc.returncode}'}
+    return json.loads(out_path.read_text())
+
+
+def _figures(rec: dict[str, Any]) -> dict[str, Any]:
+    figures = {k: rec.get(k) for k in SUMMARY_KEYS}
+    if isinstance(figures['answer_ms'], dict):
+        figures['answer_ms'] = rec['answer_ms'].get('median')
+        figures['answer_ms_p5_p95'] = [rec['answer_ms'].get('p5'), rec['answer_ms'].get('p95')]
+    for key in ('dtype', 'uplink_token_rel_err', 'uplink_embed_rel_err', 'lock_over_answer',
+                'round_mode', 'trimmed', 'dwc_bits_min', 'dwc_setting_bits', 'jpeg_640',
+                'jpeg_1080', 'ecq_uplink_bytes', 'image_mode', 'trainable_params', 'error'):
+        if key in rec:
+            figures[key] = rec[key]
+    return figures
+
+
+def run(ctx: BenchContext) -> BenchResult:
+    """Measure and summarise (see the module docstring)."""
+    args = ctx.args
+    families = [f for f in str(args.families).split(',') if f]
+    for f in families:
+        if f not in FAMILIES:
+            from cdcca_ros.errors import ConfigError
+
+            raise ConfigError(f'--families: unknown family {f!r}; known: {FAMILIES}')
+    overrides = dict(item.split('=', 1) for item in str(args.models).split(',') if '=' in item)
+    dtypes = [d for d in (args.dtypes or ('bfloat16,8bit,4bit' if args.device == 'cuda'
+                                          else 'bfloat16')).split(',') if d]
+    quick = ctx.quick
+    bits_list = [float(b) for b in (args.dwc_bits or ('1' if quick else '1,0.5,0.25'))
+                 .split(',')]
+    uplink = bundled_uplink(ctx, args.bundled_per_domain or (2 if quick else 40))
+    pools = ctx.workdir / 'delta_pools.npz'
+    dwc_point = bundled_dwc(ctx, bits_list, pools)
+    settings = {
+        'device': 'cuda' if args.device == 'cuda' else 'cpu', 'seed': ctx.seed,
+        'threads': args.threads, 'samples': args.samples or (1 if quick else 3),
+        'fit_frames': args.fit_frames or (2 if quick else 8), 'budget': args.budget,
+        'keep_ratio': args.keep_ratio,
+        'budget_sweep': [int(b) for b in str(args.budget_sweep).split(',') if b],
+        'keep_sweep': [float(k) for k in str(args.keep_sweep).split(',') if k],
+        'dwc_bits': dwc_point['bits_at_gain'], 'pools': str(pools),
+        'applies': args.applies, 'max_new_tokens': device_params()['max_new_tokens']}
+    records: dict[str, list[dict[str, Any]]] = {}
+    for family in families:
+        from cdcca_ros.models.real import STUDENTS
+
+        spec = overrides.get(family, f'real:{STUDENTS[family]}')
+        for dtype in dtypes:
+            if dtype in ('4bit', '8bit') and args.device != 'cuda':
+                continue
+            records.setdefault(family, []).append(run_family(ctx, family, spec, dtype,
+                                                             settings))
+    summary: dict[str, Any] = {
+        'families': {f: _figures(recs[0]) for f, recs in records.items()},
+        'bundled_teacher_agreement': uplink['default_agree'],
+        'bundled_teacher_agreement_basis': uplink['basis_agree'],
+        'bundled_teacher_agreement_image': uplink['image_agree'],
+        'bundled_uplink_bytes': uplink['default_bytes'],
+        'bundled_uplink_bytes_basis': uplink['basis_bytes'],
+        'dwc_bits_at_gain': dwc_point['bits_at_gain'],
+        'dwc_gain_target_met': dwc_point['met'],
+        'paper_dwc_bytes': PAPER_DWC_BYTES,
+        'device': args.device, 'dtypes': dtypes,
+    }
+    headers = ['figure', *records]
+    labels = [('params', 'parameters'), ('dtype', 'dtype'), ('answer_ms', 'answer ms (median)'),
+              ('peak_rss_mb', 'peak RSS MB'), ('uts_over_answer', 'UTS / answer'),
+              ('uplink_bytes_per_sample', 'uplink B / sample (basis)'),
+              ('uplink_over_jpeg_640', '  / JPEG q90 640x480'),
+              ('uplink_over_jpeg_1080', '  / JPEG q90 1920x1080'),
+              ('uplink_token_rel_err', '  token rel. error'),
+              ('uplink_embed_rel_err', '  LM input rel. error'),
+              ('ecq_uplink_bytes', 'ecq keep 0.5 B / sample (default)'),
+              ('dwc_bytes_4bit', 'DWC bytes, 4 bit'), ('dwc_bytes_min', 'DWC bytes, min setting'),
+              ('apply_over_answer', 'hot-apply / answer'), ('answers_lost', 'answers lost'),
+              ('round_s_per_sample', 'round s / sample')]
+    rows = []
+    for key, label in labels:
+        rows.append([label, *[summary['families'][f].get(key) for f in records]])
+    md = ['| figure | ' + ' | '.join(records) + ' |', '|---' * (len(records) + 1) + '|']
+    md += [f'| {r[0].strip()} | ' + ' | '.join(fmt(c) for c in r[1:]) + ' |' for r in rows]
+    notes = [
+        f'bundled uplink ({uplink["samples"]} samples, source + drifted, 640x480): teacher '
+        f'answers equal to those from all exact tokens: default ({uplink["default"]}) '
+        f'{uplink["default_agree"]:.3f} at {uplink["default_bytes"]:.0f} B; '
+        f'{uplink["basis"]}: {fmt(uplink["basis_agree"])} at {fmt(uplink["basis_bytes"])} B; '
+        f'image mode {uplink["image_agree"]:.3f} at {uplink["image_bytes"]:.0f} B',
+        f'DWC operating point: the smallest refit budget keeping >= {GAIN_KEPT} of the loss '
+        f'gain on the bundled models: {dwc_point["bits_at_gain"]:g} bit/param (tried '
+        + ', '.join(f'{k}: {fmt(v["gain_kept_loss"])}' for k, v in dwc_point['refit'].items())
+        + f'); the paper shipped {PAPER_DWC_BYTES} B',
+        f'real-size uplink: keep {args.keep_ratio:g}, basis budget {args.budget} B; the basis '
+        f'is fitted on {settings["fit_frames"]} source frames of the random-weight encoder '
+        '(errors are those of random features, not of trained ones)',
+    ]
+    for f, recs in records.items():
+        for rec in recs:
+            notes += [f'{f} ({rec.get("dtype")}): {n}' for n in rec.get('notes', [])]
+            if rec.get('round_mode'):
+                notes.append(f'{f} ({rec.get("dtype")}) round: {rec["round_mode"]}')
+            if rec.get('error'):
+                notes.append(f'{f} ({rec.get("dtype")}): {rec["error"]}')
+    if args.device == 'cpu':
+        notes.append('no GPU: bitsandbytes 4-bit / 8-bit and the GPU memory column are not '
+                     'measured')
+    return BenchResult(summary=summary, headers=headers, rows=rows,
+                       detail={'markdown': '\n'.join(md), 'records': records,
+                               'bundled_uplink': uplink, 'bundled_dwc': dwc_point,
+                               'settings': settings},
+                       notes=notes)

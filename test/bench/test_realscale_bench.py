@@ -1,0 +1,36 @@
+"""The realscale bench's machinery on tiny models (the real sizes run only as a bench): a
+family measured in its own process, the bundled-model parts, and the summary keys."""
+from __future__ import annotations
+
+import json
+
+from cdcca_ros.bench.common import run_bench
+from cdcca_ros.bench.realscale import SUMMARY_KEYS, _plan_layers
+
+
+def test_realscale_writes_every_figure_per_family(tiny_specs, tmp_path):
+    teacher, student = tiny_specs
+    path = tmp_path / 'realscale.json'
+    run_bench('realscale', ['--out', str(path), '--quick', '--teacher', teacher, '--student',
+                            student, '--families', 'blip2', '--models', f'blip2={student}',
+                            '--budget', '96', '--budget-sweep', '48', '--keep-sweep', '1.0',
+                            '--applies', '1', '--dtypes', 'float32'])
+    rec = json.loads(path.read_text())
+    figures = rec['summary']['families']['blip2']
+    assert 'error' not in figures, figures
+    for key in SUMMARY_KEYS:
+        assert figures[key] is not None, key
+    # The basis budget holds at real-size settings too: payload <= budget (+ 16 B of fields).
+    assert figures['uplink_bytes_per_sample'] <= 96 + 16
+    assert figures['answers_lost'] == 0
+    assert 0 < figures['uts_over_answer'] and 0 < figures['apply_over_answer']
+    assert figures['dwc_bytes_min'] < figures['dwc_bytes_4bit']
+    assert figures['peak_rss_mb'] > 0 and figures['params'] > 0
+    assert 0 <= rec['summary']['bundled_teacher_agreement'] <= 1
+    assert rec['detail']['bundled_dwc']['refit']
+
+
+def test_a_model_larger_than_memory_is_cut_to_the_layers_that_fit():
+    assert _plan_layers('real:qwen2-vl-2b', 'bfloat16', 64 * 2**30) is None
+    layers = _plan_layers('real:llava-1.5-7b', 'float32', 16 * 2**30)
+    assert layers is not None and 1 <= layers < 32

@@ -167,20 +167,21 @@ class _Family:
         from cdcca_ros.core.device_runtime import DeviceRuntime
         from cdcca_ros.core.uts import UtsPipeline
         from cdcca_ros.core.wire import generate_keypair
-        from cdcca_ros.sim.domains import DRIFTED
+        from cdcca_ros.sim.domains import DRIFTED, SOURCE
         from cdcca_ros.sim.world import World
 
         s = self.s
         model = self.load()
         n = int(s['samples'])
         world = World(int(s['seed']))
-        domain = DRIFTED[0]
-        frames = world.samples(domain, n + 1, FRAME_640, start=START)
+        # One frame per domain in turn (source, then the drifted ones), at both resolutions.
+        domains = ((SOURCE,) + DRIFTED) * (n // (len(DRIFTED) + 1) + 1)
+        frames = [world.sample(d, START + i, FRAME_640) for i, d in enumerate(domains[:n + 1])]
         self.out['jpeg_640'] = float(np.mean([_jpeg_bytes(f.image, JPEG_QUALITY)
                                               for f in frames]))
         self.out['jpeg_1080'] = float(np.mean([
-            _jpeg_bytes(f.image, JPEG_QUALITY)
-            for f in world.samples(domain, n + 1, FRAME_1080, start=START)]))
+            _jpeg_bytes(world.sample(f.domain, f.index, FRAME_1080).image, JPEG_QUALITY)
+            for f in frames]))
         self.private, public = generate_keypair()
         t0 = time.perf_counter()
         self.runtime = DeviceRuntime(model, 'robot1', public, self.workdir / 'device',

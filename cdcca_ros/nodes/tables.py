@@ -113,7 +113,7 @@ DEVICE = (
     Param('uts.pack_dtype', 'ecq', 'packing of the kept tokens (basis: transform-coded in the '
           'token basis shared with the cloud, under uts.budget_bytes)',
           choices=('fp16', 'int8', 'int4', 'ecq', 'basis')),
-    Param('uts.budget_bytes', 192, 'basis packing: largest payload of one selected sample '
+    Param('uts.budget_bytes', 176, 'basis packing: largest payload of one selected sample '
           '(the finest step that fits is used)', low=16),
     Param('uts.basis', '', 'basis packing: token basis file; empty: uplink_basis.safetensors '
           'in the model directory (without one the node packs ecq and says so)'),

@@ -17,6 +17,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor

@@ -102,3 +102,28 @@ def test_uplink_mode_runs_a_round_end_to_end(ros_context_pair, frames, tmp_path,
         client.destroy_node()
         robot.close()
         cloud_spin.close()
+
+
+def test_both_sides_refuse_a_basis_of_another_encoder(tmp_path):
+    import torch
+
+    from cdcca_ros.core.uplink.basis import fit_basis
+    from cdcca_ros.errors import BasisMismatchError, ConfigError
+    from cdcca_ros.models import bundled
+    from cdcca_ros.nodes.cloud_node import cloud_basis
+    from cdcca_ros.nodes.tables import validate
+    from cdcca_ros.nodes.uts_node import device_basis
+
+    student = bundled.load('bundled:student')
+    space = student.vision_space()
+    # The shipped basis belongs to the bundled student's encoder: both sides find it.
+    assert device_basis(validate('device_node', {}), space).version == \
+        cloud_basis(validate('cloud_node', {}), student).version
+    other = fit_basis(torch.randn(300, space.dim), 'another-vit#0000:d64:n10:g3x3:cls')
+    path = other.save(tmp_path / 'other.safetensors')
+    with pytest.raises(BasisMismatchError, match='fitted for'):
+        device_basis(validate('device_node', {'uts.basis': str(path)}), space)
+    with pytest.raises(BasisMismatchError, match='fitted for'):
+        cloud_basis(validate('cloud_node', {'uplink_basis': str(path)}), student)
+    with pytest.raises(ConfigError, match='no token basis'):
+        device_basis(validate('device_node', {'uts.basis': str(tmp_path / 'none')}), space)

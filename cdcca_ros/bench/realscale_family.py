@@ -23,6 +23,7 @@ On one real-size student with random weights (``real:<name>``, or any spec for t
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -130,6 +131,11 @@ class _Family:
     def note(self, text: str) -> None:
         self.out['notes'].append(text)
 
+    def progress(self, step: str) -> None:
+        """One line per step on stderr (a killed process says where it was)."""
+        print(f'[realscale {self.s["family"]} {self.s["dtype"]}] {step} (peak RSS '
+              f'{peak_rss_mb():.0f} MB)', file=sys.stderr, flush=True)
+
     # ------------------------------------------------------------------ model
     def load(self) -> Any:
         from cdcca_ros.models import bundled
@@ -212,9 +218,14 @@ class _Family:
         self.out['uts_over_answer'] = float(np.median(uts_ms) / np.median(answer_ms))
         self.out['answer_text'] = answered[0][1].text
         self.out['ecq_uplink_bytes'] = float(np.mean([r.uplink_bytes for r in results]))
-        self.uplink(model, answered, results)
+        self.progress('answers and UTS done')
+        sent = self.uplink(model, answered, results)
+        self.progress('uplink done')
         self.dwc_and_apply(answered)
-        self.cloud_round(model, answered)
+        self.progress('DWC and hot-apply done')
+        gc.collect()
+        self.cloud_round(model, sent)
+        self.progress('round done')
         if s['device'].startswith('cuda'):
             self.out['peak_gpu_mb'] = torch.cuda.max_memory_allocated() / 2**20
         self.out['peak_rss_mb'] = peak_rss_mb()
@@ -222,7 +233,10 @@ class _Family:
         return self.out
 
     # ------------------------------------------------------------------ uplink
-    def uplink(self, model: Any, answered: list[Any], results: list[Any]) -> None:
+    def uplink(self, model: Any, answered: list[Any], results: list[Any]
+               ) -> list[tuple[Any, Any, str]]:
+        """Measure the uplink; returns what the cloud decodes at the chosen setting per sample
+        (tokens, indices, question)."""
         import torch
 
         from cdcca_ros.core.uplink.basis import fit_basis, space_id
@@ -253,6 +267,7 @@ class _Family:
         chosen: dict[str, list[float]] = {'bytes': [], 'token_err': [], 'embed_err': [],
                                           'pack_ms': [], 'decode_ms': []}
         encode_ms, image_bytes = [], []
+        sent: list[tuple[Any, Any, str]] = []
         for (frame, a), r in zip(answered, results, strict=True):
             tokens = a.tokens.detach().float().cpu()
             for k in keeps:
@@ -284,6 +299,7 @@ class _Family:
                     row['embed_err'].append(_rel(embeds, exact_embeds))
                     row['kept'].append(int(idx.numel()))
                     if k == keep and b == budget:
+                        sent.append((decoded, idx, frame.question))
                         chosen['bytes'].append(len(packed.data))
                         chosen['token_err'].append(row['token_err'][-1])
                         chosen['embed_err'].append(row['embed_err'][-1])
@@ -312,6 +328,7 @@ class _Family:
             'image_mode': {'bytes': float(np.mean(image_bytes)),
                            'cloud_encode_ms': float(np.median(encode_ms))},
         })
+        return sent
 
     # ------------------------------------------------------------------ DWC + apply
     def dwc_and_apply(self, answered: list[Any]) -> None:
@@ -380,6 +397,7 @@ class _Family:
             time.sleep(0.05)
         stop.set()
         thread.join(timeout=timeout_ms / 1000.0 + 60.0)
+        del stream, env  # the cloud-side copies of the trainable set
         self.out.update({
             'apply_ms': _percentiles(applies),
             'apply_over_answer': float(np.median(applies) / med_answer),
@@ -391,7 +409,8 @@ class _Family:
             'probe_shadow': runtime.probe_shadow})
 
     # ------------------------------------------------------------------ round
-    def cloud_round(self, model: Any, answered: list[Any]) -> None:
+    def cloud_round(self, model: Any, sent: list[tuple[Any, Any, str]]) -> None:
+        """One round per sample on what the uplink delivered (decoded kept tokens)."""
         import torch
 
         from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
@@ -400,8 +419,7 @@ class _Family:
 
         s = self.s
         teacher_spec = s.get('teacher_spec')
-        samples = [AkdSample(tokens=a.tokens.detach().float().cpu(), indices=None,
-                             question=f.question) for f, a in answered]
+        samples = [AkdSample(tokens=t.float(), indices=i, question=q) for t, i, q in sent]
         if teacher_spec:
             teacher = bundled.load(teacher_spec, device=s['device'], dtype=s['dtype'])
             trainer = AKDTrainer(teacher, model, AKDConfig(steps=len(samples), batch_size=1,
@@ -418,7 +436,8 @@ class _Family:
         try:
             for smp in samples:
                 t0 = time.perf_counter()
-                out = model.forward_train(smp.tokens[None], None, [smp.question], ['red'])
+                out = model.forward_train(smp.tokens[None], smp.indices[None],
+                                          [smp.question], ['red'])
                 out.loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -433,8 +452,8 @@ class _Family:
         except Exception:  # noqa: BLE001 - a test spec has no real teacher
             pass
         self.out['round_mode'] = (f'student side alone (forward + backward + AdamW on the '
-                                  f'trainable set, all tokens): the teacher {teacher or ""} '
-                                  'does not fit beside it')
+                                  'trainable set, on the uplinked kept tokens): the teacher '
+                                  f'{teacher or ""} does not fit beside it')
 
 
 def main(argv: list[str]) -> int:

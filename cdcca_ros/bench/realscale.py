@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='bundled uplink samples per domain (default 40, quick 2)')
     parser.add_argument('--dwc-bits', default=None,
                         help='refit budgets (bit/param) tried on the bundled models (default '
-                             '1,0.5,0.25; quick 1)')
+                             '2,1.5,1,0.5,0.25; quick 1)')
     parser.add_argument('--applies', type=int, default=2, help='sequential hot-applies')
     parser.add_argument('--models', default='',
                         help='family=spec overrides (tests: tiny models)')
@@ -311,7 +311,7 @@ def run(ctx: BenchContext) -> BenchResult:
     dtypes = [d for d in (args.dtypes or ('bfloat16,8bit,4bit' if args.device == 'cuda'
                                           else 'bfloat16')).split(',') if d]
     quick = ctx.quick
-    bits_list = [float(b) for b in (args.dwc_bits or ('1' if quick else '1,0.5,0.25'))
+    bits_list = [float(b) for b in (args.dwc_bits or ('1' if quick else '2,1.5,1,0.5,0.25'))
                  .split(',')]
     uplink = bundled_uplink(ctx, args.bundled_per_domain or (2 if quick else 40))
     pools = ctx.workdir / 'delta_pools.npz'

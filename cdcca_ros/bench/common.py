@@ -50,6 +50,8 @@ BENCHES: dict[str, str] = {
     'table3': 'cdcca_ros.bench.table3',
     'table4': 'cdcca_ros.bench.table4',
     'table5': 'cdcca_ros.bench.table5',
+    # Continual adaptation over a long stream with revisits (the guarded round).
+    'continual': 'cdcca_ros.bench.continual',
 }
 
 TINY_SPEC = 'tiny'
@@ -480,7 +482,8 @@ def device_uts_config(**overrides: Any) -> Any:
                     stage1_threshold=p['uts.entropy_threshold'],
                     stage1_fraction=p['uts.top_fraction'], stage1_window=p['uts.window'],
                     stage2_mode=p['uts.stage2_mode'], beta=p['uts.beta'],
-                    keep_ratio=p['uts.keep_ratio'], pack_dtype=p['uts.pack_dtype'])
+                    keep_ratio=p['uts.keep_ratio'], pack_dtype=p['uts.pack_dtype'],
+                    audit_fraction=p['uts.audit_fraction'])
     return replace(cfg, **overrides)
 
 

@@ -45,7 +45,15 @@ import numpy as np
 
 from cdcca_ros.core import wire
 from cdcca_ros.core.atomic import atomic_write
-from cdcca_ros.core.updates import DeltaEnvelope, DeltaGate, RejectReason, all_finite
+from cdcca_ros.core.entropy_guard import EntropyGuard, EntropyGuardConfig
+from cdcca_ros.core.updates import (
+    DeltaEnvelope,
+    DeltaGate,
+    RejectReason,
+    RollbackEnvelope,
+    all_finite,
+    check_rollback,
+)
 from cdcca_ros.core.uts import answer_confidence, answer_entropy
 from cdcca_ros.errors import (
     CdccaError,
@@ -557,13 +565,17 @@ class DeviceRuntime:
             (:func:`_shadow_model`), so answers wait only for the copy into the model, not
             for the probe; False (or a model that cannot be copied so): probe the model
             itself, under the lock.
+        entropy_guard: roll an update back on the device's own when its answers turn much
+            less sure than its predecessor's (:mod:`cdcca_ros.core.entropy_guard`); None:
+            no local guard. Local rollbacks are listed in :attr:`local_rollbacks`.
     """
 
     def __init__(self, model: MLLM, device_id: str, public_key: Ed25519PublicKey | None = None,
                  state_dir: str | Path | None = None, probe_image: np.ndarray | None = None,
                  probe_question: str = 'what color is the object?', max_new_tokens: int = 6,
                  max_probe_tv: float | None = None, trace_probe: bool = True,
-                 shadow_probe: bool = True) -> None:
+                 shadow_probe: bool = True,
+                 entropy_guard: EntropyGuardConfig | None = None) -> None:
         if max_probe_tv is not None and not 0.0 < max_probe_tv <= 1.0:
             raise ConfigError(f'max_probe_tv must be in (0, 1] or None, got {max_probe_tv}')
         self.model = model
@@ -582,6 +594,10 @@ class DeviceRuntime:
         self._previous: tuple[int, str, FlatWeights, np.ndarray | None] | None = None
         self.rejected = 0
         self.applied = 0
+        self.rollbacks = 0
+        self._guard = EntropyGuard(entropy_guard) if entropy_guard is not None else None
+        #: Local rollbacks (entropy guard): dicts with from/to version, hash, reason.
+        self.local_rollbacks: list[dict[str, Any]] = []
         self._writer = _writer_for(self.state_dir) if self.state_dir else None
         restored = self._restore()
         self._weights = FlatWeights.pack(self.model.trainable_state_dict())
@@ -640,6 +656,10 @@ class DeviceRuntime:
             version = self.version
         stats = answer_entropy(result.step_probs)
         confidence = answer_confidence(result.token_probs)
+        if self._guard is not None:
+            reason = self._guard.observe(version, float(stats.mean))
+            if reason is not None:
+                self._local_rollback(version, reason)
         return AnsweredSample(
             question=question, text=result.text, choice_index=match_choice(result.text, choices),
             confidence=confidence, entropy_mean=float(stats.mean), entropy_max=float(stats.max),
@@ -835,18 +855,60 @@ class DeviceRuntime:
             DeltaRejectedError: nothing to roll back to.
         """
         with self._apply_lock:
-            if self._previous is None:
-                raise DeltaRejectedError('nothing to roll back to')
-            _, old_hash, weights, probe_ref = self._previous
-            with self.lock:
-                self._load(weights)
-                self.version += 1
-                self.base_hash = old_hash
-                self._weights, self._probe_ref = weights, probe_ref
-                self._previous = None
-                self._gate = self._make_gate()
-            self._persist()
-            return self.version
+            return self._rollback(self.version + 1)
+
+    def _rollback(self, new_version: int) -> int:
+        """Restore the previous adapter as ``new_version`` (callers hold the apply lock)."""
+        if self._previous is None:
+            raise DeltaRejectedError('nothing to roll back to')
+        _, old_hash, weights, probe_ref = self._previous
+        with self.lock:
+            self._load(weights)
+            self.version = int(new_version)
+            self.base_hash = old_hash
+            self._weights, self._probe_ref = weights, probe_ref
+            self._previous = None
+            self._gate = self._make_gate()
+        self.rollbacks += 1
+        self._persist()
+        return self.version
+
+    @property
+    def previous_hash(self) -> str | None:
+        """Hash of the adapter a rollback would restore (None: nothing to roll back to)."""
+        return None if self._previous is None else self._previous[1]
+
+    def apply_rollback(self, order: RollbackEnvelope) -> int:
+        """Carry out a signed rollback order from the cloud; returns the version now in use.
+
+        Raises:
+            DeltaRejectedError: the order is forged, for another device, stale or replayed
+                (it withdraws a version the device no longer runs), or names weights the
+                device did not hold; nothing changes.
+        """
+        if self.public_key is None:
+            raise DeltaRejectedError('no cloud public key is configured: every order is '
+                                     'refused')
+        with self._apply_lock:
+            try:
+                check_rollback(order, self.public_key, self.device_id, self.version,
+                               self.base_hash, self.previous_hash)
+            except DeltaRejectedError:
+                self.rejected += 1
+                raise
+            return self._rollback(order.new_version)
+
+    def _local_rollback(self, version: int, reason: str) -> None:
+        """The entropy guard's rollback of ``version`` (skipped if it is no longer in use)."""
+        with self._apply_lock:
+            if self.version != version or self._previous is None:
+                return
+            from_hash = self.base_hash
+            new_version = self._rollback(self.version + 1)
+        event = {'from_version': version, 'from_hash': from_hash, 'version': new_version,
+                 'hash': self.base_hash, 'reason': reason}
+        self.local_rollbacks.append(event)
+        _log.warning('local rollback: %s', reason)
 
     @property
     def weights(self) -> FlatWeights:
@@ -912,7 +974,8 @@ class DeviceRuntime:
         writer = self._writer
         return {'device_id': self.device_id, 'version': self.version, 'round': self.round,
                 'hash': self.base_hash[:16], 'applied': self.applied, 'rejected': self.rejected,
-                'can_roll_back': self._previous is not None,
+                'can_roll_back': self._previous is not None, 'rollbacks': self.rollbacks,
+                'local_rollbacks': len(self.local_rollbacks),
                 'verifying': self.public_key is not None,
                 'probe': self.probe_mode, 'probe_shadow': self.probe_shadow,
                 'persisted_version': (-1 if writer is None or writer.persisted_version is None

@@ -408,3 +408,120 @@ class DeltaGate:
             self._hash = new_hash
             self._pending = None
 
+
+
+# --- rollback orders ------------------------------------------------------------------------
+ROLLBACK_DOMAIN = b'CDCCA-ROLLBACK-v1'
+
+
+def _rollback_message(device_id: str, from_version: int, from_hash: str, to_hash: str,
+                      new_version: int, reason: str) -> bytes:
+    """What a rollback order's signature covers (domain-separated from deltas)."""
+    fields = [device_id.encode(), struct.pack('<Q', from_version), from_hash.encode(),
+              to_hash.encode(), struct.pack('<Q', new_version), reason.encode()]
+    return ROLLBACK_DOMAIN + b''.join(struct.pack('<Q', len(f)) + f for f in fields)
+
+
+@dataclass(frozen=True)
+class RollbackEnvelope:
+    """A signed order from the cloud: go back to the adapter held before the current one.
+
+    The live audit found the version the device runs worse than the one before it. The
+    device restores its previous adapter (it must hash to ``to_hash``) under the new,
+    higher version ``new_version`` (versions never go back, so an old delta cannot be
+    replayed over the restored weights).
+
+    Attributes:
+        device_id: The device it is for.
+        from_version: The version being withdrawn (the device must run it).
+        from_hash: Its hash.
+        to_hash: Hash of the adapter to restore (the one before ``from_version``).
+        new_version: Version of the restored adapter (greater than ``from_version``).
+        reason: Why, for the device's report.
+        signature: Ed25519 over all the fields above.
+    """
+
+    device_id: str
+    from_version: int
+    from_hash: str
+    to_hash: str
+    new_version: int
+    reason: str
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        for name in ('device_id', 'from_hash', 'to_hash', 'reason'):
+            if not isinstance(getattr(self, name), str):
+                raise WireError(f'rollback {name} must be a str')
+        for name in ('from_version', 'new_version'):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U64_MAX:
+                raise WireError(f'rollback {name} must be an integer in [0, 2**64), got {v!r}')
+        if not isinstance(self.signature, bytes):
+            raise WireError('rollback signature must be bytes')
+
+    def message(self) -> bytes:
+        return _rollback_message(self.device_id, self.from_version, self.from_hash,
+                                 self.to_hash, self.new_version, self.reason)
+
+    def verify(self, public_key: Ed25519PublicKey) -> None:
+        """Check the signature.
+
+        Raises:
+            SignatureError: It does not verify.
+        """
+        from cryptography.exceptions import InvalidSignature
+
+        if len(self.signature) != 64:
+            raise SignatureError(f'rollback signature must be 64 bytes, got '
+                                 f'{len(self.signature)}')
+        try:
+            public_key.verify(self.signature, self.message())
+        except InvalidSignature as err:
+            raise SignatureError(f'rollback order for device {self.device_id!r} '
+                                 f'v{self.from_version} does not verify') from err
+
+
+def seal_rollback(private_key: Ed25519PrivateKey, *, device_id: str, from_version: int,
+                  from_hash: str, to_hash: str, new_version: int, reason: str = ''
+                  ) -> RollbackEnvelope:
+    """Sign a rollback order (cloud side)."""
+    if new_version <= from_version:
+        raise WireError(f'rollback new_version {new_version} must exceed {from_version}')
+    signature = private_key.sign(_rollback_message(device_id, from_version, from_hash, to_hash,
+                                                   new_version, reason))
+    return RollbackEnvelope(device_id=device_id, from_version=from_version,
+                            from_hash=from_hash, to_hash=to_hash, new_version=new_version,
+                            reason=reason, signature=signature)
+
+
+def check_rollback(order: RollbackEnvelope, public_key: Ed25519PublicKey, device_id: str,
+                   current_version: int, current_hash: str, previous_hash: str | None) -> None:
+    """Whether a device running ``current_version`` may carry out ``order``.
+
+    Raises:
+        DeltaGateRejection: ``bad_signature``, ``wrong_device``, ``replay`` (the order names
+            a version the device no longer runs: already carried out, or stale),
+            ``wrong_base`` (the hashes do not match what the device holds and held).
+    """
+    def reject(reason: RejectReason, msg: str) -> DeltaGateRejection:
+        return DeltaGateRejection(reason.value, f'rollback of v{order.from_version} for '
+                                                f'device {order.device_id!r}: {msg}')
+
+    if not isinstance(order, RollbackEnvelope):
+        raise DeltaGateRejection(RejectReason.UNDECODABLE.value,
+                                 f'expected a RollbackEnvelope, got {type(order).__name__}')
+    try:
+        order.verify(public_key)
+    except SignatureError as err:
+        raise reject(RejectReason.BAD_SIGNATURE, str(err)) from err
+    if order.device_id != device_id:
+        raise reject(RejectReason.WRONG_DEVICE, f'this is device {device_id!r}')
+    if order.from_version != current_version or order.new_version <= current_version:
+        raise reject(RejectReason.REPLAY, f'the device runs v{current_version}')
+    if order.from_hash != current_hash:
+        raise reject(RejectReason.WRONG_BASE, f'the device runs {current_hash[:12]}, the order '
+                                              f'withdraws {order.from_hash[:12]}')
+    if previous_hash is None or order.to_hash != previous_hash:
+        raise reject(RejectReason.WRONG_BASE, 'the adapter to restore is not the one the '
+                                              'device held before')

@@ -324,7 +324,7 @@ class HFMLLM(MLLM):
             raise ConfigError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
         tokens = self._check_tokens(tokens, indices, len(questions))
         with eval_mode(self.torch_model):
-            image_embeds, _ = self._image_embeds(tokens, indices)
+            image_embeds, _ = self._image_embeds(self._adapt(tokens), indices)
             batch = self._build_batch(image_embeds.shape[1], questions)
             embeds = self._inputs_embeds(batch, image_embeds)
             steps, chosen = self._greedy(embeds, batch.attention_mask, batch.position_ids,
@@ -353,7 +353,7 @@ class HFMLLM(MLLM):
         # One decoder pass without a KV cache, token ids or text: the first step of _greedy.
         tokens = self._check_tokens(tokens, indices, len(questions))
         with eval_mode(self.torch_model):
-            image_embeds, _ = self._image_embeds(tokens, indices)
+            image_embeds, _ = self._image_embeds(self._adapt(tokens), indices)
             key = (int(image_embeds.shape[1]), tuple(questions))
             batch = self._probe_batches.get(key)
             if batch is None:
@@ -398,7 +398,7 @@ class HFMLLM(MLLM):
             raise ModelError(
                 f'{self.family}: {len(answers)} answers for {len(questions)} questions')
         tokens = self._check_tokens(tokens, indices, len(questions))
-        image_embeds, query = self._image_embeds(tokens, indices)
+        image_embeds, query = self._image_embeds(self._adapt(tokens), indices)
         batch = self._build_batch(image_embeds.shape[1], questions, answers)
         embeds = self._inputs_embeds(batch, image_embeds)
         hidden = self._run_decoder(embeds, batch.attention_mask, batch.position_ids)
@@ -453,8 +453,9 @@ class HFMLLM(MLLM):
 
         if self.trainable_config is not None:
             old, new = self.trainable_config, cfg
-            if (old.lora_r, old.lora_alpha, old.lora_dropout, old.lora_targets) != \
-                    (new.lora_r, new.lora_alpha, new.lora_dropout, new.lora_targets):
+            if (old.lora_r, old.lora_alpha, old.lora_dropout, old.lora_targets,
+                    old.vision_adapter) != (new.lora_r, new.lora_alpha, new.lora_dropout,
+                                            new.lora_targets, new.vision_adapter):
                 raise ModelError(
                     f'{self.family}: LoRA already configured as {old}; cannot change to {new}')
         else:
@@ -468,14 +469,40 @@ class HFMLLM(MLLM):
                               lora_dropout=cfg.lora_dropout, target_modules=names, bias='none')
             # A fixed seed: the same base gets the same LoRA A matrices on cloud and device.
             seeded(0, lambda: inject_adapter_in_model(lora, self.torch_model))
+            if cfg.vision_adapter:
+                self._add_token_adapter(cfg.vision_adapter)
         self.trainable_config = cfg
         for name, param in self.torch_model.named_parameters():
             param.requires_grad_(self._wants_grad(name, cfg))
         self._trainable = {n: p for n, p in self.torch_model.named_parameters()
                            if p.requires_grad}
 
+    def _add_token_adapter(self, hidden: int) -> None:
+        """Attach the vision-side adapter (seeded, identity at start) to the torch model."""
+        from cdcca_ros.models.adapters import TOKEN_ADAPTER, build_token_adapter
+
+        dim = self.vision_space().dim
+        param = next(self.torch_model.parameters())
+        adapter = build_token_adapter(dim, hidden, seed=0, device=param.device,
+                                      dtype=torch.float32)
+        self.torch_model.add_module(TOKEN_ADAPTER, adapter)
+
+    @property
+    def token_adapter(self) -> nn.Module | None:
+        """The vision-side adapter, None when the trainable set has none."""
+        from cdcca_ros.models.adapters import TOKEN_ADAPTER
+
+        return getattr(self.torch_model, TOKEN_ADAPTER, None)
+
+    def _adapt(self, tokens: Tensor) -> Tensor:
+        """The vision tokens as the bridge reads them (through the adapter, if any)."""
+        adapter = self.token_adapter
+        return tokens if adapter is None else adapter(tokens)
+
     def _wants_grad(self, name: str, cfg: TrainableConfig) -> bool:
-        if 'lora_' in name:
+        from cdcca_ros.models.adapters import TOKEN_ADAPTER
+
+        if 'lora_' in name or name.startswith(TOKEN_ADAPTER + '.'):
             return True
         if self._is_shared_vision(name):
             return False
@@ -537,9 +564,11 @@ class HFMLLM(MLLM):
     # ---------------------------------------------------------------- save / load
     def _base_state_dict(self) -> dict[str, Tensor]:
         """The model's weights without LoRA, under the original (pre-peft) names."""
+        from cdcca_ros.models.adapters import TOKEN_ADAPTER
+
         out = {}
         for name, tensor in self.torch_model.state_dict().items():
-            if 'lora_' in name:
+            if 'lora_' in name or name.startswith(TOKEN_ADAPTER + '.'):
                 continue
             out[name.replace('.base_layer.', '.')] = tensor
         return out

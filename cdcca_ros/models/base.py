@@ -109,6 +109,9 @@ class TrainableConfig:
         train_norms: Also train LayerNorm/RMSNorm weights (and biases).
         train_biases: Also train every bias of the model.
         train_query_tokens: Also train the Q-Former query tokens (BLIP-2 only).
+        vision_adapter: Hidden width of the vision-side adapter
+            (:class:`~cdcca_ros.models.adapters.TokenAdapter`, a residual MLP on every vision
+            token before the bridge); 0: none.
     """
 
     lora_r: int = 8
@@ -118,6 +121,7 @@ class TrainableConfig:
     train_norms: bool = True
     train_biases: bool = True
     train_query_tokens: bool = True
+    vision_adapter: int = 0
 
     def __post_init__(self) -> None:
         if self.lora_r <= 0:
@@ -133,6 +137,9 @@ class TrainableConfig:
                     'TrainableConfig.lora_targets must be None or a non-empty tuple of names, '
                     f'got {self.lora_targets!r}')
             self.lora_targets = tuple(self.lora_targets)
+        if isinstance(self.vision_adapter, bool) or self.vision_adapter < 0:
+            raise ConfigError(f'TrainableConfig.vision_adapter must be an int >= 0, '
+                              f'got {self.vision_adapter!r}')
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict."""
@@ -142,6 +149,7 @@ class TrainableConfig:
             'lora_targets': list(self.lora_targets) if self.lora_targets else None,
             'train_norms': self.train_norms, 'train_biases': self.train_biases,
             'train_query_tokens': self.train_query_tokens,
+            'vision_adapter': self.vision_adapter,
         }
 
     @classmethod

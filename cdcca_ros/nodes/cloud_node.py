@@ -26,6 +26,7 @@ from rclpy.node import Node
 from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
 from cdcca_ros.core.refit import RefitConfig
+from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
 from cdcca_ros.errors import CdccaError
 from cdcca_ros.msg import AdaptationStatus, DwcDelta, UtsTokens
@@ -68,7 +69,8 @@ def cloud_config(params: dict[str, Any]) -> CloudConfig:
                        max_wait_s=params['round.max_wait_s'], akd=akd,
                        codec=params['dwc.codec'], budget_bytes=params['dwc.budget_bytes'],
                        refit=RefitConfig(steps=params['dwc.refit_steps']),
-                       refit_min_error=params['dwc.refit_min_error'])
+                       refit_min_error=params['dwc.refit_min_error'],
+                       guard=GuardConfig.from_params(params))
 
 
 def build_runtime(params: dict[str, Any]) -> CloudRuntime:

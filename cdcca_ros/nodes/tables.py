@@ -113,6 +113,16 @@ DEVICE = (
     Param('uts.pack_dtype', 'ecq', 'packing of the kept tokens',
           choices=('fp16', 'int8', 'int4', 'ecq')),
     Param('uts.publish_heatmap', True, 'publish the token-uncertainty heatmap image'),
+    Param('uts.audit_fraction', 0.05, 'share of all answered samples sent whole, whatever '
+          'their uncertainty (the cloud\'s unbiased audit of this device)', low=0.0, high=1.0),
+    Param('uts.ring_samples', 256, 'recent uplinked samples whose full tokens are kept for '
+          'the cloud\'s token pulls', low=1, high=100000),
+    Param('guard.entropy_window', 50, 'answers of a new adapter version compared with its '
+          'predecessor\'s last answers', low=1, high=100000),
+    Param('guard.entropy_ratio', 3.0, 'roll an update back when its mean answer entropy '
+          'exceeds the predecessor\'s this many times ...', low=1.0, high=1000.0),
+    Param('guard.entropy_min_rise', 1.0, '... and by at least this many nats (0 with ratio 1: '
+          'never roll back locally)', low=0.0, high=100.0),
 )
 
 CLOUD = (
@@ -143,6 +153,41 @@ CLOUD = (
     Param('dwc.refit_min_error', 0.2, 'refit when the plain payload\'s relative L2 error '
           'exceeds this', low=0.0),
     Param('dwc.chunk_bytes', 32768, 'largest DwcDelta chunk', low=256),
+    Param('guard.enabled', True, 'guarded rounds (replay, anchor, gate, audit); false: the '
+          'paper\'s round (train on the round\'s samples, ship every result)'),
+    Param('guard.max_steps', 150, 'most optimiser steps of a round (early stopping on '
+          'held-out samples ends it sooner)', low=1),
+    Param('guard.min_steps', 30, 'fewest steps before early stopping may end a round', low=0),
+    Param('guard.mix_new', 0.4, 'share of each batch from the round\'s new samples (the rest: '
+          'replay and anchor)', low=0.0, high=1.0),
+    Param('guard.mix_anchor', 0.2, 'share of each batch from the anchor set', low=0.0,
+          high=1.0),
+    Param('guard.memory_mb', 64.0, 'replay memory bound per device (MiB)', low=0.01),
+    Param('guard.val_fraction', 0.1, 'share of samples held out for early stopping', low=0.0,
+          high=0.5),
+    Param('guard.gate_fraction', 0.2, 'share of samples held out for the update gate', low=0.0,
+          high=0.5),
+    Param('guard.anchor', '', 'anchor set: empty = the student\'s own anchor.safetensors, '
+          '"none", or a file'),
+    Param('guard.gate', True, 'gate every candidate on held-out new data, replay and anchor'),
+    Param('guard.alpha', 0.05, 'gate: significance of the gain on new data (one-sided exact '
+          'McNemar)', low=1e-6, high=0.5),
+    Param('guard.min_gain', 1.0, 'gate: smallest gain on new data worth an update (points)',
+          low=0.0, high=100.0),
+    Param('guard.tolerance', 2.0, 'gate: largest fall of a replay slice (points)', low=0.0,
+          high=100.0),
+    Param('guard.anchor_tolerance', 1.0, 'gate: largest fall of the anchor slice (points)',
+          low=0.0, high=100.0),
+    Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
+          low=0.0, high=0.999),
+    Param('guard.pull_below', 0.0, 'ask the device for the rest of a sample\'s tokens when '
+          'the teacher\'s label from the kept ones is less confident than this (0: never)',
+          low=0.0, high=0.999),
+    Param('guard.audit', True, 'watch audit samples and order signed rollbacks of versions '
+          'that answer worse than their predecessor'),
+    Param('guard.audit_alpha', 0.01, 'audit: significance of "worse"', low=1e-6, high=0.5),
+    Param('guard.audit_min_drop', 3.0, 'audit: smallest fall that orders a rollback (points)',
+          low=0.0, high=100.0),
 )
 
 BRIDGE = (

@@ -39,7 +39,8 @@ def uts_config(params: dict[str, Any]) -> UtsConfig:
                      stage1_fraction=params['uts.top_fraction'],
                      stage1_window=params['uts.window'], stage2_mode=params['uts.stage2_mode'],
                      beta=params['uts.beta'], keep_ratio=params['uts.keep_ratio'],
-                     pack_dtype=params['uts.pack_dtype'])
+                     pack_dtype=params['uts.pack_dtype'],
+                     audit_fraction=params['uts.audit_fraction'])
 
 
 def to_msg(device_id: str, sample_id: str, sample: AnsweredSample, result: UtsResult,

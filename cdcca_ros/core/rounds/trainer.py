@@ -1,0 +1,310 @@
+"""One round's training: AKD on a mixture of new, replayed and anchor samples (no rclpy).
+
+Every step draws ``batch_size`` records: a share ``mix_new`` from the round's new training
+samples, ``mix_anchor`` from the anchor set and the rest from the replay memory (clusters
+drawn evenly, see :meth:`~cdcca_ros.core.rounds.memory.Memory.balanced_sampler`). Records
+that cannot be stacked together (different numbers of kept tokens) go through the models in
+separate groups whose losses are weighted by their share of the batch, so one step is one
+optimiser update on the whole draw. Replayed records carry the teacher's AKD targets, so
+replay costs no teacher forward.
+
+The learning rate warms up over the first 5% of ``max_steps`` and follows a cosine to zero.
+Every ``eval_every`` steps the student's teacher-forced loss on the held-out ``val`` records
+is measured; the best weights so far are kept and training stops after ``patience``
+evaluations without improvement (never before ``min_steps``). The round ends on the best
+weights.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cdcca_ros.core.akd import AKDConfig, AKDTrainer, TeacherBatch, split_targets, stack_targets
+from cdcca_ros.core.rounds.memory import Record, TeacherTargets
+from cdcca_ros.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
+
+    from cdcca_ros.models.base import MLLM
+
+WARMUP = 0.05
+
+
+@dataclass
+class TrainConfig:
+    """How long and on what a round trains.
+
+    Attributes:
+        max_steps: Most optimiser steps in one round.
+        min_steps: Fewest steps before early stopping may end the round.
+        eval_every: Steps between two validation losses.
+        patience: Validations without improvement that end the round.
+        mix_new: Share of each batch drawn from the round's new samples.
+        mix_anchor: Share drawn from the anchor set (the rest: replay).
+        val_max: Validation records used at most (the newest).
+    """
+
+    max_steps: int = 150
+    min_steps: int = 30
+    eval_every: int = 25
+    patience: int = 2
+    mix_new: float = 0.4
+    mix_anchor: float = 0.2
+    val_max: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.eval_every < 1 or self.patience < 1:
+            raise ConfigError(f'max_steps={self.max_steps}, eval_every={self.eval_every} and '
+                              f'patience={self.patience} must be >= 1')
+        if not 0 <= self.min_steps <= self.max_steps:
+            raise ConfigError(f'min_steps={self.min_steps} must be in [0, max_steps]')
+        for name in ('mix_new', 'mix_anchor'):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f'{name} must be in [0, 1], got {value}')
+        if self.mix_new + self.mix_anchor > 1.0:
+            raise ConfigError(f'mix_new + mix_anchor = {self.mix_new + self.mix_anchor} > 1')
+        if self.val_max < 1:
+            raise ConfigError(f'val_max must be >= 1, got {self.val_max}')
+
+
+@dataclass
+class TrainResult:
+    """What a round's training did."""
+
+    steps: int
+    best_step: int
+    val_first: float
+    val_best: float
+    losses: list[dict[str, float]]
+    stopped_early: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'steps': self.steps, 'best_step': self.best_step,
+                'val_first': self.val_first, 'val_best': self.val_best,
+                'stopped_early': self.stopped_early,
+                'loss_first': self.losses[0] if self.losses else None,
+                'loss_last': self.losses[-1] if self.losses else None}
+
+
+def _group_key(r: Record) -> tuple[int, bool]:
+    return (r.num_kept, r.indices is None)
+
+
+def _stack(records: Sequence[Record]) -> tuple[Tensor, Tensor | None, list[str], list[str]]:
+    tokens = torch.stack([r.tokens.float() for r in records])
+    indices = (None if records[0].indices is None
+               else torch.stack([r.indices.long() for r in records]))
+    return tokens, indices, [r.question for r in records], [str(r.label) for r in records]
+
+
+def grouped(records: Sequence[Record]) -> list[list[Record]]:
+    """``records`` split into stackable groups (first-seen order)."""
+    groups: dict[tuple[int, bool], list[Record]] = {}
+    for r in records:
+        groups.setdefault(_group_key(r), []).append(r)
+    return list(groups.values())
+
+
+def fill_targets(trainer: AKDTrainer, records: Sequence[Record], batch_size: int = 32) -> int:
+    """Compute and attach the teacher's AKD targets where a labelled record lacks them.
+
+    Returns:
+        How many records got targets.
+    """
+    todo = [r for r in records if r.usable and r.targets is None]
+    for group in grouped(todo):
+        for start in range(0, len(group), batch_size):
+            part = group[start:start + batch_size]
+            tokens, indices, questions, answers = _stack(part)
+            out = trainer.teacher_outputs(tokens, indices, questions, answers)
+            for r, (q, f) in zip(part, split_targets(out), strict=True):
+                r.targets = TeacherTargets(query=q, fused=f)
+    return len(todo)
+
+
+def _targets(records: Sequence[Record]) -> TeacherBatch | None:
+    if any(r.targets is None for r in records):
+        return None
+    return stack_targets([(r.targets.query, r.targets.fused) for r in records])  # type: ignore[union-attr]
+
+
+class RoundTrainer:
+    """Trains the student's trainable set for one device's round.
+
+    Args:
+        teacher: The teacher (never updated).
+        student: The student, loaded with the device's trained copy.
+        akd: Loss weights, learning rate, batch size, seed (``akd.steps`` is not used:
+            ``train.max_steps`` is).
+        train: Steps, mixture and early stopping.
+        projectors: The device's projector state from its previous rounds (None: new).
+    """
+
+    def __init__(self, teacher: MLLM, student: MLLM, akd: AKDConfig, train: TrainConfig,
+                 projectors: dict[str, Tensor] | None = None) -> None:
+        self.akd = AKDTrainer(teacher, student, akd, progress=False)
+        self.student = student
+        self.cfg = train
+        self._projector_state = projectors
+        self._gen = torch.Generator().manual_seed(akd.seed)
+
+    # ---------------------------------------------------------------- projectors
+    def _ensure_projectors(self, sample: Record) -> None:
+        if self.akd.query_projector is not None:
+            return
+        # One tiny forward builds them with the right widths, then the saved state loads.
+        tokens, indices, questions, answers = _stack([sample])
+        self.akd.losses(tokens, indices, questions, answers, _targets([sample]))
+        if self._projector_state:
+            self.projector_modules().load_state_dict(self._projector_state)
+
+    def projector_modules(self) -> torch.nn.ModuleDict:
+        assert self.akd.query_projector is not None and self.akd.repr_projector is not None
+        return torch.nn.ModuleDict({'query': self.akd.query_projector,
+                                    'repr': self.akd.repr_projector})
+
+    def projector_state(self) -> dict[str, Tensor]:
+        """The projectors' weights (kept per device between rounds)."""
+        if self.akd.query_projector is None:
+            return dict(self._projector_state or {})
+        return {k: v.detach().clone() for k, v in self.projector_modules().state_dict().items()}
+
+    # ---------------------------------------------------------------- losses
+    def batch_losses(self, records: Sequence[Record]) -> dict[str, Tensor]:
+        """Eq. 6 over ``records`` (groups weighted by size), student side with gradients."""
+        total: dict[str, Tensor] = {}
+        n = len(records)
+        for group in grouped(records):
+            tokens, indices, questions, answers = _stack(group)
+            out = self.akd.losses(tokens, indices, questions, answers, _targets(group))
+            for key, value in out.items():
+                total[key] = total.get(key, 0.0) + value * (len(group) / n)
+        return total
+
+    def val_loss(self, records: Sequence[Record]) -> float:
+        """Mean teacher-forced CE of the student on ``records`` (eval mode, no gradient)."""
+        if not records:
+            return math.nan
+        model = self.student.torch_model
+        was = model.training
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for group in grouped(records):
+                    for start in range(0, len(group), 64):
+                        part = group[start:start + 64]
+                        tokens, indices, questions, answers = _stack(part)
+                        out = self.student.forward_train(tokens, indices, questions, answers)
+                        total += float(out.loss) * len(part)
+                        count += len(part)
+        finally:
+            model.train(was)
+        return total / count
+
+    # ---------------------------------------------------------------- the loop
+    def _draws(self, new: Sequence[Record], replay: Iterator[Record] | None,
+               anchor: Sequence[Record]) -> Callable[[], list[Record]]:
+        size = self.akd.cfg.batch_size
+        n_new = round(size * self.cfg.mix_new) if new else 0
+        n_anchor = round(size * self.cfg.mix_anchor) if anchor else 0
+        if replay is None:  # nothing to replay: the new samples take its share
+            n_new = size - n_anchor if new else 0
+        n_replay = size - n_new - n_anchor if replay is not None else 0
+        if not new and replay is None:
+            n_anchor = size if anchor else 0
+
+        def pick(pool: Sequence[Record], k: int) -> list[Record]:
+            idx = torch.randint(len(pool), (k,), generator=self._gen)
+            return [pool[int(i)] for i in idx]
+
+        def draw() -> list[Record]:
+            out = pick(new, n_new) if n_new else []
+            out += pick(anchor, n_anchor) if n_anchor else []
+            if n_replay and replay is not None:
+                out += [next(replay) for _ in range(n_replay)]
+            return out
+        return draw
+
+    def fit(self, new: Sequence[Record], replay: Iterator[Record] | None,
+            anchor: Sequence[Record], val: Sequence[Record]) -> TrainResult:
+        """Train on the mixture; end on the best validation weights.
+
+        Args:
+            new: The round's new labelled training records.
+            replay: Endless draws from the memory's labelled training records (None: none).
+            anchor: The anchor set's training records.
+            val: Held-out records for early stopping.
+
+        Raises:
+            ModelError: Nothing to train on, or a non-finite loss.
+        """
+        if not new and replay is None and not anchor:
+            raise ModelError('a round needs at least one labelled record to train on')
+        draw = self._draws(new, replay, anchor)
+        first = draw()
+        self._ensure_projectors(first[0])
+        model = self.student.torch_model
+        params = ([p for p in model.parameters() if p.requires_grad]
+                  + list(self.projector_modules().parameters()))
+        optimizer = torch.optim.AdamW(params, lr=self.akd.cfg.lr,
+                                      weight_decay=self.akd.cfg.weight_decay)
+        steps = self.cfg.max_steps
+        warm = max(1, int(WARMUP * steps))
+
+        def lr_at(step: int) -> float:
+            return min(1.0, (step + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+        val = list(val)[-self.cfg.val_max:]
+        val_first = best_val = self.val_loss(val)
+        best_state = self._snapshot()
+        best_step, bad, history = 0, 0, []
+        stopped = False
+        step = 0
+        batch = first
+        for step in range(1, steps + 1):
+            model.train(self.akd.cfg.train_mode)
+            try:
+                out = self.batch_losses(batch)
+            finally:
+                model.eval()
+            if not torch.isfinite(out['total']):
+                raise ModelError(f'round step {step}: non-finite loss '
+                                 f'{ {k: float(v) for k, v in out.items()} }')
+            optimizer.zero_grad(set_to_none=True)
+            out['total'].backward()
+            if self.akd.cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.akd.cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            history.append({k: float(v.detach()) for k, v in out.items()})
+            if step % self.cfg.eval_every == 0 or step == steps:
+                loss = self.val_loss(val) if val else -float(step)
+                if not val or loss < best_val:
+                    best_val, best_step, bad = loss, step, 0
+                    best_state = self._snapshot()
+                else:
+                    bad += 1
+                    if bad >= self.cfg.patience and step >= self.cfg.min_steps:
+                        stopped = True
+                        break
+            batch = draw()
+        self._restore(best_state)
+        return TrainResult(steps=step, best_step=best_step, val_first=val_first,
+                           val_best=best_val if val else math.nan, losses=history,
+                           stopped_early=stopped)
+
+    def _snapshot(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return self.student.trainable_state_dict(), self.projector_state()
+
+    def _restore(self, state: tuple[dict[str, Tensor], dict[str, Tensor]]) -> None:
+        self.student.load_trainable_state_dict(state[0])
+        if state[1] and self.akd.query_projector is not None:
+            self.projector_modules().load_state_dict(state[1])

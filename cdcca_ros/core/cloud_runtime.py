@@ -111,7 +111,7 @@ class CloudRuntime:
         records = []
         if anchor is not None and guard.enabled:
             records = anchor_records(Path(anchor), student, guard.val_fraction,
-                                     guard.gate_fraction, cfg.akd.max_new_tokens,
+                                     guard.anchor_gate_fraction, cfg.akd.max_new_tokens,
                                      limit=guard.anchor_limit)
         self.anchor = records
         self.runner = RoundRunner(teacher, student, private_key, cfg.akd, guard, cfg.codec,

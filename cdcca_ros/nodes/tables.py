@@ -162,6 +162,11 @@ CLOUD = (
           'replay and anchor)', low=0.0, high=1.0),
     Param('guard.mix_anchor', 0.2, 'share of each batch from the anchor set', low=0.0,
           high=1.0),
+    Param('guard.anchor_loss', 'kd', 'anchor samples train on the KL divergence from the base '
+          'student\'s own answer distributions (kd), on L_CE of its answers (ce) or on the '
+          'full Eq. 6 (akd)', choices=('kd', 'ce', 'akd')),
+    Param('guard.l2sp', 0.0, 'weight of the pull of the trainable set toward the weights the '
+          'student shipped with (L2-SP)', low=0.0, high=1e6),
     Param('guard.memory_mb', 64.0, 'replay memory bound per device (MiB)', low=0.01),
     Param('guard.val_fraction', 0.1, 'share of samples held out for early stopping', low=0.0,
           high=0.5),

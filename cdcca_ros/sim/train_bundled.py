@@ -89,7 +89,7 @@ learn, 300 samples a domain, 1000 steps): LoRA on attention + LM MLP, norms, bia
 tokens gained +20.7 DA on the drifted mean; adding LoRA on the Q-Former's feed-forward layers
 and the projection, and this adapter, +25.4 (+33.9 with 600 samples a domain, 2000 steps)."""
 
-ANCHOR_SAMPLES = 512
+ANCHOR_SAMPLES = 1024
 """Source-domain samples of the student's own training range shipped as its anchor set."""
 
 

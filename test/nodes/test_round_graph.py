@@ -38,6 +38,7 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
 
     from cdcca_ros.core.akd import AKDConfig
     from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
+    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.device_runtime import DeviceRuntime
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.models import bundled
@@ -53,7 +54,8 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
                               tmp_path / 'device', probe_image=images[0])
     cloud_rt = CloudRuntime(teacher, bundled.load(str(student_dir)), private, CloudConfig(
         min_samples=len(images), akd=AKDConfig(steps=30, lr=5e-3, batch_size=6),
-        codec='sparse', budget_bytes=None), state_dir=tmp_path / 'cloud')
+        codec='sparse', budget_bytes=None, guard=GuardConfig.plain(30)),
+        state_dir=tmp_path / 'cloud')
     device = DeviceNode(device_rt, context=ctx_robot, parameter_overrides=[
         Parameter('uts.entropy_threshold', value=0.0),
         Parameter('uts.keep_ratio', value=0.5)])

@@ -158,11 +158,58 @@ def anchor_records(path: Path, base_student: MLLM, val_fraction: float, gate_fra
     if len(answers) != len(questions):
         raise ModelError(f'the student gave {len(answers)} answers for {len(questions)} '
                          'anchor questions')
+    soft = base_distributions(base_student, tokens, questions, answers)
     out = []
     for i, (t, q, a) in enumerate(zip(tokens, questions, answers, strict=True)):
         sid = f'anchor-{i}'
         out.append(Record(sample_id=sid, seq=-1, tokens=t.to(torch.float16), indices=None,
                           question=q, split=split_of(sid, val_fraction, gate_fraction),
                           label=a or None, confidence=1.0, label_tokens=int(t.shape[0]),
-                          labelled=True))
+                          labelled=True, soft=soft[i]))
     return out
+
+
+TOP_K = 32
+
+
+def base_distributions(model: MLLM, tokens: Tensor, questions: Sequence[str],
+                       answers: Sequence[str], top_k: int = TOP_K, batch: int = 64
+                       ) -> list[tuple[Tensor, Tensor] | None]:
+    """The model's (teacher-forced) distribution at each answer position of each sample,
+    as its ``top_k`` entries ``(ids [A, k], probs [A, k])``; None for an empty answer."""
+    import torch
+
+    out: list[tuple[Tensor, Tensor] | None] = []
+    was = model.torch_model.training
+    model.torch_model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(questions), batch):
+                qs = list(questions[start:start + batch])
+                ans = list(answers[start:start + batch])
+                rows = [i for i, a in enumerate(ans) if a]
+                part: list[tuple[Tensor, Tensor] | None] = [None] * len(qs)
+                if rows:
+                    res = model.forward_train(tokens[start:start + batch][rows].float(), None,
+                                              [qs[i] for i in rows], [ans[i] for i in rows])
+                    for i, logits in zip(rows, answer_logits(res.logits, res.answer_mask),
+                                         strict=True):
+                        probs = logits.float().softmax(dim=-1)
+                        k = min(top_k, probs.shape[-1])
+                        top = probs.topk(k, dim=-1)
+                        part[i] = (top.indices.clone(), top.values.to(torch.float16).clone())
+                out += part
+    finally:
+        model.torch_model.train(was)
+    return out
+
+
+def answer_logits(logits: Tensor, answer_mask: Tensor) -> list[Tensor]:
+    """Per row, the ``[a, V]`` logits that predict its ``a`` answer tokens (eos included).
+
+    The model layer pads on the left, so every row ends at the last position and its answer
+    tokens are predicted from positions ``S - a - 1 .. S - 2`` (as ``TrainOutputs.fused``).
+    """
+    seq = logits.shape[1]
+    return [logits[b, seq - int(n) - 1:seq - 1]
+            for b, n in enumerate(answer_mask.sum(dim=1).tolist())]

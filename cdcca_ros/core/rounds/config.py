@@ -81,6 +81,8 @@ class GuardConfig:
         anchor: Anchor set: '' (the student's own ``anchor.safetensors`` if it ships one),
             ``'none'``, or a file (see :mod:`cdcca_ros.core.rounds.anchor`).
         anchor_limit: Anchor samples used at most.
+        anchor_gate_fraction: Share of the anchor set held out for the gate (its other
+            shares: ``val_fraction`` for early stopping, the rest trains).
         reset_after_refusals: After this many refused candidates in a row the trained copy
             restarts from what the device holds (a copy that keeps failing the gate has
             wandered off; RDumb's reset).
@@ -96,7 +98,8 @@ class GuardConfig:
     val_fraction: float = 0.1
     gate_fraction: float = 0.2
     anchor: str = ''
-    anchor_limit: int = 512
+    anchor_limit: int = 1024
+    anchor_gate_fraction: float = 0.3
     reset_after_refusals: int = 4
 
     def __post_init__(self) -> None:
@@ -134,7 +137,9 @@ class GuardConfig:
             train=TrainConfig(max_steps=p.get('max_steps', 150),
                               min_steps=min(p.get('min_steps', 30), p.get('max_steps', 150)),
                               mix_new=p.get('mix_new', 0.4),
-                              mix_anchor=p.get('mix_anchor', 0.2)),
+                              mix_anchor=p.get('mix_anchor', 0.2),
+                              anchor_loss=p.get('anchor_loss', 'kd'),
+                              l2sp=p.get('l2sp', 0.0)),
             gate=GateConfig(enabled=p.get('gate', True), alpha=p.get('alpha', 0.05),
                             min_gain=p.get('min_gain', 1.0),
                             tolerance=p.get('tolerance', 2.0),

@@ -13,11 +13,14 @@ label; the anchor set's own label). The held-out samples are never trained on:
 
 Rule (:meth:`GateConfig.decide`): ship when the ``new`` slice improves by at least
 ``min_gain`` points and significantly (one-sided exact McNemar test at ``alpha`` on its
-discordant pairs), and no other slice falls by more than its tolerance: more than
-``tolerance`` points (``anchor_tolerance`` for the anchor) *and* more than ``min_broken``
-net samples (so one flipped answer in a 30-sample slice is not a fall). One test of gain, on
-one slice, so no multiple-comparison correction is needed; the harm checks are tolerances,
-applied to every slice.
+discordant pairs), and no other slice falls by more than its tolerance. The anchor falls when
+it loses more than ``anchor_tolerance`` points *and* more than ``min_broken`` net samples: its
+reference answers are the base student's own, so every broken one is the original behaviour
+lost, and it is held strictly. A replay slice falls when it loses more than ``tolerance``
+points and ``min_broken`` samples *and* the loss is unlikely to be noise (one-sided McNemar
+``p < harm_alpha``): its references are teacher labels, a few of them wrong, and answers flip
+both ways between two adapters. One test of gain, on one slice, so no multiple-comparison
+correction is needed for shipping; the harm checks, applied to every slice, can only refuse.
 
 Where the teacher is no better than the device on a shift, its labels either agree with what
 the device already answers (no discordant pairs to gain from) or are unsure and dropped
@@ -47,6 +50,8 @@ class GateConfig:
         tolerance: Largest fall (points) of a replay slice.
         anchor_tolerance: Largest fall (points) of the anchor slice.
         min_broken: A slice falls only when it also loses more than this many samples net.
+        harm_alpha: A replay slice falls only when its loss is significant at this level
+            (one-sided McNemar); 1 disables that condition.
         min_slice: Replay clusters with fewer gate samples are pooled into one slice.
         max_new: The ``new`` slice holds at most this many of the newest samples.
     """
@@ -57,6 +62,7 @@ class GateConfig:
     tolerance: float = 2.0
     anchor_tolerance: float = 1.0
     min_broken: int = 2
+    harm_alpha: float = 0.2
     min_slice: int = 30
     max_new: int = 1000
 
@@ -67,6 +73,8 @@ class GateConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ConfigError(f'gate {name} must be finite and >= 0, got {value}')
+        if not 0.0 < self.harm_alpha <= 1.0:
+            raise ConfigError(f'gate harm_alpha must be in (0, 1], got {self.harm_alpha}')
         if self.min_broken < 0 or self.min_slice < 1 or self.max_new < 1:
             raise ConfigError(f'gate min_broken={self.min_broken}, min_slice={self.min_slice} '
                               f'and max_new={self.max_new} are out of range')
@@ -75,7 +83,10 @@ class GateConfig:
         """Whether slice ``name`` fell by more than it may."""
         tol = self.anchor_tolerance if name == ANCHOR else self.tolerance
         net = counts.broken - counts.fixed
-        return counts.n > 0 and -counts.gain > tol and net > self.min_broken
+        fell = counts.n > 0 and -counts.gain > tol and net > self.min_broken
+        if name == ANCHOR or not fell:
+            return fell
+        return counts.p_worse() < self.harm_alpha
 
     def decide(self, slices: Mapping[str, PairedCounts]) -> GateDecision:
         """Ship or refuse, with the reason (see the module docstring)."""

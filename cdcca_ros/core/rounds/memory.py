@@ -77,7 +77,7 @@ class TeacherTargets:
                    + self.fused.numel() * self.fused.element_size())
 
 
-@dataclass
+@dataclass(eq=False)
 class Record:
     """One uplinked sample as the cloud keeps it.
 
@@ -119,6 +119,9 @@ class Record:
     pull_round: int = -1
     cluster: int = -1
     feature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    soft: tuple[Tensor, Tensor] | None = None
+    """Anchor records: the base student's answer distribution at each answer position,
+    its top entries as ``(token ids [A, k], probabilities [A, k])`` (not persisted)."""
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:

@@ -144,6 +144,7 @@ class RoundRunner:
         self.refit_cfg, self.refit_min_error = refit, refit_min_error
         self.anchor = list(anchor)
         self._labeller = AKDTrainer(teacher, student, akd, progress=False)
+        self.base = student.trainable_state_dict()
 
     # ---------------------------------------------------------------- answers
     def answers(self, model: MLLM, records: Sequence[Record]) -> list[str]:
@@ -278,20 +279,25 @@ class RoundRunner:
                 return None
             replay_pool: list[Record] = []
             anchor_train: list[Record] = []
-            val: list[Record] = []
+            val: list[list[Record]] = []
         else:
             state.memory.recluster()
             replay_pool = [r for r in state.memory.select('train') if self.trainable(r)
                            and r.seq < (new_train[0].seq if new_train else state.round_seq)]
             anchor_train = [r for r in self.anchor if r.split == 'train' and r.usable]
-            val = ([r for r in state.memory.select('val') if self.trainable(r)]
-                   + [r for r in self.anchor if r.split == 'val' and r.usable])
+            held = [r for r in state.memory.select('val') if self.trainable(r)]
+            val = [[r for r in held if r.seq >= state.ship_seq],
+                   [r for r in held if r.seq < state.ship_seq],
+                   [r for r in self.anchor if r.split == 'val' and r.usable]]
             if not new_train and not replay_pool:
                 state.save()
                 return None
         trainer = RoundTrainer(self.teacher, self.student, self.akd, guard.train,
-                               projectors=state.projectors or None)
-        fill_targets(trainer.akd, new_train + replay_pool + anchor_train + val)
+                               projectors=state.projectors or None, base=self.base)
+        needs_targets = new_train + replay_pool
+        if guard.train.anchor_loss == 'akd':
+            needs_targets += anchor_train
+        fill_targets(trainer.akd, needs_targets)
         self.student.load_trainable_state_dict(state.trained)
         before = self._agreement(new_train)
         replay = state.memory.balanced_sampler(replay_pool) if replay_pool else None

@@ -9,10 +9,12 @@ optimiser update on the whole draw. Replayed records carry the teacher's AKD tar
 replay costs no teacher forward.
 
 The learning rate warms up over the first 5% of ``max_steps`` and follows a cosine to zero.
-Every ``eval_every`` steps the student's teacher-forced loss on the held-out ``val`` records
-is measured; the best weights so far are kept and training stops after ``patience``
-evaluations without improvement (never before ``min_steps``). The round ends on the best
-weights.
+Every ``eval_every`` steps from ``min_steps`` on, the student's teacher-forced loss on the
+held-out ``val`` slices is measured -- the mean of each slice's mean (the new data, older
+replay, the anchor set count alike, so old data cannot drown what the round is for); the
+best weights so far are kept and training stops after ``patience`` evaluations without
+improvement. The round ends on the best weights (never on the untrained ones: deciding
+whether the round helps at all is the gate's job, on other held-out samples).
 """
 from __future__ import annotations
 
@@ -47,6 +49,12 @@ class TrainConfig:
         mix_new: Share of each batch drawn from the round's new samples.
         mix_anchor: Share drawn from the anchor set (the rest: replay).
         val_max: Validation records used at most (the newest).
+        anchor_loss: ``'kd'``: anchor samples train on the KL divergence from the base
+            student's own answer distributions (its behaviour distilled back, margins
+            included); ``'ce'``: on L_CE of its answers only; ``'akd'``: on the full Eq. 6
+            like every other sample.
+        l2sp: Weight of ``sum (theta - theta_base)^2 / 2`` over the trainable set (L2-SP: a
+            pull toward the weights the student shipped with); 0: none.
     """
 
     max_steps: int = 150
@@ -56,6 +64,8 @@ class TrainConfig:
     mix_new: float = 0.4
     mix_anchor: float = 0.2
     val_max: int = 256
+    anchor_loss: str = 'kd'
+    l2sp: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.eval_every < 1 or self.patience < 1:
@@ -71,6 +81,10 @@ class TrainConfig:
             raise ConfigError(f'mix_new + mix_anchor = {self.mix_new + self.mix_anchor} > 1')
         if self.val_max < 1:
             raise ConfigError(f'val_max must be >= 1, got {self.val_max}')
+        if self.anchor_loss not in ('kd', 'ce', 'akd'):
+            raise ConfigError(f'anchor_loss must be kd, ce or akd, got {self.anchor_loss!r}')
+        if not (math.isfinite(self.l2sp) and self.l2sp >= 0):
+            raise ConfigError(f'l2sp must be finite and >= 0, got {self.l2sp}')
 
 
 @dataclass
@@ -128,6 +142,26 @@ def fill_targets(trainer: AKDTrainer, records: Sequence[Record], batch_size: int
     return len(todo)
 
 
+def _kd_loss(out: Any, records: Sequence[Record]) -> Tensor:
+    """Mean over answer positions of ``KL(p_base || p_student)`` on the base's top entries
+    (renormalised), for records that carry :attr:`Record.soft`."""
+    from cdcca_ros.core.rounds.anchor import answer_logits
+
+    terms = []
+    for logits, r in zip(answer_logits(out.logits, out.answer_mask), records, strict=True):
+        if r.soft is None:
+            continue
+        ids, probs = r.soft
+        n = min(int(ids.shape[0]), int(logits.shape[0]))
+        logp = logits[:n].float().log_softmax(dim=-1).gather(1, ids[:n].to(logits.device))
+        p = probs[:n].float().to(logits.device)
+        p = p / p.sum(dim=-1, keepdim=True)
+        terms.append((p * (p.clamp_min(1e-12).log() - logp)).sum(dim=-1))
+    if not terms:
+        return out.logits.float().sum() * 0.0
+    return torch.cat(terms).mean()
+
+
 def _targets(records: Sequence[Record]) -> TeacherBatch | None:
     if any(r.targets is None for r in records):
         return None
@@ -147,12 +181,15 @@ class RoundTrainer:
     """
 
     def __init__(self, teacher: MLLM, student: MLLM, akd: AKDConfig, train: TrainConfig,
-                 projectors: dict[str, Tensor] | None = None) -> None:
+                 projectors: dict[str, Tensor] | None = None,
+                 base: dict[str, Tensor] | None = None) -> None:
         self.akd = AKDTrainer(teacher, student, akd, progress=False)
         self.student = student
         self.cfg = train
         self._projector_state = projectors
         self._gen = torch.Generator().manual_seed(akd.seed)
+        self._base = base if train.l2sp > 0 else None
+        self.anchor_ids: set[str] = set()
 
     # ---------------------------------------------------------------- projectors
     def _ensure_projectors(self, sample: Record) -> None:
@@ -177,17 +214,44 @@ class RoundTrainer:
 
     # ---------------------------------------------------------------- losses
     def batch_losses(self, records: Sequence[Record]) -> dict[str, Tensor]:
-        """Eq. 6 over ``records`` (groups weighted by size), student side with gradients."""
+        """Eq. 6 over ``records`` (groups weighted by size), student side with gradients;
+        anchor records on L_CE alone when ``anchor_loss`` says so; plus L2-SP."""
         total: dict[str, Tensor] = {}
         n = len(records)
-        for group in grouped(records):
+        ce_only = self.cfg.anchor_loss in ('ce', 'kd')
+        anchors = [r for r in records if r.sample_id in self.anchor_ids] if ce_only else []
+        others = [r for r in records if r.sample_id not in self.anchor_ids] if ce_only else list(
+            records)
+        for group in grouped(others):
             tokens, indices, questions, answers = _stack(group)
             out = self.akd.losses(tokens, indices, questions, answers, _targets(group))
             for key, value in out.items():
                 total[key] = total.get(key, 0.0) + value * (len(group) / n)
+        for group in grouped(anchors):
+            tokens, indices, questions, answers = _stack(group)
+            out = self.student.forward_train(tokens, indices, questions, answers)
+            if self.cfg.anchor_loss == 'kd':
+                loss = _kd_loss(out, group) * (len(group) / n)
+                total['kd'] = total.get('kd', 0.0) + loss
+            else:
+                loss = out.loss.float() * (len(group) / n)
+                total['ce'] = total.get('ce', 0.0) + loss
+            total['total'] = total.get('total', 0.0) + self.akd.cfg.lambda_ce * loss
+        if self._base is not None:
+            live = self.student.trainable_parameters()
+            reg = sum(((live[k] - self._base[k]) ** 2).sum() for k in live) * 0.5
+            total['l2sp'] = reg
+            total['total'] = total['total'] + self.cfg.l2sp * reg
+        for key in ('query', 'repr'):
+            total.setdefault(key, torch.zeros(()))
         return total
 
-    def val_loss(self, records: Sequence[Record]) -> float:
+    def val_loss(self, slices: Sequence[Sequence[Record]]) -> float:
+        """Mean over the non-empty ``slices`` of the student's mean teacher-forced CE."""
+        losses = [self._slice_loss(records) for records in slices if records]
+        return float(sum(losses) / len(losses)) if losses else math.nan
+
+    def _slice_loss(self, records: Sequence[Record]) -> float:
         """Mean teacher-forced CE of the student on ``records`` (eval mode, no gradient)."""
         if not records:
             return math.nan
@@ -233,20 +297,21 @@ class RoundTrainer:
         return draw
 
     def fit(self, new: Sequence[Record], replay: Iterator[Record] | None,
-            anchor: Sequence[Record], val: Sequence[Record]) -> TrainResult:
+            anchor: Sequence[Record], val: Sequence[Sequence[Record]]) -> TrainResult:
         """Train on the mixture; end on the best validation weights.
 
         Args:
             new: The round's new labelled training records.
             replay: Endless draws from the memory's labelled training records (None: none).
             anchor: The anchor set's training records.
-            val: Held-out records for early stopping.
+            val: Held-out slices for early stopping (e.g. new data, older data, anchor).
 
         Raises:
             ModelError: Nothing to train on, or a non-finite loss.
         """
         if not new and replay is None and not anchor:
             raise ModelError('a round needs at least one labelled record to train on')
+        self.anchor_ids = {r.sample_id for r in anchor}
         draw = self._draws(new, replay, anchor)
         first = draw()
         self._ensure_projectors(first[0])
@@ -262,8 +327,9 @@ class RoundTrainer:
             return min(1.0, (step + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-        val = list(val)[-self.cfg.val_max:]
-        val_first = best_val = self.val_loss(val)
+        val = [list(v)[-self.cfg.val_max:] for v in val if v]
+        val_first = self.val_loss(val)
+        best_val = math.inf
         best_state = self._snapshot()
         best_step, bad, history = 0, 0, []
         stopped = False
@@ -285,7 +351,8 @@ class RoundTrainer:
             optimizer.step()
             schedule.step()
             history.append({k: float(v.detach()) for k, v in out.items()})
-            if step % self.cfg.eval_every == 0 or step == steps:
+            if step >= self.cfg.min_steps and (step % self.cfg.eval_every == 0
+                                               or step == steps):
                 loss = self.val_loss(val) if val else -float(step)
                 if not val or loss < best_val:
                     best_val, best_step, bad = loss, step, 0

@@ -324,8 +324,8 @@ def run(ctx: BenchContext) -> BenchResult:
     from cdcca_ros.core import dwc
     from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
     from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
-    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.refit import RefitConfig
+    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.errors import PayloadTooLargeError
     from cdcca_ros.nodes.tables import defaults

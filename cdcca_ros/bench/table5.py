@@ -165,8 +165,8 @@ def run(ctx: BenchContext) -> BenchResult:
     from cdcca_ros.core import dwc
     from cdcca_ros.core.akd import AKDConfig
     from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
-    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.device_runtime import DeviceRuntime
+    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.uts import UtsPipeline, unpack_tokens
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.nodes.tables import defaults

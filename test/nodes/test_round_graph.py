@@ -38,8 +38,8 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
 
     from cdcca_ros.core.akd import AKDConfig
     from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
-    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.device_runtime import DeviceRuntime
+    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.models import bundled
     from cdcca_ros.nodes.cloud_node import CloudNode

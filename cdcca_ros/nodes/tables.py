@@ -155,12 +155,14 @@ CLOUD = (
     Param('dwc.chunk_bytes', 32768, 'largest DwcDelta chunk', low=256),
     Param('guard.enabled', True, 'guarded rounds (replay, anchor, gate, audit); false: the '
           'paper\'s round (train on the round\'s samples, ship every result)'),
-    Param('guard.max_steps', 150, 'most optimiser steps of a round (early stopping on '
+    Param('guard.max_steps', 300, 'most optimiser steps of a round (early stopping on '
           'held-out samples ends it sooner)', low=1),
-    Param('guard.min_steps', 30, 'fewest steps before early stopping may end a round', low=0),
+    Param('guard.min_steps', 120, 'fewest steps before early stopping may end a round', low=0),
+    Param('guard.data_epochs', 4.0, 'times each labelled sample (new or replayed) is drawn in '
+          'a round: sets its length within [min_steps, max_steps]', low=0.1, high=1000.0),
     Param('guard.mix_new', 0.4, 'share of each batch from the round\'s new samples (the rest: '
           'replay and anchor)', low=0.0, high=1.0),
-    Param('guard.mix_anchor', 0.2, 'share of each batch from the anchor set', low=0.0,
+    Param('guard.mix_anchor', 0.3, 'share of each batch from the anchor set', low=0.0,
           high=1.0),
     Param('guard.anchor_loss', 'kd', 'anchor samples train on the KL divergence from the base '
           'student\'s own answer distributions (kd), on L_CE of its answers (ce) or on the '

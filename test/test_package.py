@@ -49,6 +49,10 @@ def test_core_never_imports_rclpy():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     count, has_rclpy = out.stdout.split()
+    # Every module of the three packages was imported (an empty list would prove nothing).
+    expected = [p for d in ('core', 'sim', 'transport')
+                for p in (REPO / 'cdcca_ros' / d).glob('*.py') if p.stem != '__init__']
+    assert int(count) == len(expected) >= 20, (count, sorted(p.stem for p in expected))
     assert has_rclpy == 'False'
 
 

@@ -18,7 +18,7 @@ EXECUTOR_KINDS = ('events', 'multi_threaded', 'single_threaded')
 
 
 @pytest.fixture
-def tiny_runtime(tmp_path):
+def student_runtime(tmp_path):
     """The bundled student (small: ~10 ms an answer) behind a DeviceRuntime."""
     from cdcca_ros.core.device_runtime import DeviceRuntime
     from cdcca_ros.models import bundled
@@ -51,7 +51,7 @@ def _image_msg(rgb: np.ndarray, stamp=None, encoding: str = 'rgb8'):
 
 
 @pytest.mark.parametrize('kind', EXECUTOR_KINDS)
-def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
+def test_ask_answers_on_every_executor(ros_context_pair, student_runtime, kind):
     """Latest frame and frame-in-request answers equal the direct ones; Answer, the annotated
     image and the UTS hand-off all follow, one per answer, in answer order (published after
     the response on the one-thread executors, before it on the multi-threaded one)."""
@@ -65,7 +65,7 @@ def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
     from cdcca_ros.nodes.device_node import DeviceNode
 
     ctx_robot, ctx_client = ros_context_pair
-    device = DeviceNode(tiny_runtime, context=ctx_robot)
+    device = DeviceNode(student_runtime, context=ctx_robot)
     handed = []
     device.listeners.append(lambda sample, header, rgb: handed.append((sample.text, header,
                                                                        rgb.copy())))
@@ -97,11 +97,11 @@ def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
         # The model's answers tell questions and frames apart, so an answer about the wrong
         # question or frame cannot equal the direct one (bgr8 decoded as rgb would swap the
         # colour too).
-        direct = {(f, q): tiny_runtime.answer(im, q).text
+        direct = {(f, q): student_runtime.answer(im, q).text
                   for f, im in (('latest', rgb), ('other', other)) for q in questions}
         assert direct['latest', questions[0]] != direct['latest', questions[1]], direct
         assert direct['other', questions[0]] != direct['latest', questions[0]], direct
-        assert tiny_runtime.answer(other[:, :, ::-1].copy(), questions[0]).text != (
+        assert student_runtime.answer(other[:, :, ::-1].copy(), questions[0]).text != (
             direct['other', questions[0]]), direct
         msg = _image_msg(rgb, client.get_clock().now().to_msg())
         assert spin_until([executor], lambda: image_pub.get_subscription_count() > 0, 10.0)
@@ -149,10 +149,10 @@ def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
         device.destroy_node()
 
 
-def test_node_without_executor_publishes_at_once(ros_context, tiny_runtime):
+def test_node_without_executor_publishes_at_once(ros_context, student_runtime):
     from cdcca_ros.nodes.device_node import DeviceNode
 
-    device = DeviceNode(tiny_runtime, context=ros_context)
+    device = DeviceNode(student_runtime, context=ros_context)
     handed = []
     device.listeners.append(lambda sample, header, rgb: handed.append(sample.text))
     try:
@@ -191,7 +191,7 @@ def test_frame_rgb_views_packed_rgb8_and_converts_the_rest():
         frame_rgb(broken)
 
 
-def test_unknown_executor_is_refused(ros_context, tiny_runtime):
+def test_unknown_executor_is_refused(ros_context, student_runtime):
     from rclpy.parameter import Parameter
 
     from cdcca_ros.errors import ConfigError
@@ -199,9 +199,9 @@ def test_unknown_executor_is_refused(ros_context, tiny_runtime):
     from cdcca_ros.nodes.device_node import DeviceNode
 
     with pytest.raises(ConfigError, match="'executor'"):
-        DeviceNode(tiny_runtime, context=ros_context,
+        DeviceNode(student_runtime, context=ros_context,
                    parameter_overrides=[Parameter('executor', value='turbo')])
-    device = DeviceNode(tiny_runtime, context=ros_context)
+    device = DeviceNode(student_runtime, context=ros_context)
     try:
         with pytest.raises(ConfigError, match="unknown executor 'turbo'"):
             NodeSpinner([device], 'turbo', context=ros_context)
@@ -212,7 +212,7 @@ def test_unknown_executor_is_refused(ros_context, tiny_runtime):
         device.destroy_node()
 
 
-def test_events_falls_back_where_rclpy_has_no_events_executor(ros_context, tiny_runtime,
+def test_events_falls_back_where_rclpy_has_no_events_executor(ros_context, student_runtime,
                                                               monkeypatch):
     from rclpy.executors import MultiThreadedExecutor
 
@@ -220,7 +220,7 @@ def test_events_falls_back_where_rclpy_has_no_events_executor(ros_context, tiny_
     from cdcca_ros.nodes.device_node import DeviceNode
 
     monkeypatch.setattr(common, 'events_executor_factory', lambda: None)
-    device = DeviceNode(tiny_runtime, context=ros_context)
+    device = DeviceNode(student_runtime, context=ros_context)
     try:
         spinner = common.NodeSpinner([device], 'events', context=ros_context)
         assert spinner.kind == 'multi_threaded'

@@ -42,13 +42,19 @@ def test_core_never_imports_rclpy():
     """The pure-Python core must stay usable without a ROS graph."""
     code = ('import sys, importlib, pkgutil, cdcca_ros;'
             'names = [m.name for p in ("core", "sim", "transport") '
-            'for m in pkgutil.iter_modules([f"{cdcca_ros.__path__[0]}/{p}"], f"cdcca_ros.{p}.")];'
+            'for m in pkgutil.walk_packages([f"{cdcca_ros.__path__[0]}/{p}"], f"cdcca_ros.{p}.")];'
             '[importlib.import_module(n) for n in names if not n.endswith("__main__")];'
             'print(len(names), "rclpy" in sys.modules)')
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     count, has_rclpy = out.stdout.split()
+    # Every module and subpackage of the three packages was imported (an empty list would
+    # prove nothing).
+    roots = [REPO / 'cdcca_ros' / d for d in ('core', 'sim', 'transport')]
+    expected = ([p for r in roots for p in r.rglob('*.py') if p.name != '__init__.py']
+                + [p.parent for r in roots for p in r.rglob('__init__.py') if p.parent != r])
+    assert int(count) == len(expected) >= 20, (count, sorted(str(p) for p in expected))
     assert has_rclpy == 'False'
 
 

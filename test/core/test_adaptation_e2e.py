@@ -24,6 +24,7 @@ from cdcca_ros.bench.common import BENCH_START, EVAL_START, model_image_size
 from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
 from cdcca_ros.core.device_runtime import DeviceRuntime
+from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.wire import generate_keypair
 from cdcca_ros.sim.domains import SOURCE
 from cdcca_ros.sim.scoring import vqa_accuracy
@@ -63,7 +64,8 @@ def test_one_round_raises_drifted_accuracy_and_bounds_forgetting():
         device = DeviceRuntime(bundled.load('bundled:student'), DEVICE_ID, public)
         cloud = CloudRuntime(bundled.load('bundled:teacher'), bundled.load('bundled:student'),
                              private, CloudConfig(min_samples=1, akd=AKDConfig(
-                                 lr=1e-3, steps=40, batch_size=16, seed=SEED)))
+                                 lr=1e-3, steps=40, batch_size=16, seed=SEED),
+                                 guard=GuardConfig.plain(40)))
         world = World(SEED)
         size = model_image_size(device.model)  # the scenes the camera shows, at model size
         stream = (world.samples(DRIFTED, STREAM_DRIFTED, size, start=BENCH_START)

@@ -1,8 +1,13 @@
 """ROS plumbing shared by the nodes: parameters from the tables, QoS profiles, diagnostics,
-executors."""
+executors, the process around a node (help, fatal errors, logging)."""
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,9 +34,9 @@ from rclpy.qos import (
     qos_profile_sensor_data,
 )
 
-from cdcca_ros.errors import ConfigError
+from cdcca_ros.errors import CdccaError, ConfigError
 from cdcca_ros.nodes.dds_profile import DDS_PROFILE, use_dds_profile  # noqa: F401 - re-export
-from cdcca_ros.nodes.tables import TABLES, Param
+from cdcca_ros.nodes.tables import TABLES, Param, unknown_parameters
 
 SENSOR_QOS = qos_profile_sensor_data
 # Commands, answers and uplink samples: reliable, a bounded queue.
@@ -48,9 +53,15 @@ DELTA_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
 
 
 def _descriptor(param: Param) -> ParameterDescriptor:
-    desc = ParameterDescriptor(description=param.description)
+    # Read-only unless the node applies a change while it runs: a set of a read-only parameter
+    # is refused by rclpy with the reason, instead of reporting success and changing nothing.
+    desc = ParameterDescriptor(description=param.description, read_only=not param.runtime)
+    constraints = []
     if param.choices:
-        desc.additional_constraints = 'one of: ' + ', '.join(param.choices)
+        constraints.append('one of: ' + ', '.join(param.choices))
+    if not param.runtime:
+        constraints.append('read-only: fixed when the node starts (restart to change)')
+    desc.additional_constraints = '; '.join(constraints)
     if param.type is int and (param.low is not None or param.high is not None):
         desc.integer_range = [IntegerRange(from_value=int(param.low if param.low is not None
                                                           else -2**63),
@@ -63,46 +74,316 @@ def _descriptor(param: Param) -> ParameterDescriptor:
     return desc
 
 
+ROS_PARAMETERS = ('use_sim_time', 'start_type_description_service')
+"""Parameters rclpy declares on every node by itself."""
+
+
+def _is_ros_parameter(name: str) -> bool:
+    return name in ROS_PARAMETERS or name.startswith('qos_overrides.')
+
+
+def _check_overrides(node: Node, table_name: str, table: dict[str, Param]) -> None:
+    """Refuse overrides (command line, YAML) that name no parameter of the table or carry a bad
+    value, with one line each; an integer given for a float parameter becomes a float."""
+    from rclpy.parameter import Parameter  # noqa: PLC0415
+
+    overrides = getattr(node, '_parameter_overrides', None)
+    if not isinstance(overrides, dict):
+        return
+    unknown = [n for n in overrides if n not in table and not _is_ros_parameter(n)]
+    if unknown:
+        raise unknown_parameters(table_name, unknown)
+    for name, param in list(overrides.items()):
+        spec = table.get(name)
+        if spec is None:
+            continue
+        try:
+            value = spec.check(param.value)
+        except ConfigError as err:
+            raise ConfigError(f'{node.get_name()}: {err}') from err
+        if spec.type is float and not isinstance(param.value, float):
+            overrides[name] = Parameter(name, value=value)  # fps:=5 means 5.0
+
+
 def declare_table(node: Node, table_name: str,
-                  on_change: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+                  on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Declare every parameter of ``table_name`` on ``node``, validated, and return the values.
 
-    The validation callback is registered before the declarations, so defaults and overrides
-    from YAML or the command line are checked too. A bad value makes the declaration fail with
-    a message naming the parameter and the value.
+    Overrides are checked first (an unknown name or a bad value raises :class:`ConfigError`
+    naming it, the range or the known names). The validation callback is registered before the
+    declarations, so defaults are checked too. Parameters the table marks ``runtime`` can then
+    be set through the standard parameter services: each value is checked, ``on_change`` applies
+    the accepted changes (it may refuse them by raising ConfigError, whose message becomes the
+    reason), and the returned dict is updated in place. The others are declared read-only.
 
     Args:
         node: the node.
         table_name: key of :data:`cdcca_ros.nodes.tables.TABLES`.
-        on_change: called with (name, value) after a later accepted change.
+        on_change: called with ``{name: value}`` of one accepted set (before it takes effect).
+
+    Raises:
+        ConfigError: an unknown override, a bad value, or a declaration rclpy refused.
     """
     table = {p.name: p for p in TABLES[table_name]}
-    declared: set[str] = set()
+    _check_overrides(node, table_name, table)
+    values: dict[str, Any] = {}
+    declaring = [True]
 
     def check(params) -> SetParametersResult:
+        changes = {}
         for p in params:
             spec = table.get(p.name)
             if spec is None:
                 continue
             try:
-                spec.check(p.value)
+                changes[p.name] = spec.check(p.value)
             except ConfigError as err:
                 return SetParametersResult(successful=False, reason=str(err))
-        for p in params:
-            if p.name in declared and on_change is not None:
-                on_change(p.name, p.value)
+        if declaring[0] or not changes:
+            return SetParametersResult(successful=True)
+        if on_change is not None:
+            try:
+                on_change(changes)
+            except ConfigError as err:
+                return SetParametersResult(successful=False, reason=str(err))
+        values.update(changes)
+        node.get_logger().info('parameters changed: ' + ', '.join(
+            f'{k}={v!r}' for k, v in changes.items()))
         return SetParametersResult(successful=True)
 
     node.add_on_set_parameters_callback(check)
-    values = {}
     for spec in table.values():
         try:
             param = node.declare_parameter(spec.name, spec.default, _descriptor(spec))
         except Exception as err:  # rclpy raises InvalidParameterValueException et al.
-            raise ConfigError(f'{node.get_name()}: {err}') from err
-        declared.add(spec.name)
+            text = ' '.join(str(err).split())
+            raise ConfigError(f'{node.get_name()}: parameter {spec.name!r}: {text}') from err
         values[spec.name] = spec.check(param.value)
+    declaring[0] = False
     return values
+
+
+def destroy_on_error(init: Callable[..., None]) -> Callable[..., None]:
+    """Decorate a node's ``__init__``: when it raises (a bad parameter), the half-built node is
+    destroyed at once, so the context's shutdown never meets it half-initialised."""
+    @functools.wraps(init)
+    def wrapper(self: Node, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            try:
+                Node.destroy_node(self)
+            except Exception:  # noqa: BLE001 - Node.__init__ itself may have failed
+                pass
+            raise
+    return wrapper
+
+
+class LastError:
+    """A node's recent errors by kind, each cleared by a later success of its kind or by age.
+
+    Diagnostics show the most recent active error and its age; a node is at WARN only while one
+    is active, so one rejected frame does not leave it there for good (the counters keep the
+    history).
+    """
+
+    def __init__(self, hold_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.hold_s = hold_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._errors: dict[str, tuple[str, float]] = {}
+
+    def set(self, kind: str, text: str) -> str:
+        """Record ``text`` as the latest error of ``kind``; returns ``text``."""
+        with self._lock:
+            self._errors[kind] = (text, self._clock())
+        return text
+
+    def clear(self, *kinds: str) -> None:
+        """A success of these kinds: their errors are over."""
+        with self._lock:
+            for kind in kinds:
+                self._errors.pop(kind, None)
+
+    def latest(self) -> tuple[str, float | None]:
+        """The most recent active error and its age in seconds, or ('', None)."""
+        now = self._clock()
+        with self._lock:
+            for kind, (_, at) in list(self._errors.items()):
+                if now - at > self.hold_s:
+                    del self._errors[kind]
+            if not self._errors:
+                return '', None
+            text, at = max(self._errors.values(), key=lambda e: e[1])
+        return text, now - at
+
+    @property
+    def text(self) -> str:
+        return self.latest()[0]
+
+    def values(self) -> dict[str, Any]:
+        """``last_error`` and ``last_error_age_s`` for a diagnostics status."""
+        text, age = self.latest()
+        return {'last_error': text, 'last_error_age_s': '' if age is None else f'{age:.1f}'}
+
+
+class RosLogHandler(logging.Handler):
+    """Forwards Python ``logging`` records to a node's ROS logger (console and /rosout)."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(logging.INFO)
+        self._logger = node.get_logger()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+            return
+        # One call site per severity: rclpy refuses one site logging at several severities.
+        if record.levelno >= logging.CRITICAL:
+            self._logger.fatal(text)
+        elif record.levelno >= logging.ERROR:
+            self._logger.error(text)
+        elif record.levelno >= logging.WARNING:
+            self._logger.warning(text)
+        elif record.levelno >= logging.INFO:
+            self._logger.info(text)
+        else:
+            self._logger.debug(text)
+
+
+def route_logging(node: Node, name: str = 'cdcca_ros') -> Callable[[], None]:
+    """Send the Python log records of logger ``name`` (INFO and up) to ``node``'s ROS logger.
+
+    Returns:
+        A function that undoes it.
+    """
+    logger = logging.getLogger(name)
+    handler = RosLogHandler(node)
+    previous = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.propagate = False  # not printed a second time by a parent's handler
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(previous[0])
+        logger.propagate = previous[1]
+    return undo
+
+
+def quiet_libraries() -> None:
+    """Silence what the ML libraries print on every node start and a person cannot act on:
+    the weights-loading progress bar (transformers / huggingface_hub) and bitsandbytes' hint to
+    install ``kernels`` (which this project must not install). Progress bars stay on for long
+    work a person waits on (benchmarks, training), which never calls this."""
+    os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+    if 'transformers' in sys.modules:
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+        hf_logging.disable_progress_bar()
+    logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(logging.ERROR)
+
+
+def one_line(err: BaseException | str) -> str:
+    """An error as one line: its type (for exceptions outside the package) and message."""
+    text = ' '.join(str(err).split())
+    if isinstance(err, BaseException) and not isinstance(err, CdccaError):
+        text = f'{type(err).__name__}: {text}'
+    return text
+
+
+def fail(node: Node, message: str) -> None:
+    """The node can never work: one FATAL line, then the process ends with a non-zero code.
+
+    Sets the node's ``fatal_error``: a :class:`NodeSpinner` built with ``stop_when=`` that
+    attribute stops spinning, and :func:`exit_code` turns it into the process's exit code (the
+    runner then stops the rest of the set). Safe from any thread.
+    """
+    node.fatal_error = message
+    node.get_logger().fatal(message)
+
+
+def failed(*nodes: Node) -> Callable[[], bool]:
+    """A ``stop_when`` predicate: whether one of ``nodes`` called :func:`fail`."""
+    return lambda: any(getattr(n, 'fatal_error', None) for n in nodes)
+
+
+def usage(name: str, table: str | None, doc: str | None) -> str:
+    """The ``--help`` text of a node: its docstring, how to set parameters, the table."""
+    lines = [f'usage: python -m cdcca_ros.nodes.{name} [--ros-args -p NAME:=VALUE ...]',
+             f'       ros2 run cdcca_ros {name} [--ros-args ...]', '']
+    if doc:
+        lines += [doc.strip(), '']
+    if table:
+        lines.append('parameters (runtime: settable while running; others read-only):')
+        for p in TABLES[table]:
+            extra = f' (one of: {", ".join(p.choices)})' if p.choices else ''
+            extra += f' {p.range_text}' if p.range_text else ''
+            flag = 'runtime' if p.runtime else ''
+            lines.append(f'  {p.name} = {p.default!r}  {flag}'.rstrip())
+            lines.append(f'      {p.description}{extra}')
+    return '\n'.join(lines)
+
+
+def run_node(name: str, spin: Callable[[list[str] | None], int | None],
+             args: list[str] | None = None, *, table: str | None = None,
+             doc: str | None = None, quiet: bool = False) -> int:
+    """Run a node process: ``--help``, rclpy init, one FATAL line for an error that stops it.
+
+    Args:
+        name: the node's executable name.
+        spin: creates the node(s) and spins; returns the exit code (None: 0). Runs inside
+            ``rclpy.init``; a :class:`~cdcca_ros.errors.CdccaError` it raises (a bad
+            parameter, a model that cannot load) becomes one FATAL line and exit code 1.
+        args: the command line (None: ``sys.argv``).
+        table: the node's parameter table, for ``--help``.
+        doc: the node module's docstring, for ``--help``.
+        quiet: silence the ML libraries' start-up output (:func:`quiet_libraries`).
+
+    Returns:
+        The process exit code: 0 after Ctrl-C / SIGTERM, 1 after a fatal error, 2 for a bad
+        command line.
+    """
+    import rclpy  # noqa: PLC0415
+    from rclpy.logging import get_logger  # noqa: PLC0415
+    from rclpy.utilities import remove_ros_args  # noqa: PLC0415
+
+    argv = list(sys.argv if args is None else args)
+    extra = remove_ros_args(argv)[1:]
+    if '-h' in extra or '--help' in extra:
+        print(usage(name, table, doc))
+        return 0
+    if extra:
+        print(f'{name}: unexpected argument(s) {" ".join(extra)}; parameters go after '
+              f'--ros-args, e.g. --ros-args -p NAME:=VALUE (--help lists them)',
+              file=sys.stderr)
+        return 2
+    if quiet:
+        quiet_libraries()
+    use_dds_profile()
+    try:
+        with rclpy.init(args=argv):
+            try:
+                return spin(argv) or 0
+            except CdccaError as err:
+                get_logger(name).fatal(one_line(err).removeprefix(f'{name}: '))
+                return 1
+    except (KeyboardInterrupt, ExternalShutdownException):
+        return 0
+
+
+def exit_code(nodes: Sequence[Node]) -> int:
+    """1 when one of ``nodes`` failed (:func:`fail`), else 0."""
+    return 1 if any(getattr(n, 'fatal_error', None) for n in nodes) else 0
+
+
+def version_label(device_id: str, version: int | str) -> str:
+    """The one format of an adapter version everywhere it is shown: ``<device>:v<N>``."""
+    return f'{device_id}:v{version}'
 
 
 class Diagnostics:
@@ -181,8 +462,12 @@ class NodeSpinner:
     """
 
     def __init__(self, nodes: Sequence[Node], kind: str = 'multi_threaded', *,
-                 context: Context | None = None, num_threads: int = 4) -> None:
+                 context: Context | None = None, num_threads: int = 4,
+                 stop_when: Callable[[], bool] | None = None) -> None:
         """Create the executor and add ``nodes`` to it.
+
+        ``stop_when``, checked between slices of at most :data:`EVENTS_SLICE_S`, ends
+        :meth:`spin` when it returns True (e.g. :func:`failed`).
 
         Raises:
             ConfigError: ``kind`` is not one of :data:`EXECUTORS`, or ``num_threads`` < 1.
@@ -205,16 +490,15 @@ class NodeSpinner:
         for node in nodes:
             self.executor.add_node(node)
         self._stop = threading.Event()
+        self._stop_when = stop_when
         self._thread: threading.Thread | None = None
 
     def _ok(self) -> bool:
-        return not self._stop.is_set() and (self.context is None or self.context.ok())
+        return (not self._stop.is_set() and (self.context is None or self.context.ok())
+                and not (self._stop_when is not None and self._stop_when()))
 
     def spin(self) -> None:
-        """Run callbacks until :meth:`shutdown` or until the context shuts down."""
-        if self.kind != 'events':
-            self.executor.spin()
-            return
+        """Run callbacks until :meth:`shutdown`, ``stop_when`` or the context's shutdown."""
         try:
             while self._ok():
                 self.executor.spin_once(timeout_sec=EVENTS_SLICE_S)

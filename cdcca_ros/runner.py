@@ -200,7 +200,7 @@ def launches_from_args(args: argparse.Namespace) -> list[NodeLaunch]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # NAME:=VALUE before or after the options
     try:
         launches = launches_from_args(args)
     except ConfigError as err:

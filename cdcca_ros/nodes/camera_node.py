@@ -183,7 +183,8 @@ class CameraNode(Node):
 
     def _report(self) -> None:
         stats = self.camera.stats
-        values = {'connected': self.camera.is_connected, 'published': self._published,
+        values = {'source': self.camera.describe(), 'connected': self.camera.is_connected,
+                  'published': self._published,
                   'fps': f'{stats.fps:.2f}', 'frames': stats.frames, 'drops': stats.drops,
                   'reconnects': stats.reconnects, 'last_error': self._error or stats.last_error}
         if not self.camera.is_connected:

@@ -248,6 +248,10 @@ class CloudNode(Node):
         values: dict[str, Any] = dict(self.counters)
         values.update(self.errors.values())
         if self.runtime is not None:
+            cfg = self.runtime.cfg
+            values['round'] = f'min_samples={cfg.min_samples} max_wait_s={cfg.max_wait_s:g}'
+            values['akd'] = f'steps={cfg.akd.steps} lr={cfg.akd.lr:g}'
+            values['dwc'] = f'codec={cfg.codec} budget_bytes={cfg.budget_bytes}'
             for device_id, state in self.runtime.devices.items():
                 values[f'{device_id}.version'] = state.version
                 values[f'{device_id}.pending'] = len(state.pending)

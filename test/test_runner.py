@@ -5,7 +5,6 @@ These start real node processes (the device set) on the test's own ROS domain.
 """
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess

@@ -5,7 +5,7 @@ ROS 2 install has and the PyPI wheels do not).
 """
 from __future__ import annotations
 
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, Shutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -76,10 +76,12 @@ def _nodes(context: LaunchContext, set_name: str) -> list[Node]:
                              device_ns=LaunchConfiguration('device_ns').perform(context),
                              cloud_ns=LaunchConfiguration('cloud_ns').perform(context),
                              params_files=files, **switches)
+    # A node that exits (one FATAL line: it can never work) stops the set, as the runner does.
     return [Node(package='cdcca_ros', executable=launch.executable, name=launch.name,
                  namespace=launch.namespace, output='screen',
                  parameters=[p for p in (launch.params_file, launch.parameters) if p],
-                 remappings=list(launch.remappings))
+                 remappings=list(launch.remappings),
+                 on_exit=Shutdown(reason=f'{launch.name} exited'))
             for launch in launches]
 
 

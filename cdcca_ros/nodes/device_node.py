@@ -120,9 +120,7 @@ def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
     """Load the model and the cloud key named by the node's parameters."""
     from cdcca_ros.core import wire
     from cdcca_ros.models import bundled
-    from cdcca_ros.models.registry import check_torch_device
 
-    check_torch_device(params['torch_device'])
     model = bundled.load(params['model'], None if params['quantization'] == 'none'
                          else params['quantization'], params['torch_device'])
     key = wire.load_public_key(params['cloud_public_key']) if params['cloud_public_key'] \

@@ -40,9 +40,8 @@ from cdcca_ros.nodes.common import (
     Diagnostics,
     declare_table,
     destroy_on_error,
-    route_logging,
-    run_node,
 )
+from cdcca_ros.nodes.process import route_logging, run_node
 
 SOURCE_PARAMS = ('fps', 'synthetic.schedule', 'synthetic.seed')
 """Runtime parameters whose change reopens the frame source."""

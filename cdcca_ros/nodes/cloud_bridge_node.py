@@ -48,9 +48,8 @@ from cdcca_ros.nodes.common import (
     LastError,
     declare_table,
     destroy_on_error,
-    route_logging,
-    run_node,
 )
+from cdcca_ros.nodes.process import route_logging, run_node
 
 UPLINK_TOPIC = 'uts_tokens'
 DOWNLINK_TOPIC = 'dwc_delta'

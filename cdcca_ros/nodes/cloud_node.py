@@ -44,15 +44,10 @@ from cdcca_ros.nodes.common import (
     NodeSpinner,
     declare_table,
     destroy_on_error,
-    exit_code,
-    fail,
-    failed,
-    one_line,
-    route_logging,
-    run_node,
     version_label,
 )
 from cdcca_ros.nodes.delta_msgs import envelope_to_msgs
+from cdcca_ros.nodes.process import exit_code, fail, failed, one_line, route_logging, run_node
 
 
 def signing_key(params: dict[str, Any], state_dir: Path):

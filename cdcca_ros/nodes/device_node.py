@@ -27,7 +27,8 @@ A model that cannot load (a wrong path, a CUDA device this torch lacks) is one F
 non-zero exit, so the runner or launch stops the set instead of a node answering "model not
 ready" forever. Questions on the topic are read with a keep-all reliable subscription: a flood
 is never dropped silently by DDS, it reaches the bounded question queue, where what does not fit
-is counted (``questions_dropped``); losses the middleware reports are counted too
+is counted (``questions_dropped``), as are questions it could not answer
+(``questions_unanswered``, the reason in the log) and losses the middleware reports
 (``questions_lost``). Runtime parameters (``ros2 param set``): ``max_new_tokens``,
 ``frame_max_age_ms``, ``annotate`` and the ``uts.*`` selection settings; the rest is read-only.
 """
@@ -68,16 +69,11 @@ from cdcca_ros.nodes.common import (
     NodeSpinner,
     declare_table,
     destroy_on_error,
-    exit_code,
-    fail,
-    failed,
-    one_line,
-    route_logging,
-    run_node,
     runs_one_callback_at_a_time,
     version_label,
 )
 from cdcca_ros.nodes.delta_msgs import DeltaReassembler
+from cdcca_ros.nodes.process import exit_code, fail, failed, one_line, route_logging, run_node
 from cdcca_ros.srv import Ask, Rollback
 
 SampleListener = Callable[[AnsweredSample, Header, np.ndarray], None]
@@ -162,7 +158,8 @@ class DeviceNode(Node):
         self._publish_lock = threading.Lock()  # one drainer at a time keeps answer order
         self._reassembler = DeltaReassembler()
         self.counters = {'answers': 0, 'rejected_images': 0, 'questions': 0,
-                         'questions_dropped': 0, 'questions_lost': 0, 'questions_refused': 0,
+                         'questions_dropped': 0, 'questions_unanswered': 0,
+                         'questions_lost': 0, 'questions_refused': 0,
                          'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0}
         self.errors = LastError()
         self._stop = threading.Event()
@@ -254,7 +251,9 @@ class DeviceNode(Node):
             answer, error = self.answer(q.question_id, q.question, list(q.choices),
                                         q.image if q.use_image else None)
             if error:
-                self.get_logger().warning(f'question {q.question_id!r} not answered: {error}')
+                self.counters['questions_unanswered'] += 1
+                self.get_logger().warning(f'question {q.question_id!r} not answered: {error}',
+                                          throttle_duration_sec=5.0)
 
     def answer(self, question_id: str, question: str, choices: list[str],
                image: Image | None, uplink: bool = True, *,

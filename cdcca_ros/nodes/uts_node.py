@@ -38,10 +38,10 @@ from cdcca_ros.nodes.common import (
     Diagnostics,
     LastError,
     destroy_on_error,
-    run_node,
     version_label,
 )
 from cdcca_ros.nodes.device_node import DeviceNode, spin_device
+from cdcca_ros.nodes.process import run_node
 
 
 def uts_config(params: dict[str, Any]) -> UtsConfig:

@@ -43,7 +43,7 @@ def test_an_impossible_model_path_exits_at_once_with_one_fatal_line(tmp_path):
     assert proc.returncode == 1
     line = _fatal_line(proc)
     assert "model '/nonexistent/student'" in line and 'does not exist' in line
-    assert took < 30.0  # not "model not ready" forever
+    assert took < 45.0  # not "model not ready" forever (torch alone takes seconds to import)
     # An empty cloud_public_key means every update will be refused: one warning at start.
     out = proc.stdout + proc.stderr
     assert out.count('cloud_public_key is empty') == 1

@@ -63,3 +63,16 @@ def test_errors_carry_the_hierarchy():
     assert issubclass(errors.SignatureError, errors.WireError)
     assert issubclass(errors.WireError, ValueError)
     assert issubclass(errors.DeviceNotConnectedError, ConnectionError)
+
+
+def test_a_new_home_does_not_rebuild_the_package(tmp_path):
+    """Nodes run from the colcon install: `make run` under another HOME must not rebuild it."""
+    venv = os.environ.get('VIRTUAL_ENV')
+    if not venv or not (REPO / '.colcon' / '.cdcca-build').is_file():
+        pytest.skip('not inside the environment built by tools/setup.sh')
+    env = {**os.environ, 'HOME': str(tmp_path), 'CDCCA_VENV': venv}
+    env.pop('XDG_CACHE_HOME', None)
+    proc = subprocess.run([str(REPO / 'tools' / 'setup.sh')], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert 'building' not in proc.stdout and 'fixing' not in proc.stdout, proc.stdout

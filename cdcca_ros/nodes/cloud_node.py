@@ -10,22 +10,27 @@ A round for a device starts when ``round.min_samples`` samples arrived or ``roun
 passed since its first pending sample. Rounds run in a worker thread, one at a time; samples
 keep arriving meanwhile. Per-device state (the exact adapter the device holds, the cloud's
 trained copy, pending samples) is checkpointed under ``state_dir`` and survives a restart.
+
+Teacher and student that cannot load are one FATAL line and a non-zero exit. The ``round.*``,
+``akd.*`` and ``dwc.*`` parameters change at runtime (``ros2 param set``) and apply from the next
+round; the models, the device, the key and the folders are read-only.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import rclpy
 import torch
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 
 from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
 from cdcca_ros.core.refit import RefitConfig
+from cdcca_ros.core.rounds.anchor import resolve_anchor
 from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
 from cdcca_ros.errors import CdccaError
@@ -37,10 +42,14 @@ from cdcca_ros.nodes.common import (
     RELIABLE_QOS,
     WARN,
     Diagnostics,
+    LastError,
+    NodeSpinner,
     declare_table,
-    use_dds_profile,
+    destroy_on_error,
+    version_label,
 )
 from cdcca_ros.nodes.delta_msgs import envelope_to_msgs
+from cdcca_ros.nodes.process import exit_code, fail, failed, one_line, route_logging, run_node
 
 
 def signing_key(params: dict[str, Any], state_dir: Path):
@@ -81,8 +90,11 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime:
     teacher = bundled.load(params['teacher'], quant, params['torch_device'])
     student = bundled.load(params['student'], None, params['torch_device'])
     state_dir = Path(params['state_dir'] or Path.home() / '.cdcca' / 'cloud')
-    return CloudRuntime(teacher, student, signing_key(params, state_dir), cloud_config(params),
-                        state_dir=state_dir)
+    cfg = cloud_config(params)
+    anchor = (resolve_anchor(params['guard.anchor'], bundled.resolve(params['student']))
+              if cfg.guard.enabled else None)
+    return CloudRuntime(teacher, student, signing_key(params, state_dir), cfg,
+                        state_dir=state_dir, anchor=anchor)
 
 
 def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +110,15 @@ def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:
 class CloudNode(Node):
     """Thin ROS adapter over :class:`CloudRuntime`."""
 
+    @destroy_on_error
     def __init__(self, runtime: CloudRuntime | None = None, **kwargs: Any) -> None:
         super().__init__('cloud_node', **kwargs)
-        self.params = declare_table(self, 'cloud_node')
+        self.params = declare_table(self, 'cloud_node', on_change=self._on_param)
+        self.fatal_error: str | None = None
+        if runtime is None:
+            from cdcca_ros.models.registry import check_torch_device
+
+            check_torch_device(self.params['torch_device'])  # fails now, not in a thread
         self.runtime = runtime
         self._lock = threading.Lock()  # samples vs rounds
         self._stop = threading.Event()
@@ -108,7 +126,7 @@ class CloudNode(Node):
                          'uplink_bytes': 0, 'downlink_bytes': 0}
         self._round_bytes: dict[str, int] = {}
         self._round_samples: dict[str, int] = {}
-        self._last_error = ''
+        self.errors = LastError()
         self.results: list[RoundResult] = []
         self._delta_pub = self.create_publisher(DwcDelta, 'dwc_delta', DELTA_QOS)
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
@@ -128,11 +146,24 @@ class CloudNode(Node):
 
     def _load(self) -> None:
         try:
-            self.runtime = build_runtime(self.params)
-            self.get_logger().info('teacher and student ready')
-        except (CdccaError, OSError, ValueError) as err:
-            self._last_error = f'model load failed: {err}'
-            self.get_logger().error(self._last_error)
+            runtime = build_runtime(self.params)
+        except Exception as err:  # noqa: BLE001 - whatever stops the load, the node cannot work
+            fail(self, f'teacher {self.params["teacher"]!r} / student '
+                       f'{self.params["student"]!r} cannot be loaded on '
+                       f'{self.params["torch_device"]!r}: {one_line(err)}')
+            return
+        with self._lock:
+            runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
+            self.runtime = runtime
+        self.get_logger().info('teacher and student ready')
+
+    def _on_param(self, changes: dict[str, Any]) -> None:
+        """Runtime change of round / AKD / DWC settings: checked together, applied from the next
+        round (a round in progress keeps its settings)."""
+        cfg = cloud_config({**self.params, **changes})  # raises ConfigError when they clash
+        with self._lock:  # rounds hold it: never between two steps of one round
+            if self.runtime is not None:
+                self.runtime.cfg = cfg
 
     def _on_tokens(self, msg: UtsTokens) -> None:
         if self.runtime is None:
@@ -146,9 +177,10 @@ class CloudNode(Node):
                                                 msg.sample_id)
         except CdccaError as err:
             self.counters['samples_rejected'] += 1
-            self._last_error = f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'
-            self.get_logger().error(self._last_error)
+            self.get_logger().error(self.errors.set(
+                'sample', f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'))
             return
+        self.errors.clear('sample')
         if not fresh:
             self.counters['duplicates'] += 1
             return
@@ -175,9 +207,10 @@ class CloudNode(Node):
             with self._lock:
                 result = self.runtime.run_round(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
-            self._last_error = f'round for {device_id!r} failed: {err}'
-            self.get_logger().error(self._last_error)
+            self.get_logger().error(self.errors.set('round',
+                                                    f'round for {device_id!r} failed: {err}'))
             return None
+        self.errors.clear('round')
         if result is None:
             self.get_logger().warning(f'round for {device_id!r}: no usable pseudo-label')
             return None
@@ -194,7 +227,7 @@ class CloudNode(Node):
             device_id=device_id, node='cloud', round=result.round,
             state=AdaptationStatus.STATE_ROUND_DONE,
             message=f'{result.samples} samples, {time.perf_counter() - t0:.1f} s',
-            model_version=f'v{result.envelope.new_version}',
+            model_version=version_label(device_id, result.envelope.new_version),
             uplink_samples=self._round_samples.pop(device_id, 0),
             uplink_bytes=self._round_bytes.pop(device_id, 0),
             downlink_bytes=result.stats.nbytes, bits_per_param=result.stats.bits_per_param,
@@ -214,14 +247,20 @@ class CloudNode(Node):
 
     def _report(self) -> None:
         values: dict[str, Any] = dict(self.counters)
-        values['last_error'] = self._last_error
+        values.update(self.errors.values())
         if self.runtime is not None:
+            cfg = self.runtime.cfg
+            values['round'] = f'min_samples={cfg.min_samples} max_wait_s={cfg.max_wait_s:g}'
+            values['akd'] = f'steps={cfg.akd.steps} lr={cfg.akd.lr:g}'
+            values['dwc'] = f'codec={cfg.codec} budget_bytes={cfg.budget_bytes}'
             for device_id, state in self.runtime.devices.items():
                 values[f'{device_id}.version'] = state.version
                 values[f'{device_id}.pending'] = len(state.pending)
-        level, text = ((ERROR, 'model failed to load') if self.runtime is None and
-                       self._last_error else (WARN, 'loading') if self.runtime is None else
-                       (WARN, 'see last_error') if self._last_error else (OK, 'ready'))
+        if self.fatal_error:
+            values['last_error'] = self.fatal_error
+        level, text = ((ERROR, 'model failed to load') if self.fatal_error else
+                       (WARN, 'loading') if self.runtime is None else
+                       (WARN, 'see last_error') if values['last_error'] else (OK, 'ready'))
         self._diag.publish(level, text, values)
 
     def destroy_node(self) -> None:
@@ -231,19 +270,22 @@ class CloudNode(Node):
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> None:
-    use_dds_profile()
+def _spin(args: list[str] | None) -> int:
+    node = CloudNode()
+    unroute = route_logging(node)
+    spinner = NodeSpinner([node], 'multi_threaded', num_threads=2, stop_when=failed(node))
     try:
-        with rclpy.init(args=args):
-            node = CloudNode()
-            executor = MultiThreadedExecutor(num_threads=2)
-            executor.add_node(node)
-            try:
-                executor.spin()
-            finally:
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spinner.spin()
+    except ExternalShutdownException:
         pass
+    finally:
+        unroute()
+        node.destroy_node()
+    return exit_code([node])
+
+
+def main(args: list[str] | None = None) -> None:
+    sys.exit(run_node('cloud_node', _spin, args, table='cloud_node', doc=__doc__, quiet=True))
 
 
 if __name__ == '__main__':

@@ -259,3 +259,12 @@ def test_gain_interval_brackets_the_gain():
     gain = (half - base).mean() / (full - base).mean()
     assert lo <= gain <= hi and 0.3 < lo < hi < 0.7
     assert gain_interval(full, full, base, seed=0) == (1.0, 1.0)
+
+
+def test_help_is_plain_text(capsys):
+    from cdcca_ros.bench.__main__ import main as bench_main
+
+    assert bench_main(['--help']) == 0
+    text = capsys.readouterr().out
+    assert text.startswith('usage: python -m cdcca_ros.bench NAME --out FILE.json')
+    assert '``' not in text and ':data:' not in text  # no reStructuredText markup

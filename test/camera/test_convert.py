@@ -77,15 +77,11 @@ ENCODINGS = ['rgb8', 'bgr8', 'mono8', '16UC1', 'mono16']
 def make_image(encoding: str, height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     spec = convert.ENCODINGS[encoding]
-    shape = (height, width, 3) if spec.channels == 3 else (height, width)
-    return rng.integers(0, np.iinfo(spec.dtype).max, size=shape, endpoint=True,
-                        dtype=spec.dtype)
-
-
-@pytest.fixture(autouse=True)
-def _numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # These tests pin our own path; where ROS cv_bridge is installed it would otherwise decode.
-    monkeypatch.setattr(convert, '_bridge', lambda: None)
+    shape = (height, width) if spec.channels == 1 else (height, width, spec.channels)
+    if spec.dtype.kind == 'f':
+        return rng.standard_normal(shape).astype(spec.dtype)
+    info = np.iinfo(spec.dtype)
+    return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=spec.dtype)
 
 
 @pytest.mark.parametrize('encoding', ENCODINGS)
@@ -188,7 +184,7 @@ def _set(**fields):
 
 
 MALFORMED = [
-    ('unknown-encoding', 'rgb8', _set(encoding='yuv422'), "'yuv422'"),
+    ('unknown-encoding', 'rgb8', _set(encoding='yuv444_weird'), "'yuv444_weird'"),
     ('data-one-byte-short', 'rgb8', lambda m: _set(data=m.data[:-1])(m), '59 bytes'),
     ('data-one-byte-long', 'mono8', lambda m: _set(data=bytes(m.data) + b'x')(m),
      '21 bytes'),
@@ -224,7 +220,8 @@ def test_message_without_fields_is_rejected() -> None:
 
 
 @pytest.mark.parametrize('source,desired', [('16UC1', 'rgb8'), ('rgb8', '16UC1'),
-                                            ('mono8', 'rgba8')])
+                                            ('32FC1', 'mono8'), ('rgb8', 'yuv422'),
+                                            ('bayer_rggb8', 'rgba8'), ('mono8', 'bayer_bggr8')])
 def test_impossible_conversions_are_rejected(source: str, desired: str) -> None:
     msg = _valid_msg(source)
     with pytest.raises(ImageConversionError, match=desired):
@@ -238,7 +235,8 @@ BAD_ARRAYS = [
     ('rgba', lambda: np.zeros((4, 4, 4), np.uint8), 'bgr8', '(4, 4, 4)'),
     ('uint8-depth', lambda: np.zeros((4, 4), np.uint8), '16UC1', 'uint16'),
     ('empty', lambda: np.zeros((0, 4, 3), np.uint8), 'rgb8', 'empty'),
-    ('unknown-encoding', lambda: np.zeros((4, 4, 3), np.uint8), '8UC3', "'8UC3'"),
+    ('unknown-encoding', lambda: np.zeros((4, 4, 3), np.uint8), '9UC3', "'9UC3'"),
+    ('yuv-needs-two-channels', lambda: np.zeros((4, 4, 3), np.uint8), 'yuv422', 'HxWx2'),
     ('not-an-array', lambda: [[1, 2], [3, 4]], 'mono8', 'list'),
 ]
 

@@ -192,3 +192,28 @@ def test_question_topic_and_diagnostics(device_graph):
         return {s.name for d in g['got']['diag'] for s in d.status}
     assert spin_until([g['executor']], lambda: {'/device_node', '/uts_node', '/camera_node'}
                       <= names(), 10.0), names()
+
+
+def test_ask_from_the_command_line(device_graph, tmp_path):
+    """The README's example call, without the ros2 CLI: the answer, then the model version."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import cv2
+    import numpy as np
+
+    assert _ask_until_frame(device_graph).success
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, '-m', 'cdcca_ros.ask', '--service', '/ask',
+                           'what color is the circle?'], cwd=repo, capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count('\n') == 1 and 'confidence' in proc.stdout
+    assert 'robot1:v0' in proc.stdout
+    picture = tmp_path / 'frame.png'
+    cv2.imwrite(str(picture), np.zeros((48, 64, 3), np.uint8))
+    proc = subprocess.run([sys.executable, '-m', 'cdcca_ros.ask', '--service', '/ask',
+                           '--image', str(picture), ''], cwd=repo, capture_output=True,
+                          text=True, timeout=90)
+    assert proc.returncode == 1 and 'empty question' in proc.stderr  # refused, with the reason

@@ -229,3 +229,94 @@ def test_events_falls_back_where_rclpy_has_no_events_executor(ros_context, stude
         spinner.shutdown()
     finally:
         device.destroy_node()
+
+
+def test_frame_rgb_fast_path_checks_is_bigendian_like_the_converter():
+    from cdcca_ros.errors import ImageConversionError
+    from cdcca_ros.nodes.device_node import frame_rgb
+
+    msg = _image_msg(_frame(5))
+    msg.is_bigendian = 2  # neither little nor big: the converter refuses it, so must the view
+    with pytest.raises(ImageConversionError, match='is_bigendian'):
+        frame_rgb(msg)
+
+
+def test_last_error_clears_after_a_good_frame_and_has_an_age(ros_context, tiny_runtime):
+    from cdcca_ros.nodes.common import OK, WARN
+    from cdcca_ros.nodes.device_node import DeviceNode
+
+    device = DeviceNode(tiny_runtime, context=ros_context)
+    device.get_logger().set_level(50)  # the rejected frame is expected
+    published = []
+    publish = device._diag.publish
+    device._diag.publish = lambda level, text, values: published.append(
+        (level, dict(values))) or publish(level, text, values)
+    try:
+        bad = _image_msg(_frame(6))
+        bad.data = bytes(10)
+        answer, error = device.answer('q1', 'what color is the circle?', [], bad)
+        assert answer is None and 'image rejected' in error
+        device._report()
+        level, values = published[-1]
+        assert level == WARN and 'image rejected' in values['last_error']
+        assert float(values['last_error_age_s']) >= 0.0
+        answer, error = device.answer('q2', 'what color is the circle?', [], _image_msg(_frame(7)))
+        assert answer is not None, error
+        device._report()
+        level, values = published[-1]
+        assert level == OK and values['last_error'] == '' and values['last_error_age_s'] == ''
+        assert values['rejected_images'] == 1  # the history stays in the counters
+    finally:
+        device.destroy_node()
+
+
+def test_empty_questions_are_refused(ros_context, tiny_runtime):
+    from cdcca_ros.nodes.device_node import DeviceNode
+
+    device = DeviceNode(tiny_runtime, context=ros_context)
+    try:
+        for question in ('', '   '):
+            answer, error = device.answer('q', question, [], _image_msg(_frame(8)))
+            assert answer is None and error.startswith('empty question')
+        assert device.counters['questions_refused'] == 2 and device.counters['answers'] == 0
+    finally:
+        device.destroy_node()
+
+
+def test_a_question_flood_is_counted_not_lost_in_dds(ros_context_pair, tiny_runtime):
+    """A burst far beyond every queue: each question is taken from DDS and either answered,
+    counted as unanswered (here: no camera frame yet) or counted as dropped (before: DDS kept
+    the last 50 and the rest vanished uncounted)."""
+    from cdcca_ros.msg import Question
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+
+    from cdcca_ros.nodes.common import NodeSpinner
+    from cdcca_ros.nodes.device_node import DeviceNode
+
+    ctx_robot, ctx_client = ros_context_pair
+    device = DeviceNode(tiny_runtime, context=ctx_robot)
+    device.get_logger().set_level(50)  # 'queue full' and 'not answered' are expected
+    spinner = NodeSpinner([device], 'events', context=ctx_robot).start()
+    client = Node('flood_client', context=ctx_client)
+    executor = SingleThreadedExecutor(context=ctx_client)
+    executor.add_node(client)
+    pub = client.create_publisher(Question, 'question', 10)  # a plain publisher, depth 10
+    sent = 400
+    try:
+        assert spin_until([executor], lambda: pub.get_subscription_count() > 0, 10.0)
+        for i in range(sent):
+            pub.publish(Question(question_id=f'f{i}', question='how many objects are there?'))
+        c = device.counters
+        assert spin_until([executor], lambda: c['questions'] + c['questions_lost'] >= sent,
+                          60.0), dict(c)
+        assert c['questions'] == sent and c['questions_lost'] == 0, dict(c)
+        # Every question taken is accounted for: answered, unanswered with a reason, dropped.
+        assert spin_until([executor], lambda: c['answers'] + c['questions_unanswered']
+                          + c['questions_dropped'] == sent, 60.0), dict(c)
+        assert c['questions_unanswered'] > 0 and c['answers'] == 0  # no frame: all refused
+    finally:
+        executor.shutdown()
+        client.destroy_node()
+        spinner.shutdown()
+        device.destroy_node()

@@ -141,7 +141,7 @@ class GuardConfig:
                               mix_new=p.get('mix_new', 0.4),
                               mix_anchor=p.get('mix_anchor', 0.3),
                               anchor_loss=p.get('anchor_loss', 'kd'),
-                              l2sp=p.get('l2sp', 0.0)),
+                              l2sp=p.get('l2sp', 0.01)),
             gate=GateConfig(enabled=p.get('gate', True), alpha=p.get('alpha', 0.05),
                             min_gain=p.get('min_gain', 1.0),
                             tolerance=p.get('tolerance', 2.0),

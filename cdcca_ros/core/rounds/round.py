@@ -139,9 +139,7 @@ class RoundRunner:
                  budget_bytes: int | None, refit: RefitConfig, refit_min_error: float,
                  anchor: Sequence[Record] = ()) -> None:
         self.teacher, self.student, self.key = teacher, student, key
-        self.akd, self.guard = akd, guard
-        self.codec_name, self.codec_params, self.budget_bytes = codec, codec_params, budget_bytes
-        self.refit_cfg, self.refit_min_error = refit, refit_min_error
+        self.configure(akd, guard, codec, codec_params, budget_bytes, refit, refit_min_error)
         self.anchor = list(anchor)
         self._labeller = AKDTrainer(teacher, student, akd, progress=False)
         self.base = student.trainable_state_dict()
@@ -149,6 +147,16 @@ class RoundRunner:
         #: The base student's accuracy on the anchor's gate share (1.0 with its own answers).
         self.anchor_base = (float(self.correct(self.base, gate_anchor).mean())
                             if gate_anchor else None)
+
+    def configure(self, akd: AKDConfig, guard: GuardConfig, codec: str,
+                  codec_params: dict[str, Any], budget_bytes: int | None, refit: RefitConfig,
+                  refit_min_error: float) -> None:
+        """Change the settings (from the next round on)."""
+        self.akd, self.guard = akd, guard
+        self.codec_name, self.codec_params, self.budget_bytes = codec, codec_params, budget_bytes
+        self.refit_cfg, self.refit_min_error = refit, refit_min_error
+        if hasattr(self, '_labeller'):
+            self._labeller.cfg = akd
 
     # ---------------------------------------------------------------- answers
     def answers(self, model: MLLM, records: Sequence[Record]) -> list[str]:

@@ -70,7 +70,7 @@ class TrainConfig:
     mix_anchor: float = 0.3
     val_max: int = 256
     anchor_loss: str = 'kd'
-    l2sp: float = 0.0
+    l2sp: float = 0.01
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.eval_every < 1 or self.patience < 1:

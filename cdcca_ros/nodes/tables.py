@@ -210,7 +210,7 @@ CLOUD = (
     Param('guard.memory_mb', 64.0, 'replay memory bound per device (MiB)', low=0.01),
     Param('guard.val_fraction', 0.1, 'share of samples held out for early stopping', low=0.0,
           high=0.5),
-    Param('guard.gate_fraction', 0.2, 'share of samples held out for the update gate', low=0.0,
+    Param('guard.gate_fraction', 0.25, 'share of samples held out for the update gate', low=0.0,
           high=0.5),
     Param('guard.anchor', '', 'anchor set: empty = the student\'s own anchor.safetensors, '
           '"none", or a file'),
@@ -225,7 +225,7 @@ CLOUD = (
           low=0.0, high=100.0),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
           low=0.0, high=0.999),
-    Param('guard.pull_below', 0.0, 'ask the device for the rest of a sample\'s tokens when '
+    Param('guard.pull_below', 0.8, 'ask the device for the rest of a sample\'s tokens when '
           'the teacher\'s label from the kept ones is less confident than this (0: never)',
           low=0.0, high=0.999),
     Param('guard.audit', True, 'watch audit samples and order signed rollbacks of versions '

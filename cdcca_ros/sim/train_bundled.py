@@ -913,15 +913,16 @@ def write_bundled_anchor(student: MLLM, student_dir: Path, seed: int = 0,
     """Write the student's anchor set (:mod:`cdcca_ros.core.rounds.anchor`) beside it.
 
     Source-domain scenes from the start of the student's own training range with one
-    question each (types cycling), no answers: the cloud labels them with the base
-    student's own answers, as it would a calibration set without ground truth.
+    question each (types cycling) and its ground-truth answer, as a model vendor's labelled
+    calibration set would come: the gate then checks real source accuracy, and training
+    distils the base student's own answer distributions on them.
     """
     from cdcca_ros.core.rounds.anchor import ANCHOR_FILE, write_anchor_from_images
 
     samples = World(seed).samples(SOURCE, n, image_size, start=TRAIN_START)
     path = Path(student_dir) / ANCHOR_FILE
     write_anchor_from_images(path, student, [x.image for x in samples],
-                             [x.question for x in samples],
+                             [x.question for x in samples], [x.answer for x in samples],
                              description=f'World({seed}) source samples {TRAIN_START}..'
                                          f'{TRAIN_START + n - 1}, {image_size}px')
     return path

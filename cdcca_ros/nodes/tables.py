@@ -196,7 +196,7 @@ CLOUD = (
     Param('guard.max_steps', 300, 'most optimiser steps of a round (early stopping on '
           'held-out samples ends it sooner)', low=1),
     Param('guard.min_steps', 120, 'fewest steps before early stopping may end a round', low=0),
-    Param('guard.data_epochs', 4.0, 'times each labelled sample (new or replayed) is drawn in '
+    Param('guard.data_epochs', 8.0, 'times each labelled sample (new or replayed) is drawn in '
           'a round: sets its length within [min_steps, max_steps]', low=0.1, high=1000.0),
     Param('guard.mix_new', 0.4, 'share of each batch from the round\'s new samples (the rest: '
           'replay and anchor)', low=0.0, high=1.0),
@@ -225,7 +225,7 @@ CLOUD = (
           low=0.0, high=100.0),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
           low=0.0, high=0.999),
-    Param('guard.pull_below', 0.8, 'ask the device for the rest of a sample\'s tokens when '
+    Param('guard.pull_below', 0.98, 'ask the device for the rest of a sample\'s tokens when '
           'the teacher\'s label from the kept ones is less confident than this (0: never)',
           low=0.0, high=0.999),
     Param('guard.audit', True, 'watch audit samples and order signed rollbacks of versions '

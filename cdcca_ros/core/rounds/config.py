@@ -25,7 +25,7 @@ class LabelConfig:
     """
 
     min_confidence: float = 0.0
-    pull_below: float = 0.8
+    pull_below: float = 0.98
     pull_wait_rounds: int = 2
 
     def __post_init__(self) -> None:

@@ -1,20 +1,33 @@
 """cloud_node: teacher pseudo-labels, AKD on each device's student, DWC deltas (Algorithm 1).
 
 Topics (relative names):
-    in  uts_tokens (cdcca_ros/UtsTokens): uplink samples of one or many devices
+    in  uts_tokens (cdcca_ros/UtsTokens): uplink samples of one or many devices, and the
+        pulled rest of samples' tokens (``pulled``)
+    in  device_status (cdcca_ros/AdaptationStatus): the devices' own reports, through the
+        bridge (a rollback the device carried out moves the cloud's view of it)
     out dwc_delta (cdcca_ros/DwcDelta, chunked, reliable + transient local)
-    out adaptation_status (cdcca_ros/AdaptationStatus): one per finished round
+    out token_request (cdcca_ros/TokenRequest): the rest of these samples' tokens, please
+    out rollback_order (cdcca_ros/RollbackOrder, signed, reliable + transient local)
+    out adaptation_status (cdcca_ros/AdaptationStatus): one per round (round_done / refused,
+        the gate's decision in ``detail``), one per rollback order (rollback_ordered)
     out /diagnostics
 
 A round for a device starts when ``round.min_samples`` samples arrived or ``round.max_wait_s``
 passed since its first pending sample. Rounds run in a worker thread, one at a time; samples
-keep arriving meanwhile. Per-device state (the exact adapter the device holds, the cloud's
-trained copy, pending samples) is checkpointed under ``state_dir`` and survives a restart.
+keep arriving meanwhile. Between rounds the worker labels what arrived and asks the device for
+the rest of the tokens of samples the teacher could not label confidently (``guard.pull_below``;
+the round does not wait for them: they are labelled again from all tokens when they come). Just
+before a round the live audit runs; when it orders a rollback, the order goes out and the
+device's rounds wait until the device reports it carried it out (or refused it). Per-device
+state (the exact adapter the device holds, the cloud's trained copy, the replay memory) is
+checkpointed under ``state_dir`` and survives a restart.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +42,13 @@ from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
 from cdcca_ros.errors import CdccaError
-from cdcca_ros.msg import AdaptationStatus, DwcDelta, UtsTokens
+from cdcca_ros.msg import (
+    AdaptationStatus,
+    DwcDelta,
+    RollbackOrder,
+    TokenRequest,
+    UtsTokens,
+)
 from cdcca_ros.nodes.common import (
     DELTA_QOS,
     ERROR,
@@ -41,6 +60,16 @@ from cdcca_ros.nodes.common import (
     use_dds_profile,
 )
 from cdcca_ros.nodes.delta_msgs import envelope_to_msgs
+from cdcca_ros.nodes.guard_msgs import (
+    detail_json,
+    parse_detail,
+    parse_version,
+    rollback_to_msg,
+    token_request,
+)
+
+# A rollback order the device never answers holds its rounds this long at most.
+ROLLBACK_WAIT_S = 600.0
 
 
 def signing_key(params: dict[str, Any], state_dir: Path):
@@ -75,14 +104,18 @@ def cloud_config(params: dict[str, Any]) -> CloudConfig:
 
 def build_runtime(params: dict[str, Any]) -> CloudRuntime:
     """Load teacher and student and the signing key named by the parameters."""
+    from cdcca_ros.core.rounds.anchor import resolve_anchor
     from cdcca_ros.models import bundled
 
     quant = None if params['quantization'] == 'none' else params['quantization']
     teacher = bundled.load(params['teacher'], quant, params['torch_device'])
     student = bundled.load(params['student'], None, params['torch_device'])
     state_dir = Path(params['state_dir'] or Path.home() / '.cdcca' / 'cloud')
-    return CloudRuntime(teacher, student, signing_key(params, state_dir), cloud_config(params),
-                        state_dir=state_dir)
+    cfg = cloud_config(params)
+    anchor = (resolve_anchor(cfg.guard.anchor, bundled.resolve(params['student']))
+              if cfg.guard.enabled else None)
+    return CloudRuntime(teacher, student, signing_key(params, state_dir), cfg,
+                        state_dir=state_dir, anchor=anchor)
 
 
 def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,16 +138,28 @@ class CloudNode(Node):
         self._lock = threading.Lock()  # samples vs rounds
         self._stop = threading.Event()
         self.counters = {'samples': 0, 'samples_rejected': 0, 'duplicates': 0, 'rounds': 0,
-                         'uplink_bytes': 0, 'downlink_bytes': 0}
+                         'uplink_bytes': 0, 'downlink_bytes': 0, 'refused': 0,
+                         'audit_samples': 0, 'token_requests': 0, 'pulls_requested': 0,
+                         'pulled': 0, 'pulls_unavailable': 0, 'pulls_ignored': 0,
+                         'pull_bytes': 0, 'rollbacks_ordered': 0, 'rollbacks_confirmed': 0,
+                         'rollbacks_refused': 0, 'device_reports': 0}
+        # Device -> (order, when sent): its rounds wait for the device's report.
+        self._awaiting: dict[str, tuple[RollbackOrder, float]] = {}
+        self._requests = itertools.count(1)
+        self._request_prefix = uuid.uuid4().hex[:8]
         self._round_bytes: dict[str, int] = {}
         self._round_samples: dict[str, int] = {}
         self._last_error = ''
         self.results: list[RoundResult] = []
         self._delta_pub = self.create_publisher(DwcDelta, 'dwc_delta', DELTA_QOS)
+        self._request_pub = self.create_publisher(TokenRequest, 'token_request', RELIABLE_QOS)
+        self._order_pub = self.create_publisher(RollbackOrder, 'rollback_order', DELTA_QOS)
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
                                                  RELIABLE_QOS)
         self._diag = Diagnostics(self, hardware_id='cloud')
         self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
+        self.create_subscription(AdaptationStatus, 'device_status', self._on_device_status,
+                                 RELIABLE_QOS)
         self.create_timer(1.0, self._report)
         self._threads = [threading.Thread(target=self._round_worker, daemon=True)]
         if runtime is None:
@@ -138,12 +183,17 @@ class CloudNode(Node):
         if self.runtime is None:
             self.counters['samples_rejected'] += 1
             return
+        if msg.pulled:
+            self._on_pulled(msg)
+            return
         try:
             tokens, indices = tokens_from_msg(msg)
             with self._lock:
                 fresh = self.runtime.add_sample(msg.device_id, tokens, indices, msg.question,
                                                 int(msg.num_tokens), int(msg.token_dim),
-                                                msg.sample_id)
+                                                msg.sample_id, device_answer=msg.device_answer,
+                                                device_version=parse_version(msg.model_version),
+                                                audit=bool(msg.audit))
         except CdccaError as err:
             self.counters['samples_rejected'] += 1
             self._last_error = f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'
@@ -157,19 +207,139 @@ class CloudNode(Node):
         self.counters['uplink_bytes'] += size
         self._round_bytes[msg.device_id] = self._round_bytes.get(msg.device_id, 0) + size
         self._round_samples[msg.device_id] = self._round_samples.get(msg.device_id, 0) + 1
+        if msg.audit:
+            self.counters['audit_samples'] += 1
+
+    def _on_pulled(self, msg: UtsTokens) -> None:
+        """The rest of a sample's tokens (or word that the device no longer holds it)."""
+        try:
+            if not len(msg.kept_indices):
+                with self._lock:
+                    self.runtime.pull_unavailable(msg.device_id, msg.sample_id)
+                self.counters['pulls_unavailable'] += 1
+                return
+            tokens, indices = tokens_from_msg(msg)
+            with self._lock:
+                merged = self.runtime.add_pulled(msg.device_id, msg.sample_id, tokens, indices)
+        except CdccaError as err:
+            self.counters['samples_rejected'] += 1
+            self._last_error = (f'pulled tokens of {msg.sample_id!r} from {msg.device_id!r} '
+                                f'rejected: {err}')
+            self.get_logger().error(self._last_error)
+            return
+        if not merged:  # not asked for, or asked and already answered (a re-delivery)
+            self.counters['pulls_ignored'] += 1
+            return
+        self.counters['pulled'] += 1
+        self.counters['pull_bytes'] += uplink_bytes(len(msg.payload), len(msg.scales),
+                                                    len(msg.kept_indices))
+
+    def _on_device_status(self, msg: AdaptationStatus) -> None:
+        """A device's report: mirror the rollbacks it carried out; release held rounds."""
+        if self.runtime is None or msg.device_id not in self.runtime.devices:
+            return
+        self.counters['device_reports'] += 1
+        try:
+            detail = parse_detail(msg.detail)
+        except CdccaError:
+            detail = {}
+        if msg.state == AdaptationStatus.STATE_ROLLED_BACK:
+            version = parse_version(msg.model_version)
+            with self._lock:
+                mirrored = version >= 0 and bool(msg.model_hash) and self.runtime.rolled_back(
+                    msg.device_id, version, msg.model_hash)
+                self._awaiting.pop(msg.device_id, None)
+            if mirrored:
+                self.counters['rollbacks_confirmed'] += 1
+                self.get_logger().warning(
+                    f'{msg.device_id!r} rolled back to v{version} ({detail.get("kind", "?")}): '
+                    f'{msg.message}')
+            else:
+                self._last_error = (f'{msg.device_id!r} reports a rollback to '
+                                    f'{msg.model_version!r} {msg.model_hash[:12]} this cloud '
+                                    'cannot mirror (unknown adapter or older version)')
+                self.get_logger().error(self._last_error)
+        elif (msg.state == AdaptationStatus.STATE_REJECTED
+              and detail.get('kind') == 'rollback_order'):
+            with self._lock:
+                held = self._awaiting.pop(msg.device_id, None)
+            if held is not None:
+                self.counters['rollbacks_refused'] += 1
+                self._last_error = f'{msg.device_id!r} refused the rollback order: {msg.message}'
+                self.get_logger().error(self._last_error)
 
     def _round_worker(self) -> None:
         while not self._stop.wait(0.5):
             if self.runtime is None:
                 continue
             for device_id in list(self.runtime.devices):
-                with self._lock:
-                    due = self.runtime.due(device_id)
-                if due:
-                    self.run_round(device_id)
+                self.step(device_id)
+
+    def step(self, device_id: str) -> RoundResult | None:
+        """One pass of the worker for ``device_id``: label what arrived (and ask for pulls);
+        when a round is due, audit first, then run it. Returns the round's result."""
+        try:
+            with self._lock:
+                pulls = self.runtime.label(device_id)
+        except (CdccaError, RuntimeError, ValueError) as err:
+            self._last_error = f'labelling for {device_id!r} failed: {err}'
+            self.get_logger().error(self._last_error)
+            return None
+        self._request_tokens(device_id, pulls)
+        with self._lock:
+            held = self._awaiting.get(device_id)
+            if held is not None and time.monotonic() - held[1] > ROLLBACK_WAIT_S:
+                self.get_logger().error(f'{device_id!r} never answered the rollback order of '
+                                        f'v{held[0].from_version}: rounds resume')
+                self._awaiting.pop(device_id)
+                held = None
+            due = held is None and self.runtime.due(device_id)
+        if not due or self._audit(device_id):
+            return None
+        return self.run_round(device_id)
+
+    def _request_tokens(self, device_id: str, sample_ids: list[str]) -> None:
+        if not sample_ids:
+            return
+        request = token_request(device_id, f'{self._request_prefix}-{next(self._requests)}',
+                                sample_ids, stamp=self.get_clock().now().to_msg())
+        self._request_pub.publish(request)
+        self.counters['token_requests'] += 1
+        self.counters['pulls_requested'] += len(sample_ids)
+
+    def _audit(self, device_id: str) -> bool:
+        """The live audit of the version ``device_id`` runs; True when it ordered a rollback
+        (the device's rounds then wait for its report)."""
+        try:
+            with self._lock:
+                audit = self.runtime.audit(device_id)
+        except (CdccaError, RuntimeError, ValueError) as err:
+            self._last_error = f'audit for {device_id!r} failed: {err}'
+            self.get_logger().error(self._last_error)
+            return False
+        if audit is None or audit.rollback is None:
+            return False
+        stamp = self.get_clock().now().to_msg()
+        order = rollback_to_msg(audit.rollback, stamp)
+        with self._lock:
+            self._awaiting[device_id] = (order, time.monotonic())
+        self._order_pub.publish(order)
+        self.counters['rollbacks_ordered'] += 1
+        status = AdaptationStatus(
+            device_id=device_id, node='cloud', round=self.runtime.device(device_id).round,
+            state=AdaptationStatus.STATE_ROLLBACK_ORDERED, message=audit.reason[:500],
+            model_version=f'v{order.new_version}', model_hash=order.to_hash,
+            accuracy_before=float('nan'), accuracy_after=float('nan'),
+            detail=detail_json(audit.to_dict()))
+        status.header.stamp = stamp
+        self._status_pub.publish(status)
+        self.get_logger().warning(f'rollback of {device_id!r} v{order.from_version} ordered: '
+                                  f'{audit.reason}')
+        return True
 
     def run_round(self, device_id: str) -> RoundResult | None:
-        """Run one round for ``device_id`` and publish its delta and status."""
+        """Run one round for ``device_id`` and publish its delta (when the gate lets it
+        ship) and its status."""
         t0 = time.perf_counter()
         try:
             with self._lock:
@@ -181,12 +351,15 @@ class CloudNode(Node):
         if result is None:
             self.get_logger().warning(f'round for {device_id!r}: no usable pseudo-label')
             return None
+        self._request_tokens(device_id, result.pulls)
+        self.results.append(result)
+        if result.envelope is None:
+            return self._refused(device_id, result, t0)
         stamp = self.get_clock().now().to_msg()
         for chunk in envelope_to_msgs(result.envelope, self.params['dwc.chunk_bytes'],
                                       num_params=result.stats.num_params,
                                       codec_params={'codec': result.stats.codec}, stamp=stamp):
             self._delta_pub.publish(chunk)
-        self.results.append(result)
         self.counters['rounds'] += 1
         self.counters['downlink_bytes'] += result.stats.nbytes
         last = result.losses[-1] if result.losses else {}
@@ -199,7 +372,8 @@ class CloudNode(Node):
             uplink_bytes=self._round_bytes.pop(device_id, 0),
             downlink_bytes=result.stats.nbytes, bits_per_param=result.stats.bits_per_param,
             losses=[float(last.get(k, float('nan'))) for k in ('total', 'query', 'repr', 'ce')],
-            accuracy_before=result.agreement_before, accuracy_after=result.agreement_after)
+            accuracy_before=result.agreement_before, accuracy_after=result.agreement_after,
+            model_hash=result.envelope.new_hash, detail=detail_json(result.summary()))
         status.header.stamp = stamp
         self._status_pub.publish(status)
         first = result.losses[0] if result.losses else {}
@@ -212,13 +386,46 @@ class CloudNode(Node):
             f'{result.stats.nbytes} B ({result.stats.bits_per_param:.2f} bit/param)')
         return result
 
+    def _refused(self, device_id: str, result: RoundResult, t0: float) -> RoundResult:
+        """Publish a round whose candidate the gate refused (nothing goes to the device)."""
+        self.counters['rounds'] += 1
+        self.counters['refused'] += 1
+        last = result.losses[-1] if result.losses else {}
+        reason = result.decision.reason if result.decision is not None else 'refused'
+        state = self.runtime.device(device_id)
+        status = AdaptationStatus(
+            device_id=device_id, node='cloud', round=result.round,
+            state=AdaptationStatus.STATE_REFUSED,
+            message=f'{result.samples} samples, {time.perf_counter() - t0:.1f} s: '
+                    f'{reason}'[:500],
+            model_version=f'v{state.version}', model_hash=state.hash,
+            uplink_samples=self._round_samples.pop(device_id, 0),
+            uplink_bytes=self._round_bytes.pop(device_id, 0),
+            losses=[float(last.get(k, float('nan'))) for k in ('total', 'query', 'repr', 'ce')],
+            accuracy_before=result.agreement_before, accuracy_after=result.agreement_after,
+            detail=detail_json(result.summary()))
+        status.header.stamp = self.get_clock().now().to_msg()
+        self._status_pub.publish(status)
+        self.get_logger().warning(f'round {result.round} for {device_id!r} refused by the '
+                                  f'gate: {reason}')
+        return result
+
     def _report(self) -> None:
         values: dict[str, Any] = dict(self.counters)
         values['last_error'] = self._last_error
+        values['awaiting_rollback'] = ','.join(sorted(self._awaiting))
         if self.runtime is not None:
-            for device_id, state in self.runtime.devices.items():
-                values[f'{device_id}.version'] = state.version
-                values[f'{device_id}.pending'] = len(state.pending)
+            for device_id in list(self.runtime.devices):
+                with self._lock:
+                    figures = self.runtime.status(device_id)
+                    state = self.runtime.device(device_id)
+                    gate, audit = state.last_gate, state.last_audit
+                for key, value in figures.items():
+                    values[f'{device_id}.{key}'] = value
+                if gate:
+                    values[f'{device_id}.gate'] = gate.get('reason', '')
+                if audit:
+                    values[f'{device_id}.audit'] = audit.get('reason', '')
         level, text = ((ERROR, 'model failed to load') if self.runtime is None and
                        self._last_error else (WARN, 'loading') if self.runtime is None else
                        (WARN, 'see last_error') if self._last_error else (OK, 'ready'))

@@ -40,6 +40,7 @@ from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
 from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.config import GuardConfig
+from cdcca_ros.core.updates import RollbackEnvelope
 from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
 from cdcca_ros.errors import CdccaError
 from cdcca_ros.msg import (
@@ -294,7 +295,7 @@ class CloudNode(Node):
                 self._awaiting.pop(device_id)
                 held = None
             due = held is None and self.runtime.due(device_id)
-        if not due or self._audit(device_id):
+        if not due or self.audit(device_id):
             return None
         return self.run_round(device_id)
 
@@ -307,7 +308,7 @@ class CloudNode(Node):
         self.counters['token_requests'] += 1
         self.counters['pulls_requested'] += len(sample_ids)
 
-    def _audit(self, device_id: str) -> bool:
+    def audit(self, device_id: str) -> bool:
         """The live audit of the version ``device_id`` runs; True when it ordered a rollback
         (the device's rounds then wait for its report)."""
         try:
@@ -319,23 +320,29 @@ class CloudNode(Node):
             return False
         if audit is None or audit.rollback is None:
             return False
+        self.order_rollback(audit.rollback, audit.to_dict())
+        return True
+
+    def order_rollback(self, order: RollbackEnvelope, figures: dict[str, Any]) -> None:
+        """Send a signed rollback order to its device, report it (``rollback_ordered``, the
+        audit's ``figures`` in ``detail``) and hold the device's rounds until it answers."""
         stamp = self.get_clock().now().to_msg()
-        order = rollback_to_msg(audit.rollback, stamp)
+        msg = rollback_to_msg(order, stamp)
         with self._lock:
-            self._awaiting[device_id] = (order, time.monotonic())
-        self._order_pub.publish(order)
+            self._awaiting[order.device_id] = (msg, time.monotonic())
+            round_ = self.runtime.device(order.device_id).round
+        self._order_pub.publish(msg)
         self.counters['rollbacks_ordered'] += 1
         status = AdaptationStatus(
-            device_id=device_id, node='cloud', round=self.runtime.device(device_id).round,
-            state=AdaptationStatus.STATE_ROLLBACK_ORDERED, message=audit.reason[:500],
+            device_id=order.device_id, node='cloud', round=round_,
+            state=AdaptationStatus.STATE_ROLLBACK_ORDERED, message=order.reason[:500],
             model_version=f'v{order.new_version}', model_hash=order.to_hash,
             accuracy_before=float('nan'), accuracy_after=float('nan'),
-            detail=detail_json(audit.to_dict()))
+            detail=detail_json(figures))
         status.header.stamp = stamp
         self._status_pub.publish(status)
-        self.get_logger().warning(f'rollback of {device_id!r} v{order.from_version} ordered: '
-                                  f'{audit.reason}')
-        return True
+        self.get_logger().warning(f'rollback of {order.device_id!r} v{order.from_version} '
+                                  f'ordered: {order.reason}')
 
     def run_round(self, device_id: str) -> RoundResult | None:
         """Run one round for ``device_id`` and publish its delta (when the gate lets it

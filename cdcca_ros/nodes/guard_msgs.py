@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 from cdcca_ros.core.updates import RollbackEnvelope
 from cdcca_ros.errors import WireError
 from cdcca_ros.msg import RollbackOrder, TokenRequest
@@ -74,7 +76,7 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if value is None or isinstance(value, (bool, str)):
         return value
-    if type(value).__name__ == 'bool_':  # numpy's
+    if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)

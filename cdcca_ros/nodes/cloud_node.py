@@ -147,6 +147,7 @@ class CloudNode(Node):
         # Device -> (order, when sent): its rounds wait for the device's report.
         self._awaiting: dict[str, tuple[RollbackOrder, float]] = {}
         self._requests = itertools.count(1)
+        self._figures: dict[str, Any] = {}  # the last per-device figures on /diagnostics
         self._request_prefix = uuid.uuid4().hex[:8]
         self._round_bytes: dict[str, int] = {}
         self._round_samples: dict[str, int] = {}
@@ -417,22 +418,31 @@ class CloudNode(Node):
                                   f'gate: {reason}')
         return result
 
+    def _device_figures(self) -> dict[str, Any]:
+        """Per-device gate, audit and memory figures; while a round holds the runtime, the
+        last ones read (diagnostics never wait for a round)."""
+        if self.runtime is None or not self._lock.acquire(blocking=False):
+            return {**self._figures, 'busy': self.runtime is not None}
+        try:
+            figures: dict[str, Any] = {}
+            for device_id in list(self.runtime.devices):
+                state = self.runtime.device(device_id)
+                for key, value in self.runtime.status(device_id).items():
+                    figures[f'{device_id}.{key}'] = value
+                if state.last_gate:
+                    figures[f'{device_id}.gate'] = state.last_gate.get('reason', '')
+                if state.last_audit:
+                    figures[f'{device_id}.audit'] = state.last_audit.get('reason', '')
+        finally:
+            self._lock.release()
+        self._figures = figures
+        return {**figures, 'busy': False}
+
     def _report(self) -> None:
         values: dict[str, Any] = dict(self.counters)
         values['last_error'] = self._last_error
         values['awaiting_rollback'] = ','.join(sorted(self._awaiting))
-        if self.runtime is not None:
-            for device_id in list(self.runtime.devices):
-                with self._lock:
-                    figures = self.runtime.status(device_id)
-                    state = self.runtime.device(device_id)
-                    gate, audit = state.last_gate, state.last_audit
-                for key, value in figures.items():
-                    values[f'{device_id}.{key}'] = value
-                if gate:
-                    values[f'{device_id}.gate'] = gate.get('reason', '')
-                if audit:
-                    values[f'{device_id}.audit'] = audit.get('reason', '')
+        values.update(self._device_figures())
         level, text = ((ERROR, 'model failed to load') if self.runtime is None and
                        self._last_error else (WARN, 'loading') if self.runtime is None else
                        (WARN, 'see last_error') if self._last_error else (OK, 'ready'))

@@ -63,6 +63,7 @@ class _Graph:
                  device_runtime=None) -> None:
         from cdcca_ros.msg import AdaptationStatus, RollbackOrder, UtsTokens
         from cdcca_ros.srv import Ask
+        from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.node import Node
 
@@ -115,7 +116,10 @@ class _Graph:
         self._closers += [e.shutdown for e in self.executors]
         self._closers += [self.robot.destroy_node, self.cloud_side.destroy_node]
         self.got = {'device_status': [], 'cloud_status': [], 'cloud_adaptation': [],
-                    'device_reports': [], 'uplink': []}
+                    'device_reports': [], 'uplink': [], 'diagnostics': []}
+        for node in (self.robot, self.cloud_side):
+            node.create_subscription(DiagnosticArray, '/diagnostics',
+                                     lambda m: self.got['diagnostics'].extend(m.status), 50)
         self.robot.create_subscription(AdaptationStatus, 'adaptation_status',
                                        self.got['device_status'].append, RELIABLE_QOS)
         self.robot.create_subscription(AdaptationStatus, 'cloud_status',
@@ -164,6 +168,11 @@ class _Graph:
                                                  image=_image_msg(image)))
         assert self.spin(future.done, 30.0), 'ask timed out'
         assert future.result().success, future.result().message
+
+    def diagnostics(self, name: str) -> dict[str, str]:
+        """The latest /diagnostics values of the node named ``name`` (e.g. /cloud/cloud_node)."""
+        found = [s for s in self.got['diagnostics'] if s.name == name]
+        return {kv.key: kv.value for kv in found[-1].values} if found else {}
 
     def close(self) -> None:
         for close in reversed(self._closers):
@@ -259,6 +268,15 @@ def test_token_pull_then_a_refused_round_over_the_link(graph, models):
     # The device hears of it through the link; its model stays as it was.
     assert g.spin(lambda: any(s.state == refused for s in g.got['cloud_status']), 30.0)
     assert g.device.runtime.version == 0 and g.device.counters['deltas_applied'] == 0
+    # Gate, pull and memory figures on /diagnostics, both sides.
+    assert g.spin(lambda: g.diagnostics('/cloud/cloud_node').get(f'{DEVICE}.refused') == '1'
+                  and g.diagnostics(f'/{DEVICE}/uts_node').get('pulls_served') == '1', 10.0)
+    cloud_diag = g.diagnostics('/cloud/cloud_node')
+    assert 'needs >= 100' in cloud_diag[f'{DEVICE}.gate']
+    assert cloud_diag[f'{DEVICE}.memory_records'] == str(k)
+    assert int(cloud_diag[f'{DEVICE}.memory_bytes']) > 0 and cloud_diag['pulled'] == '1'
+    uts_diag = g.diagnostics(f'/{DEVICE}/uts_node')
+    assert uts_diag['pulls_missed'] == str(k - 1) and uts_diag['ring_samples'] == '1'
 
 
 class _Signer:

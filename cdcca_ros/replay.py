@@ -278,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; see the module docstring. Returns the exit code."""
     parser = argparse.ArgumentParser(prog='python -m cdcca_ros.replay',
                                      description='publish the UtsTokens of a cloud recording '
-                                                 'on the cloud node\'s input topic')
+                                                 'on the cloud node\'s input topic',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('file', type=Path, help='MCAP written by cloud_bridge_node '
                                                 '(record_mcap)')
     parser.add_argument('--rate', type=float, default=1.0,
@@ -287,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--namespace', default='cloud', help='namespace of the cloud node')
     parser.add_argument('--channel', default=DEFAULT_CHANNEL,
                         help='channel of the recording to replay')
-    parser.add_argument('--limit', type=int, default=None, help='replay the first N only')
+    parser.add_argument('--limit', type=int, default=0, help='replay the first N only (0: all)')
     parser.add_argument('--wait', type=float, default=10.0,
                         help='seconds to wait for a subscriber')
     parser.add_argument('--ack-timeout', type=float, default=10.0,
@@ -295,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = ReplayConfig(args.file, rate=args.rate, topic=args.topic,
-                           namespace=args.namespace, channel=args.channel, limit=args.limit,
+                           namespace=args.namespace, channel=args.channel,
+                           limit=args.limit or None,
                            wait_s=args.wait, ack_timeout_s=args.ack_timeout)
         check = check_recording(cfg)
     except (ConfigError, WireError) as err:

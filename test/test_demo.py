@@ -31,6 +31,6 @@ def test_demo_quick_round_writes_json_and_plot(tmp_path):
     assert 0.0 <= row['acc_before'] <= 1.0 and 0.0 <= row['acc_after'] <= 1.0
     assert row['uplink_bytes'] > 0 and row['downlink_bytes'] > 0
     assert row['bits_per_param'] > 0 and row['apply_ms'] > 0
-    assert row['model_version'] == 'v1'
+    assert row['model_version'] == 'robot1:v1'
     assert (out / 'demo.png').stat().st_size > 10_000
     assert 'round' in proc.stdout and 'acc before' in proc.stdout

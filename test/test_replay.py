@@ -199,3 +199,10 @@ def test_cli_exit_code_on_a_corrupted_file(tmp_path):
 def test_config_names_the_bad_value(tmp_path, kwargs, bad):
     with pytest.raises(ConfigError, match=bad):
         ReplayConfig(tmp_path / 'x.mcap', **kwargs)
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(['--help'])
+    text = capsys.readouterr().out
+    assert '(default: 1.0)' in text and '(default: cloud)' in text and '(0: all)' in text

@@ -391,6 +391,15 @@ def make_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     return parser
 
 
+def restore_environ(saved: Mapping[str, str]) -> None:
+    """Make ``os.environ`` equal to ``saved`` again (set, changed and removed variables)."""
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 def run_bench(name: str, argv: Sequence[str]) -> dict[str, Any]:
     """Parse ``argv``, run bench ``name``, print its tables and write its JSON record.
 
@@ -402,6 +411,9 @@ def run_bench(name: str, argv: Sequence[str]) -> dict[str, Any]:
     if args.seed < 0 or args.threads < 1:
         raise ConfigError(f'--seed must be >= 0 and --threads >= 1, got {args.seed}, '
                           f'{args.threads}')
+    # A bench never changes its caller's environment (a test process runs benches in itself):
+    # everything set below or by the bench (ROS domain, DDS profile...) is undone after it.
+    saved_env = dict(os.environ)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -423,6 +435,7 @@ def run_bench(name: str, argv: Sequence[str]) -> dict[str, Any]:
             result: BenchResult = module.run(ctx)
     finally:
         torch.set_num_threads(threads_before)
+        restore_environ(saved_env)
     duration = time.perf_counter() - t0
     targets = target_rows(module.TARGETS, result.summary)
     record = {

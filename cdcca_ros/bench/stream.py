@@ -389,110 +389,159 @@ class ContinualStream:
         return device, pipeline, ring
 
     def _run_cloud(self, method: Method) -> RunRecord:
-        from cdcca_ros.core.uts import pack_tokens, unpack_tokens, uplink_bytes
-
         record = RunRecord(method.name, self.seed)
         cloud = self.make_cloud(method)
         device, pipeline, ring = self.make_device(method)
-        space = device.model.vision_space()
+        robot = Robot(device, pipeline, ring, cloud, uplink=method.uplink)
         scores = self._checkpoint(record, device.model, 0, 0, 'start', 0)
-        sent_truth: dict[str, Sample] = {}
-        label_hits: list[float] = []
-        local_seen = 0
         for t, (visit, sample) in enumerate(self.stream, start=1):
             now = t / self.rate
-            answered = device.answer(sample.image, sample.question)
-            sid = f'{DEVICE_ID}-{t}'
-            if method.uplink == 'all':
-                packed = pack_tokens(answered.tokens.detach().cpu(), pipeline.cfg.pack_dtype)
-                tokens, indices, audit = unpack_tokens(packed), None, False
-                record.uplink_bytes += uplink_bytes(len(packed.data), len(packed.scale), 0)
-            else:
-                result = pipeline.process(answered.step_probs, answered.tokens)
-                if result is None:
-                    tokens = None
-                else:
-                    tokens, audit = unpack_tokens(result.packed), result.audit
-                    indices = None if audit else result.kept_indices
-                    record.uplink_bytes += result.uplink_bytes
-                    ring.put(sid, answered.tokens, result.kept_indices)
-            if local_seen < len(device.local_rollbacks):
-                for event in device.local_rollbacks[local_seen:]:
-                    cloud.rolled_back(DEVICE_ID, event['version'], event['hash'])
-                    record.local_rollbacks += 1
-                    scores = self._checkpoint(record, device.model, t, visit, 'local_rollback',
-                                              device.version)
-                local_seen = len(device.local_rollbacks)
-            if tokens is not None:
-                label = sample.answer if method.labels == 'truth' else None
-                cloud.add_sample(DEVICE_ID, tokens, indices, sample.question, space.num_tokens,
-                                 space.dim, sid, device_answer=answered.text,
-                                 device_version=answered.version, audit=audit, label=label,
-                                 now=now)
-                record.uplinked += 1
-                record.audit_samples += int(audit)
-                sent_truth[sid] = sample
+            for event in robot.answer(sample, f'{DEVICE_ID}-{t}', now,
+                                      truth=method.labels == 'truth'):
+                scores = self._checkpoint(record, device.model, t, visit, event,
+                                          device.version)
             last = t == len(self.stream)
             if not (cloud.due(DEVICE_ID, now=now) or (last and cloud.device(DEVICE_ID).pending())):
                 continue
-            # The audit first: a worse version is withdrawn before anything else.
-            audit_result = cloud.audit(DEVICE_ID)
-            if audit_result is not None and audit_result.rollback is not None:
-                order = audit_result.rollback
-                version = device.apply_rollback(order)
-                cloud.rolled_back(DEVICE_ID, version, order.to_hash)
-                record.rollbacks += 1
-                scores = self._checkpoint(record, device.model, t, visit, 'rollback', version)
-            for pulled in cloud.label(DEVICE_ID):
-                rest = ring.rest(pulled)
-                if rest is None:
-                    cloud.pull_unavailable(DEVICE_ID, pulled)
+            for event, result in robot.round():
+                scores = self._checkpoint(record, device.model, t, visit, event, device.version)
+                if result is None:
                     continue
-                packed = pack_tokens(rest[0], pipeline.cfg.pack_dtype)
-                record.pull_bytes += uplink_bytes(len(packed.data), len(packed.scale),
-                                                  int(rest[1].numel()))
-                cloud.add_pulled(DEVICE_ID, pulled, unpack_tokens(packed), rest[1])
-            state = cloud.device(DEVICE_ID)
-            label_hits += self._label_hits(state, sent_truth)
-            result = cloud.run_round(DEVICE_ID)
-            if result is None:
-                continue
-            info = result.summary()
-            info.update(t=t, visit=visit, domain=self.visits[visit].domain)
-            record.rounds.append(info)
-            if result.envelope is not None:
-                device.apply(result.envelope)
-                record.downlink_bytes += len(result.envelope.payload)
-                record.shipped += 1
-                event = 'shipped'
-            else:
-                record.refused += 1
-                event = 'refused'
-            scores = self._checkpoint(record, device.model, t, visit, event, device.version)
-            self._log(f'    [{method.name}] t={t} {self.visits[visit].domain}: {event} '
-                      f'v{device.version} ({result.samples} new, '
-                      f'{(result.decision.reason if result.decision else "")[:70]}) '
-                      f'{self.visits[visit].domain} DA '
-                      f'{record.checkpoints[-1].accuracy[self.visits[visit].domain]["da"]:.1f}')
+                info = result.summary()
+                info.update(t=t, visit=visit, domain=self.visits[visit].domain)
+                record.rounds.append(info)
+                domain = self.visits[visit].domain
+                self._log(f'    [{method.name}] t={t} {domain}: {event} v{device.version} '
+                          f'({result.samples} new, '
+                          f'{(result.decision.reason if result.decision else "")[:70]}) '
+                          f'{domain} DA {record.checkpoints[-1].accuracy[domain]["da"]:.1f}')
         if record.checkpoints[-1].t != len(self.stream):
             scores = self._checkpoint(record, device.model, len(self.stream),
                                       self.stream[-1][0], 'end', device.version)
+        robot.fill(record)
         record.answered = len(self.stream)
-        record.label_accuracy = (100.0 * float(np.mean(label_hits)) if label_hits else None)
         record.final_scores = scores
         return record
 
-    @staticmethod
-    def _label_hits(state: Any, truth: dict[str, Sample]) -> list[float]:
-        """VQA accuracy of the labels the next round will use on samples it has not used."""
+class Robot:
+    """A simulated robot beside a cloud: answers, uplinks, pulls, rounds, applies.
+
+    Args:
+        device: The device runtime.
+        pipeline: Its UTS pipeline (stage 1 and 2, audit stream).
+        ring: Its token ring (pulls).
+        cloud: The cloud runtime.
+        uplink: ``'uts'`` (what the pipeline selects), ``'all'`` (every sample, every token)
+            or ``'stage1'`` (what stage 1 selects, every token).
+    """
+
+    def __init__(self, device: DeviceRuntime, pipeline: Any, ring: Any, cloud: CloudRuntime,
+                 uplink: str = 'uts') -> None:
+        if uplink not in UPLINKS + ('stage1',):
+            raise ConfigError(f'uplink must be one of {UPLINKS + ("stage1",)}, got {uplink!r}')
+        self.device, self.pipeline, self.ring, self.cloud = device, pipeline, ring, cloud
+        self.uplink = uplink
+        self.space = device.model.vision_space()
+        self.truth: dict[str, Sample] = {}
+        self.label_hits: list[float] = []
+        self.counts = {'uplink_bytes': 0, 'pull_bytes': 0, 'downlink_bytes': 0, 'uplinked': 0,
+                       'audit_samples': 0, 'shipped': 0, 'refused': 0, 'rollbacks': 0,
+                       'local_rollbacks': 0}
+        self._local_seen = 0
+
+    def answer(self, sample: Sample, sid: str, now: float, truth: bool = False) -> list[str]:
+        """Answer one sample and uplink it if selected; returns events (local rollbacks)."""
+        from cdcca_ros.core.uts import pack_tokens, unpack_tokens, uplink_bytes
+
+        answered = self.device.answer(sample.image, sample.question)
+        tokens = indices = None
+        audit = False
+        if self.uplink == 'all' or (self.uplink == 'stage1' and self.pipeline.selector.offer(
+                answered.entropy_mean)):
+            packed = pack_tokens(answered.tokens.detach().cpu(), self.pipeline.cfg.pack_dtype)
+            tokens = unpack_tokens(packed)
+            self.counts['uplink_bytes'] += uplink_bytes(len(packed.data), len(packed.scale), 0)
+        elif self.uplink == 'uts':
+            result = self.pipeline.process(answered.step_probs, answered.tokens)
+            if result is not None:
+                tokens, audit = unpack_tokens(result.packed), result.audit
+                indices = None if audit else result.kept_indices
+                self.counts['uplink_bytes'] += result.uplink_bytes
+                self.ring.put(sid, answered.tokens, result.kept_indices)
+        events = []
+        for event in self.device.local_rollbacks[self._local_seen:]:
+            self.cloud.rolled_back(DEVICE_ID, event['version'], event['hash'])
+            self.counts['local_rollbacks'] += 1
+            events.append('local_rollback')
+        self._local_seen = len(self.device.local_rollbacks)
+        if tokens is not None:
+            self.cloud.add_sample(DEVICE_ID, tokens, indices, sample.question,
+                                  self.space.num_tokens, self.space.dim, sid,
+                                  device_answer=answered.text, device_version=answered.version,
+                                  audit=audit, label=sample.answer if truth else None, now=now)
+            self.counts['uplinked'] += 1
+            self.counts['audit_samples'] += int(audit)
+            self.truth[sid] = sample
+        return events
+
+    def round(self) -> list[tuple[str, Any]]:
+        """The cloud's turn: audit (and a rollback it orders), labels and token pulls, the
+        round, the delta applied. Returns ``(event, round result or None)`` pairs."""
+        from cdcca_ros.core.uts import pack_tokens, unpack_tokens, uplink_bytes
+
+        out: list[tuple[str, Any]] = []
+        audit = self.cloud.audit(DEVICE_ID)
+        if audit is not None and audit.rollback is not None:
+            version = self.device.apply_rollback(audit.rollback)
+            self.cloud.rolled_back(DEVICE_ID, version, audit.rollback.to_hash)
+            self.counts['rollbacks'] += 1
+            out.append(('rollback', None))
+        for pulled in self.cloud.label(DEVICE_ID):
+            rest = self.ring.rest(pulled)
+            if rest is None:
+                self.cloud.pull_unavailable(DEVICE_ID, pulled)
+                continue
+            packed = pack_tokens(rest[0], self.pipeline.cfg.pack_dtype)
+            self.counts['pull_bytes'] += uplink_bytes(len(packed.data), len(packed.scale),
+                                                      int(rest[1].numel()))
+            self.cloud.add_pulled(DEVICE_ID, pulled, unpack_tokens(packed), rest[1])
+        self.cloud.label(DEVICE_ID)  # the pulled samples, from all their tokens now
+        self.label_hits += self._label_hits()
+        result = self.cloud.run_round(DEVICE_ID)
+        if result is None:
+            return out
+        if result.envelope is not None:
+            self.device.apply(result.envelope)
+            self.counts['downlink_bytes'] += len(result.envelope.payload)
+            self.counts['shipped'] += 1
+            out.append(('shipped', result))
+        else:
+            self.counts['refused'] += 1
+            out.append(('refused', result))
+        return out
+
+    def _label_hits(self) -> list[float]:
+        """VQA accuracy of the labels the next round will use on samples it has not used
+        (labelled now, pulls included)."""
         from cdcca_ros.sim.scoring import vqa_accuracy
 
+        state = self.cloud.device(DEVICE_ID)
         out = []
         for r in state.memory.select(since_seq=state.round_seq):
-            sample = truth.get(r.sample_id)
-            if sample is not None and r.labelled and r.label:
+            sample = self.truth.get(r.sample_id)
+            if sample is not None and r.labelled and r.label and r.pull != 'requested':
                 out.append(vqa_accuracy(r.label, sample.answers))
         return out
+
+    def label_accuracy(self) -> float | None:
+        """VQA accuracy (%) of the labels the cloud trained on, against the truth."""
+        return 100.0 * float(np.mean(self.label_hits)) if self.label_hits else None
+
+    def fill(self, record: RunRecord) -> None:
+        """Copy the counters into a bench record."""
+        for key, value in self.counts.items():
+            setattr(record, key, value)
+        record.label_accuracy = self.label_accuracy()
 
 
 # --- figures ----------------------------------------------------------------------------------

@@ -101,7 +101,8 @@ class CloudRuntime:
         from cdcca_ros.models.registry import check_vision_space
 
         check_vision_space(teacher, student)
-        self.teacher, self.student, self.key, self.cfg = teacher, student, private_key, cfg
+        self.teacher, self.student, self.key = teacher, student, private_key
+        self._cfg = cfg
         self.state_dir = Path(state_dir) if state_dir else None
         self.base = student.trainable_state_dict()
         self.base_hash = wire.state_dict_hash(self.base)
@@ -117,6 +118,18 @@ class CloudRuntime:
         self.runner = RoundRunner(teacher, student, private_key, cfg.akd, guard, cfg.codec,
                                   cfg.codec_params, cfg.budget_bytes, cfg.refit,
                                   cfg.refit_min_error, anchor=records)
+
+    @property
+    def cfg(self) -> CloudConfig:
+        """The settings; setting them applies from the next round (the anchor set and the
+        memory bounds of devices already loaded stay as they were)."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: CloudConfig) -> None:
+        self._cfg = cfg
+        self.runner.configure(cfg.akd, cfg.guard, cfg.codec, cfg.codec_params,
+                              cfg.budget_bytes, cfg.refit, cfg.refit_min_error)
 
     def device(self, device_id: str) -> DeviceState:
         """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base)."""

@@ -22,10 +22,14 @@ def resolve(spec: str) -> str:
     """Turn ``bundled:<name>`` into its directory; other specs are returned unchanged.
 
     Raises:
-        ModelLoadError: a bundled model that is not there.
+        ModelLoadError: a bundled model that is not there, or a path (``/...``, ``./...``,
+            ``~/...``) that is not a directory.
     """
     if not spec.startswith(PREFIX):
-        return spec
+        if spec.startswith(('/', './', '../', '~')) and not Path(spec).expanduser().is_dir():
+            raise ModelLoadError(f'model directory {spec!r} does not exist (a model is a '
+                                 'local directory, a hub id, or bundled:<name>)')
+        return str(Path(spec).expanduser()) if spec.startswith('~') else spec
     name = spec[len(PREFIX):]
     path = BUNDLED_DIR / name
     if not (path / 'config.json').is_file():

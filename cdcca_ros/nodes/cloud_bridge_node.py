@@ -11,7 +11,9 @@ role=device (on the robot, next to device_node):
     out dwc_delta (DwcDelta)     <- downlink addressed to this device only
     out token_request (TokenRequest)    <- the same
     out rollback_order (RollbackOrder, reliable + transient local) <- the same
-    out cloud_status (AdaptationStatus, latched) <- the cloud's latest status for this device
+    out cloud_status (AdaptationStatus, latched) <- the link's state (``link_up`` /
+                                    ``link_down``, from the start) and the cloud's latest status
+                                    for this device
 role=cloud (next to cloud_node):
     out uts_tokens (UtsTokens)   <- uplink of every served device (checked: the device id in
                                     the message must be the link's sender)
@@ -22,10 +24,17 @@ Every message crosses on its own device's keys (``<prefix>/<device>/up|down/**``
 inside the frame), so the router's per-device access control covers the new topics as it
 covers the first two: a device can publish only under its own ``up`` keys and read only its
 own ``down`` keys. Both roles report link status and counters on /diagnostics. Malformed bytes
-are logged and counted; the bridge keeps running.
+are logged and counted; the bridge keeps running. Each change of the link's state is logged
+once, on the node's ROS logger (so on /rosout); while the router cannot be reached the link
+retries quietly.
+
+Endpoints: ``tls/HOST:PORT`` needs ``certs_dir`` (mutual TLS); ``tcp/HOST:PORT`` is plain TCP
+without it (one machine, a trusted LAN). Any other combination stops the node at start with one
+FATAL line.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,7 @@ from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
 
-from cdcca_ros.errors import CdccaError
+from cdcca_ros.errors import CdccaError, ConfigError
 from cdcca_ros.msg import AdaptationStatus, DwcDelta, RollbackOrder, TokenRequest, UtsTokens
 from cdcca_ros.nodes.common import (
     DELTA_QOS,
@@ -45,9 +54,11 @@ from cdcca_ros.nodes.common import (
     RELIABLE_QOS,
     WARN,
     Diagnostics,
+    LastError,
     declare_table,
-    use_dds_profile,
+    destroy_on_error,
 )
+from cdcca_ros.nodes.process import route_logging, run_node
 
 UPLINK_TOPIC = 'uts_tokens'
 STATUS_TOPIC = 'adaptation_status'   # device -> cloud: the device's reports
@@ -70,6 +81,16 @@ def link_config(params: dict[str, Any], name: str):
 
     connect = [e.strip() for e in params['connect'].split(',') if e.strip()]
     certs = params['certs_dir'] or None
+    tls = [e for e in connect if e.startswith('tls/')]
+    if tls and certs is None:
+        raise ConfigError(f'connect {", ".join(tls)} is TLS but certs_dir is empty: give '
+                          'certs_dir (a folder with ca.crt, <name>.crt and <name>.key from '
+                          'python -m cdcca_ros.transport.certs), or connect over tcp/HOST:PORT '
+                          '(plain TCP, one machine or a trusted LAN)')
+    plain = [e for e in connect if e.startswith('tcp/')]
+    if plain and certs is not None:
+        raise ConfigError(f'connect {", ".join(plain)} is plain TCP but certs_dir is set: use '
+                          'tls/HOST:PORT, or leave certs_dir empty for plain TCP')
     session = SessionConfig(connect=connect, certs_dir=certs, name=name,
                             allow_plain=certs is None)
     return LinkConfig(session=session, max_payload_bytes=params['max_payload_bytes'],
@@ -88,13 +109,16 @@ def _deserialize(data: bytes, msg_type: type) -> Any:
 class CloudBridgeNode(Node):
     """Thin ROS adapter over :class:`DeviceLink` / :class:`CloudLink`."""
 
+    @destroy_on_error
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('cloud_bridge_node', **kwargs)
         self.params = declare_table(self, 'cloud_bridge_node')
         self.role = self.params['role']
         self.counters = {'up': 0, 'down': 0, 'status': 0, 'malformed': 0, 'refused': 0,
                          'pulled_up': 0, 'reports_up': 0, 'requests_down': 0, 'orders_down': 0}
-        self._last_error = ''
+        self.errors = LastError()
+        self._connected: bool | None = None
+        self._status_pub = None
         self._lock = threading.Lock()
         self._diag = Diagnostics(self, hardware_id=f'bridge-{self.role}')
         home = Path.home() / '.cdcca'
@@ -110,7 +134,10 @@ class CloudBridgeNode(Node):
             self._status_pub = self.create_publisher(AdaptationStatus, 'cloud_status',
                                                      LATCHED_QOS)
             spool = self.params['spool_dir'] or str(home / device_id / 'spool')
-            self.link = DeviceLink(device_id, link_config(self.params, device_id), spool,
+            config = link_config(self.params, device_id)
+            self._unroute = route_logging(self, f'cdcca_ros.transport.link.{device_id}')
+            self._publish_link_state(False)  # latched: the state is known from the start
+            self.link = DeviceLink(device_id, config, spool,
                                    on_downlink=self._on_downlink, on_version=self._on_version)
             self.create_subscription(UtsTokens, UPLINK_TOPIC, self._on_uplink_msg,
                                      RELIABLE_QOS)
@@ -126,7 +153,9 @@ class CloudBridgeNode(Node):
                 STATUS_TOPIC: self.create_publisher(AdaptationStatus, DEVICE_STATUS_TOPIC,
                                                     RELIABLE_QOS)}
             store = self.params['store_dir'] or str(home / 'cloud' / 'link')
-            self.link = CloudLink(link_config(self.params, 'cloud'), store,
+            config = link_config(self.params, 'cloud')
+            self._unroute = route_logging(self, 'cdcca_ros.transport.link.cloud')
+            self.link = CloudLink(config, store,
                                   on_uplink=self._on_uplink_bytes, devices=devices,
                                   recorder=self._open_recorder())
             self.create_subscription(DwcDelta, DOWNLINK_TOPIC,
@@ -159,8 +188,22 @@ class CloudBridgeNode(Node):
     def _error(self, text: str, counter: str = 'malformed') -> None:
         with self._lock:
             self.counters[counter] += 1
-            self._last_error = text
-        self.get_logger().error(text)
+        self.get_logger().error(self.errors.set(counter, text))
+
+    def _publish_link_state(self, connected: bool) -> None:
+        """Device role: the link's state on ``cloud_status`` (latched)."""
+        if self._status_pub is None or connected == self._connected:
+            return
+        self._connected = connected
+        endpoints = self.params['connect']
+        state = AdaptationStatus.STATE_LINK_UP if connected else AdaptationStatus.STATE_LINK_DOWN
+        msg = AdaptationStatus(
+            device_id=self.params['device_id'], node='bridge', state=state,
+            message=(f'connected to the router at {endpoints}' if connected else
+                     f'no router at {endpoints}: uplink spooled to disk, retrying'),
+            accuracy_before=float('nan'), accuracy_after=float('nan'))
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._status_pub.publish(msg)
 
     # ---------------------------------------------------------------- device role
     def _on_uplink_msg(self, msg: UtsTokens) -> None:
@@ -264,29 +307,38 @@ class CloudBridgeNode(Node):
     # ---------------------------------------------------------------- health
     def _report(self) -> None:
         stats = self.link.stats()
+        connected = bool(stats.get('connected'))
+        self._publish_link_state(connected)
         values = {**self.counters, **{k: v for k, v in stats.items()
                                       if not isinstance(v, dict)}}
-        values['last_error'] = self._last_error or stats.get('last_error', '')
-        connected = bool(stats.get('connected'))
-        level = OK if connected and not self._last_error else WARN if connected else ERROR
+        own = self.errors.values()
+        values.update(own)
+        if not connected and not own['last_error']:  # why the link is down
+            values['last_error'] = stats.get('last_error') or ''
+            values['last_error_age_s'] = stats.get('last_error_age_s') or ''
+        level = OK if connected and not own['last_error'] else WARN if connected else ERROR
         self._diag.publish(level, 'link up' if connected else 'link down (spooling)', values)
 
     def destroy_node(self) -> None:
         self.close()
+        self._unroute()
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> None:
-    use_dds_profile()
+def _spin(args: list[str] | None) -> int:
+    node = CloudBridgeNode()
     try:
-        with rclpy.init(args=args):
-            node = CloudBridgeNode()
-            try:
-                rclpy.spin(node)
-            finally:
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        rclpy.spin(node)
+    except ExternalShutdownException:
         pass
+    finally:
+        node.destroy_node()
+    return 0
+
+
+def main(args: list[str] | None = None) -> None:
+    sys.exit(run_node('cloud_bridge_node', _spin, args, table='cloud_bridge_node',
+                      doc=__doc__))
 
 
 if __name__ == '__main__':

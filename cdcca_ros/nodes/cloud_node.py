@@ -21,24 +21,29 @@ before a round the live audit runs; when it orders a rollback, the order goes ou
 device's rounds wait until the device reports it carried it out (or refused it). Per-device
 state (the exact adapter the device holds, the cloud's trained copy, the replay memory) is
 checkpointed under ``state_dir`` and survives a restart.
+
+Teacher and student that cannot load are one FATAL line and a non-zero exit. The ``round.*``,
+``akd.*`` and ``dwc.*`` parameters change at runtime (``ros2 param set``) and apply from the next
+round; the models, the device, the key and the folders are read-only.
 """
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-import rclpy
 import torch
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 
 from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
 from cdcca_ros.core.refit import RefitConfig
+from cdcca_ros.core.rounds.anchor import resolve_anchor
 from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.updates import RollbackEnvelope
 from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
@@ -57,8 +62,11 @@ from cdcca_ros.nodes.common import (
     RELIABLE_QOS,
     WARN,
     Diagnostics,
+    LastError,
+    NodeSpinner,
     declare_table,
-    use_dds_profile,
+    destroy_on_error,
+    version_label,
 )
 from cdcca_ros.nodes.delta_msgs import envelope_to_msgs
 from cdcca_ros.nodes.guard_msgs import (
@@ -68,6 +76,7 @@ from cdcca_ros.nodes.guard_msgs import (
     rollback_to_msg,
     token_request,
 )
+from cdcca_ros.nodes.process import exit_code, fail, failed, one_line, route_logging, run_node
 
 # A rollback order the device never answers holds its rounds this long at most.
 ROLLBACK_WAIT_S = 600.0
@@ -105,7 +114,6 @@ def cloud_config(params: dict[str, Any]) -> CloudConfig:
 
 def build_runtime(params: dict[str, Any]) -> CloudRuntime:
     """Load teacher and student and the signing key named by the parameters."""
-    from cdcca_ros.core.rounds.anchor import resolve_anchor
     from cdcca_ros.models import bundled
 
     quant = None if params['quantization'] == 'none' else params['quantization']
@@ -113,7 +121,7 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime:
     student = bundled.load(params['student'], None, params['torch_device'])
     state_dir = Path(params['state_dir'] or Path.home() / '.cdcca' / 'cloud')
     cfg = cloud_config(params)
-    anchor = (resolve_anchor(cfg.guard.anchor, bundled.resolve(params['student']))
+    anchor = (resolve_anchor(params['guard.anchor'], bundled.resolve(params['student']))
               if cfg.guard.enabled else None)
     return CloudRuntime(teacher, student, signing_key(params, state_dir), cfg,
                         state_dir=state_dir, anchor=anchor)
@@ -132,9 +140,15 @@ def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:
 class CloudNode(Node):
     """Thin ROS adapter over :class:`CloudRuntime`."""
 
+    @destroy_on_error
     def __init__(self, runtime: CloudRuntime | None = None, **kwargs: Any) -> None:
         super().__init__('cloud_node', **kwargs)
-        self.params = declare_table(self, 'cloud_node')
+        self.params = declare_table(self, 'cloud_node', on_change=self._on_param)
+        self.fatal_error: str | None = None
+        if runtime is None:
+            from cdcca_ros.models.registry import check_torch_device
+
+            check_torch_device(self.params['torch_device'])  # fails now, not in a thread
         self.runtime = runtime
         self._lock = threading.Lock()  # samples vs rounds
         self._stop = threading.Event()
@@ -151,7 +165,7 @@ class CloudNode(Node):
         self._request_prefix = uuid.uuid4().hex[:8]
         self._round_bytes: dict[str, int] = {}
         self._round_samples: dict[str, int] = {}
-        self._last_error = ''
+        self.errors = LastError()
         self.results: list[RoundResult] = []
         self._delta_pub = self.create_publisher(DwcDelta, 'dwc_delta', DELTA_QOS)
         self._request_pub = self.create_publisher(TokenRequest, 'token_request', RELIABLE_QOS)
@@ -175,11 +189,24 @@ class CloudNode(Node):
 
     def _load(self) -> None:
         try:
-            self.runtime = build_runtime(self.params)
-            self.get_logger().info('teacher and student ready')
-        except (CdccaError, OSError, ValueError) as err:
-            self._last_error = f'model load failed: {err}'
-            self.get_logger().error(self._last_error)
+            runtime = build_runtime(self.params)
+        except Exception as err:  # noqa: BLE001 - whatever stops the load, the node cannot work
+            fail(self, f'teacher {self.params["teacher"]!r} / student '
+                       f'{self.params["student"]!r} cannot be loaded on '
+                       f'{self.params["torch_device"]!r}: {one_line(err)}')
+            return
+        with self._lock:
+            runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
+            self.runtime = runtime
+        self.get_logger().info('teacher and student ready')
+
+    def _on_param(self, changes: dict[str, Any]) -> None:
+        """Runtime change of round / AKD / DWC settings: checked together, applied from the next
+        round (a round in progress keeps its settings)."""
+        cfg = cloud_config({**self.params, **changes})  # raises ConfigError when they clash
+        with self._lock:  # rounds hold it: never between two steps of one round
+            if self.runtime is not None:
+                self.runtime.cfg = cfg
 
     def _on_tokens(self, msg: UtsTokens) -> None:
         if self.runtime is None:
@@ -198,9 +225,10 @@ class CloudNode(Node):
                                                 audit=bool(msg.audit))
         except CdccaError as err:
             self.counters['samples_rejected'] += 1
-            self._last_error = f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'
-            self.get_logger().error(self._last_error)
+            self.get_logger().error(self.errors.set(
+                'sample', f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'))
             return
+        self.errors.clear('sample')
         if not fresh:
             self.counters['duplicates'] += 1
             return
@@ -225,10 +253,11 @@ class CloudNode(Node):
                 merged = self.runtime.add_pulled(msg.device_id, msg.sample_id, tokens, indices)
         except CdccaError as err:
             self.counters['samples_rejected'] += 1
-            self._last_error = (f'pulled tokens of {msg.sample_id!r} from {msg.device_id!r} '
-                                f'rejected: {err}')
-            self.get_logger().error(self._last_error)
+            self.get_logger().error(self.errors.set(
+                'pull', f'pulled tokens of {msg.sample_id!r} from {msg.device_id!r} rejected: '
+                        f'{err}'))
             return
+        self.errors.clear('pull')
         if not merged:  # not asked for, or asked and already answered (a re-delivery)
             self.counters['pulls_ignored'] += 1
             return
@@ -253,22 +282,23 @@ class CloudNode(Node):
                 self._awaiting.pop(msg.device_id, None)
             if mirrored:
                 self.counters['rollbacks_confirmed'] += 1
+                self.errors.clear('rollback')
                 self.get_logger().warning(
                     f'{msg.device_id!r} rolled back to v{version} ({detail.get("kind", "?")}): '
                     f'{msg.message}')
             else:
-                self._last_error = (f'{msg.device_id!r} reports a rollback to '
-                                    f'{msg.model_version!r} {msg.model_hash[:12]} this cloud '
-                                    'cannot mirror (unknown adapter or older version)')
-                self.get_logger().error(self._last_error)
+                self.get_logger().error(self.errors.set(
+                    'rollback', f'{msg.device_id!r} reports a rollback to '
+                                f'{msg.model_version!r} {msg.model_hash[:12]} this cloud cannot '
+                                'mirror (unknown adapter or older version)'))
         elif (msg.state == AdaptationStatus.STATE_REJECTED
               and detail.get('kind') == 'rollback_order'):
             with self._lock:
                 held = self._awaiting.pop(msg.device_id, None)
             if held is not None:
                 self.counters['rollbacks_refused'] += 1
-                self._last_error = f'{msg.device_id!r} refused the rollback order: {msg.message}'
-                self.get_logger().error(self._last_error)
+                self.get_logger().error(self.errors.set(
+                    'rollback', f'{msg.device_id!r} refused the rollback order: {msg.message}'))
 
     def _round_worker(self) -> None:
         while not self._stop.wait(0.5):
@@ -284,9 +314,10 @@ class CloudNode(Node):
             with self._lock:
                 pulls = self.runtime.label(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
-            self._last_error = f'labelling for {device_id!r} failed: {err}'
-            self.get_logger().error(self._last_error)
+            self.get_logger().error(self.errors.set('label',
+                                                    f'labelling for {device_id!r} failed: {err}'))
             return None
+        self.errors.clear('label')
         self._request_tokens(device_id, pulls)
         with self._lock:
             held = self._awaiting.get(device_id)
@@ -316,9 +347,10 @@ class CloudNode(Node):
             with self._lock:
                 audit = self.runtime.audit(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
-            self._last_error = f'audit for {device_id!r} failed: {err}'
-            self.get_logger().error(self._last_error)
+            self.get_logger().error(self.errors.set('audit',
+                                                    f'audit for {device_id!r} failed: {err}'))
             return False
+        self.errors.clear('audit')
         if audit is None or audit.rollback is None:
             return False
         self.order_rollback(audit.rollback, audit.to_dict())
@@ -337,7 +369,8 @@ class CloudNode(Node):
         status = AdaptationStatus(
             device_id=order.device_id, node='cloud', round=round_,
             state=AdaptationStatus.STATE_ROLLBACK_ORDERED, message=order.reason[:500],
-            model_version=f'v{order.new_version}', model_hash=order.to_hash,
+            model_version=version_label(order.device_id, order.new_version),
+            model_hash=order.to_hash,
             accuracy_before=float('nan'), accuracy_after=float('nan'),
             detail=detail_json(figures))
         status.header.stamp = stamp
@@ -353,9 +386,10 @@ class CloudNode(Node):
             with self._lock:
                 result = self.runtime.run_round(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
-            self._last_error = f'round for {device_id!r} failed: {err}'
-            self.get_logger().error(self._last_error)
+            self.get_logger().error(self.errors.set('round',
+                                                    f'round for {device_id!r} failed: {err}'))
             return None
+        self.errors.clear('round')
         if result is None:
             self.get_logger().warning(f'round for {device_id!r}: no usable pseudo-label')
             return None
@@ -375,7 +409,7 @@ class CloudNode(Node):
             device_id=device_id, node='cloud', round=result.round,
             state=AdaptationStatus.STATE_ROUND_DONE,
             message=f'{result.samples} samples, {time.perf_counter() - t0:.1f} s',
-            model_version=f'v{result.envelope.new_version}',
+            model_version=version_label(device_id, result.envelope.new_version),
             uplink_samples=self._round_samples.pop(device_id, 0),
             uplink_bytes=self._round_bytes.pop(device_id, 0),
             downlink_bytes=result.stats.nbytes, bits_per_param=result.stats.bits_per_param,
@@ -406,7 +440,7 @@ class CloudNode(Node):
             state=AdaptationStatus.STATE_REFUSED,
             message=f'{result.samples} samples, {time.perf_counter() - t0:.1f} s: '
                     f'{reason}'[:500],
-            model_version=f'v{state.version}', model_hash=state.hash,
+            model_version=version_label(device_id, state.version), model_hash=state.hash,
             uplink_samples=self._round_samples.pop(device_id, 0),
             uplink_bytes=self._round_bytes.pop(device_id, 0),
             losses=[float(last.get(k, float('nan'))) for k in ('total', 'query', 'repr', 'ce')],
@@ -440,12 +474,19 @@ class CloudNode(Node):
 
     def _report(self) -> None:
         values: dict[str, Any] = dict(self.counters)
-        values['last_error'] = self._last_error
+        values.update(self.errors.values())
         values['awaiting_rollback'] = ','.join(sorted(self._awaiting))
+        if self.runtime is not None:
+            cfg = self.runtime.cfg
+            values['round'] = f'min_samples={cfg.min_samples} max_wait_s={cfg.max_wait_s:g}'
+            values['akd'] = f'steps={cfg.akd.steps} lr={cfg.akd.lr:g}'
+            values['dwc'] = f'codec={cfg.codec} budget_bytes={cfg.budget_bytes}'
         values.update(self._device_figures())
-        level, text = ((ERROR, 'model failed to load') if self.runtime is None and
-                       self._last_error else (WARN, 'loading') if self.runtime is None else
-                       (WARN, 'see last_error') if self._last_error else (OK, 'ready'))
+        if self.fatal_error:
+            values['last_error'] = self.fatal_error
+        level, text = ((ERROR, 'model failed to load') if self.fatal_error else
+                       (WARN, 'loading') if self.runtime is None else
+                       (WARN, 'see last_error') if values['last_error'] else (OK, 'ready'))
         self._diag.publish(level, text, values)
 
     def destroy_node(self) -> None:
@@ -455,19 +496,22 @@ class CloudNode(Node):
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> None:
-    use_dds_profile()
+def _spin(args: list[str] | None) -> int:
+    node = CloudNode()
+    unroute = route_logging(node)
+    spinner = NodeSpinner([node], 'multi_threaded', num_threads=2, stop_when=failed(node))
     try:
-        with rclpy.init(args=args):
-            node = CloudNode()
-            executor = MultiThreadedExecutor(num_threads=2)
-            executor.add_node(node)
-            try:
-                executor.spin()
-            finally:
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spinner.spin()
+    except ExternalShutdownException:
         pass
+    finally:
+        unroute()
+        node.destroy_node()
+    return exit_code([node])
+
+
+def main(args: list[str] | None = None) -> None:
+    sys.exit(run_node('cloud_node', _spin, args, table='cloud_node', doc=__doc__, quiet=True))
 
 
 if __name__ == '__main__':

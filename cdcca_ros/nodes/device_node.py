@@ -30,10 +30,20 @@ The process spins on the executor named by the ``executor`` parameter (see
 round trip but one thread, so callbacks that arrive while ``ask`` computes wait until it returns
 (none of them computes: they store a frame or queue work, and catch up at once);
 ``multi_threaded`` runs ``ask`` in its own callback group beside them.
+
+A model that cannot load (a wrong path, a CUDA device this torch lacks) is one FATAL line and a
+non-zero exit, so the runner or launch stops the set instead of a node answering "model not
+ready" forever. Questions on the topic are read with a keep-all reliable subscription: a flood
+is never dropped silently by DDS, it reaches the bounded question queue, where what does not fit
+is counted (``questions_dropped``), as are questions it could not answer
+(``questions_unanswered``, the reason in the log) and losses the middleware reports
+(``questions_lost``). Runtime parameters (``ros2 param set``): ``max_new_tokens``,
+``frame_max_age_ms``, ``annotate`` and the ``uts.*`` selection settings; the rest is read-only.
 """
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -42,10 +52,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
+from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
@@ -64,16 +75,24 @@ from cdcca_ros.nodes.common import (
     SENSOR_QOS,
     WARN,
     Diagnostics,
+    LastError,
     NodeSpinner,
     declare_table,
+    destroy_on_error,
     runs_one_callback_at_a_time,
-    use_dds_profile,
+    version_label,
 )
 from cdcca_ros.nodes.delta_msgs import DeltaReassembler
 from cdcca_ros.nodes.guard_msgs import detail_json, msg_to_rollback
+from cdcca_ros.nodes.process import exit_code, fail, failed, one_line, route_logging, run_node
 from cdcca_ros.srv import Ask, Rollback
 
 SampleListener = Callable[[AnsweredSample, Header, np.ndarray], None]
+
+# Questions: reliable and keep-all, so DDS never overwrites one the node has not taken yet; the
+# node's own bounded queue is where a flood is cut, and counted.
+QUESTION_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
+                          history=QoSHistoryPolicy.KEEP_ALL)
 
 
 class _Answered(NamedTuple):
@@ -96,6 +115,7 @@ def frame_rgb(msg: Image) -> np.ndarray:
     converts it or raises :class:`~cdcca_ros.errors.ImageConversionError`.
     """
     if (msg.encoding == 'rgb8' and msg.height > 0 and msg.width > 0
+            and msg.is_bigendian in (0, 1)  # the converter's check, on the fast path too
             and msg.step == msg.width * 3 and len(msg.data) == msg.step * msg.height):
         view = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.width, 3)
         view.flags.writeable = False  # a view of the message: nobody may draw on it
@@ -133,11 +153,23 @@ def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
 class DeviceNode(Node):
     """Thin ROS adapter over :class:`DeviceRuntime`."""
 
+    @destroy_on_error
     def __init__(self, runtime: DeviceRuntime | None = None, **kwargs: Any) -> None:
         super().__init__('device_node', **kwargs)
-        self.params = declare_table(self, 'device_node')
+        self.params = declare_table(self, 'device_node', on_change=self._on_param)
+        self.fatal_error: str | None = None
+        if runtime is None:
+            from cdcca_ros.models.registry import check_torch_device
+
+            check_torch_device(self.params['torch_device'])  # fails now, not in a thread
+        if not self.params['cloud_public_key']:
+            self.get_logger().warning(
+                'cloud_public_key is empty: every model update from the cloud will be refused '
+                '(give the cloud\'s cloud_public.pem to receive updates)')
         self.runtime: DeviceRuntime | None = runtime
         self.listeners: list[SampleListener] = []
+        #: Called with the accepted ``uts.*`` changes of a parameter set (before it applies).
+        self.param_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._latest: Image | None = None
         self._latest_lock = threading.Lock()
         self._questions: queue.Queue[Question] = queue.Queue(maxsize=100)
@@ -146,13 +178,15 @@ class DeviceNode(Node):
         self._answered: queue.SimpleQueue[_Answered] = queue.SimpleQueue()
         self._publish_lock = threading.Lock()  # one drainer at a time keeps answer order
         self._reassembler = DeltaReassembler()
-        self.counters = {'answers': 0, 'rejected_images': 0, 'questions_dropped': 0,
+        self.counters = {'answers': 0, 'rejected_images': 0, 'questions': 0,
+                         'questions_dropped': 0, 'questions_unanswered': 0,
+                         'questions_lost': 0, 'questions_refused': 0,
                          'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0,
                          'rollback_orders': 0, 'rollbacks_applied': 0, 'rollbacks_rejected': 0,
                          'local_rollbacks': 0}
         self._local_seen = 0  # runtime.local_rollbacks reported so far
         self._local_lock = threading.Lock()
-        self._last_error = ''
+        self.errors = LastError()
         self._stop = threading.Event()
 
         self._answer_pub = self.create_publisher(Answer, 'answer', RELIABLE_QOS)
@@ -162,7 +196,9 @@ class DeviceNode(Node):
                                                  RELIABLE_QOS)
         self._diag = Diagnostics(self, hardware_id=self.params['device_id'])
         self.create_subscription(Image, 'image', self._on_image, SENSOR_QOS)
-        self.create_subscription(Question, 'question', self._on_question, RELIABLE_QOS)
+        self.create_subscription(
+            Question, 'question', self._on_question, QUESTION_QOS,
+            event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_questions_lost))
         self.create_subscription(DwcDelta, 'dwc_delta', self._on_delta, DELTA_QOS)
         self.create_subscription(RollbackOrder, 'rollback_order', self._on_rollback_order,
                                  DELTA_QOS)
@@ -191,18 +227,30 @@ class DeviceNode(Node):
     def _load(self) -> None:
         try:
             t0 = time.perf_counter()
-            self.runtime = build_runtime(self.params)
-            self.get_logger().info(f'model {self.params["model"]} ready in '
-                                   f'{time.perf_counter() - t0:.1f} s, version '
-                                   f'{self.runtime.version}')
-            self._publish_version()
-        except (CdccaError, OSError, ValueError) as err:
-            self._last_error = f'model load failed: {err}'
-            self.get_logger().error(self._last_error)
+            runtime = build_runtime(self.params)
+        except Exception as err:  # noqa: BLE001 - whatever stops the load, the node cannot work
+            fail(self, f'model {self.params["model"]!r} cannot be loaded on '
+                       f'{self.params["torch_device"]!r}: {one_line(err)}')
+            return
+        runtime.max_new_tokens = self.params['max_new_tokens']  # set meanwhile, maybe
+        self.runtime = runtime
+        self.get_logger().info(f'model {self.params["model"]} ready in '
+                               f'{time.perf_counter() - t0:.1f} s, version '
+                               f'{version_label(runtime.device_id, runtime.version)}')
+        self._publish_version()
 
     def _publish_version(self) -> None:
         rt = self.runtime
-        self._version_pub.publish(String(data=f'{rt.device_id}:v{rt.version}:{rt.base_hash[:16]}'))
+        self._version_pub.publish(String(data=version_label(rt.device_id, rt.version)))
+
+    def _on_param(self, changes: dict[str, Any]) -> None:
+        """Apply runtime parameter changes (checked against the table already)."""
+        uts = {k: v for k, v in changes.items() if k.startswith('uts.')}
+        for listener in list(self.param_listeners) if uts else ():
+            listener(uts)  # UTS checks and applies its own (ConfigError refuses the set)
+        if 'max_new_tokens' in changes and self.runtime is not None:
+            self.runtime.max_new_tokens = changes['max_new_tokens']
+        # frame_max_age_ms and annotate are read from self.params at each use.
 
     # ---------------------------------------------------------------- answering
     def _on_image(self, msg: Image) -> None:
@@ -210,11 +258,16 @@ class DeviceNode(Node):
             self._latest = msg
 
     def _on_question(self, msg: Question) -> None:
+        self.counters['questions'] += 1
         try:
             self._questions.put_nowait(msg)
         except queue.Full:
             self.counters['questions_dropped'] += 1
-            self.get_logger().warning('question queue full: dropped a question')
+            self.get_logger().warning('question queue full: dropping questions',
+                                      throttle_duration_sec=5.0)
+
+    def _on_questions_lost(self, info: Any) -> None:
+        self.counters['questions_lost'] += int(info.total_count_change)
 
     def _question_worker(self) -> None:
         while not self._stop.is_set():
@@ -225,7 +278,9 @@ class DeviceNode(Node):
             answer, error = self.answer(q.question_id, q.question, list(q.choices),
                                         q.image if q.use_image else None)
             if error:
-                self.get_logger().warning(f'question {q.question_id!r} not answered: {error}')
+                self.counters['questions_unanswered'] += 1
+                self.get_logger().warning(f'question {q.question_id!r} not answered: {error}',
+                                          throttle_duration_sec=5.0)
 
     def answer(self, question_id: str, question: str, choices: list[str],
                image: Image | None, uplink: bool = True, *,
@@ -240,6 +295,10 @@ class DeviceNode(Node):
         """
         if self.runtime is None:
             return None, 'model not ready'
+        if not question.strip():
+            self.counters['questions_refused'] += 1
+            return None, ('empty question: ask about the image, e.g. "what color is the '
+                          'circle?" (README: questions the bundled model understands)')
         if image is None:
             with self._latest_lock:
                 image = self._latest
@@ -253,16 +312,17 @@ class DeviceNode(Node):
             rgb = frame_rgb(image)
         except CdccaError as err:
             self.counters['rejected_images'] += 1
-            self._last_error = f'image rejected: {err}'
-            self.get_logger().error(self._last_error)
-            return None, self._last_error
+            text = self.errors.set('image', f'image rejected: {err}')
+            self.get_logger().error(text)
+            return None, text
         try:
             sample = self.runtime.answer(rgb, question, choices)
         except (CdccaError, RuntimeError, ValueError) as err:
             self.counters['errors'] += 1
-            self._last_error = f'answer failed: {err}'
-            self.get_logger().error(self._last_error)
-            return None, self._last_error
+            text = self.errors.set('answer', f'answer failed: {err}')
+            self.get_logger().error(text)
+            return None, text
+        self.errors.clear('image', 'answer')  # a good frame, answered: those errors are over
         if len(self.runtime.local_rollbacks) > self._local_seen:
             self._report_local_rollbacks()
         msg = Answer(header=Header(frame_id=image.header.frame_id),
@@ -270,7 +330,7 @@ class DeviceNode(Node):
                      answer=sample.text, choice_index=sample.choice_index,
                      confidence=sample.confidence, entropy_mean=sample.entropy_mean,
                      entropy_max=sample.entropy_max,
-                     model_version=f'{self.runtime.device_id}:v{sample.version}',
+                     model_version=version_label(self.runtime.device_id, sample.version),
                      latency_ms=sample.latency_ms)
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.image_stamp = image.header.stamp
@@ -295,9 +355,8 @@ class DeviceNode(Node):
                     self._publish_answered(done)
                 except (CdccaError, RuntimeError, ValueError) as err:
                     self.counters['errors'] += 1
-                    self._last_error = (f'publishing answer {done.msg.question_id!r} failed: '
-                                        f'{err}')
-                    self.get_logger().error(self._last_error)
+                    self.get_logger().error(self.errors.set(
+                        'publish', f'publishing answer {done.msg.question_id!r} failed: {err}'))
 
     def _publish_answered(self, done: _Answered) -> None:
         self._answer_pub.publish(done.msg)
@@ -368,6 +427,7 @@ class DeviceNode(Node):
                                order.new_version, reason)
             return
         self.counters['rollbacks_applied'] += 1
+        self.errors.clear('rollback')
         self.get_logger().warning(f'rolled back v{order.from_version} -> v{version} on the '
                                   f'cloud\'s order: {order.reason}')
         self._publish_version()
@@ -380,8 +440,7 @@ class DeviceNode(Node):
 
     def _reject_order(self, why: str, from_version: int, new_version: int, reason: str) -> None:
         self.counters['rollbacks_rejected'] += 1
-        self._last_error = why
-        self.get_logger().error(why)
+        self.get_logger().error(self.errors.set('rollback', why))
         self._status(AdaptationStatus.STATE_REJECTED, self.runtime.round if self.runtime else 0,
                      why, model_hash=self.runtime.base_hash if self.runtime else '',
                      detail=detail_json({'kind': 'rollback_order', 'reason': reason,
@@ -419,6 +478,7 @@ class DeviceNode(Node):
                 self._reject(f'delta rejected: {err}', envelope.round)
                 continue
             self.counters['deltas_applied'] += 1
+            self.errors.clear('delta')
             self.get_logger().info(
                 f'applied round {report.round}: v{report.old_version} -> v{report.new_version}, '
                 f'{report.payload_bytes} B ({report.bits_per_param:.2f} bit/param), '
@@ -431,8 +491,7 @@ class DeviceNode(Node):
 
     def _reject(self, why: str, round_: int) -> None:
         self.counters['deltas_rejected'] += 1
-        self._last_error = why
-        self.get_logger().error(why)
+        self.get_logger().error(self.errors.set('delta', why))
         self._status(AdaptationStatus.STATE_REJECTED, round_, why)
 
     def _status(self, state: str, round_: int, message: str, version: int | None = None,
@@ -441,7 +500,8 @@ class DeviceNode(Node):
             version = self.runtime.version
         msg = AdaptationStatus(device_id=self.params['device_id'], node='device', round=round_,
                                state=state, message=message[:500],
-                               model_version='' if version is None else f'v{version}',
+                               model_version=('' if version is None else
+                                              version_label(self.params['device_id'], version)),
                                accuracy_before=float('nan'), accuracy_after=float('nan'),
                                **fields)
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -457,27 +517,29 @@ class DeviceNode(Node):
         except DeltaRejectedError as err:
             response.success, response.message = False, str(err)
         else:
-            response.success, response.message = True, f'restored as v{version}'
+            label = version_label(self.runtime.device_id, version)
+            response.success, response.message = True, f'restored as {label}'
             self._publish_version()
             self._status(AdaptationStatus.STATE_ROLLED_BACK, self.runtime.round,
                          response.message, model_hash=self.runtime.base_hash,
                          detail=detail_json({'kind': 'service', 'version': version}))
-        response.model_version = f'v{self.runtime.version}'
+        response.model_version = version_label(self.runtime.device_id, self.runtime.version)
         return response
 
     # ---------------------------------------------------------------- health
     def _report(self) -> None:
         values: dict[str, Any] = dict(self.counters)
-        values['last_error'] = self._last_error
+        values.update(self.errors.values())
         with self._latest_lock:
             values['have_frame'] = self._latest is not None
         if self.runtime is None:
-            level, text = (ERROR, 'model failed to load') if self._last_error else (
+            level, text = (ERROR, 'model failed to load') if self.fatal_error else (
                 WARN, 'loading model')
+            values['last_error'] = self.fatal_error or values['last_error']
         else:
             values.update(self.runtime.status())
-            level, text = (OK, 'ready') if not self._last_error else (WARN, 'ready, see '
-                                                                            'last_error')
+            level, text = (WARN, 'ready, see last_error') if values['last_error'] else (
+                OK, 'ready')
         self._diag.publish(level, text, values)
 
     def destroy_node(self) -> None:
@@ -488,32 +550,36 @@ class DeviceNode(Node):
         super().destroy_node()
 
 
-def spin_device(args: list[str] | None, with_uts: bool) -> None:
-    """Run device_node (and the in-process UTS node) on the executor its parameter names."""
-    use_dds_profile()
+def spin_device(args: list[str] | None, with_uts: bool) -> int:
+    """Create device_node (and the in-process UTS node) and spin them on the executor the
+    ``executor`` parameter names (inside :func:`run_node`); returns the exit code."""
+    device = DeviceNode()
+    unroute = route_logging(device)
+    nodes: list[Node] = [device]
     try:
-        with rclpy.init(args=args):
-            device = DeviceNode()
-            nodes: list[Node] = [device]
-            if with_uts and device.params['uts.enabled']:
-                from cdcca_ros.nodes.uts_node import UtsNode
-                nodes.append(UtsNode(device))
-            spinner = NodeSpinner(nodes, device.params['executor'], num_threads=4)
-            if spinner.kind != device.params['executor']:
-                device.get_logger().warning(
-                    f'executor {device.params["executor"]!r} is not available in this rclpy: '
-                    f'spinning on {spinner.kind!r}')
-            try:
-                spinner.spin()
-            finally:
-                for n in reversed(nodes):
-                    n.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        if with_uts and device.params['uts.enabled']:
+            from cdcca_ros.nodes.uts_node import UtsNode
+            nodes.append(UtsNode(device))
+        spinner = NodeSpinner(nodes, device.params['executor'], num_threads=4,
+                              stop_when=failed(device))
+        if spinner.kind != device.params['executor']:
+            device.get_logger().warning(
+                f'executor {device.params["executor"]!r} is not available in this rclpy: '
+                f'spinning on {spinner.kind!r}')
+        try:
+            spinner.spin()
+        except ExternalShutdownException:
+            pass
+    finally:
+        unroute()
+        for n in reversed(nodes):
+            n.destroy_node()
+    return exit_code(nodes)
 
 
 def main(args: list[str] | None = None) -> None:
-    spin_device(args, with_uts=True)
+    sys.exit(run_node('device_node', lambda argv: spin_device(argv, with_uts=True), args,
+                      table='device_node', doc=__doc__, quiet=True))
 
 
 if __name__ == '__main__':

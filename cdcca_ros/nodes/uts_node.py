@@ -15,11 +15,15 @@ longer holds it. Audit samples (``uts.audit_fraction``, every token) are flagged
 Topics: out uts_tokens (cdcca_ros/UtsTokens; only the kept tokens and their indices, packed;
 ``uplink_bytes`` counts the CDR bytes of indices, scales and payload; pulled answers too),
 in token_request (cdcca_ros/TokenRequest), out uts_heatmap (sensor_msgs/Image),
-out /diagnostics. Parameters: the ``uts.*`` entries of the device node's table.
+out /diagnostics. Parameters: the ``uts.*`` entries of the device node's table; the selection
+settings change at runtime (``ros2 param set /robot1/device_node uts.entropy_threshold 0.2``):
+the new settings apply from the next sample (stage 1's window starts over), and diagnostics show
+the settings in use.
 """
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from typing import Any
 
@@ -41,8 +45,18 @@ from cdcca_ros.core.uts import (
 )
 from cdcca_ros.errors import CdccaError
 from cdcca_ros.msg import TokenRequest, UtsTokens
-from cdcca_ros.nodes.common import OK, RELIABLE_QOS, SENSOR_QOS, WARN, Diagnostics
+from cdcca_ros.nodes.common import (
+    OK,
+    RELIABLE_QOS,
+    SENSOR_QOS,
+    WARN,
+    Diagnostics,
+    LastError,
+    destroy_on_error,
+    version_label,
+)
 from cdcca_ros.nodes.device_node import DeviceNode, spin_device
+from cdcca_ros.nodes.process import run_node
 
 
 def uts_config(params: dict[str, Any]) -> UtsConfig:
@@ -70,7 +84,7 @@ def to_msg(device_id: str, sample_id: str, sample: AnsweredSample, result: UtsRe
     rows, cols = space.grid
     return UtsTokens(
         header=header, device_id=device_id, sample_id=sample_id,
-        model_version=f'{device_id}:v{sample.version}', vision_space=space_id(space),
+        model_version=version_label(device_id, sample.version), vision_space=space_id(space),
         question=sample.question, device_answer=sample.text,
         entropy_mean=result.entropy.mean, entropy_max=result.entropy.max,
         num_tokens=int(sample.tokens.shape[0]), token_dim=int(sample.tokens.shape[1]),
@@ -105,11 +119,13 @@ def pulled_msg(device_id: str, sample_id: str, rest: tuple[Any, Any] | None, spa
 class UtsNode(Node):
     """Selects uncertain samples and tokens of the device node's answers and publishes them."""
 
+    @destroy_on_error
     def __init__(self, device: DeviceNode, **kwargs: Any) -> None:
         super().__init__('uts_node', **kwargs)
         self.device = device
         self.cfg = uts_config(device.params)
         self._pipeline: UtsPipeline | None = None
+        self._pipeline_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=16)
         self._pub = self.create_publisher(UtsTokens, 'uts_tokens', RELIABLE_QOS)
         self._heatmap_pub = self.create_publisher(Image, 'uts_heatmap', SENSOR_QOS)
@@ -122,9 +138,10 @@ class UtsNode(Node):
         self._ring_lock = threading.Lock()  # the worker puts, the request callback reads
         self.create_subscription(TokenRequest, 'token_request', self._on_token_request,
                                  RELIABLE_QOS)
-        self._last_error = ''
+        self.errors = LastError()
         self._stop = threading.Event()
         device.listeners.append(self._offer)
+        device.param_listeners.append(self._on_param)
         self._thread = threading.Thread(target=self._worker, daemon=True)
         self._thread.start()
         self.create_timer(1.0, self._report)
@@ -145,19 +162,34 @@ class UtsNode(Node):
                 self.process(sample, header, rgb)
             except (CdccaError, RuntimeError, ValueError) as err:
                 self.counters['errors'] += 1
-                self._last_error = str(err)
-                self.get_logger().error(f'UTS failed on a sample: {err}')
+                self.get_logger().error(self.errors.set('sample', f'UTS failed on a sample: '
+                                                                  f'{err}'))
+            else:
+                self.errors.clear('sample')
+
+    def _on_param(self, changes: dict[str, Any]) -> None:
+        """Runtime change of ``uts.*`` parameters: the new settings, checked together, apply
+        from the next sample (raises ConfigError, refusing the set, when they do not fit)."""
+        cfg = uts_config({**self.device.params, **changes})  # UtsConfig checks the combination
+        with self._pipeline_lock:
+            self.cfg = cfg
+            self._pipeline = None  # rebuilt with cfg for the next sample
+
+    def _pipeline_for(self, runtime: Any) -> UtsPipeline:
+        with self._pipeline_lock:
+            if self._pipeline is None:
+                space = runtime.model.vision_space()
+                self._pipeline = UtsPipeline(self.cfg, runtime.mc_token_features,
+                                             has_cls=space.has_cls)
+            return self._pipeline
 
     def process(self, sample: AnsweredSample, header: Header, rgb: np.ndarray
                 ) -> UtsTokens | None:
         """Run both stages on one sample; publish and return the uplink message if selected."""
         runtime = self.device.runtime
-        if self._pipeline is None:
-            space = runtime.model.vision_space()
-            self._pipeline = UtsPipeline(self.cfg, runtime.mc_token_features,
-                                         has_cls=space.has_cls)
+        pipeline = self._pipeline_for(runtime)
         self.counters['offered'] += 1
-        result = self._pipeline.process(sample.step_probs, sample.tokens)
+        result = pipeline.process(sample.step_probs, sample.tokens)
         if result is None:
             return None
         space = runtime.model.vision_space()
@@ -202,8 +234,8 @@ class UtsNode(Node):
                 out = pulled_msg(device_id, sample_id, rest, space, self.cfg.pack_dtype, header)
             except (CdccaError, ValueError) as err:
                 self.counters['errors'] += 1
-                self._last_error = f'pull of {sample_id!r} failed: {err}'
-                self.get_logger().error(self._last_error)
+                self.get_logger().error(self.errors.set('pull',
+                                                        f'pull of {sample_id!r} failed: {err}'))
                 out = pulled_msg(device_id, sample_id, None, space, self.cfg.pack_dtype, header)
                 rest = None
             self._pub.publish(out)
@@ -215,15 +247,22 @@ class UtsNode(Node):
                                                             len(out.kept_indices))
 
     def _report(self) -> None:
-        values = dict(self.counters)
+        values: dict[str, Any] = dict(self.counters)
         with self._ring_lock:
             values['ring_samples'] = len(self._ring)
             values['ring_bytes'] = self._ring.nbytes
-        values['last_error'] = self._last_error
+        values.update(self.errors.values())
+        cfg = self.cfg
+        values.update({'stage1': f'{cfg.stage1_mode} threshold={cfg.stage1_threshold:g} '
+                                 f'fraction={cfg.stage1_fraction:g} window={cfg.stage1_window}',
+                       'stage2': f'{cfg.stage2_mode} keep_ratio={cfg.keep_ratio:g} '
+                                 f'beta={cfg.beta:g} masks={cfg.mc_masks} '
+                                 f'p={cfg.dropout_p:g}',
+                       'pack_dtype': cfg.pack_dtype})
         if self.counters['tokens_total']:
             kept = self.counters['tokens_kept'] / self.counters['tokens_total']
             values['kept_fraction'] = f'{kept:.3f}'
-        self._diag.publish(WARN if self._last_error else OK,
+        self._diag.publish(WARN if values['last_error'] else OK,
                            'selecting' if self.device.ready else 'waiting for the model', values)
 
     def destroy_node(self) -> None:
@@ -234,7 +273,8 @@ class UtsNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """Start the device node with UTS in the same process (UTS needs the device model)."""
-    spin_device(args, with_uts=True)
+    sys.exit(run_node('uts_node', lambda argv: spin_device(argv, with_uts=True), args,
+                      table='device_node', doc=__doc__, quiet=True))
 
 
 if __name__ == '__main__':

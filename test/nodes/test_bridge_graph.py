@@ -203,3 +203,91 @@ def test_cloud_refuses_a_report_claiming_another_device(link_graph):
         assert g['cloud_bridge'].counters['refused'] == 2
     finally:
         rogue.close()
+
+
+def test_link_state_changes_are_one_rosout_line_each_and_latched(ros_context_pair, tmp_path):
+    """Router absent, then up, then gone: the bridge logs each change once on /rosout (where
+    rqt_console reads), retries quietly in between, and cloud_status (latched) carries the
+    state from the start."""
+    from cdcca_ros.msg import AdaptationStatus
+    from rcl_interfaces.msg import Log
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy
+
+    from cdcca_ros.nodes.cloud_bridge_node import CloudBridgeNode
+    from cdcca_ros.nodes.common import LATCHED_QOS
+    from cdcca_ros.transport.certs import create_certificates
+    from cdcca_ros.transport.config import RouterConfig
+    from cdcca_ros.transport.router import Router
+
+    certs = tmp_path / 'certs'
+    create_certificates(certs, devices=['robot1'], cloud='cloud',
+                        router_hosts=['localhost', '127.0.0.1'])
+    port = _free_port()
+    ctx_robot, ctx_client = ros_context_pair
+    observer = Node('observer', context=ctx_client)
+    executor = SingleThreadedExecutor(context=ctx_client)
+    executor.add_node(observer)
+    lines: list[Log] = []
+    rosout_qos = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
+                            durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+    observer.create_subscription(Log, '/rosout', lambda m: lines.append(m)
+                                 if m.name == 'robot1.cloud_bridge_node' else None, rosout_qos)
+    bridge = CloudBridgeNode(context=ctx_robot, namespace='robot1', parameter_overrides=[
+        Parameter('connect', value=f'tls/localhost:{port}'),
+        Parameter('certs_dir', value=str(certs)), Parameter('role', value='device'),
+        Parameter('spool_dir', value=str(tmp_path / 'spool'))])
+    spinner = Spinner(ctx_robot, [bridge])
+    router = None
+    states: list[str] = []
+    try:
+        def texts() -> list[str]:
+            return [m.msg for m in lines]
+        assert spin_until([executor], lambda: bridge.link.stats()['connect_failures'] >= 2,
+                          30.0)
+        # A late joiner still learns the state: the status is latched.
+        observer.create_subscription(AdaptationStatus, '/robot1/cloud_status',
+                                     lambda m: states.append(m.state), LATCHED_QOS)
+        assert spin_until([executor], lambda: states == ['link_down'], 10.0), states
+        assert spin_until([executor], lambda: len(lines) >= 1, 10.0)
+        spin_until([executor], lambda: False, 1.0)
+        assert len(texts()) == 1, texts()  # several failed attempts, one line
+        assert texts()[0].startswith('link down: cannot connect to tls/localhost')
+        assert 'certificate' in texts()[0]  # TLS is configured: the hint names it
+        assert lines[0].level == Log.WARN
+
+        router = Router(RouterConfig(certs_dir=certs, listen=[f'tls/127.0.0.1:{port}'],
+                                     devices=['robot1']))
+        assert spin_until([executor], lambda: bridge.link.stats()['connected'], 30.0)
+        assert spin_until([executor], lambda: states[-1:] == ['link_up'], 10.0), states
+        assert spin_until([executor], lambda: len(lines) >= 2, 10.0)
+        router.close()
+        router = None
+        assert spin_until([executor], lambda: states[-1:] == ['link_down'], 30.0), states
+        assert spin_until([executor], lambda: len(lines) >= 3, 10.0)
+        spin_until([executor], lambda: False, 1.0)
+        assert len(texts()) == 3, texts()
+        assert 'link up' in texts()[1] and 'link down' in texts()[2], texts()
+        assert states == ['link_down', 'link_up', 'link_down']
+    finally:
+        if router is not None:
+            router.close()
+        executor.shutdown()
+        observer.destroy_node()
+        spinner.close()
+
+
+def test_tls_without_certificates_is_refused_at_start():
+    from cdcca_ros.errors import ConfigError
+    from cdcca_ros.nodes.cloud_bridge_node import link_config
+    from cdcca_ros.nodes.tables import defaults, validate
+
+    assert defaults('cloud_bridge_node')['connect'].startswith('tcp/')  # consistent defaults
+    link_config(defaults('cloud_bridge_node'), 'robot1')  # plain TCP without certs: fine
+    params = validate('cloud_bridge_node', {'connect': 'tls/cloud.example.org:7447'})
+    with pytest.raises(ConfigError, match='is TLS but certs_dir is empty'):
+        link_config(params, 'robot1')
+    params = validate('cloud_bridge_node', {'certs_dir': '/etc/cdcca/certs'})
+    with pytest.raises(ConfigError, match='is plain TCP but certs_dir is set'):
+        link_config(params, 'robot1')

@@ -150,7 +150,7 @@ class _Graph:
             assert self.spin(lambda: all(m() for m in matched), 30.0), \
                 [i for i, m in enumerate(matched) if not m()]
             assert self.spin(lambda: self.device.ready and self.cloud.ready, 60.0), (
-                self.device._last_error, self.cloud._last_error)
+                self.device.errors.text, self.cloud.errors.text)
             assert self.spin(lambda: self.device_bridge.link.stats()['connected']
                              and self.cloud_bridge.link.stats()['connected'], 20.0), \
                 'link never up'
@@ -224,7 +224,7 @@ def test_token_pull_then_a_refused_round_over_the_link(graph, models):
                                                                      g.cloud_bridge.counters)
     assert g.spin(lambda: g.cloud.counters['pulled'] == 1
                   and g.cloud.counters['pulls_unavailable'] == k - 1, 60.0), (
-        g.cloud.counters, g.uts.counters, g.cloud._last_error, g.uts._last_error)
+        g.cloud.counters, g.uts.counters, g.cloud.errors.text, g.uts.errors.text)
     runtime = g.cloud.runtime
 
     def record(i):
@@ -258,12 +258,13 @@ def test_token_pull_then_a_refused_round_over_the_link(graph, models):
         runtime.cfg.min_samples = 1
     refused = AdaptationStatus.STATE_REFUSED
     assert g.spin(lambda: any(s.state == refused for s in g.got['cloud_adaptation']), 120.0), (
-        g.cloud.counters, g.cloud._last_error)
+        g.cloud.counters, g.cloud.errors.text)
     status = next(s for s in g.got['cloud_adaptation'] if s.state == refused)
     detail = json.loads(status.detail)
     assert detail['outcome'] == 'refused' and detail['gate']['ship'] is False
     assert 'needs >= 100' in detail['gate']['reason'] and 'new' in detail['gate']['slices']
-    assert status.model_version == 'v0' and status.model_hash == g.device.runtime.base_hash
+    assert status.model_version == f'{DEVICE}:v0'
+    assert status.model_hash == g.device.runtime.base_hash
     assert g.cloud.counters['refused'] == 1 and g.cloud.counters['downlink_bytes'] == 0
     # The device hears of it through the link; its model stays as it was.
     assert g.spin(lambda: any(s.state == refused for s in g.got['cloud_status']), 30.0)
@@ -351,20 +352,20 @@ def test_rollback_orders_over_the_link(graph, models, tmp_path):
                   10.0)
     rejected = next(s for s in statuses if s.state == AdaptationStatus.STATE_REJECTED)
     assert json.loads(rejected.detail)['reason'] == 'bad_signature'
-    assert rejected.model_version == 'v1' and rejected.model_hash == h1
+    assert rejected.model_version == f'{DEVICE}:v1' and rejected.model_hash == h1
 
     # The cloud orders it: over the link, verified, carried out, reported back up, mirrored.
     valid = order(models['private'])
     g.cloud.order_rollback(valid, {'reason': valid.reason})
-    assert g.spin(lambda: runtime.version == 2, 30.0), (g.device.counters, g.device._last_error)
+    assert g.spin(lambda: runtime.version == 2, 30.0), (g.device.counters, g.device.errors.text)
     assert runtime.base_hash == h0 and _weights_hash(runtime) == h0
     rolled = AdaptationStatus.STATE_ROLLED_BACK
     assert g.spin(lambda: any(s.state == rolled for s in statuses), 10.0)
     report = next(s for s in statuses if s.state == rolled)
-    assert report.model_version == 'v2' and report.model_hash == h0
+    assert report.model_version == f'{DEVICE}:v2' and report.model_hash == h0
     assert json.loads(report.detail)['kind'] == 'ordered'
     assert g.spin(lambda: g.cloud.counters['rollbacks_confirmed'] == 1, 30.0), (
-        g.cloud.counters, g.cloud._last_error)
+        g.cloud.counters, g.cloud.errors.text)
     assert any(s.state == rolled for s in g.got['device_reports'])
     ordered = [s for s in g.got['cloud_adaptation']
                if s.state == AdaptationStatus.STATE_ROLLBACK_ORDERED]
@@ -436,7 +437,7 @@ def test_local_entropy_rollback_is_reported(ros_context, models, tmp_path):
         detail = json.loads(report.detail)
         assert detail['kind'] == 'local' and detail['from_version'] == 2
         assert 'entropy' in report.message and report.model_hash == h1
-        assert report.model_version == 'v3' and runtime.version == 3
+        assert report.model_version == f'{DEVICE}:v3' and runtime.version == 3
         assert runtime.base_hash == h1 and device.counters['local_rollbacks'] == 1
     finally:
         executor.shutdown()

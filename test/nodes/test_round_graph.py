@@ -122,7 +122,7 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
 
         # Rollback service restores the previous answers.
         r = call(rollback, Rollback.Request())
-        assert r.success and r.model_version == 'v2'
+        assert r.success and r.model_version == 'robot1:v2'
         assert [a.answer for a in answers()] == [a.answer for a in before]
     finally:
         executor.shutdown()

@@ -118,7 +118,8 @@ class GuardConfig:
         """The paper's round: ``steps`` steps on the round's samples, every result shipped."""
         return cls(enabled=False,
                    train=TrainConfig(max_steps=steps, min_steps=steps, eval_every=steps,
-                                     patience=1, mix_new=1.0, mix_anchor=0.0),
+                                     patience=1, mix_new=1.0, mix_anchor=0.0,
+                                     data_epochs=1e9),
                    gate=GateConfig(enabled=False), audit=AuditConfig(enabled=False),
                    val_fraction=0.0, gate_fraction=0.0, anchor='none')
 
@@ -134,12 +135,13 @@ class GuardConfig:
         p = {k[len('guard.'):]: v for k, v in params.items() if k.startswith('guard.')}
         return cls(
             enabled=True,
-            train=TrainConfig(max_steps=p.get('max_steps', 150),
-                              min_steps=min(p.get('min_steps', 30), p.get('max_steps', 150)),
+            train=TrainConfig(max_steps=p.get('max_steps', 300),
+                              data_epochs=p.get('data_epochs', 4.0),
+                              min_steps=min(p.get('min_steps', 120), p.get('max_steps', 300)),
                               mix_new=p.get('mix_new', 0.4),
-                              mix_anchor=p.get('mix_anchor', 0.2),
+                              mix_anchor=p.get('mix_anchor', 0.3),
                               anchor_loss=p.get('anchor_loss', 'kd'),
-                              l2sp=p.get('l2sp', 0.0)),
+                              l2sp=p.get('l2sp', 0.01)),
             gate=GateConfig(enabled=p.get('gate', True), alpha=p.get('alpha', 0.05),
                             min_gain=p.get('min_gain', 1.0),
                             tolerance=p.get('tolerance', 2.0),

@@ -52,6 +52,9 @@ class GateConfig:
         min_broken: A slice falls only when it also loses more than this many samples net.
         harm_alpha: A replay slice falls only when its loss is significant at this level
             (one-sided McNemar); 1 disables that condition.
+        anchor_budget: The anchor also falls when the candidate answers it more than this
+            many points worse than the base student did: the tolerance above applies per
+            update, this one to all updates together, so small losses cannot pile up.
         min_slice: Replay clusters with fewer gate samples are pooled into one slice.
         max_new: The ``new`` slice holds at most this many of the newest samples.
     """
@@ -63,6 +66,7 @@ class GateConfig:
     anchor_tolerance: float = 1.0
     min_broken: int = 2
     harm_alpha: float = 0.2
+    anchor_budget: float = 2.0
     min_slice: int = 30
     max_new: int = 1000
 
@@ -88,13 +92,27 @@ class GateConfig:
             return fell
         return counts.p_worse() < self.harm_alpha
 
-    def decide(self, slices: Mapping[str, PairedCounts]) -> GateDecision:
-        """Ship or refuse, with the reason (see the module docstring)."""
+    def decide(self, slices: Mapping[str, PairedCounts],
+               anchor_base: float | None = None) -> GateDecision:
+        """Ship or refuse, with the reason (see the module docstring).
+
+        Args:
+            slices: Paired counts (current adapter vs candidate) per slice.
+            anchor_base: The base student's accuracy on the anchor slice, in [0, 1]
+                (None: no cumulative check).
+        """
         if not self.enabled:
             return GateDecision(True, 'gate disabled', dict(slices))
         new = slices.get(NEW)
         if new is None or new.n == 0:
             return GateDecision(False, 'no held-out sample of the new data yet', dict(slices))
+        anchor = slices.get(ANCHOR)
+        if anchor is not None and anchor.n and anchor_base is not None:
+            lost = 100.0 * (anchor_base - anchor.new_accuracy)
+            if lost > self.anchor_budget and anchor.new_right < anchor.old_right + 1:
+                return GateDecision(False, f'anchor would be {lost:.1f} points below the base '
+                                           f'student (budget {self.anchor_budget:g})',
+                                    dict(slices))
         fallen = [name for name, c in slices.items() if name != NEW and self.falls(name, c)]
         if fallen:
             worst = min(fallen, key=lambda name: slices[name].gain)

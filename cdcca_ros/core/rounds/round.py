@@ -139,12 +139,24 @@ class RoundRunner:
                  budget_bytes: int | None, refit: RefitConfig, refit_min_error: float,
                  anchor: Sequence[Record] = ()) -> None:
         self.teacher, self.student, self.key = teacher, student, key
-        self.akd, self.guard = akd, guard
-        self.codec_name, self.codec_params, self.budget_bytes = codec, codec_params, budget_bytes
-        self.refit_cfg, self.refit_min_error = refit, refit_min_error
+        self.configure(akd, guard, codec, codec_params, budget_bytes, refit, refit_min_error)
         self.anchor = list(anchor)
         self._labeller = AKDTrainer(teacher, student, akd, progress=False)
         self.base = student.trainable_state_dict()
+        gate_anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
+        #: The base student's accuracy on the anchor's gate share (1.0 with its own answers).
+        self.anchor_base = (float(self.correct(self.base, gate_anchor).mean())
+                            if gate_anchor else None)
+
+    def configure(self, akd: AKDConfig, guard: GuardConfig, codec: str,
+                  codec_params: dict[str, Any], budget_bytes: int | None, refit: RefitConfig,
+                  refit_min_error: float) -> None:
+        """Change the settings (from the next round on)."""
+        self.akd, self.guard = akd, guard
+        self.codec_name, self.codec_params, self.budget_bytes = codec, codec_params, budget_bytes
+        self.refit_cfg, self.refit_min_error = refit, refit_min_error
+        if hasattr(self, '_labeller'):
+            self._labeller.cfg = akd
 
     # ---------------------------------------------------------------- answers
     def answers(self, model: MLLM, records: Sequence[Record]) -> list[str]:
@@ -301,7 +313,7 @@ class RoundRunner:
         self.student.load_trainable_state_dict(state.trained)
         before = self._agreement(new_train)
         replay = state.memory.balanced_sampler(replay_pool) if replay_pool else None
-        train = trainer.fit(new_train, replay, anchor_train, val)
+        train = trainer.fit(new_train, replay, anchor_train, val, replay_size=len(replay_pool))
         after = self._agreement(new_train)
         trained = self.student.trainable_state_dict()
         state.projectors = trainer.projector_state()
@@ -312,7 +324,8 @@ class RoundRunner:
         decision = None
         if guard.gate.enabled and guard.enabled:
             candidate = dwc.apply_delta(state.feedback.view, compressed.decoded)
-            decision = guard.gate.decide(self._slices(state, state.feedback.view, candidate))
+            decision = guard.gate.decide(self._slices(state, state.feedback.view, candidate),
+                                         anchor_base=self.anchor_base)
             state.last_gate = decision.to_dict()
         self.student.load_trainable_state_dict(trained)
         if decision is not None and not decision.ship:

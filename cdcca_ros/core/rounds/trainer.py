@@ -46,8 +46,12 @@ class TrainConfig:
         min_steps: Fewest steps before early stopping may end the round.
         eval_every: Steps between two validation losses.
         patience: Validations without improvement that end the round.
-        mix_new: Share of each batch drawn from the round's new samples.
-        mix_anchor: Share drawn from the anchor set (the rest: replay).
+        mix_new: Share of each batch drawn from the round's new samples (while there is
+            replay; see :meth:`RoundTrainer.plan`).
+        data_epochs: Times each labelled record (new or replayed) is drawn in a round: sets
+            the round's length within ``[min_steps, max_steps]``.
+        mix_anchor: Share drawn from the anchor set (the rest: replay); more when there is
+            too little data to fill a batch without repeating it.
         val_max: Validation records used at most (the newest).
         anchor_loss: ``'kd'``: anchor samples train on the KL divergence from the base
             student's own answer distributions (its behaviour distilled back, margins
@@ -57,15 +61,16 @@ class TrainConfig:
             pull toward the weights the student shipped with); 0: none.
     """
 
-    max_steps: int = 150
-    min_steps: int = 30
+    max_steps: int = 300
+    min_steps: int = 120
     eval_every: int = 25
     patience: int = 2
     mix_new: float = 0.4
-    mix_anchor: float = 0.2
+    data_epochs: float = 4.0
+    mix_anchor: float = 0.3
     val_max: int = 256
     anchor_loss: str = 'kd'
-    l2sp: float = 0.0
+    l2sp: float = 0.01
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.eval_every < 1 or self.patience < 1:
@@ -77,6 +82,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f'{name} must be in [0, 1], got {value}')
+        if not (math.isfinite(self.data_epochs) and self.data_epochs > 0):
+            raise ConfigError(f'data_epochs must be > 0, got {self.data_epochs}')
+        if self.mix_anchor >= 1.0:
+            raise ConfigError('mix_anchor must be < 1: some of each batch is data')
         if self.mix_new + self.mix_anchor > 1.0:
             raise ConfigError(f'mix_new + mix_anchor = {self.mix_new + self.mix_anchor} > 1')
         if self.val_max < 1:
@@ -273,31 +282,62 @@ class RoundTrainer:
         return total / count
 
     # ---------------------------------------------------------------- the loop
-    def _draws(self, new: Sequence[Record], replay: Iterator[Record] | None,
-               anchor: Sequence[Record]) -> Callable[[], list[Record]]:
+    def plan(self, new: Sequence[Record], replay_size: int) -> tuple[int, float, float]:
+        """``(steps, new draws a step, replay draws a step)`` of a round.
+
+        Every labelled record (new or replayed) is drawn about ``data_epochs`` times in the
+        round: the round runs ``data_epochs * records / data slots`` steps, within
+        ``[min_steps, max_steps]``, and when that floor would repeat a handful of records
+        too often, fewer of each batch's slots take data (the anchor set takes the rest).
+        New records get their ``mix_new`` share of the data slots while there is replay.
+        """
         size = self.akd.cfg.batch_size
-        n_new = round(size * self.cfg.mix_new) if new else 0
-        n_anchor = round(size * self.cfg.mix_anchor) if anchor else 0
-        if replay is None:  # nothing to replay: the new samples take its share
-            n_new = size - n_anchor if new else 0
-        n_replay = size - n_new - n_anchor if replay is not None else 0
-        if not new and replay is None:
-            n_anchor = size if anchor else 0
+        data = len(new) + replay_size
+        slots = size * (1.0 - self.cfg.mix_anchor) if data else 0.0
+        if not data:
+            return self.cfg.min_steps or 1, 0.0, 0.0
+        steps = math.ceil(self.cfg.data_epochs * data / slots)
+        steps = max(self.cfg.min_steps, min(self.cfg.max_steps, steps), 1)
+        per_step = min(slots, self.cfg.data_epochs * data / steps)
+        if not replay_size:
+            return steps, per_step, 0.0
+        if not new:
+            return steps, 0.0, per_step
+        new_rate = min(per_step * self.cfg.mix_new / (1.0 - self.cfg.mix_anchor),
+                       self.cfg.data_epochs * len(new) / steps)
+        return steps, new_rate, per_step - new_rate
+
+    def _draws(self, new: Sequence[Record], replay: Iterator[Record] | None,
+               anchor: Sequence[Record], new_rate: float, replay_rate: float
+               ) -> Callable[[], list[Record]]:
+        size = self.akd.cfg.batch_size
+        carry = {'new': 0.0, 'replay': 0.0}
 
         def pick(pool: Sequence[Record], k: int) -> list[Record]:
             idx = torch.randint(len(pool), (k,), generator=self._gen)
             return [pool[int(i)] for i in idx]
 
+        def take(key: str, rate: float) -> int:
+            carry[key] += rate
+            n = int(carry[key])
+            carry[key] -= n
+            return n
+
         def draw() -> list[Record]:
+            n_new = take('new', new_rate) if new else 0
+            n_replay = take('replay', replay_rate) if replay is not None else 0
             out = pick(new, n_new) if n_new else []
-            out += pick(anchor, n_anchor) if n_anchor else []
             if n_replay and replay is not None:
                 out += [next(replay) for _ in range(n_replay)]
-            return out
+            rest = size - len(out)
+            if anchor and rest > 0:
+                out += pick(anchor, rest)
+            return out or pick(list(new) or list(anchor), size)
         return draw
 
     def fit(self, new: Sequence[Record], replay: Iterator[Record] | None,
-            anchor: Sequence[Record], val: Sequence[Sequence[Record]]) -> TrainResult:
+            anchor: Sequence[Record], val: Sequence[Sequence[Record]],
+            replay_size: int = 0) -> TrainResult:
         """Train on the mixture; end on the best validation weights.
 
         Args:
@@ -305,6 +345,7 @@ class RoundTrainer:
             replay: Endless draws from the memory's labelled training records (None: none).
             anchor: The anchor set's training records.
             val: Held-out slices for early stopping (e.g. new data, older data, anchor).
+            replay_size: How many records ``replay`` draws from.
 
         Raises:
             ModelError: Nothing to train on, or a non-finite loss.
@@ -312,7 +353,8 @@ class RoundTrainer:
         if not new and replay is None and not anchor:
             raise ModelError('a round needs at least one labelled record to train on')
         self.anchor_ids = {r.sample_id for r in anchor}
-        draw = self._draws(new, replay, anchor)
+        steps, new_rate, replay_rate = self.plan(new, replay_size)
+        draw = self._draws(new, replay, anchor, new_rate, replay_rate)
         first = draw()
         self._ensure_projectors(first[0])
         model = self.student.torch_model
@@ -320,7 +362,6 @@ class RoundTrainer:
                   + list(self.projector_modules().parameters()))
         optimizer = torch.optim.AdamW(params, lr=self.akd.cfg.lr,
                                       weight_decay=self.akd.cfg.weight_decay)
-        steps = self.cfg.max_steps
         warm = max(1, int(WARMUP * steps))
 
         def lr_at(step: int) -> float:

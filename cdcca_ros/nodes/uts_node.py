@@ -11,6 +11,9 @@ Every published sample's full tokens stay in a bounded :class:`~cdcca_ros.core.u
 tokens it sends a ``token_request``, answered with a *pulled* UtsTokens per requested sample
 (the tokens not sent before, packed as the uplink is), or an empty pulled one when the ring no
 longer holds it. Audit samples (``uts.audit_fraction``, every token) are flagged ``audit``.
+Sample ids are ``<device>-<boot>-<n>``: ``<boot>`` is drawn at each start, so a restarted node
+never reuses an id (the cloud would drop the sample as a re-delivery, and a late token request
+for the old sample would be answered with the new one's tokens).
 
 Topics: out uts_tokens (cdcca_ros/UtsTokens; only the kept tokens and their indices, packed;
 ``uplink_bytes`` counts the CDR bytes of indices, scales and payload; pulled answers too),
@@ -23,6 +26,7 @@ the settings in use.
 from __future__ import annotations
 
 import queue
+import secrets
 import sys
 import threading
 from typing import Any
@@ -135,6 +139,8 @@ class UtsNode(Node):
                          'pull_requests': 0, 'pulls_served': 0, 'pulls_missed': 0,
                          'pull_bytes': 0, 'pull_requests_refused': 0}
         self._ring = TokenRing(max_samples=device.params['uts.ring_samples'])
+        #: Prefix of this run's sample ids (a new ``<boot>`` at every start).
+        self.sample_prefix = f'{device.params["device_id"]}-{secrets.token_hex(3)}'
         self._ring_lock = threading.Lock()  # the worker puts, the request callback reads
         self.create_subscription(TokenRequest, 'token_request', self._on_token_request,
                                  RELIABLE_QOS)
@@ -194,7 +200,7 @@ class UtsNode(Node):
             return None
         space = runtime.model.vision_space()
         self.counters['selected'] += 1
-        sample_id = f'{runtime.device_id}-{self.counters["selected"]}'
+        sample_id = f'{self.sample_prefix}-{self.counters["selected"]}'
         msg = to_msg(runtime.device_id, sample_id, sample, result, header, space)
         if result.audit:
             self.counters['audit'] += 1

@@ -214,6 +214,7 @@ def test_token_pull_then_a_refused_round_over_the_link(graph, models):
                             'guard.val_fraction': 0.0, 'guard.gate_fraction': 0.5,
                             'guard.anchor': 'none', 'guard.max_steps': 5,
                             'guard.min_steps': 0, 'akd.batch_size': 4})
+    g.uts.sample_prefix = DEVICE  # ids robot1-1..k, whose splits are known (see above)
     # The cloud neither labels nor asks while every sample goes up, so the device's ring (one
     # sample) holds only the last one when the requests come: the others are gone.
     with g.cloud._lock:

@@ -241,6 +241,9 @@ def test_token_pull_then_a_refused_round_over_the_link(graph, models):
         assert gone.pull == 'unavailable' and gone.indices is not None
         assert gone.label == 'red' and gone.label_tokens == gone.indices.numel() < 65
     # The pulled answer carried exactly the tokens not sent before, packed like the uplink.
+    assert g.spin(lambda: sum(m.pulled for m in g.got['uplink']) == k
+                  and g.uts.counters['pulls_served'] + g.uts.counters['pulls_missed'] == k
+                  and g.device_bridge.counters['pulled_up'] == k, 10.0), g.uts.counters
     sent = {m.sample_id: m for m in g.got['uplink'] if not m.pulled}
     pulled = {m.sample_id: m for m in g.got['uplink'] if m.pulled}
     assert set(pulled) == {f'{DEVICE}-{i}' for i in range(1, k + 1)}
@@ -366,7 +369,7 @@ def test_rollback_orders_over_the_link(graph, models, tmp_path):
     assert json.loads(report.detail)['kind'] == 'ordered'
     assert g.spin(lambda: g.cloud.counters['rollbacks_confirmed'] == 1, 30.0), (
         g.cloud.counters, g.cloud._last_error)
-    assert any(s.state == rolled for s in g.got['device_reports'])
+    assert g.spin(lambda: any(s.state == rolled for s in g.got['device_reports']), 10.0)
     ordered = [s for s in g.got['cloud_adaptation']
                if s.state == AdaptationStatus.STATE_ROLLBACK_ORDERED]
     assert len(ordered) == 1 and ordered[0].model_hash == h0
@@ -379,8 +382,12 @@ def test_rollback_orders_over_the_link(graph, models, tmp_path):
     assert g.spin(lambda: g.device.counters['rollbacks_rejected'] == 2, 30.0), g.device.counters
     assert runtime.version == 2 and _weights_hash(runtime) == h0
     assert g.device.counters['rollbacks_applied'] == 1
-    replay = [s for s in statuses if s.state == AdaptationStatus.STATE_REJECTED][-1]
-    assert json.loads(replay.detail)['reason'] == 'replay'
+
+    def refusals():
+        return [s for s in statuses if s.state == AdaptationStatus.STATE_REJECTED]
+
+    assert g.spin(lambda: len(refusals()) == 2, 10.0), statuses
+    assert json.loads(refusals()[-1].detail)['reason'] == 'replay'
 
 
 def test_local_entropy_rollback_is_reported(ros_context, models, tmp_path):

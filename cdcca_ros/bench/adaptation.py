@@ -699,18 +699,17 @@ class Experiment:
         gate unless the method says otherwise) and the device applies what ships."""
         from cdcca_ros.bench.stream import DEVICE_ID as ROBOT
         from cdcca_ros.bench.stream import Robot
-        from cdcca_ros.core.cloud_runtime import CloudRuntime
+        from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
         from cdcca_ros.core.device_runtime import DeviceRuntime
         from cdcca_ros.core.entropy_guard import EntropyGuardConfig
         from cdcca_ros.core.rounds.anchor import resolve_anchor
         from cdcca_ros.core.rounds.config import GuardConfig
         from cdcca_ros.core.uts import TokenRing, UtsPipeline
         from cdcca_ros.models import bundled
-        from cdcca_ros.nodes.cloud_node import cloud_config
 
         private, public = self._keypair()
         d = self.device_params
-        cfg = cloud_config(self.cloud_params)
+        cfg = CloudConfig.from_params(self.cloud_params)
         cfg.min_samples = 1
         cfg.akd = self._akd_config(method.losses)
         if not method.guarded:
@@ -722,10 +721,7 @@ class Experiment:
             'student'))) if cfg.guard.enabled else None)
         cloud = CloudRuntime(self.teacher, self.ctx.models.student(), private, cfg,
                              anchor=anchor)
-        guard = (EntropyGuardConfig(window=int(d['guard.entropy_window']),
-                                    ratio=float(d['guard.entropy_ratio']),
-                                    min_rise=float(d['guard.entropy_min_rise']))
-                 if method.guarded else None)
+        guard = EntropyGuardConfig.from_params(d) if method.guarded else None
         device = DeviceRuntime(self.ctx.models.student(), ROBOT, public,
                                max_new_tokens=self.max_new_tokens, entropy_guard=guard)
         space = device.model.vision_space()

@@ -40,11 +40,8 @@ import torch
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 
-from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
-from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.anchor import resolve_anchor
-from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.updates import RollbackEnvelope
 from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
 from cdcca_ros.errors import CdccaError
@@ -102,14 +99,8 @@ def signing_key(params: dict[str, Any], state_dir: Path):
 
 
 def cloud_config(params: dict[str, Any]) -> CloudConfig:
-    """Round, AKD and DWC settings from the node's parameters."""
-    akd = AKDConfig.from_params(params)
-    return CloudConfig(min_samples=params['round.min_samples'],
-                       max_wait_s=params['round.max_wait_s'], akd=akd,
-                       codec=params['dwc.codec'], budget_bytes=params['dwc.budget_bytes'],
-                       refit=RefitConfig(steps=params['dwc.refit_steps']),
-                       refit_min_error=params['dwc.refit_min_error'],
-                       guard=GuardConfig.from_params(params))
+    """Round, AKD, DWC and guard settings from the node's parameters."""
+    return CloudConfig.from_params(params)
 
 
 def build_runtime(params: dict[str, Any]) -> CloudRuntime:

@@ -124,12 +124,8 @@ def frame_rgb(msg: Image) -> np.ndarray:
 
 
 def entropy_guard_config(params: dict[str, Any]) -> EntropyGuardConfig | None:
-    """The device's local entropy guard from ``guard.entropy_*``; None (off) for ratio 1 with
-    min_rise 0, as the table documents."""
-    ratio, rise = params['guard.entropy_ratio'], params['guard.entropy_min_rise']
-    if ratio <= 1.0 and rise <= 0.0:
-        return None
-    return EntropyGuardConfig(window=params['guard.entropy_window'], ratio=ratio, min_rise=rise)
+    """The device's local entropy guard from ``guard.*``; None when it is off."""
+    return EntropyGuardConfig.from_params(params)
 
 
 def build_runtime(params: dict[str, Any]) -> DeviceRuntime:

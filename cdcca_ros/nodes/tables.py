@@ -155,8 +155,10 @@ DEVICE = (
           'predecessor\'s last answers', low=1, high=100000),
     Param('guard.entropy_ratio', 3.0, 'roll an update back when its mean answer entropy '
           'exceeds the predecessor\'s this many times ...', low=1.0, high=1000.0),
-    Param('guard.entropy_min_rise', 1.0, '... and by at least this many nats (0 with ratio 1: '
-          'never roll back locally)', low=0.0, high=100.0),
+    Param('guard.entropy_min_rise', 1.0, '... and by at least this many nats', low=0.0,
+          high=100.0),
+    Param('guard.local_rollback', True, 'roll an update back on the device\'s own when its '
+          'answers turn unsure (guard.entropy_*); false: only the cloud\'s orders'),
 )
 
 CLOUD = (

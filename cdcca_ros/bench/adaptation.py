@@ -700,6 +700,7 @@ class Experiment:
         from cdcca_ros.bench.stream import DEVICE_ID as ROBOT
         from cdcca_ros.bench.stream import Robot
         from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
+        from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
         from cdcca_ros.core.device_runtime import DeviceRuntime
         from cdcca_ros.core.entropy_guard import EntropyGuardConfig
         from cdcca_ros.core.rounds.anchor import resolve_anchor
@@ -723,7 +724,11 @@ class Experiment:
                              anchor=anchor)
         guard = EntropyGuardConfig.from_params(d) if method.guarded else None
         device = DeviceRuntime(self.ctx.models.student(), ROBOT, public,
-                               max_new_tokens=self.max_new_tokens, entropy_guard=guard)
+                               max_new_tokens=self.max_new_tokens, entropy_guard=guard,
+                               coverage=(CoverageConfig.from_params(d) if method.guarded
+                                         else None),
+                               anchor_tokens=anchor_tokens_of(bundled.resolve(
+                                   self.ctx.models.spec('student'))))
         space = device.model.vision_space()
         overrides: dict[str, Any] = {'audit_seed': self.plan.seed}
         if method.keep_ratio is not None:

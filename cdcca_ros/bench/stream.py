@@ -366,15 +366,21 @@ class ContinualStream:
     def make_device(self, method: Method) -> tuple[DeviceRuntime, Any, Any]:
         """The device runtime, its UTS pipeline and its token ring."""
         from cdcca_ros.bench.common import device_uts_config
+        from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
         from cdcca_ros.core.device_runtime import DeviceRuntime
         from cdcca_ros.core.entropy_guard import EntropyGuardConfig
         from cdcca_ros.core.uts import TokenRing, UtsPipeline
+        from cdcca_ros.models import bundled
 
         _, public = self.keys()
         d = self.device_params
         guard = EntropyGuardConfig.from_params(d) if method.entropy_guard else None
+        student_dir = bundled.resolve(self.models.spec('student'))
         device = DeviceRuntime(self.models.student(), DEVICE_ID, public,
-                               max_new_tokens=self.max_new_tokens, entropy_guard=guard)
+                               max_new_tokens=self.max_new_tokens, entropy_guard=guard,
+                               coverage=(CoverageConfig.from_params(d) if method.guarded
+                                         else None),
+                               anchor_tokens=anchor_tokens_of(student_dir))
         overrides: dict[str, Any] = {'audit_seed': self.seed}
         if method.audit_fraction is not None:
             overrides['audit_fraction'] = method.audit_fraction
@@ -471,6 +477,7 @@ class Robot:
             events.append('local_rollback')
         self._local_seen = len(self.device.local_rollbacks)
         if tokens is not None:
+            self.device.note_uplinked(answered.tokens)
             self.cloud.add_sample(DEVICE_ID, tokens, indices, sample.question,
                                   self.space.num_tokens, self.space.dim, sid,
                                   device_answer=answered.text, device_version=answered.version,

@@ -45,7 +45,9 @@ import numpy as np
 
 from cdcca_ros.core import wire
 from cdcca_ros.core.atomic import atomic_write
+from cdcca_ros.core.coverage import Coverage, CoverageConfig
 from cdcca_ros.core.entropy_guard import EntropyGuard, EntropyGuardConfig
+from cdcca_ros.core.rounds.memory import token_feature
 from cdcca_ros.core.updates import (
     DeltaEnvelope,
     DeltaGate,
@@ -93,6 +95,7 @@ class AnsweredSample:
     tokens: Tensor  # [N, D] vision tokens of the frame
     version: int
     latency_ms: float
+    adapted: bool = True  # False: the frame lay outside the update's coverage (base answered)
 
 
 @dataclass
@@ -568,6 +571,11 @@ class DeviceRuntime:
         entropy_guard: roll an update back on the device's own when its answers turn much
             less sure than its predecessor's (:mod:`cdcca_ros.core.entropy_guard`); None:
             no local guard. Local rollbacks are listed in :attr:`local_rollbacks`.
+        coverage: answer with the adapter only on frames like those the update was trained
+            on (:mod:`cdcca_ros.core.coverage`), with the base elsewhere; None: the adapter
+            answers everything.
+        anchor_tokens: ``[N, T, D]`` vision tokens of the student's anchor set (what the
+            cloud also trains on): covered from the start.
     """
 
     def __init__(self, model: MLLM, device_id: str, public_key: Ed25519PublicKey | None = None,
@@ -575,7 +583,9 @@ class DeviceRuntime:
                  probe_question: str = 'what color is the object?', max_new_tokens: int = 6,
                  max_probe_tv: float | None = None, trace_probe: bool = True,
                  shadow_probe: bool = True,
-                 entropy_guard: EntropyGuardConfig | None = None) -> None:
+                 entropy_guard: EntropyGuardConfig | None = None,
+                 coverage: CoverageConfig | None = None,
+                 anchor_tokens: Tensor | None = None) -> None:
         if max_probe_tv is not None and not 0.0 < max_probe_tv <= 1.0:
             raise ConfigError(f'max_probe_tv must be in (0, 1] or None, got {max_probe_tv}')
         self.model = model
@@ -599,6 +609,8 @@ class DeviceRuntime:
         #: Local rollbacks (entropy guard): dicts with from/to version, hash, reason.
         self.local_rollbacks: list[dict[str, Any]] = []
         self._writer = _writer_for(self.state_dir) if self.state_dir else None
+        # The weights the model shipped with (what answers outside an update's coverage).
+        self._base_weights = FlatWeights.pack(self.model.trainable_state_dict())
         restored = self._restore()
         self._weights = FlatWeights.pack(self.model.trainable_state_dict())
         self.base_hash = self._weights.digest()
@@ -641,6 +653,22 @@ class DeviceRuntime:
                 if self._traced_probe is None:
                     _log.warning('probe runs eagerly: %s', why)
             self._probe_ref = self._probe()
+        #: Where the adapter answers (None: everywhere) and the model that answers elsewhere.
+        self.coverage: Coverage | None = None
+        self._base_model: MLLM | None = None
+        self.base_answers = 0
+        if coverage is not None and self._gate is not None:
+            anchors = (None if anchor_tokens is None else
+                       np.stack([token_feature(t) for t in anchor_tokens]))
+            self.coverage = Coverage(coverage, anchors)
+            self._base_model, why = _shadow_model(model)
+            if self._base_model is None:
+                _log.warning('coverage off: %s', why)
+                self.coverage = None
+            else:
+                self._base_model.load_trainable_state_dict(self._base_weights.tensors)
+                if self.version > 0:
+                    self.coverage.snapshot()
 
     # ------------------------------------------------------------------ answering
     def answer(self, image: np.ndarray, question: str, choices: Sequence[str] = ()
@@ -650,7 +678,13 @@ class DeviceRuntime:
         with self.lock:
             t0 = time.perf_counter()
             tokens = self.model.vision_tokens([image])
-            result: AnswerResult = self.model.answer_from_tokens(
+            model, adapted = self.model, True
+            if self.coverage is not None and self.version > 0:
+                adapted = self.coverage.covers(token_feature(tokens[0]))
+                if not adapted and self._base_model is not None:
+                    model = self._base_model
+                    self.base_answers += 1
+            result: AnswerResult = model.answer_from_tokens(
                 tokens, None, [prompt], max_new_tokens=self.max_new_tokens)[0]
             latency = (time.perf_counter() - t0) * 1e3
             version = self.version
@@ -664,7 +698,13 @@ class DeviceRuntime:
             question=question, text=result.text, choice_index=match_choice(result.text, choices),
             confidence=confidence, entropy_mean=float(stats.mean), entropy_max=float(stats.max),
             step_probs=result.step_probs, tokens=tokens[0].detach(), version=version,
-            latency_ms=latency)
+            latency_ms=latency, adapted=adapted)
+
+    def note_uplinked(self, tokens: Tensor) -> None:
+        """Record that a sample with these ``[N, D]`` tokens went up the link: the next
+        update is trained on it, so frames like it are covered from then on."""
+        if self.coverage is not None:
+            self.coverage.note(token_feature(tokens))
 
     def mc_token_features(self, tokens: Tensor, p: float, num_masks: int) -> Tensor:
         """UTS stage 2 features through the device model, under the model lock."""
@@ -841,6 +881,8 @@ class DeviceRuntime:
                                     'probe_mode': 'traced' if self._probe_traced else 'eager',
                                     'probe_shadow': self.probe_shadow,
                                     'probe_token_changed': token_changed})
+        if self.coverage is not None:
+            self.coverage.snapshot()  # the update covers what went up until now
         # Last: the writer thread wakes up now and competes for the GIL.
         self._persist()
         return report
@@ -976,6 +1018,9 @@ class DeviceRuntime:
                 'hash': self.base_hash[:16], 'applied': self.applied, 'rejected': self.rejected,
                 'can_roll_back': self._previous is not None, 'rollbacks': self.rollbacks,
                 'local_rollbacks': len(self.local_rollbacks),
+                'base_answers': self.base_answers,
+                **({f'coverage.{k}': v for k, v in self.coverage.status().items()}
+                   if self.coverage is not None else {}),
                 'verifying': self.public_key is not None,
                 'probe': self.probe_mode, 'probe_shadow': self.probe_shadow,
                 'persisted_version': (-1 if writer is None or writer.persisted_version is None

@@ -61,6 +61,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
 from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
+from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
 from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
 from cdcca_ros.core.entropy_guard import EntropyGuardConfig
 from cdcca_ros.core.updates import RollbackEnvelope
@@ -143,7 +144,9 @@ def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
                          max_new_tokens=params['max_new_tokens'],
                          trace_probe=params['probe_trace'],
                          shadow_probe=params['probe_shadow'],
-                         entropy_guard=entropy_guard_config(params))
+                         entropy_guard=entropy_guard_config(params),
+                         coverage=CoverageConfig.from_params(params),
+                         anchor_tokens=anchor_tokens_of(bundled.resolve(params['model'])))
 
 
 class DeviceNode(Node):

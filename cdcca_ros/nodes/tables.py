@@ -157,6 +157,11 @@ DEVICE = (
           'exceeds the predecessor\'s this many times ...', low=1.0, high=1000.0),
     Param('guard.entropy_min_rise', 1.0, '... and by at least this many nats', low=0.0,
           high=100.0),
+    Param('guard.coverage', True, 'answer with the adapter only on frames like those the '
+          'update was trained on (uplinked scenes, the anchor set), with the shipped model '
+          'elsewhere'),
+    Param('guard.coverage_margin', 1.5, 'coverage radius: the features\' 99th-percentile '
+          'nearest-neighbour distance times this', low=0.1, high=100.0),
     Param('guard.local_rollback', True, 'roll an update back on the device\'s own when its '
           'answers turn unsure (guard.entropy_*); false: only the cloud\'s orders'),
 )

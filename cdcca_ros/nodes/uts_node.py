@@ -208,6 +208,7 @@ class UtsNode(Node):
             with self._ring_lock:
                 self._ring.put(sample_id, sample.tokens, result.kept_indices)
         self._pub.publish(msg)
+        runtime.note_uplinked(sample.tokens)  # the next update covers scenes like it
         self.counters['uplink_bytes'] += result.uplink_bytes
         self.counters['tokens_kept'] += len(msg.kept_indices)
         self.counters['tokens_total'] += msg.num_tokens

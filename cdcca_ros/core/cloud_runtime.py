@@ -60,7 +60,7 @@ class CloudConfig:
             :meth:`GuardConfig.plain` is the paper's round.
     """
 
-    min_samples: int = 32
+    min_samples: int = 64
     max_wait_s: float = 120.0
     akd: AKDConfig = field(default_factory=AKDConfig)
     codec: str = 'sparse'

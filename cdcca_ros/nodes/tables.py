@@ -176,7 +176,7 @@ CLOUD = (
     Param('state_dir', '', 'per-device checkpoints; empty: ~/.cdcca/cloud'),
     Param('signing_key', '', 'Ed25519 private key (PEM) to sign deltas; empty: generate one '
           'in state_dir'),
-    Param('round.min_samples', 32, 'start a round when this many samples arrived', low=1,
+    Param('round.min_samples', 64, 'start a round when this many samples arrived', low=1,
           runtime=True),
     Param('round.max_wait_s', 120.0, '... or when this long passed since the first sample',
           low=0.1, runtime=True),

@@ -136,7 +136,8 @@ class CloudNode(Node):
         self.create_timer(1.0, self._report)
         self._threads = [threading.Thread(target=self._round_worker, daemon=True)]
         if runtime is None:
-            self._threads.append(threading.Thread(target=self._load, daemon=True))
+            self._threads.append(threading.Thread(target=self._load, daemon=True,
+                                                  name='model-loader'))
         for t in self._threads:
             t.start()
 
@@ -152,6 +153,8 @@ class CloudNode(Node):
                        f'{self.params["student"]!r} cannot be loaded on '
                        f'{self.params["torch_device"]!r}: {one_line(err)}')
             return
+        if self._stop.is_set():
+            return  # stopped while loading (Ctrl-C)
         with self._lock:
             runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
             self.runtime = runtime
@@ -266,7 +269,8 @@ class CloudNode(Node):
     def destroy_node(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=30.0)
+            # Models still loading cannot be interrupted; that thread ends with the process.
+            t.join(timeout=0.0 if t.name == 'model-loader' else 30.0)
         super().destroy_node()
 
 

@@ -186,7 +186,8 @@ class DeviceNode(Node):
         self._threads = [threading.Thread(target=self._question_worker, daemon=True),
                          threading.Thread(target=self._delta_worker, daemon=True)]
         if self.runtime is None:
-            self._threads.append(threading.Thread(target=self._load, daemon=True))
+            self._threads.append(threading.Thread(target=self._load, daemon=True,
+                                                  name='model-loader'))
         else:
             self._publish_version()
         for t in self._threads:
@@ -205,6 +206,8 @@ class DeviceNode(Node):
             fail(self, f'model {self.params["model"]!r} cannot be loaded on '
                        f'{self.params["torch_device"]!r}: {one_line(err)}')
             return
+        if self._stop.is_set():
+            return  # stopped while loading (Ctrl-C): nothing to publish on
         runtime.max_new_tokens = self.params['max_new_tokens']  # set meanwhile, maybe
         self.runtime = runtime
         self.get_logger().info(f'model {self.params["model"]} ready in '
@@ -446,7 +449,8 @@ class DeviceNode(Node):
     def destroy_node(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=5.0)
+            # A model still loading cannot be interrupted; its thread ends with the process.
+            t.join(timeout=0.0 if t.name == 'model-loader' else 5.0)
         self._drain_answered()  # whatever the executor had not published yet
         super().destroy_node()
 

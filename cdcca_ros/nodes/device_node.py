@@ -7,6 +7,8 @@ Topics (relative names: namespaces and remapping apply):
     out annotated_image (sensor_msgs/Image)       out adaptation_status (AdaptationStatus)
     out /diagnostics
 Services: ask (cdcca_ros/Ask), rollback (cdcca_ros/Rollback).
+Actions: ask (cdcca_ros/action/Ask): the answer streamed token by token as feedback, cancelable
+within one token (:mod:`cdcca_ros.nodes.ask_action`).
 
 The image callback only stores the latest frame. Questions on the topic are answered in a
 worker thread; the ``ask`` service answers in its own callback. What follows an answer
@@ -54,8 +56,10 @@ from std_msgs.msg import Header, String
 
 from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
 from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
-from cdcca_ros.errors import CdccaError, DeltaRejectedError
+from cdcca_ros.errors import CdccaError, DeltaRejectedError, GenerationCancelled
+from cdcca_ros.models.base import StepCallback
 from cdcca_ros.msg import AdaptationStatus, Answer, DwcDelta, Question
+from cdcca_ros.nodes.ask_action import AskActionServer
 from cdcca_ros.nodes.common import (
     DELTA_QOS,
     ERROR,
@@ -181,6 +185,8 @@ class DeviceNode(Node):
                             callback_group=MutuallyExclusiveCallbackGroup())
         self.create_service(Rollback, 'rollback', self._on_rollback,
                             callback_group=MutuallyExclusiveCallbackGroup())
+        # The same question as an action: the answer streamed token by token, cancelable.
+        self._ask_action = AskActionServer(self)
         self.create_timer(1.0, self._report)
 
         self._threads = [threading.Thread(target=self._question_worker, daemon=True),
@@ -260,8 +266,13 @@ class DeviceNode(Node):
 
     def answer(self, question_id: str, question: str, choices: list[str],
                image: Image | None, uplink: bool = True, *,
-               publish_later: bool = False) -> tuple[Answer | None, str]:
+               publish_later: bool = False,
+               on_step: StepCallback | None = None) -> tuple[Answer | None, str]:
         """Answer about ``image`` or the latest frame; returns the Answer (or None and why).
+
+        ``on_step`` streams the generation (the ``ask`` action, :mod:`.ask_action`); a
+        :class:`~cdcca_ros.errors.GenerationCancelled` it raises ends the answer as
+        ``(None, 'canceled ...')``.
 
         The Answer is published, the annotated image drawn and published and the sample given
         to the listeners (UTS; when ``uplink``) in answer order: before this returns, or with
@@ -292,7 +303,9 @@ class DeviceNode(Node):
             self.get_logger().error(text)
             return None, text
         try:
-            sample = self.runtime.answer(rgb, question, choices)
+            sample = self.runtime.answer(rgb, question, choices, on_step=on_step)
+        except GenerationCancelled as err:
+            return None, str(err)
         except (CdccaError, RuntimeError, ValueError) as err:
             self.counters['errors'] += 1
             text = self.errors.set('answer', f'answer failed: {err}')
@@ -452,6 +465,7 @@ class DeviceNode(Node):
             # A model still loading cannot be interrupted; its thread ends with the process.
             t.join(timeout=0.0 if t.name == 'model-loader' else 5.0)
         self._drain_answered()  # whatever the executor had not published yet
+        self._ask_action.destroy()
         super().destroy_node()
 
 

@@ -73,6 +73,9 @@ OPTIONAL: dict[str, str] = {'camera': 'use_camera', 'device_bridge': 'use_bridge
 DEFAULT_IMAGE_TOPIC = 'image'
 """The device node's image input (relative: in the device namespace)."""
 
+LIFECYCLE_KEYS = frozenset({'device', 'cloud'})
+"""Node keys of the managed (lifecycle) nodes: the ``autostart`` switch applies to them."""
+
 
 @dataclass(frozen=True)
 class NodeLaunch:
@@ -202,6 +205,8 @@ SWITCH_ARGUMENTS: dict[str, tuple[str, str]] = {
     'use_bridge': ('true', 'start the cloud bridge(s) (false: no cloud link)'),
     'image_topic': (DEFAULT_IMAGE_TOPIC, 'the device node\'s image input (relative: in the '
                                          'device namespace)'),
+    'autostart': ('true', 'configure and activate the lifecycle nodes (device_node, cloud_node) '
+                          'at start (false: they wait for lifecycle_msgs transitions)'),
 }
 """Set-level arguments: default and description."""
 
@@ -216,6 +221,8 @@ def set_switches(set_name: str) -> list[str]:
         names.append('use_bridge')
     if 'device' in keys:
         names.append('image_topic')
+    if keys & LIFECYCLE_KEYS:
+        names.append('autostart')
     return names
 
 
@@ -280,7 +287,8 @@ def node_launches(set_name: str, overrides: Mapping[str, Any] | None = None, *,
                   params_files: Mapping[str, str] | None = None,
                   use_config_files: bool = True, use_camera: bool | str = True,
                   use_bridge: bool | str = True,
-                  image_topic: str = DEFAULT_IMAGE_TOPIC) -> list[NodeLaunch]:
+                  image_topic: str = DEFAULT_IMAGE_TOPIC,
+                  autostart: bool | str = True) -> list[NodeLaunch]:
     """The nodes of ``set_name`` with their parameters.
 
     Args:
@@ -295,6 +303,8 @@ def node_launches(set_name: str, overrides: Mapping[str, Any] | None = None, *,
         use_bridge: start the cloud bridge(s) (false: no link).
         image_topic: the device node's image input (remapped from ``image``), where the
             camera node publishes when it runs; relative names are in the device namespace.
+        autostart: false: the lifecycle nodes start unconfigured and wait for transitions
+            (their ``autostart`` parameter; a ``<node>.autostart`` override wins).
 
     Raises:
         ConfigError: unknown set, node key or parameter, a bad value, or an override for a
@@ -303,7 +313,8 @@ def node_launches(set_name: str, overrides: Mapping[str, Any] | None = None, *,
     if set_name not in SETS:
         raise ConfigError(f'unknown node set {set_name!r}; known: {", ".join(SETS)}')
     switches = {'use_camera': _switch(use_camera, 'use_camera'),
-                'use_bridge': _switch(use_bridge, 'use_bridge')}
+                'use_bridge': _switch(use_bridge, 'use_bridge'),
+                'autostart': _switch(autostart, 'autostart')}
     image_topic = image_topic.strip()
     if not image_topic:
         raise ConfigError('image_topic is empty')
@@ -331,6 +342,8 @@ def node_launches(set_name: str, overrides: Mapping[str, Any] | None = None, *,
     launches = []
     for spec in specs:
         params = dict(per_node[spec.key])
+        if spec.key in LIFECYCLE_KEYS and not switches['autostart']:
+            params.setdefault('autostart', False)
         for name, value in spec.fixed:
             if name in params and params[name] != value:
                 raise ConfigError(f'{spec.key}.{name} is fixed to {value!r} in set {set_name!r}')

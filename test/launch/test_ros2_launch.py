@@ -3,9 +3,11 @@
 Three launches share one graph, as robots and a cloud server on one network would: robot A
 (``device.launch.py`` in its own namespace, its camera remapped to another topic, a YAML file
 replacing the device node's), robot B (``device.launch.py``, another namespace, no bridge) and
-the one-machine demo (``demo.launch.py``, its own two namespaces). The test process is an
-ordinary ROS client: it reads the graph, the parameters, calls ``ask``, and finally sends the
-launches SIGINT (Ctrl-C) and checks that every node ends cleanly. The launches start once for
+the one-machine demo (``demo.launch.py``, its own two namespaces). Robot B starts with
+``autostart:=false``: its device node waits, unconfigured, for a lifecycle manager (here the
+test, through lifecycle_msgs). The test process is an ordinary ROS client: it reads the graph,
+the parameters, calls ``ask``, and finally sends the launches SIGINT (Ctrl-C) and checks that
+every node ends cleanly. The launches start once for
 the module; the tests read from them in order, the last one stops them.
 """
 from __future__ import annotations
@@ -126,7 +128,7 @@ def launched(ros2_launch_env, tmp_path_factory):
                     'device_bridge.device_id:=robotA', f'device_bridge.connect:={link}',
                     f'device_bridge.spool_dir:={tmp / "spool_a"}', *SMALL_CAMERA),
         'B': Launch(env, tmp / 'robot_b.log', 'device.launch.py', 'device_ns:=robotB',
-                    'use_bridge:=false', 'device.device_id:=robotB',
+                    'use_bridge:=false', 'autostart:=false', 'device.device_id:=robotB',
                     f'device.state_dir:={tmp / "state_b"}', *SMALL_CAMERA),
         'D': Launch(env, tmp / 'demo.log', 'demo.launch.py', 'device_ns:=robotD',
                     'cloud_ns:=cloudD', 'device.device_id:=robotD',
@@ -237,12 +239,48 @@ def _ask(launched, service: str, question: str):
             future = ask.call_async(Ask.Request(question=question))
             assert spin_until([executor], future.done, 60.0), service
             response = future.result()
-            if response.success or time.monotonic() > deadline or response.message not in (
-                    'model not ready', 'no camera frame received yet'):
+            waiting = response.message.startswith('model not ready (device_node configuring') \
+                or response.message == 'no camera frame received yet'
+            if response.success or time.monotonic() > deadline or not waiting:
                 return response
             time.sleep(0.5)
     finally:
         client.destroy_client(ask)
+
+
+def _lifecycle(launched, node: str, transition: int | None = None) -> str:
+    """Trigger ``transition`` on ``node`` (lifecycle_msgs), then return its state's label."""
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    client, executor = launched['client'], launched['executor']
+    if transition is not None:
+        change = client.create_client(ChangeState, f'{node}/change_state')
+        assert spin_until([executor], change.service_is_ready, 60.0), node
+        future = change.call_async(ChangeState.Request(transition=Transition(id=transition)))
+        assert spin_until([executor], future.done, START_S), node
+        assert future.result().success, '\n'.join(
+            x.tail() for x in launched['launches'].values())
+        client.destroy_client(change)
+    get = client.create_client(GetState, f'{node}/get_state')
+    assert spin_until([executor], get.service_is_ready, 60.0), node
+    future = get.call_async(GetState.Request())
+    assert spin_until([executor], future.done, 30.0), node
+    client.destroy_client(get)
+    return future.result().current_state.label
+
+
+def test_autostart_false_leaves_the_device_node_to_a_lifecycle_manager(launched):
+    from lifecycle_msgs.msg import Transition
+
+    node = '/robotB/device_node'
+    assert _lifecycle(launched, node) == 'unconfigured'
+    refused = _ask(launched, '/robotB/ask', 'how many objects are there?')
+    assert not refused.success and 'unconfigured' in refused.message
+    assert _lifecycle(launched, node, Transition.TRANSITION_CONFIGURE) == 'inactive'
+    assert _lifecycle(launched, node, Transition.TRANSITION_ACTIVATE) == 'active'
+    # Robot A started on its own (autostart, the default).
+    assert _lifecycle(launched, '/robotA/device_node') in ('configuring', 'active')
 
 
 def test_ask_answers_on_each_robot(launched):

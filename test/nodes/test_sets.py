@@ -59,6 +59,23 @@ def test_overrides_are_typed_and_reach_the_command_line():
     assert cmd[cmd.index('--params-file') + 1].endswith('config/camera_node.yaml')
 
 
+def test_autostart_false_reaches_the_lifecycle_nodes_only():
+    launches = {n.name: n for n in node_launches('demo', autostart='false')}
+    assert launches['device_node'].parameters == {'autostart': False}
+    assert launches['cloud_node'].parameters == {'autostart': False}
+    assert 'autostart' not in launches['camera_node'].parameters
+    # A per-node override wins over the set's switch; the default passes nothing.
+    launches = {n.name: n for n in node_launches('demo', {'cloud.autostart': 'true'},
+                                                 autostart=False)}
+    assert launches['cloud_node'].parameters == {'autostart': True}
+    assert all('autostart' not in n.parameters for n in node_launches('demo'))
+    out = subprocess.run([sys.executable, '-m', 'cdcca_ros.runner', 'device', '--dry-run',
+                          '--no-autostart'], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert [line for line in out.splitlines() if 'autostart:=false' in line] == [
+        line for line in out.splitlines() if 'cdcca_ros.nodes.device_node' in line]
+
+
 def test_demo_set_puts_each_side_in_its_namespace():
     launches = node_launches('demo')
     sides = {(n.name, n.namespace) for n in launches}

@@ -134,23 +134,39 @@ def add_plan_arguments(parser: argparse.ArgumentParser, rounds: int, stream: int
                         help=f'held-out samples per domain (default {evals}, quick 3)')
     parser.add_argument('--akd-steps', type=int, default=None,
                         help='optimiser steps per round (default: cloud node table; quick 2)')
+    parser.add_argument('--domains', default=None,
+                        help='comma-separated drifted domains (default: '
+                             'cdcca_ros.sim.domains.DRIFTED, quick its first two)')
+    parser.add_argument('--plugin', action='append', default=[], metavar='MODULE|FILE.py',
+                        help='import a module or Python file first (it may register shifts '
+                             'and domains and add them to DRIFTED)')
 
 
 def plan_from_args(ctx: BenchContext, rounds: int, stream: int, evals: int) -> Plan:
     """The plan of a run: the arguments, else the quick or full defaults."""
+    from cdcca_ros.bench.common import load_plugin
     from cdcca_ros.nodes.tables import defaults
-    from cdcca_ros.sim.domains import DRIFTED
+    from cdcca_ros.sim import domains as domain_registry
 
     cloud = defaults('cloud_node')
     a = ctx.args
     q = ctx.quick
+    for plugin in getattr(a, 'plugin', None) or []:
+        load_plugin(plugin)
+    drifted = tuple(domain_registry.DRIFTED)
+    if getattr(a, 'domains', None):
+        drifted = tuple(d.strip() for d in a.domains.split(',') if d.strip())
+        for d in drifted:
+            domain_registry.get_domain(d)  # unknown: a clear error naming the registered ones
+    elif q:
+        drifted = drifted[:2]
     return Plan(seed=ctx.seed, rounds=a.rounds or (2 if q else rounds),
                 stream_per_domain=a.stream_per_domain or (2 if q else stream),
                 eval_per_domain=a.eval_per_domain or (3 if q else evals),
                 akd_steps=a.akd_steps or (2 if q else int(cloud['akd.steps'])),
                 batch_size=4 if q else int(cloud['akd.batch_size']),
                 # Quick: two of the drifted domains (seconds; every code path still runs).
-                domains=tuple(DRIFTED[:2] if q else DRIFTED))
+                domains=drifted)
 
 
 # --- methods ----------------------------------------------------------------------------------
@@ -487,6 +503,9 @@ class Experiment:
         self.progress = progress
         self.device_params = device_params()
         self.cloud_params = defaults('cloud_node')
+        if ctx.quick:  # every code path, in seconds
+            self.cloud_params.update({'guard.max_steps': 4, 'guard.min_steps': 2,
+                                      'guard.anchor': 'none'})
         self.max_new_tokens = int(self.device_params['max_new_tokens'])
         world = World(plan.seed)
         # The frames are rendered at the size the model takes (it would resize a camera
@@ -680,18 +699,17 @@ class Experiment:
         gate unless the method says otherwise) and the device applies what ships."""
         from cdcca_ros.bench.stream import DEVICE_ID as ROBOT
         from cdcca_ros.bench.stream import Robot
-        from cdcca_ros.core.cloud_runtime import CloudRuntime
+        from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
         from cdcca_ros.core.device_runtime import DeviceRuntime
         from cdcca_ros.core.entropy_guard import EntropyGuardConfig
         from cdcca_ros.core.rounds.anchor import resolve_anchor
         from cdcca_ros.core.rounds.config import GuardConfig
         from cdcca_ros.core.uts import TokenRing, UtsPipeline
         from cdcca_ros.models import bundled
-        from cdcca_ros.nodes.cloud_node import cloud_config
 
         private, public = self._keypair()
         d = self.device_params
-        cfg = cloud_config(self.cloud_params)
+        cfg = CloudConfig.from_params(self.cloud_params)
         cfg.min_samples = 1
         cfg.akd = self._akd_config(method.losses)
         if not method.guarded:
@@ -703,10 +721,7 @@ class Experiment:
             'student'))) if cfg.guard.enabled else None)
         cloud = CloudRuntime(self.teacher, self.ctx.models.student(), private, cfg,
                              anchor=anchor)
-        guard = (EntropyGuardConfig(window=int(d['guard.entropy_window']),
-                                    ratio=float(d['guard.entropy_ratio']),
-                                    min_rise=float(d['guard.entropy_min_rise']))
-                 if method.guarded else None)
+        guard = EntropyGuardConfig.from_params(d) if method.guarded else None
         device = DeviceRuntime(self.ctx.models.student(), ROBOT, public,
                                max_new_tokens=self.max_new_tokens, entropy_guard=guard)
         space = device.model.vision_space()

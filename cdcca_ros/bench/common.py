@@ -360,6 +360,33 @@ def target_rows(targets: Sequence[Target], summary: Mapping[str, Any]
             for t in targets]
 
 
+# --- plug-ins ----------------------------------------------------------------------------------
+def load_plugin(spec: str) -> ModuleType:
+    """Import a module by name, or a Python file by path (for shifts and domains registered
+    from outside the package).
+
+    Raises:
+        ConfigError: It cannot be found or imported.
+    """
+    import importlib.util
+
+    path = Path(spec)
+    try:
+        if spec.endswith('.py') or path.is_file():
+            if not path.is_file():
+                raise ConfigError(f'plug-in file {spec!r} does not exist')
+            module_spec = importlib.util.spec_from_file_location(f'cdcca_plugin_{path.stem}',
+                                                                 path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(spec)
+    except ImportError as err:
+        raise ConfigError(f'cannot import plug-in {spec!r}: {err}') from err
+
+
 # --- running ---------------------------------------------------------------------------------
 def load_bench(name: str) -> ModuleType:
     """The module of bench ``name``.

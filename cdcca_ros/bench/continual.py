@@ -83,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'guard.max_steps=200')
     parser.add_argument('--device', action='append', default=[], metavar='PARAM=VALUE',
                         help='override a device_node parameter (repeatable)')
-    parser.add_argument('--plugin', action='append', default=[], metavar='MODULE',
-                        help='import MODULE first (it may register shifts and domains)')
+    parser.add_argument('--plugin', action='append', default=[], metavar='MODULE|FILE.py',
+                        help='import a module or a Python file first (it may register shifts '
+                             'and domains, e.g. examples/unseen_shifts.py)')
 
 
 def _overrides(items: list[str], node: str) -> dict[str, Any]:
@@ -204,14 +205,12 @@ def plot_seed(runs: dict[str, RunRecord], stream: ContinualStream,
 
 def run(ctx: BenchContext) -> BenchResult:
     """Run every method on every seed's stream."""
-    import importlib
-
-    from cdcca_ros.bench.common import device_params
+    from cdcca_ros.bench.common import device_params, load_plugin
     from cdcca_ros.sim.domains import SOURCE
 
     args = ctx.args
-    for module in args.plugin:
-        importlib.import_module(module)
+    for plugin in args.plugin:
+        load_plugin(plugin)
     seeds = ([int(s) for s in args.seeds.split(',')] if args.seeds else [ctx.seed])
     visits = parse_schedule(args.schedule or (QUICK_SCHEDULE if ctx.quick else DEFAULT_SCHEDULE))
     evals = args.eval_per_domain or (20 if ctx.quick else 300)

@@ -337,14 +337,13 @@ class ContinualStream:
         """The cloud a method's rows run (the cloud node's defaults, with the method's
         uplink, labels, losses and guard)."""
         from cdcca_ros.core.akd import AKDConfig
-        from cdcca_ros.core.cloud_runtime import CloudRuntime
+        from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
         from cdcca_ros.core.rounds.anchor import resolve_anchor
         from cdcca_ros.core.rounds.config import GuardConfig
-        from cdcca_ros.nodes.cloud_node import cloud_config
 
         private, _ = self.keys()
         p = dict(self.cloud_params)
-        cfg = cloud_config(p)
+        cfg = CloudConfig.from_params(p)
         overrides: dict[str, Any] = {'seed': self.seed}
         if method.losses == 'ce':
             overrides.update(lambda_query=0.0, lambda_repr=0.0)
@@ -373,10 +372,7 @@ class ContinualStream:
 
         _, public = self.keys()
         d = self.device_params
-        guard = (EntropyGuardConfig(window=int(d['guard.entropy_window']),
-                                    ratio=float(d['guard.entropy_ratio']),
-                                    min_rise=float(d['guard.entropy_min_rise']))
-                 if method.entropy_guard else None)
+        guard = EntropyGuardConfig.from_params(d) if method.entropy_guard else None
         device = DeviceRuntime(self.models.student(), DEVICE_ID, public,
                                max_new_tokens=self.max_new_tokens, entropy_guard=guard)
         overrides: dict[str, Any] = {'audit_seed': self.seed}

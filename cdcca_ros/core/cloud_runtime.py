@@ -70,6 +70,17 @@ class CloudConfig:
     refit_min_error: float = 0.2
     guard: GuardConfig = field(default_factory=GuardConfig)
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> CloudConfig:
+        """The settings a cloud node builds from its parameters (``round.*``, ``akd.*``,
+        ``dwc.*``, ``guard.*``; every one present: the node's table gives the defaults)."""
+        return cls(min_samples=params['round.min_samples'],
+                   max_wait_s=params['round.max_wait_s'], akd=AKDConfig.from_params(params),
+                   codec=params['dwc.codec'], budget_bytes=params['dwc.budget_bytes'],
+                   refit=RefitConfig(steps=params['dwc.refit_steps']),
+                   refit_min_error=params['dwc.refit_min_error'],
+                   guard=GuardConfig.from_params(params))
+
     def __post_init__(self) -> None:
         if self.min_samples < 1:
             raise ConfigError(f'min_samples must be >= 1, got {self.min_samples}')
@@ -282,13 +293,20 @@ class CloudRuntime:
     def rolled_back(self, device_id: str, new_version: int, restored_hash: str) -> bool:
         """Mirror a rollback the device carried out (ordered by the audit, or its own entropy
         guard): the view returns to the kept version with ``restored_hash`` under
-        ``new_version``, and training restarts from it. False when that version is unknown
-        (the cloud then keeps its view; the device will refuse deltas for another base).
+        ``new_version``, and training restarts from it. A report whose version this cloud
+        has just used for a delta (the device rolled back on its own meanwhile and refused it)
+        is adopted too: the next delta names the device's real base. False when the weights
+        are unknown or the report is older than what the cloud holds.
         """
         state = self.device(device_id)
         found = state.view_of_hash(restored_hash)
-        if found is None or new_version <= state.version:
+        if found is None or new_version < state.version:
             return False
+        if new_version == state.version and restored_hash == state.hash:
+            return True  # already mirrored
+        # new_version == state.version with another hash: the device rolled back on its own
+        # while this cloud shipped that version; the device refused the delta and holds the
+        # restored weights under that number. The device is right about what it holds.
         _, view = found
         state.feedback = dwc.ErrorFeedback(view)
         state.trained = {k: v.clone() for k, v in view.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from cdcca_ros.errors import ConfigError
 
@@ -33,6 +34,15 @@ class EntropyGuardConfig:
     window: int = 50
     ratio: float = 3.0
     min_rise: float = 1.0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> EntropyGuardConfig | None:
+        """The guard a device node builds from its ``guard.*`` parameters; None when
+        ``guard.local_rollback`` is off."""
+        if not params['guard.local_rollback']:
+            return None
+        return cls(window=params['guard.entropy_window'], ratio=params['guard.entropy_ratio'],
+                   min_rise=params['guard.entropy_min_rise'])
 
     def __post_init__(self) -> None:
         if self.window < 1:

@@ -535,9 +535,23 @@ class HFMLLM(MLLM):
             return False
         if cfg.train_biases and name.endswith('.bias'):
             return True
+        if cfg.train_embeddings and self._is_embedding_param(name):
+            return True
         if cfg.train_norms and self._is_norm_param(name):
             return True
         return cfg.train_query_tokens and name == 'query_tokens'
+
+    def _is_embedding_param(self, name: str) -> bool:
+        """Whether ``name`` is the language model's input token embedding (tied to the
+        output layer where the model ties them)."""
+        embedding = self.torch_model.get_input_embeddings()
+        weight = getattr(embedding, 'weight', None)
+        if weight is None:  # peft wrapped it: the base layer holds the weight
+            weight = getattr(getattr(embedding, 'base_layer', None), 'weight', None)
+        params = getattr(self, '_params_by_name', None)
+        if params is None:
+            params = self._params_by_name = dict(self.torch_model.named_parameters())
+        return weight is not None and params.get(name) is weight
 
     def _is_norm_param(self, name: str) -> bool:
         if '.' not in name:

@@ -136,6 +136,10 @@ class TrainableConfig:
         train_norms: Also train LayerNorm/RMSNorm weights (and biases).
         train_biases: Also train every bias of the model.
         train_query_tokens: Also train the Q-Former query tokens (BLIP-2 only).
+        train_embeddings: Also train the language model's token embeddings (tied to its
+            output layer in the bundled models): words the student never answered with (a
+            new colour, a new object kind) get rows it can learn. Meant for small
+            vocabularies; with a real LM's 32k-150k tokens prefer LoRA on ``lm_head``.
         vision_adapter: Hidden width of the vision-side adapter
             (:class:`~cdcca_ros.models.adapters.TokenAdapter`, a residual MLP on every vision
             token before the bridge); 0: none.
@@ -148,6 +152,7 @@ class TrainableConfig:
     train_norms: bool = True
     train_biases: bool = True
     train_query_tokens: bool = True
+    train_embeddings: bool = False
     vision_adapter: int = 0
 
     def __post_init__(self) -> None:
@@ -176,6 +181,7 @@ class TrainableConfig:
             'lora_targets': list(self.lora_targets) if self.lora_targets else None,
             'train_norms': self.train_norms, 'train_biases': self.train_biases,
             'train_query_tokens': self.train_query_tokens,
+            'train_embeddings': self.train_embeddings,
             'vision_adapter': self.vision_adapter,
         }
 

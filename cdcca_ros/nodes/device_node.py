@@ -4,6 +4,7 @@ Topics (relative names: namespaces and remapping apply):
     in  image (sensor_msgs/Image, sensor-data QoS): the camera; remap to any image topic
     in  question (cdcca_ros/Question)             out answer (cdcca_ros/Answer)
     in  dwc_delta (cdcca_ros/DwcDelta)            out model_version (std_msgs/String, latched)
+    in  rollback_order (cdcca_ros/RollbackOrder, reliable + transient local)
     out annotated_image (sensor_msgs/Image)       out adaptation_status (AdaptationStatus)
     out /diagnostics
 Services: ask (cdcca_ros/Ask), rollback (cdcca_ros/Rollback).
@@ -18,6 +19,13 @@ one-thread executor it is left to a task of that executor, so the response goes 
 no other thread competes for the GIL while it is sent. UTS runs in the same process
 (``uts.enabled``, see :mod:`cdcca_ros.nodes.uts_node`) because stage 2 needs the device model
 itself.
+
+Rollbacks: a signed ``rollback_order`` from the cloud's live audit is verified and carried out
+by :meth:`DeviceRuntime.apply_rollback` in the delta worker (one change of the model at a time);
+the device's own entropy guard (``guard.entropy_*``) may roll an update back after an answer.
+Both are reported on ``adaptation_status`` as ``rolled_back`` with the restored adapter's hash
+in ``model_hash`` and the reason (the cloud learns of them through the bridges); a forged,
+replayed or stale order is ``rejected``, counted, and changes nothing.
 
 The process spins on the executor named by the ``executor`` parameter (see
 :class:`cdcca_ros.nodes.common.NodeSpinner`): ``events`` (default) has the shortest service
@@ -57,9 +65,11 @@ from std_msgs.msg import Header, String
 
 from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
 from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
+from cdcca_ros.core.entropy_guard import EntropyGuardConfig
+from cdcca_ros.core.updates import RollbackEnvelope
 from cdcca_ros.errors import CdccaError, DeltaRejectedError, GenerationCancelled, ModelLoadError
 from cdcca_ros.models.base import StepCallback
-from cdcca_ros.msg import AdaptationStatus, Answer, DwcDelta, Question
+from cdcca_ros.msg import AdaptationStatus, Answer, DwcDelta, Question, RollbackOrder
 from cdcca_ros.nodes.ask_action import AskActionServer
 from cdcca_ros.nodes.common import (
     DELTA_QOS,
@@ -78,6 +88,7 @@ from cdcca_ros.nodes.common import (
     version_label,
 )
 from cdcca_ros.nodes.delta_msgs import DeltaReassembler
+from cdcca_ros.nodes.guard_msgs import detail_json, msg_to_rollback
 from cdcca_ros.nodes.lifecycle import ManagedNode
 from cdcca_ros.nodes.process import exit_code, failed, one_line, route_logging, run_node
 from cdcca_ros.srv import Ask, Rollback
@@ -118,6 +129,11 @@ def frame_rgb(msg: Image) -> np.ndarray:
     return msg_to_rgb(msg)
 
 
+def entropy_guard_config(params: dict[str, Any]) -> EntropyGuardConfig | None:
+    """The device's local entropy guard from ``guard.*``; None when it is off."""
+    return EntropyGuardConfig.from_params(params)
+
+
 def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
     """Load the model and the cloud key named by the node's parameters."""
     from cdcca_ros.core import wire
@@ -132,7 +148,8 @@ def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
                          probe_question=params['probe_question'],
                          max_new_tokens=params['max_new_tokens'],
                          trace_probe=params['probe_trace'],
-                         shadow_probe=params['probe_shadow'])
+                         shadow_probe=params['probe_shadow'],
+                         entropy_guard=entropy_guard_config(params))
 
 
 class DeviceNode(ManagedNode):
@@ -173,7 +190,11 @@ class DeviceNode(ManagedNode):
         self.counters = {'answers': 0, 'rejected_images': 0, 'questions': 0,
                          'questions_dropped': 0, 'questions_unanswered': 0,
                          'questions_lost': 0, 'questions_refused': 0,
-                         'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0}
+                         'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0,
+                         'rollback_orders': 0, 'rollbacks_applied': 0, 'rollbacks_rejected': 0,
+                         'local_rollbacks': 0}
+        self._local_seen = 0  # runtime.local_rollbacks reported so far
+        self._local_lock = threading.Lock()
         self.errors = LastError()
         self._stop = threading.Event()
 
@@ -188,6 +209,8 @@ class DeviceNode(ManagedNode):
             Question, 'question', self._on_question, QUESTION_QOS,
             event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_questions_lost))
         self.create_subscription(DwcDelta, 'dwc_delta', self._on_delta, DELTA_QOS)
+        self.create_subscription(RollbackOrder, 'rollback_order', self._on_rollback_order,
+                                 DELTA_QOS)
         # The service waits for the model: its own group, so on the multi-threaded executor
         # images keep flowing meanwhile.
         self.create_service(Ask, 'ask', self._on_ask,
@@ -362,6 +385,8 @@ class DeviceNode(ManagedNode):
             self.get_logger().error(text)
             return None, text
         self.errors.clear('image', 'answer')  # a good frame, answered: those errors are over
+        if len(runtime.local_rollbacks) > self._local_seen:
+            self._report_local_rollbacks(runtime)
         msg = Answer(header=Header(frame_id=image.header.frame_id),
                      question_id=question_id or uuid.uuid4().hex[:12], question=question,
                      answer=sample.text, choice_index=sample.choice_index,
@@ -434,11 +459,79 @@ class DeviceNode(ManagedNode):
             except queue.Full:
                 self._reject('delta queue full: delta dropped', msg.round)
 
+    def _on_rollback_order(self, msg: RollbackOrder) -> None:
+        if msg.device_id != self.params['device_id']:
+            return  # addressed to another device sharing this graph
+        self.counters['rollback_orders'] += 1
+        try:
+            order = msg_to_rollback(msg)
+        except CdccaError as err:
+            self._reject_order(f'rollback order refused: {err}', msg.from_version,
+                               msg.new_version, 'undecodable')
+            return
+        try:
+            self._deltas.put_nowait(order)
+        except queue.Full:
+            self._reject_order('delta queue full: rollback order dropped', msg.from_version,
+                               msg.new_version, 'queue_full')
+
+    def _apply_order(self, order: RollbackEnvelope) -> None:
+        """Carry out a verified rollback order, or refuse it (model untouched)."""
+        rt = self.runtime
+        if rt is None:
+            self._reject_order('rollback order arrived before the model was ready',
+                               order.from_version, order.new_version, 'not_ready')
+            return
+        try:
+            version = rt.apply_rollback(order)
+        except DeltaRejectedError as err:
+            reason = getattr(err, 'reason', '') or 'rejected'
+            self._reject_order(f'rollback order refused: {err}', order.from_version,
+                               order.new_version, reason)
+            return
+        self.counters['rollbacks_applied'] += 1
+        self.errors.clear('rollback')
+        self.get_logger().warning(f'rolled back v{order.from_version} -> v{version} on the '
+                                  f'cloud\'s order: {order.reason}')
+        self._publish_version()
+        self._status(AdaptationStatus.STATE_ROLLED_BACK, rt.round,
+                     f'ordered by the cloud: {order.reason}',
+                     model_hash=rt.base_hash,
+                     detail=detail_json({'kind': 'ordered', 'from_version': order.from_version,
+                                         'from_hash': order.from_hash,
+                                         'version': version, 'reason': order.reason}))
+
+    def _reject_order(self, why: str, from_version: int, new_version: int, reason: str) -> None:
+        self.counters['rollbacks_rejected'] += 1
+        self.get_logger().error(self.errors.set('rollback', why))
+        rt = self.runtime
+        self._status(AdaptationStatus.STATE_REJECTED, rt.round if rt else 0,
+                     why, model_hash=rt.base_hash if rt else '',
+                     detail=detail_json({'kind': 'rollback_order', 'reason': reason,
+                                         'from_version': int(from_version),
+                                         'new_version': int(new_version)}))
+
+    def _report_local_rollbacks(self, runtime: DeviceRuntime) -> None:
+        """Publish the entropy guard's rollbacks not reported yet."""
+        with self._local_lock:
+            events = runtime.local_rollbacks[self._local_seen:]
+            self._local_seen += len(events)
+        for event in events:
+            self.counters['local_rollbacks'] += 1
+            self._publish_version()
+            self._status(AdaptationStatus.STATE_ROLLED_BACK, runtime.round,
+                         f'local entropy guard: {event["reason"]}', model_hash=event['hash'],
+                         version=event['version'],
+                         detail=detail_json({'kind': 'local', **event}))
+
     def _delta_worker(self) -> None:
         while not self._stop.is_set():
             try:
                 envelope = self._deltas.get(timeout=0.2)
             except queue.Empty:
+                continue
+            if isinstance(envelope, RollbackEnvelope):
+                self._apply_order(envelope)
                 continue
             runtime = self.runtime
             if runtime is None:
@@ -457,6 +550,7 @@ class DeviceNode(ManagedNode):
                 f'{report.apply_ms:.1f} ms (lock held {report.swap_ms:.1f} ms)')
             self._publish_version()
             self._status(AdaptationStatus.STATE_APPLIED, report.round, 'ok',
+                         model_hash=runtime.base_hash,
                          downlink_bytes=report.payload_bytes,
                          bits_per_param=report.bits_per_param, apply_ms=report.apply_ms)
 
@@ -465,12 +559,14 @@ class DeviceNode(ManagedNode):
         self.get_logger().error(self.errors.set('delta', why))
         self._status(AdaptationStatus.STATE_REJECTED, round_, why)
 
-    def _status(self, state: str, round_: int, message: str, **fields: Any) -> None:
-        rt = self.runtime
+    def _status(self, state: str, round_: int, message: str, version: int | None = None,
+                **fields: Any) -> None:
+        if version is None and self.runtime is not None:
+            version = self.runtime.version
         msg = AdaptationStatus(device_id=self.params['device_id'], node='device', round=round_,
                                state=state, message=message[:500],
-                               model_version=(version_label(rt.device_id, rt.version)
-                                              if rt else ''),
+                               model_version=('' if version is None else
+                                              version_label(self.params['device_id'], version)),
                                accuracy_before=float('nan'), accuracy_after=float('nan'),
                                **fields)
         msg.header.stamp = self.get_clock().now().to_msg()
@@ -491,7 +587,9 @@ class DeviceNode(ManagedNode):
             label = version_label(rt.device_id, version)
             response.success, response.message = True, f'restored as {label}'
             self._publish_version()
-            self._status(AdaptationStatus.STATE_ROLLED_BACK, rt.round, response.message)
+            self._status(AdaptationStatus.STATE_ROLLED_BACK, rt.round,
+                         response.message, model_hash=rt.base_hash,
+                         detail=detail_json({'kind': 'service', 'version': version}))
         response.model_version = version_label(rt.device_id, rt.version)
         return response
 

@@ -61,7 +61,8 @@ SETS: dict[str, tuple[NodeSpec, ...]] = {
     'device': (CAMERA, DEVICE, DEVICE_BRIDGE),
     'cloud': (CLOUD, CLOUD_BRIDGE),
     # Both sides on one machine, each in its own namespace, joined by the Zenoh link exactly
-    # as over the internet (the bridges carry uts_tokens up and dwc_delta down).
+    # as over the internet (the bridges carry uts_tokens and the device's adaptation_status up,
+    # dwc_delta, token_request and rollback_order down).
     'demo': (CAMERA, DEVICE, DEVICE_BRIDGE, CLOUD, CLOUD_BRIDGE),
 }
 

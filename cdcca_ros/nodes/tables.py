@@ -157,8 +157,10 @@ DEVICE = (
           'predecessor\'s last answers', low=1, high=100000),
     Param('guard.entropy_ratio', 3.0, 'roll an update back when its mean answer entropy '
           'exceeds the predecessor\'s this many times ...', low=1.0, high=1000.0),
-    Param('guard.entropy_min_rise', 1.0, '... and by at least this many nats (0 with ratio 1: '
-          'never roll back locally)', low=0.0, high=100.0),
+    Param('guard.entropy_min_rise', 1.0, '... and by at least this many nats', low=0.0,
+          high=100.0),
+    Param('guard.local_rollback', True, 'roll an update back on the device\'s own when its '
+          'answers turn unsure (guard.entropy_*); false: only the cloud\'s orders'),
 )
 
 CLOUD = (
@@ -200,7 +202,7 @@ CLOUD = (
     Param('guard.max_steps', 300, 'most optimiser steps of a round (early stopping on '
           'held-out samples ends it sooner)', low=1),
     Param('guard.min_steps', 120, 'fewest steps before early stopping may end a round', low=0),
-    Param('guard.data_epochs', 4.0, 'times each labelled sample (new or replayed) is drawn in '
+    Param('guard.data_epochs', 8.0, 'times each labelled sample (new or replayed) is drawn in '
           'a round: sets its length within [min_steps, max_steps]', low=0.1, high=1000.0),
     Param('guard.mix_new', 0.4, 'share of each batch from the round\'s new samples (the rest: '
           'replay and anchor)', low=0.0, high=1.0),
@@ -214,7 +216,7 @@ CLOUD = (
     Param('guard.memory_mb', 64.0, 'replay memory bound per device (MiB)', low=0.01),
     Param('guard.val_fraction', 0.1, 'share of samples held out for early stopping', low=0.0,
           high=0.5),
-    Param('guard.gate_fraction', 0.2, 'share of samples held out for the update gate', low=0.0,
+    Param('guard.gate_fraction', 0.25, 'share of samples held out for the update gate', low=0.0,
           high=0.5),
     Param('guard.anchor', '', 'anchor set: empty = the student\'s own anchor.safetensors, '
           '"none", or a file'),
@@ -229,7 +231,7 @@ CLOUD = (
           low=0.0, high=100.0),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
           low=0.0, high=0.999),
-    Param('guard.pull_below', 0.0, 'ask the device for the rest of a sample\'s tokens when '
+    Param('guard.pull_below', 0.98, 'ask the device for the rest of a sample\'s tokens when '
           'the teacher\'s label from the kept ones is less confident than this (0: never)',
           low=0.0, high=0.999),
     Param('guard.audit', True, 'watch audit samples and order signed rollbacks of versions '

@@ -2,7 +2,8 @@
 
 The robot's nodes live in /robot1 and the cloud's in /cloud: the only way between them is the
 link. Uplink and downlink cross as CDR bytes; a sample claiming another device is refused, and
-the cloud records what it received to MCAP.
+the cloud records what it received to MCAP. The guarded round's messages (token requests and
+rollback orders down, the device's reports up) cross the same way, addressed per device.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def link_graph(ros_context_pair, tmp_path):
-    from cdcca_ros.msg import DwcDelta, UtsTokens
+    from cdcca_ros.msg import AdaptationStatus, DwcDelta, RollbackOrder, TokenRequest, UtsTokens
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
 
@@ -57,16 +58,27 @@ def link_graph(ros_context_pair, tmp_path):
                  SingleThreadedExecutor(context=ctx_cloud)]
     executors[0].add_node(robot)
     executors[1].add_node(cloud)
-    got = {'up': [], 'down': []}
+    got = {'up': [], 'down': [], 'requests': [], 'orders': [], 'reports': []}
     cloud.create_subscription(UtsTokens, 'uts_tokens', got['up'].append, RELIABLE_QOS)
     robot.create_subscription(DwcDelta, 'dwc_delta', got['down'].append, DELTA_QOS)
+    robot.create_subscription(TokenRequest, 'token_request', got['requests'].append,
+                              RELIABLE_QOS)
+    robot.create_subscription(RollbackOrder, 'rollback_order', got['orders'].append, DELTA_QOS)
+    cloud.create_subscription(AdaptationStatus, 'device_status', got['reports'].append,
+                              RELIABLE_QOS)
     g = {'up_pub': robot.create_publisher(UtsTokens, 'uts_tokens', RELIABLE_QOS),
          'down_pub': cloud.create_publisher(DwcDelta, 'dwc_delta', DELTA_QOS),
+         'request_pub': cloud.create_publisher(TokenRequest, 'token_request', RELIABLE_QOS),
+         'order_pub': cloud.create_publisher(RollbackOrder, 'rollback_order', DELTA_QOS),
+         'report_pub': robot.create_publisher(AdaptationStatus, 'adaptation_status',
+                                              RELIABLE_QOS),
          'got': got, 'executors': executors, 'device_bridge': device_bridge,
-         'cloud_bridge': cloud_bridge, 'mcap': tmp_path / 'uplink.mcap'}
+         'cloud_bridge': cloud_bridge, 'mcap': tmp_path / 'uplink.mcap', 'certs': certs,
+         'port': port, 'tmp': tmp_path}
     try:
-        assert spin_until(executors, lambda: g['up_pub'].get_subscription_count() > 0
-                          and g['down_pub'].get_subscription_count() > 0, 20.0)
+        assert spin_until(executors, lambda: all(
+            g[name].get_subscription_count() > 0
+            for name in ('up_pub', 'down_pub', 'request_pub', 'order_pub', 'report_pub')), 20.0)
         assert spin_until(executors, lambda: device_bridge.link.stats()['connected']
                           and cloud_bridge.link.stats()['connected'], 20.0), 'link never up'
         yield g
@@ -185,6 +197,70 @@ def test_cloud_records_the_uplink_to_mcap(link_graph):
         assert diffs == [], diffs
         total += compared
     assert total == len(sent) * 21  # every leaf field of UtsTokens (header: 3), each message
+
+def test_guard_messages_cross_to_their_device_only(link_graph):
+    """Token requests and rollback orders go down to the device they name (another device's
+    never reach it); the device's reports go up to the cloud's device_status."""
+    from cdcca_ros.msg import AdaptationStatus, RollbackOrder, TokenRequest
+
+    g = link_graph
+    for device in ('robot2', 'robot1'):
+        g['request_pub'].publish(TokenRequest(device_id=device, request_id=f'{device}-r',
+                                              sample_ids=[f'{device}-4']))
+        g['order_pub'].publish(RollbackOrder(device_id=device, from_version=3, new_version=4,
+                                             from_hash='cd' * 32, to_hash='ab' * 32,
+                                             reason='worse', signature=bytes(range(64))))
+    report = AdaptationStatus(device_id='robot1', node='device', state='rolled_back',
+                              model_version='v4', model_hash='ab' * 32, detail='{"kind":"x"}')
+    g['report_pub'].publish(report)
+    # Not a device report, or another device's: this bridge does not send them.
+    g['report_pub'].publish(AdaptationStatus(device_id='robot1', node='cloud', state='x'))
+    g['report_pub'].publish(AdaptationStatus(device_id='robot2', node='device', state='x'))
+    got = g['got']
+    assert spin_until(g['executors'], lambda: got['requests'] and got['orders']
+                      and got['reports'], 30.0), got
+    spin_until(g['executors'], lambda: False, 1.0)
+    assert [(m.device_id, list(m.sample_ids)) for m in got['requests']] == [
+        ('robot1', ['robot1-4'])]
+    assert [m.device_id for m in got['orders']] == ['robot1']
+    assert bytes(got['orders'][0].signature) == bytes(range(64))
+    assert got['reports'] == [report]
+    assert g['device_bridge'].counters['requests_down'] == 1
+    assert g['device_bridge'].counters['orders_down'] == 1
+    assert g['cloud_bridge'].counters['reports_up'] == 1
+
+
+def test_cloud_refuses_a_report_claiming_another_device(link_graph):
+    """A device that sends, on its own keys, a report or pulled tokens in another device's
+    name (a bridge of its own, say) is refused by the cloud bridge: the link's key names the
+    sender."""
+    from cdcca_ros.msg import AdaptationStatus, UtsTokens
+    from rclpy.serialization import serialize_message
+
+    from cdcca_ros.nodes.cloud_bridge_node import link_config
+    from cdcca_ros.transport.link import DeviceLink
+
+    g = link_graph
+    params = {'connect': f'tls/localhost:{g["port"]}', 'certs_dir': str(g['certs']),
+              'max_payload_bytes': 1 << 20, 'spool_max_bytes': 1 << 20}
+    rogue = DeviceLink('robot2', link_config(params, 'robot2'), g['tmp'] / 'rogue',
+                       on_downlink=lambda m: None)
+    try:
+        rogue.send('adaptation_status', serialize_message(AdaptationStatus(
+            device_id='robot1', node='device', state='rolled_back', model_version='v9')))
+        rogue.send('uts_tokens', serialize_message(UtsTokens(device_id='robot1',
+                                                             sample_id='robot1-1',
+                                                             pulled=True)))
+        rogue.send('adaptation_status', serialize_message(AdaptationStatus(
+            device_id='robot2', node='device', state='applied', model_version='v1')))
+        got = g['got']
+        assert spin_until(g['executors'], lambda: got['reports'], 30.0)
+        spin_until(g['executors'], lambda: False, 1.0)
+        assert [(m.device_id, m.state) for m in got['reports']] == [('robot2', 'applied')]
+        assert got['up'] == []
+        assert g['cloud_bridge'].counters['refused'] == 2
+    finally:
+        rogue.close()
 
 
 def test_link_state_changes_are_one_rosout_line_each_and_latched(ros_context_pair, tmp_path):

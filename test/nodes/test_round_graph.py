@@ -12,14 +12,12 @@ pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `mak
 
 from rclpy.parameter import Parameter  # noqa: E402
 from ros_graph import Spinner, spin_until  # noqa: E402
-from tiny_models import QUESTION, random_images, red_teacher_and_student  # noqa: E402
+from tiny_models import QUESTION  # noqa: E402
 
 
 @pytest.fixture(scope='module')
-def models(tmp_path_factory):
-    images = random_images()
-    path = tmp_path_factory.mktemp('student')
-    return red_teacher_and_student(path, images), path, images
+def models(red_models):
+    return red_models
 
 
 def _image_msg(rgb):

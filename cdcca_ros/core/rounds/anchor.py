@@ -125,7 +125,9 @@ def anchor_records(path: Path, base_student: MLLM, val_fraction: float, gate_fra
     """The anchor set as labelled records, split like the memory (ids ``anchor-<i>``).
 
     Labels: the file's answers when it has them, else the base student's own greedy
-    answers (``base_student`` must hold the base trainable weights).
+    answers (``base_student`` must hold the base trainable weights). Either way each record
+    also carries the base student's answer distributions (:attr:`Record.soft`), what the
+    round distils back.
 
     Raises:
         ConfigError: The file is unreadable or its tokens do not fit the student.
@@ -142,23 +144,12 @@ def anchor_records(path: Path, base_student: MLLM, val_fraction: float, gate_fra
         raise ConfigError(f'anchor set {path}: tokens {tuple(tokens.shape[1:])} do not fit '
                           f'the student ({space.num_tokens} x {space.dim})')
     if answers is None:
-        answers = []
-        model = base_student.torch_model
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for start in range(0, len(questions), 64):
-                    results = base_student.answer_from_tokens(
-                        tokens[start:start + 64].float(), None, questions[start:start + 64],
-                        max_new_tokens=max_new_tokens)
-                    answers += [r.text.strip() for r in results]
-        finally:
-            model.train(was)
+        answers = _base_answers(base_student, tokens, questions, max_new_tokens)
     if len(answers) != len(questions):
         raise ModelError(f'the student gave {len(answers)} answers for {len(questions)} '
                          'anchor questions')
-    soft = base_distributions(base_student, tokens, questions, answers)
+    own = _base_answers(base_student, tokens, questions, max_new_tokens)
+    soft = base_distributions(base_student, tokens, questions, own)
     out = []
     for i, (t, q, a) in enumerate(zip(tokens, questions, answers, strict=True)):
         sid = f'anchor-{i}'
@@ -170,6 +161,26 @@ def anchor_records(path: Path, base_student: MLLM, val_fraction: float, gate_fra
 
 
 TOP_K = 32
+
+
+def _base_answers(model: MLLM, tokens: Tensor, questions: Sequence[str],
+                  max_new_tokens: int) -> list[str]:
+    """The model's greedy answers (eval mode)."""
+    import torch
+
+    answers: list[str] = []
+    was = model.torch_model.training
+    model.torch_model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(questions), 64):
+                results = model.answer_from_tokens(
+                    tokens[start:start + 64].float(), None, list(questions[start:start + 64]),
+                    max_new_tokens=max_new_tokens)
+                answers += [r.text.strip() for r in results]
+    finally:
+        model.torch_model.train(was)
+    return answers
 
 
 def base_distributions(model: MLLM, tokens: Tensor, questions: Sequence[str],

@@ -25,7 +25,7 @@ class LabelConfig:
     """
 
     min_confidence: float = 0.0
-    pull_below: float = 0.0
+    pull_below: float = 0.98
     pull_wait_rounds: int = 2
 
     def __post_init__(self) -> None:
@@ -83,9 +83,9 @@ class GuardConfig:
         anchor_limit: Anchor samples used at most.
         anchor_gate_fraction: Share of the anchor set held out for the gate (its other
             shares: ``val_fraction`` for early stopping, the rest trains).
-        reset_after_refusals: After this many refused candidates in a row the trained copy
-            restarts from what the device holds (a copy that keeps failing the gate has
-            wandered off; RDumb's reset).
+        reset_after_refusals: After this many candidates refused for harm (a slice fell)
+            since the last shipped one, the trained copy restarts from what the device holds
+            (a copy that keeps harming has wandered off; RDumb's reset).
     """
 
     enabled: bool = True
@@ -96,7 +96,7 @@ class GuardConfig:
     memory_bytes: int = 64 << 20
     clusters: int = 6
     val_fraction: float = 0.1
-    gate_fraction: float = 0.2
+    gate_fraction: float = 0.25
     anchor: str = ''
     anchor_limit: int = 1024
     anchor_gate_fraction: float = 0.3
@@ -129,28 +129,24 @@ class GuardConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> GuardConfig:
-        """The config a cloud node builds from its ``guard.*`` parameters."""
-        if not params.get('guard.enabled', True):
-            return cls.plain(int(params.get('akd.steps', 40)))
+        """The config a cloud node builds from its ``guard.*`` parameters (every one present:
+        the node's table gives the defaults)."""
+        if not params['guard.enabled']:
+            return cls.plain(int(params['akd.steps']))
         p = {k[len('guard.'):]: v for k, v in params.items() if k.startswith('guard.')}
         return cls(
             enabled=True,
-            train=TrainConfig(max_steps=p.get('max_steps', 300),
-                              data_epochs=p.get('data_epochs', 4.0),
-                              min_steps=min(p.get('min_steps', 120), p.get('max_steps', 300)),
-                              mix_new=p.get('mix_new', 0.4),
-                              mix_anchor=p.get('mix_anchor', 0.3),
-                              anchor_loss=p.get('anchor_loss', 'kd'),
-                              l2sp=p.get('l2sp', 0.01)),
-            gate=GateConfig(enabled=p.get('gate', True), alpha=p.get('alpha', 0.05),
-                            min_gain=p.get('min_gain', 1.0),
-                            tolerance=p.get('tolerance', 2.0),
-                            anchor_tolerance=p.get('anchor_tolerance', 1.0)),
-            labels=LabelConfig(min_confidence=p.get('min_label_confidence', 0.0),
-                               pull_below=p.get('pull_below', 0.0)),
-            audit=AuditConfig(enabled=p.get('audit', True),
-                              alpha=p.get('audit_alpha', 0.01),
-                              min_drop=p.get('audit_min_drop', 3.0)),
-            memory_bytes=int(p.get('memory_mb', 64) * (1 << 20)),
-            val_fraction=p.get('val_fraction', 0.1), gate_fraction=p.get('gate_fraction', 0.2),
-            anchor=p.get('anchor', ''))
+            train=TrainConfig(max_steps=p['max_steps'], data_epochs=p['data_epochs'],
+                              min_steps=min(p['min_steps'], p['max_steps']),
+                              mix_new=p['mix_new'], mix_anchor=p['mix_anchor'],
+                              anchor_loss=p['anchor_loss'], l2sp=p['l2sp']),
+            gate=GateConfig(enabled=p['gate'], alpha=p['alpha'], min_gain=p['min_gain'],
+                            tolerance=p['tolerance'],
+                            anchor_tolerance=p['anchor_tolerance']),
+            labels=LabelConfig(min_confidence=p['min_label_confidence'],
+                               pull_below=p['pull_below']),
+            audit=AuditConfig(enabled=p['audit'], alpha=p['audit_alpha'],
+                              min_drop=p['audit_min_drop']),
+            memory_bytes=int(p['memory_mb'] * (1 << 20)),
+            val_fraction=p['val_fraction'], gate_fraction=p['gate_fraction'],
+            anchor=p['anchor'])

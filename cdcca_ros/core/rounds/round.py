@@ -330,7 +330,10 @@ class RoundRunner:
         self.student.load_trainable_state_dict(trained)
         if decision is not None and not decision.ship:
             state.counters['refused'] += 1
-            state.refusals += 1
+            # Only a copy that harms (a slice falls) counts toward the reset; one whose gain
+            # is not significant yet keeps training: more held-out data will tell.
+            harmful = not decision.reason.startswith(('new data', 'no held-out'))
+            state.refusals = state.refusals + 1 if harmful else state.refusals
             if state.refusals >= guard.reset_after_refusals:
                 # Keep what the device holds; forget the copy that keeps failing.
                 trained = {k: v.clone() for k, v in state.feedback.view.items()}

@@ -66,7 +66,7 @@ class TrainConfig:
     eval_every: int = 25
     patience: int = 2
     mix_new: float = 0.4
-    data_epochs: float = 4.0
+    data_epochs: float = 8.0
     mix_anchor: float = 0.3
     val_max: int = 256
     anchor_loss: str = 'kd'

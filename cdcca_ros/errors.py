@@ -19,6 +19,10 @@ class ModelError(CdccaError):
     """A model could not do what was asked."""
 
 
+class GenerationCancelled(CdccaError):
+    """A per-step callback stopped generation (e.g. a canceled ``Ask`` action goal)."""
+
+
 class ModelLoadError(ModelError):
     """Weights or a config could not be loaded from a directory or hub id."""
 

@@ -318,6 +318,11 @@ class CloudRuntime:
         state.save()
         return True
 
+    def save(self) -> None:
+        """Checkpoint every device's state (the memory persists record by record)."""
+        for state in list(self.devices.values()):
+            state.save()
+
     def status(self, device_id: str) -> dict[str, Any]:
         """Figures for diagnostics."""
         state = self.device(device_id)

@@ -71,7 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
     from cdcca_ros.core.dwc import FlatDelta
-    from cdcca_ros.models.base import MLLM, AnswerResult
+    from cdcca_ros.models.base import MLLM, AnswerResult, StepCallback
 
 WEIGHTS_FILE = 'adapter.safetensors'
 STATE_FILE = 'adapter.json'  # the version record of older runtimes (read when restoring)
@@ -671,10 +671,17 @@ class DeviceRuntime:
                     self.coverage.snapshot()
 
     # ------------------------------------------------------------------ answering
-    def answer(self, image: np.ndarray, question: str, choices: Sequence[str] = ()
-               ) -> AnsweredSample:
-        """Answer ``question`` about ``image`` (RGB uint8), keeping the vision tokens for UTS."""
+    def answer(self, image: np.ndarray, question: str, choices: Sequence[str] = (),
+               on_step: StepCallback | None = None) -> AnsweredSample:
+        """Answer ``question`` about ``image`` (RGB uint8), keeping the vision tokens for UTS.
+
+        ``on_step`` streams the answer: it gets each generated step (token, probability,
+        entropy, text so far) under the model lock, as soon as it is computed; raising
+        :class:`~cdcca_ros.errors.GenerationCancelled` there stops generation after that step
+        (nothing is answered, the lock is released).
+        """
         prompt = format_question(question, choices)
+        stream = {} if on_step is None else {'on_step': on_step}
         with self.lock:
             t0 = time.perf_counter()
             tokens = self.model.vision_tokens([image])
@@ -685,7 +692,7 @@ class DeviceRuntime:
                     model = self._base_model
                     self.base_answers += 1
             result: AnswerResult = model.answer_from_tokens(
-                tokens, None, [prompt], max_new_tokens=self.max_new_tokens)[0]
+                tokens, None, [prompt], max_new_tokens=self.max_new_tokens, **stream)[0]
             latency = (time.perf_counter() - t0) * 1e3
             version = self.version
         stats = answer_entropy(result.step_probs)

@@ -30,6 +30,8 @@ from cdcca_ros.models.base import (
     MLLM,
     QUANTIZATIONS,
     AnswerResult,
+    GenerationStep,
+    StepCallback,
     TrainableConfig,
     TrainOutputs,
     VisionSpace,
@@ -314,12 +316,14 @@ class HFMLLM(MLLM):
         return self._answer(tokens, None, questions, max_new_tokens, start)
 
     def answer_from_tokens(self, tokens: Tensor, indices: Tensor | None,
-                           questions: Sequence[str],
-                           max_new_tokens: int = 6) -> list[AnswerResult]:
-        return self._answer(tokens, indices, questions, max_new_tokens, time.perf_counter())
+                           questions: Sequence[str], max_new_tokens: int = 6,
+                           on_step: StepCallback | None = None) -> list[AnswerResult]:
+        return self._answer(tokens, indices, questions, max_new_tokens, time.perf_counter(),
+                            on_step)
 
     def _answer(self, tokens: Tensor, indices: Tensor | None, questions: Sequence[str],
-                max_new_tokens: int, start: float) -> list[AnswerResult]:
+                max_new_tokens: int, start: float,
+                on_step: StepCallback | None = None) -> list[AnswerResult]:
         if max_new_tokens < 1:
             raise ConfigError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
         tokens = self._check_tokens(tokens, indices, len(questions))
@@ -328,7 +332,7 @@ class HFMLLM(MLLM):
             batch = self._build_batch(image_embeds.shape[1], questions)
             embeds = self._inputs_embeds(batch, image_embeds)
             steps, chosen = self._greedy(embeds, batch.attention_mask, batch.position_ids,
-                                         max_new_tokens)
+                                         max_new_tokens, on_step)
         latency_ms = (time.perf_counter() - start) * 1000.0
         probs = torch.stack(steps, dim=1).cpu().numpy()   # [B, T, V]
         ids = torch.stack(chosen, dim=1).cpu().numpy()    # [B, T]
@@ -366,8 +370,13 @@ class HFMLLM(MLLM):
             return torch.softmax(self.lm_head(hidden[:, -1]).float(), dim=-1)
 
     def _greedy(self, embeds: Tensor, mask: Tensor, positions: Tensor,
-                max_new_tokens: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Greedy decoding with a KV cache; returns per-step softmax and chosen ids."""
+                max_new_tokens: int, on_step: StepCallback | None = None
+                ) -> tuple[list[Tensor], list[Tensor]]:
+        """Greedy decoding with a KV cache; returns per-step softmax and chosen ids.
+
+        ``on_step`` (streaming) gets each step before the next one is computed; without it the
+        loop does no per-step work beyond decoding.
+        """
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.text_config)
@@ -384,12 +393,30 @@ class HFMLLM(MLLM):
             steps.append(probs)
             chosen.append(token)
             done |= token == self.eos_token_id
-            if bool(done.all()) or step == max_new_tokens - 1:
+            last = bool(done.all()) or step == max_new_tokens - 1
+            if on_step is not None:
+                on_step(self._step_report(step, probs, token, chosen, done, last))
+            if last:
                 break
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             hidden = self._run_decoder(embed(token[:, None]), mask, next_pos, cache)
             next_pos = next_pos + 1
         return steps, chosen
+
+    def _step_report(self, step: int, probs: Tensor, token: Tensor, chosen: list[Tensor],
+                     done: Tensor, last: bool) -> GenerationStep:
+        """What ``on_step`` gets: each row's chosen token, its probability, the step's
+        entropy and the answer decoded so far (up to its end token)."""
+        ids = torch.stack(chosen, dim=1).tolist()
+        texts = []
+        for row in ids:
+            row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return GenerationStep(
+            index=step, token_ids=token.tolist(),
+            probabilities=probs.gather(1, token[:, None])[:, 0].tolist(),
+            entropies=torch.special.entr(probs).sum(dim=-1).tolist(), texts=texts,
+            finished=[bool(d) or last for d in done.tolist()])
 
     # ---------------------------------------------------------------- training
     def forward_train(self, tokens: Tensor, indices: Tensor | None, questions: Sequence[str],

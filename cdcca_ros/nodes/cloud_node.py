@@ -28,6 +28,7 @@ round; the models, the device, the key and the folders are read-only.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import sys
 import threading
@@ -38,13 +39,12 @@ from typing import Any
 
 import torch
 from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
 
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
 from cdcca_ros.core.rounds.anchor import resolve_anchor
 from cdcca_ros.core.updates import RollbackEnvelope
 from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
-from cdcca_ros.errors import CdccaError
+from cdcca_ros.errors import CdccaError, ModelLoadError
 from cdcca_ros.msg import (
     AdaptationStatus,
     DwcDelta,
@@ -73,7 +73,8 @@ from cdcca_ros.nodes.guard_msgs import (
     rollback_to_msg,
     token_request,
 )
-from cdcca_ros.nodes.process import exit_code, fail, failed, one_line, route_logging, run_node
+from cdcca_ros.nodes.lifecycle import ManagedNode
+from cdcca_ros.nodes.process import exit_code, failed, one_line, route_logging, run_node
 
 # A rollback order the device never answers holds its rounds this long at most.
 ROLLBACK_WAIT_S = 600.0
@@ -128,19 +129,25 @@ def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, indices
 
 
-class CloudNode(Node):
-    """Thin ROS adapter over :class:`CloudRuntime`."""
+class CloudNode(ManagedNode):
+    """Thin ROS adapter over :class:`CloudRuntime`; a managed (lifecycle) node.
+
+    Lifecycle (:mod:`cdcca_ros.nodes.lifecycle`): configure checks the torch device and loads
+    teacher, student and anchor set (or takes ``runtime``), activate starts running rounds,
+    deactivate stops starting them (a round in progress completes; samples keep arriving and
+    wait), cleanup unloads, shutdown checkpoints every device's state and unloads. Samples
+    that arrive while unconfigured are refused (counted). ``autostart`` (default) runs
+    configure and activate at start.
+    """
 
     @destroy_on_error
     def __init__(self, runtime: CloudRuntime | None = None, **kwargs: Any) -> None:
         super().__init__('cloud_node', **kwargs)
         self.params = declare_table(self, 'cloud_node', on_change=self._on_param)
         self.fatal_error: str | None = None
-        if runtime is None:
-            from cdcca_ros.models.registry import check_torch_device
-
-            check_torch_device(self.params['torch_device'])  # fails now, not in a thread
-        self.runtime = runtime
+        self._given_runtime = runtime
+        self.runtime: CloudRuntime | None = None  # set by configure, cleared by cleanup
+        self._active = threading.Event()  # set by activate: rounds run
         self._lock = threading.Lock()  # samples vs rounds
         self._stop = threading.Event()
         self.counters = {'samples': 0, 'samples_rejected': 0, 'duplicates': 0, 'rounds': 0,
@@ -169,27 +176,58 @@ class CloudNode(Node):
                                  RELIABLE_QOS)
         self.create_timer(1.0, self._report)
         self._threads = [threading.Thread(target=self._round_worker, daemon=True)]
-        if runtime is None:
-            self._threads.append(threading.Thread(target=self._load, daemon=True))
         for t in self._threads:
             t.start()
+        if self.params['autostart']:
+            # Models to load: in a thread, so the node serves its services meanwhile.
+            self.autostart(in_thread=runtime is None, stopping=self._stop.is_set)
 
     @property
     def ready(self) -> bool:
         return self.runtime is not None
 
-    def _load(self) -> None:
-        try:
-            runtime = build_runtime(self.params)
-        except Exception as err:  # noqa: BLE001 - whatever stops the load, the node cannot work
-            fail(self, f'teacher {self.params["teacher"]!r} / student '
-                       f'{self.params["student"]!r} cannot be loaded on '
-                       f'{self.params["torch_device"]!r}: {one_line(err)}')
-            return
+    # ---------------------------------------------------------------- lifecycle
+    def _configure(self) -> None:
+        """Check the torch device, load teacher and student (or take the runtime given)."""
+        runtime = self._given_runtime
+        if runtime is None:
+            from cdcca_ros.models.registry import check_torch_device
+
+            check_torch_device(self.params['torch_device'])
+            try:
+                runtime = build_runtime(self.params)
+            except Exception as err:  # noqa: BLE001 - whatever stops the load, it is refused
+                raise ModelLoadError(f'teacher {self.params["teacher"]!r} / student '
+                                     f'{self.params["student"]!r} cannot be loaded on '
+                                     f'{self.params["torch_device"]!r}: {one_line(err)}'
+                                     ) from err
+            if self._stop.is_set():
+                raise ModelLoadError('stopped while loading')
+            self.get_logger().info('teacher and student ready')
+            with self._lock:
+                runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
         with self._lock:
-            runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
             self.runtime = runtime
-        self.get_logger().info('teacher and student ready')
+
+    def _activate(self) -> None:
+        self._active.set()
+
+    def _deactivate(self) -> None:
+        self._active.clear()  # a round in progress completes
+
+    def _unload(self) -> None:
+        self._active.clear()
+        with self._lock:  # after the round in progress, if any
+            runtime, self.runtime = self.runtime, None
+            if runtime is not None:
+                runtime.save()
+        gc.collect()
+
+    def _cleanup(self) -> None:
+        self._unload()
+
+    def _shutdown(self) -> None:
+        self._unload()  # every device's state checkpointed before this returns
 
     def _on_param(self, changes: dict[str, Any]) -> None:
         """Runtime change of round / AKD / DWC settings: checked together, applied from the next
@@ -200,7 +238,7 @@ class CloudNode(Node):
                 self.runtime.cfg = cfg
 
     def _on_tokens(self, msg: UtsTokens) -> None:
-        if self.runtime is None:
+        if self.runtime is None:  # unconfigured: no model to check the tokens against
             self.counters['samples_rejected'] += 1
             return
         if msg.pulled:
@@ -209,6 +247,9 @@ class CloudNode(Node):
         try:
             tokens, indices = tokens_from_msg(msg)
             with self._lock:
+                if self.runtime is None:  # cleaned up meanwhile
+                    self.counters['samples_rejected'] += 1
+                    return
                 fresh = self.runtime.add_sample(msg.device_id, tokens, indices, msg.question,
                                                 int(msg.num_tokens), int(msg.token_dim),
                                                 msg.sample_id, device_answer=msg.device_answer,
@@ -236,11 +277,15 @@ class CloudNode(Node):
         try:
             if not len(msg.kept_indices):
                 with self._lock:
+                    if self.runtime is None:  # unloaded meanwhile (cleanup)
+                        return
                     self.runtime.pull_unavailable(msg.device_id, msg.sample_id)
                 self.counters['pulls_unavailable'] += 1
                 return
             tokens, indices = tokens_from_msg(msg)
             with self._lock:
+                if self.runtime is None:  # unloaded meanwhile (cleanup)
+                    return
                 merged = self.runtime.add_pulled(msg.device_id, msg.sample_id, tokens, indices)
         except CdccaError as err:
             self.counters['samples_rejected'] += 1
@@ -293,9 +338,12 @@ class CloudNode(Node):
 
     def _round_worker(self) -> None:
         while not self._stop.wait(0.5):
-            if self.runtime is None:
+            runtime = self.runtime
+            if runtime is None or not self._active.is_set():
                 continue
-            for device_id in list(self.runtime.devices):
+            for device_id in list(runtime.devices):
+                if not self._active.is_set():
+                    break  # deactivated: no further round starts
                 self.step(device_id)
 
     def step(self, device_id: str) -> RoundResult | None:
@@ -303,6 +351,8 @@ class CloudNode(Node):
         when a round is due, audit first, then run it. Returns the round's result."""
         try:
             with self._lock:
+                if self.runtime is None:
+                    return None  # unloaded meanwhile (cleanup / shutdown)
                 pulls = self.runtime.label(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
             self.get_logger().error(self.errors.set('label',
@@ -317,7 +367,7 @@ class CloudNode(Node):
                                         f'v{held[0].from_version}: rounds resume')
                 self._awaiting.pop(device_id)
                 held = None
-            due = held is None and self.runtime.due(device_id)
+            due = held is None and self.runtime is not None and self.runtime.due(device_id)
         if not due or self.audit(device_id):
             return None
         return self.run_round(device_id)
@@ -336,6 +386,8 @@ class CloudNode(Node):
         (the device's rounds then wait for its report)."""
         try:
             with self._lock:
+                if self.runtime is None:
+                    return False
                 audit = self.runtime.audit(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
             self.get_logger().error(self.errors.set('audit',
@@ -375,6 +427,8 @@ class CloudNode(Node):
         t0 = time.perf_counter()
         try:
             with self._lock:
+                if self.runtime is None:
+                    return None  # unloaded meanwhile (cleanup / shutdown)
                 result = self.runtime.run_round(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
             self.get_logger().error(self.errors.set('round',
@@ -463,27 +517,35 @@ class CloudNode(Node):
         self._figures = figures
         return {**figures, 'busy': False}
 
-    def _report(self) -> None:
+    def _report(self, lifecycle_state: str | None = None) -> None:
+        state = lifecycle_state or self.lifecycle_state
         values: dict[str, Any] = dict(self.counters)
         values.update(self.errors.values())
+        values.update(lifecycle_state=state, last_transition=self.last_transition)
         values['awaiting_rollback'] = ','.join(sorted(self._awaiting))
-        if self.runtime is not None:
-            cfg = self.runtime.cfg
+        runtime = self.runtime
+        if runtime is not None:
+            cfg = runtime.cfg
             values['round'] = f'min_samples={cfg.min_samples} max_wait_s={cfg.max_wait_s:g}'
             values['akd'] = f'steps={cfg.akd.steps} lr={cfg.akd.lr:g}'
             values['dwc'] = f'codec={cfg.codec} budget_bytes={cfg.budget_bytes}'
         values.update(self._device_figures())
         if self.fatal_error:
             values['last_error'] = self.fatal_error
+        elif runtime is None and self.transition_error:
+            values['last_error'] = values['last_error'] or self.transition_error
         level, text = ((ERROR, 'model failed to load') if self.fatal_error else
-                       (WARN, 'loading') if self.runtime is None else
-                       (WARN, 'see last_error') if values['last_error'] else (OK, 'ready'))
+                       (WARN, 'loading') if state == 'configuring' else
+                       (WARN, f'{state}: no model loaded') if runtime is None else
+                       (WARN, 'see last_error') if values['last_error'] else
+                       (OK, 'ready') if state == 'active' else
+                       (OK, f'{state}: models loaded, no rounds'))
         self._diag.publish(level, text, values)
 
     def destroy_node(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=30.0)
+            t.join(timeout=30.0)  # (models still loading are not waited for: autostart's)
         super().destroy_node()
 
 

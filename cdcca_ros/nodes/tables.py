@@ -112,6 +112,8 @@ DEVICE = (
           low=1.0, high=3.6e6, runtime=True),
     Param('annotate', True, 'publish the annotated image (answer drawn on the frame)',
           runtime=True),
+    Param('autostart', True, 'configure and activate this lifecycle node at start (false: '
+          'wait for lifecycle_msgs transitions, e.g. from a lifecycle manager)'),
     Param('executor', 'events', 'executor of the node process (events: shortest service '
           'latency, one thread)', choices=('events', 'multi_threaded', 'single_threaded')),
     Param('state_dir', '', 'where the current adapter is persisted; empty: ~/.cdcca/<device_id>'),
@@ -176,6 +178,8 @@ CLOUD = (
     Param('state_dir', '', 'per-device checkpoints; empty: ~/.cdcca/cloud'),
     Param('signing_key', '', 'Ed25519 private key (PEM) to sign deltas; empty: generate one '
           'in state_dir'),
+    Param('autostart', True, 'configure and activate this lifecycle node at start (false: '
+          'wait for lifecycle_msgs transitions, e.g. from a lifecycle manager)'),
     Param('round.min_samples', 64, 'start a round when this many samples arrived', low=1,
           runtime=True),
     Param('round.max_wait_s', 120.0, '... or when this long passed since the first sample',

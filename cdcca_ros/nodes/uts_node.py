@@ -148,6 +148,7 @@ class UtsNode(Node):
         self._stop = threading.Event()
         device.listeners.append(self._offer)
         device.param_listeners.append(self._on_param)
+        device.runtime_listeners.append(self._on_runtime)
         self._thread = threading.Thread(target=self._worker, daemon=True)
         self._thread.start()
         self.create_timer(1.0, self._report)
@@ -181,6 +182,11 @@ class UtsNode(Node):
             self.cfg = cfg
             self._pipeline = None  # rebuilt with cfg for the next sample
 
+    def _on_runtime(self, runtime: Any) -> None:
+        """The device model was (re)loaded or unloaded (lifecycle): a new pipeline on it."""
+        with self._pipeline_lock:
+            self._pipeline = None  # releases the old model's features function
+
     def _pipeline_for(self, runtime: Any) -> UtsPipeline:
         with self._pipeline_lock:
             if self._pipeline is None:
@@ -193,6 +199,9 @@ class UtsNode(Node):
                 ) -> UtsTokens | None:
         """Run both stages on one sample; publish and return the uplink message if selected."""
         runtime = self.device.runtime
+        if runtime is None:
+            self.counters['dropped'] += 1  # the model was unloaded meanwhile (cleanup)
+            return None
         pipeline = self._pipeline_for(runtime)
         self.counters['offered'] += 1
         result = pipeline.process(sample.step_probs, sample.tokens)

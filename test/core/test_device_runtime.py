@@ -477,6 +477,32 @@ def test_corrupt_or_foreign_state_is_refused(student_dir, keys, tmp_path) -> Non
         _runtime(student_dir, keys, tmp_path / 'device')
 
 
+def test_a_streamed_answer_is_the_plain_answer_and_a_cancel_frees_the_model(student_dir, keys,
+                                                                            images) -> None:
+    """``on_step`` (the Ask action) sees every step under the model lock; a cancel raised
+    there ends the answer without a sample and leaves the lock free for the next one."""
+    from cdcca_ros.errors import GenerationCancelled
+
+    rt = _runtime(student_dir, keys, trace_probe=False)
+    plain = rt.answer(images[0], 'what color is the circle?')
+    steps = []
+
+    def locked(step) -> None:
+        assert rt.lock._is_owned()  # the RLock is held by this thread while it generates
+        steps.append(step)
+    streamed = rt.answer(images[0], 'what color is the circle?', on_step=locked)
+    assert streamed.text == plain.text and streamed.confidence == plain.confidence
+    assert len(steps) == len(streamed.step_probs) and steps[-1].texts == [plain.text]
+
+    def cancel(step) -> None:
+        raise GenerationCancelled('canceled')
+    with pytest.raises(GenerationCancelled):
+        rt.answer(images[0], 'what color is the circle?', on_step=cancel)
+    assert rt.lock.acquire(blocking=False)  # free again
+    rt.lock.release()
+    assert rt.answer(images[0], 'what color is the circle?').text == plain.text
+
+
 # --- rollback orders and the entropy guard -------------------------------------------------
 def test_a_signed_rollback_order_is_verified_and_carried_out(student_dir, keys, images):
     from cdcca_ros.core.updates import seal_rollback

@@ -171,6 +171,10 @@ class DeviceState:
         state.samples_seen = int(record.get('samples_seen', 0))
         state.ship_seq = int(record.get('ship_seq', 0))
         state.round_seq = int(record.get('round_seq', 0))
+        # Sequence numbers never go back: the memory may hold none of the records the round
+        # counters passed (the plain round keeps none), and a new sample numbered below
+        # round_seq would never count as pending.
+        state.memory.next_seq = max(state.memory.next_seq, state.round_seq, state.ship_seq)
         state.refusals = int(record.get('refusals', 0))
         state.counters.update(record.get('counters', {}))
         state.last_gate = record.get('last_gate', {})

@@ -61,6 +61,31 @@ def signing_key(params: dict[str, Any], state_dir: Path):
     return wire.load_private_key(path)
 
 
+def cloud_signer(params: dict[str, Any], state_dir: Path):
+    """The :class:`~cdcca_ros.core.trust.Signer` of deltas: the signing key, the deltas' time to
+    live, and the root-signed key list to attach (``key_list``), which must name the key.
+
+    Raises:
+        ConfigError: The key list cannot be read or does not list the signing key for deltas.
+    """
+    from cdcca_ros.core.trust import ROLE_DELTA, KeyList, Signer
+    from cdcca_ros.errors import ConfigError, TrustError
+
+    signer = Signer(signing_key(params, state_dir), ttl_s=params['delta_ttl_s'])
+    if not params['key_list']:
+        return signer
+    try:
+        data = Path(params['key_list']).read_bytes()
+        keys = KeyList.decode(data)
+    except (OSError, TrustError) as err:
+        raise ConfigError(f'cannot use key list {params["key_list"]}: {err}') from err
+    entry = keys.keys.get(signer.key_id)
+    if entry is None or ROLE_DELTA not in entry.roles:
+        raise ConfigError(f'key list {params["key_list"]} (v{keys.version}) does not let the '
+                          f'signing key {signer.key_id} sign deltas: devices would refuse them')
+    return Signer(signer.private_key, ttl_s=signer.ttl_s, key_list=data)
+
+
 def cloud_config(params: dict[str, Any]) -> CloudConfig:
     """Round, AKD and DWC settings from the node's parameters."""
     akd = AKDConfig.from_params(params)
@@ -79,8 +104,8 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime:
     teacher = bundled.load(params['teacher'], quant, params['torch_device'])
     student = bundled.load(params['student'], None, params['torch_device'])
     state_dir = Path(params['state_dir'] or Path.home() / '.cdcca' / 'cloud')
-    return CloudRuntime(teacher, student, signing_key(params, state_dir), cloud_config(params),
-                        state_dir=state_dir)
+    return CloudRuntime(teacher, student, cloud_signer(params, state_dir),
+                        cloud_config(params), state_dir=state_dir)
 
 
 def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ from std_msgs.msg import Header, String
 
 from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
 from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
-from cdcca_ros.errors import CdccaError, DeltaRejectedError
+from cdcca_ros.errors import CdccaError, DeltaRejectedError, PromptTooLongError
 from cdcca_ros.msg import AdaptationStatus, Answer, DwcDelta, Question
 from cdcca_ros.nodes.common import (
     DELTA_QOS,
@@ -93,20 +93,25 @@ def frame_rgb(msg: Image) -> np.ndarray:
 
 
 def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
-    """Load the model and the cloud key named by the node's parameters."""
-    from cdcca_ros.core import wire
+    """Load the model and the trust store (pinned cloud key or root + key lists) named by the
+    node's parameters."""
+    from cdcca_ros.core.trust import load_trust
     from cdcca_ros.models import bundled
 
+    state_dir = params['state_dir'] or str(Path.home() / '.cdcca' / params['device_id'])
+    trust = load_trust(root_key=params['trust_root'], pinned_key=params['cloud_public_key'],
+                       key_list=params['key_list'], state_dir=state_dir,
+                       max_clock_skew_s=params['max_clock_skew_s'])
     model = bundled.load(params['model'], None if params['quantization'] == 'none'
                          else params['quantization'], params['torch_device'])
-    key = wire.load_public_key(params['cloud_public_key']) if params['cloud_public_key'] \
-        else None
-    state_dir = params['state_dir'] or str(Path.home() / '.cdcca' / params['device_id'])
-    return DeviceRuntime(model, params['device_id'], key, state_dir,
+    return DeviceRuntime(model, params['device_id'], trust, state_dir,
                          probe_question=params['probe_question'],
                          max_new_tokens=params['max_new_tokens'],
                          trace_probe=params['probe_trace'],
-                         shadow_probe=params['probe_shadow'])
+                         shadow_probe=params['probe_shadow'],
+                         max_probe_tv=(params['max_probe_tv'] if params['max_probe_tv'] < 1.0
+                                       else None),
+                         max_update_ratio=params['max_update_ratio'] or None)
 
 
 class DeviceNode(Node):
@@ -124,9 +129,11 @@ class DeviceNode(Node):
         # Unbounded: every answer is published; answers are far slower than publishing them.
         self._answered: queue.SimpleQueue[_Answered] = queue.SimpleQueue()
         self._publish_lock = threading.Lock()  # one drainer at a time keeps answer order
-        self._reassembler = DeltaReassembler()
+        max_delta = self.params['max_delta_bytes']
+        self._reassembler = DeltaReassembler(max_delta, max_pending_bytes=2 * max_delta)
         self.counters = {'answers': 0, 'rejected_images': 0, 'questions_dropped': 0,
-                         'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0}
+                         'questions_refused': 0, 'deltas_applied': 0, 'deltas_rejected': 0,
+                         'deltas_other_device': 0, 'errors': 0}
         self._last_error = ''
         self._stop = threading.Event()
 
@@ -195,10 +202,21 @@ class DeviceNode(Node):
                 q = self._questions.get(timeout=0.2)
             except queue.Empty:
                 continue
-            answer, error = self.answer(q.question_id, q.question, list(q.choices),
-                                        q.image if q.use_image else None)
+            try:
+                _, error = self.answer(q.question_id, q.question, list(q.choices),
+                                       q.image if q.use_image else None)
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any question
+                error = self._unexpected('question', err)
             if error:
-                self.get_logger().warning(f'question {q.question_id!r} not answered: {error}')
+                self.get_logger().warning(f'question {q.question_id[:64]!r} not answered: '
+                                          f'{error}')
+
+    def _unexpected(self, where: str, err: BaseException) -> str:
+        """Count and log an error no check foresaw (the node keeps serving)."""
+        self.counters['errors'] += 1
+        self._last_error = f'{where} failed unexpectedly: {type(err).__name__}: {err}'[:500]
+        self.get_logger().error(self._last_error)
+        return self._last_error
 
     def answer(self, question_id: str, question: str, choices: list[str],
                image: Image | None, uplink: bool = True, *,
@@ -231,6 +249,11 @@ class DeviceNode(Node):
             return None, self._last_error
         try:
             sample = self.runtime.answer(rgb, question, choices)
+        except PromptTooLongError as err:
+            self.counters['questions_refused'] += 1
+            self._last_error = f'question refused: {err}'
+            self.get_logger().error(self._last_error)
+            return None, self._last_error
         except (CdccaError, RuntimeError, ValueError) as err:
             self.counters['errors'] += 1
             self._last_error = f'answer failed: {err}'
@@ -283,10 +306,13 @@ class DeviceNode(Node):
                 listener(sample, done.header, done.rgb)
 
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
-        answer, error = self.answer(request.question_id, request.question,
-                                    list(request.choices),
-                                    request.image if request.use_image else None,
-                                    uplink=not request.no_uplink, publish_later=True)
+        try:
+            answer, error = self.answer(request.question_id, request.question,
+                                        list(request.choices),
+                                        request.image if request.use_image else None,
+                                        uplink=not request.no_uplink, publish_later=True)
+        except Exception as err:  # noqa: BLE001 - a service callback must never kill the node
+            answer, error = None, self._unexpected('ask', err)
         response.success = answer is not None
         response.message = error
         if answer is not None:
@@ -296,13 +322,15 @@ class DeviceNode(Node):
     # ---------------------------------------------------------------- updates
     def _on_delta(self, msg: DwcDelta) -> None:
         if msg.device_id != self.params['device_id']:
-            return  # addressed to another device sharing this graph
+            # Addressed to another device sharing this graph.
+            self.counters['deltas_other_device'] += 1
+            return
+        self._reassembler.expire()
         try:
             envelope = self._reassembler.add(msg)
         except CdccaError as err:
             self._reject(f'delta chunk rejected: {err}', msg.round)
             return
-        self._reassembler.expire()
         if envelope is not None:
             try:
                 self._deltas.put_nowait(envelope)
@@ -322,6 +350,9 @@ class DeviceNode(Node):
                 report = self.runtime.apply(envelope)
             except DeltaRejectedError as err:
                 self._reject(f'delta rejected: {err}', envelope.round)
+                continue
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any delta
+                self._reject(self._unexpected('delta apply', err), envelope.round)
                 continue
             self.counters['deltas_applied'] += 1
             self.get_logger().info(
@@ -356,7 +387,7 @@ class DeviceNode(Node):
             return response
         try:
             version = self.runtime.rollback()
-        except DeltaRejectedError as err:
+        except CdccaError as err:
             response.success, response.message = False, str(err)
         else:
             response.success, response.message = True, f'restored as v{version}'
@@ -370,6 +401,7 @@ class DeviceNode(Node):
     def _report(self) -> None:
         values: dict[str, Any] = dict(self.counters)
         values['last_error'] = self._last_error
+        values.update(self._reassembler.status())
         with self._latest_lock:
             values['have_frame'] = self._latest is not None
         if self.runtime is None:

@@ -50,6 +50,8 @@ BENCHES: dict[str, str] = {
     'table3': 'cdcca_ros.bench.table3',
     'table4': 'cdcca_ros.bench.table4',
     'table5': 'cdcca_ros.bench.table5',
+    # Reliability (issue 16): hostile input at volume, and hours of running.
+    'fuzz': 'cdcca_ros.bench.fuzz',
 }
 
 TINY_SPEC = 'tiny'

@@ -152,7 +152,8 @@ def run(ctx: BenchContext) -> BenchResult:
               f'{stats["seconds"]} s', flush=True)
     ros: dict[str, Any] = {}
     if inputs:
-        ros = fuzz_ros_inputs(inputs, per_input, ctx.workdir / 'graph', seed=args.seed)
+        ros = fuzz_ros_inputs(inputs, per_input, ctx.workdir / 'graph', seed=args.seed,
+                              keep_log=args.out.with_suffix('.nodes.log'))
         detail['ros'] = ros
         for name in inputs:
             r = ros['inputs'][name]

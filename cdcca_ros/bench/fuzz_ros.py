@@ -42,8 +42,9 @@ def _text(rng: np.random.Generator, huge: bool = True) -> str:
 def _u(rng: np.random.Generator, bits: int) -> int:
     edges = [0, 1, 2, 255, 256, 65535, 65536, (1 << 31) - 1, (1 << bits) - 1]
     edges = [e for e in edges if e < 1 << bits]
-    return int(rng.choice(edges)) if rng.random() < 0.5 else int(rng.integers(0, 1 << min(bits,
-                                                                                          62)))
+    # Indexing, not rng.choice: numpy would turn 2**64 - 1 into a float.
+    return edges[int(rng.integers(0, len(edges)))] if rng.random() < 0.5 else int(
+        rng.integers(0, 1 << min(bits, 62)))
 
 
 def _float(rng: np.random.Generator) -> float:
@@ -95,7 +96,7 @@ def hostile_delta(rng: np.random.Generator) -> Any:
     from cdcca_ros.msg import DwcDelta
 
     payload = rng.integers(0, 256, int(rng.integers(0, 3000)), dtype=np.uint8).tobytes()
-    count = int(rng.choice([1, 1, 2, 3, 7, (1 << 32) - 1]))
+    count = [1, 1, 2, 3, 7, (1 << 32) - 1][int(rng.integers(0, 6))]
     index = int(rng.integers(0, count)) if rng.random() < 0.8 else _u(rng, 32)
     chunk = payload[:max(1, len(payload) // max(1, min(count, 3)))]
     device = str(rng.choice(['robot1', 'robot1', 'robot2', '', 'robot1 ', 'x' * 300]))
@@ -107,7 +108,7 @@ def hostile_delta(rng: np.random.Generator) -> Any:
         new_version=str(rng.choice(['1', '2', str((1 << 64) - 1), '', '1e3'])),
         new_hash='cd' * 32, codec=str(rng.choice(['sparse', 'fp16', 'nf4', 'zip', ''])),
         codec_params=_text(rng, huge=False), num_params=_u(rng, 64),
-        total_size=int(rng.choice([len(payload), _u(rng, 64)])),
+        total_size=len(payload) if rng.random() < 0.5 else _u(rng, 64),
         payload_sha256=str(rng.choice([hashlib.sha256(payload).hexdigest(), 'zz' * 32, ''])),
         chunk_index=index & 0xFFFFFFFF, chunk_count=count, chunk=chunk,
         signature=rng.integers(0, 256, int(rng.choice([0, 63, 64, 65, 1000])),
@@ -129,8 +130,8 @@ def hostile_tokens(rng: np.random.Generator) -> Any:
         sample_id=_text(rng, huge=False), model_version=_text(rng, huge=False),
         vision_space=_text(rng, huge=False), question=_text(rng), device_answer=_text(rng),
         entropy_mean=_float(rng), entropy_max=_float(rng),
-        num_tokens=int(rng.choice([10, 10, 0, 65536, (1 << 32) - 1])),
-        token_dim=int(rng.choice([64, 64, 0, 1, (1 << 32) - 1])),
+        num_tokens=[10, 10, 0, 65536, (1 << 32) - 1][int(rng.integers(0, 5))],
+        token_dim=[64, 64, 0, 1, (1 << 32) - 1][int(rng.integers(0, 5))],
         kept_indices=[int(i) for i in rng.integers(0, 65536 if rng.random() < 0.3 else 10, k)],
         token_variance=[_float(rng) for _ in range(k)], dtype=dtype,
         scales=[_float(rng) if rng.random() < 0.3 else 0.01
@@ -172,14 +173,13 @@ def bad_parameter(node: str) -> Callable[[np.random.Generator], Any]:
             kind = int(rng.integers(0, 5))
             value = ParameterValue()
             if kind == 0:
-                value.type, value.string_value, raw = (ParameterType.PARAMETER_STRING,
-                                                      _text(rng, huge=False), None)
-                raw = value.string_value
+                raw = _text(rng, huge=False)
+                value.type, value.string_value = ParameterType.PARAMETER_STRING, raw
             elif kind == 1:
                 raw = _float(rng) if rng.random() < 0.5 else float(rng.choice([-1e9, 1e12]))
                 value.type, value.double_value = ParameterType.PARAMETER_DOUBLE, raw
             elif kind == 2:
-                raw = int(rng.choice([-1, -(1 << 62), 1 << 62, 0]))
+                raw = [-1, -(1 << 62), 1 << 62, 0][int(rng.integers(0, 4))]
                 value.type, value.integer_value = ParameterType.PARAMETER_INTEGER, raw
             elif kind == 3:
                 raw = bool(rng.random() < 0.5)
@@ -280,7 +280,9 @@ def send_input(client: Any, inp: RosInput, count: int, rng: np.random.Generator,
             msg = inp.make(rng)
     else:
         service = client.node.create_client(msg_type, inp.name)
-        client.spin_until(service.service_is_ready, 15.0)
+        if not client.spin_until(service.service_is_ready, 15.0):
+            out['timeouts'] = out['messages'] = count  # the node is gone: nothing answers
+            count = 0
         req = first
         for _ in range(count):
             resp = client.call(service, req, timeout_s)
@@ -317,8 +319,10 @@ def good_questions(n: int = 6) -> list[tuple[str, Any]]:
 
 
 def fuzz_ros_inputs(names: list[str], per_input: int, workdir: Path, *, seed: int = 0,
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Start the demo graph, send ``per_input`` hostile messages to each input, check it."""
+                    overrides: dict[str, Any] | None = None,
+                    keep_log: Path | None = None) -> dict[str, Any]:
+    """Start the demo graph, send ``per_input`` hostile messages to each input, check it;
+    ``keep_log``: where to copy the nodes' log."""
     from cdcca_ros.bench.graph import Client, Graph
 
     rng = np.random.default_rng(seed)
@@ -377,4 +381,9 @@ def fuzz_ros_inputs(names: list[str], per_input: int, workdir: Path, *, seed: in
                 if k.split('.')[0] in {INPUTS[n].node for n in names})
         finally:
             client.close()
+    if keep_log is not None:
+        import shutil
+
+        shutil.copyfile(workdir / 'nodes.log', keep_log)
+        result['nodes_log'] = str(keep_log)
     return result

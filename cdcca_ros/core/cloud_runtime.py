@@ -238,9 +238,14 @@ class CloudRuntime:
         self.devices: dict[str, DeviceState] = {}
 
     def device(self, device_id: str) -> DeviceState:
-        """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base)."""
+        """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base).
+
+        Raises:
+            WireError: ``device_id`` is not a valid id (it names a folder of ``state_dir``).
+        """
         state = self.devices.get(device_id)
         if state is None:
+            wire.check_device_id(device_id)
             directory = self.state_dir / device_id if self.state_dir else None
             state = (DeviceState.load(device_id, self.base, directory) if directory
                      else DeviceState(device_id, self.base, None))

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import struct
 import time
 from collections import OrderedDict, deque
@@ -37,6 +38,7 @@ from cdcca_ros.errors import (
     ConfigError,
     PayloadTooLargeError,
     SignatureError,
+    WireError,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -123,6 +125,24 @@ def state_dict_hash(sd: Mapping[str, Tensor]) -> str:
     return hash_tensor_bytes(
         (_tensor_header(name, t.dtype, tuple(t.shape)), r)
         for name, t, r in zip(names, tensors, raw, strict=True))
+
+
+# --- device ids -------------------------------------------------------------------------------
+_DEVICE_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]{0,63}', re.ASCII)
+
+
+def check_device_id(device_id: object) -> str:
+    """A device id that is safe as a file name and a key-expression part: 1-64 ASCII letters,
+    digits, ``_``, ``.`` or ``-``, starting with a letter or digit, no ``..``.
+
+    Raises:
+        WireError: Anything else (it came from a message, so it is the sender's fault).
+    """
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id) or (
+            '..' in device_id):
+        raise WireError(f'device id {str(device_id)[:40]!r} is not 1-64 ASCII letters, digits, '
+                        '"_", "." or "-"')
+    return device_id
 
 
 # --- keys -------------------------------------------------------------------------------------

@@ -167,9 +167,10 @@ class CloudNode(Node):
                 fresh = self.runtime.add_sample(msg.device_id, tokens, indices, msg.question,
                                                 int(msg.num_tokens), int(msg.token_dim),
                                                 msg.sample_id)
-        except CdccaError as err:
+        except Exception as err:  # noqa: BLE001 - a sample must never take the cloud down
             self.counters['samples_rejected'] += 1
-            self._last_error = f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'
+            self._last_error = (f'sample {msg.sample_id[:64]!r} from {msg.device_id[:64]!r} '
+                                f'rejected: {type(err).__name__}: {err}'[:500])
             self.get_logger().error(self._last_error)
             return
         if not fresh:

@@ -102,6 +102,14 @@ class Graph:
     # ---------------------------------------------------------------- lifecycle
     def start(self, keys: tuple[str, ...] = KEYS) -> Graph:
         """Certificates and keys (first time), the router, then the nodes ``keys``."""
+        self.prepare()
+        self.start_router()
+        for key in keys:
+            self.start_node(key)
+        return self
+
+    def prepare(self) -> None:
+        """Certificates and the cloud's key pair (once)."""
         from cdcca_ros.core import wire
         from cdcca_ros.transport.certs import create_certificates
 
@@ -113,10 +121,6 @@ class Graph:
             private, public = wire.generate_keypair()
             wire.save_private_key(private, w / 'cloud_signing_key.pem')
             wire.save_public_key(public, w / 'cloud_public.pem')
-        self.start_router()
-        for key in keys:
-            self.start_node(key)
-        return self
 
     def start_router(self, timeout_s: float = 30.0) -> None:
         """Start the router process and wait for its READY line."""
@@ -140,11 +144,13 @@ class Graph:
             self.router.send_signal(sig)
             self.router.wait(10)
 
-    def start_node(self, key: str) -> subprocess.Popen:
-        """Start (or restart) the node ``key``."""
+    def start_node(self, key: str,
+                   preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
+        """Start (or restart) the node ``key``; ``preexec_fn`` runs in the child before it
+        executes (e.g. to set a resource limit)."""
         from cdcca_ros.runner import command
 
-        proc = self._spawn(key, command(self.launches[key]))
+        proc = self._spawn(key, command(self.launches[key]), preexec_fn)
         self.procs[key] = proc
         return proc
 
@@ -180,9 +186,11 @@ class Graph:
                 break
         return out
 
-    def _spawn(self, key: str, cmd: list[str]) -> subprocess.Popen:
+    def _spawn(self, key: str, cmd: list[str],
+               preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=preexec_fn)  # noqa: PLW1509 - limits only
         self._lines[key] = queue.Queue()
         threading.Thread(target=_pump, args=(key, proc.stdout, self.log, self._lines[key]),
                          daemon=True).start()

@@ -145,6 +145,8 @@ class DeviceState:
 
         state = cls(device_id, base, directory)
         if not (directory / 'state.json').is_file():
+            # No round yet, but samples may have arrived before a restart.
+            state._load_pending(directory)
             return state
         try:
             record = json.loads((directory / 'state.json').read_text())
@@ -161,11 +163,14 @@ class DeviceState:
         state.samples_seen = int(record.get('samples_seen', 0))
         state.next_sample_file = int(record.get('next_sample_file', 0))
         state.recent_ids.extend(record.get('recent_ids', []))
-        for path in sorted((directory / 'pending').glob('*.safetensors')):
-            state._load_sample(path)
-            # Samples added after the last checkpoint: never reuse their file names.
-            state.next_sample_file = max(state.next_sample_file, int(path.stem) + 1)
+        state._load_pending(directory)
         return state
+
+    def _load_pending(self, directory: Path) -> None:
+        for path in sorted((directory / 'pending').glob('*.safetensors')):
+            self._load_sample(path)
+            # Samples added after the last checkpoint: never reuse their file names.
+            self.next_sample_file = max(self.next_sample_file, int(path.stem) + 1)
 
     def add(self, sample: AkdSample, sample_id: str = '') -> bool:
         """Queue a sample (persisted); False when ``sample_id`` was already taken."""
@@ -251,6 +256,29 @@ class CloudRuntime:
                      else DeviceState(device_id, self.base, None))
             self.devices[device_id] = state
         return state
+
+    def resume(self) -> list[str]:
+        """Load every device checkpointed under ``state_dir`` (after a restart: samples that
+        arrived before it are pending again, so their round runs without waiting for a new
+        one); returns their ids.
+
+        Raises:
+            ModelError: A checkpoint is unreadable.
+        """
+        if self.state_dir is None or not self.state_dir.is_dir():
+            return []
+        found = []
+        for folder in sorted(self.state_dir.iterdir()):
+            if not folder.is_dir() or not ((folder / 'state.json').is_file()
+                                           or any((folder / 'pending').glob('*.safetensors'))):
+                continue
+            try:
+                wire.check_device_id(folder.name)
+            except WireError:
+                continue  # not a device folder
+            self.device(folder.name)
+            found.append(folder.name)
+        return found
 
     def add_sample(self, device_id: str, tokens: Tensor, indices: Tensor | None, question: str,
                    num_tokens: int, token_dim: int, sample_id: str = '') -> bool:

@@ -89,8 +89,10 @@ class CloudBridgeNode(Node):
             self._status_pub = self.create_publisher(AdaptationStatus, 'cloud_status',
                                                      LATCHED_QOS)
             spool = self.params['spool_dir'] or str(home / device_id / 'spool')
+            # Deltas wait in the link's inbox until device_node subscribes.
             self.link = DeviceLink(device_id, link_config(self.params, device_id), spool,
-                                   on_downlink=self._on_downlink, on_version=self._on_version)
+                                   on_downlink=self._on_downlink, on_version=self._on_version,
+                                   ready=lambda: self._delta_pub.get_subscription_count() > 0)
             self.create_subscription(UtsTokens, UPLINK_TOPIC, self._on_uplink_msg,
                                      RELIABLE_QOS)
         else:
@@ -100,9 +102,12 @@ class CloudBridgeNode(Node):
             self.devices = set(devices)
             self._tokens_pub = self.create_publisher(UtsTokens, UPLINK_TOPIC, RELIABLE_QOS)
             store = self.params['store_dir'] or str(home / 'cloud' / 'link')
+            # Samples wait in the link's inbox until cloud_node subscribes (e.g. while it
+            # restarts): published without a subscriber they would be lost.
             self.link = CloudLink(link_config(self.params, 'cloud'), store,
                                   on_uplink=self._on_uplink_bytes, devices=devices,
-                                  recorder=self._open_recorder())
+                                  recorder=self._open_recorder(),
+                                  ready=lambda: self._tokens_pub.get_subscription_count() > 0)
             self.create_subscription(DwcDelta, DOWNLINK_TOPIC, self._on_delta_msg, DELTA_QOS)
             self.create_subscription(AdaptationStatus, 'adaptation_status',
                                      self._on_status_msg, RELIABLE_QOS)

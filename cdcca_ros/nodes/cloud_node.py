@@ -137,13 +137,19 @@ class CloudNode(Node):
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
                                                  RELIABLE_QOS)
         self._diag = Diagnostics(self, hardware_id='cloud')
-        self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
         self.create_timer(1.0, self._report)
         self._threads = [threading.Thread(target=self._round_worker, daemon=True)]
         if runtime is None:
             self._threads.append(threading.Thread(target=self._load, daemon=True))
+        else:
+            self._subscribe()
         for t in self._threads:
             t.start()
+
+    def _subscribe(self) -> None:
+        # Only once the models are loaded: the bridge holds samples until this subscription
+        # exists, so none arrives while nothing could take it.
+        self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
 
     @property
     def ready(self) -> bool:
@@ -151,8 +157,11 @@ class CloudNode(Node):
 
     def _load(self) -> None:
         try:
-            self.runtime = build_runtime(self.params)
-            self.get_logger().info('teacher and student ready')
+            runtime = build_runtime(self.params)
+            resumed = runtime.resume()  # rounds whose samples arrived before a restart
+            self.runtime = runtime
+            self._subscribe()
+            self.get_logger().info(f'teacher and student ready; resumed devices {resumed}')
         except (CdccaError, OSError, ValueError) as err:
             self._last_error = f'model load failed: {err}'
             self.get_logger().error(self._last_error)

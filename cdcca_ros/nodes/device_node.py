@@ -135,6 +135,7 @@ class DeviceNode(Node):
                          'questions_refused': 0, 'deltas_applied': 0, 'deltas_rejected': 0,
                          'deltas_other_device': 0, 'errors': 0}
         self._last_error = ''
+        self._load_failed = False
         self._stop = threading.Event()
 
         self._answer_pub = self.create_publisher(Answer, 'answer', RELIABLE_QOS)
@@ -178,6 +179,7 @@ class DeviceNode(Node):
             self._publish_version()
         except (CdccaError, OSError, ValueError) as err:
             self._last_error = f'model load failed: {err}'
+            self._load_failed = True
             self.get_logger().error(self._last_error)
 
     def _publish_version(self) -> None:
@@ -343,8 +345,10 @@ class DeviceNode(Node):
                 envelope = self._deltas.get(timeout=0.2)
             except queue.Empty:
                 continue
+            while self.runtime is None and not self._load_failed and not self._stop.is_set():
+                self._stop.wait(0.2)  # a delta that arrives while the model loads waits
             if self.runtime is None:
-                self._reject('delta arrived before the model was ready', envelope.round)
+                self._reject('delta arrived but the model failed to load', envelope.round)
                 continue
             try:
                 report = self.runtime.apply(envelope)

@@ -84,6 +84,10 @@ def _connect(path: Path, durable: bool) -> sqlite3.Connection:
                                timeout=10.0)
         conn.execute('PRAGMA page_size=65536')  # fewer overflow pages per large payload
         conn.execute('PRAGMA journal_mode=WAL')
+        # Checkpoint every 4 MiB of log (1000 pages would be 64 MiB beside the bound) and
+        # give the space back beyond 16 MiB.
+        conn.execute('PRAGMA wal_autocheckpoint=64')
+        conn.execute(f'PRAGMA journal_size_limit={16 << 20}')
         conn.execute(f'PRAGMA synchronous={"FULL" if durable else "NORMAL"}')
     except (sqlite3.Error, OSError) as err:
         if conn is not None:
@@ -94,7 +98,9 @@ def _connect(path: Path, durable: bool) -> sqlite3.Connection:
 
 @dataclass(frozen=True)
 class SpoolStats:
-    """Counters of a :class:`Spool` (``dropped*`` persist across restarts)."""
+    """Counters of a :class:`Spool` (``dropped*`` persist across restarts;
+    ``dropped_disk_full`` counts the messages dropped because the disk was full, within
+    ``dropped``)."""
 
     messages: int
     bytes: int
@@ -102,6 +108,14 @@ class SpoolStats:
     dropped_bytes: int
     first_seq: int | None
     last_seq: int
+    dropped_disk_full: int = 0
+
+
+def _disk_full(err: sqlite3.Error) -> bool:
+    """Whether a write failed for lack of room: SQLITE_FULL, or an I/O error writing (what a
+    file-size limit gives)."""
+    code = getattr(err, 'sqlite_errorcode', 0) & 0xFF
+    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 
 
 class Spool:
@@ -135,7 +149,7 @@ class Spool:
                 # the sender's spool was recreated and restarts its expectations.
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)",
                                    (time.time_ns() // 1000,))
-                for key in ('dropped', 'dropped_bytes', 'last_seq'):
+                for key in ('dropped', 'dropped_bytes', 'last_seq', 'dropped_disk_full'):
                     self._conn.execute('INSERT OR IGNORE INTO meta VALUES (?, 0)', (key,))
                 self.epoch = self._meta('epoch')
                 row = self._conn.execute(
@@ -158,7 +172,8 @@ class Spool:
     def append(self, topic: str, payload: bytes, created_ns: int | None = None) -> int:
         """Store a message; return its sequence number (1, 2, ... never reused).
 
-        Drops the oldest messages first when the bounds would be exceeded.
+        Drops the oldest messages first when the bounds would be exceeded, and when the disk
+        is full before them (counted in ``dropped_disk_full`` too).
 
         Raises:
             PayloadTooLargeError: the payload alone is over ``max_bytes``.
@@ -170,26 +185,46 @@ class Spool:
                                        f'spool bound of {self.max_bytes} bytes')
         created_ns = time.time_ns() if created_ns is None else created_ns
         with self._lock:
-            try:
-                self._conn.execute('BEGIN IMMEDIATE')
-                self._make_room(size)
-                cur = self._conn.execute(
-                    'INSERT INTO spool (topic, payload, created_ns) VALUES (?, ?, ?)',
-                    (topic, sqlite3.Binary(payload), created_ns))
-                seq = int(cur.lastrowid or 0)
-                self._conn.execute("UPDATE meta SET v = ? WHERE k = 'last_seq'", (seq,))
-                self._conn.execute('COMMIT')
-            except (sqlite3.Error, TypeError, ValueError) as err:
-                self._rollback()
-                raise SpoolError(f'cannot append to spool {self.path}: {err}') from err
-            self._count += 1
-            self._bytes += size
-            return seq
+            free = 0
+            for _ in range(4):
+                try:
+                    return self._insert(topic, payload, created_ns, free)
+                except sqlite3.OperationalError as err:
+                    self._rollback()
+                    if not _disk_full(err) or not self._count:
+                        raise SpoolError(f'cannot append to spool {self.path}: {err}') from err
+                    # The disk is full before the bound: make room by dropping the oldest
+                    # messages (at least this message's size, then more), after moving the
+                    # write-ahead log into the database so its space is reused.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute('PRAGMA wal_checkpoint(RESTART)')
+                    free = max(2 * free, size, self._bytes // 10)
+                except (sqlite3.Error, TypeError, ValueError) as err:
+                    self._rollback()
+                    raise SpoolError(f'cannot append to spool {self.path}: {err}') from err
+            raise SpoolError(f'cannot append to spool {self.path}: the disk stays full after '
+                             'dropping older messages')
 
-    def _make_room(self, size: int) -> None:
+    def _insert(self, topic: str, payload: bytes, created_ns: int, free: int) -> int:
+        """One append transaction; ``free``: bytes of old messages to drop beyond the bound
+        (the disk is full), counted in ``dropped_disk_full``."""
+        size = len(payload)
+        self._conn.execute('BEGIN IMMEDIATE')
+        self._make_room(size, free)
+        cur = self._conn.execute(
+            'INSERT INTO spool (topic, payload, created_ns) VALUES (?, ?, ?)',
+            (topic, sqlite3.Binary(payload), created_ns))
+        seq = int(cur.lastrowid or 0)
+        self._conn.execute("UPDATE meta SET v = ? WHERE k = 'last_seq'", (seq,))
+        self._conn.execute('COMMIT')
+        self._count += 1
+        self._bytes += size
+        return seq
+
+    def _make_room(self, size: int, free: int = 0) -> None:
         dropped = dropped_bytes = 0
         while self._count > 0 and (
-                self._bytes + size > self.max_bytes
+                self._bytes + size > self.max_bytes or dropped_bytes < free
                 or (self.max_messages is not None and self._count + 1 > self.max_messages)):
             seq, n = self._conn.execute(
                 'SELECT seq, LENGTH(payload) FROM spool ORDER BY seq LIMIT 1').fetchone()
@@ -202,6 +237,9 @@ class Spool:
             self._conn.execute("UPDATE meta SET v = v + ? WHERE k = 'dropped'", (dropped,))
             self._conn.execute("UPDATE meta SET v = v + ? WHERE k = 'dropped_bytes'",
                                (dropped_bytes,))
+            if free:
+                self._conn.execute("UPDATE meta SET v = v + ? WHERE k = 'dropped_disk_full'",
+                                   (dropped,))
 
     def _rollback(self) -> None:
         try:
@@ -245,6 +283,20 @@ class Spool:
         return self._delete('seq <= ?', seq)
 
     def _delete(self, where: str, seq: int) -> int:
+        for attempt in range(2):
+            try:
+                return self._delete_once(where, seq)
+            except SpoolError as err:
+                cause = err.__cause__
+                if attempt or not isinstance(cause, sqlite3.Error) or not _disk_full(cause):
+                    raise
+                # A full disk: move the write-ahead log into the database so its space is
+                # reused, then try again.
+                with self._lock, contextlib.suppress(sqlite3.Error):
+                    self._conn.execute('PRAGMA wal_checkpoint(RESTART)')
+        raise AssertionError('unreachable')  # pragma: no cover
+
+    def _delete_once(self, where: str, seq: int) -> int:
         with self._lock:
             try:
                 self._conn.execute('BEGIN IMMEDIATE')
@@ -266,11 +318,12 @@ class Spool:
         """Current counters."""
         with self._lock:
             dropped, dropped_bytes = self._meta('dropped'), self._meta('dropped_bytes')
-            last = self._meta('last_seq')
+            last, full = self._meta('last_seq'), self._meta('dropped_disk_full')
             with _reading(self.path, 'spool statistics'):
                 row = self._conn.execute('SELECT MIN(seq) FROM spool').fetchone()
                 first = None if row[0] is None else _int(row[0])
-            return SpoolStats(self._count, self._bytes, dropped, dropped_bytes, first, last)
+            return SpoolStats(self._count, self._bytes, dropped, dropped_bytes, first, last,
+                              full)
 
     def __len__(self) -> int:
         return self._count

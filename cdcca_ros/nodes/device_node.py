@@ -136,6 +136,7 @@ class DeviceNode(Node):
                          'deltas_other_device': 0, 'errors': 0}
         self._last_error = ''
         self._load_failed = False
+        self._queue_max = {'question': 0, 'delta': 0}  # longest each queue got (diagnostics)
         self._stop = threading.Event()
 
         self._answer_pub = self.create_publisher(Answer, 'answer', RELIABLE_QOS)
@@ -194,6 +195,8 @@ class DeviceNode(Node):
     def _on_question(self, msg: Question) -> None:
         try:
             self._questions.put_nowait(msg)
+            self._queue_max['question'] = max(self._queue_max['question'],
+                                              self._questions.qsize())
         except queue.Full:
             self.counters['questions_dropped'] += 1
             self.get_logger().warning('question queue full: dropped a question')
@@ -336,6 +339,7 @@ class DeviceNode(Node):
         if envelope is not None:
             try:
                 self._deltas.put_nowait(envelope)
+                self._queue_max['delta'] = max(self._queue_max['delta'], self._deltas.qsize())
             except queue.Full:
                 self._reject('delta queue full: delta dropped', msg.round)
 
@@ -406,6 +410,9 @@ class DeviceNode(Node):
         values: dict[str, Any] = dict(self.counters)
         values['last_error'] = self._last_error
         values.update(self._reassembler.status())
+        for name, q in (('question', self._questions), ('delta', self._deltas)):
+            values[f'{name}_queue'], values[f'{name}_queue_max'] = q.qsize(), self._queue_max[name]
+            values[f'{name}_queue_bound'] = q.maxsize
         with self._latest_lock:
             values['have_frame'] = self._latest is not None
         if self.runtime is None:

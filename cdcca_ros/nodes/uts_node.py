@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import uuid
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,10 @@ class UtsNode(Node):
         self.cfg = uts_config(device.params)
         self._pipeline: UtsPipeline | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._queue_max = 0  # longest the hand-off queue got (diagnostics)
+        # Sample ids must not repeat across restarts of this process: the cloud remembers the
+        # ids it took and drops a repeat as a re-delivery.
+        self._boot = uuid.uuid4().hex[:8]
         self._pub = self.create_publisher(UtsTokens, 'uts_tokens', RELIABLE_QOS)
         self._heatmap_pub = self.create_publisher(Image, 'uts_heatmap', SENSOR_QOS)
         self._diag = Diagnostics(self, hardware_id=device.params['device_id'])
@@ -87,6 +92,7 @@ class UtsNode(Node):
             self._queue.put_nowait((sample, header, rgb))
         except queue.Full:
             self.counters['dropped'] += 1
+        self._queue_max = max(self._queue_max, self._queue.qsize())
 
     def _worker(self) -> None:
         while not self._stop.is_set():
@@ -115,7 +121,7 @@ class UtsNode(Node):
             return None
         space = runtime.model.vision_space()
         self.counters['selected'] += 1
-        sample_id = f'{runtime.device_id}-{self.counters["selected"]}'
+        sample_id = f'{runtime.device_id}-{self._boot}-{self.counters["selected"]}'
         msg = to_msg(runtime.device_id, sample_id, sample, result, header, space)
         self._pub.publish(msg)
         self.counters['uplink_bytes'] += result.uplink_bytes
@@ -133,6 +139,8 @@ class UtsNode(Node):
     def _report(self) -> None:
         values = dict(self.counters)
         values['last_error'] = self._last_error
+        values['queue'], values['queue_max'] = self._queue.qsize(), self._queue_max
+        values['queue_bound'] = self._queue.maxsize
         if self.counters['tokens_total']:
             kept = self.counters['tokens_kept'] / self.counters['tokens_total']
             values['kept_fraction'] = f'{kept:.3f}'

@@ -52,6 +52,7 @@ BENCHES: dict[str, str] = {
     'table5': 'cdcca_ros.bench.table5',
     # Reliability (issue 16): hostile input at volume, and hours of running.
     'fuzz': 'cdcca_ros.bench.fuzz',
+    'soak': 'cdcca_ros.bench.soak',
 }
 
 TINY_SPEC = 'tiny'

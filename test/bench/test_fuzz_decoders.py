@@ -50,3 +50,20 @@ def test_mutations_stay_in_bounds() -> None:
     assert mutate(b'abcd', [('truncate', 2, 0, b'')]) == b'ab'
     assert mutate(b'abcd', [('insert', 6, 0, b'xy')]) == b'abcdxy'[:4] + b'xy' or True
     assert mutate(b'abcd', [('flip', 0, 0, b'')]) == b'`bcd'
+
+
+def test_fuzz_bench_writes_the_summary_of_the_issue(tmp_path) -> None:
+    """``python -m cdcca_ros.bench fuzz`` on two decoders, no graph: the summary keys."""
+    import json
+
+    from cdcca_ros.bench.common import run_bench
+
+    out = tmp_path / 'fuzz.json'
+    run_bench('fuzz', ['--out', str(out), '--per-decoder', '40', '--decoders',
+                       'scene.json,uts.int4', '--inputs', 'none'])
+    summary = json.loads(out.read_text())['summary']
+    assert summary['decoders'].keys() == {'scene.json', 'uts.int4'}
+    assert all(d == {'inputs': 40, 'crashes': 0, 'hangs': 0}
+               for d in summary['decoders'].values())
+    assert summary['min_inputs_per_decoder'] == 40 and summary['crashes'] == 0
+    assert summary['ros_inputs'] == {}

@@ -550,7 +550,7 @@ def _records_run(value: tuple[str, bytes | Mutation, list[str]]) -> None:
             for sql in edits:
                 conn.execute(sql)
             conn.commit()
-        except sqlite3.Error:
+        except (sqlite3.Error, ValueError):  # ValueError: undecodable text in an error
             pass  # the file is too broken to edit: it is fuzzed as it is
         finally:
             conn.close()

@@ -392,34 +392,55 @@ def _chunks_run(chunks: list[bytes]) -> None:
         raise errors[0]
 
 
+@functools.lru_cache(maxsize=128)
+def _sealed_cached(seed: int) -> Any:
+    return _sealed(seed, 1e-3, {})
+
+
+@dataclass(frozen=True)
+class ChunkStream:
+    """A delta's DwcDelta chunks with edits, realized only when fed (:func:`realize_chunks`):
+    hypothesis keeps every generated value, so the messages are described, not built."""
+
+    seed: int
+    chunk_bytes: int
+    edits: tuple[tuple[int, str, Any], ...]
+    order: tuple[int, ...]  # a shuffle seed, then chunks sent again
+
+
+def realize_chunks(spec: ChunkStream) -> list[Any]:
+    """The chunk messages of a :class:`ChunkStream`, edited and in its order."""
+    from cdcca_ros.nodes.delta_msgs import envelope_to_msgs
+
+    msgs = envelope_to_msgs(_sealed_cached(spec.seed), spec.chunk_bytes)
+    for i, name, value in spec.edits:
+        m = msgs[i % len(msgs)]
+        if name == 'chunk':
+            value = mutate(bytes(m.chunk), list(value))
+        setattr(m, name, value)
+    # Every chunk in a shuffled order (seeded by the first number), then a few repeated.
+    perm = np.random.default_rng(spec.order[0]).permutation(len(msgs))
+    return [msgs[int(i)] for i in perm] + [msgs[i % len(msgs)] for i in spec.order[1:4]]
+
+
 def _delta_chunks_strategy() -> st.SearchStrategy:
-    @st.composite
-    def build(draw: st.DrawFn) -> list[Any]:
-        from cdcca_ros.nodes.delta_msgs import envelope_to_msgs
-
-        env = _sealed(draw(st.integers(0, 100)), 1e-3, {})
-        msgs = envelope_to_msgs(env, draw(st.integers(1, 400)))
-        for m in msgs:
-            for name, strategy in (('chunk_index', _BIG_INTS), ('chunk_count', _BIG_INTS),
-                                   ('total_size', _BIG_INTS), ('new_version', _TEXT),
-                                   ('base_version', _TEXT), ('payload_sha256', _TEXT),
-                                   ('device_id', _TEXT), ('key_id', _TEXT)):
-                if draw(st.integers(0, 15)) == 0:
-                    value = draw(strategy)
-                    if isinstance(value, int):
-                        value &= (1 << 32) - 1 if name != 'total_size' else (1 << 64) - 1
-                    setattr(m, name, value)
-            if draw(st.integers(0, 7)) == 0:
-                m.chunk = draw(mutated(st.just(bytes(m.chunk)), raw_max=512))
-            if draw(st.integers(0, 15)) == 0:
-                m.signature = draw(st.binary(max_size=80))
-        return draw(st.permutations(msgs))
-    return build()
+    fields = (('chunk_index', _BIG_INTS.map(lambda v: v & 0xFFFFFFFF)),
+              ('chunk_count', _BIG_INTS.map(lambda v: v & 0xFFFFFFFF)),
+              ('total_size', _BIG_INTS), ('new_version', _TEXT), ('base_version', _TEXT),
+              ('payload_sha256', _TEXT), ('device_id', _TEXT), ('key_id', _TEXT),
+              ('signature', st.binary(max_size=80)),
+              ('chunk', st.lists(_mutation(), min_size=1, max_size=3).map(tuple)))
+    edit = st.one_of(*(st.tuples(st.integers(0, 400), st.just(name), values)
+                       for name, values in fields))
+    return st.builds(ChunkStream, st.integers(0, 100), st.integers(1, 400),
+                     st.lists(edit, max_size=4).map(tuple),
+                     st.lists(st.integers(0, 400), min_size=1, max_size=12).map(tuple))
 
 
-def _delta_chunks_run(msgs: list[Any]) -> None:
+def _delta_chunks_run(spec: ChunkStream) -> None:
     from cdcca_ros.nodes.delta_msgs import DeltaReassembler
 
+    msgs = realize_chunks(spec)
     asm = DeltaReassembler(max_bytes=1 << 16, max_pending=2, max_pending_bytes=1 << 16)
     errors: list[BaseException] = []
     for m in msgs:

@@ -224,8 +224,9 @@ class Client:
     def __init__(self, name: str = 'graph_client') -> None:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
-        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.executors import MultiThreadedExecutor
         from rclpy.node import Node
+        from rclpy.qos import QoSProfile
         from std_msgs.msg import String
 
         from cdcca_ros.msg import AdaptationStatus, Answer
@@ -236,7 +237,10 @@ class Client:
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = Node(name, namespace=DEVICE_NS, context=self.context)
-        self.executor = SingleThreadedExecutor(context=self.context)
+        # Spun in its own threads: answers and statuses are taken as they come, also while
+        # the caller waits (a client spinning only inside its calls loses messages to its
+        # bounded reader history under a burst).
+        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
         self.executor.add_node(self.node)
         self.diagnostics: dict[str, dict[str, str]] = {}
         self.device_status: list[Any] = []
@@ -249,13 +253,18 @@ class Client:
                               RELIABLE_QOS)
         n.create_subscription(AdaptationStatus, f'/{CLOUD_NS}/adaptation_status',
                               self.cloud_status.append, RELIABLE_QOS)
-        n.create_subscription(Answer, 'answer', self.answers.append, RELIABLE_QOS)
+        # A deep reader history: a burst of answers waits here until the executor takes it.
+        n.create_subscription(Answer, 'answer', self.answers.append,
+                              QoSProfile(depth=5000, reliability=RELIABLE_QOS.reliability,
+                                         history=RELIABLE_QOS.history))
         n.create_subscription(String, 'model_version', lambda m: self.versions.append(m.data),
                               LATCHED_QOS)
         self.ask_client = n.create_client(Ask, 'ask')
         self.rollback_client = n.create_client(Rollback, 'rollback')
         self.Ask, self.Rollback = Ask, Rollback
         self._pubs: dict[tuple[str, Any], Any] = {}
+        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spin.start()
 
     def _on_diag(self, array: Any) -> None:
         for status in array.status:
@@ -273,12 +282,13 @@ class Client:
         return {}
 
     def spin_until(self, condition: Callable[[], bool], timeout_s: float) -> bool:
-        """Spin until ``condition()`` or the timeout; whether it held."""
+        """Wait until ``condition()`` or the timeout (the executor spins in its threads);
+        whether it held."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self.executor.spin_once(timeout_sec=0.02)
             if condition():
                 return True
+            time.sleep(0.01)
         return condition()
 
     def spin_for(self, seconds: float) -> None:
@@ -286,8 +296,10 @@ class Client:
 
     def call(self, client: Any, request: Any, timeout_s: float = 60.0) -> Any:
         """Call a service; None on timeout."""
+        done = threading.Event()
         future = client.call_async(request)
-        if not self.spin_until(future.done, timeout_s):
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(timeout_s):
             client.remove_pending_request(future)
             return None
         return future.result()
@@ -319,6 +331,7 @@ class Client:
 
     def close(self) -> None:
         self.executor.shutdown()
+        self._spin.join(timeout=5.0)
         self.node.destroy_node()
         if self.context.ok():
             import rclpy

@@ -7,14 +7,17 @@ through the domains, device + UTS, both bridges over a Zenoh router with mutual 
 node with rounds every ``--round-samples`` uplinked samples). From this process one client asks
 ``ask`` questions back to back about the latest frame (one outstanding: the device's capacity)
 and publishes ``question`` messages beside them; every few seconds it samples each process's
-resident memory and every bounded queue from ``/diagnostics``. In the middle the router is
+resident memory and every bounded queue from ``/diagnostics``; every ``--flood-every-s`` a
+burst of ``--flood-size`` question messages fills the device's question queue to its bound
+(what does not fit is dropped and counted). In the middle the router is
 killed for ``--link-drop-s`` seconds and restarted: both bridges must reconnect on their own.
 
 ``summary``: ``rss_growth_max`` (worst process, fraction: median of the last fifth of the
 samples against the first sample after ``--warmup-s``), ``queue_over_bound`` (samples of a
 queue above its bound), ``queue_max`` (each queue's largest length and bound),
 ``answers_lost`` (answers that never appeared on ``answer``, plus ``question`` messages never
-answered nor counted as dropped; ``asks_failed``: asks without a successful response),
+answered nor counted as dropped; split into ``questions_never_seen``, lost before the node,
+and ``answers_not_delivered``; ``asks_failed``: asks without a successful response),
 ``p50/p99`` of the ``ask`` latency outside and during hot-applies (half a second around each)
 and ``p99_during_apply_over_p99``, ``rounds``, ``deltas_applied``, ``reconnect_s`` (router
 back -> both bridges connected), ``uplink_lost`` (samples the device's bridge took minus
@@ -56,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'no_uplink: the cloud trains far slower than the device answers)')
     parser.add_argument('--topic-rate', type=float, default=1.0,
                         help='question messages per second beside the asks')
+    parser.add_argument('--flood-every-s', type=float, default=60.0,
+                        help='a burst of question messages this often (queues to their bound)')
+    parser.add_argument('--flood-size', type=int, default=150,
+                        help='question messages per burst (the device queue holds 100)')
     parser.add_argument('--sample-s', type=float, default=5.0,
                         help='seconds between memory and queue samples')
     parser.add_argument('--warmup-s', type=float, default=180.0,
@@ -92,6 +99,7 @@ def _queues(client: Any) -> dict[str, tuple[int, int]]:
 
 
 def run(ctx: BenchContext) -> BenchResult:
+    from rclpy.duration import Duration
     from std_msgs.msg import Header
 
     from cdcca_ros.bench.graph import Client, Graph
@@ -136,6 +144,7 @@ def run(ctx: BenchContext) -> BenchResult:
             drop_at = t0 + (minutes * 60.0 - drop_s) / 2.0
             dropped = restored = False
             next_sample = next_topic = t0
+            next_flood = t0 + args.flood_every_s / 2
             i = 0
             while time.monotonic() < end:
                 now = time.monotonic()
@@ -156,6 +165,17 @@ def run(ctx: BenchContext) -> BenchResult:
                                                question=QUESTIONS[i % len(QUESTIONS)]))
                     topic_ids[qid] = time.time()
                     next_topic = now + 1.0 / args.topic_rate
+                if now >= next_flood:  # a burst: the question queue fills to its bound
+                    for k in range(args.flood_size):
+                        qid = f'flood-{uuid.uuid4().hex[:8]}'
+                        topic_pub.publish(Question(header=Header(), question_id=qid,
+                                                   question=QUESTIONS[k % len(QUESTIONS)]))
+                        topic_ids[qid] = time.time()
+                        if k % 40 == 39:
+                            # Within the writer's history (50): what the device cannot take
+                            # is its queue's to drop and count, not DDS's to lose unseen.
+                            topic_pub.wait_for_all_acked(Duration(seconds=2))
+                    next_flood = now + args.flood_every_s
                 if now >= next_sample:
                     rss.append((now - t0, graph.rss_kb()))
                     queue_samples.append(_queues(client))
@@ -199,6 +219,10 @@ def run(ctx: BenchContext) -> BenchResult:
     dropped_topic = int(diags['device_node'].get('questions_dropped', 0))
     topic_missing = len(set(topic_ids) - answered)
     answers_lost = not_published + max(0, topic_missing - dropped_topic)
+    # Where: questions the device never saw (lost in DDS before its queue: not counted by
+    # the node) against answers it gave that did not arrive.
+    device_answers = int(diags['device_node'].get('answers', 0))
+    unseen = max(0, len(asks) - no_response + len(topic_ids) - dropped_topic - device_answers)
     during, outside = [], []
     for start, stop, ok, _ in asks:
         if not ok:
@@ -216,6 +240,8 @@ def run(ctx: BenchContext) -> BenchResult:
         'queue_over_bound': over,
         'queue_max': queue_max,
         'answers_lost': answers_lost,
+        'questions_never_seen': unseen,
+        'answers_not_delivered': max(0, answers_lost - unseen),
         'asks': len(asks), 'asks_failed': no_response,
         'asks_per_s': round(len(asks) / max(result.get('run_s', 1.0), 1e-9), 2),
         'topic_questions': len(topic_ids), 'topic_dropped_counted': dropped_topic,
@@ -236,7 +262,8 @@ def run(ctx: BenchContext) -> BenchResult:
     notes = [f'{minutes} min after a {result.get("startup_s")} s start-up; router down for '
              f'{drop_s} s in the middle; asks back to back (one outstanding; one in '
              f'{uplink_every} offered for the uplink), '
-             f'{args.topic_rate}/s question messages beside them; memory and queues sampled '
+             f'{args.topic_rate}/s question messages beside them and a burst of '
+             f'{args.flood_size} every {args.flood_every_s} s; memory and queues sampled '
              f'every {args.sample_s} s; RSS growth from {warmup_s} s on (median of the last fifth '
              'against the first sample after the warm-up)']
     return BenchResult(summary=summary, headers=['figure', 'value'], rows=rows,

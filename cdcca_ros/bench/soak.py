@@ -138,6 +138,8 @@ def run(ctx: BenchContext) -> BenchResult:
                     break
                 client.spin_for(0.5)
             result['startup_s'] = round(time.monotonic() - t_start, 1)
+            client.spin_until(lambda: 'answers' in client.diag('device_node'), 10.0)
+            answers0 = int(client.diag('device_node').get('answers', 0))  # the start-up asks
             topic_pub = client.publisher(Question, 'question', RELIABLE_QOS)
             t0 = time.monotonic()
             end = t0 + minutes * 60.0
@@ -221,7 +223,7 @@ def run(ctx: BenchContext) -> BenchResult:
     answers_lost = not_published + max(0, topic_missing - dropped_topic)
     # Where: questions the device never saw (lost in DDS before its queue: not counted by
     # the node) against answers it gave that did not arrive.
-    device_answers = int(diags['device_node'].get('answers', 0))
+    device_answers = int(diags['device_node'].get('answers', 0)) - answers0
     unseen = max(0, len(asks) - no_response + len(topic_ids) - dropped_topic - device_answers)
     during, outside = [], []
     for start, stop, ok, _ in asks:
@@ -266,6 +268,9 @@ def run(ctx: BenchContext) -> BenchResult:
              f'{args.flood_size} every {args.flood_every_s} s; memory and queues sampled '
              f'every {args.sample_s} s; RSS growth from {warmup_s} s on (median of the last fifth '
              'against the first sample after the warm-up)']
+    missing = {'asks': sorted(ok_ids - answered)[:20],
+               'questions': sorted(set(topic_ids) - answered)[:40]}
     return BenchResult(summary=summary, headers=['figure', 'value'], rows=rows,
                        detail={'rss': rss, 'queues': queue_samples, 'applies': applies,
+                               'missing_answers': missing,
                                'diagnostics': diags, **result}, notes=notes)

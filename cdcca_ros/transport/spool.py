@@ -89,10 +89,12 @@ def _connect(path: Path, durable: bool) -> sqlite3.Connection:
         conn.execute('PRAGMA wal_autocheckpoint=64')
         conn.execute(f'PRAGMA journal_size_limit={16 << 20}')
         conn.execute(f'PRAGMA synchronous={"FULL" if durable else "NORMAL"}')
-    except (sqlite3.Error, OSError) as err:
+    except (sqlite3.Error, OSError, ValueError) as err:
+        # ValueError: on some damaged files the message SQLite gives does not decode (a
+        # UnicodeDecodeError instead of a sqlite3 error).
         if conn is not None:
             conn.close()
-        raise SpoolError(f'cannot open store {path}: {err}') from err
+        raise SpoolError(f'cannot open store {path}: {err!r}'[:500]) from err
     return conn
 
 
@@ -307,7 +309,7 @@ class Spool:
                     self._conn.execute(f'DELETE FROM spool WHERE {where}', (seq,))
                 self._conn.execute('COMMIT')
                 n, size = _int(n), _int(size)
-            except (sqlite3.Error, TypeError) as err:
+            except (sqlite3.Error, TypeError, ValueError) as err:
                 self._rollback()
                 raise SpoolError(f'cannot acknowledge seq {seq} in {self.path}: {err}') from err
             self._count -= int(n)
@@ -376,7 +378,7 @@ class Inbox:
                     ' source TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,'
                     ' topic TEXT NOT NULL, payload BLOB NOT NULL, created_ns INTEGER NOT NULL,'
                     ' received_ns INTEGER NOT NULL);')
-        except sqlite3.Error as err:
+        except (sqlite3.Error, ValueError) as err:
             self._conn.close()  # a damaged file: do not keep its connection open
             raise SpoolError(f'cannot initialize inbox {self.path}: {err}') from err
 
@@ -448,7 +450,7 @@ class Inbox:
         with self._lock:
             try:
                 self._conn.execute('DELETE FROM inbox WHERE id = ?', (row_id,))
-            except sqlite3.Error as err:
+            except (sqlite3.Error, ValueError) as err:
                 raise SpoolError(f'cannot mark inbox row {row_id} delivered: {err}') from err
 
     def undelivered_count(self) -> int:
@@ -483,7 +485,7 @@ class LatestStore:
                 self._conn.execute(
                     'CREATE TABLE IF NOT EXISTS latest (k TEXT PRIMARY KEY,'
                     ' counter INTEGER NOT NULL, value BLOB NOT NULL)')
-        except sqlite3.Error as err:
+        except (sqlite3.Error, ValueError) as err:
             self._conn.close()  # a damaged file: do not keep its connection open
             raise SpoolError(f'cannot initialize store {self.path}: {err}') from err
 
@@ -497,7 +499,7 @@ class LatestStore:
                     (key, sqlite3.Binary(value)))
                 row = self._conn.execute('SELECT counter FROM latest WHERE k = ?',
                                          (key,)).fetchone()
-            except sqlite3.Error as err:
+            except (sqlite3.Error, ValueError) as err:
                 raise SpoolError(f'cannot store latest value of {key!r}: {err}') from err
         return int(row[0])
 

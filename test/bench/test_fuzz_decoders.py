@@ -67,3 +67,23 @@ def test_fuzz_bench_writes_the_summary_of_the_issue(tmp_path) -> None:
                for d in summary['decoders'].values())
     assert summary['min_inputs_per_decoder'] == 40 and summary['crashes'] == 0
     assert summary['ros_inputs'] == {}
+
+
+REGRESSIONS = {
+    # Bytes inserted 4 before the spool file's second page: SQLite's message about the file
+    # did not decode and a UnicodeDecodeError came out of PRAGMA journal_mode (10,000-input
+    # run of the bench).
+    'spool.records': lambda: ('spool', _mutation_of('spool', (
+        ('insert', 1048575, 206, b'D\xe0e\x9c\xb4\xc8'),) * 3), []),
+}
+
+
+def _mutation_of(kind, mutations):
+    from cdcca_ros.bench.fuzz_decoders import Mutation, _template
+
+    return Mutation(_template(kind), mutations)
+
+
+@pytest.mark.parametrize('name', sorted(REGRESSIONS))
+def test_inputs_the_bench_found(name: str) -> None:
+    assert feed(DECODERS[name], REGRESSIONS[name]()) is None

@@ -52,6 +52,9 @@ BENCHES: dict[str, str] = {
     'table5': 'cdcca_ros.bench.table5',
     # Continual adaptation over a long stream with revisits (the guarded round).
     'continual': 'cdcca_ros.bench.continual',
+    # Reliability (issue 16): hostile input at volume, and hours of running.
+    'fuzz': 'cdcca_ros.bench.fuzz',
+    'soak': 'cdcca_ros.bench.soak',
 }
 
 TINY_SPEC = 'tiny'

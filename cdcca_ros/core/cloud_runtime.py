@@ -143,9 +143,14 @@ class CloudRuntime:
                               cfg.budget_bytes, cfg.refit, cfg.refit_min_error)
 
     def device(self, device_id: str) -> DeviceState:
-        """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base)."""
+        """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base).
+
+        Raises:
+            WireError: ``device_id`` is not a valid id (it names a folder of ``state_dir``).
+        """
         state = self.devices.get(device_id)
         if state is None:
+            wire.check_device_id(device_id)
             guard = self.cfg.guard
             kwargs = {'memory_bytes': guard.memory_bytes, 'clusters': guard.clusters,
                       'seed': self.cfg.akd.seed}
@@ -154,6 +159,29 @@ class CloudRuntime:
                      else DeviceState(device_id, self.base, None, **kwargs))
             self.devices[device_id] = state
         return state
+
+    def resume(self) -> list[str]:
+        """Load every device checkpointed under ``state_dir`` (after a restart: samples that
+        arrived before it are pending again, so their round runs without waiting for a new
+        one); returns their ids.
+
+        Raises:
+            ModelError: A checkpoint is unreadable.
+        """
+        if self.state_dir is None or not self.state_dir.is_dir():
+            return []
+        found = []
+        for folder in sorted(self.state_dir.iterdir()):
+            if not folder.is_dir() or not ((folder / 'state.json').is_file()
+                                           or any((folder / 'memory').glob('*.safetensors'))):
+                continue
+            try:
+                wire.check_device_id(folder.name)
+            except WireError:
+                continue  # not a device folder
+            self.device(folder.name)
+            found.append(folder.name)
+        return found
 
     def _check(self, device_id: str, tokens: Tensor, indices: Tensor | None,
                num_tokens: int, token_dim: int) -> None:

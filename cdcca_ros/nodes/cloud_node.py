@@ -99,6 +99,31 @@ def signing_key(params: dict[str, Any], state_dir: Path):
     return wire.load_private_key(path)
 
 
+def cloud_signer(params: dict[str, Any], state_dir: Path):
+    """The :class:`~cdcca_ros.core.trust.Signer` of deltas: the signing key, the deltas' time to
+    live, and the root-signed key list to attach (``key_list``), which must name the key.
+
+    Raises:
+        ConfigError: The key list cannot be read or does not list the signing key for deltas.
+    """
+    from cdcca_ros.core.trust import ROLE_DELTA, KeyList, Signer
+    from cdcca_ros.errors import ConfigError, TrustError
+
+    signer = Signer(signing_key(params, state_dir), ttl_s=params['delta_ttl_s'])
+    if not params['key_list']:
+        return signer
+    try:
+        data = Path(params['key_list']).read_bytes()
+        keys = KeyList.decode(data)
+    except (OSError, TrustError) as err:
+        raise ConfigError(f'cannot use key list {params["key_list"]}: {err}') from err
+    entry = keys.keys.get(signer.key_id)
+    if entry is None or ROLE_DELTA not in entry.roles:
+        raise ConfigError(f'key list {params["key_list"]} (v{keys.version}) does not let the '
+                          f'signing key {signer.key_id} sign deltas: devices would refuse them')
+    return Signer(signer.private_key, ttl_s=signer.ttl_s, key_list=data)
+
+
 def cloud_config(params: dict[str, Any]) -> CloudConfig:
     """Round, AKD, DWC and guard settings from the node's parameters."""
     return CloudConfig.from_params(params)
@@ -115,7 +140,7 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime:
     cfg = cloud_config(params)
     anchor = (resolve_anchor(params['guard.anchor'], bundled.resolve(params['student']))
               if cfg.guard.enabled else None)
-    return CloudRuntime(teacher, student, signing_key(params, state_dir), cfg,
+    return CloudRuntime(teacher, student, cloud_signer(params, state_dir), cfg,
                         state_dir=state_dir, anchor=anchor)
 
 
@@ -171,9 +196,7 @@ class CloudNode(ManagedNode):
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
                                                  RELIABLE_QOS)
         self._diag = Diagnostics(self, hardware_id='cloud')
-        self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
-        self.create_subscription(AdaptationStatus, 'device_status', self._on_device_status,
-                                 RELIABLE_QOS)
+        self._subscribed = False  # samples wait in the bridge's inbox until rounds can run
         self.create_timer(1.0, self._report)
         self._threads = [threading.Thread(target=self._round_worker, daemon=True)]
         for t in self._threads:
@@ -181,6 +204,11 @@ class CloudNode(ManagedNode):
         if self.params['autostart']:
             # Models to load: in a thread, so the node serves its services meanwhile.
             self.autostart(in_thread=runtime is None, stopping=self._stop.is_set)
+
+    def _subscribe(self) -> None:
+        # Only once the models are loaded: the bridge holds samples until this subscription
+        # exists, so none arrives while nothing could take it.
+        self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
 
     @property
     def ready(self) -> bool:
@@ -203,7 +231,8 @@ class CloudNode(ManagedNode):
                                      ) from err
             if self._stop.is_set():
                 raise ModelLoadError('stopped while loading')
-            self.get_logger().info('teacher and student ready')
+            resumed = runtime.resume()  # rounds whose samples arrived before a restart
+            self.get_logger().info(f'teacher and student ready; resumed devices {resumed}')
             with self._lock:
                 runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
         with self._lock:
@@ -211,6 +240,18 @@ class CloudNode(ManagedNode):
 
     def _activate(self) -> None:
         self._active.set()
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        """Take samples and device reports from now on (once: the first activation). Until
+        then the cloud bridge keeps the uplink in its inbox: published to nobody, samples that
+        arrive while the cloud starts or restarts would be lost."""
+        if self._subscribed:
+            return
+        self._subscribed = True
+        self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
+        self.create_subscription(AdaptationStatus, 'device_status', self._on_device_status,
+                                 RELIABLE_QOS)
 
     def _deactivate(self) -> None:
         self._active.clear()  # a round in progress completes
@@ -255,10 +296,11 @@ class CloudNode(ManagedNode):
                                                 msg.sample_id, device_answer=msg.device_answer,
                                                 device_version=parse_version(msg.model_version),
                                                 audit=bool(msg.audit))
-        except CdccaError as err:
+        except Exception as err:  # noqa: BLE001 - a sample must never take the cloud down
             self.counters['samples_rejected'] += 1
             self.get_logger().error(self.errors.set(
-                'sample', f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'))
+                'sample', f'sample {msg.sample_id[:64]!r} from {msg.device_id[:64]!r} rejected: '
+                          f'{type(err).__name__}: {err}'[:500]))
             return
         self.errors.clear('sample')
         if not fresh:

@@ -68,7 +68,13 @@ from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
 from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
 from cdcca_ros.core.entropy_guard import EntropyGuardConfig
 from cdcca_ros.core.updates import RollbackEnvelope
-from cdcca_ros.errors import CdccaError, DeltaRejectedError, GenerationCancelled, ModelLoadError
+from cdcca_ros.errors import (
+    CdccaError,
+    DeltaRejectedError,
+    GenerationCancelled,
+    ModelLoadError,
+    PromptTooLongError,
+)
 from cdcca_ros.models.base import StepCallback
 from cdcca_ros.msg import AdaptationStatus, Answer, DwcDelta, Question, RollbackOrder
 from cdcca_ros.nodes.ask_action import AskActionServer
@@ -136,23 +142,28 @@ def entropy_guard_config(params: dict[str, Any]) -> EntropyGuardConfig | None:
 
 
 def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
-    """Load the model and the cloud key named by the node's parameters."""
-    from cdcca_ros.core import wire
+    """Load the model and the trust store (pinned cloud key or root + key lists) named by the
+    node's parameters."""
+    from cdcca_ros.core.trust import load_trust
     from cdcca_ros.models import bundled
 
+    state_dir = params['state_dir'] or str(Path.home() / '.cdcca' / params['device_id'])
+    trust = load_trust(root_key=params['trust_root'], pinned_key=params['cloud_public_key'],
+                       key_list=params['key_list'], state_dir=state_dir,
+                       max_clock_skew_s=params['max_clock_skew_s'])
     model = bundled.load(params['model'], None if params['quantization'] == 'none'
                          else params['quantization'], params['torch_device'])
-    key = wire.load_public_key(params['cloud_public_key']) if params['cloud_public_key'] \
-        else None
-    state_dir = params['state_dir'] or str(Path.home() / '.cdcca' / params['device_id'])
-    return DeviceRuntime(model, params['device_id'], key, state_dir,
+    return DeviceRuntime(model, params['device_id'], trust, state_dir,
                          probe_question=params['probe_question'],
                          max_new_tokens=params['max_new_tokens'],
                          trace_probe=params['probe_trace'],
                          shadow_probe=params['probe_shadow'],
                          entropy_guard=entropy_guard_config(params),
                          coverage=CoverageConfig.from_params(params),
-                         anchor_tokens=anchor_tokens_of(bundled.resolve(params['model'])))
+                         anchor_tokens=anchor_tokens_of(bundled.resolve(params['model'])),
+                         max_probe_tv=(params['max_probe_tv'] if params['max_probe_tv'] < 1.0
+                                       else None),
+                         max_update_ratio=params['max_update_ratio'] or None)
 
 
 class DeviceNode(ManagedNode):
@@ -189,16 +200,18 @@ class DeviceNode(ManagedNode):
         # Unbounded: every answer is published; answers are far slower than publishing them.
         self._answered: queue.SimpleQueue[_Answered] = queue.SimpleQueue()
         self._publish_lock = threading.Lock()  # one drainer at a time keeps answer order
-        self._reassembler = DeltaReassembler()
+        max_delta = self.params['max_delta_bytes']
+        self._reassembler = DeltaReassembler(max_delta, max_pending_bytes=2 * max_delta)
         self.counters = {'answers': 0, 'rejected_images': 0, 'questions': 0,
                          'questions_dropped': 0, 'questions_unanswered': 0,
                          'questions_lost': 0, 'questions_refused': 0,
-                         'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0,
-                         'rollback_orders': 0, 'rollbacks_applied': 0, 'rollbacks_rejected': 0,
-                         'local_rollbacks': 0}
+                         'deltas_applied': 0, 'deltas_rejected': 0, 'deltas_other_device': 0,
+                         'errors': 0, 'rollback_orders': 0, 'rollbacks_applied': 0,
+                         'rollbacks_rejected': 0, 'local_rollbacks': 0}
         self._local_seen = 0  # runtime.local_rollbacks reported so far
         self._local_lock = threading.Lock()
         self.errors = LastError()
+        self._queue_max = {'question': 0, 'delta': 0}  # longest each queue got (diagnostics)
         self._stop = threading.Event()
 
         self._answer_pub = self.create_publisher(Answer, 'answer', RELIABLE_QOS)
@@ -316,6 +329,8 @@ class DeviceNode(ManagedNode):
         self.counters['questions'] += 1
         try:
             self._questions.put_nowait(msg)
+            self._queue_max['question'] = max(self._queue_max['question'],
+                                              self._questions.qsize())
         except queue.Full:
             self.counters['questions_dropped'] += 1
             self.get_logger().warning('question queue full: dropping questions',
@@ -330,12 +345,23 @@ class DeviceNode(ManagedNode):
                 q = self._questions.get(timeout=0.2)
             except queue.Empty:
                 continue
-            answer, error = self.answer(q.question_id, q.question, list(q.choices),
-                                        q.image if q.use_image else None)
+            try:
+                _, error = self.answer(q.question_id, q.question, list(q.choices),
+                                       q.image if q.use_image else None)
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any question
+                error = self._unexpected('question', err)
             if error:
                 self.counters['questions_unanswered'] += 1
                 self.get_logger().warning(f'question {q.question_id!r} not answered: {error}',
                                           throttle_duration_sec=5.0)
+
+    def _unexpected(self, where: str, err: BaseException) -> str:
+        """Count and log an error no check foresaw (the node keeps serving)."""
+        self.counters['errors'] += 1
+        text = self.errors.set('unexpected', f'{where} failed unexpectedly: '
+                                             f'{type(err).__name__}: {err}'[:500])
+        self.get_logger().error(text)
+        return text
 
     def answer(self, question_id: str, question: str, choices: list[str],
                image: Image | None, uplink: bool = True, *,
@@ -382,6 +408,11 @@ class DeviceNode(ManagedNode):
             sample = runtime.answer(rgb, question, choices, on_step=on_step)
         except GenerationCancelled as err:
             return None, str(err)
+        except PromptTooLongError as err:
+            self.counters['questions_refused'] += 1
+            text = self.errors.set('question', f'question refused: {err}')
+            self.get_logger().error(text)
+            return None, text
         except (CdccaError, RuntimeError, ValueError) as err:
             self.counters['errors'] += 1
             text = self.errors.set('answer', f'answer failed: {err}')
@@ -436,10 +467,13 @@ class DeviceNode(ManagedNode):
                 listener(sample, done.header, done.rgb)
 
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
-        answer, error = self.answer(request.question_id, request.question,
-                                    list(request.choices),
-                                    request.image if request.use_image else None,
-                                    uplink=not request.no_uplink, publish_later=True)
+        try:
+            answer, error = self.answer(request.question_id, request.question,
+                                        list(request.choices),
+                                        request.image if request.use_image else None,
+                                        uplink=not request.no_uplink, publish_later=True)
+        except Exception as err:  # noqa: BLE001 - a service callback must never kill the node
+            answer, error = None, self._unexpected('ask', err)
         response.success = answer is not None
         response.message = error
         if answer is not None:
@@ -449,16 +483,19 @@ class DeviceNode(ManagedNode):
     # ---------------------------------------------------------------- updates
     def _on_delta(self, msg: DwcDelta) -> None:
         if msg.device_id != self.params['device_id']:
-            return  # addressed to another device sharing this graph
+            # Addressed to another device sharing this graph.
+            self.counters['deltas_other_device'] += 1
+            return
+        self._reassembler.expire()
         try:
             envelope = self._reassembler.add(msg)
         except CdccaError as err:
             self._reject(f'delta chunk rejected: {err}', msg.round)
             return
-        self._reassembler.expire()
         if envelope is not None:
             try:
                 self._deltas.put_nowait(envelope)
+                self._queue_max['delta'] = max(self._queue_max['delta'], self._deltas.qsize())
             except queue.Full:
                 self._reject('delta queue full: delta dropped', msg.round)
 
@@ -536,6 +573,10 @@ class DeviceNode(ManagedNode):
             if isinstance(envelope, RollbackEnvelope):
                 self._apply_order(envelope)
                 continue
+            waited = 0.0
+            while self.runtime is None and not self._stop.is_set() and waited < 600.0:
+                self._stop.wait(0.2)  # a delta that arrives while the model loads waits
+                waited += 0.2
             runtime = self.runtime
             if runtime is None:
                 self._reject('delta arrived before the model was ready', envelope.round)
@@ -544,6 +585,9 @@ class DeviceNode(ManagedNode):
                 report = runtime.apply(envelope)
             except DeltaRejectedError as err:
                 self._reject(f'delta rejected: {err}', envelope.round)
+                continue
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any delta
+                self._reject(self._unexpected('delta apply', err), envelope.round)
                 continue
             self.counters['deltas_applied'] += 1
             self.errors.clear('delta')
@@ -584,7 +628,7 @@ class DeviceNode(ManagedNode):
             return response
         try:
             version = rt.rollback()
-        except DeltaRejectedError as err:
+        except CdccaError as err:
             response.success, response.message = False, str(err)
         else:
             label = version_label(rt.device_id, version)
@@ -602,6 +646,10 @@ class DeviceNode(ManagedNode):
         values: dict[str, Any] = dict(self.counters)
         values.update(self.errors.values())
         values.update(lifecycle_state=state, last_transition=self.last_transition)
+        values.update(self._reassembler.status())
+        for name, q in (('question', self._questions), ('delta', self._deltas)):
+            values[f'{name}_queue'], values[f'{name}_queue_max'] = q.qsize(), self._queue_max[name]
+            values[f'{name}_queue_bound'] = q.maxsize
         with self._latest_lock:
             values['have_frame'] = self._latest is not None
         rt = self.runtime

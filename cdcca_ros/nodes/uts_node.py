@@ -29,6 +29,7 @@ import queue
 import secrets
 import sys
 import threading
+import uuid
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,10 @@ class UtsNode(Node):
         self._pipeline: UtsPipeline | None = None
         self._pipeline_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=16)
+        self._queue_max = 0  # longest the hand-off queue got (diagnostics)
+        # Sample ids must not repeat across restarts of this process: the cloud remembers the
+        # ids it took and drops a repeat as a re-delivery.
+        self._boot = uuid.uuid4().hex[:8]
         self._pub = self.create_publisher(UtsTokens, 'uts_tokens', RELIABLE_QOS)
         self._heatmap_pub = self.create_publisher(Image, 'uts_heatmap', SENSOR_QOS)
         self._diag = Diagnostics(self, hardware_id=device.params['device_id'])
@@ -158,6 +163,7 @@ class UtsNode(Node):
             self._queue.put_nowait((sample, header, rgb))
         except queue.Full:
             self.counters['dropped'] += 1
+        self._queue_max = max(self._queue_max, self._queue.qsize())
 
     def _worker(self) -> None:
         while not self._stop.is_set():
@@ -275,6 +281,8 @@ class UtsNode(Node):
                                  f'beta={cfg.beta:g} masks={cfg.mc_masks} '
                                  f'p={cfg.dropout_p:g}',
                        'pack_dtype': cfg.pack_dtype})
+        values['queue'], values['queue_max'] = self._queue.qsize(), self._queue_max
+        values['queue_bound'] = self._queue.maxsize
         if self.counters['tokens_total']:
             kept = self.counters['tokens_kept'] / self.counters['tokens_total']
             values['kept_fraction'] = f'{kept:.3f}'

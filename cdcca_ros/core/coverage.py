@@ -122,15 +122,20 @@ class Coverage:
 
     def covers(self, feature: np.ndarray) -> bool:
         """Whether a frame with this feature lies where the current update was trained (True
-        when nothing is frozen yet: no update, or too little to tell)."""
-        points, scale = self._points, self._scale
-        if points is None or scale is None:
-            return True
-        z = (np.asarray(feature, np.float32) - scale[0]) / scale[1]
-        inside = bool(np.sqrt(_sq_distances(z[None], points).min()) <= self.radius)
+        when nothing is frozen yet: no update, or too little to tell); counted."""
+        inside = bool(self.covers_all(np.asarray(feature, np.float32)[None])[0])
         self.checked += 1
         self.uncovered += int(not inside)
         return inside
+
+    def covers_all(self, features: np.ndarray) -> np.ndarray:
+        """:meth:`covers` for ``[n, F]`` features at once (not counted: evaluations)."""
+        points, scale = self._points, self._scale
+        features = np.asarray(features, np.float32)
+        if points is None or scale is None:
+            return np.ones(len(features), dtype=bool)
+        z = (features - scale[0]) / scale[1]
+        return np.sqrt(_sq_distances(z, points).min(axis=1)) <= self.radius
 
     def status(self) -> dict[str, float | int]:
         with self._lock:

@@ -738,6 +738,15 @@ class DeviceRuntime:
             step_probs=result.step_probs, tokens=tokens[0].detach(), version=version,
             latency_ms=latency, adapted=adapted)
 
+    def routes(self, tokens: Tensor) -> tuple[np.ndarray, MLLM, MLLM]:
+        """How the device would answer frames with these ``[B, N, D]`` tokens: a per-frame
+        mask (True: the adapter answers; False: the shipped model), the adapted model and the
+        shipped one (for evaluations; nothing is counted)."""
+        if self.coverage is None or self.version == 0 or self._base_model is None:
+            return np.ones(tokens.shape[0], dtype=bool), self.model, self.model
+        features = np.stack([token_feature(t) for t in tokens])
+        return self.coverage.covers_all(features), self.model, self._base_model
+
     def note_uplinked(self, tokens: Tensor) -> None:
         """Record that a sample with these ``[N, D]`` tokens went up the link: the next
         update is trained on it, so frames like it are covered from then on."""

@@ -216,7 +216,7 @@ class CloudRuntime:
 
         self._check(device_id, tokens, indices, num_tokens, token_dim)
         state = self.device(device_id)
-        if sample_id and sample_id in state.recent_ids:
+        if sample_id and (sample_id in state.recent_ids or sample_id in state.memory):
             return False
         sid = sample_id or f'{device_id}-cloud-{state.memory.next_seq}'
         guard = self.cfg.guard

@@ -24,7 +24,7 @@ def test_restart_before_the_first_round_resumes_its_samples(tmp_path) -> None:
     again = CloudRuntime(teacher, student, key, cfg, state_dir=tmp_path)
     assert again.resume() == ['robot1']
     state = again.device('robot1')
-    assert len(state.pending) == 3 and again.due('robot1')
+    assert state.pending() == 3 and again.due('robot1')
     # The ids are remembered too: a re-delivered sample is not taken twice.
     assert not again.add_sample('robot1', torch.randn(4, space.dim), torch.arange(4), 'q',
                                 space.num_tokens, space.dim, sample_id='s1')

@@ -74,7 +74,9 @@ class DeviceState:
         self.memory = Memory(memory_bytes, directory / 'memory' if directory else None,
                              clusters=clusters, seed=seed)
         self.ship_seq = 0            # gate's 'new' slice: records from here on
-        self.round_seq = self.memory.next_seq  # records from here on are this round's
+        # Records from here on are this round's: all of them before any round ran (a memory
+        # found on disk without a checkpoint holds samples of a round that never ran).
+        self.round_seq = 0
         self.refusals = 0            # consecutive refused candidates
         self.first_pending_t: float | None = None
         self.samples_seen = 0

@@ -46,7 +46,7 @@ def _cloud(models, tmp_path=None, **guard) -> tuple[CloudRuntime, object]:
     private, public = generate_keypair()
     teacher, student = models
     student.load_trainable_state_dict(bundled.load('bundled:student').trainable_state_dict())
-    cfg = CloudConfig(min_samples=1, akd=AKDConfig(seed=0),
+    cfg = CloudConfig(min_samples=1, akd=AKDConfig(seed=0, lr=2e-3, batch_size=16),
                       guard=GuardConfig(anchor_limit=300, **guard))
     anchor = resolve_anchor('', bundled.resolve('bundled:student'))
     return CloudRuntime(teacher, student, private, cfg, state_dir=tmp_path,

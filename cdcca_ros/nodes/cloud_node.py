@@ -196,7 +196,7 @@ class CloudNode(ManagedNode):
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
                                                  RELIABLE_QOS)
         self._diag = Diagnostics(self, hardware_id='cloud')
-        self._subscribed = False  # samples wait in the bridge's inbox until rounds can run
+        self._subscriptions_up: list[Any] = []  # uplink subscriptions while configured
         self.create_timer(1.0, self._report)
         self._threads = [threading.Thread(target=self._round_worker, daemon=True)]
         for t in self._threads:
@@ -204,11 +204,6 @@ class CloudNode(ManagedNode):
         if self.params['autostart']:
             # Models to load: in a thread, so the node serves its services meanwhile.
             self.autostart(in_thread=runtime is None, stopping=self._stop.is_set)
-
-    def _subscribe(self) -> None:
-        # Only once the models are loaded: the bridge holds samples until this subscription
-        # exists, so none arrives while nothing could take it.
-        self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
 
     @property
     def ready(self) -> bool:
@@ -237,27 +232,34 @@ class CloudNode(ManagedNode):
                 runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
         with self._lock:
             self.runtime = runtime
+        self._subscribe()
 
     def _activate(self) -> None:
         self._active.set()
-        self._subscribe()
 
     def _subscribe(self) -> None:
-        """Take samples and device reports from now on (once: the first activation). Until
-        then the cloud bridge keeps the uplink in its inbox: published to nobody, samples that
-        arrive while the cloud starts or restarts would be lost."""
-        if self._subscribed:
+        """Take samples and device reports while the models are loaded (configured: kept,
+        inactive or active; rounds run only when active). Without a model the node does not
+        subscribe, and the cloud bridge keeps the uplink in its inbox: published to nobody,
+        samples that arrive while the cloud starts, restarts or is unloaded would be lost."""
+        if self._subscriptions_up:
             return
-        self._subscribed = True
-        self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
-        self.create_subscription(AdaptationStatus, 'device_status', self._on_device_status,
-                                 RELIABLE_QOS)
+        self._subscriptions_up = [
+            self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS),
+            self.create_subscription(AdaptationStatus, 'device_status', self._on_device_status,
+                                     RELIABLE_QOS)]
+
+    def _unsubscribe(self) -> None:
+        subs, self._subscriptions_up = self._subscriptions_up, []
+        for sub in subs:
+            self.destroy_subscription(sub)
 
     def _deactivate(self) -> None:
         self._active.clear()  # a round in progress completes
 
     def _unload(self) -> None:
         self._active.clear()
+        self._unsubscribe()  # from now on the bridge keeps what arrives
         with self._lock:  # after the round in progress, if any
             runtime, self.runtime = self.runtime, None
             if runtime is not None:

@@ -52,6 +52,7 @@ from cdcca_ros.nodes.common import (
     LATCHED_QOS,
     OK,
     RELIABLE_QOS,
+    UPLINK_QOS,
     WARN,
     Diagnostics,
     LastError,
@@ -143,7 +144,7 @@ class CloudBridgeNode(Node):
                                    ready=lambda: self._down_pubs[
                                        DOWNLINK_TOPIC].get_subscription_count() > 0)
             self.create_subscription(UtsTokens, UPLINK_TOPIC, self._on_uplink_msg,
-                                     RELIABLE_QOS)
+                                     UPLINK_QOS)
             self.create_subscription(AdaptationStatus, STATUS_TOPIC, self._on_report_msg,
                                      RELIABLE_QOS)
         else:
@@ -152,7 +153,7 @@ class CloudBridgeNode(Node):
             devices = [d.strip() for d in self.params['devices'].split(',') if d.strip()]
             self.devices = set(devices)
             self._up_pubs = {
-                UPLINK_TOPIC: self.create_publisher(UtsTokens, UPLINK_TOPIC, RELIABLE_QOS),
+                UPLINK_TOPIC: self.create_publisher(UtsTokens, UPLINK_TOPIC, UPLINK_QOS),
                 STATUS_TOPIC: self.create_publisher(AdaptationStatus, DEVICE_STATUS_TOPIC,
                                                     RELIABLE_QOS)}
             store = self.params['store_dir'] or str(home / 'cloud' / 'link')
@@ -283,6 +284,7 @@ class CloudBridgeNode(Node):
             self._error(f'uplink {message.topic} from {message.device!r} claims device '
                         f'{msg.device_id!r}: dropped', 'refused')
             return
+        # The uplink QoS is KEEP_ALL: a burst is held back by the readers, never overwritten.
         self._up_pubs[message.topic].publish(msg)
         if message.topic == UPLINK_TOPIC:
             self.counters['up'] += 1

@@ -57,6 +57,7 @@ from cdcca_ros.nodes.common import (
     ERROR,
     OK,
     RELIABLE_QOS,
+    UPLINK_QOS,
     WARN,
     Diagnostics,
     LastError,
@@ -245,7 +246,7 @@ class CloudNode(ManagedNode):
         if self._subscriptions_up:
             return
         self._subscriptions_up = [
-            self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS),
+            self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, UPLINK_QOS),
             self.create_subscription(AdaptationStatus, 'device_status', self._on_device_status,
                                      RELIABLE_QOS)]
 

@@ -54,6 +54,7 @@ from cdcca_ros.nodes.common import (
     OK,
     RELIABLE_QOS,
     SENSOR_QOS,
+    UPLINK_QOS,
     WARN,
     Diagnostics,
     LastError,
@@ -136,7 +137,7 @@ class UtsNode(Node):
         # Sample ids must not repeat across restarts of this process: the cloud remembers the
         # ids it took and drops a repeat as a re-delivery.
         self._boot = uuid.uuid4().hex[:8]
-        self._pub = self.create_publisher(UtsTokens, 'uts_tokens', RELIABLE_QOS)
+        self._pub = self.create_publisher(UtsTokens, 'uts_tokens', UPLINK_QOS)
         self._heatmap_pub = self.create_publisher(Image, 'uts_heatmap', SENSOR_QOS)
         self._diag = Diagnostics(self, hardware_id=device.params['device_id'])
         self.counters = {'offered': 0, 'selected': 0, 'uplink_bytes': 0, 'tokens_kept': 0,

@@ -3,15 +3,19 @@
 Starts the ``demo`` node set with the project's runner (the same nodes and parameters as
 ``launch/demo.launch.py``): the synthetic camera, the device node with UTS, the device's cloud
 bridge, a Zenoh router with mutual TLS, the cloud bridge and the cloud node (bundled teacher and
-student). A driver then plays the robot's user: round after round it drifts the camera to the
-next domain, measures the device's accuracy on held-out samples of that domain, asks questions
-about the live camera frames (their uncertain samples go up the link, the cloud distils and sends
-a signed, compressed delta, the device hot-applies it) and measures again once the new adapter is
-in use.
+student, guarded rounds). A driver then plays the robot's user: round after round it points the
+camera at the next domain of the plan (domains come back: revisits), asks questions about the
+live frames (their uncertain samples, the audit stream and token pulls go up the link) until the
+cloud finishes a round -- shipped (the device verifies and hot-applies the signed, compressed
+delta) or refused by the update gate (nothing changes) -- and then measures the device's
+accuracy on held-out samples of *every* domain of the plan and of the source, so forgetting
+shows as well as gains. Before the first round the same held-out samples give the source-only
+reference; the teacher's accuracy on them is the other reference.
 
-Writes ``OUT/demo.json`` (a list ``rounds``), ``OUT/demo.png`` and ``OUT/nodes.log``.
+Writes ``OUT/demo.json`` (``rounds``, ``before``, ``teacher``), ``OUT/demo.png`` and
+``OUT/nodes.log``.
 
-    python -m cdcca_ros.demo [--rounds 3] [--seed 0] [--out demo_out] [--quick]
+    python -m cdcca_ros.demo [--rounds 6] [--seed 0] [--out demo_out] [--quick]
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PLAN = ('fog', 'night', 'clutter', 'novel')
+DEFAULT_PLAN = ('fog', 'night', 'fog', 'clutter', 'night', 'clutter')
 
 
 def _free_port() -> int:
@@ -60,6 +64,7 @@ class Driver:
         self.images: deque = deque(maxlen=20)
         self.used: set[int] = set()
         self.scenes: dict[int, dict] = {}
+        self.bad_scenes = 0
         self.device_status: list[Any] = []
         self.cloud_status: list[Any] = []
         self.node.create_subscription(Image, 'image', lambda m: self.images.append(m),
@@ -75,7 +80,15 @@ class Driver:
         self.Ask = Ask
 
     def _on_scene(self, msg) -> None:
-        meta = json.loads(msg.data)
+        from cdcca_ros.camera.synthetic import scene_from_json
+        from cdcca_ros.errors import WireError
+
+        try:
+            meta = scene_from_json(msg.data)
+        except WireError as err:
+            self.bad_scenes += 1
+            print(f'ignored a bad scene message: {err}', file=sys.stderr)
+            return
         self.scenes[meta['stamp_ns']] = meta
         if len(self.scenes) > 200:
             for key in sorted(self.scenes)[:100]:
@@ -141,54 +154,94 @@ def evaluate(driver: Driver, samples, image_msgs) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+def evaluate_all(driver: Driver, eval_sets, eval_msgs) -> dict[str, float]:
+    """The device's held-out accuracy on every domain."""
+    return {d: evaluate(driver, eval_sets[d], eval_msgs[d]) for d in eval_sets}
+
+
+def teacher_accuracy(spec: str, eval_sets) -> dict[str, float]:
+    """The teacher's accuracy on the same held-out samples (a reference line)."""
+    from cdcca_ros.models import bundled
+    from cdcca_ros.sim.scoring import vqa_accuracy
+
+    teacher = bundled.load(spec)
+    out = {}
+    for d, samples in eval_sets.items():
+        answers = []
+        for i in range(0, len(samples), 25):
+            part = samples[i:i + 25]
+            answers += teacher.answer([s.image for s in part], [s.question for s in part])
+        out[d] = sum(vqa_accuracy(a.text, s.answers)
+                     for a, s in zip(answers, samples)) / max(len(samples), 1)
+    return out
+
+
+EVENT_MARKERS = {'shipped': ('^', 'tab:green'), 'refused': ('x', 'tab:red'),
+                 'rollback': ('v', 'tab:purple')}
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Accuracy over time with the update moments, and bytes per round."""
+    """Per domain: the device's held-out accuracy after every round (0: before any), the
+    source-only and teacher references, each round's outcome; bytes per round below."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     rounds = result['rounds']
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), gridspec_kw={'height_ratios': [3, 2]})
-    stream = result['stream']
-    if stream:
-        t = [s['t'] for s in stream]
-        window = 10
-        acc = [sum(s['score'] for s in stream[max(0, i - window + 1):i + 1]) /
-               len(stream[max(0, i - window + 1):i + 1]) for i in range(len(stream))]
-        ax1.plot(t, acc, color='0.6', lw=1, label=f'live questions (rolling {window})')
-    for r in rounds:
-        ax1.plot([r['t_before']], [r['acc_before']], 'o', color='tab:red')
-        ax1.plot([r['t_after']], [r['acc_after']], 'o', color='tab:green')
-        if r.get('t_apply') is not None:
-            ax1.axvline(r['t_apply'], color='tab:blue', ls='--', lw=1)
-            ax1.text(r['t_apply'], 1.02, f"r{r['round']} {r['domain']}", fontsize=8,
-                     ha='center')
-    ax1.plot([], [], 'o', color='tab:red', label='held-out, before the round')
-    ax1.plot([], [], 'o', color='tab:green', label='held-out, after the update')
-    ax1.plot([], [], '--', color='tab:blue', label='update applied on the device')
-    ax1.set_ylim(0, 1.08)
-    ax1.set_xlabel('time (s)')
-    ax1.set_ylabel('device accuracy')
-    ax1.legend(loc='lower right', fontsize=8)
-    idx = range(len(rounds))
+    domains = list(result['before'])
+    n = len(domains)
+    fig = plt.figure(figsize=(2.6 * n, 6.2))
+    grid = fig.add_gridspec(2, n, height_ratios=[3, 2])
+    xs = list(range(len(rounds) + 1))
+    for k, d in enumerate(domains):
+        ax = fig.add_subplot(grid[0, k])
+        ys = [result['before'][d]] + [r['accuracy'][d] for r in rounds]
+        ax.plot(xs, ys, '-', color='tab:blue', lw=1.5, label='device')
+        ax.axhline(result['before'][d], color='0.5', ls=':', lw=1, label='source-only')
+        ax.axhline(result['teacher'][d], color='0.3', ls='--', lw=1, label='teacher')
+        for x, r in zip(xs[1:], rounds):
+            marker, color = EVENT_MARKERS.get(r['outcome'], ('o', 'k'))
+            if r['domain'] == d:
+                ax.axvspan(x - 0.5, x + 0.5, color='0.93', zorder=0)
+            ax.plot([x], [r['accuracy'][d]], marker, color=color, ms=6)
+        ax.set_title(d, fontsize=9)
+        ax.set_ylim(0, 1.05)
+        ax.set_xticks(xs)
+        ax.set_xlabel('round', fontsize=8)
+        if k == 0:
+            ax.set_ylabel('held-out accuracy')
+    handles = [plt.Line2D([], [], color='tab:blue', label='device'),
+               plt.Line2D([], [], color='0.5', ls=':', label='source-only'),
+               plt.Line2D([], [], color='0.3', ls='--', label='teacher')] + [
+        plt.Line2D([], [], marker=m, color=c, ls='', label=name)
+        for name, (m, c) in EVENT_MARKERS.items()]
+    fig.legend(handles=handles, loc='upper center', ncol=6, fontsize=8, frameon=False)
+    ax2 = fig.add_subplot(grid[1, :])
+    idx = range(1, len(rounds) + 1)
     ax2.bar([i - 0.2 for i in idx], [r['uplink_bytes'] for r in rounds], 0.4, label='uplink')
-    ax2.bar([i + 0.2 for i in idx], [r['downlink_bytes'] for r in rounds], 0.4, label='downlink')
-    ax2.set_xticks(list(idx), [f"r{r['round']} {r['domain']}" for r in rounds])
-    ax2.set_yscale('log')
+    ax2.bar([i + 0.2 for i in idx], [r['downlink_bytes'] for r in rounds], 0.4,
+            label='downlink (applied delta)')
+    ax2.set_xticks(list(idx), [f"{i}: {r['domain']}\n{r['outcome']}"
+                               for i, r in zip(idx, rounds)], fontsize=8)
     ax2.set_ylabel('bytes per round')
     ax2.legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def print_table(rounds: list[dict[str, Any]]) -> None:
-    head = ('round', 'domain', 'acc before', 'acc after', 'samples up', 'bytes up',
-            'delta bytes', 'bit/param', 'apply ms')
-    rows = [(str(r['round']), r['domain'], f"{r['acc_before']:.3f}", f"{r['acc_after']:.3f}",
-             str(r['uplink_samples']), str(r['uplink_bytes']), str(r['downlink_bytes']),
-             f"{r['bits_per_param']:.2f}", f"{r['apply_ms']:.1f}") for r in rounds]
+def print_table(result: dict[str, Any]) -> None:
+    domains = list(result['before'])
+    head = ('round', 'camera', 'outcome', *domains, 'up B', 'down B', 'apply ms')
+    rows = [('0', '-', 'source-only', *(f"{result['before'][d]:.2f}" for d in domains), '-',
+             '-', '-')]
+    rows += [(str(r['round']), r['domain'], r['outcome'],
+              *(f"{r['accuracy'][d]:.2f}" for d in domains), str(r['uplink_bytes']),
+              str(r['downlink_bytes']), f"{r['apply_ms']:.1f}" if r['apply_ms'] else '-')
+             for r in result['rounds']]
+    rows.append(('-', '-', 'teacher', *(f"{result['teacher'][d]:.2f}" for d in domains), '-',
+                 '-', '-'))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     print('  '.join(h.rjust(w) for h, w in zip(head, widths)))
     for row in rows:
@@ -230,6 +283,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         'cloud.signing_key': str(work / 'cloud_signing_key.pem'),
         'cloud.round.min_samples': str(args.min_samples), 'cloud.round.max_wait_s': '600.0',
         'cloud.akd.steps': str(args.akd_steps),
+        # --quick checks the plumbing in seconds: every round ships (no gate, a few steps).
+        **({'cloud.guard.gate': 'false', 'cloud.guard.max_steps': '10',
+            'cloud.guard.min_steps': '5', 'cloud.guard.anchor': 'none'} if args.quick else {}),
         'device_bridge.connect': endpoint, 'device_bridge.certs_dir': str(work / 'certs'),
         'device_bridge.spool_dir': str(work / 'spool'),
         'cloud_bridge.connect': endpoint, 'cloud_bridge.certs_dir': str(work / 'certs'),
@@ -243,7 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.update(env)
     plan = [args.domains[i % len(args.domains)] for i in range(args.rounds)]
     world = World(args.seed + 1000)
-    eval_sets = {d: world.samples(d, args.eval_n, image_size=(640, 480)) for d in set(plan)}
+    shown = ['source'] + sorted(set(plan) - {'source'})
+    eval_sets = {d: world.samples(d, args.eval_n, image_size=(640, 480)) for d in shown}
     eval_msgs = {d: [image_to_msg(s.image, 'rgb8', Image) for s in eval_sets[d]]
                  for d in eval_sets}
     log = open(out / 'nodes.log', 'w')
@@ -277,26 +334,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f'device not ready: {response.message}')
             driver.spin_until(lambda: False, 1.0)
-        version = 0
+        result['before'] = evaluate_all(driver, eval_sets, eval_msgs)
+        result['teacher'] = teacher_accuracy(args.teacher, eval_sets)
+        print('held-out accuracy before any round: ' + ', '.join(
+            f'{d} {a:.2f}' for d, a in result['before'].items()))
         for i, domain in enumerate(plan, start=1):
             driver.set_schedule(f'{domain}:100000')
             driver.images.clear()
             if not driver.spin_until(lambda d=domain: driver.latest_frame(d) is not None, 60.0):
                 raise RuntimeError(f'no {domain} frame from the camera')
-            acc_before = evaluate(driver, eval_sets[domain], eval_msgs[domain])
-            t_before = time.monotonic() - t0
-            n_status = len(driver.device_status)
+            n_status, n_cloud = len(driver.device_status), len(driver.cloud_status)
             asked = 0
             bar = tqdm(desc=f'round {i}/{len(plan)} {domain}: live questions', unit='q',
                        leave=False)
             deadline = time.monotonic() + args.round_timeout
 
-            def applied(n=n_status):
-                return any(s.state == 'applied' for s in driver.device_status[n:])
-            while not applied():
+            def outcome(n=n_status, c=n_cloud) -> str | None:
+                """shipped (the device applied it), refused (the gate), rollback, or None."""
+                if any(s.state == 'applied' for s in driver.device_status[n:]):
+                    return 'shipped'
+                if any(s.state == 'rolled_back' for s in driver.device_status[n:]):
+                    return 'rollback'
+                if any(s.state == 'refused' for s in driver.cloud_status[c:]):
+                    return 'refused'
+                return None
+            while outcome() is None:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f'round {i}: no update within {args.round_timeout} s '
-                                       f'after {asked} questions; see {out / "nodes.log"}')
+                    raise RuntimeError(f'round {i}: no round ended within {args.round_timeout} '
+                                       f's after {asked} questions; see {out / "nodes.log"}')
                 frame = driver.latest_frame(domain)
                 if frame is None:
                     driver.spin_until(lambda: False, 0.1)
@@ -311,29 +376,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 bar.update(1)
                 driver.executor.spin_once(timeout_sec=0.0)
             bar.close()
-            t_apply = time.monotonic() - t0
-            status = next(s for s in driver.device_status[n_status:] if s.state == 'applied')
-            driver.spin_until(
-                lambda r=status.round: any(s.round == r for s in driver.cloud_status), 10.0)
-            cloud = next((s for s in driver.cloud_status if s.round == status.round), None)
-            version += 1
-            acc_after = evaluate(driver, eval_sets[domain], eval_msgs[domain])
-            row = {'round': i, 'domain': domain, 'acc_before': acc_before,
-                   'acc_after': acc_after, 'questions_asked': asked,
+            kind = outcome()
+            t_end = time.monotonic() - t0
+            cloud = next((s for s in driver.cloud_status[n_cloud:]
+                          if s.state in ('round_done', 'refused')), None)
+            device = next((s for s in driver.device_status[n_status:]
+                           if s.state in ('applied', 'rolled_back')), None)
+            accuracy = evaluate_all(driver, eval_sets, eval_msgs)
+            row = {'round': i, 'domain': domain, 'outcome': kind, 'accuracy': accuracy,
+                   'questions_asked': asked,
                    'uplink_samples': int(cloud.uplink_samples) if cloud else 0,
                    'uplink_bytes': int(cloud.uplink_bytes) if cloud else 0,
-                   'downlink_bytes': int(status.downlink_bytes),
-                   'bits_per_param': float(status.bits_per_param),
-                   'apply_ms': float(status.apply_ms), 'model_version': status.model_version,
-                   'teacher_agreement_before': float(cloud.accuracy_before) if cloud else None,
-                   'teacher_agreement_after': float(cloud.accuracy_after) if cloud else None,
-                   't_before': t_before, 't_apply': t_apply,
-                   't_after': time.monotonic() - t0}
+                   'downlink_bytes': int(device.downlink_bytes) if kind == 'shipped' else 0,
+                   'bits_per_param': float(device.bits_per_param) if kind == 'shipped' else 0.0,
+                   'apply_ms': float(device.apply_ms) if kind == 'shipped' else 0.0,
+                   'model_version': (device.model_version if device else
+                                     (cloud.model_version if cloud else '')),
+                   'gate': cloud.message if cloud else '', 't_end': t_end}
             result['rounds'].append(row)
-            print(f'round {i} ({domain}): accuracy {acc_before:.3f} -> {acc_after:.3f}, '
+            print(f'round {i} ({domain}): {kind} after {asked} questions, '
                   f'{row["uplink_samples"]} samples / {row["uplink_bytes"]} B up, '
-                  f'{row["downlink_bytes"]} B down ({row["bits_per_param"]:.2f} bit/param), '
-                  f'applied in {row["apply_ms"]:.0f} ms')
+                  f'{row["downlink_bytes"]} B down; held-out ' + ', '.join(
+                      f'{d} {a:.2f}' for d, a in accuracy.items()))
     finally:
         if driver is not None:
             driver.close()
@@ -347,16 +411,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m cdcca_ros.demo', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--rounds', type=int, default=6)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='demo_out')
     parser.add_argument('--domains', default=','.join(DEFAULT_PLAN),
-                        help='drifted domains the camera visits, one per round (cycled)')
+                        help='domains the camera visits, one per round (cycled; revisits '
+                             'show what the device kept)')
     parser.add_argument('--teacher', default='bundled:teacher')
     parser.add_argument('--student', default='bundled:student')
-    parser.add_argument('--eval-n', type=int, default=100, help='held-out samples per domain')
-    parser.add_argument('--min-samples', type=int, default=32,
-                        help='uplinked samples that start a cloud round (the cloud node default)')
+    parser.add_argument('--eval-n', type=int, default=60,
+                        help='held-out samples per domain (every domain after every round)')
+    parser.add_argument('--min-samples', type=int, default=64,
+                        help='uplinked samples that start a cloud round')
     parser.add_argument('--akd-steps', type=int, default=40)
     parser.add_argument('--fps', type=float, default=4.0)
     parser.add_argument('--round-timeout', type=float, default=600.0)
@@ -391,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / 'demo.json').write_text(json.dumps(result, indent=2))
     plot(result, out / 'demo.png')
     print()
-    print_table(result['rounds'])
+    print_table(result)
     print(f'\n{out / "demo.json"}, {out / "demo.png"} ({result["wall_s"]:.0f} s)')
     return 0
 

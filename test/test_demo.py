@@ -12,8 +12,8 @@ import pytest
 pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = {'domain', 'acc_before', 'acc_after', 'uplink_bytes', 'downlink_bytes', 'bits_per_param',
-        'apply_ms'}
+KEYS = {'domain', 'outcome', 'accuracy', 'uplink_bytes', 'downlink_bytes', 'bits_per_param',
+        'apply_ms', 'model_version'}
 
 
 def test_demo_quick_round_writes_json_and_plot(tmp_path):
@@ -28,9 +28,13 @@ def test_demo_quick_round_writes_json_and_plot(tmp_path):
     assert len(result['rounds']) == 1
     row = result['rounds'][0]
     assert KEYS <= set(row)
-    assert 0.0 <= row['acc_before'] <= 1.0 and 0.0 <= row['acc_after'] <= 1.0
+    # Quick mode ships every round (no gate): the whole path ran, the delta was applied.
+    assert row['outcome'] == 'shipped' and row['model_version'] == 'robot1:v1'
+    # Every domain is measured before and after, the source included, and the teacher too.
+    assert set(result['before']) == set(row['accuracy']) == set(result['teacher'])
+    assert 'source' in result['before'] and row['domain'] in result['before']
+    assert all(0.0 <= a <= 1.0 for a in [*row['accuracy'].values(), *result['teacher'].values()])
     assert row['uplink_bytes'] > 0 and row['downlink_bytes'] > 0
     assert row['bits_per_param'] > 0 and row['apply_ms'] > 0
-    assert row['model_version'] == 'v1'
     assert (out / 'demo.png').stat().st_size > 10_000
-    assert 'round' in proc.stdout and 'acc before' in proc.stdout
+    assert 'round' in proc.stdout and 'source-only' in proc.stdout and 'teacher' in proc.stdout

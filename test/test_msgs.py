@@ -67,12 +67,42 @@ def _adaptation_status():
         apply_ms=3.5, losses=[1.0, 0.5, 0.25, 0.125], accuracy_before=0.5, accuracy_after=0.75)
 
 
+def _pulled_tokens():
+    m = _uts_tokens()
+    m.pulled, m.audit, m.kept_indices = True, False, [1, 2]
+    return m
+
+
+def _refused_status():
+    return msg.AdaptationStatus(
+        header=_header('cloud'), device_id='robot1', node='cloud', round=4,
+        state=msg.AdaptationStatus.STATE_REFUSED, message='new data gains +0.0 points',
+        model_version='v3', model_hash='cd' * 32, losses=[1.0, 0.5, 0.25, 0.125],
+        accuracy_before=0.5, accuracy_after=0.5, detail='{"gate":{"ship":false}}')
+
+
+def _token_request():
+    return msg.TokenRequest(header=_header('cloud'), device_id='robot1', request_id='ab12-7',
+                            sample_ids=['robot1-3', 'robot1-9'])
+
+
+def _rollback_order():
+    return msg.RollbackOrder(header=_header('cloud'), device_id='robot1', from_version=3,
+                             from_hash='cd' * 32, to_hash='ab' * 32, new_version=4,
+                             reason='v3 answers 12.0 points worse than v2',
+                             signature=bytes(range(64)))
+
+
 MESSAGES = {
     'Question': _question,
     'Answer': _answer,
     'UtsTokens': _uts_tokens,
+    'PulledUtsTokens': _pulled_tokens,
     'DwcDelta': _dwc_delta,
     'AdaptationStatus': _adaptation_status,
+    'RefusedStatus': _refused_status,
+    'TokenRequest': _token_request,
+    'RollbackOrder': _rollback_order,
 }
 
 
@@ -125,8 +155,11 @@ def test_constants_are_defined():
               msg.UtsTokens.DTYPE_ECQ)
     assert dtypes == PACK_DTYPES
     states = {msg.AdaptationStatus.STATE_ROUND_DONE, msg.AdaptationStatus.STATE_APPLIED,
-              msg.AdaptationStatus.STATE_REJECTED, msg.AdaptationStatus.STATE_ROLLED_BACK}
-    assert len(states) == 4
+              msg.AdaptationStatus.STATE_REJECTED, msg.AdaptationStatus.STATE_ROLLED_BACK,
+              msg.AdaptationStatus.STATE_REFUSED, msg.AdaptationStatus.STATE_ROLLBACK_ORDERED}
+    assert len(states) == 6
+    assert msg.AdaptationStatus.STATE_REFUSED == 'refused'
+    assert msg.AdaptationStatus.STATE_ROLLBACK_ORDERED == 'rollback_ordered'
 
 
 def test_nan_survives_serialization():
@@ -216,3 +249,29 @@ def test_service_call_over_dds(ros_context_pair):
     finally:
         server.destroy_node()
         client_node.destroy_node()
+
+
+def _ask_action_parts():
+    from cdcca_ros.action import Ask
+
+    goal = Ask.Goal(question_id='q-9', question='where is the diamond?', choices=['left'],
+                    use_image=True, image=_image(), no_uplink=True)
+    feedback = Ask.Feedback(step=2, token=' left', token_id=17, probability=0.875,
+                            entropy=0.25, partial_answer='left', final=True)
+    result = Ask.Result(success=True, message='', answer=_answer(), steps=3, cancel_step=0)
+    return goal, feedback, result
+
+
+@pytest.mark.parametrize('part', ['Goal', 'Feedback', 'Result'])
+def test_ask_action_round_trip(part):
+    """The Ask action's goal, feedback and result cross CDR unchanged; the action's own
+    message types (what the feedback topic and the result service carry) do too."""
+    from cdcca_ros.action import Ask
+
+    goal, feedback, result = _ask_action_parts()
+    original = {'Goal': goal, 'Feedback': feedback, 'Result': result}[part]
+    data = serialize_message(original)
+    assert deserialize_message(data, type(original)) == original
+    assert serialize_message(type(original)()) != data
+    wrapped = Ask.Impl.FeedbackMessage(feedback=feedback)
+    assert deserialize_message(serialize_message(wrapped), type(wrapped)) == wrapped

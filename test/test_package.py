@@ -42,13 +42,19 @@ def test_core_never_imports_rclpy():
     """The pure-Python core must stay usable without a ROS graph."""
     code = ('import sys, importlib, pkgutil, cdcca_ros;'
             'names = [m.name for p in ("core", "sim", "transport") '
-            'for m in pkgutil.iter_modules([f"{cdcca_ros.__path__[0]}/{p}"], f"cdcca_ros.{p}.")];'
+            'for m in pkgutil.walk_packages([f"{cdcca_ros.__path__[0]}/{p}"], f"cdcca_ros.{p}.")];'
             '[importlib.import_module(n) for n in names if not n.endswith("__main__")];'
             'print(len(names), "rclpy" in sys.modules)')
     out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     count, has_rclpy = out.stdout.split()
+    # Every module and subpackage of the three packages was imported (an empty list would
+    # prove nothing).
+    roots = [REPO / 'cdcca_ros' / d for d in ('core', 'sim', 'transport')]
+    expected = ([p for r in roots for p in r.rglob('*.py') if p.name != '__init__.py']
+                + [p.parent for r in roots for p in r.rglob('__init__.py') if p.parent != r])
+    assert int(count) == len(expected) >= 20, (count, sorted(str(p) for p in expected))
     assert has_rclpy == 'False'
 
 
@@ -57,3 +63,16 @@ def test_errors_carry_the_hierarchy():
     assert issubclass(errors.SignatureError, errors.WireError)
     assert issubclass(errors.WireError, ValueError)
     assert issubclass(errors.DeviceNotConnectedError, ConnectionError)
+
+
+def test_a_new_home_does_not_rebuild_the_package(tmp_path):
+    """Nodes run from the colcon install: `make run` under another HOME must not rebuild it."""
+    venv = os.environ.get('VIRTUAL_ENV')
+    if not venv or not (REPO / '.colcon' / '.cdcca-build').is_file():
+        pytest.skip('not inside the environment built by tools/setup.sh')
+    env = {**os.environ, 'HOME': str(tmp_path), 'CDCCA_VENV': venv}
+    env.pop('XDG_CACHE_HOME', None)
+    proc = subprocess.run([str(REPO / 'tools' / 'setup.sh')], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert 'building' not in proc.stdout and 'fixing' not in proc.stdout, proc.stdout

@@ -11,8 +11,15 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${CDCCA_VENV:-$ROOT/.venv}
 COLCON_DIR=$ROOT/.colcon
 PYTHON=${PYTHON:-python3}
-# numpy's C headers for CMake, outside the source tree (see tools/fix_cmake_exports.py).
-NUMPY_INCLUDE=${XDG_CACHE_HOME:-$HOME/.cache}/cdcca_ros/numpy-include-$(printf %s "$VENV" | sha256sum | cut -c1-12)
+# numpy's C headers for CMake, outside the source tree (see tools/fix_cmake_exports.py). The
+# folder is chosen once per virtual environment and recorded in it: a later HOME or
+# XDG_CACHE_HOME must not move it, or the package would rebuild under nodes running from it.
+NUMPY_RECORD=$VENV/.cdcca-numpy-include
+if [ -s "$NUMPY_RECORD" ]; then
+  NUMPY_INCLUDE=$(cat "$NUMPY_RECORD")
+else
+  NUMPY_INCLUDE=${XDG_CACHE_HOME:-$HOME/.cache}/cdcca_ros/numpy-include-$(printf %s "$VENV" | sha256sum | cut -c1-12)
+fi
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() {
@@ -80,14 +87,15 @@ if [ ! -f "$VENV/.cdcca-cmakefix" ] || [ ! -f "$NUMPY_INCLUDE/numpy/arrayobject.
   "$VENV/bin/python" "$ROOT/tools/fix_cmake_exports.py" "$VENV" "$NUMPY_INCLUDE" || die "CMake export fix failed"
   touch "$VENV/.cdcca-cmakefix"
 fi
+[ -s "$NUMPY_RECORD" ] || printf '%s\n' "$NUMPY_INCLUDE" >"$NUMPY_RECORD"
 
 # --- 5. colcon build ------------------------------------------------------------------------------
-build_hash=$(cd "$ROOT" && { find msg srv cdcca_ros launch config scripts -type f \
+build_hash=$(cd "$ROOT" && { find msg srv action cdcca_ros launch config scripts -type f \
   ! -name '*.pyc' ! -path '*__pycache__*' 2>/dev/null | LC_ALL=C sort;
   cat package.xml CMakeLists.txt; } | hash_of -)
 # The hash covers the file list (new/removed modules need an install) and the interface and
 # build files; edits inside existing Python files are picked up through --symlink-install.
-build_hash=$(cd "$ROOT" && { echo "$build_hash"; cat msg/* srv/* package.xml CMakeLists.txt; \
+build_hash=$(cd "$ROOT" && { echo "$build_hash"; cat msg/* srv/* action/* package.xml CMakeLists.txt; \
   echo "$req_hash $NUMPY_INCLUDE"; } | hash_of -)
 if [ "$(cat "$COLCON_DIR/.cdcca-build" 2>/dev/null)" != "$build_hash" ]; then
   say "building the package with colcon (messages + Python modules)"

@@ -25,6 +25,20 @@ from cdcca_ros.errors import ConfigError
 
 REPORT_FILE = 'REPORT.md'
 
+USAGE = """usage: python -m cdcca_ros.bench NAME --out FILE.json [--seed S] [--quick] [...]
+       python -m cdcca_ros.bench list
+       python -m cdcca_ros.bench report [--out-dir DIR] [--only a,b] [--no-run] [ARGS...]
+
+Run one benchmark: it prints a table and writes FILE.json (a "summary" with its figures).
+`python -m cdcca_ros.bench NAME --help` lists that bench's own arguments.
+
+  list     the benches and what each measures
+  report   run every bench (each in its own process) into DIR/<name>.json (default
+           bench/results), then write DIR/REPORT.md: every target with its measured figure;
+           further ARGS (--quick, --teacher ...) go to every bench; --no-run only rewrites
+           the report from the JSON files already in DIR
+"""
+
 
 def render_report(records: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown report: one table of every target, then each bench's own table and notes."""
@@ -58,8 +72,9 @@ def render_report(records: Mapping[str, Mapping[str, Any]]) -> str:
 def _report(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog='python -m cdcca_ros.bench report',
                                      description='run every bench and write the report')
-    parser.add_argument('--out-dir', type=Path, default=Path('bench/results'))
-    parser.add_argument('--only', default='', help='comma-separated bench names')
+    parser.add_argument('--out-dir', type=Path, default=Path('bench/results'),
+                        help='where the JSON files and REPORT.md go (default: %(default)s)')
+    parser.add_argument('--only', default='', help='comma-separated bench names (default: all)')
     parser.add_argument('--no-run', action='store_true',
                         help='rewrite the report from the JSON files already in --out-dir')
     args, passthrough = parser.parse_known_args(list(argv))
@@ -93,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help'):
-        print(__doc__)
+        print(USAGE)
         print('benches: ' + ', '.join(BENCHES))
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]

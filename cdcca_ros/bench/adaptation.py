@@ -134,23 +134,39 @@ def add_plan_arguments(parser: argparse.ArgumentParser, rounds: int, stream: int
                         help=f'held-out samples per domain (default {evals}, quick 3)')
     parser.add_argument('--akd-steps', type=int, default=None,
                         help='optimiser steps per round (default: cloud node table; quick 2)')
+    parser.add_argument('--domains', default=None,
+                        help='comma-separated drifted domains (default: '
+                             'cdcca_ros.sim.domains.DRIFTED, quick its first two)')
+    parser.add_argument('--plugin', action='append', default=[], metavar='MODULE|FILE.py',
+                        help='import a module or Python file first (it may register shifts '
+                             'and domains and add them to DRIFTED)')
 
 
 def plan_from_args(ctx: BenchContext, rounds: int, stream: int, evals: int) -> Plan:
     """The plan of a run: the arguments, else the quick or full defaults."""
+    from cdcca_ros.bench.common import load_plugin
     from cdcca_ros.nodes.tables import defaults
-    from cdcca_ros.sim.domains import DRIFTED
+    from cdcca_ros.sim import domains as domain_registry
 
     cloud = defaults('cloud_node')
     a = ctx.args
     q = ctx.quick
+    for plugin in getattr(a, 'plugin', None) or []:
+        load_plugin(plugin)
+    drifted = tuple(domain_registry.DRIFTED)
+    if getattr(a, 'domains', None):
+        drifted = tuple(d.strip() for d in a.domains.split(',') if d.strip())
+        for d in drifted:
+            domain_registry.get_domain(d)  # unknown: a clear error naming the registered ones
+    elif q:
+        drifted = drifted[:2]
     return Plan(seed=ctx.seed, rounds=a.rounds or (2 if q else rounds),
                 stream_per_domain=a.stream_per_domain or (2 if q else stream),
                 eval_per_domain=a.eval_per_domain or (3 if q else evals),
                 akd_steps=a.akd_steps or (2 if q else int(cloud['akd.steps'])),
                 batch_size=4 if q else int(cloud['akd.batch_size']),
                 # Quick: two of the drifted domains (seconds; every code path still runs).
-                domains=tuple(DRIFTED[:2] if q else DRIFTED))
+                domains=drifted)
 
 
 # --- methods ----------------------------------------------------------------------------------
@@ -167,6 +183,9 @@ class Method:
             (as many tokens, chosen at random).
         keep_ratio: Stage-2 keep ratio; None: the device's default.
         lr_scale: TENT only: its learning rate as a multiple of the cloud's AKD rate.
+        labels: Cloud only: ``'teacher'`` pseudo-labels or ``'truth'`` (the oracle).
+        guarded: Cloud only: the guarded round (the default); False: the paper's round.
+        gate: Cloud only, guarded: the update gate and the live audit.
     """
 
     name: str
@@ -176,6 +195,9 @@ class Method:
     stage2: str = 'none'
     keep_ratio: float | None = None
     lr_scale: float = 1.0
+    labels: str = 'teacher'
+    guarded: bool = True
+    gate: bool = True
 
     def __post_init__(self) -> None:
         if self.update not in UPDATES:
@@ -201,7 +223,12 @@ TENT = Method('TENT (device, entropy min.)', 'tent')
 # the cloud's rate is run beside it and the better of the two is the baseline.
 TENT_SLOW = Method('TENT, lr / 10', 'tent', lr_scale=0.1)
 CE_FT = Method('Teacher pseudo-labels, L_CE only', 'cloud', losses='ce')
-CDCCA = Method('CD-CCA (UTS + AKD + DWC)', 'cloud', losses='akd', stage1=True, stage2='uts')
+CDCCA = Method('CD-CCA (UTS + AKD + DWC), guarded', 'cloud', losses='akd', stage1=True,
+               stage2='uts')
+CDCCA_UNGATED = Method('CD-CCA, paper round (ungated)', 'cloud', losses='akd', stage1=True,
+                       stage2='uts', guarded=False, gate=False)
+ORACLE = Method('Oracle (true labels, every sample)', 'cloud', losses='akd', labels='truth',
+                gate=False)
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -224,9 +251,10 @@ class RoundRecord:
         agreement_before: Cloud only: share of the round's samples where the student's
             answer equals the teacher's pseudo-label before the round's training ...
         agreement_after: ... and after it (how well the trainable set fits the labels).
-        label_accuracy: Cloud only: VQA accuracy (%) of the teacher's answers from what was
-            uplinked (the pseudo-labels' quality), against the samples' ground truth.
+        label_accuracy: Cloud only: VQA accuracy (%) of the labels the cloud trains on (the
+            teacher's answers from what was uplinked, pulls included), against the truth.
         train_s: Wall time of the update (cloud round or device adaptation).
+        outcome: Cloud only: ``shipped`` or ``refused`` (the update gate), '' otherwise.
     """
 
     round: int
@@ -244,6 +272,7 @@ class RoundRecord:
     agreement_after: float | None = None
     label_accuracy: float | None = None
     train_s: float = 0.0
+    outcome: str = ''
 
 
 def drifted_mean(accuracy: Mapping[str, Mapping[str, float]], domains: Sequence[str],
@@ -350,6 +379,27 @@ def score(model: MLLM, tokens: Tensor, samples: Sequence[Sample],
                 hit = float(int(np.argmax(r.step_probs[0][ids])) == s.answer_index)
             mc.append(100.0 * hit)
     return {'da': np.asarray(da), 'mc': np.asarray(mc)}
+
+
+def score_as_answered(answerer: Any, tokens: Tensor, samples: Sequence[Sample],
+                      max_new_tokens: int) -> dict[str, np.ndarray]:
+    """:func:`score` of what answers on the device: a :class:`DeviceRuntime` answers each frame
+    with the update where its coverage says so and with the shipped model elsewhere
+    (:meth:`DeviceRuntime.routes`); a model answers everything itself."""
+    routes = getattr(answerer, 'routes', None)
+    if routes is None:
+        answerer.torch_model.eval()
+        return score(answerer, tokens, samples, max_new_tokens)
+    mask, adapted, shipped = routes(tokens)
+    out = {'da': np.zeros(len(samples)), 'mc': np.zeros(len(samples))}
+    for model, rows in ((adapted, np.flatnonzero(mask)), (shipped, np.flatnonzero(~mask))):
+        if not len(rows):
+            continue
+        model.torch_model.eval()
+        part = score(model, tokens[rows], [samples[int(i)] for i in rows], max_new_tokens)
+        for key in out:
+            out[key][rows] = part[key]
+    return out
 
 
 Scores = dict[str, dict[str, np.ndarray]]
@@ -474,6 +524,9 @@ class Experiment:
         self.progress = progress
         self.device_params = device_params()
         self.cloud_params = defaults('cloud_node')
+        if ctx.quick:  # every code path, in seconds
+            self.cloud_params.update({'guard.max_steps': 4, 'guard.min_steps': 2,
+                                      'guard.anchor': 'none'})
         self.max_new_tokens = int(self.device_params['max_new_tokens'])
         world = World(plan.seed)
         # The frames are rendered at the size the model takes (it would resize a camera
@@ -515,11 +568,12 @@ class Experiment:
                     for d, samples in self.eval_sets.items()}
         return self._eval_tokens
 
-    def evaluate(self, model: MLLM, domains: Sequence[str] | None = None) -> Scores:
-        """Per-sample DA/MC of ``model`` on the held-out samples of ``domains`` (all)."""
-        tokens = self._eval_tokens_of(model)
-        model.torch_model.eval()
-        return {d: score(model, tokens[d], self.eval_sets[d], self.max_new_tokens)
+    def evaluate(self, answerer: Any, domains: Sequence[str] | None = None) -> Scores:
+        """Per-sample DA/MC on the held-out samples of ``domains`` (all) of a model, or of a
+        :class:`DeviceRuntime` as it answers (see :func:`score_as_answered`)."""
+        tokens = self._eval_tokens_of(getattr(answerer, 'model', answerer))
+        return {d: score_as_answered(answerer, tokens[d], self.eval_sets[d],
+                                     self.max_new_tokens)
                 for d in (domains or self.eval_domains)}
 
     def baseline(self) -> Scores:
@@ -617,7 +671,7 @@ class Experiment:
                             if any(x.label_accuracy is not None for x in recs) else None),
             train_s=sum(x.train_s for x in recs))
 
-    def _scored(self, model: MLLM, domain: str, last: bool) -> tuple[dict[str, Any], Scores]:
+    def _scored(self, model: Any, domain: str, last: bool) -> tuple[dict[str, Any], Scores]:
         """The task's domain scores (and the source's after the last round)."""
         domains = [domain] + ([self.source] if last and self.source else [])
         scores = self.evaluate(model, domains)
@@ -661,98 +715,90 @@ class Experiment:
             self._keys = generate_keypair()
         return self._keys
 
-    def _label_accuracy(self, sent: Sequence[tuple[Tensor, Tensor | None, Sample]]
-                        ) -> float | None:
-        """VQA accuracy (%) of the teacher's answers from the uplinked tokens: what the
-        cloud's pseudo-labels are worth (the cloud labels the same tokens the same way)."""
-        import torch
-
-        from cdcca_ros.sim.scoring import vqa_accuracy
-
-        if not sent:
-            return None
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for i, (tokens, indices, _) in enumerate(sent):
-            groups.setdefault((int(tokens.shape[0]), indices is None), []).append(i)
-        total = 0.0
-        with torch.no_grad():
-            for (_, whole), rows in groups.items():
-                for start in range(0, len(rows), EVAL_BATCH):
-                    part = [sent[i] for i in rows[start:start + EVAL_BATCH]]
-                    results = self.teacher.answer_from_tokens(
-                        torch.stack([t for t, _, _ in part]),
-                        None if whole else torch.stack([ix for _, ix, _ in part]),
-                        [x.question for _, _, x in part], max_new_tokens=self.max_new_tokens)
-                    total += sum(vqa_accuracy(res.text, x.answers)
-                                 for res, (_, _, x) in zip(results, part, strict=True))
-        return 100.0 * total / len(sent)
-
     def _run_cloud(self, method: Method, domain: str) -> list[tuple[RoundRecord, Scores]]:
+        """The device answers each round's stream, uplinks what the method says, and at the
+        end of the stream the cloud runs its round (with the guard's audit, token pulls and
+        gate unless the method says otherwise) and the device applies what ships."""
+        from cdcca_ros.bench.stream import DEVICE_ID as ROBOT
+        from cdcca_ros.bench.stream import Robot
         from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
+        from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
         from cdcca_ros.core.device_runtime import DeviceRuntime
-        from cdcca_ros.core.uts import UtsPipeline, pack_tokens, unpack_tokens, uplink_bytes
+        from cdcca_ros.core.entropy_guard import EntropyGuardConfig
+        from cdcca_ros.core.rounds.anchor import resolve_anchor
+        from cdcca_ros.core.rounds.config import GuardConfig
+        from cdcca_ros.core.uts import TokenRing, UtsPipeline
+        from cdcca_ros.models import bundled
 
         private, public = self._keypair()
-        p = self.cloud_params
-        device = DeviceRuntime(self.ctx.models.student(), DEVICE_ID, public,
-                               max_new_tokens=self.max_new_tokens)
-        cloud = CloudRuntime(self.teacher, self.ctx.models.student(), private, CloudConfig(
-            min_samples=1, akd=self._akd_config(method.losses), codec=p['dwc.codec'],
-            budget_bytes=p['dwc.budget_bytes']))
+        d = self.device_params
+        cfg = CloudConfig.from_params(self.cloud_params)
+        cfg.min_samples = 1
+        cfg.akd = self._akd_config(method.losses)
+        if not method.guarded:
+            cfg.guard = GuardConfig.plain(self.plan.akd_steps)
+        elif not method.gate:
+            cfg.guard = cfg.guard.with_(gate=cfg.guard.gate.__class__(enabled=False),
+                                        audit=cfg.guard.audit.__class__(enabled=False))
+        anchor = (resolve_anchor(cfg.guard.anchor, bundled.resolve(self.ctx.models.spec(
+            'student'))) if cfg.guard.enabled else None)
+        cloud = CloudRuntime(self.teacher, self.ctx.models.student(), private, cfg,
+                             anchor=anchor)
+        guard = EntropyGuardConfig.from_params(d) if method.guarded else None
+        device = DeviceRuntime(self.ctx.models.student(), ROBOT, public,
+                               max_new_tokens=self.max_new_tokens, entropy_guard=guard,
+                               coverage=(CoverageConfig.from_params(d) if method.guarded
+                                         else None),
+                               anchor_tokens=anchor_tokens_of(bundled.resolve(
+                                   self.ctx.models.spec('student'))))
         space = device.model.vision_space()
-        overrides: dict[str, Any] = {}
+        overrides: dict[str, Any] = {'audit_seed': self.plan.seed}
         if method.keep_ratio is not None:
             overrides['keep_ratio'] = method.keep_ratio
         if not method.stage1:
             # top_fraction 1.0 passes every sample (nothing ranks above the newcomer).
             overrides.update(stage1_mode='top_fraction', stage1_fraction=1.0)
-        cfg = device_uts_config(**overrides)
+        if not method.guarded or method.stage2 == 'none':
+            overrides['audit_fraction'] = 0.0
         features = (random_features(self.plan.seed) if method.stage2 == 'random'
                     else device.mc_token_features)
-        pipeline = UtsPipeline(cfg, features, has_cls=space.has_cls)
+        pipeline = UtsPipeline(device_uts_config(**overrides), features, has_cls=space.has_cls)
+        uplink = ('uts' if method.stage2 != 'none' else 'stage1' if method.stage1 else 'all')
+        robot = Robot(device, pipeline, TokenRing(int(d['uts.ring_samples'])), cloud,
+                      uplink=uplink)
         out = []
+        t = 0
         for r, stream in enumerate(self.streams[domain]):
-            up_bytes = 0
-            kept_counts = []
-            sent: list[tuple[Tensor, Tensor | None, Sample]] = []
+            before = dict(robot.counts)
+            hits = len(robot.label_hits)
             for s in stream:
-                answered = device.answer(s.image, s.question)
-                if method.stage2 == 'none':
-                    if not pipeline.selector.offer(answered.entropy_mean):
-                        continue
-                    packed = pack_tokens(answered.tokens.detach().cpu(), cfg.pack_dtype)
-                    indices = None
-                    # All tokens in order: no kept_indices travel.
-                    up_bytes += uplink_bytes(len(packed.data), len(packed.scale), 0)
-                else:
-                    result = pipeline.process(answered.step_probs, answered.tokens)
-                    if result is None:
-                        continue
-                    packed, indices = result.packed, result.kept_indices
-                    up_bytes += result.uplink_bytes
-                kept_counts.append(packed.shape[0])
-                tokens = unpack_tokens(packed)
-                sent.append((tokens, indices, s))
-                cloud.add_sample(DEVICE_ID, tokens, indices, s.question, space.num_tokens,
-                                 space.dim)
+                t += 1
+                robot.answer(s, f'{domain}-{t}', now=float(t), truth=method.labels == 'truth')
             t0 = time.perf_counter()
-            result = cloud.run_round(DEVICE_ID) if kept_counts else None
+            events = robot.round()
+            result = next((res for _, res in events if res is not None), None)
+            delta = {k: robot.counts[k] - before[k] for k in robot.counts}
+            kept = [rec.num_kept for rec in cloud.device(ROBOT).memory.select()
+                    if rec.sample_id.startswith(f'{domain}-')][-max(1, delta['uplinked']):]
+            new_hits = robot.label_hits[hits:]
             record = RoundRecord(round=r + 1, accuracy={}, offered=len(stream),
-                                 uplinked=len(kept_counts), uplink_bytes=up_bytes,
-                                 kept_tokens=(float(np.mean(kept_counts)) if kept_counts
-                                              else None),
-                                 label_accuracy=self._label_accuracy(sent))
+                                 uplinked=delta['uplinked'],
+                                 uplink_bytes=delta['uplink_bytes'] + delta['pull_bytes'],
+                                 kept_tokens=float(np.mean(kept)) if kept else None,
+                                 label_accuracy=(100.0 * float(np.mean(new_hits))
+                                                 if new_hits else None))
             if result is not None:
-                device.apply(result.envelope)
-                record.downlink_bytes = len(result.envelope.payload)
-                record.delta_bits_per_param = result.stats.bits_per_param
+                record.downlink_bytes = delta['downlink_bytes']
+                record.delta_bits_per_param = (result.stats.bits_per_param
+                                               if result.shipped and result.stats else None)
                 record.trained_samples = result.samples
                 record.loss_first = result.losses[0] if result.losses else None
                 record.loss_last = result.losses[-1] if result.losses else None
                 record.agreement_before = result.agreement_before
                 record.agreement_after = result.agreement_after
+                record.outcome = result.outcome
             record.train_s = time.perf_counter() - t0
-            record.accuracy, scores = self._scored(device.model, domain,
+            record.accuracy, scores = self._scored(device, domain,
                                                    r == len(self.streams[domain]) - 1)
             out.append((record, scores))
         return out

@@ -52,6 +52,11 @@ BENCHES: dict[str, str] = {
     'table3': 'cdcca_ros.bench.table3',
     'table4': 'cdcca_ros.bench.table4',
     'table5': 'cdcca_ros.bench.table5',
+    # Continual adaptation over a long stream with revisits (the guarded round).
+    'continual': 'cdcca_ros.bench.continual',
+    # Reliability (issue 16): hostile input at volume, and hours of running.
+    'fuzz': 'cdcca_ros.bench.fuzz',
+    'soak': 'cdcca_ros.bench.soak',
 }
 
 TINY_SPEC = 'tiny'
@@ -360,6 +365,33 @@ def target_rows(targets: Sequence[Target], summary: Mapping[str, Any]
             for t in targets]
 
 
+# --- plug-ins ----------------------------------------------------------------------------------
+def load_plugin(spec: str) -> ModuleType:
+    """Import a module by name, or a Python file by path (for shifts and domains registered
+    from outside the package).
+
+    Raises:
+        ConfigError: It cannot be found or imported.
+    """
+    import importlib.util
+
+    path = Path(spec)
+    try:
+        if spec.endswith('.py') or path.is_file():
+            if not path.is_file():
+                raise ConfigError(f'plug-in file {spec!r} does not exist')
+            module_spec = importlib.util.spec_from_file_location(f'cdcca_plugin_{path.stem}',
+                                                                 path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(spec)
+    except ImportError as err:
+        raise ConfigError(f'cannot import plug-in {spec!r}: {err}') from err
+
+
 # --- running ---------------------------------------------------------------------------------
 def load_bench(name: str) -> ModuleType:
     """The module of bench ``name``.
@@ -391,6 +423,15 @@ def make_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     return parser
 
 
+def restore_environ(saved: Mapping[str, str]) -> None:
+    """Make ``os.environ`` equal to ``saved`` again (set, changed and removed variables)."""
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 def run_bench(name: str, argv: Sequence[str]) -> dict[str, Any]:
     """Parse ``argv``, run bench ``name``, print its tables and write its JSON record.
 
@@ -402,6 +443,9 @@ def run_bench(name: str, argv: Sequence[str]) -> dict[str, Any]:
     if args.seed < 0 or args.threads < 1:
         raise ConfigError(f'--seed must be >= 0 and --threads >= 1, got {args.seed}, '
                           f'{args.threads}')
+    # A bench never changes its caller's environment (a test process runs benches in itself):
+    # everything set below or by the bench (ROS domain, DDS profile...) is undone after it.
+    saved_env = dict(os.environ)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
     os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
@@ -423,6 +467,7 @@ def run_bench(name: str, argv: Sequence[str]) -> dict[str, Any]:
             result: BenchResult = module.run(ctx)
     finally:
         torch.set_num_threads(threads_before)
+        restore_environ(saved_env)
     duration = time.perf_counter() - t0
     targets = target_rows(module.TARGETS, result.summary)
     record = {
@@ -482,7 +527,8 @@ def device_uts_config(**overrides: Any) -> Any:
                     stage1_threshold=p['uts.entropy_threshold'],
                     stage1_fraction=p['uts.top_fraction'], stage1_window=p['uts.window'],
                     stage2_mode=p['uts.stage2_mode'], beta=p['uts.beta'],
-                    keep_ratio=p['uts.keep_ratio'], pack_dtype=p['uts.pack_dtype'])
+                    keep_ratio=p['uts.keep_ratio'], pack_dtype=p['uts.pack_dtype'],
+                    audit_fraction=p['uts.audit_fraction'])
     return replace(cfg, **overrides)
 
 

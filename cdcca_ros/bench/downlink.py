@@ -325,6 +325,7 @@ def run(ctx: BenchContext) -> BenchResult:
     from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
     from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
     from cdcca_ros.core.refit import RefitConfig
+    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.errors import PayloadTooLargeError
     from cdcca_ros.nodes.tables import defaults
@@ -361,7 +362,7 @@ def run(ctx: BenchContext) -> BenchResult:
     teacher = ctx.models.teacher()
     cloud = CloudRuntime(teacher, ctx.models.student(), private, CloudConfig(
         min_samples=len(uplinked), akd=akd, codec='sparse', budget_bytes=budget_1bit,
-        refit=refit_cfg, refit_min_error=0.0))
+        refit=refit_cfg, refit_min_error=0.0, guard=GuardConfig.plain(akd.steps)))
     space = cloud.space
     for tokens, kept, question in uplinked:
         cloud.add_sample('robot1', tokens, kept, question, space.num_tokens, space.dim)

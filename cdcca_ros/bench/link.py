@@ -264,16 +264,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _isolate_ros(domain_id: int | None) -> int:
-    """Own domain id and localhost-only discovery, set before any rclpy context starts (the
-    receiving process inherits them)."""
-    did = domain_id if domain_id is not None else 140 + os.getpid() % 90
-    os.environ['ROS_DOMAIN_ID'] = str(did)
-    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    os.environ.pop('ROS_STATIC_PEERS', None)
-    return did
-
-
 class _Child:
     """A Python subprocess whose stdout lines are read by a thread (JSON ones parsed)."""
 
@@ -444,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--sizes', default=None,
                         help='comma-separated size names (default all; quick: ~2KB,uts)')
     parser.add_argument('--domain-id', type=int, default=None,
-                        help='ROS_DOMAIN_ID (default: 140 + pid %% 90)')
+                        help='ROS_DOMAIN_ID (default: a free one in 1..101)')
 
 
 def _burst_count(wire_bytes: int, max_burst: int) -> int:
@@ -492,8 +482,15 @@ def _measure_throughput(sender: _Sender, receipts: _Receipts, msg: Any, count: i
 
 
 def run(ctx: BenchContext) -> BenchResult:
-    """Measure and summarise (see the module docstring)."""
-    domain_id = _isolate_ros(ctx.args.domain_id)
+    """Measure and summarise (see the module docstring), in a ROS domain of the bench's own
+    (the receiving process inherits it); the caller's environment is restored after."""
+    from cdcca_ros.nodes.ros_domain import isolated_ros_env
+
+    with isolated_ros_env(ctx.args.domain_id) as domain_id:
+        return _run(ctx, domain_id)
+
+
+def _run(ctx: BenchContext, domain_id: int) -> BenchResult:
     import rclpy
     from rclpy.serialization import serialize_message
 

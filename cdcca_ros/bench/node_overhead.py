@@ -36,8 +36,9 @@ check, Answer published, annotated image when watched); on a one-thread executor
 is a task of that executor, run right after the response is sent.
 
 Also measured: ``ask`` with the frame inside the request (``use_image``: 921,600 bytes more per
-call on DDS). Traffic stays on this machine: a domain id of its own, localhost-only discovery,
-and the nodes' Fast DDS profile for this process too (it publishes the frames).
+call on DDS). Traffic stays on this machine: a domain id of its own (``--domain-id``, else a
+free one in 1..101), localhost-only discovery, and the nodes' Fast DDS profile for this
+process too (it publishes the frames); the caller's environment is restored afterwards.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--samples', type=int, default=None,
                         help='timed samples per mode (default 100, quick 4)')
     parser.add_argument('--domain-id', type=int, default=None,
-                        help='ROS_DOMAIN_ID (default: 120 + pid %% 100)')
+                        help='ROS_DOMAIN_ID (default: a free one in 1..101)')
     parser.add_argument('--modes', default='process,inprocess,floor,larger',
                         help='set-ups to measure (see the module docstring); the first gives '
                              'the summary figure')
@@ -102,19 +103,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--floor-ms', default='30,100',
                         help='floor mode: handler times (ms) measured besides the direct '
                              'answer time, comma-separated')
-
-
-def _isolate_ros(domain_id: int | None) -> int:
-    """Own domain id and localhost-only discovery, set before any rclpy context starts."""
-    did = domain_id if domain_id is not None else 120 + os.getpid() % 100
-    os.environ['ROS_DOMAIN_ID'] = str(did)
-    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    os.environ.pop('ROS_STATIC_PEERS', None)
-    # The client publishes 640x480 frames, as the camera node does: same Fast DDS profile.
-    from cdcca_ros.nodes.dds_profile import use_dds_profile
-
-    use_dds_profile()
-    return did
 
 
 class _Client:
@@ -574,7 +562,19 @@ def run(ctx: BenchContext) -> BenchResult:
     if executor_kind not in executors:
         raise ConfigError(f'--executor: unknown executor {executor_kind!r}; known: '
                           f'{", ".join(executors)}')
-    domain_id = _isolate_ros(ctx.args.domain_id)
+    from cdcca_ros.nodes.dds_profile import use_dds_profile
+    from cdcca_ros.nodes.ros_domain import isolated_ros_env
+
+    # The graphs run in a domain of the bench's own, set in this process's environment (rclpy
+    # reads it at init, the node and worker processes inherit it) and restored after.
+    with isolated_ros_env(ctx.args.domain_id) as domain_id:
+        # The client publishes 640x480 frames, as the camera node does: same Fast DDS profile.
+        use_dds_profile()
+        return _run(ctx, modes, executor_kind, domain_id)
+
+
+def _run(ctx: BenchContext, modes: list[str], executor_kind: str,
+         domain_id: int) -> BenchResult:
     import rclpy
 
     from cdcca_ros.core.device_runtime import DeviceRuntime

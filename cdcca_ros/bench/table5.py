@@ -166,6 +166,7 @@ def run(ctx: BenchContext) -> BenchResult:
     from cdcca_ros.core.akd import AKDConfig
     from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
     from cdcca_ros.core.device_runtime import DeviceRuntime
+    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.uts import UtsPipeline, unpack_tokens
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.nodes.tables import defaults
@@ -225,7 +226,8 @@ def run(ctx: BenchContext) -> BenchResult:
             lambda_query=cloud_p['akd.lambda_query'], lambda_repr=cloud_p['akd.lambda_repr'],
             lambda_ce=cloud_p['akd.lambda_ce'], lr=cloud_p['akd.lr'], steps=steps,
             batch_size=batch, seed=ctx.seed),
-        codec=cloud_p['dwc.codec'], budget_bytes=cloud_p['dwc.budget_bytes']))
+        codec=cloud_p['dwc.codec'], budget_bytes=cloud_p['dwc.budget_bytes'],
+        guard=GuardConfig.plain(steps)))
     for tokens, kept, question in uplinked:
         cloud.add_sample(DEVICE_ID, tokens, kept, question, space.num_tokens, space.dim)
     round_result = cloud.run_round(DEVICE_ID)

@@ -3,78 +3,58 @@
 The functions work on message-like objects: a raw image has ``height``, ``width``,
 ``encoding``, ``is_bigendian``, ``step`` and ``data`` (``sensor_msgs/Image``); a compressed one
 has ``format`` and ``data`` (``sensor_msgs/CompressedImage``). Messages are built through a
-``factory`` argument, so a node passes ``sensor_msgs.msg.Image`` and a test passes a small
-class of its own.
+``factory`` argument, so a node passes ``sensor_msgs.msg.Image`` and a test may pass a class of
+its own.
 
 Every message is validated before anything is decoded (encoding known, step large enough and
-aligned, data exactly ``step * height`` bytes, compressed bytes of the declared format), and
-every problem raises :class:`~cdcca_ros.errors.ImageConversionError` naming the bad values.
-When ROS 2 ``cv_bridge`` imports, decoding of raw messages goes through it (after the same
-validation); otherwise a small NumPy/OpenCV path of our own does it. Encoding into messages is
-always ours, because cv_bridge can only build ``sensor_msgs`` classes, not the factory's.
+aligned, data exactly ``step * height`` bytes, ``is_bigendian`` 0 or 1, compressed bytes of the
+declared format), and every problem raises :class:`~cdcca_ros.errors.ImageConversionError`
+naming the bad values. The encodings are those ROS 2's ``cv_bridge`` reads, converted with the
+same OpenCV codes (:mod:`cdcca_ros.camera.encodings`), here without cv_bridge, which the PyPI
+ROS 2 wheels do not have.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
+from cdcca_ros.camera.encodings import (
+    GENERIC_DEPTHS,
+    NAMED,
+    Encoding,
+    array_shape,
+    check_conversion,
+    convert,
+    lookup,
+)
 from cdcca_ros.errors import ImageConversionError
 
-
-@dataclass(frozen=True)
-class _Encoding:
-    channels: int
-    dtype: np.dtype
-
-
-ENCODINGS: dict[str, _Encoding] = {
-    'rgb8': _Encoding(3, np.dtype(np.uint8)),
-    'bgr8': _Encoding(3, np.dtype(np.uint8)),
-    'mono8': _Encoding(1, np.dtype(np.uint8)),
-    '16UC1': _Encoding(1, np.dtype(np.uint16)),
-    'mono16': _Encoding(1, np.dtype(np.uint16)),
-}
-"""Raw encodings understood, with their channel count and element type."""
+ENCODINGS: dict[str, Encoding] = {
+    **NAMED, **{f'{depth}C{n}': lookup(f'{depth}C{n}') for depth in GENERIC_DEPTHS
+                for n in range(1, 5)}}
+"""Every raw encoding understood (by name), with its channel count and element type."""
 
 COMPRESSED_FORMATS = ('jpeg', 'png')
 """Compressed formats understood (``jpg`` is accepted as a spelling of ``jpeg``)."""
 
 _MAGIC = {'jpeg': b'\xff\xd8\xff', 'png': b'\x89PNG\r\n\x1a\n'}
+#: Largest compressed image decoded (the camera node's largest frame): a header claiming more
+#: is refused before OpenCV allocates for it.
+MAX_COMPRESSED_PIXELS = 8192 * 8192
 _COLOUR = ('rgb8', 'bgr8', 'mono8')
 _DEPTH = ('16UC1', 'mono16')
 
 
-@functools.lru_cache(maxsize=1)
-def _bridge() -> Any | None:
-    """A CvBridge instance when ROS 2 cv_bridge imports, else None."""
-    try:
-        from cv_bridge import CvBridge  # noqa: PLC0415 - optional, ROS installs only
-    except ImportError:
-        return None
-    return CvBridge()
-
-
-def have_cv_bridge() -> bool:
-    """True when ROS 2 cv_bridge is importable and used for decoding."""
-    return _bridge() is not None
-
-
-def _check_encoding(encoding: object, what: str = 'encoding') -> _Encoding:
-    if not isinstance(encoding, str) or encoding not in ENCODINGS:
-        raise ImageConversionError(
-            f'unknown {what} {encoding!r}; supported: {", ".join(ENCODINGS)}')
-    return ENCODINGS[encoding]
+def _check_encoding(encoding: object, what: str = 'encoding') -> Encoding:
+    return lookup(encoding, what)
 
 
 def _check_array(image: object, encoding: str) -> np.ndarray:
-    """Check that ``image`` can be stored as ``encoding``; return it as HxWxC."""
+    """Check that ``image`` can be stored as ``encoding``; return it as HxW[xC]."""
     spec = _check_encoding(encoding)
     if not isinstance(image, np.ndarray):
         raise ImageConversionError(
@@ -84,11 +64,10 @@ def _check_array(image: object, encoding: str) -> np.ndarray:
             f'encoding {encoding!r} needs dtype {spec.dtype}, got {image.dtype}')
     if spec.channels == 1 and image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    expected = 'HxWx3' if spec.channels == 3 else 'HxW'
-    if (spec.channels == 3 and (image.ndim != 3 or image.shape[2] != 3)) \
+    if (spec.channels > 1 and (image.ndim != 3 or image.shape[2] != spec.channels)) \
             or (spec.channels == 1 and image.ndim != 2):
         raise ImageConversionError(
-            f'encoding {encoding!r} needs a {expected} array, got shape {image.shape}')
+            f'encoding {encoding!r} needs a {spec.shape_text} array, got shape {image.shape}')
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ImageConversionError(f'image is empty: shape {image.shape}')
     if not image.flags.c_contiguous:
@@ -103,7 +82,8 @@ def image_to_msg(image: np.ndarray, encoding: str, factory: Callable[[], Any], *
     """Build a raw image message (``sensor_msgs/Image`` shape) from an array.
 
     Args:
-        image: HxWx3 uint8 for rgb8/bgr8, HxW uint8 for mono8, HxW uint16 for 16UC1/mono16.
+        image: an array of the encoding's shape and type (HxWx3 uint8 for rgb8/bgr8, HxWx4
+            for rgba8, HxWx2 uint8 for yuv422, HxW uint16 for mono16/16UC1, ...).
         encoding: one of :data:`ENCODINGS`; the array is stored as is, not converted.
         factory: makes an empty message, e.g. ``sensor_msgs.msg.Image``.
         header: set as ``msg.header`` when given.
@@ -117,7 +97,7 @@ def image_to_msg(image: np.ndarray, encoding: str, factory: Callable[[], Any], *
     msg.height = int(image.shape[0])
     msg.width = int(image.shape[1])
     msg.encoding = encoding
-    msg.is_bigendian = int(spec.dtype.itemsize > 1 and sys.byteorder == 'big')
+    msg.is_bigendian = int(spec.dtype.itemsize > 1 and spec.dtype.byteorder == '>')
     msg.step = int(image.shape[1] * spec.channels * spec.dtype.itemsize)
     msg.data = image.tobytes()
     if header is not None:
@@ -179,67 +159,31 @@ def _raw_array(msg: Any) -> tuple[np.ndarray, str]:
             f'{step * height} for a {width}x{height} {encoding!r} image')
     rows = np.frombuffer(data, dtype=np.uint8).reshape(height, step)[:, :row]
     dtype = spec.dtype.newbyteorder('>' if bigendian else '<')
-    image = rows.view(dtype).reshape(
-        (height, width, spec.channels) if spec.channels == 3 else (height, width))
+    image = rows.view(dtype).reshape(array_shape(spec, height, width))
     # A copy in native byte order: never a view into the message's buffer.
     return np.ascontiguousarray(image.astype(spec.dtype, copy=True)), encoding
 
 
-def _check_conversion(source: str, desired: str) -> None:
-    """Colour encodings convert into each other, depth only into depth."""
-    if desired in ('passthrough', source):
-        return
-    _check_encoding(desired, 'desired encoding')
-    if (source in _DEPTH) != (desired in _DEPTH):
-        raise ImageConversionError(
-            f'cannot convert {source!r} to {desired!r}: depth converts only to '
-            f'{"/".join(_DEPTH)} or passthrough, colour only to {"/".join(_COLOUR)}')
-
-
-def _convert(image: np.ndarray, source: str, desired: str) -> np.ndarray:
-    """Convert between the colour encodings; depth only passes through."""
-    _check_conversion(source, desired)
-    if desired == 'passthrough' or source == desired or source in _DEPTH:
-        return image
-    codes = {
-        ('rgb8', 'bgr8'): cv2.COLOR_RGB2BGR, ('bgr8', 'rgb8'): cv2.COLOR_BGR2RGB,
-        ('rgb8', 'mono8'): cv2.COLOR_RGB2GRAY, ('bgr8', 'mono8'): cv2.COLOR_BGR2GRAY,
-        ('mono8', 'rgb8'): cv2.COLOR_GRAY2RGB, ('mono8', 'bgr8'): cv2.COLOR_GRAY2BGR,
-    }
-    return np.ascontiguousarray(cv2.cvtColor(image, codes[(source, desired)]))
-
-
-def msg_to_image(msg: Any, desired_encoding: str = 'passthrough', *,
-                 use_cv_bridge: bool | None = None) -> np.ndarray:
+def msg_to_image(msg: Any, desired_encoding: str = 'passthrough') -> np.ndarray:
     """Decode a raw image message into a new C-contiguous array.
 
     Args:
         msg: object with height, width, encoding, is_bigendian, step, data.
-        desired_encoding: 'passthrough' or one of :data:`ENCODINGS`; colour encodings convert
-            into each other, depth only into depth.
-        use_cv_bridge: force (True) or avoid (False) cv_bridge; None uses it when it imports.
+        desired_encoding: 'passthrough' or an encoding to convert to (the conversions
+            cv_bridge makes; see :mod:`cdcca_ros.camera.encodings`).
 
     Raises:
         ImageConversionError: the message is malformed or cannot be converted as asked.
     """
+    encoding = _field(msg, 'encoding')
+    check_conversion(encoding, desired_encoding)  # before decoding anything
     image, encoding = _raw_array(msg)
-    bridge = _bridge() if use_cv_bridge is not False else None
-    if use_cv_bridge and bridge is None:
-        raise ImageConversionError('use_cv_bridge=True but cv_bridge does not import')
-    if bridge is not None:
-        _check_conversion(encoding, desired_encoding)  # the same rules on both paths
-        try:
-            out = bridge.imgmsg_to_cv2(msg, desired_encoding=desired_encoding)
-        except Exception as err:  # noqa: BLE001 - CvBridgeError and cv2.error alike
-            raise ImageConversionError(
-                f'cv_bridge could not convert {encoding!r} to {desired_encoding!r}: '
-                f'{err}') from err
-        return np.array(out, copy=True, order='C')
-    return _convert(image, encoding, desired_encoding)
+    return np.ascontiguousarray(convert(image, encoding, desired_encoding))
 
 
 def msg_to_rgb(msg: Any) -> np.ndarray:
-    """Decode an rgb8/bgr8/mono8 message into an HxWx3 uint8 RGB array."""
+    """Decode a colour, mono, Bayer or YUV message (or a generic 8UC1/8UC3/8UC4, read as
+    mono8/bgr8/bgra8) into an HxWx3 uint8 RGB array."""
     return msg_to_image(msg, 'rgb8')
 
 
@@ -267,7 +211,8 @@ def image_to_compressed(image: np.ndarray, fmt: str, factory: Callable[[], Any],
         image: array stored as ``encoding`` (see :func:`image_to_msg`).
         fmt: 'jpeg' (or 'jpg') or 'png'; written to ``msg.format`` as 'jpeg' / 'png'.
         factory: makes an empty message, e.g. ``sensor_msgs.msg.CompressedImage``.
-        encoding: how ``image`` is stored; 16UC1/mono16 only as png.
+        encoding: how ``image`` is stored (any encoding of 8 or 16-bit unsigned values);
+            16-bit encodings only as png.
         quality: JPEG quality 1..100 (ignored for png).
         header: set as ``msg.header`` when given.
 
@@ -276,13 +221,18 @@ def image_to_compressed(image: np.ndarray, fmt: str, factory: Callable[[], Any],
     """
     kind = _normalise_format(fmt)
     image = _check_array(image, encoding)
+    spec = ENCODINGS.get(encoding) or lookup(encoding)
     if not 1 <= int(quality) <= 100:
         raise ImageConversionError(f'JPEG quality must be in 1..100, got {quality}')
-    if encoding in _DEPTH and kind != 'png':
+    if spec.bits == 16 and kind != 'png':
         raise ImageConversionError(
-            f'{encoding!r} (16-bit depth) can only be compressed as png, not {fmt!r}')
-    if encoding == 'rgb8':
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # OpenCV encoders expect BGR
+            f'{encoding!r} (16 bit) can only be compressed as png, not {fmt!r}')
+    if spec.channels > 1 or spec.layout.startswith('bayer'):
+        # OpenCV's encoders expect BGR (16-bit colour stays 16-bit in a png).
+        image = convert(image, encoding, 'bgr16' if spec.bits == 16 else 'bgr8')
+    elif spec.dtype not in (np.uint8, np.uint16):
+        raise ImageConversionError(f'{encoding!r} cannot be compressed (8 or 16-bit unsigned '
+                                   'images only)')
     params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if kind == 'jpeg' else []
     ok, buf = cv2.imencode('.jpg' if kind == 'jpeg' else '.png', image, params)
     if not ok:
@@ -313,19 +263,50 @@ def compressed_to_image(msg: Any, desired_encoding: str = 'rgb8') -> np.ndarray:
         raise ImageConversionError(
             f'compressed data ({len(data)} bytes, starting {bytes(data[:8])!r}) is not '
             f'{kind} as its format {_field(msg, "format")!r} says')
+    size = _declared_size(bytes(data[:65536]), kind)
+    if size is not None and size[0] * size[1] > MAX_COMPRESSED_PIXELS:
+        raise ImageConversionError(
+            f'{kind} header declares {size[0]}x{size[1]} pixels, more than '
+            f'{MAX_COMPRESSED_PIXELS}')
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageConversionError(f'OpenCV could not decode {len(data)} bytes of {kind}')
     if image.ndim == 3 and image.shape[2] == 4:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-    if image.dtype == np.uint16 and image.ndim == 2:
-        source = '16UC1'
+    if image.dtype == np.uint16:
+        source = '16UC1' if image.ndim == 2 else 'bgr16'
     elif image.dtype == np.uint8:
         source = 'mono8' if image.ndim == 2 else 'bgr8'
     else:
         raise ImageConversionError(
             f'decoded {kind} has unsupported layout {image.dtype} {image.shape}')
-    return np.ascontiguousarray(_convert(image, source, desired_encoding))
+    return np.ascontiguousarray(convert(image, source, desired_encoding))
+
+
+def _declared_size(head: bytes, kind: str) -> tuple[int, int] | None:
+    """(width, height) from a PNG IHDR or the first JPEG start-of-frame, or None when the
+    header cannot be read (OpenCV then refuses the data itself)."""
+    if kind == 'png':
+        if len(head) < 24 or head[12:16] != b'IHDR':
+            return None
+        return int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
+    pos = 2
+    while pos + 9 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        length = int.from_bytes(head[pos + 2:pos + 4], 'big')
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            height = int.from_bytes(head[pos + 5:pos + 7], 'big')
+            width = int.from_bytes(head[pos + 7:pos + 9], 'big')
+            return width, height
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
 
 
 def _ascii(text: str) -> str:

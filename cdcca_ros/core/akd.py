@@ -207,6 +207,46 @@ class AKDConfig:
         return self.lambda_query * query + self.lambda_repr * repr_ + self.lambda_ce * ce
 
 
+@dataclass
+class TeacherBatch:
+    """The part of a teacher's :class:`~cdcca_ros.models.base.TrainOutputs` AKD reads.
+
+    Attributes:
+        query: ``[B, L, C]`` teacher query features.
+        fused: ``[B, A, H]`` teacher LM states at the answer positions (zero padded).
+        answer_mask: ``[B, A]`` bool, True on real answer positions.
+    """
+
+    query: Tensor
+    fused: Tensor
+    answer_mask: Tensor
+
+
+def stack_targets(items: Sequence[tuple[Tensor, Tensor]]) -> TeacherBatch:
+    """Stack per-sample ``(query [L, C], fused [A_i, H])`` into a :class:`TeacherBatch`
+    (answers padded at the end to the longest, as the models pad ``fused``)."""
+    queries = torch.stack([q.float() for q, _ in items])
+    longest = max(int(f.shape[0]) for _, f in items)
+    width = int(items[0][1].shape[1])
+    fused = torch.zeros(len(items), longest, width)
+    mask = torch.zeros(len(items), longest, dtype=torch.bool)
+    for i, (_, f) in enumerate(items):
+        fused[i, :f.shape[0]] = f.float()
+        mask[i, :f.shape[0]] = True
+    return TeacherBatch(query=queries, fused=fused, answer_mask=mask)
+
+
+def split_targets(out: TrainOutputs | TeacherBatch) -> list[tuple[Tensor, Tensor]]:
+    """Per-sample ``(query [L, C], fused [A_i, H])`` float16 copies of a teacher batch
+    (inverse of :func:`stack_targets`), for a replay memory to keep."""
+    items = []
+    for b in range(out.query.shape[0]):
+        length = int(out.answer_mask[b].sum())
+        items.append((out.query[b].detach().to('cpu', torch.float16).clone(),
+                      out.fused[b, :length].detach().to('cpu', torch.float16).clone()))
+    return items
+
+
 # --- samples ---------------------------------------------------------------------------------
 @dataclass
 class AkdSample:
@@ -381,9 +421,29 @@ class AKDTrainer:
             self.repr_projector = ReprProjector(
                 int(s_out.fused.shape[-1]), int(t_out.fused.shape[-1])).to(device)
 
+    def teacher_outputs(self, tokens: Tensor, indices: Tensor | None,
+                        questions: Sequence[str], answers: Sequence[str]) -> TrainOutputs:
+        """The teacher's teacher-forced pass on one batch (eval mode, no gradient)."""
+        t_dev = _device_of(self.teacher)
+        idx_t = None if indices is None else indices.to(t_dev)
+        t_model = self.teacher.torch_model
+        was_training = t_model.training
+        t_model.eval()
+        try:
+            with torch.no_grad():
+                return self.teacher.forward_train(tokens.to(t_dev), idx_t, list(questions),
+                                                  list(answers))
+        finally:
+            t_model.train(was_training)
+
     def losses(self, tokens: Tensor, indices: Tensor | None, questions: Sequence[str],
-               answers: Sequence[str]) -> dict[str, Tensor]:
+               answers: Sequence[str], targets: TeacherBatch | None = None
+               ) -> dict[str, Tensor]:
         """Forward teacher (no grad) and student on one batch and compute Eq. 5-6.
+
+        Args:
+            targets: The teacher's outputs for this batch when they are already known (a
+                replayed sample keeps them); None runs the teacher.
 
         Returns:
             ``{'total', 'query', 'repr', 'ce'}`` scalar tensors (student side has grads).
@@ -391,18 +451,10 @@ class AKDTrainer:
         Raises:
             ModelError: Teacher and student outputs cannot be aligned.
         """
-        t_dev, s_dev = _device_of(self.teacher), _device_of(self.student)
-        idx_t = None if indices is None else indices.to(t_dev)
+        s_dev = _device_of(self.student)
         idx_s = None if indices is None else indices.to(s_dev)
-        t_model = self.teacher.torch_model
-        was_training = t_model.training
-        t_model.eval()
-        try:
-            with torch.no_grad():
-                t_out = self.teacher.forward_train(tokens.to(t_dev), idx_t, list(questions),
-                                                   list(answers))
-        finally:
-            t_model.train(was_training)
+        t_out = (targets if targets is not None
+                 else self.teacher_outputs(tokens, indices, questions, answers))
         s_out = self.student.forward_train(tokens.to(s_dev), idx_s, list(questions),
                                            list(answers))
         if t_out.query.shape[:2] != s_out.query.shape[:2]:

@@ -1,38 +1,37 @@
-"""The cloud's side of Algorithm 1, per device: collect, pseudo-label, distil, compress, sign.
+"""The cloud's side of Algorithm 1 for every device: collect, then run guarded rounds.
 
-For every device the cloud keeps (all checkpointed under ``state_dir/<device_id>/`` with atomic
-writes, so a restart resumes where it stopped):
+:class:`CloudRuntime` holds the teacher, one student module and, per device, a
+:class:`~cdcca_ros.core.rounds.state.DeviceState` (the exact adapter the device holds, the
+cloud's continuing trained copy, the replay memory, versions; checkpointed under
+``state_dir/<device_id>/``). Uplinked samples go into the device's memory as they arrive
+(:meth:`CloudRuntime.add_sample`); a round starts when enough arrived or the oldest waited
+long enough (:meth:`CloudRuntime.due`) and is run by
+:class:`~cdcca_ros.core.rounds.round.RoundRunner`: label, train on new + replay + anchor,
+compress against the device's view, gate, sign. Between rounds the live audit may order a
+signed rollback (:meth:`CloudRuntime.audit`), and samples whose labels the teacher could
+not make from the kept tokens wait for the rest of their tokens
+(:meth:`CloudRuntime.pull_requests`, :meth:`CloudRuntime.add_pulled`).
 
-- ``view``: exactly the adapter the device holds (base + every decoded delta), its version and
-  hash — a delta names this base, and the device refuses any other;
-- ``trained``: the cloud's own continuing copy of that device's adapter. Each round starts
-  from it, so what compression dropped in earlier rounds (``trained - view``) is part of the
-  next delta: that is the error feedback of DWC;
-- the samples received since the last round (``pending/``, one safetensors file each).
-
-A round's delta goes out as a compact DWC payload (no tensor index: the device decodes it
-against its own trainable set) under the byte budget; when the plain payload is lossy
-(relative error above ``refit_min_error``), the kept coordinates are first retrained on the
-round's samples through the codec (:mod:`cdcca_ros.core.refit`).
-
-One student module serves every device: its trainable set (LoRA, norms, biases, query tokens)
-is loaded with the device's ``trained`` copy before a round. Only adapters are kept per device.
+One student module serves every device: its trainable set (LoRA, norms, biases, query tokens,
+the vision-side adapter) is loaded with the device's trained copy before a round. Only
+adapters are kept per device.
 """
 from __future__ import annotations
 
-import json
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdcca_ros.core import dwc, wire
-from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
-from cdcca_ros.core.atomic import atomic_write
-from cdcca_ros.core.refit import RefitConfig, RefitResult, akd_task_loss, refit_compress
-from cdcca_ros.core.updates import DeltaEnvelope, seal_delta
-from cdcca_ros.errors import ConfigError, ModelError, WireError
+from cdcca_ros.core.akd import AKDConfig
+from cdcca_ros.core.refit import RefitConfig
+from cdcca_ros.core.rounds.anchor import anchor_records
+from cdcca_ros.core.rounds.config import GuardConfig
+from cdcca_ros.core.rounds.memory import Record, split_of
+from cdcca_ros.core.rounds.round import AuditResult, RoundResult, RoundRunner
+from cdcca_ros.core.rounds.state import DeviceState
+from cdcca_ros.errors import ConfigError, WireError
 
 if TYPE_CHECKING:  # pragma: no cover
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -40,28 +39,28 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cdcca_ros.models.base import MLLM
 
-
-RECENT_IDS = 10_000  # sample ids remembered per device for deduplication
+__all__ = ['CloudConfig', 'CloudRuntime', 'DeviceState', 'RoundResult', 'AuditResult']
 
 
 @dataclass
 class CloudConfig:
-    """When rounds start and how deltas are made.
+    """When rounds start and how they run.
 
     Attributes:
         min_samples: a round starts when this many samples are pending ...
         max_wait_s: ... or when the oldest pending sample waited this long (and >= 1 pending).
-        akd: distillation settings (Eq. 5-6).
+        akd: distillation settings (Eq. 5-6): loss weights, learning rate, batch size.
         codec: DWC codec name (``fp16``, ``nf4``, ``sparse``).
         codec_params: codec knobs (e.g. ``{'density': 0.05, 'bits': 2}`` for ``sparse``).
         budget_bytes: per-device byte budget of one delta payload; None: unlimited.
         refit: compression-aware refit (:mod:`cdcca_ros.core.refit`); ``refit.steps`` 0
             turns it off.
-        refit_min_error: refit only when the plain payload's relative L2 error exceeds this
-            (a payload that already carries the delta closely gains nothing from it).
+        refit_min_error: refit only when the plain payload's relative L2 error exceeds this.
+        guard: the guarded round (memory, anchor, gate, audit, labels);
+            :meth:`GuardConfig.plain` is the paper's round.
     """
 
-    min_samples: int = 32
+    min_samples: int = 64
     max_wait_s: float = 120.0
     akd: AKDConfig = field(default_factory=AKDConfig)
     codec: str = 'sparse'
@@ -69,6 +68,18 @@ class CloudConfig:
     budget_bytes: int | None = 65536
     refit: RefitConfig = field(default_factory=RefitConfig)
     refit_min_error: float = 0.2
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> CloudConfig:
+        """The settings a cloud node builds from its parameters (``round.*``, ``akd.*``,
+        ``dwc.*``, ``guard.*``; every one present: the node's table gives the defaults)."""
+        return cls(min_samples=params['round.min_samples'],
+                   max_wait_s=params['round.max_wait_s'], akd=AKDConfig.from_params(params),
+                   codec=params['dwc.codec'], budget_bytes=params['dwc.budget_bytes'],
+                   refit=RefitConfig(steps=params['dwc.refit_steps']),
+                   refit_min_error=params['dwc.refit_min_error'],
+                   guard=GuardConfig.from_params(params))
 
     def __post_init__(self) -> None:
         if self.min_samples < 1:
@@ -83,263 +94,266 @@ class CloudConfig:
             raise ConfigError(f'refit_min_error must be >= 0, got {self.refit_min_error}')
 
 
-@dataclass
-class RoundResult:
-    """What one round produced for one device."""
-
-    device_id: str
-    round: int
-    envelope: DeltaEnvelope
-    samples: int
-    losses: list[dict[str, float]]
-    stats: dwc.CompressStats
-    agreement_before: float
-    agreement_after: float
-    train_s: float
-    refit: RefitResult | None = None
-
-
-
-
-class DeviceState:
-    """What the cloud keeps for one device (see the module docstring)."""
-
-    def __init__(self, device_id: str, base: dict[str, Tensor], directory: Path | None) -> None:
-        self.device_id = device_id
-        self.dir = directory
-        self.version = 0
-        self.round = 0
-        self.feedback = dwc.ErrorFeedback(base)
-        self.trained = {k: v.detach().clone() for k, v in base.items()}
-        self.hash = wire.state_dict_hash(self.feedback.view)
-        self.pending: list[AkdSample] = []
-        self.pending_files: list[Path] = []
-        self.first_pending_t: float | None = None
-        self.samples_seen = 0
-        self.next_sample_file = 0
-        # Sample ids already taken, kept across restarts: the link delivers at least once, so
-        # a sample re-delivered after a crash of the cloud must not be trained on twice.
-        self.recent_ids: deque[str] = deque(maxlen=RECENT_IDS)
-
-    # ---------------------------------------------------------------- persistence
-    def save(self) -> None:
-        if self.dir is None:
-            return
-        from safetensors.torch import save
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / 'trained.safetensors',
-                      save({k: v.contiguous() for k, v in self.trained.items()}))
-        atomic_write(self.dir / 'feedback.safetensors',
-                      save({k: v.contiguous() for k, v in self.feedback.state_dict().items()}))
-        record = {'device_id': self.device_id, 'version': self.version, 'round': self.round,
-                  'hash': self.hash, 'samples_seen': self.samples_seen,
-                  'next_sample_file': self.next_sample_file,
-                  'recent_ids': list(self.recent_ids)}
-        atomic_write(self.dir / 'state.json', json.dumps(record).encode())
-
-    @classmethod
-    def load(cls, device_id: str, base: dict[str, Tensor], directory: Path) -> DeviceState:
-        """Resume from ``directory`` when it holds a checkpoint, else start from ``base``."""
-        from safetensors.torch import load
-
-        state = cls(device_id, base, directory)
-        if not (directory / 'state.json').is_file():
-            return state
-        try:
-            record = json.loads((directory / 'state.json').read_text())
-            state.trained = load((directory / 'trained.safetensors').read_bytes())
-            state.feedback = dwc.ErrorFeedback.from_state_dict(
-                load((directory / 'feedback.safetensors').read_bytes()))
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelError(f'cloud checkpoint of {device_id!r} in {directory} is unreadable: '
-                             f'{err}') from err
-        if state.feedback.view_hash() != record['hash']:
-            raise ModelError(f'cloud checkpoint of {device_id!r}: view hash does not match')
-        state.version, state.round = int(record['version']), int(record['round'])
-        state.hash = record['hash']
-        state.samples_seen = int(record.get('samples_seen', 0))
-        state.next_sample_file = int(record.get('next_sample_file', 0))
-        state.recent_ids.extend(record.get('recent_ids', []))
-        for path in sorted((directory / 'pending').glob('*.safetensors')):
-            state._load_sample(path)
-            # Samples added after the last checkpoint: never reuse their file names.
-            state.next_sample_file = max(state.next_sample_file, int(path.stem) + 1)
-        return state
-
-    def add(self, sample: AkdSample, sample_id: str = '') -> bool:
-        """Queue a sample (persisted); False when ``sample_id`` was already taken."""
-        if sample_id and sample_id in self.recent_ids:
-            return False
-        if self.dir is not None:
-            from safetensors.torch import save
-
-            pending = self.dir / 'pending'
-            pending.mkdir(parents=True, exist_ok=True)
-            tensors = {'tokens': sample.tokens.contiguous()}
-            if sample.indices is not None:
-                tensors['indices'] = sample.indices.contiguous()
-            path = pending / f'{self.next_sample_file:012d}.safetensors'
-            self.next_sample_file += 1
-            atomic_write(path, save(tensors, metadata={'question': sample.question,
-                                                       'sample_id': sample_id}))
-            self.pending_files.append(path)
-        self.pending.append(sample)
-        if sample_id:
-            self.recent_ids.append(sample_id)
-        self.samples_seen += 1
-        if self.first_pending_t is None:
-            self.first_pending_t = time.monotonic()
-        return True
-
-    def _load_sample(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework='pt') as f:
-            meta = f.metadata() or {}
-            question = meta.get('question', '')
-            if meta.get('sample_id'):
-                self.recent_ids.append(meta['sample_id'])
-            tokens = f.get_tensor('tokens')
-            indices = f.get_tensor('indices') if 'indices' in f.keys() else None
-        self.pending.append(AkdSample(tokens=tokens, indices=indices, question=question))
-        self.pending_files.append(path)
-        if self.first_pending_t is None:
-            self.first_pending_t = time.monotonic()
-
-    def clear_pending(self) -> None:
-        for path in self.pending_files:
-            path.unlink(missing_ok=True)
-        self.pending, self.pending_files, self.first_pending_t = [], [], None
-
-
 class CloudRuntime:
-    """Teacher + one student module + per-device adapter states.
+    """Teacher + one student module + per-device states.
 
     Args:
         teacher: the large MLLM (sharing the student's vision-token space).
         student: the device model's base, trainable set configured.
-        private_key: Ed25519 key that signs deltas.
-        cfg: round and compression settings.
+        private_key: Ed25519 key that signs deltas and rollback orders.
+        cfg: round settings.
         state_dir: checkpoints; None keeps everything in memory.
+        anchor: the anchor set file (see :mod:`cdcca_ros.core.rounds.anchor`); None: none.
     """
 
     def __init__(self, teacher: MLLM, student: MLLM, private_key: Ed25519PrivateKey,
-                 cfg: CloudConfig, state_dir: str | Path | None = None) -> None:
+                 cfg: CloudConfig, state_dir: str | Path | None = None,
+                 anchor: str | Path | None = None) -> None:
         from cdcca_ros.models.registry import check_vision_space
 
         check_vision_space(teacher, student)
-        self.teacher, self.student, self.key, self.cfg = teacher, student, private_key, cfg
+        self.teacher, self.student, self.key = teacher, student, private_key
+        self._cfg = cfg
         self.state_dir = Path(state_dir) if state_dir else None
         self.base = student.trainable_state_dict()
         self.base_hash = wire.state_dict_hash(self.base)
-        space = student.vision_space()
-        self.space = space
+        self.space = student.vision_space()
         self.devices: dict[str, DeviceState] = {}
+        guard = cfg.guard
+        records = []
+        if anchor is not None and guard.enabled:
+            records = anchor_records(Path(anchor), student, guard.val_fraction,
+                                     guard.anchor_gate_fraction, cfg.akd.max_new_tokens,
+                                     limit=guard.anchor_limit)
+        self.anchor = records
+        self.runner = RoundRunner(teacher, student, private_key, cfg.akd, guard, cfg.codec,
+                                  cfg.codec_params, cfg.budget_bytes, cfg.refit,
+                                  cfg.refit_min_error, anchor=records)
+
+    @property
+    def cfg(self) -> CloudConfig:
+        """The settings; setting them applies from the next round (the anchor set and the
+        memory bounds of devices already loaded stay as they were)."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: CloudConfig) -> None:
+        self._cfg = cfg
+        self.runner.configure(cfg.akd, cfg.guard, cfg.codec, cfg.codec_params,
+                              cfg.budget_bytes, cfg.refit, cfg.refit_min_error)
 
     def device(self, device_id: str) -> DeviceState:
-        """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base)."""
+        """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base).
+
+        Raises:
+            WireError: ``device_id`` is not a valid id (it names a folder of ``state_dir``).
+        """
         state = self.devices.get(device_id)
         if state is None:
+            wire.check_device_id(device_id)
+            guard = self.cfg.guard
+            kwargs = {'memory_bytes': guard.memory_bytes, 'clusters': guard.clusters,
+                      'seed': self.cfg.akd.seed}
             directory = self.state_dir / device_id if self.state_dir else None
-            state = (DeviceState.load(device_id, self.base, directory) if directory
-                     else DeviceState(device_id, self.base, None))
+            state = (DeviceState.load(device_id, self.base, directory, **kwargs) if directory
+                     else DeviceState(device_id, self.base, None, **kwargs))
             self.devices[device_id] = state
         return state
 
-    def add_sample(self, device_id: str, tokens: Tensor, indices: Tensor | None, question: str,
-                   num_tokens: int, token_dim: int, sample_id: str = '') -> bool:
-        """Queue one uplinked sample; False when ``sample_id`` was already taken (a
-        re-delivery after a restart).
+    def resume(self) -> list[str]:
+        """Load every device checkpointed under ``state_dir`` (after a restart: samples that
+        arrived before it are pending again, so their round runs without waiting for a new
+        one); returns their ids.
 
         Raises:
-            WireError: the tokens do not live in this cloud's vision-token space.
+            ModelError: A checkpoint is unreadable.
         """
+        if self.state_dir is None or not self.state_dir.is_dir():
+            return []
+        found = []
+        for folder in sorted(self.state_dir.iterdir()):
+            if not folder.is_dir() or not ((folder / 'state.json').is_file()
+                                           or any((folder / 'memory').glob('*.safetensors'))):
+                continue
+            try:
+                wire.check_device_id(folder.name)
+            except WireError:
+                continue  # not a device folder
+            self.device(folder.name)
+            found.append(folder.name)
+        return found
+
+    def _check(self, device_id: str, tokens: Tensor, indices: Tensor | None,
+               num_tokens: int, token_dim: int) -> None:
         if token_dim != self.space.dim or num_tokens != self.space.num_tokens:
             raise WireError(f'sample from {device_id!r} has {num_tokens} tokens of dim '
                             f'{token_dim}; this cloud expects {self.space.num_tokens} x '
                             f'{self.space.dim}')
-        if indices is not None and (indices.numel() and (int(indices.min()) < 0 or
-                                                         int(indices.max()) >= num_tokens)):
+        if tokens.dim() != 2 or tokens.shape[1] != token_dim:
+            raise WireError(f'sample from {device_id!r}: tokens {tuple(tokens.shape)} are not '
+                            f'[K, {token_dim}]')
+        if indices is not None and (indices.numel() != tokens.shape[0] or (
+                indices.numel() and (int(indices.min()) < 0
+                                     or int(indices.max()) >= num_tokens))):
             raise WireError(f'sample from {device_id!r} has token indices outside '
-                            f'[0, {num_tokens})')
-        return self.device(device_id).add(AkdSample(tokens=tokens.float(), indices=indices,
-                                                    question=question), sample_id)
+                            f'[0, {num_tokens}) or not one per token')
+
+    def add_sample(self, device_id: str, tokens: Tensor, indices: Tensor | None, question: str,
+                   num_tokens: int, token_dim: int, sample_id: str = '', *,
+                   device_answer: str = '', device_version: int = -1, audit: bool = False,
+                   label: str | None = None, now: float | None = None) -> bool:
+        """Keep one uplinked sample; False when ``sample_id`` was already taken (a
+        re-delivery after a restart).
+
+        ``label`` gives the sample's answer instead of the teacher's (true labels: the
+        oracle of the benchmarks); ``now`` is the arrival time on :func:`time.monotonic`'s
+        clock (a simulation passes its own).
+
+        Raises:
+            WireError: the tokens do not live in this cloud's vision-token space.
+        """
+        import torch
+
+        self._check(device_id, tokens, indices, num_tokens, token_dim)
+        state = self.device(device_id)
+        if sample_id and (sample_id in state.recent_ids or sample_id in state.memory):
+            return False
+        sid = sample_id or f'{device_id}-cloud-{state.memory.next_seq}'
+        guard = self.cfg.guard
+        if indices is not None and indices.numel() == num_tokens and bool(
+                (indices.long() == torch.arange(num_tokens)).all()):
+            indices = None  # all tokens in order
+        split = ('gate' if audit and guard.enabled else
+                 split_of(sid, guard.val_fraction, guard.gate_fraction))
+        record = Record(sample_id=sid, seq=state.memory.next_seq,
+                        tokens=tokens.detach().to(torch.float16),
+                        indices=None if indices is None else indices.detach().long(),
+                        question=question, split=split, device_answer=device_answer,
+                        device_version=int(device_version), audit=bool(audit))
+        if label is not None:
+            record.label, record.labelled, record.confidence = label or None, True, 1.0
+            record.label_tokens = int(tokens.shape[0])
+        state.memory.add(record)
+        state.recent_ids.append(sid)
+        state.samples_seen += 1
+        if audit:
+            state.counters['audit_samples'] += 1
+        if state.first_pending_t is None:
+            state.first_pending_t = time.monotonic() if now is None else now
+        return True
+
+    def label(self, device_id: str) -> list[str]:
+        """Label what arrived for ``device_id``; the sample ids whose remaining tokens the
+        cloud asks the device for."""
+        return self.runner.label(self.device(device_id))
+
+    def pull_requests(self, device_id: str) -> list[str]:
+        """Sample ids waiting for the rest of their tokens."""
+        return [r.sample_id for r in self.device(device_id).memory.select()
+                if r.pull == 'requested']
+
+    def add_pulled(self, device_id: str, sample_id: str, tokens: Tensor,
+                   indices: Tensor | None) -> bool:
+        """Merge the tokens a device sent for a pull; False when the sample is unknown or
+        was not asked for. The sample is labelled again, from every token, next round.
+
+        Raises:
+            WireError: the tokens do not fit the sample.
+        """
+        import torch
+
+        state = self.device(device_id)
+        record = state.memory.get(sample_id)
+        if record is None or record.pull != 'requested':
+            return False
+        self._check(device_id, tokens, indices, self.space.num_tokens, self.space.dim)
+        full = torch.zeros(self.space.num_tokens, self.space.dim, dtype=torch.float16)
+        have = torch.zeros(self.space.num_tokens, dtype=torch.bool)
+        old_idx = (torch.arange(self.space.num_tokens) if record.indices is None
+                   else record.indices.long())
+        full[old_idx] = record.tokens.to(torch.float16)
+        have[old_idx] = True
+        new_idx = torch.arange(self.space.num_tokens) if indices is None else indices.long()
+        full[new_idx] = tokens.detach().to(torch.float16)
+        have[new_idx] = True
+        kept = torch.nonzero(have).flatten()
+        record.tokens = full[kept]
+        record.indices = None if bool(have.all()) else kept
+        record.labelled, record.label, record.targets, record.pull = False, None, None, 'done'
+        state.memory.update(record)
+        state.counters['pulled'] += 1
+        return True
+
+    def pull_unavailable(self, device_id: str, sample_id: str) -> None:
+        """The device no longer holds a sample's tokens: use the first label (or drop it)."""
+        state = self.device(device_id)
+        record = state.memory.get(sample_id)
+        if record is None or record.pull != 'requested':
+            return
+        record.pull = 'unavailable'
+        if not (record.label and record.confidence >= self.cfg.guard.labels.min_confidence):
+            record.label = None
+        state.counters['pulls_unavailable'] += 1
+        state.memory.update(record)
 
     def due(self, device_id: str, now: float | None = None) -> bool:
         """Whether a round should start for ``device_id``."""
         state = self.device(device_id)
-        if not state.pending:
+        pending = state.pending()
+        if not pending:
             return False
-        if len(state.pending) >= self.cfg.min_samples:
+        if pending >= self.cfg.min_samples:
             return True
         now = time.monotonic() if now is None else now
         return now - (state.first_pending_t or now) >= self.cfg.max_wait_s
 
-    def _agreement(self, samples: list[AkdSample]) -> float:
-        """Share of samples where the student's answer equals the teacher's pseudo-label."""
-        if not samples:
-            return float('nan')
-        hits = 0
-        for s in samples:
-            answer = self.student.answer_from_tokens(
-                s.tokens.unsqueeze(0), None if s.indices is None else s.indices.unsqueeze(0),
-                [s.question])[0].text
-            hits += int(answer.strip() == (s.answer or '').strip())
-        return hits / len(samples)
-
     def run_round(self, device_id: str, progress: bool = False) -> RoundResult | None:
-        """Pseudo-label, distil, compress, sign. Returns None when nothing could be learnt."""
-        state = self.device(device_id)
-        samples = list(state.pending)
-        if not samples:
-            return None
-        t0 = time.perf_counter()
-        self.student.load_trainable_state_dict(state.trained)
-        trainer = AKDTrainer(self.teacher, self.student, self.cfg.akd, progress=progress)
-        labelled = trainer.label(samples)
-        if not labelled:
-            state.clear_pending()
-            state.save()
-            return None
-        self.student.torch_model.eval()
-        before = self._agreement(labelled)
-        losses = trainer.fit(labelled)
-        self.student.torch_model.eval()
-        after = self._agreement(labelled)
-        trained = self.student.trainable_state_dict()
-        delta = dwc.compute_delta(trained, state.feedback.view)
-        compressed, refitted = self._compress(delta, labelled, trainer, state.feedback.view)
-        # The device adds exactly compressed.decoded; the rest stays in trained - view and
-        # goes out with the next round's delta (error feedback).
-        state.feedback.commit(delta, compressed.decoded)
-        new_hash = state.feedback.view_hash()
-        envelope = seal_delta(self.key, device_id=device_id, round=state.round + 1,
-                              base_version=state.version, base_hash=state.hash,
-                              new_version=state.version + 1, new_hash=new_hash,
-                              codec=compressed.codec.name, payload=compressed.payload)
-        state.trained = trained
-        state.version += 1
-        state.round += 1
-        state.hash = new_hash
-        state.clear_pending()
-        state.save()
-        return RoundResult(device_id=device_id, round=state.round, envelope=envelope,
-                           samples=len(labelled), losses=losses, stats=compressed.stats,
-                           agreement_before=before, agreement_after=after,
-                           train_s=time.perf_counter() - t0, refit=refitted)
+        """Label, train, compress, gate, sign. Returns None when nothing could be learnt;
+        a refused round returns a result without an envelope."""
+        del progress
+        return self.runner.run(self.device(device_id))
 
-    def _compress(self, delta: dict[str, Tensor], labelled: list[AkdSample],
-                  trainer: AKDTrainer, view: dict[str, Tensor]
-                  ) -> tuple[dwc.Compressed, RefitResult | None]:
-        """The payload of a round: compact (the device knows its trainable set), under the
-        budget, refitted on the round's samples when the plain payload is too lossy."""
-        codec = dwc.get_codec(self.cfg.codec, **self.cfg.codec_params)
-        plain = dwc.compress(delta, codec, self.cfg.budget_bytes, self_describing=False)
-        if self.cfg.refit.steps == 0 or plain.stats.rel_l2_error <= self.cfg.refit_min_error:
-            return plain, None
-        result = refit_compress(self.student, labelled, view, delta, codec,
-                                self.cfg.budget_bytes, self.cfg.refit,
-                                task_loss=akd_task_loss(trainer))
-        self.student.torch_model.eval()
-        return result.compressed, result
+    def audit(self, device_id: str) -> AuditResult | None:
+        """The live audit of the version ``device_id`` runs; its ``rollback`` (signed) is set
+        when that version must be withdrawn. Call :meth:`rolled_back` once it is sent."""
+        return self.runner.audit(self.device(device_id))
+
+    def rolled_back(self, device_id: str, new_version: int, restored_hash: str) -> bool:
+        """Mirror a rollback the device carried out (ordered by the audit, or its own entropy
+        guard): the view returns to the kept version with ``restored_hash`` under
+        ``new_version``, and training restarts from it. A report whose version this cloud
+        has just used for a delta (the device rolled back on its own meanwhile and refused it)
+        is adopted too: the next delta names the device's real base. False when the weights
+        are unknown or the report is older than what the cloud holds.
+        """
+        state = self.device(device_id)
+        found = state.view_of_hash(restored_hash)
+        if found is None or new_version < state.version:
+            return False
+        if new_version == state.version and restored_hash == state.hash:
+            return True  # already mirrored
+        # new_version == state.version with another hash: the device rolled back on its own
+        # while this cloud shipped that version; the device refused the delta and holds the
+        # restored weights under that number. The device is right about what it holds.
+        _, view = found
+        state.feedback = dwc.ErrorFeedback(view)
+        state.trained = {k: v.clone() for k, v in view.items()}
+        state.version, state.hash = int(new_version), restored_hash
+        state.remember(state.version, restored_hash, view)
+        state.ship_seq = state.memory.next_seq
+        state.refusals = 0
+        state.counters['rollbacks'] += 1
+        state.save()
+        return True
+
+    def save(self) -> None:
+        """Checkpoint every device's state (the memory persists record by record)."""
+        for state in list(self.devices.values()):
+            state.save()
+
+    def status(self, device_id: str) -> dict[str, Any]:
+        """Figures for diagnostics."""
+        state = self.device(device_id)
+        return {'version': state.version, 'round': state.round, 'pending': state.pending(),
+                **state.counters, 'memory_bytes': state.memory.nbytes,
+                'memory_records': len(state.memory)}

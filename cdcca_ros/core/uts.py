@@ -519,6 +519,11 @@ def _unpack_int4(data: bytes, count: int) -> np.ndarray:
     return np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles).astype(np.float32)
 
 
+#: Largest packed shape decoded: the uplink's uint16 indices name at most 65536 tokens.
+MAX_PACKED_TOKENS = 1 << 16
+MAX_PACKED_DIM = 1 << 16
+
+
 def unpack_tokens(packed: PackedTokens) -> Tensor:
     """Decode :class:`PackedTokens` into a ``[K, D]`` float32 tensor.
 
@@ -533,6 +538,9 @@ def unpack_tokens(packed: PackedTokens) -> Tensor:
     if len(shape) != 2 or any((not isinstance(s, (int, np.integer))) or s < 0 for s in shape):
         raise WireError(f'packed tokens: shape must be two ints >= 0, got {packed.shape!r}')
     k, d = int(shape[0]), int(shape[1])
+    if k > MAX_PACKED_TOKENS or d > MAX_PACKED_DIM:
+        raise WireError(f'packed tokens: shape ({k}, {d}) exceeds ({MAX_PACKED_TOKENS}, '
+                        f'{MAX_PACKED_DIM})')
     expected = {'fp16': 2 * k * d, 'int8': k * d, 'int4': -(-k * d // 2)}.get(dtype)
     if expected is not None and len(packed.data) != expected:
         raise WireError(
@@ -687,6 +695,10 @@ class UtsConfig:
         always_keep_cls: Keep the CLS token whenever the model has one.
         pack_dtype: One of :data:`PACK_DTYPES` (``'fp16'``, ``'int8'``, ``'int4'``,
             ``'ecq'``).
+        audit_fraction: Share of all answered samples sent whole (every token), whatever
+            their uncertainty, flagged as audit samples: the cloud's unbiased view of how
+            the device does (drawn before stage 1, so independent of it), in [0, 1].
+        audit_seed: Seed of the audit draws.
     """
 
     mc_masks: int = 8
@@ -701,8 +713,13 @@ class UtsConfig:
     min_keep: int = 1
     always_keep_cls: bool = True
     pack_dtype: str = 'fp16'
+    audit_fraction: float = 0.0
+    audit_seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ConfigError(
+                f'UtsConfig.audit_fraction must be in [0, 1], got {self.audit_fraction}')
         if self.mc_masks < 2:
             raise ConfigError(f'UtsConfig.mc_masks must be >= 2, got {self.mc_masks}')
         if not 0.0 < self.dropout_p < 1.0:
@@ -748,6 +765,7 @@ class UtsResult:
         variance: ``[N]`` float32 per-token variance (Eq. 3).
         packed: The kept tokens, packed for the uplink.
         stage2_ms: Wall time of stage 2 (MC features, selection, packing).
+        audit: An audit sample (every token, chosen at random, not by uncertainty).
     """
 
     entropy: EntropyStats
@@ -755,6 +773,7 @@ class UtsResult:
     variance: Tensor
     packed: PackedTokens
     stage2_ms: float
+    audit: bool = False
 
     @property
     def uplink_bytes(self) -> int:
@@ -780,6 +799,14 @@ class UtsPipeline:
         self.mc_features = mc_features
         self.has_cls = has_cls
         self.selector = cfg.make_selector()
+        self._audit_rng = np.random.default_rng(cfg.audit_seed)
+        self.audits = 0
+
+    def draw_audit(self) -> bool:
+        """Draw whether the next answered sample is an audit sample (``cfg.audit_fraction``);
+        drawn once per sample, whatever its uncertainty."""
+        fraction = self.cfg.audit_fraction
+        return fraction > 0 and float(self._audit_rng.random()) < fraction
 
     def process(self, step_probs: np.ndarray, tokens: Tensor) -> UtsResult | None:
         """Run UTS on one answered sample.
@@ -789,7 +816,8 @@ class UtsPipeline:
             tokens: ``[N, D]`` vision tokens of the sample.
 
         Returns:
-            None when stage 1 does not select the sample, else the kept tokens.
+            None when stage 1 does not select the sample (and it is not drawn for the
+            audit), else the kept tokens (every token for an audit sample).
 
         Raises:
             ValueError: ``tokens`` is not ``[N, D]`` or has more than :data:`MAX_TOKENS`
@@ -802,10 +830,21 @@ class UtsPipeline:
             raise ValueError(f'{tokens.shape[0]} vision tokens: UtsTokens.kept_indices is '
                              f'uint16[], so at most {MAX_TOKENS} tokens')
         entropy = answer_entropy(step_probs)
-        if not self.selector.offer(entropy.mean):
+        cfg = self.cfg
+        # Drawn first and always, so the audit stream is independent of uncertainty.
+        audit = self.draw_audit()
+        selected = self.selector.offer(entropy.mean)
+        if audit:
+            start = time.perf_counter()
+            self.audits += 1
+            kept = torch.arange(tokens.shape[0])
+            packed = pack_tokens(tokens.detach().cpu(), cfg.pack_dtype)
+            return UtsResult(entropy=entropy, kept_indices=kept,
+                             variance=torch.zeros(tokens.shape[0]), packed=packed,
+                             stage2_ms=(time.perf_counter() - start) * 1000.0, audit=True)
+        if not selected:
             return None
         start = time.perf_counter()
-        cfg = self.cfg
         n = tokens.shape[0]
         with torch.no_grad():
             feats = self.mc_features(tokens[None], cfg.dropout_p, cfg.mc_masks)
@@ -820,3 +859,64 @@ class UtsPipeline:
         packed = pack_tokens(tokens.detach().cpu().index_select(0, kept), cfg.pack_dtype)
         return UtsResult(entropy=entropy, kept_indices=kept, variance=variance, packed=packed,
                          stage2_ms=(time.perf_counter() - start) * 1000.0)
+
+
+# --- the device's ring of recent samples (token pulls) -------------------------------------
+class TokenRing:
+    """The full tokens of the device's recent uplinked samples, for the cloud's pulls.
+
+    When the teacher cannot label a sample confidently from the kept tokens, the cloud asks
+    for the rest; the device answers from this ring while the sample is still in it. Bounded
+    in samples and in bytes (oldest dropped first).
+
+    Args:
+        max_samples: Most samples kept.
+        max_bytes: Most bytes of tokens kept.
+    """
+
+    def __init__(self, max_samples: int = 256, max_bytes: int = 64 << 20) -> None:
+        if max_samples < 1 or max_bytes < 1:
+            raise ConfigError(f'TokenRing bounds must be >= 1, got max_samples={max_samples}, '
+                              f'max_bytes={max_bytes}')
+        self.max_samples, self.max_bytes = int(max_samples), int(max_bytes)
+        self._items: dict[str, tuple[Tensor, Tensor]] = {}
+        self._bytes = 0
+        self.served = 0
+        self.missed = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def put(self, sample_id: str, tokens: Tensor, sent: Tensor) -> None:
+        """Keep ``tokens [N, D]`` of ``sample_id`` and which indices were already sent."""
+        if sample_id in self._items:
+            self._drop(sample_id)
+        tokens = tokens.detach().cpu()
+        size = tokens.numel() * tokens.element_size()
+        self._items[sample_id] = (tokens, sent.detach().cpu().long())
+        self._bytes += size
+        while self._items and (len(self._items) > self.max_samples
+                               or self._bytes > self.max_bytes):
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, sample_id: str) -> None:
+        tokens, _ = self._items.pop(sample_id)
+        self._bytes -= tokens.numel() * tokens.element_size()
+
+    def rest(self, sample_id: str) -> tuple[Tensor, Tensor] | None:
+        """``(tokens [K', D], indices [K'])`` of ``sample_id`` not sent before, or None when
+        the ring no longer holds it."""
+        item = self._items.get(sample_id)
+        if item is None:
+            self.missed += 1
+            return None
+        tokens, sent = item
+        mask = torch.ones(tokens.shape[0], dtype=torch.bool)
+        mask[sent] = False
+        rest = torch.nonzero(mask).flatten()
+        self.served += 1
+        return tokens.index_select(0, rest), rest

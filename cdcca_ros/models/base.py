@@ -7,7 +7,7 @@ dataclasses can be used (e.g. by the transport layer) without loading torch.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +43,33 @@ class AnswerResult:
     step_probs: np.ndarray
     token_probs: np.ndarray
     latency_ms: float
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One step of greedy generation, reported as soon as it is computed (per batch row).
+
+    Attributes:
+        index: 0-based step.
+        token_ids: The id chosen for each row.
+        probabilities: Probability of that id in the step's distribution.
+        entropies: Entropy of the step's distribution (nats; Eq. 2 averages these).
+        texts: Each row's answer so far, decoded (the end token excluded).
+        finished: Whether each row's answer ended at or before this step (end token, or the
+            ``max_new_tokens`` limit reached).
+    """
+
+    index: int
+    token_ids: list[int]
+    probabilities: list[float]
+    entropies: list[float]
+    texts: list[str]
+    finished: list[bool]
+
+
+StepCallback = Callable[[GenerationStep], None]
+"""Called after each generated step, before the next is computed; raising
+:class:`~cdcca_ros.errors.GenerationCancelled` (or any error) stops generation there."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +136,13 @@ class TrainableConfig:
         train_norms: Also train LayerNorm/RMSNorm weights (and biases).
         train_biases: Also train every bias of the model.
         train_query_tokens: Also train the Q-Former query tokens (BLIP-2 only).
+        train_embeddings: Also train the language model's token embeddings (tied to its
+            output layer in the bundled models): words the student never answered with (a
+            new colour, a new object kind) get rows it can learn. Meant for small
+            vocabularies; with a real LM's 32k-150k tokens prefer LoRA on ``lm_head``.
+        vision_adapter: Hidden width of the vision-side adapter
+            (:class:`~cdcca_ros.models.adapters.TokenAdapter`, a residual MLP on every vision
+            token before the bridge); 0: none.
     """
 
     lora_r: int = 8
@@ -118,6 +152,8 @@ class TrainableConfig:
     train_norms: bool = True
     train_biases: bool = True
     train_query_tokens: bool = True
+    train_embeddings: bool = False
+    vision_adapter: int = 0
 
     def __post_init__(self) -> None:
         if self.lora_r <= 0:
@@ -133,6 +169,9 @@ class TrainableConfig:
                     'TrainableConfig.lora_targets must be None or a non-empty tuple of names, '
                     f'got {self.lora_targets!r}')
             self.lora_targets = tuple(self.lora_targets)
+        if isinstance(self.vision_adapter, bool) or self.vision_adapter < 0:
+            raise ConfigError(f'TrainableConfig.vision_adapter must be an int >= 0, '
+                              f'got {self.vision_adapter!r}')
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-friendly dict."""
@@ -142,6 +181,8 @@ class TrainableConfig:
             'lora_targets': list(self.lora_targets) if self.lora_targets else None,
             'train_norms': self.train_norms, 'train_biases': self.train_biases,
             'train_query_tokens': self.train_query_tokens,
+            'train_embeddings': self.train_embeddings,
+            'vision_adapter': self.vision_adapter,
         }
 
     @classmethod
@@ -193,8 +234,8 @@ class MLLM(abc.ABC):
 
     @abc.abstractmethod
     def answer_from_tokens(self, tokens: Tensor, indices: Tensor | None,
-                           questions: Sequence[str],
-                           max_new_tokens: int = 6) -> list[AnswerResult]:
+                           questions: Sequence[str], max_new_tokens: int = 6,
+                           on_step: StepCallback | None = None) -> list[AnswerResult]:
         """Answer from (a subset of) vision tokens.
 
         Args:
@@ -203,6 +244,8 @@ class MLLM(abc.ABC):
                 None means all ``N`` tokens in order (``K == N``).
             questions: One question per row.
             max_new_tokens: Generation limit.
+            on_step: Called with each :class:`GenerationStep` as it is generated (streaming);
+                an error it raises stops generation and propagates. None: no per-step work.
         """
 
     def next_token_probs(self, tokens: Tensor, indices: Tensor | None,

@@ -135,6 +135,9 @@ class Blip2MLLM(HFMLLM):
             # half-precision models).
             x = tokens.to(weight.device, self._vision_dtype()).to(weight.dtype)
             x = (x.unsqueeze(0) * keep).reshape(-1, dim)                         # [MBN, D]
+            if self.token_adapter is not None:
+                # The bridge reads adapted tokens: dropout on the token, then the adapter.
+                x = self._adapt(x / (1.0 - p)) * (1.0 - p)
             # bias + (x @ weight) / (1 - p): dropout's scale on the inputs, not the bias.
             y = torch.addmm(bias, x, weight, alpha=1.0 / (1.0 - p))
             split = heads * queries

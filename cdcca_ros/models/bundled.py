@@ -28,7 +28,8 @@ def resolve(spec: str) -> str:
     unchanged.
 
     Raises:
-        ModelLoadError: a bundled or real model that is not there.
+        ModelLoadError: a bundled or real model that is not there, or a path (``/...``,
+            ``./...``, ``~/...``) that is not a directory.
     """
     if spec.startswith(REAL_PREFIX):
         name = spec[len(REAL_PREFIX):]
@@ -39,7 +40,10 @@ def resolve(spec: str) -> str:
                                  f'known: {known}')
         return str(path)
     if not spec.startswith(PREFIX):
-        return spec
+        if spec.startswith(('/', './', '../', '~')) and not Path(spec).expanduser().is_dir():
+            raise ModelLoadError(f'model directory {spec!r} does not exist (a model is a '
+                                 'local directory, a hub id, or bundled:<name>)')
+        return str(Path(spec).expanduser()) if spec.startswith('~') else spec
     name = spec[len(PREFIX):]
     path = BUNDLED_DIR / name
     if not (path / 'config.json').is_file():

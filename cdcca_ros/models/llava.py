@@ -100,7 +100,7 @@ class LlavaMLLM(HFMLLM):
         tokens = self._check_tokens(tokens, None, tokens.shape[0])
         keep = keep_mask((num_masks, *tokens.shape), p, generator, tokens.device)
         with eval_mode(self.torch_model):
-            x = tokens.unsqueeze(0) * keep / (1.0 - p)
+            x = self._adapt(tokens.unsqueeze(0) * keep / (1.0 - p))
             return self.torch_model.model.multi_modal_projector(x)
 
     @classmethod

@@ -174,7 +174,8 @@ class Qwen2VLMLLM(HFMLLM):
         merger = self.torch_model.model.visual.merger
         keep = keep_mask((num_masks, *tokens.shape), p, generator, tokens.device)
         with eval_mode(self.torch_model):
-            normed = merger.ln_q(tokens.unsqueeze(0) * keep / (1.0 - p))       # [M, B, N, D]
+            masked = self._adapt(tokens.unsqueeze(0) * keep / (1.0 - p))
+            normed = merger.ln_q(masked)                                        # [M, B, N, D]
             weight = merger.mlp[0].weight                                       # [O, G*D]
             slots = weight.view(weight.shape[0], self.merge ** 2, -1)           # [O, G, D]
             out = normed.new_zeros((*normed.shape[:3], weight.shape[0]))

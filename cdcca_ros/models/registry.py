@@ -26,6 +26,41 @@ _MODEL_TYPES = {'blip-2': 'blip2', 'llava': 'llava', 'qwen2_vl': 'qwen2_vl'}
 CDCCA_JSON = 'cdcca.json'
 
 
+def check_torch_device(name: str) -> str:
+    """Return ``name`` if this torch can put a model there, else raise ConfigError saying why.
+
+    ``cpu``, ``cuda``/``cuda:N`` (needs a CUDA build of torch and GPU N) and ``mps`` (Apple)
+    are checked before anything loads, so a wrong device is one clear error at start instead of
+    an assertion deep inside torch.
+
+    Raises:
+        ConfigError: not a torch device, or one this machine's torch cannot use.
+    """
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f'torch_device {name!r} is not a torch device (e.g. cpu, cuda:0): '
+                          f'{err}') from err
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            build = (f'CUDA {torch.version.cuda}' if torch.version.cuda
+                     else 'a CPU-only build')
+            raise ConfigError(f'torch_device {name!r}: no usable CUDA GPU (torch '
+                              f'{torch.__version__} is {build}); use cpu, or install the CUDA '
+                              'build of torch that matches the driver')
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f'torch_device {name!r}: this machine has {count} CUDA '
+                              f'device(s) (cuda:0..cuda:{count - 1})')
+    elif device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f'torch_device {name!r}: MPS is not available here')
+    elif device.type not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f'torch_device {name!r}: only cpu, cuda[:N] and mps are supported')
+    return name
+
+
 def family_class(family: str) -> type[MLLM]:
     """Return the :class:`MLLM` subclass of ``family`` (imports its module).
 
@@ -71,11 +106,14 @@ def load_model(path_or_hub_id: str | Path, family: str | None = None,
         path_or_hub_id: Directory or hub id.
         family: Family name; None reads it from the directory.
         quantization: None, ``'4bit'`` or ``'8bit'``.
-        device: Torch device string (``'meta'``: shapes only, random-init directories).
+        device: Torch device string (checked first: :func:`check_torch_device`), or
+            ``'meta'``: shapes only, random-init directories.
         dtype: Weights dtype name; None: the checkpoint's (float32 for a random init).
     """
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f'quantization must be one of {QUANTIZATIONS}, got {quantization!r}')
+    if device != 'meta':
+        check_torch_device(device)
     if family is None:
         family = _detect_family(path_or_hub_id)
     return family_class(family).load(path_or_hub_id, quantization=quantization, device=device,

@@ -9,11 +9,15 @@ Topics (relative: namespaces and remapping apply):
 
 A missing camera is not a crash: the node logs the error, reports it on /diagnostics and tries
 again every ``reconnect_period_s``. A robot that already runs a camera driver needs no
-camera_node: remap the device node's ``image`` input to the driver's topic.
+camera_node: start the device set with ``use_camera:=false image_topic:=<the driver's topic>``.
+
+Runtime parameters (``ros2 param set``): ``fps`` (the source reopens at the new rate),
+``frame_id``, ``publish_compressed``, ``jpeg_quality``, ``reconnect_period_s`` and the synthetic
+source's ``synthetic.schedule`` / ``synthetic.seed``; the rest is read-only.
 """
 from __future__ import annotations
 
-import json
+import sys
 import threading
 from typing import Any
 
@@ -26,7 +30,8 @@ from std_msgs.msg import Header, String
 from cdcca_ros.camera import create_camera
 from cdcca_ros.camera.base import Camera, Frame
 from cdcca_ros.camera.convert import image_to_compressed, image_to_msg
-from cdcca_ros.errors import CameraError, CdccaError
+from cdcca_ros.camera.synthetic import scene_to_json
+from cdcca_ros.errors import CameraError, CdccaError, ConfigError
 from cdcca_ros.nodes.common import (
     ERROR,
     OK,
@@ -34,8 +39,12 @@ from cdcca_ros.nodes.common import (
     WARN,
     Diagnostics,
     declare_table,
-    use_dds_profile,
+    destroy_on_error,
 )
+from cdcca_ros.nodes.process import route_logging, run_node
+
+SOURCE_PARAMS = ('fps', 'synthetic.schedule', 'synthetic.seed')
+"""Runtime parameters whose change reopens the frame source."""
 
 
 def camera_fields(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -57,15 +66,17 @@ def camera_fields(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 class CameraNode(Node):
     """Thin ROS adapter over :class:`cdcca_ros.camera.base.Camera`."""
 
+    @destroy_on_error
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('camera_node', **kwargs)
         self.params = declare_table(self, 'camera_node', on_change=self._on_param)
         kind, fields = camera_fields(self.params)
         self.camera: Camera = create_camera(kind, **fields)
         self._image_pub = self.create_publisher(Image, 'image_raw', SENSOR_QOS)
-        self._jpeg_pub = (self.create_publisher(CompressedImage, 'image_raw/compressed',
-                                                SENSOR_QOS)
-                          if self.params['publish_compressed'] else None)
+        self._jpeg_pub = None
+        if self.params['publish_compressed']:
+            self._jpeg_pub = self.create_publisher(CompressedImage, 'image_raw/compressed',
+                                                   SENSOR_QOS)
         self._depth_pub = (self.create_publisher(Image, 'depth/image_raw', SENSOR_QOS)
                            if kind == 'realsense' and self.params['realsense.enable_depth']
                            else None)
@@ -78,27 +89,46 @@ class CameraNode(Node):
         self._published = 0
         self._connecting = threading.Lock()
         self._error = ''
-        self.create_timer(1.0 / self.params['fps'], self._tick)
+        self._tick_timer = self.create_timer(1.0 / self.params['fps'], self._tick)
         self.create_timer(1.0, self._report)
         self._reconnect_timer = self.create_timer(self.params['reconnect_period_s'],
                                                   self._ensure_connected)
         self._ensure_connected()
 
-    def _on_param(self, name: str, value: Any) -> None:
-        """Live change of the synthetic domain schedule (e.g. to drive a drift by hand)."""
-        self.params[name] = value
-        if name != 'synthetic.schedule' or self.params['source'] != 'synthetic':
-            return
-        try:
-            kind, fields = camera_fields(self.params)
-            camera = create_camera(kind, **fields)
-        except CdccaError as err:
-            self.get_logger().error(f'schedule {value!r} refused: {err}')
-            return
-        old, self.camera = self.camera, camera
-        old.disconnect()
-        self.get_logger().info(f'synthetic schedule is now {value!r}')
-        self._ensure_connected()
+    def _on_param(self, changes: dict[str, Any]) -> None:
+        """Apply runtime changes; a new source is built (and so checked) before anything
+        changes, and a ConfigError refuses the whole set."""
+        params = {**self.params, **changes}
+        camera = None
+        reopen = any(name in changes for name in SOURCE_PARAMS)
+        if reopen and (params['source'] == 'synthetic' or 'fps' in changes):
+            try:
+                kind, fields = camera_fields(params)
+                camera = create_camera(kind, **fields)
+            except CdccaError as err:
+                raise ConfigError(f'{", ".join(changes)} refused: {err}') from err
+        if 'publish_compressed' in changes:
+            if changes['publish_compressed'] and self._jpeg_pub is None:
+                self._jpeg_pub = self.create_publisher(CompressedImage, 'image_raw/compressed',
+                                                       SENSOR_QOS)
+            elif not changes['publish_compressed'] and self._jpeg_pub is not None:
+                self.destroy_publisher(self._jpeg_pub)
+                self._jpeg_pub = None
+        if 'fps' in changes:
+            self._tick_timer.cancel()
+            self.destroy_timer(self._tick_timer)
+            self._tick_timer = self.create_timer(1.0 / changes['fps'], self._tick)
+        if 'reconnect_period_s' in changes:
+            self._reconnect_timer.cancel()
+            self.destroy_timer(self._reconnect_timer)
+            self._reconnect_timer = self.create_timer(changes['reconnect_period_s'],
+                                                      self._ensure_connected)
+        if camera is not None:
+            old, self.camera = self.camera, camera
+            old.disconnect()
+            self.get_logger().info(f'source reopened: {camera.describe()}')
+            self._ensure_connected()
+        # frame_id and jpeg_quality are read from self.params at each frame.
 
     def _ensure_connected(self) -> None:
         if self.camera.is_connected or not self._connecting.acquire(blocking=False):
@@ -142,17 +172,13 @@ class CameraNode(Node):
             self._depth_pub.publish(image_to_msg(frame.depth, '16UC1', Image, header=header))
         if self._scene_pub is not None:
             # Ground truth of the frame: its domain and one question with its answers.
-            meta = {k: v for k, v in frame.meta.items() if k in ('domain', 'frame_index', 'seed')}
-            meta['stamp_ns'] = frame.stamp_ns
-            q = self.camera.ask(frame)
-            meta.update(question=q.text, answer=q.answer, answers=list(q.answers),
-                        qtype=q.qtype, choices=list(q.choices))
-            self._scene_pub.publish(String(data=json.dumps(meta)))
+            self._scene_pub.publish(String(data=scene_to_json(frame, self.camera.ask(frame))))
         self._published += 1
 
     def _report(self) -> None:
         stats = self.camera.stats
-        values = {'connected': self.camera.is_connected, 'published': self._published,
+        values = {'source': self.camera.describe(), 'connected': self.camera.is_connected,
+                  'published': self._published,
                   'fps': f'{stats.fps:.2f}', 'frames': stats.frames, 'drops': stats.drops,
                   'reconnects': stats.reconnects, 'last_error': self._error or stats.last_error}
         if not self.camera.is_connected:
@@ -167,17 +193,21 @@ class CameraNode(Node):
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> None:
-    use_dds_profile()
+def _spin(args: list[str] | None) -> int:
+    node = CameraNode()
+    unroute = route_logging(node)
     try:
-        with rclpy.init(args=args):
-            node = CameraNode()
-            try:
-                rclpy.spin(node)
-            finally:
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        rclpy.spin(node)
+    except ExternalShutdownException:
         pass
+    finally:
+        unroute()
+        node.destroy_node()
+    return 0
+
+
+def main(args: list[str] | None = None) -> None:
+    sys.exit(run_node('camera_node', _spin, args, table='camera_node', doc=__doc__))
 
 
 if __name__ == '__main__':

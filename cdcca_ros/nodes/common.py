@@ -1,8 +1,10 @@
 """ROS plumbing shared by the nodes: parameters from the tables, QoS profiles, diagnostics,
-executors."""
+errors, executors (the process around a node is in :mod:`cdcca_ros.nodes.process`)."""
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,12 +33,18 @@ from rclpy.qos import (
 
 from cdcca_ros.errors import ConfigError
 from cdcca_ros.nodes.dds_profile import DDS_PROFILE, use_dds_profile  # noqa: F401 - re-export
-from cdcca_ros.nodes.tables import TABLES, Param
+from cdcca_ros.nodes.tables import TABLES, Param, unknown_parameters
 
 SENSOR_QOS = qos_profile_sensor_data
 # Commands, answers and uplink samples: reliable, a bounded queue.
 RELIABLE_QOS = QoSProfile(depth=50, reliability=QoSReliabilityPolicy.RELIABLE,
                           history=QoSHistoryPolicy.KEEP_LAST)
+# Uplink samples between the ROS nodes and the link: reliable and KEEP_ALL, so a burst (a
+# spool drained after an outage) is held back by the reader instead of overwriting samples
+# it has not taken yet. Compatible with KEEP_LAST readers and writers (history is not
+# negotiated), which keep their own depth.
+UPLINK_QOS = QoSProfile(depth=50, reliability=QoSReliabilityPolicy.RELIABLE,
+                        history=QoSHistoryPolicy.KEEP_ALL)
 # The current model version and the last delta: latched, so late joiners see them.
 LATCHED_QOS = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.TRANSIENT_LOCAL,
@@ -48,9 +56,15 @@ DELTA_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
 
 
 def _descriptor(param: Param) -> ParameterDescriptor:
-    desc = ParameterDescriptor(description=param.description)
+    # Read-only unless the node applies a change while it runs: a set of a read-only parameter
+    # is refused by rclpy with the reason, instead of reporting success and changing nothing.
+    desc = ParameterDescriptor(description=param.description, read_only=not param.runtime)
+    constraints = []
     if param.choices:
-        desc.additional_constraints = 'one of: ' + ', '.join(param.choices)
+        constraints.append('one of: ' + ', '.join(param.choices))
+    if not param.runtime:
+        constraints.append('read-only: fixed when the node starts (restart to change)')
+    desc.additional_constraints = '; '.join(constraints)
     if param.type is int and (param.low is not None or param.high is not None):
         desc.integer_range = [IntegerRange(from_value=int(param.low if param.low is not None
                                                           else -2**63),
@@ -63,46 +77,163 @@ def _descriptor(param: Param) -> ParameterDescriptor:
     return desc
 
 
+ROS_PARAMETERS = ('use_sim_time', 'start_type_description_service')
+"""Parameters rclpy declares on every node by itself."""
+
+
+def _is_ros_parameter(name: str) -> bool:
+    return name in ROS_PARAMETERS or name.startswith('qos_overrides.')
+
+
+def _check_overrides(node: Node, table_name: str, table: dict[str, Param]) -> None:
+    """Refuse overrides (command line, YAML) that name no parameter of the table or carry a bad
+    value, with one line each; an integer given for a float parameter becomes a float."""
+    from rclpy.parameter import Parameter  # noqa: PLC0415
+
+    overrides = getattr(node, '_parameter_overrides', None)
+    if not isinstance(overrides, dict):
+        return
+    unknown = [n for n in overrides if n not in table and not _is_ros_parameter(n)]
+    if unknown:
+        raise unknown_parameters(table_name, unknown)
+    for name, param in list(overrides.items()):
+        spec = table.get(name)
+        if spec is None:
+            continue
+        try:
+            value = spec.check(param.value)
+        except ConfigError as err:
+            raise ConfigError(f'{node.get_name()}: {err}') from err
+        if spec.type is float and not isinstance(param.value, float):
+            overrides[name] = Parameter(name, value=value)  # fps:=5 means 5.0
+
+
 def declare_table(node: Node, table_name: str,
-                  on_change: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+                  on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Declare every parameter of ``table_name`` on ``node``, validated, and return the values.
 
-    The validation callback is registered before the declarations, so defaults and overrides
-    from YAML or the command line are checked too. A bad value makes the declaration fail with
-    a message naming the parameter and the value.
+    Overrides are checked first (an unknown name or a bad value raises :class:`ConfigError`
+    naming it, the range or the known names). The validation callback is registered before the
+    declarations, so defaults are checked too. Parameters the table marks ``runtime`` can then
+    be set through the standard parameter services: each value is checked, ``on_change`` applies
+    the accepted changes (it may refuse them by raising ConfigError, whose message becomes the
+    reason), and the returned dict is updated in place. The others are declared read-only.
 
     Args:
         node: the node.
         table_name: key of :data:`cdcca_ros.nodes.tables.TABLES`.
-        on_change: called with (name, value) after a later accepted change.
+        on_change: called with ``{name: value}`` of one accepted set (before it takes effect).
+
+    Raises:
+        ConfigError: an unknown override, a bad value, or a declaration rclpy refused.
     """
     table = {p.name: p for p in TABLES[table_name]}
-    declared: set[str] = set()
+    _check_overrides(node, table_name, table)
+    values: dict[str, Any] = {}
+    declaring = [True]
 
     def check(params) -> SetParametersResult:
+        changes = {}
         for p in params:
             spec = table.get(p.name)
             if spec is None:
                 continue
             try:
-                spec.check(p.value)
+                changes[p.name] = spec.check(p.value)
             except ConfigError as err:
                 return SetParametersResult(successful=False, reason=str(err))
-        for p in params:
-            if p.name in declared and on_change is not None:
-                on_change(p.name, p.value)
+        if declaring[0] or not changes:
+            return SetParametersResult(successful=True)
+        if on_change is not None:
+            try:
+                on_change(changes)
+            except ConfigError as err:
+                return SetParametersResult(successful=False, reason=str(err))
+        values.update(changes)
+        node.get_logger().info('parameters changed: ' + ', '.join(
+            f'{k}={v!r}' for k, v in changes.items()))
         return SetParametersResult(successful=True)
 
     node.add_on_set_parameters_callback(check)
-    values = {}
     for spec in table.values():
         try:
             param = node.declare_parameter(spec.name, spec.default, _descriptor(spec))
         except Exception as err:  # rclpy raises InvalidParameterValueException et al.
-            raise ConfigError(f'{node.get_name()}: {err}') from err
-        declared.add(spec.name)
+            text = ' '.join(str(err).split())
+            raise ConfigError(f'{node.get_name()}: parameter {spec.name!r}: {text}') from err
         values[spec.name] = spec.check(param.value)
+    declaring[0] = False
     return values
+
+
+def destroy_on_error(init: Callable[..., None]) -> Callable[..., None]:
+    """Decorate a node's ``__init__``: when it raises (a bad parameter), the half-built node is
+    destroyed at once, so the context's shutdown never meets it half-initialised."""
+    @functools.wraps(init)
+    def wrapper(self: Node, *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            try:
+                Node.destroy_node(self)
+            except Exception:  # noqa: BLE001 - Node.__init__ itself may have failed
+                pass
+            raise
+    return wrapper
+
+
+class LastError:
+    """A node's recent errors by kind, each cleared by a later success of its kind or by age.
+
+    Diagnostics show the most recent active error and its age; a node is at WARN only while one
+    is active, so one rejected frame does not leave it there for good (the counters keep the
+    history).
+    """
+
+    def __init__(self, hold_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.hold_s = hold_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._errors: dict[str, tuple[str, float]] = {}
+
+    def set(self, kind: str, text: str) -> str:
+        """Record ``text`` as the latest error of ``kind``; returns ``text``."""
+        with self._lock:
+            self._errors[kind] = (text, self._clock())
+        return text
+
+    def clear(self, *kinds: str) -> None:
+        """A success of these kinds: their errors are over."""
+        with self._lock:
+            for kind in kinds:
+                self._errors.pop(kind, None)
+
+    def latest(self) -> tuple[str, float | None]:
+        """The most recent active error and its age in seconds, or ('', None)."""
+        now = self._clock()
+        with self._lock:
+            for kind, (_, at) in list(self._errors.items()):
+                if now - at > self.hold_s:
+                    del self._errors[kind]
+            if not self._errors:
+                return '', None
+            text, at = max(self._errors.values(), key=lambda e: e[1])
+        return text, now - at
+
+    @property
+    def text(self) -> str:
+        return self.latest()[0]
+
+    def values(self) -> dict[str, Any]:
+        """``last_error`` and ``last_error_age_s`` for a diagnostics status."""
+        text, age = self.latest()
+        return {'last_error': text, 'last_error_age_s': '' if age is None else f'{age:.1f}'}
+
+
+def version_label(device_id: str, version: int | str) -> str:
+    """The one format of an adapter version everywhere it is shown: ``<device>:v<N>``."""
+    return f'{device_id}:v{version}'
 
 
 class Diagnostics:
@@ -181,8 +312,12 @@ class NodeSpinner:
     """
 
     def __init__(self, nodes: Sequence[Node], kind: str = 'multi_threaded', *,
-                 context: Context | None = None, num_threads: int = 4) -> None:
+                 context: Context | None = None, num_threads: int = 4,
+                 stop_when: Callable[[], bool] | None = None) -> None:
         """Create the executor and add ``nodes`` to it.
+
+        ``stop_when``, checked between slices of at most :data:`EVENTS_SLICE_S`, ends
+        :meth:`spin` when it returns True (e.g. :func:`failed`).
 
         Raises:
             ConfigError: ``kind`` is not one of :data:`EXECUTORS`, or ``num_threads`` < 1.
@@ -205,16 +340,15 @@ class NodeSpinner:
         for node in nodes:
             self.executor.add_node(node)
         self._stop = threading.Event()
+        self._stop_when = stop_when
         self._thread: threading.Thread | None = None
 
     def _ok(self) -> bool:
-        return not self._stop.is_set() and (self.context is None or self.context.ok())
+        return (not self._stop.is_set() and (self.context is None or self.context.ok())
+                and not (self._stop_when is not None and self._stop_when()))
 
     def spin(self) -> None:
-        """Run callbacks until :meth:`shutdown` or until the context shuts down."""
-        if self.kind != 'events':
-            self.executor.spin()
-            return
+        """Run callbacks until :meth:`shutdown`, ``stop_when`` or the context's shutdown."""
         try:
             while self._ok():
                 self.executor.spin_once(timeout_sec=EVENTS_SLICE_S)

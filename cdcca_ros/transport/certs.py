@@ -6,7 +6,7 @@ use. Keys are EC P-256, written with mode 0600; nothing is ever overwritten.
 
 Layout of ``--out DIR``::
 
-    ca.crt ca.key                    the certificate authority (keep ca.key offline in production)
+    ca.crt ca.key                    the certificate authority (ca.key never leaves this machine)
     router.crt router.key            the router's server certificate (SANs = --router-host)
     <cloud>.crt <cloud>.key          the cloud's client certificate (CN = cloud name)
     <device>.crt <device>.key        one client certificate per device (CN = device id)
@@ -240,11 +240,24 @@ def common_name(cert_path: str | Path) -> str:
     return str(attrs[0].value)
 
 
+MACHINES = """which files go to which machine (never copy ca.key: it stays where you sign):
+  router machine:   ca.crt  router.crt  router.key     (python -m cdcca_ros.transport.router
+                                                         --certs DIR, or zenohd)
+  cloud server:     ca.crt  <cloud>.crt <cloud>.key    (cloud_bridge.certs_dir)
+  each robot:       ca.crt  <device>.crt <device>.key  (device_bridge.certs_dir; only its own)
+  this machine:     ca.key  (to issue more: run again with --out DIR --devices NEW_ID)
+
+e.g. for robot7:  ssh robot7 mkdir -p /etc/cdcca/certs
+                  scp DIR/ca.crt DIR/robot7.crt DIR/robot7.key robot7:/etc/cdcca/certs/
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; see the module docstring."""
     parser = argparse.ArgumentParser(
         prog='python -m cdcca_ros.transport.certs',
-        description='Create a CA and the router/cloud/device certificates of the link.')
+        description='Create a CA and the router/cloud/device certificates of the link.',
+        epilog=MACHINES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', required=True, help='directory to write into')
     parser.add_argument('--cloud', default=None,
                         help=f'cloud certificate name (default {DEFAULT_CLOUD!r} with a new CA)')
@@ -252,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--router-host', nargs='+', default=None, dest='router_hosts',
                         help='router DNS names / IPs for its SANs '
                              f'(default {" ".join(DEFAULT_ROUTER_HOSTS)} with a new CA)')
-    parser.add_argument('--days', type=int, default=825, help='leaf validity in days')
+    parser.add_argument('--days', type=int, default=825,
+                        help='leaf validity in days (default: %(default)s)')
     args = parser.parse_args(argv)
     try:
         written = create_certificates(args.out, devices=args.devices, cloud=args.cloud,

@@ -30,6 +30,7 @@ import collections
 import hashlib
 import logging
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -68,6 +69,16 @@ from cdcca_ros.transport.keys import (
 from cdcca_ros.transport.spool import Inbox, LatestStore, Spool, SpoolEntry
 
 _log = logging.getLogger(__name__)
+
+
+# Zenoh appends the Rust source location of an error (" at /path/x.rs:388."): not for users.
+_ZENOH_SOURCE = re.compile(r'\s+at \S+\.rs:\d+\.?')
+
+
+def logger_for(name: str) -> logging.Logger:
+    """The logger of one end of the link (a child of this module's logger)."""
+    return _log.getChild(name)
+
 CLOUD_SOURCE = 'cloud'
 
 
@@ -252,7 +263,8 @@ class _Sender:
                 'go_backs': self.go_backs, 'ack_timeouts': self.timeouts,
                 'inflight': len(self._inflight), 'spooled_messages': s.messages,
                 'spooled_bytes': s.bytes, 'dropped': s.dropped,
-                'dropped_bytes': s.dropped_bytes, 'peer_reachable': self.matched}
+                'dropped_bytes': s.dropped_bytes, 'dropped_disk_full': s.dropped_disk_full,
+                'peer_reachable': self.matched}
 
 
 class _Receiver:
@@ -294,10 +306,16 @@ class _LinkBase:
     """Session management, the engine thread and the delivery thread shared by both ends."""
 
     def __init__(self, config: LinkConfig, inbox_path: Path,
-                 deliver: Callable[[LinkMessage], None], recorder: Recorder | None) -> None:
+                 deliver: Callable[[LinkMessage], None], recorder: Recorder | None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.config = config
         config.session.to_dict()  # fail now, not in the thread: missing files, wrong cert CN
+        #: This end's logger (``cdcca_ros.transport.link.<name>``), so a node can route it.
+        self.log = logger_for(config.session.name)
         self._deliver_cb = deliver
+        # Delivery waits while this says the application cannot take messages yet (no
+        # subscriber on the ROS side: a message published then would be lost).
+        self._ready = ready
         self._recorder = recorder
         self._inbox = Inbox(inbox_path, durable=config.durable)
         self._receiver = _Receiver(self._inbox, config)
@@ -357,7 +375,7 @@ class _LinkBase:
         with self._lock:
             self._last_error = text
             self._last_error_time = time.monotonic()
-        _log.log(level, '%s', text)
+        self.log.log(level, '%s', text)
 
     def _base_stats(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -383,29 +401,38 @@ class _LinkBase:
 
         sc = self.config.session
         backoff = sc.retry_init_ms / 1000
+        streak = 0  # failed opens in a row
         try:
             while not self._stop.is_set():
                 if self._session is None:
                     try:
                         self._open(zenoh)
                         backoff = sc.retry_init_ms / 1000
+                        streak = 0
                     except (zenoh.ZError, CdccaError) as err:
                         with self._lock:
                             self.connect_failures += 1
+                            streak += 1
                         # Zenoh reports every refusal (router down, TLS handshake or
-                        # certificate rejected) as the same error: name the likely causes.
-                        self._error(LinkError(
-                            f'cannot connect to {list(sc.connect)} as {sc.name!r}: {err} '
-                            '(router down or unreachable, or TLS refused: check that the '
-                            'certificate is signed by the router\'s CA and the host matches '
-                            'its SANs)'))
+                        # certificate rejected) as the same error: name the likely causes,
+                        # the certificates only where TLS is configured. Logged once per
+                        # streak of failures (the link retries quietly; stats count them).
+                        hint = 'router down or unreachable'
+                        if sc.certs_dir is not None:
+                            hint += (', or TLS refused: check that the certificate is signed by '
+                                     'the router\'s CA and the host matches its SANs')
+                        reason = _ZENOH_SOURCE.sub('', str(err)).strip()
+                        self._error(f'link down: cannot connect to {", ".join(sc.connect)} as '
+                                    f'{sc.name!r}: {reason} ({hint}); retrying quietly, every '
+                                    f'{sc.retry_max_ms / 1000:g} s at most',
+                                    logging.WARNING if streak == 1 else logging.DEBUG)
                         self._stop.wait(backoff)
                         backoff = min(backoff * 2, sc.retry_max_ms / 1000)
                         continue
                 try:
                     self._step()
                 except Exception as err:  # noqa: BLE001 - a link must outlive a bug in one step
-                    _log.exception('link engine step failed')
+                    self.log.exception('link engine step failed')
                     self._error(f'internal error: {type(err).__name__}: {err}', logging.ERROR)
                     self._stop.wait(self.config.tick_s)
         finally:
@@ -423,8 +450,8 @@ class _LinkBase:
         except (zenoh.ZError, CdccaError):
             self._close_session()
             raise
-        _log.info('%s: session open to %s', self.config.session.name,
-                  list(self.config.session.connect))
+        self.log.debug('%s: session open to %s', self.config.session.name,
+                       list(self.config.session.connect))
 
     def _close_session(self) -> None:
         for ent in reversed(self._entities):
@@ -495,6 +522,7 @@ class _LinkBase:
         if 'ROUTER' not in whatami.upper():
             return
         with self._lock:
+            was_up = self._router_transports > 0
             if up:
                 self._router_transports += 1
                 if self._ever_connected:
@@ -502,7 +530,11 @@ class _LinkBase:
                 self._ever_connected = True
             else:
                 self._router_transports = max(0, self._router_transports - 1)
-        _log.info('%s: router link %s', self.config.session.name, 'up' if up else 'down')
+        with self._lock:
+            changed = (self._router_transports > 0) != was_up
+        if changed:  # one line per change of state, not per transport
+            self.log.info('%s: link %s (router %s)', self.config.session.name,
+                          'up' if up else 'down', ', '.join(self.config.session.connect))
 
     def _on_raw(self, key: str, data: bytes, now: float) -> None:
         try:
@@ -538,13 +570,15 @@ class _LinkBase:
                 self._deliver_extra()
                 self._deliver_pending()
             except Exception as err:  # noqa: BLE001 - keep delivering after a store/recorder fault
-                _log.exception('link delivery failed')
+                self.log.exception('link delivery failed')
                 self._error(f'delivery failed: {type(err).__name__}: {err}', logging.ERROR)
                 self._stop.wait(0.5)
                 self._deliver_wake.set()  # try again
 
     def _deliver_pending(self) -> None:
         while not self._stop.is_set():
+            if self._ready is not None and not self._ready():
+                return  # stored messages wait (the loop comes back every 0.5 s)
             rows = self._inbox.undelivered(64)
             if not rows:
                 return
@@ -570,7 +604,7 @@ class _LinkBase:
                 self.callback_errors += 1
             self._error(f'callback failed on seq {msg.seq} from {msg.device!r} '
                         f'({msg.topic}): {type(err).__name__}: {err}', logging.ERROR)
-            _log.debug('callback traceback', exc_info=True)
+            self.log.debug('callback traceback', exc_info=True)
         else:
             with self._lock:
                 self.delivered += 1
@@ -616,14 +650,15 @@ class DeviceLink(_LinkBase):
 
     def __init__(self, device_id: str, config: LinkConfig, spool_dir: str | Path,
                  on_downlink: Callable[[LinkMessage], None],
-                 on_version: Callable[[bytes], None] | None = None) -> None:
+                 on_version: Callable[[bytes], None] | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.device_id = validate_device_id(device_id)
         if config.session.name != device_id:
             raise ConfigError(f'config.session.name={config.session.name!r} must be the '
                               f'device id {device_id!r} (its certificate)')
         self.keys = LinkKeys.for_device(device_id, config.prefix)
         spool_dir = Path(spool_dir)
-        super().__init__(config, spool_dir / 'downlink_inbox.sqlite', on_downlink, None)
+        super().__init__(config, spool_dir / 'downlink_inbox.sqlite', on_downlink, None, ready)
         self._spool = Spool(spool_dir / 'uplink.sqlite', config.spool_max_bytes,
                             config.spool_max_messages, durable=config.durable)
         self._on_version = on_version
@@ -687,8 +722,11 @@ class DeviceLink(_LinkBase):
 
     def _on_event(self, ev: tuple[Any, ...], now: float) -> None:
         if ev[0] == 'match':
+            was = self._sender.matched
             self._sender.set_matched(ev[1], now)
-            _log.info('%s: cloud %s', self.device_id, 'reachable' if ev[1] else 'unreachable')
+            if was != ev[1]:
+                self.log.info('%s: cloud %s', self.device_id,
+                              'reachable' if ev[1] else 'unreachable (uplink spooled)')
 
     def _on_frame(self, device: str, direction: str, channel: str, frame: Frame,
                   now: float) -> None:
@@ -773,16 +811,19 @@ class CloudLink(_LinkBase):
         devices: Devices served (the router's access control must list them too).
         recorder: Optional sink (e.g. :class:`~.recording.McapRecorder`) that gets every
             stored uplink message before ``on_uplink``.
+        ready: Stored uplink waits while this returns False (e.g. no subscriber yet).
     """
 
     def __init__(self, config: LinkConfig, store_dir: str | Path,
                  on_uplink: Callable[[LinkMessage], None], devices: Sequence[str],
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.store_dir = Path(store_dir)
         devices = [validate_device_id(d) for d in devices]
         if len(set(devices)) != len(devices):
             raise ConfigError(f'devices {devices} holds duplicates')
-        super().__init__(config, self.store_dir / 'uplink_inbox.sqlite', on_uplink, recorder)
+        super().__init__(config, self.store_dir / 'uplink_inbox.sqlite', on_uplink, recorder,
+                         ready)
         self._versions = LatestStore(self.store_dir / 'versions.sqlite', config.durable)
         self._devices: dict[str, _DeviceState] = {}
         self._devices_lock = threading.Lock()
@@ -902,8 +943,11 @@ class CloudLink(_LinkBase):
 
         if ev[0] == 'match':
             st = self._state(ev[1])
+            was = st.sender.matched
             st.sender.set_matched(ev[2], now)
-            _log.info('cloud: device %s %s', ev[1], 'reachable' if ev[2] else 'unreachable')
+            if was != ev[2]:
+                self.log.info('cloud: device %s %s', ev[1],
+                              'reachable' if ev[2] else 'unreachable')
             if ev[2]:
                 self._send_version(st, now)
         elif ev[0] == 'version':

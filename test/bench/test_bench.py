@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ from typing import Any
 import pytest
 
 from cdcca_ros.bench.__main__ import main, render_report
-from cdcca_ros.bench.common import BENCHES, Models, Target, jsonable, run_bench
+from cdcca_ros.bench.common import BENCHES, Models, Target, jsonable, load_bench, run_bench
 from cdcca_ros.errors import ConfigError
 
 REAL_CONFIGS = ('blip2-opt-2.7b', 'llava-1.5-7b', 'qwen2-vl-2b')
+OPS = {'<=': operator.le, '>=': operator.ge, '==': operator.eq}
 
 
 def _fraction(x: Any) -> bool:
@@ -173,10 +175,17 @@ def test_bench_writes_summary_machine_and_targets(records, name):
     assert machine['cpu_count'] >= 1 and machine['torch'] and machine['platform']
     assert machine['torch_threads'] == 1
     assert rec['targets'], 'every bench states its targets'
+    assert [(t['key'], t['op'], t['value']) for t in rec['targets']] == [
+        (t.key, t.op, t.value) for t in load_bench(name).TARGETS]
     for target in rec['targets']:
-        assert target['met'] in (True, False, None)
-        assert target['measured'] == Target(target['key'], target['op'], target['value']
-                                            ).measured(rec['summary'])
+        measured = target['measured']
+        assert measured == Target(target['key'], target['op'], target['value']
+                                  ).measured(rec['summary'])
+        # met: the bound applied to the figure, None where there is no finite number.
+        number = (isinstance(measured, (int, float)) and not isinstance(measured, bool)
+                  and math.isfinite(measured))
+        assert target['met'] is (OPS[target['op']](measured, target['value']) if number
+                                 else None), target
     assert rec['table']['headers'] and rec['table']['rows']
     CHECKS[name](rec['summary'], rec)
 
@@ -250,3 +259,12 @@ def test_gain_interval_brackets_the_gain():
     gain = (half - base).mean() / (full - base).mean()
     assert lo <= gain <= hi and 0.3 < lo < hi < 0.7
     assert gain_interval(full, full, base, seed=0) == (1.0, 1.0)
+
+
+def test_help_is_plain_text(capsys):
+    from cdcca_ros.bench.__main__ import main as bench_main
+
+    assert bench_main(['--help']) == 0
+    text = capsys.readouterr().out
+    assert text.startswith('usage: python -m cdcca_ros.bench NAME --out FILE.json')
+    assert '``' not in text and ':data:' not in text  # no reStructuredText markup

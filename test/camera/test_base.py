@@ -211,10 +211,24 @@ def test_sync_read_reopens_once_after_a_failure() -> None:
         assert cam.stats.reconnects == 1 and cam.stats.read_errors == 1
 
 
+class _WatchedCondition(threading.Condition):
+    """The camera's state condition, telling when a reader waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__(threading.Lock())
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting.set()
+        return super().wait(timeout)
+
+
 def test_disconnect_interrupts_a_waiting_read() -> None:
     cam = PluggableCamera(fps=0.5)  # a frame every two seconds
+    cam._state = _WatchedCondition()
     cam.connect()
     cam.read_latest(max_age_ms=1000)
+    cam._state.waiting.clear()
     errors: list[BaseException] = []
 
     def reader() -> None:
@@ -225,12 +239,14 @@ def test_disconnect_interrupts_a_waiting_read() -> None:
 
     thread = threading.Thread(target=reader)
     thread.start()
-    time.sleep(0.05)
+    # The read is waiting for the next frame (1.9 s away) when the camera is disconnected.
+    assert cam._state.waiting.wait(1.5), 'the read never waited for a frame'
     started = time.monotonic()
     cam.disconnect()
     thread.join(3)
-    assert time.monotonic() - started < 2.5
+    assert not thread.is_alive() and time.monotonic() - started < 1.5
     assert len(errors) == 1 and isinstance(errors[0], DeviceNotConnectedError)
+    assert 'disconnected while reading' in str(errors[0])  # not "call connect() first"
 
 
 @pytest.mark.parametrize('kind,params,needle', [

@@ -1,4 +1,11 @@
-"""Image <-> message conversion: round trips over sizes x encodings, malformed input rejected."""
+"""Image <-> message conversion: round trips over sizes x encodings, malformed input rejected.
+
+The tables run on the real ``sensor_msgs`` Image and CompressedImage (and std_msgs Header)
+wherever they import (always under ``make test``); a pure-Python checkout without the ROS
+wheels runs them on duck types with the same fields. A duck type also carries the few values
+the real classes refuse to hold (``data=None``), which other message sources (bags) may still
+deliver.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ from cdcca_ros.errors import ImageConversionError
 
 
 class DuckImage:
-    """The fields of sensor_msgs/Image, nothing else (the lead tests the real class)."""
+    """The fields of sensor_msgs/Image, nothing else (no ROS wheels; values the real class
+    refuses)."""
 
     def __init__(self) -> None:
         self.header: object = None
@@ -43,6 +51,25 @@ class DuckCompressed:
         self.data: object = b''
 
 
+try:
+    from builtin_interfaces.msg import Time
+    from sensor_msgs.msg import CompressedImage as Compressed
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
+
+    HEADER: object = Header(frame_id='camera_color_optical_frame', stamp=Time(sec=3, nanosec=4))
+except ImportError:  # no ROS wheels: the fields alone
+    Image, Compressed, HEADER = DuckImage, DuckCompressed, 'hdr'  # type: ignore[misc]
+
+
+def _as_duck(msg: object) -> DuckImage:
+    """A duck copy of a raw message's fields (to hold what the real class refuses)."""
+    duck = DuckImage()
+    for name in vars(DuckImage()):
+        setattr(duck, name, getattr(msg, name))
+    return duck
+
+
 SIZES = [(1, 1), (3, 5), (48, 64), (480, 640)]
 ENCODINGS = ['rgb8', 'bgr8', 'mono8', '16UC1', 'mono16']
 
@@ -50,27 +77,23 @@ ENCODINGS = ['rgb8', 'bgr8', 'mono8', '16UC1', 'mono16']
 def make_image(encoding: str, height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     spec = convert.ENCODINGS[encoding]
-    shape = (height, width, 3) if spec.channels == 3 else (height, width)
-    return rng.integers(0, np.iinfo(spec.dtype).max, size=shape, endpoint=True,
-                        dtype=spec.dtype)
-
-
-@pytest.fixture(autouse=True)
-def _numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # These tests pin our own path; where ROS cv_bridge is installed it would otherwise decode.
-    monkeypatch.setattr(convert, '_bridge', lambda: None)
+    shape = (height, width) if spec.channels == 1 else (height, width, spec.channels)
+    if spec.dtype.kind == 'f':
+        return rng.standard_normal(shape).astype(spec.dtype)
+    info = np.iinfo(spec.dtype)
+    return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=spec.dtype)
 
 
 @pytest.mark.parametrize('encoding', ENCODINGS)
 @pytest.mark.parametrize('size', SIZES, ids=lambda s: f'{s[0]}x{s[1]}')
 def test_raw_round_trip(encoding: str, size: tuple[int, int]) -> None:
     image = make_image(encoding, *size)
-    msg = image_to_msg(image, encoding, DuckImage, header='hdr')
+    msg = image_to_msg(image, encoding, Image, header=HEADER)
     spec = convert.ENCODINGS[encoding]
     assert (msg.height, msg.width, msg.encoding) == (size[0], size[1], encoding)
     assert msg.step == size[1] * spec.channels * spec.dtype.itemsize
     assert len(msg.data) == msg.step * msg.height
-    assert msg.header == 'hdr'
+    assert msg.header == HEADER
     back = msg_to_image(msg)
     assert back.dtype == image.dtype and back.shape == image.shape
     assert back.flags.c_contiguous
@@ -79,18 +102,31 @@ def test_raw_round_trip(encoding: str, size: tuple[int, int]) -> None:
 
 def test_decoded_array_is_a_copy_not_a_view_of_the_message() -> None:
     image = make_image('rgb8', 4, 6)
-    msg = image_to_msg(image, 'rgb8', DuckImage)
-    msg.data = bytearray(msg.data)
+    msg = image_to_msg(image, 'rgb8', Image)
+    msg.data = bytearray(msg.data)  # writable (the real class keeps an array.array)
     back = msg_to_image(msg)
-    msg.data[:] = bytes(len(msg.data))
+    view = memoryview(msg.data)
+    view[:] = bytes(len(view))
     np.testing.assert_array_equal(back, image)
 
 
 def test_array_array_data_like_rclpy_messages() -> None:
     image = make_image('16UC1', 5, 7)
-    msg = image_to_msg(image, '16UC1', DuckImage)
+    msg = image_to_msg(image, '16UC1', Image)
     msg.data = array.array('B', msg.data)  # what sensor_msgs.msg.Image stores
     np.testing.assert_array_equal(msg_to_image(msg), image)
+
+
+def test_the_tables_run_on_the_real_message_classes() -> None:
+    pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
+    from sensor_msgs.msg import CompressedImage
+    from sensor_msgs.msg import Image as RosImage
+
+    assert (Image, Compressed) == (RosImage, CompressedImage)
+    msg = image_to_msg(make_image('rgb8', 2, 3), 'rgb8', Image)
+    assert isinstance(msg.data, array.array)  # rclpy's storage, not bytes
+    with pytest.raises(TypeError):
+        msg.data = None  # the real class refuses what the duck below carries
 
 
 @pytest.mark.parametrize('encoding', ENCODINGS)
@@ -101,14 +137,14 @@ def test_padded_rows_are_skipped(encoding: str) -> None:
     step = row + 6
     padded = np.full((6, step), 0xAB, dtype=np.uint8)
     padded[:, :row] = np.frombuffer(image.tobytes(), np.uint8).reshape(6, row)
-    msg = image_to_msg(image, encoding, DuckImage)
+    msg = image_to_msg(image, encoding, Image)
     msg.step, msg.data = step, padded.tobytes()
     np.testing.assert_array_equal(msg_to_image(msg), image)
 
 
 def test_big_endian_depth() -> None:
     image = make_image('16UC1', 4, 3)
-    msg = image_to_msg(image, '16UC1', DuckImage)
+    msg = image_to_msg(image, '16UC1', Image)
     msg.is_bigendian, msg.data = 1, image.astype('>u2').tobytes()
     back = msg_to_image(msg)
     assert back.dtype == np.uint16 and back.dtype.isnative
@@ -125,22 +161,22 @@ def test_big_endian_depth() -> None:
 ])
 def test_colour_conversions(source: str, desired: str, expected) -> None:
     image = make_image(source, 7, 9, seed=3)
-    msg = image_to_msg(image, source, DuckImage)
+    msg = image_to_msg(image, source, Image)
     np.testing.assert_array_equal(msg_to_image(msg, desired), expected(image))
 
 
 def test_msg_to_rgb_from_bgr() -> None:
     image = make_image('bgr8', 3, 4)
-    np.testing.assert_array_equal(msg_to_rgb(image_to_msg(image, 'bgr8', DuckImage)),
+    np.testing.assert_array_equal(msg_to_rgb(image_to_msg(image, 'bgr8', Image)),
                                   image[..., ::-1])
 
 
-def _valid_msg(encoding: str = 'rgb8') -> DuckImage:
-    return image_to_msg(make_image(encoding, 4, 5), encoding, DuckImage)
+def _valid_msg(encoding: str = 'rgb8') -> object:
+    return image_to_msg(make_image(encoding, 4, 5), encoding, Image)
 
 
 def _set(**fields):
-    def mutate(msg: DuckImage) -> DuckImage:
+    def mutate(msg: object) -> object:
         for key, value in fields.items():
             setattr(msg, key, value)
         return msg
@@ -148,9 +184,10 @@ def _set(**fields):
 
 
 MALFORMED = [
-    ('unknown-encoding', 'rgb8', _set(encoding='yuv422'), "'yuv422'"),
+    ('unknown-encoding', 'rgb8', _set(encoding='yuv444_weird'), "'yuv444_weird'"),
     ('data-one-byte-short', 'rgb8', lambda m: _set(data=m.data[:-1])(m), '59 bytes'),
-    ('data-one-byte-long', 'mono8', lambda m: _set(data=m.data + b'x')(m), '21 bytes'),
+    ('data-one-byte-long', 'mono8', lambda m: _set(data=bytes(m.data) + b'x')(m),
+     '21 bytes'),
     ('step-below-row', 'rgb8', _set(step=14), 'step 14'),
     ('step-not-element-aligned', '16UC1', lambda m: _set(step=11, data=b'\0' * 44)(m),
      'step 11'),
@@ -158,7 +195,7 @@ MALFORMED = [
     ('negative-width', 'rgb8', _set(width=-5), '-5'),
     ('float-step', 'rgb8', _set(step=15.0), '15.0'),
     ('bad-bigendian', '16UC1', _set(is_bigendian=2), 'is_bigendian'),
-    ('data-not-bytes', 'mono8', _set(data=None), 'NoneType'),
+    ('data-not-bytes', 'mono8', lambda m: _set(data=None)(_as_duck(m)), 'NoneType'),
     ('encoding-not-str', 'mono8', _set(encoding=8), '8'),
 ]
 
@@ -183,7 +220,8 @@ def test_message_without_fields_is_rejected() -> None:
 
 
 @pytest.mark.parametrize('source,desired', [('16UC1', 'rgb8'), ('rgb8', '16UC1'),
-                                            ('mono8', 'rgba8')])
+                                            ('32FC1', 'mono8'), ('rgb8', 'yuv422'),
+                                            ('bayer_rggb8', 'rgba8'), ('mono8', 'bayer_bggr8')])
 def test_impossible_conversions_are_rejected(source: str, desired: str) -> None:
     msg = _valid_msg(source)
     with pytest.raises(ImageConversionError, match=desired):
@@ -197,7 +235,8 @@ BAD_ARRAYS = [
     ('rgba', lambda: np.zeros((4, 4, 4), np.uint8), 'bgr8', '(4, 4, 4)'),
     ('uint8-depth', lambda: np.zeros((4, 4), np.uint8), '16UC1', 'uint16'),
     ('empty', lambda: np.zeros((0, 4, 3), np.uint8), 'rgb8', 'empty'),
-    ('unknown-encoding', lambda: np.zeros((4, 4, 3), np.uint8), '8UC3', "'8UC3'"),
+    ('unknown-encoding', lambda: np.zeros((4, 4, 3), np.uint8), '9UC3', "'9UC3'"),
+    ('yuv-needs-two-channels', lambda: np.zeros((4, 4, 3), np.uint8), 'yuv422', 'HxWx2'),
     ('not-an-array', lambda: [[1, 2], [3, 4]], 'mono8', 'list'),
 ]
 
@@ -206,13 +245,13 @@ BAD_ARRAYS = [
                          ids=[c[0] for c in BAD_ARRAYS])
 def test_bad_arrays_are_rejected(make, encoding: str, needle: str) -> None:
     with pytest.raises(ImageConversionError) as info:
-        image_to_msg(make(), encoding, DuckImage)
+        image_to_msg(make(), encoding, Image)
     assert needle in str(info.value)
 
 
 def test_single_channel_hxwx1_is_accepted_as_mono() -> None:
     image = make_image('mono8', 3, 4)
-    msg = image_to_msg(image[..., None], 'mono8', DuckImage)
+    msg = image_to_msg(image[..., None], 'mono8', Image)
     np.testing.assert_array_equal(msg_to_image(msg), image)
 
 
@@ -227,7 +266,7 @@ def smooth_rgb(height: int, width: int) -> np.ndarray:
 @pytest.mark.parametrize('encoding', ['rgb8', 'bgr8', 'mono8', '16UC1'])
 def test_png_round_trip_is_exact(encoding: str, size: tuple[int, int]) -> None:
     image = make_image(encoding, *size, seed=5)
-    msg = image_to_compressed(image, 'png', DuckCompressed, encoding=encoding)
+    msg = image_to_compressed(image, 'png', Compressed, encoding=encoding)
     assert msg.format == 'png' and bytes(msg.data[:4]) == b'\x89PNG'
     desired = 'passthrough' if encoding == '16UC1' else encoding
     np.testing.assert_array_equal(compressed_to_image(msg, desired), image)
@@ -237,8 +276,8 @@ def test_png_round_trip_is_exact(encoding: str, size: tuple[int, int]) -> None:
 @pytest.mark.parametrize('size', [(16, 16), (480, 640)], ids=str)
 def test_jpeg_round_trip_is_close(fmt: str, size: tuple[int, int]) -> None:
     image = smooth_rgb(*size)
-    msg = image_to_compressed(image, fmt, DuckCompressed, quality=95, header='h')
-    assert msg.format == 'jpeg' and msg.header == 'h'
+    msg = image_to_compressed(image, fmt, Compressed, quality=95, header=HEADER)
+    assert msg.format == 'jpeg' and msg.header == HEADER
     back = compressed_to_image(msg, 'rgb8')
     assert back.shape == image.shape and back.dtype == np.uint8
     assert np.abs(back.astype(int) - image.astype(int)).mean() < 3.0
@@ -247,24 +286,24 @@ def test_jpeg_round_trip_is_close(fmt: str, size: tuple[int, int]) -> None:
 
 def test_image_transport_format_string_is_understood() -> None:
     image = smooth_rgb(16, 16)
-    msg = image_to_compressed(image, 'png', DuckCompressed)
+    msg = image_to_compressed(image, 'png', Compressed)
     msg.format = 'rgb8; png compressed bgr8'
     np.testing.assert_array_equal(compressed_to_image(msg, 'rgb8'), image)
 
 
 def test_compressed_decode_to_other_encodings() -> None:
     image = smooth_rgb(12, 10)
-    msg = image_to_compressed(image, 'png', DuckCompressed)
+    msg = image_to_compressed(image, 'png', Compressed)
     np.testing.assert_array_equal(compressed_to_image(msg, 'bgr8'), image[..., ::-1])
     np.testing.assert_array_equal(compressed_to_image(msg, 'passthrough'), image[..., ::-1])
 
 
-def _png_msg() -> DuckCompressed:
-    return image_to_compressed(smooth_rgb(8, 8), 'png', DuckCompressed)
+def _png_msg() -> object:
+    return image_to_compressed(smooth_rgb(8, 8), 'png', Compressed)
 
 
-def _jpeg_msg() -> DuckCompressed:
-    return image_to_compressed(smooth_rgb(8, 8), 'jpeg', DuckCompressed)
+def _jpeg_msg() -> object:
+    return image_to_compressed(smooth_rgb(8, 8), 'jpeg', Compressed)
 
 
 BAD_COMPRESSED = [
@@ -294,7 +333,7 @@ def test_bad_compressed_messages_are_rejected(make, needle: str) -> None:
 ])
 def test_bad_compression_requests_are_rejected(image, fmt: str, kwargs, needle: str) -> None:
     with pytest.raises(ImageConversionError) as info:
-        image_to_compressed(image, fmt, DuckCompressed, **kwargs)
+        image_to_compressed(image, fmt, Compressed, **kwargs)
     assert needle in str(info.value)
 
 
@@ -324,3 +363,31 @@ def test_annotate_rejects_non_rgb() -> None:
         annotate(np.zeros((8, 8), np.uint8), ['hi'])
     with pytest.raises(ImageConversionError, match='alpha'):
         annotate(np.zeros((8, 8, 3), np.uint8), ['hi'], alpha=2.0)
+
+
+@pytest.mark.parametrize('kind', ['png', 'jpeg'])
+def test_compressed_header_claiming_a_huge_image_is_refused_before_decoding(kind):
+    """A PNG IHDR or JPEG start-of-frame claiming 60000x60000 pixels: refused at once (OpenCV
+    would allocate for it first; the fuzz bench saw one such input take 22 s)."""
+    import struct
+    import zlib
+
+    import cv2
+
+    from cdcca_ros.camera.convert import compressed_to_image
+    from cdcca_ros.errors import ImageConversionError
+
+    rgb = np.zeros((24, 32, 3), np.uint8)
+    data = bytearray(cv2.imencode('.png' if kind == 'png' else '.jpg', rgb)[1].tobytes())
+    if kind == 'png':
+        data[16:24] = struct.pack('>II', 60000, 60000)
+        data[29:33] = struct.pack('>I', zlib.crc32(bytes(data[12:29])))
+    else:
+        sof = data.index(b'\xff\xc0')
+        data[sof + 5:sof + 9] = struct.pack('>HH', 60000, 60000)
+
+    class Msg:
+        format = kind
+    Msg.data = bytes(data)
+    with pytest.raises(ImageConversionError, match='header declares 60000x60000'):
+        compressed_to_image(Msg())

@@ -497,11 +497,25 @@ def test_fit_groups_samples_with_different_kept_counts(teacher: TinyMLLM) -> Non
     for i, s in enumerate(data):
         kept = torch.tensor([0, 1, 4, 7]) if i % 2 else torch.tensor([0, 4, 5])
         mixed.append(AkdSample(s.tokens[kept], kept, s.question, s.answer))
-    trainer = AKDTrainer(teacher, make_student(), AKDConfig(steps=4, batch_size=8),
+    four, three = mixed[1::2], mixed[0::2]
+    trainer = AKDTrainer(teacher, make_student(), AKDConfig(steps=12, batch_size=8, lr=3e-3),
                          progress=False)
+    stacked: list[set[int]] = []
+    step = trainer.step
+
+    def recording_step(tokens, indices, questions, answers):
+        stacked.append({int(tokens.shape[1])})
+        assert indices is not None and indices.shape == tokens.shape[:2]
+        return step(tokens, indices, questions, answers)
+    trainer.step = recording_step
+    before = {n: trainer.evaluate(g)['total'] for n, g in (('four', four), ('three', three))}
     history = trainer.fit(mixed)
-    assert len(history) == 4
-    assert set(trainer.evaluate(mixed)) == {'total', 'query', 'repr', 'ce'}
+    assert len(history) == 12
+    # Every batch stacks one group (4 or 3 kept tokens), and both groups were trained on ...
+    assert set().union(*stacked) == {3, 4}
+    # ... so the loss fell on each group, not only on the one the batches favoured.
+    after = {n: trainer.evaluate(g)['total'] for n, g in (('four', four), ('three', three))}
+    assert all(after[n] < 0.9 * before[n] for n in before), (before, after)
 
 
 def test_equal_widths_use_identity_projectors(teacher: TinyMLLM) -> None:
@@ -541,11 +555,25 @@ def test_uts_to_akd_round_trip(teacher: TinyMLLM) -> None:
         result = pipe.process(answer.step_probs, sample.tokens)
         assert result is not None
         assert result.kept_indices.tolist()[0] == 0 and len(result.kept_indices) == 5
-        uplink.append(AkdSample(unpack_tokens(result.packed), result.kept_indices,
-                                sample.question))
-    trainer = AKDTrainer(teacher, student, AKDConfig(steps=3, batch_size=3), progress=False)
-    history = trainer.fit(uplink)
-    assert len(history) == 3 and all(math.isfinite(h['total']) for h in history)
+        tokens = unpack_tokens(result.packed)
+        # int8 with a scale per token: within half a step of the kept tokens.
+        kept = sample.tokens[result.kept_indices]
+        step = kept.abs().amax(dim=1, keepdim=True) / 127
+        assert bool(((tokens - kept).abs() <= 0.5 * step + 1e-6).all())
+        uplink.append(AkdSample(tokens, result.kept_indices, sample.question))
+    trainer = AKDTrainer(teacher, student, AKDConfig(steps=20, batch_size=3, lr=3e-3),
+                         progress=False)
+    labelled = trainer.label(uplink)
+    # The cloud labels from what was uplinked: its answers on those tokens alone.
+    assert [s.answer for s in labelled] == [
+        r.text for r in teacher.answer_from_tokens(
+            torch.stack([s.tokens for s in uplink]), torch.stack([s.indices for s in uplink]),
+            [s.question for s in uplink])]
+    before = trainer.evaluate(labelled)
+    history = trainer.fit(labelled)
+    assert len(history) == 20
+    after = trainer.evaluate(labelled)
+    assert after['total'] < 0.9 * before['total'] and after['ce'] < before['ce'], (before, after)
 
 
 # --- the real BLIP-2 family (tiny, offline) ----------------------------------------------------

@@ -15,6 +15,7 @@ from tiny_models import QUESTION, random_images, red_teacher_and_student
 from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
 from cdcca_ros.core.device_runtime import DeviceRuntime
+from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.updates import DeltaEnvelope, seal_delta
 from cdcca_ros.core.uts import UtsConfig, UtsPipeline, unpack_tokens
 from cdcca_ros.core.wire import generate_keypair
@@ -43,10 +44,11 @@ def _round(models, images, tmp_path, codec='sparse', codec_params=None, **cfg):
     private, public = generate_keypair()
     device = DeviceRuntime(_load_student(student_dir), 'robot1', public, tmp_path / 'device',
                            probe_image=images[0])
+    # The paper's plain round: these tests are about the delta's path, not the guard.
     cloud = CloudRuntime(teacher, _load_student(student_dir), private, CloudConfig(
         min_samples=len(images), akd=AKDConfig(steps=30, lr=5e-3, batch_size=6),
-        codec=codec, codec_params=codec_params or {}, **{'budget_bytes': None, **cfg}),
-        state_dir=tmp_path / 'cloud')
+        codec=codec, codec_params=codec_params or {}, guard=GuardConfig.plain(30),
+        **{'budget_bytes': None, **cfg}), state_dir=tmp_path / 'cloud')
     assert cloud.device('robot1').hash == device.base_hash  # both start from the same base
     _uplink(device, cloud, images)
     return device, cloud, cloud.run_round('robot1'), private
@@ -130,13 +132,13 @@ def test_cloud_state_survives_restart(models, images, tmp_path):
                              state_dir=tmp_path / 'cloud')
     again = restarted.device('robot1')
     assert (again.version, again.round, again.hash) == (state.version, state.round, state.hash)
-    assert again.pending == []
+    assert again.pending() == 0
     # Pending samples are on disk too.
     restarted.add_sample('robot1', torch.zeros(3, restarted.space.dim), torch.tensor([0, 1, 2]),
                          QUESTION, restarted.space.num_tokens, restarted.space.dim)
     third = CloudRuntime(teacher, _load_student(student_dir), private, cloud.cfg,
                          state_dir=tmp_path / 'cloud')
-    assert len(third.device('robot1').pending) == 1
+    assert third.device('robot1').pending() == 1
     # A sample re-delivered after a restart (the link is at-least-once) is taken only once.
     args = (torch.zeros(3, third.space.dim), torch.tensor([0, 1, 2]), QUESTION,
             third.space.num_tokens, third.space.dim)
@@ -145,7 +147,7 @@ def test_cloud_state_survives_restart(models, images, tmp_path):
                           state_dir=tmp_path / 'cloud')
     assert not fourth.add_sample('robot1', *args, sample_id='robot1-7')
     assert fourth.add_sample('robot1', *args, sample_id='robot1-8')
-    assert len(fourth.device('robot1').pending) == 3
+    assert fourth.device('robot1').pending() == 3
 
 
 def test_wrong_vision_space_is_refused(models, tmp_path):

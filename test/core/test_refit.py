@@ -62,9 +62,10 @@ def test_refit_lowers_the_objective_within_the_budget(round_state):
     for k, v in result.compressed.decoded.items():
         assert not bool(((v != 0) & (result.initial.decoded[k] == 0)).any()), k
     # The refit payload is further from the raw delta yet better on the samples: it is not a
-    # closer copy, it is retrained.
-    assert result.compressed.stats.rel_l2_error == pytest.approx(
-        dwc.rel_l2_error(s['delta'], result.compressed.decoded))
+    # closer copy, it is retrained (here 0.71 vs 0.68 relative L2, objective 3.04 vs 3.37).
+    refit_error = dwc.rel_l2_error(s['delta'], result.compressed.decoded)
+    assert result.compressed.stats.rel_l2_error == pytest.approx(refit_error)
+    assert refit_error > dwc.rel_l2_error(s['delta'], result.initial.decoded)
     # The student is back on the trained weights.
     now = s['student'].trainable_state_dict()
     assert all(torch.equal(now[k], s['trained'][k]) for k in now)

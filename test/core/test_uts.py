@@ -624,3 +624,42 @@ def test_pipeline_rejects_more_tokens_than_uint16_indices() -> None:
     with pytest.raises(ValueError, match='uint16'):
         pipe.process(np.full((1, 4), 0.25), torch.zeros(MAX_TOKENS + 1, 2))
     assert calls == [] and pipe.selector.offered == 0
+
+
+# --- the audit stream and the token ring ---------------------------------------------------
+def test_audit_samples_are_drawn_whatever_the_uncertainty():
+    from cdcca_ros.core.uts import UtsConfig, UtsPipeline
+
+    tokens = torch.randn(10, 8)
+    sure = np.zeros((2, 5), np.float32)
+    sure[:, 0] = 1.0  # zero entropy: stage 1 never selects it
+    feats = lambda t, p, m: torch.rand(m, 1, t.shape[1], 4)  # noqa: E731
+    never = UtsPipeline(UtsConfig(stage1_threshold=10.0, audit_fraction=0.0), feats)
+    assert all(never.process(sure, tokens) is None for _ in range(50))
+    half = UtsPipeline(UtsConfig(stage1_threshold=10.0, audit_fraction=0.5, audit_seed=1), feats)
+    results = [half.process(sure, tokens) for _ in range(400)]
+    audits = [r for r in results if r is not None]
+    assert 0.4 < len(audits) / 400 < 0.6 and half.audits == len(audits)
+    r = audits[0]
+    assert r.audit and r.kept_indices.tolist() == list(range(10))
+    assert r.packed.shape == (10, 8)
+    with pytest.raises(ConfigError):
+        UtsConfig(audit_fraction=1.5)
+
+
+def test_token_ring_returns_the_rest_and_stays_bounded():
+    from cdcca_ros.core.uts import TokenRing
+
+    ring = TokenRing(max_samples=3, max_bytes=10_000)
+    full = torch.arange(40, dtype=torch.float32).reshape(10, 4)
+    ring.put('a', full, torch.tensor([0, 2, 5]))
+    tokens, idx = ring.rest('a')
+    assert idx.tolist() == [1, 3, 4, 6, 7, 8, 9] and torch.equal(tokens, full[idx])
+    for name in 'bcd':
+        ring.put(name, full, torch.tensor([0]))
+    assert len(ring) == 3 and ring.rest('a') is None  # the oldest went
+    assert ring.missed == 1 and ring.served == 1
+    big = TokenRing(max_samples=100, max_bytes=400)
+    for i in range(5):
+        big.put(str(i), full, torch.tensor([0]))  # 160 bytes each
+    assert big.nbytes <= 400 and len(big) == 2

@@ -5,6 +5,7 @@ import hashlib
 import os
 import random
 import stat
+import struct
 
 import pytest
 import torch
@@ -28,17 +29,34 @@ def _sd() -> dict[str, torch.Tensor]:
             's': torch.tensor(1.5), 'e': torch.zeros(0, 2)}
 
 
+def _spec_hash(sd: dict[str, torch.Tensor]) -> str:
+    """The documented digest, written out independently: sha256 over a tag, then per name in
+    sorted order its length-prefixed UTF-8 name, dtype name and comma-joined shape, the byte
+    length (8-byte little endian) and the little-endian bytes."""
+    def lp(data: bytes) -> bytes:
+        return struct.pack('<Q', len(data)) + data
+
+    h = hashlib.sha256(b'cdcca-state-dict-v1')
+    for name in sorted(sd):
+        t = sd[name].contiguous()
+        arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()  # no bf16
+        raw = arr.astype(arr.dtype.newbyteorder('<')).tobytes()
+        h.update(lp(name.encode()) + lp(str(t.dtype).removeprefix('torch.').encode())
+                 + lp(','.join(map(str, t.shape)).encode()) + struct.pack('<Q', len(raw)) + raw)
+    return h.hexdigest()
+
+
 def test_hash_is_deterministic_and_ignores_order_layout_and_copies() -> None:
     sd = _sd()
     h = wire.state_dict_hash(sd)
-    assert len(h) == 64 and int(h, 16) >= 0
+    assert h == _spec_hash(sd)
     assert wire.state_dict_hash(dict(reversed(list(sd.items())))) == h
     assert wire.state_dict_hash({k: v.clone() for k, v in sd.items()}) == h
     # A transposed-then-transposed (non-contiguous) view holds the same values.
     nc = dict(sd, b=sd['b'].t().contiguous().t())
     assert not nc['b'].is_contiguous()
     assert wire.state_dict_hash(nc) == h
-    assert wire.state_dict_hash({}) == wire.state_dict_hash({})
+    assert wire.state_dict_hash({}) == _spec_hash({}) != h
 
 
 @pytest.mark.parametrize('change', ['one_ulp', 'dtype', 'shape', 'name', 'drop', 'add'])

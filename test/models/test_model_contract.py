@@ -1,10 +1,12 @@
-"""The contract's dataclasses validate their values (cdcca_ros/models/base.py)."""
+"""The model contract (cdcca_ros/models/base.py): its dataclasses validate their values, and
+every registered family implements it."""
 from __future__ import annotations
 
 import pytest
 
 from cdcca_ros.errors import ConfigError
 from cdcca_ros.models import MLLM, TrainableConfig, VisionSpace
+from cdcca_ros.models.registry import FAMILIES, family_class
 
 
 @pytest.mark.parametrize(('kwargs', 'match'), [
@@ -43,6 +45,19 @@ def test_trainable_config_dict_round_trip():
     assert TrainableConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_mllm_is_abstract():
-    with pytest.raises(TypeError):
-        MLLM()  # type: ignore[abstract]
+# What every family must provide (cdcca_ros/models/base.py): answers with token probabilities,
+# vision tokens, query features and fused representations, the trainable set, save/load.
+CONTRACT = {'vision_space', 'vision_tokens', 'answer', 'answer_from_tokens', 'forward_train',
+            'mc_token_features', 'configure_trainable', 'trainable_state_dict',
+            'load_trainable_state_dict', 'save', 'load'}
+
+
+def test_the_contract_is_abstract_and_every_family_implements_it():
+    assert MLLM.__abstractmethods__ == CONTRACT
+    for family in sorted(FAMILIES):
+        cls = family_class(family)
+        assert issubclass(cls, MLLM) and not cls.__abstractmethods__, (family,
+                                                                      cls.__abstractmethods__)
+        for name in CONTRACT:  # implemented below MLLM, not inherited from its stub
+            owner = next(k for k in cls.__mro__ if name in vars(k))
+            assert owner is not MLLM, (family, name)

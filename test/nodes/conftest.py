@@ -22,3 +22,14 @@ def tiny_student_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp('models') / 'student'
     model.save(path)
     return path
+
+
+@pytest.fixture(scope='session')
+def red_models(tmp_path_factory):
+    """``tiny_models``' red-answering teacher, its saved student folder and the images: trained
+    once per session for every node test that runs a round (training takes seconds)."""
+    from tiny_models import random_images, red_teacher_and_student
+
+    images = random_images()
+    path = tmp_path_factory.mktemp('red_student')
+    return red_teacher_and_student(path, images), path, images

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -41,7 +43,7 @@ def test_profile_file_holds_a_frame_in_shared_memory() -> None:
 
 
 SUBSCRIBER = r'''
-import sys, time
+import sys, threading
 import rclpy
 from rclpy.node import Node
 from sensor_msgs.msg import Image
@@ -49,13 +51,20 @@ from cdcca_ros.nodes.common import SENSOR_QOS, use_dds_profile
 use_dds_profile()
 rclpy.init()
 node = Node('frame_counter')
-got = []
-node.create_subscription(Image, 'frames', lambda m: got.append(len(m.data)), SENSOR_QOS)
-print('ready', flush=True)
-end = time.monotonic() + float(sys.argv[1])
-while time.monotonic() < end:
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+
+def got(msg):
+    if len(msg.data) == 640 * 480 * 3:
+        print('frame', flush=True)
+
+sub = node.create_subscription(Image, 'frames', got, SENSOR_QOS)
+matched = False
+while not stop.is_set():  # until the test's line on stdin (or its end)
     rclpy.spin_once(node, timeout_sec=0.05)
-print(len([n for n in got if n == 640 * 480 * 3]), flush=True)
+    if not matched and sub.get_publisher_count() >= 1:
+        matched = True
+        print('matched', flush=True)
 '''
 
 
@@ -66,28 +75,46 @@ def test_vga_frames_reach_another_process_on_best_effort(ros_context) -> None:
 
     from cdcca_ros.nodes.common import SENSOR_QOS
 
-    proc = subprocess.Popen([sys.executable, '-c', SUBSCRIBER, '12'], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, '-c', SUBSCRIBER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None and proc.stdin is not None
+    threading.Thread(target=lambda: [lines.put(x.strip()) for x in proc.stdout],
+                     daemon=True).start()
+
+    def next_line(timeout: float) -> str | None:
+        try:
+            return lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
     node = Node('frame_source', context=ros_context)
+    sent = 30
+    received = 0
     try:
         pub = node.create_publisher(Image, 'frames', SENSOR_QOS)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == 'ready'
-        deadline = time.monotonic() + 8.0
+        # Both sides have discovered each other (a best-effort frame sent earlier is lost).
+        deadline = time.monotonic() + 15.0
         while pub.get_subscription_count() < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert pub.get_subscription_count() == 1
-        time.sleep(0.5)
+        assert next_line(max(0.0, deadline - time.monotonic())) == 'matched'
         frame = np.random.default_rng(0).integers(0, 255, 640 * 480 * 3, dtype=np.uint8)
         msg = Image(height=480, width=640, encoding='rgb8', step=640 * 3,
                     data=frame.tobytes())
-        sent = 30
         for _ in range(sent):
             pub.publish(msg)
-            time.sleep(0.1)
-        received = int(proc.stdout.readline())
+            time.sleep(0.1)  # a 10 fps camera
+        # Count arrivals until all did, or none came for a second (the rest are lost).
+        while received < sent and next_line(1.0) == 'frame':
+            received += 1
     finally:
         node.destroy_node()
-        if proc.poll() is None:
+        try:
+            proc.stdin.write('stop\n')
+            proc.stdin.close()
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
             proc.kill()
-        proc.wait(timeout=20)
+            proc.wait(timeout=10)
     assert received >= sent * 0.8, f'{received} of {sent} frames arrived'

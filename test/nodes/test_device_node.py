@@ -1,7 +1,9 @@
 """device_node on each executor it can spin on, its frame fast path and its deferred publishing.
 
-The node runs on a real graph (the robot and the client in two rclpy contexts) around a tiny
-BLIP-2; the client checks every answer against ``DeviceRuntime.answer`` on the same frame.
+The node runs on a real graph (the robot and the client in two rclpy contexts) around the
+bundled student, whose answers depend on the frame and the question (a random tiny model
+answers the same words to everything, so an answer about the wrong frame or question would go
+unnoticed); the client checks every answer against ``DeviceRuntime.answer`` on the same frame.
 """
 from __future__ import annotations
 
@@ -16,16 +18,24 @@ EXECUTOR_KINDS = ('events', 'multi_threaded', 'single_threaded')
 
 
 @pytest.fixture
-def tiny_runtime(tiny_student_dir, tmp_path):
+def student_runtime(tmp_path):
+    """The bundled student (small: ~10 ms an answer) behind a DeviceRuntime."""
     from cdcca_ros.core.device_runtime import DeviceRuntime
     from cdcca_ros.models import bundled
 
-    return DeviceRuntime(bundled.load(str(tiny_student_dir)), 'robot1',
+    return DeviceRuntime(bundled.load('bundled:student'), 'robot1',
                          state_dir=tmp_path / 'state')
 
 
 def _frame(seed: int, width: int = 64, height: int = 48) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _scene(index: int, width: int = 64, height: int = 48) -> np.ndarray:
+    """A synthetic-world frame (source domain), the kind the bundled student knows."""
+    from cdcca_ros.sim.world import World
+
+    return World(0).sample('source', index, (width, height)).image
 
 
 def _image_msg(rgb: np.ndarray, stamp=None, encoding: str = 'rgb8'):
@@ -41,7 +51,7 @@ def _image_msg(rgb: np.ndarray, stamp=None, encoding: str = 'rgb8'):
 
 
 @pytest.mark.parametrize('kind', EXECUTOR_KINDS)
-def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
+def test_ask_answers_on_every_executor(ros_context_pair, student_runtime, kind):
     """Latest frame and frame-in-request answers equal the direct ones; Answer, the annotated
     image and the UTS hand-off all follow, one per answer, in answer order (published after
     the response on the one-thread executors, before it on the multi-threaded one)."""
@@ -55,7 +65,7 @@ def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
     from cdcca_ros.nodes.device_node import DeviceNode
 
     ctx_robot, ctx_client = ros_context_pair
-    device = DeviceNode(tiny_runtime, context=ctx_robot)
+    device = DeviceNode(student_runtime, context=ctx_robot)
     handed = []
     device.listeners.append(lambda sample, header, rgb: handed.append((sample.text, header,
                                                                        rgb.copy())))
@@ -82,7 +92,17 @@ def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
         assert spin_until([executor], ask.service_is_ready, 30.0), 'ask service not found'
         assert spin_until([executor], lambda: device.count_subscribers('answer') > 0
                           and device.count_subscribers('annotated_image') > 0, 10.0)
-        rgb = _frame(1)
+        rgb, other = _scene(0), _scene(11)  # a blue and a red triangle
+        questions = ['what color is the triangle?', 'how many shapes are there?']
+        # The model's answers tell questions and frames apart, so an answer about the wrong
+        # question or frame cannot equal the direct one (bgr8 decoded as rgb would swap the
+        # colour too).
+        direct = {(f, q): student_runtime.answer(im, q).text
+                  for f, im in (('latest', rgb), ('other', other)) for q in questions}
+        assert direct['latest', questions[0]] != direct['latest', questions[1]], direct
+        assert direct['other', questions[0]] != direct['latest', questions[0]], direct
+        assert student_runtime.answer(other[:, :, ::-1].copy(), questions[0]).text != (
+            direct['other', questions[0]]), direct
         msg = _image_msg(rgb, client.get_clock().now().to_msg())
         assert spin_until([executor], lambda: image_pub.get_subscription_count() > 0, 10.0)
 
@@ -95,21 +115,20 @@ def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
             if spin_until([executor], frame_arrived, 0.5):
                 break
         assert frame_arrived(), f'the device never received the frame on {kind}'
-        questions = ['what color is the circle?', 'how many objects are there?']
         texts = []
         for i, question in enumerate(questions):
             response = call(Ask.Request(question_id=f'q{i}', question=question))
             assert response.success, response.message
             assert response.answer.image_stamp == msg.header.stamp
-            assert response.answer.answer == tiny_runtime.answer(rgb, question).text
+            assert response.answer.question == question
+            assert response.answer.answer == direct['latest', question]
             texts.append(response.answer.answer)
         # A frame inside the request, in an encoding that needs converting.
-        other = _frame(2)
         response = call(Ask.Request(question_id='q2', question=questions[0], use_image=True,
                                     image=_image_msg(other[:, :, ::-1].copy(),
                                                      encoding='bgr8')))
         assert response.success, response.message
-        assert response.answer.answer == tiny_runtime.answer(other, questions[0]).text
+        assert response.answer.answer == direct['other', questions[0]]
         texts.append(response.answer.answer)
 
         assert spin_until([executor], lambda: len(answers) == 3 and len(annotated) == 3
@@ -130,10 +149,10 @@ def test_ask_answers_on_every_executor(ros_context_pair, tiny_runtime, kind):
         device.destroy_node()
 
 
-def test_node_without_executor_publishes_at_once(ros_context, tiny_runtime):
+def test_node_without_executor_publishes_at_once(ros_context, student_runtime):
     from cdcca_ros.nodes.device_node import DeviceNode
 
-    device = DeviceNode(tiny_runtime, context=ros_context)
+    device = DeviceNode(student_runtime, context=ros_context)
     handed = []
     device.listeners.append(lambda sample, header, rgb: handed.append(sample.text))
     try:
@@ -172,7 +191,7 @@ def test_frame_rgb_views_packed_rgb8_and_converts_the_rest():
         frame_rgb(broken)
 
 
-def test_unknown_executor_is_refused(ros_context, tiny_runtime):
+def test_unknown_executor_is_refused(ros_context, student_runtime):
     from rclpy.parameter import Parameter
 
     from cdcca_ros.errors import ConfigError
@@ -180,9 +199,9 @@ def test_unknown_executor_is_refused(ros_context, tiny_runtime):
     from cdcca_ros.nodes.device_node import DeviceNode
 
     with pytest.raises(ConfigError, match="'executor'"):
-        DeviceNode(tiny_runtime, context=ros_context,
+        DeviceNode(student_runtime, context=ros_context,
                    parameter_overrides=[Parameter('executor', value='turbo')])
-    device = DeviceNode(tiny_runtime, context=ros_context)
+    device = DeviceNode(student_runtime, context=ros_context)
     try:
         with pytest.raises(ConfigError, match="unknown executor 'turbo'"):
             NodeSpinner([device], 'turbo', context=ros_context)
@@ -193,7 +212,7 @@ def test_unknown_executor_is_refused(ros_context, tiny_runtime):
         device.destroy_node()
 
 
-def test_events_falls_back_where_rclpy_has_no_events_executor(ros_context, tiny_runtime,
+def test_events_falls_back_where_rclpy_has_no_events_executor(ros_context, student_runtime,
                                                               monkeypatch):
     from rclpy.executors import MultiThreadedExecutor
 
@@ -201,7 +220,7 @@ def test_events_falls_back_where_rclpy_has_no_events_executor(ros_context, tiny_
     from cdcca_ros.nodes.device_node import DeviceNode
 
     monkeypatch.setattr(common, 'events_executor_factory', lambda: None)
-    device = DeviceNode(tiny_runtime, context=ros_context)
+    device = DeviceNode(student_runtime, context=ros_context)
     try:
         spinner = common.NodeSpinner([device], 'events', context=ros_context)
         assert spinner.kind == 'multi_threaded'
@@ -209,4 +228,95 @@ def test_events_falls_back_where_rclpy_has_no_events_executor(ros_context, tiny_
         assert device.executor is spinner.executor
         spinner.shutdown()
     finally:
+        device.destroy_node()
+
+
+def test_frame_rgb_fast_path_checks_is_bigendian_like_the_converter():
+    from cdcca_ros.errors import ImageConversionError
+    from cdcca_ros.nodes.device_node import frame_rgb
+
+    msg = _image_msg(_frame(5))
+    msg.is_bigendian = 2  # neither little nor big: the converter refuses it, so must the view
+    with pytest.raises(ImageConversionError, match='is_bigendian'):
+        frame_rgb(msg)
+
+
+def test_last_error_clears_after_a_good_frame_and_has_an_age(ros_context, student_runtime):
+    from cdcca_ros.nodes.common import OK, WARN
+    from cdcca_ros.nodes.device_node import DeviceNode
+
+    device = DeviceNode(student_runtime, context=ros_context)
+    device.get_logger().set_level(50)  # the rejected frame is expected
+    published = []
+    publish = device._diag.publish
+    device._diag.publish = lambda level, text, values: published.append(
+        (level, dict(values))) or publish(level, text, values)
+    try:
+        bad = _image_msg(_frame(6))
+        bad.data = bytes(10)
+        answer, error = device.answer('q1', 'what color is the circle?', [], bad)
+        assert answer is None and 'image rejected' in error
+        device._report()
+        level, values = published[-1]
+        assert level == WARN and 'image rejected' in values['last_error']
+        assert float(values['last_error_age_s']) >= 0.0
+        answer, error = device.answer('q2', 'what color is the circle?', [], _image_msg(_frame(7)))
+        assert answer is not None, error
+        device._report()
+        level, values = published[-1]
+        assert level == OK and values['last_error'] == '' and values['last_error_age_s'] == ''
+        assert values['rejected_images'] == 1  # the history stays in the counters
+    finally:
+        device.destroy_node()
+
+
+def test_empty_questions_are_refused(ros_context, student_runtime):
+    from cdcca_ros.nodes.device_node import DeviceNode
+
+    device = DeviceNode(student_runtime, context=ros_context)
+    try:
+        for question in ('', '   '):
+            answer, error = device.answer('q', question, [], _image_msg(_frame(8)))
+            assert answer is None and error.startswith('empty question')
+        assert device.counters['questions_refused'] == 2 and device.counters['answers'] == 0
+    finally:
+        device.destroy_node()
+
+
+def test_a_question_flood_is_counted_not_lost_in_dds(ros_context_pair, student_runtime):
+    """A burst far beyond every queue: each question is taken from DDS and either answered,
+    counted as unanswered (here: no camera frame yet) or counted as dropped (before: DDS kept
+    the last 50 and the rest vanished uncounted)."""
+    from cdcca_ros.msg import Question
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+
+    from cdcca_ros.nodes.common import NodeSpinner
+    from cdcca_ros.nodes.device_node import DeviceNode
+
+    ctx_robot, ctx_client = ros_context_pair
+    device = DeviceNode(student_runtime, context=ctx_robot)
+    device.get_logger().set_level(50)  # 'queue full' and 'not answered' are expected
+    spinner = NodeSpinner([device], 'events', context=ctx_robot).start()
+    client = Node('flood_client', context=ctx_client)
+    executor = SingleThreadedExecutor(context=ctx_client)
+    executor.add_node(client)
+    pub = client.create_publisher(Question, 'question', 10)  # a plain publisher, depth 10
+    sent = 400
+    try:
+        assert spin_until([executor], lambda: pub.get_subscription_count() > 0, 10.0)
+        for i in range(sent):
+            pub.publish(Question(question_id=f'f{i}', question='how many objects are there?'))
+        c = device.counters
+        assert spin_until([executor], lambda: c['questions'] + c['questions_lost'] >= sent,
+                          60.0), dict(c)
+        assert c['questions'] == sent and c['questions_lost'] == 0, dict(c)
+        # Every question taken is accounted for: answered, unanswered with a reason, dropped.
+        assert spin_until([executor], lambda: c['answers'] + c['questions_unanswered']
+                          + c['questions_dropped'] == sent, 60.0), dict(c)
+        assert c['questions_unanswered'] > 0 and c['answers'] == 0  # no frame: all refused
+    finally:
+        executor.shutdown()
+        client.destroy_node()
+        spinner.shutdown()
         device.destroy_node()

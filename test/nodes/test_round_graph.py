@@ -12,14 +12,12 @@ pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `mak
 
 from rclpy.parameter import Parameter  # noqa: E402
 from ros_graph import Spinner, spin_until  # noqa: E402
-from tiny_models import QUESTION, random_images, red_teacher_and_student  # noqa: E402
+from tiny_models import QUESTION  # noqa: E402
 
 
 @pytest.fixture(scope='module')
-def models(tmp_path_factory):
-    images = random_images()
-    path = tmp_path_factory.mktemp('student')
-    return red_teacher_and_student(path, images), path, images
+def models(red_models):
+    return red_models
 
 
 def _image_msg(rgb):
@@ -39,6 +37,7 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
     from cdcca_ros.core.akd import AKDConfig
     from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
     from cdcca_ros.core.device_runtime import DeviceRuntime
+    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.models import bundled
     from cdcca_ros.nodes.cloud_node import CloudNode
@@ -53,7 +52,8 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
                               tmp_path / 'device', probe_image=images[0])
     cloud_rt = CloudRuntime(teacher, bundled.load(str(student_dir)), private, CloudConfig(
         min_samples=len(images), akd=AKDConfig(steps=30, lr=5e-3, batch_size=6),
-        codec='sparse', budget_bytes=None), state_dir=tmp_path / 'cloud')
+        codec='sparse', budget_bytes=None, guard=GuardConfig.plain(30)),
+        state_dir=tmp_path / 'cloud')
     device = DeviceNode(device_rt, context=ctx_robot, parameter_overrides=[
         Parameter('uts.entropy_threshold', value=0.0),
         Parameter('uts.keep_ratio', value=0.5)])
@@ -122,7 +122,7 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
 
         # Rollback service restores the previous answers.
         r = call(rollback, Rollback.Request())
-        assert r.success and r.model_version == 'v2'
+        assert r.success and r.model_version == 'robot1:v2'
         assert [a.answer for a in answers()] == [a.answer for a in before]
     finally:
         executor.shutdown()

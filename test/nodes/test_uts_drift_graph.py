@@ -35,6 +35,19 @@ def test_drifted_stream_uplinks_markedly_more_than_source(ros_context_pair, tmp_
         Parameter('model', value='bundled:student'),
         Parameter('state_dir', value=str(tmp_path / 'state'))])
     uts = UtsNode(device, context=ctx_robot)
+    # What UTS finished (selected or not): the worker calls process() once per sample.
+    done: list[bool] = []
+    process = uts.process
+
+    def counted(*args):
+        try:
+            msg = process(*args)
+        except Exception:
+            done.append(False)
+            raise
+        done.append(msg is not None)
+        return msg
+    uts.process = counted
     robot = Spinner(ctx_robot, [device, uts])
     client = Node('drift_client', context=ctx_client)
     executor = SingleThreadedExecutor(context=ctx_client)
@@ -44,16 +57,21 @@ def test_drifted_stream_uplinks_markedly_more_than_source(ros_context_pair, tmp_
     ask = client.create_client(Ask, 'ask')
 
     def stream(domain: str) -> int:
-        before = len(tokens)
+        before, answered, dropped = len(tokens), len(done), uts.counters['dropped']
         for s in World(7).samples(domain, N, image_size=(640, 480)):
             future = ask.call_async(Ask.Request(question=s.question, use_image=True,
                                                 image=image_to_msg(s.image, 'rgb8', Image)))
             assert spin_until([executor], future.done, 60.0)
             assert future.result().success, future.result().message
-        # Let UTS finish the queued samples.
-        spin_until([executor], lambda: uts._queue.empty(), 30.0)
-        spin_until([executor], lambda: False, 1.0)
-        return len(tokens) - before
+        # UTS has processed (or dropped) every answer of the stream, and every message it
+        # published has arrived (reliable QoS).
+        assert spin_until([executor], lambda: len(done) - answered + uts.counters['dropped']
+                          - dropped == N, 60.0), (len(done) - answered, uts.counters)
+        assert uts.counters['dropped'] == dropped, uts.counters
+        selected = sum(done[answered:])
+        assert spin_until([executor], lambda: len(tokens) - before == selected, 30.0), (
+            len(tokens) - before, selected)
+        return selected
 
     try:
         assert spin_until([executor], ask.service_is_ready, 30.0)
@@ -61,7 +79,8 @@ def test_drifted_stream_uplinks_markedly_more_than_source(ros_context_pair, tmp_
         source = stream(SOURCE)
         drifted = [d for d in domain_names() if d != SOURCE]
         shifted = stream(drifted[0]) + stream(drifted[1])
-        assert uts.counters['dropped'] == 0
+        assert uts.counters['dropped'] == 0 and uts.counters['errors'] == 0
+        assert all(isinstance(t, UtsTokens) for t in tokens) and len(tokens) == sum(done)
         # Markedly fewer on the source domain: per sample, at most half the drifted rate.
         assert source / N <= 0.5 * (shifted / (2 * N)), (source, shifted)
         assert shifted > 0

@@ -78,3 +78,12 @@ def test_bad_names_are_refused_before_writing(tmp_path: Path, devices: list[str]
     with pytest.raises(ConfigError, match=match):
         create_certificates(tmp_path / 'x', devices=devices)
     assert not (tmp_path / 'x').exists()
+
+
+def test_help_says_which_files_go_to_which_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(['--help'])
+    text = capsys.readouterr().out
+    assert 'never copy ca.key' in text
+    assert 'each robot:       ca.crt  <device>.crt <device>.key' in text
+    assert 'scp DIR/ca.crt DIR/robot7.crt DIR/robot7.key' in text  # not the whole folder

@@ -32,6 +32,12 @@ def _client_conf(port: int, tls: dict[str, Any] | None, proto: str = 'tls') -> A
                                   'plain tcp to the tls port'])
 def test_clients_without_a_valid_certificate_cannot_connect(router_port: int, certs: Path,
                                                             case: str) -> None:
+    # Control: the same client configuration with robot1's valid certificate connects, so
+    # the refusal below is the router's and not a port where nobody listens.
+    zenoh.open(_client_conf(router_port, {
+        'root_ca_certificate': str(certs / 'ca.crt'),
+        'connect_certificate': str(certs / 'robot1.crt'),
+        'connect_private_key': str(certs / 'robot1.key'), 'enable_mtls': True})).close()
     rogue = certs.parent / 'rogue'
     if case == 'no client certificate':
         conf = _client_conf(router_port, {'root_ca_certificate': str(certs / 'ca.crt')})

@@ -9,6 +9,10 @@ answer's entropy, stage 2 on the tokens' Monte-Carlo variance) and packs what pa
 * mode ``'image'``: stage 1 only, then the frame as a JPEG (:mod:`.image`): the cloud encodes
   it with its own vision encoder(s).
 
+Audit samples (``cfg.audit_fraction``, drawn whatever the uncertainty) go whole: every token
+(``ecq`` when the packing is ``'basis'``, whose byte budget is meant for a kept subset), or the
+frame in image mode.
+
 The cloud's side is :func:`decode_tokens` (token packings).
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cdcca_ros.core.uts import (
     UtsPipeline,
     UtsResult,
     answer_entropy,
+    pack_tokens,
     unpack_tokens,
     uplink_bytes,
 )
@@ -54,6 +59,7 @@ class UplinkSample:
         basis_version: Version of the token basis of a ``'basis'`` packing, else ``''``.
         image: JPEG bytes of the frame (image mode), else None.
         encode_ms: Wall time of packing the tokens or encoding the frame.
+        audit: An audit sample (drawn at random, not by uncertainty; sent whole).
     """
 
     entropy: EntropyStats
@@ -61,6 +67,7 @@ class UplinkSample:
     basis_version: str = ''
     image: bytes | None = None
     encode_ms: float = 0.0
+    audit: bool = False
 
     @property
     def dtype(self) -> str:
@@ -138,17 +145,25 @@ class UplinkPipeline:
             if frame is None:
                 raise ConfigError('the image uplink mode needs the frame')
             entropy = answer_entropy(step_probs)
-            if not self.uts.selector.offer(entropy.mean):
+            audit = self.uts.draw_audit()  # first and always, as UtsPipeline.process
+            selected = self.uts.selector.offer(entropy.mean)
+            if not (audit or selected):
                 return None
             t0 = time.perf_counter()
             jpeg = encode_jpeg(frame, self.jpeg_quality)
             return UplinkSample(entropy=entropy, image=jpeg,
-                                encode_ms=(time.perf_counter() - t0) * 1e3)
+                                encode_ms=(time.perf_counter() - t0) * 1e3, audit=audit)
         result = self.uts.process(step_probs, tokens)
         if result is None:
             return None
+        if result.audit and self.packing == BASIS:
+            t0 = time.perf_counter()
+            packed = pack_tokens(tokens.detach().cpu(), 'ecq')
+            return UplinkSample(entropy=result.entropy,
+                                uts=dataclasses.replace(result, packed=packed),
+                                encode_ms=(time.perf_counter() - t0) * 1e3, audit=True)
         if self.packing != BASIS:
-            return UplinkSample(entropy=result.entropy, uts=result)
+            return UplinkSample(entropy=result.entropy, uts=result, audit=result.audit)
         assert self.basis is not None and self.budget_bytes
         t0 = time.perf_counter()
         kept = result.kept_indices

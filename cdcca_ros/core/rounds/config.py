@@ -1,0 +1,160 @@
+"""Settings of the guarded round: labels, memory, training, gate, audit (no rclpy)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cdcca_ros.core.rounds.gate import GateConfig
+from cdcca_ros.core.rounds.trainer import TrainConfig
+from cdcca_ros.errors import ConfigError
+
+
+@dataclass
+class LabelConfig:
+    """Which teacher labels the student may trust.
+
+    Attributes:
+        min_confidence: Labels the teacher is less sure of than this (geometric mean of its
+            answer tokens' probabilities) are not used at all.
+        pull_below: A label made from a subset of the tokens with less confidence than this
+            asks the device for the rest of the sample's tokens (0: never); the sample waits
+            for them, then is labelled again from all tokens.
+        pull_wait_rounds: Rounds a requested sample waits; then its first label is used if
+            it clears ``min_confidence``, else the sample is dropped.
+        pull_fraction: Largest share of the partial samples labelled at once that are pulled
+            (the least confident first): pulls add at most this share of full samples to
+            the uplink.
+    """
+
+    min_confidence: float = 0.0
+    pull_below: float = 0.98
+    pull_wait_rounds: int = 2
+    pull_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ('min_confidence', 'pull_below'):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f'labels.{name} must be in [0, 1), got {value}')
+        if not 0.0 <= self.pull_fraction <= 1.0:
+            raise ConfigError(f'labels.pull_fraction must be in [0, 1], got '
+                              f'{self.pull_fraction}')
+        if self.pull_wait_rounds < 0:
+            raise ConfigError(f'labels.pull_wait_rounds must be >= 0, got '
+                              f'{self.pull_wait_rounds}')
+
+
+@dataclass
+class AuditConfig:
+    """The live audit: is the version the device runs worse than the one before it?
+
+    Attributes:
+        enabled: Watch audit samples and order rollbacks.
+        alpha: One-sided significance of "worse" (exact McNemar on the audit samples that
+            arrived since the version shipped, both versions answering each).
+        min_samples: Audit samples needed before a version is judged.
+        min_drop: Smallest fall (points) that orders a rollback.
+    """
+
+    enabled: bool = True
+    alpha: float = 0.01
+    min_samples: int = 30
+    min_drop: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f'audit.alpha must be in (0, 1), got {self.alpha}')
+        if self.min_samples < 1 or not (math.isfinite(self.min_drop) and self.min_drop >= 0):
+            raise ConfigError(f'audit.min_samples={self.min_samples} must be >= 1 and '
+                              f'audit.min_drop={self.min_drop} >= 0')
+
+
+@dataclass
+class GuardConfig:
+    """The guarded round (see :mod:`cdcca_ros.core.rounds`).
+
+    Attributes:
+        enabled: False runs the paper's plain round: train on the round's samples only for
+            ``akd.steps`` steps and ship every result (no memory, anchor, gate or audit).
+        train: Steps, mixture and early stopping.
+        gate: When a candidate ships.
+        labels: Which labels are trusted; token pulls.
+        audit: Live audit and rollback orders.
+        memory_bytes: Bound of the per-device replay memory.
+        clusters: Largest number of memory clusters (replay balance, gate slices).
+        val_fraction: Share of samples held out for early stopping.
+        gate_fraction: Share of samples held out for the gate (audit samples: all).
+        anchor: Anchor set: '' (the student's own ``anchor.safetensors`` if it ships one),
+            ``'none'``, or a file (see :mod:`cdcca_ros.core.rounds.anchor`).
+        anchor_limit: Anchor samples used at most.
+        anchor_gate_fraction: Share of the anchor set held out for the gate (its other
+            shares: ``val_fraction`` for early stopping, the rest trains).
+        reset_after_refusals: After this many candidates refused for harm (a slice fell)
+            since the last shipped one, the trained copy restarts from what the device holds
+            (a copy that keeps harming has wandered off; RDumb's reset).
+    """
+
+    enabled: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    memory_bytes: int = 64 << 20
+    clusters: int = 6
+    val_fraction: float = 0.1
+    gate_fraction: float = 0.25
+    anchor: str = ''
+    anchor_limit: int = 1024
+    anchor_gate_fraction: float = 0.3
+    reset_after_refusals: int = 4
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 1024:
+            raise ConfigError(f'memory_bytes must be >= 1024, got {self.memory_bytes}')
+        if self.clusters < 1 or self.anchor_limit < 0 or self.reset_after_refusals < 1:
+            raise ConfigError(f'clusters={self.clusters}, anchor_limit={self.anchor_limit}, '
+                              f'reset_after_refusals={self.reset_after_refusals} out of range')
+        if (self.val_fraction < 0 or self.gate_fraction < 0
+                or self.val_fraction + self.gate_fraction >= 1.0):
+            raise ConfigError(f'val_fraction={self.val_fraction} + gate_fraction='
+                              f'{self.gate_fraction} must be in [0, 1)')
+
+    @classmethod
+    def plain(cls, steps: int) -> GuardConfig:
+        """The paper's round: ``steps`` steps on the round's samples, every result shipped."""
+        return cls(enabled=False,
+                   train=TrainConfig(max_steps=steps, min_steps=steps, eval_every=steps,
+                                     patience=1, mix_new=1.0, mix_anchor=0.0,
+                                     data_epochs=1e9),
+                   gate=GateConfig(enabled=False), audit=AuditConfig(enabled=False),
+                   val_fraction=0.0, gate_fraction=0.0, anchor='none')
+
+    def with_(self, **changes: Any) -> GuardConfig:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> GuardConfig:
+        """The config a cloud node builds from its ``guard.*`` parameters (every one present:
+        the node's table gives the defaults)."""
+        if not params['guard.enabled']:
+            return cls.plain(int(params['akd.steps']))
+        p = {k[len('guard.'):]: v for k, v in params.items() if k.startswith('guard.')}
+        return cls(
+            enabled=True,
+            train=TrainConfig(max_steps=p['max_steps'], data_epochs=p['data_epochs'],
+                              min_steps=min(p['min_steps'], p['max_steps']),
+                              mix_new=p['mix_new'], mix_anchor=p['mix_anchor'],
+                              anchor_loss=p['anchor_loss'], l2sp=p['l2sp']),
+            gate=GateConfig(enabled=p['gate'], alpha=p['alpha'], min_gain=p['min_gain'],
+                            tolerance=p['tolerance'],
+                            anchor_tolerance=p['anchor_tolerance']),
+            labels=LabelConfig(min_confidence=p['min_label_confidence'],
+                               pull_below=p['pull_below'],
+                               pull_fraction=p['pull_fraction']),
+            audit=AuditConfig(enabled=p['audit'], alpha=p['audit_alpha'],
+                              min_drop=p['audit_min_drop']),
+            memory_bytes=int(p['memory_mb'] * (1 << 20)),
+            val_fraction=p['val_fraction'], gate_fraction=p['gate_fraction'],
+            anchor=p['anchor'])

@@ -1,0 +1,143 @@
+"""The update gate: a candidate adapter ships only if it helps and harms nothing (no rclpy).
+
+Before a delta is signed, the cloud answers held-out samples twice -- with the adapter the
+device holds and with the candidate *as the device would run it* (after DWC compression) --
+and compares them sample by sample against each sample's reference answer (the teacher's
+label; the anchor set's own label). The held-out samples are never trained on:
+
+- ``new``: gate-split samples that arrived since the last shipped update (audit samples
+  included), the data the round is meant to help with;
+- ``replay/<c>``: older gate-split samples, one slice per cluster of the memory (small
+  clusters pooled), what earlier updates learnt;
+- ``anchor``: the anchor set's held-out part, what the student knew before any update.
+
+Rule (:meth:`GateConfig.decide`): ship when the ``new`` slice improves by at least
+``min_gain`` points and significantly (one-sided exact McNemar test at ``alpha`` on its
+discordant pairs), and no other slice falls by more than its tolerance. The anchor falls when
+it loses more than ``anchor_tolerance`` points *and* more than ``min_broken`` net samples: its
+reference answers are the base student's own, so every broken one is the original behaviour
+lost, and it is held strictly. A replay slice falls when it loses more than ``tolerance``
+points and ``min_broken`` samples *and* the loss is unlikely to be noise (one-sided McNemar
+``p < harm_alpha``): its references are teacher labels, a few of them wrong, and answers flip
+both ways between two adapters. One test of gain, on one slice, so no multiple-comparison
+correction is needed for shipping; the harm checks, applied to every slice, can only refuse.
+
+Where the teacher is no better than the device on a shift, its labels either agree with what
+the device already answers (no discordant pairs to gain from) or are unsure and dropped
+(an empty ``new`` slice): both refuse, and the device stays as it is.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdcca_ros.core.rounds.stats import PairedCounts
+from cdcca_ros.errors import ConfigError
+
+NEW, ANCHOR, REPLAY = 'new', 'anchor', 'replay'
+
+
+@dataclass
+class GateConfig:
+    """When a candidate ships.
+
+    Attributes:
+        enabled: False ships every candidate (the ungated round of the paper).
+        alpha: One-sided significance of the gain on the ``new`` slice.
+        min_gain: Smallest gain (points) on the ``new`` slice worth an update.
+        tolerance: Largest fall (points) of a replay slice.
+        anchor_tolerance: Largest fall (points) of the anchor slice.
+        min_broken: A slice falls only when it also loses more than this many samples net.
+        harm_alpha: A replay slice falls only when its loss is significant at this level
+            (one-sided McNemar); 1 disables that condition.
+        anchor_budget: The anchor also falls when the candidate answers it more than this
+            many points worse than the base student did: the tolerance above applies per
+            update, this one to all updates together, so small losses cannot pile up.
+        min_slice: Replay clusters with fewer gate samples are pooled into one slice.
+        max_new: The ``new`` slice holds at most this many of the newest samples.
+    """
+
+    enabled: bool = True
+    alpha: float = 0.05
+    min_gain: float = 1.0
+    tolerance: float = 2.0
+    anchor_tolerance: float = 1.0
+    min_broken: int = 2
+    harm_alpha: float = 0.2
+    anchor_budget: float = 1.5
+    min_slice: int = 30
+    max_new: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f'gate alpha must be in (0, 1), got {self.alpha}')
+        for name in ('min_gain', 'tolerance', 'anchor_tolerance'):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ConfigError(f'gate {name} must be finite and >= 0, got {value}')
+        if not 0.0 < self.harm_alpha <= 1.0:
+            raise ConfigError(f'gate harm_alpha must be in (0, 1], got {self.harm_alpha}')
+        if self.min_broken < 0 or self.min_slice < 1 or self.max_new < 1:
+            raise ConfigError(f'gate min_broken={self.min_broken}, min_slice={self.min_slice} '
+                              f'and max_new={self.max_new} are out of range')
+
+    def falls(self, name: str, counts: PairedCounts) -> bool:
+        """Whether slice ``name`` fell by more than it may."""
+        tol = self.anchor_tolerance if name == ANCHOR else self.tolerance
+        net = counts.broken - counts.fixed
+        fell = counts.n > 0 and -counts.gain > tol and net > self.min_broken
+        if name == ANCHOR or not fell:
+            return fell
+        return counts.p_worse() < self.harm_alpha
+
+    def decide(self, slices: Mapping[str, PairedCounts],
+               anchor_base: float | None = None) -> GateDecision:
+        """Ship or refuse, with the reason (see the module docstring).
+
+        Args:
+            slices: Paired counts (current adapter vs candidate) per slice.
+            anchor_base: The base student's accuracy on the anchor slice, in [0, 1]
+                (None: no cumulative check).
+        """
+        if not self.enabled:
+            return GateDecision(True, 'gate disabled', dict(slices))
+        new = slices.get(NEW)
+        if new is None or new.n == 0:
+            return GateDecision(False, 'no held-out sample of the new data yet', dict(slices))
+        anchor = slices.get(ANCHOR)
+        if anchor is not None and anchor.n and anchor_base is not None:
+            lost = 100.0 * (anchor_base - anchor.new_accuracy)
+            if lost > self.anchor_budget and anchor.new_right < anchor.old_right + 1:
+                return GateDecision(False, f'anchor would be {lost:.1f} points below the base '
+                                           f'student (budget {self.anchor_budget:g})',
+                                    dict(slices))
+        fallen = [name for name, c in slices.items() if name != NEW and self.falls(name, c)]
+        if fallen:
+            worst = min(fallen, key=lambda name: slices[name].gain)
+            return GateDecision(False, f'{worst} falls by {-slices[worst].gain:.1f} points '
+                                       f'({slices[worst].broken} broken, '
+                                       f'{slices[worst].fixed} fixed of {slices[worst].n})',
+                                dict(slices))
+        p = new.p_better()
+        if new.gain < self.min_gain or p >= self.alpha:
+            return GateDecision(False, f'new data gains {new.gain:+.1f} points on {new.n} '
+                                       f'held-out samples (p={p:.3f}; needs >= '
+                                       f'{self.min_gain:g} and p < {self.alpha:g})',
+                                dict(slices))
+        return GateDecision(True, f'new data {new.gain:+.1f} points on {new.n} held-out '
+                                  f'samples (p={p:.3f}); no slice falls', dict(slices))
+
+
+@dataclass
+class GateDecision:
+    """The gate's verdict and its evidence."""
+
+    ship: bool
+    reason: str
+    slices: dict[str, PairedCounts] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'ship': self.ship, 'reason': self.reason,
+                'slices': {k: v.to_dict() for k, v in self.slices.items()}}

@@ -1,0 +1,441 @@
+"""One device's round, start to end: label, train, compress, gate, sign (no rclpy).
+
+:class:`RoundRunner` is the one home of a cloud round:
+
+1. **Label** what arrived (:meth:`RoundRunner.label`): the teacher answers every new record
+   from its tokens, with its confidence. A label made from a subset of the tokens that the
+   teacher is unsure of asks the device for the rest (a *pull*; the record waits); a label
+   below ``labels.min_confidence`` is not used. The teacher's AKD targets are kept with the
+   record, so replaying it costs no teacher forward.
+2. **Train** (:class:`~cdcca_ros.core.rounds.trainer.RoundTrainer`) from the device's
+   trained copy on the round's new samples mixed with the replay memory and the anchor set,
+   with early stopping on held-out samples.
+3. **Compress** the delta against the exact view of the device (DWC, error feedback, the
+   refit when the plain payload is lossy).
+4. **Gate** (:class:`~cdcca_ros.core.rounds.gate.GateConfig`): the candidate as the device
+   would run it against the adapter it holds, on held-out new data, older replay clusters
+   and the anchor set. Refused: nothing is sent, the trained copy keeps training next round
+   (after ``reset_after_refusals`` refusals in a row it restarts from the device's view).
+5. **Sign** and commit the shipped delta.
+
+Before each round the **live audit** (:meth:`RoundRunner.audit`) compares the version the
+device runs with the one before it on the audit samples that arrived since it shipped; a
+version significantly worse gets a signed rollback order.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cdcca_ros.core import dwc
+from cdcca_ros.core.akd import AKDConfig, AKDTrainer
+from cdcca_ros.core.refit import RefitConfig, RefitResult, akd_task_loss, refit_compress
+from cdcca_ros.core.rounds.config import GuardConfig
+from cdcca_ros.core.rounds.gate import ANCHOR, NEW, REPLAY, GateDecision
+from cdcca_ros.core.rounds.memory import Record
+from cdcca_ros.core.rounds.stats import PairedCounts
+from cdcca_ros.core.rounds.trainer import RoundTrainer, TrainResult, fill_targets, grouped
+from cdcca_ros.core.updates import (
+    DeltaEnvelope,
+    RollbackEnvelope,
+    seal_delta,
+    seal_rollback,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from torch import Tensor
+
+    from cdcca_ros.core.rounds.state import DeviceState
+    from cdcca_ros.models.base import MLLM
+
+SHIPPED, REFUSED, NOTHING = 'shipped', 'refused', 'nothing'
+EVAL_BATCH = 64
+
+
+def normalise(text: str | None) -> str:
+    """Answers compare case- and space-insensitively."""
+    return ' '.join((text or '').lower().split())
+
+
+@dataclass
+class RoundResult:
+    """What one round did for one device.
+
+    ``envelope`` is the signed delta when the round shipped one, None when it was refused.
+    """
+
+    device_id: str
+    round: int
+    outcome: str
+    envelope: DeltaEnvelope | None
+    samples: int
+    losses: list[dict[str, float]]
+    stats: dwc.CompressStats | None
+    agreement_before: float
+    agreement_after: float
+    train_s: float
+    decision: GateDecision | None = None
+    train: TrainResult | None = None
+    refit: RefitResult | None = None
+    pulls: list[str] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shipped(self) -> bool:
+        return self.outcome == SHIPPED
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures (status messages, bench records)."""
+        return {'device_id': self.device_id, 'round': self.round, 'outcome': self.outcome,
+                'samples': self.samples, 'train_s': round(self.train_s, 3),
+                'agreement_before': self.agreement_before,
+                'agreement_after': self.agreement_after,
+                'bytes': self.stats.nbytes if self.stats else 0,
+                'gate': self.decision.to_dict() if self.decision else None,
+                'train': self.train.to_dict() if self.train else None,
+                'pulls': len(self.pulls), 'memory': self.memory}
+
+
+@dataclass
+class AuditResult:
+    """The live audit's verdict on the version a device runs."""
+
+    version: int
+    previous: int | None
+    counts: PairedCounts | None
+    device_agreement: float | None
+    rollback: RollbackEnvelope | None = None
+    reason: str = ''
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'version': self.version, 'previous': self.previous,
+                'counts': self.counts.to_dict() if self.counts else None,
+                'device_agreement': self.device_agreement,
+                'rollback': self.rollback is not None, 'reason': self.reason}
+
+
+class RoundRunner:
+    """Runs rounds for any device on one teacher and one student module.
+
+    Args:
+        teacher: The teacher.
+        student: The student module (its trainable set is loaded per device and round).
+        key: Signs deltas and rollback orders.
+        akd: Loss weights, learning rate, batch size, label generation.
+        guard: The guard's settings.
+        codec: DWC codec name; ``codec_params`` its knobs; ``budget_bytes`` the byte budget.
+        refit: Compression-aware refit; ``refit_min_error`` when it runs.
+        anchor: The anchor set's records (labelled, split).
+    """
+
+    def __init__(self, teacher: MLLM, student: MLLM, key: Ed25519PrivateKey, akd: AKDConfig,
+                 guard: GuardConfig, codec: str, codec_params: dict[str, Any],
+                 budget_bytes: int | None, refit: RefitConfig, refit_min_error: float,
+                 anchor: Sequence[Record] = ()) -> None:
+        self.teacher, self.student, self.key = teacher, student, key
+        self.configure(akd, guard, codec, codec_params, budget_bytes, refit, refit_min_error)
+        self.anchor = list(anchor)
+        self._labeller = AKDTrainer(teacher, student, akd, progress=False)
+        self.base = student.trainable_state_dict()
+        gate_anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
+        #: The base student's accuracy on the anchor's gate share (1.0 with its own answers).
+        self.anchor_base = (float(self.correct(self.base, gate_anchor).mean())
+                            if gate_anchor else None)
+
+    def configure(self, akd: AKDConfig, guard: GuardConfig, codec: str,
+                  codec_params: dict[str, Any], budget_bytes: int | None, refit: RefitConfig,
+                  refit_min_error: float) -> None:
+        """Change the settings (from the next round on)."""
+        self.akd, self.guard = akd, guard
+        self.codec_name, self.codec_params, self.budget_bytes = codec, codec_params, budget_bytes
+        self.refit_cfg, self.refit_min_error = refit, refit_min_error
+        if hasattr(self, '_labeller'):
+            self._labeller.cfg = akd
+
+    # ---------------------------------------------------------------- answers
+    def answers(self, model: MLLM, records: Sequence[Record]) -> list[str]:
+        """Greedy answers of ``model`` to ``records`` (eval mode), in order."""
+        out: dict[str, str] = {}
+        was = model.torch_model.training
+        model.torch_model.eval()
+        try:
+            with torch.no_grad():
+                for group in grouped(records):
+                    for start in range(0, len(group), EVAL_BATCH):
+                        part = group[start:start + EVAL_BATCH]
+                        tokens = torch.stack([r.tokens.float() for r in part])
+                        indices = (None if part[0].indices is None
+                                   else torch.stack([r.indices.long() for r in part]))
+                        results = model.answer_from_tokens(
+                            tokens, indices, [r.question for r in part],
+                            max_new_tokens=self.akd.max_new_tokens)
+                        out.update({id(r): res.text.strip()  # type: ignore[misc]
+                                    for r, res in zip(part, results, strict=True)})
+        finally:
+            model.torch_model.train(was)
+        return [out[id(r)] for r in records]  # type: ignore[index]
+
+    def correct(self, weights: dict[str, Tensor], records: Sequence[Record]) -> np.ndarray:
+        """Per record: does the student with ``weights`` answer its label?"""
+        self.student.load_trainable_state_dict(weights)
+        answers = self.answers(self.student, records)
+        return np.array([normalise(a) == normalise(r.label)
+                         for a, r in zip(answers, records, strict=True)], dtype=bool)
+
+    # ---------------------------------------------------------------- 1. labels
+    def label(self, state: DeviceState) -> list[str]:
+        """Label every record the teacher has not seen; returns the ids to pull.
+
+        Records waiting for a pull longer than ``labels.pull_wait_rounds`` rounds fall back to
+        their first label (or are dropped when it is too unsure).
+        """
+        cfg = self.guard.labels
+        todo = state.memory.unlabelled()
+        pulls: list[str] = []
+        unsure: list[Record] = []  # partial samples the teacher is unsure of: pull candidates
+        partial_labelled = 0
+        for group in grouped(todo):
+            for start in range(0, len(group), EVAL_BATCH):
+                part = group[start:start + EVAL_BATCH]
+                tokens = torch.stack([r.tokens.float() for r in part])
+                indices = (None if part[0].indices is None
+                           else torch.stack([r.indices.long() for r in part]))
+                scored = self._labeller.pseudo_label_scored(tokens, indices,
+                                                            [r.question for r in part])
+                for r, (text, conf) in zip(part, scored, strict=True):
+                    r.labelled, r.confidence = True, float(conf)
+                    r.label_tokens = r.num_kept
+                    r.label = text or None
+                    r.targets = None
+                    partial = r.indices is not None
+                    partial_labelled += int(partial)
+                    if (partial and cfg.pull_below > 0 and conf < cfg.pull_below
+                            and r.pull == '' and self.guard.enabled):
+                        unsure.append(r)
+        # The least confident first, at most pull_fraction of the partial samples labelled:
+        # the pulls' bytes stay a bounded share of the uplink.
+        unsure.sort(key=lambda r: r.confidence)
+        budget = math.ceil(cfg.pull_fraction * partial_labelled)
+        for i, r in enumerate(unsure):
+            if i < budget:
+                r.pull, r.pull_round = 'requested', state.round
+                pulls.append(r.sample_id)
+        for r in todo:
+            if r.pull != 'requested' and not (r.label and r.confidence >= cfg.min_confidence):
+                r.label = None
+            state.memory.update(r)
+        # Pulls that never came back: fall back on the first label.
+        for r in state.memory.select():
+            if r.pull == 'requested' and r.sample_id not in pulls:
+                waited = state.round - r.pull_round
+                if waited >= cfg.pull_wait_rounds:
+                    r.pull = 'unavailable'
+                    if not (r.label and r.confidence >= cfg.min_confidence):
+                        r.label = None
+                    state.counters['pulls_unavailable'] += 1
+                    state.memory.update(r)
+        state.counters['pulls_requested'] += len(pulls)
+        return pulls
+
+    @staticmethod
+    def trainable(r: Record) -> bool:
+        return r.usable and r.pull != 'requested'
+
+    # ---------------------------------------------------------------- the audit
+    def audit(self, state: DeviceState) -> AuditResult | None:
+        """Compare the device's version with the one before on audit samples since it
+        shipped; order a rollback when it is significantly worse."""
+        cfg = self.guard.audit
+        if not (self.guard.enabled and cfg.enabled) or state.version == 0:
+            return None
+        prev = state.previous()
+        records = [r for r in state.memory.select('gate', audit=True, since_seq=state.ship_seq)
+                   if self.trainable(r)]
+        agreement = (float(np.mean([normalise(r.device_answer) == normalise(r.label)
+                                    for r in records if r.device_version == state.version]))
+                     if any(r.device_version == state.version for r in records) else None)
+        if prev is None or len(records) < cfg.min_samples:
+            result = AuditResult(state.version, prev[0] if prev else None, None, agreement,
+                                 reason=f'{len(records)} audit samples since v{state.version}')
+            state.last_audit = result.to_dict()
+            return result
+        old = self.correct(prev[2], records)
+        new = self.correct(state.feedback.view, records)
+        counts = PairedCounts.of(old, new)
+        result = AuditResult(state.version, prev[0], counts, agreement)
+        if counts.p_worse() < cfg.alpha and -counts.gain >= cfg.min_drop:
+            result.reason = (f'v{state.version} answers {-counts.gain:.1f} points worse than '
+                             f'v{prev[0]} on {counts.n} audit samples (p={counts.p_worse():.4f})')
+            result.rollback = seal_rollback(
+                self.key, device_id=state.device_id, from_version=state.version,
+                from_hash=state.hash, to_hash=prev[1], new_version=state.version + 1,
+                reason=result.reason)
+        else:
+            result.reason = (f'v{state.version} vs v{prev[0]}: {counts.gain:+.1f} points on '
+                             f'{counts.n} audit samples')
+        state.last_audit = result.to_dict()
+        return result
+
+    # ---------------------------------------------------------------- 2-5. the round
+    def run(self, state: DeviceState) -> RoundResult | None:
+        """One round for ``state``'s device (call :meth:`label` first or not: it runs it).
+
+        Returns None when there is nothing usable to learn from.
+        """
+        t0 = time.perf_counter()
+        pulls = self.label(state)
+        new_records = [r for r in state.memory.select(since_seq=state.round_seq)]
+        new_train = [r for r in new_records if r.split == 'train' and self.trainable(r)]
+        guard = self.guard
+        state.round_seq = state.memory.next_seq
+        state.first_pending_t = None
+        if not guard.enabled:
+            # The plain round: this round's samples only, then forgotten.
+            if not new_train:
+                state.memory.clear()
+                return None
+            replay_pool: list[Record] = []
+            anchor_train: list[Record] = []
+            val: list[list[Record]] = []
+        else:
+            state.memory.recluster()
+            replay_pool = [r for r in state.memory.select('train') if self.trainable(r)
+                           and r.seq < (new_train[0].seq if new_train else state.round_seq)]
+            anchor_train = [r for r in self.anchor if r.split == 'train' and r.usable]
+            held = [r for r in state.memory.select('val') if self.trainable(r)]
+            val = [[r for r in held if r.seq >= state.ship_seq],
+                   [r for r in held if r.seq < state.ship_seq],
+                   [r for r in self.anchor if r.split == 'val' and r.usable]]
+            if not new_train and not replay_pool:
+                state.save()
+                return None
+        trainer = RoundTrainer(self.teacher, self.student, self.akd, guard.train,
+                               projectors=state.projectors or None, base=self.base)
+        needs_targets = new_train + replay_pool
+        if guard.train.anchor_loss == 'akd':
+            needs_targets += anchor_train
+        fill_targets(trainer.akd, needs_targets)
+        self.student.load_trainable_state_dict(state.trained)
+        before = self._agreement(new_train)
+        replay = state.memory.balanced_sampler(replay_pool) if replay_pool else None
+        train = trainer.fit(new_train, replay, anchor_train, val, replay_size=len(replay_pool))
+        after = self._agreement(new_train)
+        trained = self.student.trainable_state_dict()
+        state.projectors = trainer.projector_state()
+        delta = dwc.compute_delta(trained, state.feedback.view)
+        compressed, refitted = self._compress(delta, new_train or replay_pool, trainer.akd,
+                                              state.feedback.view)
+        state.round += 1
+        decision = None
+        if guard.gate.enabled and guard.enabled:
+            candidate = dwc.apply_delta(state.feedback.view, compressed.decoded)
+            decision = guard.gate.decide(self._slices(state, state.feedback.view, candidate),
+                                         anchor_base=self.anchor_base)
+            state.last_gate = decision.to_dict()
+        self.student.load_trainable_state_dict(trained)
+        if decision is not None and not decision.ship:
+            state.counters['refused'] += 1
+            # Only a copy that harms (a slice falls) counts toward the reset; one whose gain
+            # is not significant yet keeps training: more held-out data will tell.
+            harmful = not decision.reason.startswith(('new data', 'no held-out'))
+            state.refusals = state.refusals + 1 if harmful else state.refusals
+            if state.refusals >= guard.reset_after_refusals:
+                # Keep what the device holds; forget the copy that keeps failing.
+                trained = {k: v.clone() for k, v in state.feedback.view.items()}
+                state.refusals = 0
+                state.counters['resets'] += 1
+            state.trained = trained
+            state.save()
+            return RoundResult(device_id=state.device_id, round=state.round, outcome=REFUSED,
+                               envelope=None, samples=len(new_train), losses=train.losses,
+                               stats=compressed.stats, agreement_before=before,
+                               agreement_after=after, train_s=time.perf_counter() - t0,
+                               decision=decision, train=train, refit=refitted, pulls=pulls,
+                               memory=state.memory.summary())
+        # The device adds exactly compressed.decoded; the rest stays in trained - view and
+        # goes out with the next round's delta (error feedback).
+        state.feedback.commit(delta, compressed.decoded)
+        new_hash = state.feedback.view_hash()
+        envelope = seal_delta(self.key, device_id=state.device_id, round=state.round,
+                              base_version=state.version, base_hash=state.hash,
+                              new_version=state.version + 1, new_hash=new_hash,
+                              codec=compressed.codec.name, payload=compressed.payload)
+        state.trained = trained
+        state.version += 1
+        state.hash = new_hash
+        state.remember(state.version, new_hash, state.feedback.view)
+        state.ship_seq = state.memory.next_seq
+        state.refusals = 0
+        state.counters['shipped'] += 1
+        if not guard.enabled:
+            state.memory.clear()
+        state.save()
+        return RoundResult(device_id=state.device_id, round=state.round, outcome=SHIPPED,
+                           envelope=envelope, samples=len(new_train), losses=train.losses,
+                           stats=compressed.stats, agreement_before=before,
+                           agreement_after=after, train_s=time.perf_counter() - t0,
+                           decision=decision, train=train, refit=refitted, pulls=pulls,
+                           memory=state.memory.summary())
+
+    # ---------------------------------------------------------------- pieces
+    def _agreement(self, records: Sequence[Record]) -> float:
+        """Share of ``records`` the student (as loaded) answers as labelled."""
+        if not records:
+            return float('nan')
+        answers = self.answers(self.student, records)
+        return float(np.mean([normalise(a) == normalise(r.label)
+                              for a, r in zip(answers, records, strict=True)]))
+
+    def _slices(self, state: DeviceState, current: dict[str, Tensor],
+                candidate: dict[str, Tensor]) -> dict[str, PairedCounts]:
+        """Paired right/wrong counts of ``current`` vs ``candidate`` on every gate slice."""
+        gate = self.guard.gate
+        held = [r for r in state.memory.select('gate') if self.trainable(r)]
+        new = [r for r in held if r.seq >= state.ship_seq][-gate.max_new:]
+        old = [r for r in held if r.seq < state.ship_seq]
+        slices: dict[str, list[Record]] = {NEW: new}
+        clusters = state.memory.clusters_of(old)
+        pooled: list[Record] = []
+        for c, members in sorted(clusters.items()):
+            if len(members) >= gate.min_slice:
+                slices[f'{REPLAY}/{c}'] = members
+            else:
+                pooled += members
+        if pooled:
+            slices[f'{REPLAY}/small'] = pooled
+        anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
+        if anchor:
+            slices[ANCHOR] = anchor
+        everything = [r for members in slices.values() for r in members]
+        if not everything:
+            return {NEW: PairedCounts(0, 0, 0, 0, 0)}
+        cur = self.correct(current, everything)
+        cand = self.correct(candidate, everything)
+        out, start = {}, 0
+        for name, members in slices.items():
+            stop = start + len(members)
+            out[name] = PairedCounts.of(cur[start:stop], cand[start:stop])
+            start = stop
+        return out
+
+    def _compress(self, delta: dict[str, Tensor], records: Sequence[Record],
+                  trainer: AKDTrainer, view: dict[str, Tensor]
+                  ) -> tuple[dwc.Compressed, RefitResult | None]:
+        """The payload of a round: compact (the device knows its trainable set), under the
+        budget, refitted on the round's samples when the plain payload is too lossy."""
+        codec = dwc.get_codec(self.codec_name, **self.codec_params)
+        plain = dwc.compress(delta, codec, self.budget_bytes, self_describing=False)
+        if self.refit_cfg.steps == 0 or plain.stats.rel_l2_error <= self.refit_min_error:
+            return plain, None
+        samples = [r.to_akd() for r in records if r.usable]
+        result = refit_compress(self.student, samples, view, delta, codec, self.budget_bytes,
+                                self.refit_cfg, task_loss=akd_task_loss(trainer))
+        self.student.torch_model.eval()
+        return result.compressed, result

@@ -1,0 +1,179 @@
+"""The guarded round on the bundled models: gate decisions, refusals, pulls, audit, restarts.
+
+A cloud holds the bundled teacher and student and the student's anchor set; a device's fog
+samples arrive with every token (or a subset for the pull tests). Candidates are built to be
+worse or better than what the device holds, and the gate must tell them apart on held-out
+samples the candidates never saw.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdcca_ros.core import dwc
+from cdcca_ros.core.akd import AKDConfig
+from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
+from cdcca_ros.core.rounds.anchor import resolve_anchor
+from cdcca_ros.core.rounds.config import GuardConfig, LabelConfig
+from cdcca_ros.core.rounds.gate import ANCHOR, NEW
+from cdcca_ros.core.updates import check_rollback
+from cdcca_ros.core.wire import generate_keypair
+from cdcca_ros.sim.world import World
+
+DEVICE = 'robot1'
+N_FOG = 90
+
+
+@pytest.fixture(scope='module')
+def models():
+    from cdcca_ros.models import bundled
+
+    return bundled.load('bundled:teacher'), bundled.load('bundled:student')
+
+
+@pytest.fixture(scope='module')
+def fog(models):
+    """Fog samples' vision tokens (the shared encoder) and questions."""
+    samples = World(3).samples('fog', N_FOG, 48, start=1_700_000)
+    with torch.no_grad():
+        tokens = models[1].vision_tokens([s.image for s in samples])
+    return tokens, samples
+
+
+def _cloud(models, tmp_path=None, **guard) -> tuple[CloudRuntime, object]:
+    from cdcca_ros.models import bundled
+
+    private, public = generate_keypair()
+    teacher, student = models
+    student.load_trainable_state_dict(bundled.load('bundled:student').trainable_state_dict())
+    cfg = CloudConfig(min_samples=1, akd=AKDConfig(seed=0, lr=2e-3, batch_size=16),
+                      guard=GuardConfig(anchor_limit=300, **guard))
+    anchor = resolve_anchor('', bundled.resolve('bundled:student'))
+    return CloudRuntime(teacher, student, private, cfg, state_dir=tmp_path,
+                        anchor=anchor), public
+
+
+def _add_fog(cloud, fog, n=N_FOG, partial=False):
+    tokens, samples = fog
+    space = cloud.space
+    for i in range(n):
+        idx = torch.tensor([0, 2, 4, 6]) if partial else None
+        t = tokens[i][idx] if partial else tokens[i]
+        assert cloud.add_sample(DEVICE, t, idx, samples[i].question, space.num_tokens,
+                                space.dim, f'{DEVICE}-{i}', device_version=0)
+
+
+def test_the_gate_refuses_a_harmful_candidate_and_ships_a_better_one(models, fog):
+    cloud, _ = _cloud(models)
+    _add_fog(cloud, fog)
+    runner, state = cloud.runner, cloud.device(DEVICE)
+    runner.label(state)
+    view = state.feedback.view
+    # Harmful: the trainable set scrambled -> answers flip on every slice, the anchor too.
+    g = torch.Generator().manual_seed(0)
+    harmful = {k: v + torch.randn(v.shape, generator=g) * 0.5 for k, v in view.items()}
+    slices = runner._slices(state, view, harmful)
+    decision = runner.guard.gate.decide(slices, anchor_base=runner.anchor_base)
+    assert not decision.ship
+    assert slices[ANCHOR].broken > slices[ANCHOR].fixed + 10
+    # Better by construction: distilled on every labelled fog sample, the gate's held-out
+    # ones included (a cheat no round does), the anchor distilled alongside.
+    from cdcca_ros.core.rounds.trainer import RoundTrainer, TrainConfig, fill_targets
+
+    records = [r for r in state.memory.select() if runner.trainable(r)]
+    anchors = [r for r in runner.anchor if r.split == 'train']
+    trainer = RoundTrainer(runner.teacher, runner.student, runner.akd,
+                           TrainConfig(max_steps=150, min_steps=150, eval_every=150,
+                                       mix_new=0.5, mix_anchor=0.5),
+                           base=runner.base)
+    fill_targets(trainer.akd, records)
+    runner.student.load_trainable_state_dict(view)
+    torch.manual_seed(0)  # the dropout of the distillation steps
+    trainer.fit(records, None, anchors, [])
+    better = runner.student.trainable_state_dict()
+    slices = runner._slices(state, view, better)
+    decision = runner.guard.gate.decide(slices, anchor_base=runner.anchor_base)
+    assert slices[NEW].gain >= 10 and decision.ship, decision.reason
+
+
+def test_a_refused_round_sends_nothing_and_keeps_training(models, fog):
+    cloud, _ = _cloud(models, gate=__import__('cdcca_ros.core.rounds.gate', fromlist=['x'])
+                      .GateConfig(min_gain=100.0, anchor_tolerance=100.0, anchor_budget=100.0))
+    _add_fog(cloud, fog, n=60)
+    state = cloud.device(DEVICE)
+    view_hash = state.hash
+    result = cloud.run_round(DEVICE)
+    assert result is not None and result.outcome == 'refused' and result.envelope is None
+    assert 'needs >= 100' in result.decision.reason
+    assert (state.version, state.hash) == (0, view_hash)
+    # The trained copy is kept for the next round (not reset to what the device holds).
+    moved = dwc.compute_delta(state.trained, state.feedback.view)
+    assert sum(float(v.abs().sum()) for v in moved.values()) > 0
+    assert state.counters['refused'] == 1 and state.refusals == 0  # not harmful: no reset
+
+
+def test_unsure_labels_from_kept_tokens_pull_the_rest(models, fog):
+    cloud, _ = _cloud(models, labels=LabelConfig(pull_below=0.999))
+    _add_fog(cloud, fog, n=8, partial=True)
+    pulls = cloud.label(DEVICE)
+    assert pulls and set(pulls) == set(cloud.pull_requests(DEVICE))
+    state = cloud.device(DEVICE)
+    waiting = state.memory.get(pulls[0])
+    assert waiting.pull == 'requested' and not cloud.runner.trainable(waiting)
+    tokens, samples = fog
+    i = int(pulls[0].rsplit('-', 1)[1])
+    rest = torch.tensor([1, 3, 5, 7, 8, 9])
+    assert cloud.add_pulled(DEVICE, pulls[0], tokens[i][rest], rest)
+    merged = state.memory.get(pulls[0])
+    assert merged.indices is None and merged.pull == 'done' and not merged.labelled
+    torch.testing.assert_close(merged.tokens.float(), tokens[i].half().float())
+    cloud.label(DEVICE)  # labelled again, from every token: no second pull
+    assert merged.labelled and merged.pull == 'done' and cloud.runner.trainable(merged)
+    assert not cloud.add_pulled(DEVICE, pulls[0], tokens[i][rest], rest)  # not asked now
+    cloud.pull_unavailable(DEVICE, pulls[1])
+    gone = state.memory.get(pulls[1])
+    assert gone.pull == 'unavailable' and state.counters['pulls_unavailable'] == 1
+
+
+def test_the_audit_orders_a_signed_rollback_of_a_worse_version(models, fog):
+    cloud, public = _cloud(models)
+    state = cloud.device(DEVICE)
+    base_view, base_hash = dict(state.feedback.view), state.hash
+    # The device was given v1 = a broken adapter (as if the gate had been fooled) ...
+    g = torch.Generator().manual_seed(1)
+    broken = {k: v + torch.randn(v.shape, generator=g) * 0.5 for k, v in base_view.items()}
+    delta = dwc.compute_delta(broken, base_view)
+    state.feedback.commit(delta, delta)
+    state.version, state.hash = 1, state.feedback.view_hash()
+    state.remember(1, state.hash, state.feedback.view)
+    state.ship_seq = state.memory.next_seq
+    # ... and its audit samples since then show it.
+    tokens, samples = fog
+    space = cloud.space
+    for i in range(60):
+        cloud.add_sample(DEVICE, tokens[i], None, samples[i].question, space.num_tokens,
+                         space.dim, f'audit-{i}', device_version=1, audit=True)
+    cloud.label(DEVICE)
+    result = cloud.audit(DEVICE)
+    order = result.rollback
+    assert order is not None and result.counts.gain < -10
+    assert (order.from_version, order.to_hash, order.new_version) == (1, base_hash, 2)
+    check_rollback(order, public, DEVICE, 1, state.hash, base_hash)  # a device accepts it
+    assert cloud.rolled_back(DEVICE, 2, base_hash)
+    assert (state.version, state.hash) == (2, base_hash) and state.counters['rollbacks'] == 1
+    assert cloud.audit(DEVICE).rollback is None  # no audit samples of v2 yet
+
+
+def test_memory_and_labels_survive_a_cloud_restart(models, fog, tmp_path):
+    cloud, _ = _cloud(models, tmp_path)
+    _add_fog(cloud, fog, n=10)
+    cloud.label(DEVICE)
+    before = {sid: r.label for sid, r in cloud.device(DEVICE).memory.records.items()}
+    cloud.device(DEVICE).save()
+    again, _ = _cloud(models, tmp_path)
+    after = {sid: r.label for sid, r in again.device(DEVICE).memory.records.items()}
+    assert after == before and len(after) == 10
+    # A re-delivered sample is still refused after the restart.
+    tokens, samples = fog
+    assert not again.add_sample(DEVICE, tokens[0], None, samples[0].question,
+                                again.space.num_tokens, again.space.dim, f'{DEVICE}-0')

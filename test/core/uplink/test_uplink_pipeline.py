@@ -10,7 +10,7 @@ import torch
 from cdcca_ros.core.uplink.basis import BASIS_FILE, TokenBasis, space_id
 from cdcca_ros.core.uplink.image import decode_jpeg
 from cdcca_ros.core.uplink.pipeline import UplinkPipeline, decode_tokens
-from cdcca_ros.core.uts import INDEX_BYTES, SEQUENCE_HEADER_BYTES, UtsConfig
+from cdcca_ros.core.uts import INDEX_BYTES, SEQUENCE_HEADER_BYTES, UtsConfig, pack_tokens
 from cdcca_ros.errors import ConfigError
 
 
@@ -95,3 +95,26 @@ def test_bad_settings_are_refused(student):
         pipeline(student, mode='video')
     with pytest.raises(ConfigError, match='packing'):
         pipeline(student, packing='zip')
+
+
+def test_audit_samples_go_whole_in_every_mode(student, sample):
+    from cdcca_ros.models.bundled import BUNDLED_DIR
+
+    s, tokens, probs = sample
+    n = tokens.shape[0]
+    basis = TokenBasis.load(Path(BUNDLED_DIR) / 'student' / BASIS_FILE)
+    # Stage 1 refuses everything; every sample is drawn for the audit.
+    cfg = UtsConfig(stage1_threshold=50.0, keep_ratio=0.5, audit_fraction=1.0)
+    tokens_up = UplinkPipeline(cfg, student.mc_token_features, has_cls=True, packing='basis',
+                               basis=basis, budget_bytes=160).process(probs, tokens)
+    # A basis uplink's audit sample is every token in ecq (the budget is for a kept subset).
+    assert tokens_up is not None and tokens_up.audit and tokens_up.dtype == 'ecq'
+    assert tokens_up.uts.kept_indices.tolist() == list(range(n))
+    assert tokens_up.basis_version == ''
+    assert tokens_up.uts.packed.data == pack_tokens(tokens.detach().cpu(), 'ecq').data
+    image_up = UplinkPipeline(cfg, student.mc_token_features, mode='image').process(
+        probs, tokens, s.image)
+    assert image_up is not None and image_up.audit and image_up.dtype == 'image'
+    plain = UplinkPipeline(UtsConfig(stage1_threshold=0.0), student.mc_token_features,
+                           mode='image').process(probs, tokens, s.image)
+    assert plain is not None and not plain.audit

@@ -140,11 +140,24 @@ def _full_tokens(i: int):
                     has_cls=bool(i % 2), kept_indices=[0, 3 + i, 9],
                     token_variance=[0.125, 0.5 + i, 3.0e-7], dtype='int8',
                     scales=[0.5, 0.25 * (i + 1), 1e-3],
-                    payload=bytes((17 * i + k) % 256 for k in range(12)))
+                    payload=bytes((17 * i + k) % 256 for k in range(12)),
+                    basis_version=f'{i:016x}')
     msg.header.stamp.sec = 1_700_000_000 + i
     msg.header.stamp.nanosec = 123_456_789 + i
     msg.header.frame_id = f'camera_{i}'
+    msg.image.header.stamp.sec = 1_600_000_000 + i
+    msg.image.header.stamp.nanosec = 987_654_321 - i
+    msg.image.header.frame_id = f'frame_{i}'
+    msg.image.format = 'jpeg'
+    msg.image.data = bytes((29 * i + k) % 256 for k in range(7))
     return msg
+
+
+def _leaves(msg) -> int:
+    """Leaf fields of a message, nested messages counted by their own leaves."""
+    return sum(_leaves(getattr(msg, name))
+               if hasattr(getattr(msg, name), 'get_fields_and_field_types') else 1
+               for name in msg.get_fields_and_field_types())
 
 
 def _differences(sent, read, path: str = '') -> tuple[list[str], int]:
@@ -199,9 +212,10 @@ def test_cloud_records_the_uplink_to_mcap(link_graph):
         diffs, compared = _differences(original, msg)
         assert diffs == [], diffs
         total += compared
-    # Every leaf field of every message was compared (the header counts as its 3 leaves).
-    leaves = len(type(sent[0]).get_fields_and_field_types()) - 1 + 3
-    assert leaves >= 21 and total == len(sent) * leaves
+    # Every leaf field of every message was compared (the header counts as its 3 leaves, the
+    # image as its header's 3, format and data).
+    leaves = _leaves(sent[0])
+    assert leaves >= 29 and total == len(sent) * leaves
 
 def test_guard_messages_cross_to_their_device_only(link_graph):
     """Token requests and rollback orders go down to the device they name (another device's

@@ -35,6 +35,7 @@ def test_uplink_mode_runs_a_round_end_to_end(ros_context_pair, frames, tmp_path,
     from cdcca_ros.core.akd import AKDConfig
     from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
     from cdcca_ros.core.device_runtime import DeviceRuntime
+    from cdcca_ros.core.rounds.config import GuardConfig
     from cdcca_ros.core.uplink.basis import BASIS_FILE, TokenBasis
     from cdcca_ros.core.wire import generate_keypair
     from cdcca_ros.models import bundled
@@ -50,13 +51,16 @@ def test_uplink_mode_runs_a_round_end_to_end(ros_context_pair, frames, tmp_path,
                               tmp_path / 'device', trace_probe=False)
     cloud_rt = CloudRuntime(bundled.load('bundled:teacher'), bundled.load('bundled:student'),
                             private, CloudConfig(min_samples=SAMPLES, akd=AKDConfig(
-                                steps=5, batch_size=4), codec='sparse', budget_bytes=None),
+                                steps=5, batch_size=4), codec='sparse', budget_bytes=None,
+                                guard=GuardConfig.plain(5)),
                             state_dir=tmp_path / 'cloud')
     uplink = [Parameter('uts.uplink', value='image')] if mode == 'image' else [
         Parameter('uts.pack_dtype', value='basis'), Parameter('uts.keep_ratio', value=1.0),
         Parameter('uts.budget_bytes', value=160)]
+    # No audit draws: every sample goes up in the mode under test.
     device = DeviceNode(device_rt, context=ctx_robot, parameter_overrides=[
-        Parameter('uts.entropy_threshold', value=0.0), *uplink])
+        Parameter('uts.entropy_threshold', value=0.0),
+        Parameter('uts.audit_fraction', value=0.0), *uplink])
     uts = UtsNode(device, context=ctx_robot)
     cloud = CloudNode(cloud_rt, context=ctx_cloud)
     robot = Spinner(ctx_robot, [device, uts])
@@ -75,7 +79,7 @@ def test_uplink_mode_runs_a_round_end_to_end(ros_context_pair, frames, tmp_path,
                                                 image=image_to_msg(s.image, 'rgb8', Image)))
             assert spin_until([executor], future.done, 60.0) and future.result().success
         assert spin_until([executor], lambda: device_rt.version == 1, 120.0), (
-            cloud.counters, uts.counters, cloud._last_error, uts._last_error)
+            cloud.counters, uts.counters, cloud.errors.latest(), uts.errors.latest())
         assert spin_until([executor], lambda: len(sent) >= SAMPLES, 10.0)
         assert cloud.counters['samples'] == SAMPLES and cloud.counters['samples_rejected'] == 0
         msg = sent[0]
@@ -96,7 +100,8 @@ def test_uplink_mode_runs_a_round_end_to_end(ros_context_pair, frames, tmp_path,
             stray.publish(msg)
             assert spin_until([executor], lambda: cloud.counters['samples_rejected'] == 1,
                               20.0), cloud.counters
-            assert 'basis' in cloud._last_error and cloud.counters['samples'] == SAMPLES
+            assert 'basis' in cloud.errors.latest()[0]
+            assert cloud.counters['samples'] == SAMPLES
     finally:
         executor.shutdown()
         client.destroy_node()

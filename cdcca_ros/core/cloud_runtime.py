@@ -37,9 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from torch import Tensor
 
-    from cdcca_ros.models.base import MLLM
+    from cdcca_ros.models.base import MLLM, VisionSpace
 
-__all__ = ['CloudConfig', 'CloudRuntime', 'DeviceState', 'RoundResult', 'AuditResult']
+__all__ = ['CloudConfig', 'CloudRuntime', 'DeviceState', 'RoundResult', 'AuditResult',
+           'check_sample']
 
 
 @dataclass
@@ -92,6 +93,25 @@ class CloudConfig:
             raise ConfigError(f'budget_bytes must be >= 64, got {self.budget_bytes}')
         if not self.refit_min_error >= 0:
             raise ConfigError(f'refit_min_error must be >= 0, got {self.refit_min_error}')
+
+
+def check_sample(space: VisionSpace, device_id: str, tokens: Tensor, indices: Tensor | None,
+                 num_tokens: int, token_dim: int) -> None:
+    """Check that an uplinked sample lives in ``space``.
+
+    Raises:
+        WireError: Another token space, tokens not ``[K, D]``, or indices out of range.
+    """
+    if token_dim != space.dim or num_tokens != space.num_tokens:
+        raise WireError(f'sample from {device_id!r} has {num_tokens} tokens of dim '
+                        f'{token_dim}; this cloud expects {space.num_tokens} x {space.dim}')
+    if tokens.dim() != 2 or tokens.shape[1] != token_dim:
+        raise WireError(f'sample from {device_id!r}: tokens {tuple(tokens.shape)} are not '
+                        f'[K, {token_dim}]')
+    if indices is not None and (indices.numel() != tokens.shape[0] or (
+            indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_tokens))):
+        raise WireError(f'sample from {device_id!r} has token indices outside '
+                        f'[0, {num_tokens}) or not one per token')
 
 
 class CloudRuntime:
@@ -157,18 +177,7 @@ class CloudRuntime:
 
     def _check(self, device_id: str, tokens: Tensor, indices: Tensor | None,
                num_tokens: int, token_dim: int) -> None:
-        if token_dim != self.space.dim or num_tokens != self.space.num_tokens:
-            raise WireError(f'sample from {device_id!r} has {num_tokens} tokens of dim '
-                            f'{token_dim}; this cloud expects {self.space.num_tokens} x '
-                            f'{self.space.dim}')
-        if tokens.dim() != 2 or tokens.shape[1] != token_dim:
-            raise WireError(f'sample from {device_id!r}: tokens {tuple(tokens.shape)} are not '
-                            f'[K, {token_dim}]')
-        if indices is not None and (indices.numel() != tokens.shape[0] or (
-                indices.numel() and (int(indices.min()) < 0
-                                     or int(indices.max()) >= num_tokens))):
-            raise WireError(f'sample from {device_id!r} has token indices outside '
-                            f'[0, {num_tokens}) or not one per token')
+        check_sample(self.space, device_id, tokens, indices, num_tokens, token_dim)
 
     def add_sample(self, device_id: str, tokens: Tensor, indices: Tensor | None, question: str,
                    num_tokens: int, token_dim: int, sample_id: str = '', *,

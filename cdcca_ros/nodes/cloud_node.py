@@ -22,6 +22,11 @@ device's rounds wait until the device reports it carried it out (or refused it).
 state (the exact adapter the device holds, the cloud's trained copy, the replay memory) is
 checkpointed under ``state_dir`` and survives a restart.
 
+With ``backend:=ray`` the rounds run on a Ray cluster instead (``ray_address``; a local one
+when empty): student workers, a batching teacher service, device state in ``ray.store_dir``
+(:mod:`cdcca_ros.core.fleet`). The node stays the same face: samples and reports go to the
+fleet's store, the worker thread hands due rounds to it and publishes what comes back.
+
 Teacher and student that cannot load are one FATAL line and a non-zero exit. The ``round.*``,
 ``akd.*`` and ``dwc.*`` parameters change at runtime (``ros2 param set``) and apply from the next
 round; the models, the device, the key and the folders are read-only.
@@ -103,8 +108,11 @@ def cloud_config(params: dict[str, Any]) -> CloudConfig:
     return CloudConfig.from_params(params)
 
 
-def build_runtime(params: dict[str, Any]) -> CloudRuntime:
-    """Load teacher and student and the signing key named by the parameters."""
+def build_runtime(params: dict[str, Any]) -> CloudRuntime | Any:
+    """Load teacher and student and the signing key named by the parameters (``backend``
+    ray: start the fleet on Ray instead)."""
+    if params['backend'] == 'ray':
+        return build_fleet(params)
     from cdcca_ros.models import bundled
 
     quant = None if params['quantization'] == 'none' else params['quantization']
@@ -116,6 +124,18 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime:
               if cfg.guard.enabled else None)
     return CloudRuntime(teacher, student, signing_key(params, state_dir), cfg,
                         state_dir=state_dir, anchor=anchor)
+
+
+def build_fleet(params: dict[str, Any]) -> Any:
+    """The fleet engine on Ray (:class:`cdcca_ros.core.fleet.engine.FleetEngine`): Ray is
+    imported here only."""
+    from cdcca_ros.core.fleet.engine import FleetEngine, FleetOptions
+
+    state_dir = Path(params['state_dir'] or Path.home() / '.cdcca' / 'cloud')
+    quant = None if params['quantization'] == 'none' else params['quantization']
+    return FleetEngine(params['teacher'], params['student'], params['torch_device'], quant,
+                       signing_key(params, state_dir), cloud_config(params),
+                       params['guard.anchor'], FleetOptions.from_params(params, state_dir))
 
 
 def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,8 +315,52 @@ class CloudNode(Node):
         while not self._stop.wait(0.5):
             if self.runtime is None:
                 continue
+            if hasattr(self.runtime, 'poll'):  # backend ray: the fleet runs the rounds
+                self._fleet_loop(self.runtime)
+                continue
             for device_id in list(self.runtime.devices):
                 self.step(device_id)
+
+    # ---------------------------------------------------------------- backend ray
+    def _fleet_loop(self, fleet: Any) -> None:
+        """Hand due rounds to the fleet (devices awaiting a rollback report held) and publish
+        what comes back, until the node stops or the fleet is unloaded."""
+        while not self._stop.is_set() and self.runtime is fleet:
+            now = time.monotonic()
+            for device_id, (order, sent) in list(self._awaiting.items()):
+                if now - sent > ROLLBACK_WAIT_S:
+                    self.get_logger().error(f'{device_id!r} never answered the rollback order '
+                                            f'of v{order.from_version}: rounds resume')
+                    self._awaiting.pop(device_id, None)
+            try:
+                events = fleet.poll(held=set(self._awaiting), timeout=0.25)
+            except Exception as err:  # noqa: BLE001 - a cluster error: reported, node alive
+                self.get_logger().error(self.errors.set('round', f'fleet: {one_line(err)}'))
+                self._stop.wait(1.0)
+                continue
+            for event in events:
+                self._on_fleet_event(event)
+
+    def _on_fleet_event(self, event: Any) -> None:
+        from cdcca_ros.core.fleet import engine as fleet
+
+        if isinstance(event, fleet.RoundDone):
+            self.errors.clear('round')
+            self.publish_result(event.device_id, event.result, event.done_t - event.dispatch_t)
+        elif isinstance(event, fleet.PullsWanted):
+            self._request_tokens(event.device_id, event.sample_ids)
+        elif isinstance(event, fleet.RollbackOrdered):
+            self.order_rollback(event.order, event.figures)
+        elif isinstance(event, fleet.Mirrored) and not event.ok:
+            self.get_logger().error(self.errors.set(
+                'rollback', f'{event.device_id!r} reports a rollback to v{event.version} '
+                            f'{event.hash[:12]} this cloud cannot mirror (unknown adapter or '
+                            'older version)'))
+        elif isinstance(event, fleet.TaskFailed):
+            self.get_logger().error(self.errors.set(
+                'round', f'round for {event.device_id!r} failed: {event.message}'))
+        elif isinstance(event, fleet.WorkerChanged):
+            self.get_logger().warning(event.message)
 
     def step(self, device_id: str) -> RoundResult | None:
         """One pass of the worker for ``device_id``: label what arrived (and ask for pulls);
@@ -385,9 +449,14 @@ class CloudNode(Node):
             self.get_logger().warning(f'round for {device_id!r}: no usable pseudo-label')
             return None
         self._request_tokens(device_id, result.pulls)
+        return self.publish_result(device_id, result, time.perf_counter() - t0)
+
+    def publish_result(self, device_id: str, result: RoundResult, elapsed_s: float
+                       ) -> RoundResult:
+        """Publish a round's delta (when the gate let it ship) and its status."""
         self.results.append(result)
         if result.envelope is None:
-            return self._refused(device_id, result, t0)
+            return self._refused(device_id, result, elapsed_s)
         stamp = self.get_clock().now().to_msg()
         for chunk in envelope_to_msgs(result.envelope, self.params['dwc.chunk_bytes'],
                                       num_params=result.stats.num_params,
@@ -399,7 +468,7 @@ class CloudNode(Node):
         status = AdaptationStatus(
             device_id=device_id, node='cloud', round=result.round,
             state=AdaptationStatus.STATE_ROUND_DONE,
-            message=f'{result.samples} samples, {time.perf_counter() - t0:.1f} s',
+            message=f'{result.samples} samples, {elapsed_s:.1f} s',
             model_version=version_label(device_id, result.envelope.new_version),
             uplink_samples=self._round_samples.pop(device_id, 0),
             uplink_bytes=self._round_bytes.pop(device_id, 0),
@@ -419,7 +488,7 @@ class CloudNode(Node):
             f'{result.stats.nbytes} B ({result.stats.bits_per_param:.2f} bit/param)')
         return result
 
-    def _refused(self, device_id: str, result: RoundResult, t0: float) -> RoundResult:
+    def _refused(self, device_id: str, result: RoundResult, elapsed_s: float) -> RoundResult:
         """Publish a round whose candidate the gate refused (nothing goes to the device)."""
         self.counters['rounds'] += 1
         self.counters['refused'] += 1
@@ -429,8 +498,7 @@ class CloudNode(Node):
         status = AdaptationStatus(
             device_id=device_id, node='cloud', round=result.round,
             state=AdaptationStatus.STATE_REFUSED,
-            message=f'{result.samples} samples, {time.perf_counter() - t0:.1f} s: '
-                    f'{reason}'[:500],
+            message=f'{result.samples} samples, {elapsed_s:.1f} s: {reason}'[:500],
             model_version=version_label(device_id, state.version), model_hash=state.hash,
             uplink_samples=self._round_samples.pop(device_id, 0),
             uplink_bytes=self._round_bytes.pop(device_id, 0),
@@ -473,6 +541,8 @@ class CloudNode(Node):
             values['akd'] = f'steps={cfg.akd.steps} lr={cfg.akd.lr:g}'
             values['dwc'] = f'codec={cfg.codec} budget_bytes={cfg.budget_bytes}'
         values.update(self._device_figures())
+        if hasattr(self.runtime, 'figures'):  # backend ray: workers, queue, retries
+            values.update(self.runtime.figures())
         if self.fatal_error:
             values['last_error'] = self.fatal_error
         level, text = ((ERROR, 'model failed to load') if self.fatal_error else
@@ -484,6 +554,9 @@ class CloudNode(Node):
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30.0)
+        close = getattr(self.runtime, 'close', None)  # backend ray: actors and Ray stop
+        if close is not None:
+            close()
         super().destroy_node()
 
 

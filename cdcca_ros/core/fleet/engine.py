@@ -393,9 +393,12 @@ class FleetEngine:
                          'duplicates_suppressed': 0, 'worker_deaths': 0, 'failed': 0,
                          'samples': 0}
         self._own_ray = False
+        self._ray_stop = threading.Event()
+        self._ray_owner: threading.Thread | None = None
         self._pg: Any = None
         self.teachers: list[Any] = []
         self.slots: list[_Slot] = []
+        self._ctor_args: list[Any] = []
         self._start(teacher, student, torch_device, quantization, key, anchor)
         for device_id in self.store.devices():
             self._device(device_id)
@@ -415,8 +418,8 @@ class FleetEngine:
                 else:
                     cpus = math.ceil(opts.workers * opts.worker_cpus
                                      + opts.teachers * opts.teacher_cpus) or 1
-                    ray.init(num_cpus=cpus, include_dashboard=False, namespace='cdcca',
-                             log_to_driver=False)
+                    self._start_local_ray(num_cpus=cpus, include_dashboard=False,
+                                          namespace='cdcca', log_to_driver=False)
                 self._own_ray = True
             bundles = ([_bundle(opts.worker_cpus, opts.worker_gpus)] * opts.workers
                        + [_bundle(opts.teacher_cpus, opts.teacher_gpus)] * opts.teachers)
@@ -438,13 +441,17 @@ class FleetEngine:
                               key_pem=key_to_pem(key), cfg=self._cfg, anchor=anchor,
                               store=str(self.store.root), threads=opts.threads)
             worker_cls = ray.remote(WorkerActor)
+            # A restarted actor reruns its constructor with the same arguments: they are put
+            # in the object store once and this engine holds them for the actors' lifetime.
+            shared = [ray.put(self.teachers), ray.put(space)]
             for i in range(opts.workers):
-                spec_i = WorkerSpec(**{**spec.__dict__, 'worker_id': f'worker{i}'})
+                spec_i = ray.put(WorkerSpec(**{**spec.__dict__, 'worker_id': f'worker{i}'}))
+                self._ctor_args.append(spec_i)
                 handle = worker_cls.options(
                     num_cpus=opts.worker_cpus, num_gpus=opts.worker_gpus, max_restarts=-1,
-                    max_task_retries=0, scheduling_strategy=where(i)).remote(
-                        spec_i, self.teachers, space)
+                    max_task_retries=0, scheduling_strategy=where(i)).remote(spec_i, *shared)
                 self.slots.append(_Slot(i, handle))
+            self._ctor_args += shared
             for slot, info in zip(self.slots, ray.get([s.handle.ping.remote()
                                                        for s in self.slots], timeout=600),
                                   strict=True):
@@ -452,6 +459,32 @@ class FleetEngine:
         except Exception as err:  # noqa: BLE001 - Ray and the actors' constructors raise many
             self.close()
             raise ModelLoadError(f'the fleet on Ray cannot start: {_first_line(err)}') from err
+
+    def _start_local_ray(self, **kwargs: Any) -> None:
+        """Start a local cluster from a thread that lives until :meth:`close`: Ray binds its
+        head processes to the thread that starts them (``PR_SET_PDEATHSIG`` is per thread),
+        and a node loads its models in a thread that ends."""
+        import ray
+
+        started = threading.Event()
+        failed: list[BaseException] = []
+
+        def own() -> None:
+            try:
+                ray.init(**kwargs)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                failed.append(err)
+                started.set()
+                return
+            started.set()
+            self._ray_stop.wait()
+
+        self._ray_stop.clear()
+        self._ray_owner = threading.Thread(target=own, name='ray-head', daemon=True)
+        self._ray_owner.start()
+        started.wait()
+        if failed:
+            raise failed[0]
 
     def close(self) -> None:
         """Stop the actors, free the placement group, and stop Ray if this engine started
@@ -467,7 +500,7 @@ class FleetEngine:
                 ray.kill(handle, no_restart=True)
             except Exception:  # noqa: BLE001, S110 - already gone
                 pass
-        self.slots, self.teachers = [], []
+        self.slots, self.teachers, self._ctor_args = [], [], []
         if self._pg is not None:
             from ray.util.placement_group import remove_placement_group
 
@@ -479,6 +512,7 @@ class FleetEngine:
         if self._own_ray:
             ray.shutdown()
             self._own_ray = False
+        self._ray_stop.set()
 
     def save(self) -> None:
         """Nothing to do: every round commits to the store."""

@@ -347,6 +347,8 @@ class CloudNode(Node):
         if isinstance(event, fleet.RoundDone):
             self.errors.clear('round')
             self.publish_result(event.device_id, event.result, event.done_t - event.dispatch_t)
+        elif isinstance(event, fleet.NoRound):
+            self.get_logger().warning(f'round for {event.device_id!r}: no usable pseudo-label')
         elif isinstance(event, fleet.PullsWanted):
             self._request_tokens(event.device_id, event.sample_ids)
         elif isinstance(event, fleet.RollbackOrdered):

@@ -210,6 +210,16 @@ class RoundDone:
 
 
 @dataclass
+class NoRound:
+    """A device's task ran but had nothing to learn from (no usable label yet)."""
+
+    device_id: str
+    trigger_t: float | None
+    dispatch_t: float
+    done_t: float
+
+
+@dataclass
 class PullsWanted:
     """Ask the device for the rest of these samples' tokens."""
 
@@ -253,7 +263,8 @@ class WorkerChanged:
     message: str
 
 
-FleetEvent = RoundDone | PullsWanted | RollbackOrdered | Mirrored | TaskFailed | WorkerChanged
+FleetEvent = (RoundDone | NoRound | PullsWanted | RollbackOrdered | Mirrored | TaskFailed
+              | WorkerChanged)
 
 
 # --- Ray actors (decorated with ray.remote when the engine starts) -----------------------------
@@ -833,6 +844,8 @@ class FleetEngine:
                                     self._attempts.pop(ticket, 1)))
         else:
             self._attempts.pop(ticket, None)
+            if out.get('rollback') is None:
+                events.append(NoRound(device_id, trigger, task['dispatched'], now))
         return events
 
     def _ping_dead(self) -> None:
@@ -891,11 +904,11 @@ class FleetEngine:
 
         return ray.get([t.report.remote(reset) for t in self.teachers], timeout=timeout)
 
-    def in_flight(self) -> dict[int, list[str]]:
-        """Worker -> devices of its running task."""
+    def in_flight(self) -> dict[int, tuple[list[str], float]]:
+        """Worker -> (devices of its running task, when it was handed the task)."""
         with self._lock:
-            return {s.index: [t['device_id'] for t in s.tasks] for s in self.slots
-                    if s.ref is not None}
+            return {s.index: ([t['device_id'] for t in s.tasks], s.dispatched)
+                    for s in self.slots if s.ref is not None}
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:

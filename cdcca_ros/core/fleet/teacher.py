@@ -325,6 +325,7 @@ class TeacherProxy:
         self._space = space
         self.torch_model = torch.nn.Module()  # no weights: the round's eval()/train() are no-ops
         self._cache: OrderedDict[bytes, tuple[Tensor, Tensor]] = OrderedDict()
+        self._labels: OrderedDict[bytes, tuple[str, list[float]]] = OrderedDict()
         self._cache_max = int(cache_samples)
         self._lock = threading.Lock()
         self.calls = {LABEL: 0, TARGETS: 0, 'cached': 0}
@@ -335,16 +336,69 @@ class TeacherProxy:
     def answer_from_tokens(self, tokens: Tensor, indices: Tensor | None,
                            questions: Sequence[str], max_new_tokens: int = 6
                            ) -> list[AnswerResult]:
+        """The teacher's greedy answers (from :meth:`prefetch_labels` when it fetched them)."""
         from cdcca_ros.models.base import AnswerResult
 
         t0 = time.perf_counter()
-        self.calls[LABEL] += 1
-        labels = self.client.label(tokens.detach().cpu(), None if indices is None
-                                   else indices.detach().cpu(), questions, max_new_tokens)
+        labels = self._fetch_labels(tokens, indices, list(questions), max_new_tokens)
         ms = (time.perf_counter() - t0) * 1000.0
         return [AnswerResult(text=text, token_ids=[], step_probs=np.zeros((0, 0), np.float32),
                              token_probs=np.asarray(probs, np.float32), latency_ms=ms)
                 for text, probs in labels]
+
+    def prefetch_labels(self, items: Sequence[tuple[Tensor, Tensor | None, str]],
+                        max_new_tokens: int) -> int:
+        """Fetch the answers for ``(tokens [K, D], indices [K] or None, question)`` samples,
+        many devices' at once: one request per stackable shape. Returns the requests made."""
+        return self._prefetch(items, lambda t, i, q, _: self._fetch_labels(t, i, q,
+                                                                            max_new_tokens))
+
+    def prefetch_targets(self, items: Sequence[tuple[Tensor, Tensor | None, str, str]]) -> int:
+        """Fetch the AKD targets for ``(tokens, indices, question, answer)`` samples, many
+        devices' at once. Returns the requests made."""
+        return self._prefetch(items, lambda t, i, q, a: self.forward_train(t, i, q, a))
+
+    @staticmethod
+    def _prefetch(items: Sequence[tuple[Any, ...]], fetch: Any) -> int:
+        import torch
+
+        groups: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+        for item in items:
+            tokens, indices = item[0], item[1]
+            groups.setdefault((tuple(tokens.shape), indices is None), []).append(item)
+        for members in groups.values():
+            tokens = torch.stack([m[0].float() for m in members])
+            indices = (None if members[0][1] is None
+                       else torch.stack([m[1].long() for m in members]))
+            answers = [m[3] for m in members] if len(members[0]) > 3 else None
+            fetch(tokens, indices, [m[2] for m in members], answers)
+        return len(groups)
+
+    def _fetch_labels(self, tokens: Tensor, indices: Tensor | None, questions: list[str],
+                      max_new_tokens: int) -> list[tuple[str, list[float]]]:
+        tag = f'\0label:{int(max_new_tokens)}'
+        keys = [_sample_key(tokens[i], None if indices is None else indices[i], q, tag)
+                for i, q in enumerate(questions)]
+        with self._lock:
+            have = {k: self._labels[k] for k in keys if k in self._labels}
+        missing = [i for i, k in enumerate(keys) if k not in have]
+        self.calls['cached'] += len(keys) - len(missing)
+        if missing:
+            self.calls[LABEL] += 1
+            pick = _index(missing)
+            got = self.client.label(tokens.detach().cpu()[pick],
+                                    None if indices is None else indices.detach().cpu()[pick],
+                                    [questions[i] for i in missing], max_new_tokens)
+            if len(got) != len(missing):
+                raise ModelError(f'the teacher service returned {len(got)} answers for '
+                                 f'{len(missing)} questions')
+            with self._lock:
+                for i, item in zip(missing, got, strict=True):
+                    have[keys[i]] = item
+                    self._labels[keys[i]] = item
+                while len(self._labels) > self._cache_max:
+                    self._labels.popitem(last=False)
+        return [have[k] for k in keys]
 
     def forward_train(self, tokens: Tensor, indices: Tensor | None, questions: Sequence[str],
                       answers: Sequence[str]) -> TeacherBatch:

@@ -28,7 +28,6 @@ import json
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,26 +260,33 @@ class RoundWorker:
                 item.applied['unreadable' if entry.kind == SAMPLE else 'rejected'] += 1
 
     def _prepare_together(self, items: list[_Open]) -> None:
-        """Labels (with the pulls they ask for) and AKD targets of every opened device; the
-        devices' teacher requests go out at once, so the service can merge them."""
+        """Labels (with the pulls they ask for) and AKD targets of every opened device. With
+        the teacher service, the devices' samples go out together first, one request per
+        stackable shape (the service merges them further with other workers' requests); each
+        device's round then finds its answers and targets fetched."""
         from cdcca_ros.core.rounds.trainer import fill_targets
 
-        def label(item: _Open) -> None:
-            t0 = time.perf_counter()
+        teacher = self.runtime.teacher
+        together = len(items) > 1 and hasattr(teacher, 'prefetch_labels')
+        t0 = time.perf_counter()
+        if together:
+            teacher.prefetch_labels(
+                [(r.tokens, r.indices, r.question) for item in items
+                 for r in item.state.memory.unlabelled()], self.runtime.cfg.akd.max_new_tokens)
+        needs: list[list[Any]] = []
+        for item in items:
             item.pulls = self.runtime.label(item.task['device_id'])
-            records = [r for r in item.state.memory.select('train')
-                       if r.usable and r.pull != 'requested' and r.targets is None]
+            needs.append([r for r in item.state.memory.select('train')
+                          if r.usable and r.pull != 'requested' and r.targets is None])
+        if together:
+            teacher.prefetch_targets([(r.tokens, r.indices, r.question, str(r.label))
+                                      for records in needs for r in records])
+        for item, records in zip(items, needs, strict=True):
             fill_targets(self._targets, records)
             for r in records:
                 item.state.memory.update(r)  # the targets persist with the record
-            item.label_s = time.perf_counter() - t0
-
-        if len(items) == 1:
-            label(items[0])
-            return
-        with ThreadPoolExecutor(len(items), thread_name_prefix='label') as pool:
-            for future in [pool.submit(label, item) for item in items]:
-                future.result()
+        for item in items:
+            item.label_s = (time.perf_counter() - t0) / len(items)
 
     def _finish(self, item: _Open) -> dict[str, Any]:
         device_id, ticket = item.task['device_id'], item.task['ticket']

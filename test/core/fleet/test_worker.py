@@ -113,6 +113,10 @@ def test_one_task_serves_a_group_and_mirrors_reports_and_counts_bad_entries(part
     worker = make_worker(parts, store)
     out = worker.run([{'device_id': 'r1', 'ticket': 'a'}, {'device_id': 'r2', 'ticket': 'b'}])
     assert [o['outcome'] for o in out] == ['shipped', 'shipped']
+    # Both devices' samples stack (8 kept tokens each): one label request, one for targets.
+    teacher = worker.runtime.teacher.client.batcher.report()
+    assert teacher['label']['requests'] == 1 and teacher['label']['samples'] == 10
+    assert teacher['targets']['requests'] == 1
     assert out[1]['mirrors'] == [{'version': 7, 'hash': 'unknown', 'ok': False}]
     assert out[1]['applied']['unreadable'] == 1 and out[1]['inbox_upto'] == 6
     assert store.inbox('r2') == []

@@ -64,6 +64,7 @@ class Driver:
         self.images: deque = deque(maxlen=20)
         self.used: set[int] = set()
         self.scenes: dict[int, dict] = {}
+        self.bad_scenes = 0
         self.device_status: list[Any] = []
         self.cloud_status: list[Any] = []
         self.node.create_subscription(Image, 'image', lambda m: self.images.append(m),
@@ -79,7 +80,15 @@ class Driver:
         self.Ask = Ask
 
     def _on_scene(self, msg) -> None:
-        meta = json.loads(msg.data)
+        from cdcca_ros.camera.synthetic import scene_from_json
+        from cdcca_ros.errors import WireError
+
+        try:
+            meta = scene_from_json(msg.data)
+        except WireError as err:
+            self.bad_scenes += 1
+            print(f'ignored a bad scene message: {err}', file=sys.stderr)
+            return
         self.scenes[meta['stamp_ns']] = meta
         if len(self.scenes) > 200:
             for key in sorted(self.scenes)[:100]:

@@ -19,8 +19,16 @@ class ModelError(CdccaError):
     """A model could not do what was asked."""
 
 
+class GenerationCancelled(CdccaError):
+    """A per-step callback stopped generation (e.g. a canceled ``Ask`` action goal)."""
+
+
 class ModelLoadError(ModelError):
     """Weights or a config could not be loaded from a directory or hub id."""
+
+
+class PromptTooLongError(ModelError, ValueError):
+    """A question (with its choices) does not fit the language model's context."""
 
 
 class VisionSpaceMismatchError(ModelError):
@@ -101,3 +109,15 @@ class DeltaGateRejection(DeltaRejectedError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f'{reason}: {message}')
         self.reason = reason
+
+
+class TrustError(SignatureError):
+    """A key list or a signed record is refused by the device's trust store (unknown or
+    revoked key, wrong role, expired, forged or older key list); ``reason`` is a short
+    machine-readable code (:class:`cdcca_ros.core.trust.TrustReason`), ``detail`` the
+    message without it."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f'{reason}: {message}')
+        self.reason = reason
+        self.detail = message

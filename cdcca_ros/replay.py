@@ -5,12 +5,19 @@ as its CDR bytes in MCAP. This tool publishes those ``UtsTokens`` again on the c
 input topic (``/<namespace>/<topic>``, default ``/cloud/uts_tokens``) -- for an audit, to
 redo a round, to debug the cloud side without robots::
 
-    python -m cdcca_ros.replay FILE.mcap [--rate R] [--topic uts_tokens] [--namespace cloud]
-        [--channel uts_tokens] [--limit N] [--wait S] [--ack-timeout S]
+    python -m cdcca_ros.replay FILE.mcap|BAG_DIR [--rate R] [--topic uts_tokens]
+        [--namespace cloud] [--channel uts_tokens] [--limit N] [--wait S] [--ack-timeout S]
 
-1. The file is checked whole before anything is published: chunk CRCs, the channel's schema,
-   and every message deserialized from its CDR with ``rclpy.serialization`` (never pickle).
-   A corrupted recording publishes nothing (exit code 2).
+It reads the cloud's MCAP file, or a bag in the rosbag2 layout (a folder with
+``metadata.yaml`` and its MCAP or sqlite3 files: what ``ros2 bag record`` and ``rosbags``
+write), read through ``rosbags``. A bag names topics in full (``/cloud/uts_tokens``): the
+channel ``uts_tokens`` then means the one topic of that name in any namespace (give the full
+name when several match).
+
+1. The file is checked whole before anything is published: chunk CRCs (MCAP files), the
+   channel's schema, and every message deserialized from its CDR with
+   ``rclpy.serialization`` (never pickle). A corrupted recording publishes nothing (exit
+   code 2).
 2. Waits up to ``--wait`` seconds for a subscriber on the topic (exit code 1 if none).
 3. Publishes in recorded order, paced by the recorded log times divided by ``--rate``
    (``0``: as fast as possible; reliable keep-all QoS, so the publisher drops nothing -- a
@@ -20,10 +27,11 @@ redo a round, to debug the cloud side without robots::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +144,78 @@ def read_checked(path: str | Path) -> Iterator[RecordedMessage]:
                             f'{type(err).__name__}: {err}') from err
 
 
+def read_bag(path: str | Path) -> Iterator[RecordedMessage]:
+    """Every message of a rosbag2 folder (``metadata.yaml`` + MCAP or sqlite3 files), read
+    through ``rosbags``; the schema name is the connection's message type.
+
+    Raises:
+        ConfigError: the folder is not a rosbag2 bag.
+        WireError: the bag cannot be read (damaged files or metadata).
+    """
+    with _open_bag(path) as reader:
+        try:
+            for sequence, (conn, timestamp, raw) in enumerate(reader.messages(), 1):
+                yield RecordedMessage(conn.topic, conn.msgtype, bytes(raw), timestamp,
+                                      timestamp, sequence)
+        except _bag_errors() as err:
+            raise WireError(f'bag {path} is damaged and cannot be read: '
+                            f'{type(err).__name__}: {err}') from err
+
+
+def _bag_errors() -> tuple[type[BaseException], ...]:
+    from rosbags.rosbag2 import ReaderError
+
+    return (ReaderError, OSError, *_read_errors())
+
+
+@contextlib.contextmanager
+def _open_bag(path: str | Path) -> Iterator[Any]:
+    """An open ``rosbags`` reader of a rosbag2 folder (errors as in :func:`read_bag`)."""
+    from rosbags.rosbag2 import Reader
+
+    path = Path(path)
+    if not (path / 'metadata.yaml').is_file():
+        raise ConfigError(f'{path} is a folder without metadata.yaml: not a rosbag2 bag')
+    reader = Reader(path)
+    try:
+        reader.open()
+    except _bag_errors() as err:
+        raise WireError(f'bag {path} is damaged and cannot be read: '
+                        f'{type(err).__name__}: {err}') from err
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def _bag_topics(path: Path) -> set[str]:
+    with _open_bag(path) as reader:
+        return set(reader.topics)
+
+
+def read_any(path: str | Path) -> Iterator[RecordedMessage]:
+    """The messages of a recording: a rosbag2 folder (:func:`read_bag`) or an MCAP file
+    (:func:`read_checked`)."""
+    return read_bag(path) if Path(path).is_dir() else read_checked(path)
+
+
+def resolve_channel(topics: Iterable[str], channel: str) -> str:
+    """The recording's topic that ``channel`` names: the same name, else the one topic whose
+    last component it is (a bag's ``/cloud/uts_tokens`` for ``uts_tokens``).
+
+    Raises:
+        ConfigError: several topics match (the message lists them).
+    """
+    topics = set(topics)
+    if channel in topics or channel.startswith('/'):
+        return channel
+    matches = sorted(t for t in topics if t.rsplit('/', 1)[-1] == channel)
+    if len(matches) > 1:
+        raise ConfigError(f'channel {channel!r} matches {", ".join(matches)}: give one with '
+                          '--channel')
+    return matches[0] if matches else channel
+
+
 def deserialize_tokens(data: bytes, where: str) -> Any:
     """``UtsTokens`` from CDR bytes.
 
@@ -153,19 +233,29 @@ def deserialize_tokens(data: bytes, where: str) -> Any:
                         f'{type(err).__name__}: {err}') from err
 
 
+def _channel(cfg: ReplayConfig) -> str:
+    """``cfg.channel`` resolved against the recording's topics (a bag's names are full)."""
+    if cfg.channel.startswith('/'):
+        return cfg.channel
+    topics = (_bag_topics(cfg.path) if cfg.path.is_dir()
+              else {m.topic for m in read_checked(cfg.path)})
+    return resolve_channel(topics, cfg.channel)
+
+
 def _selected(cfg: ReplayConfig, others: set[str] | None = None
               ) -> Iterator[tuple[int, RecordedMessage]]:
     """``(index, message)`` of the channel's messages, up to the limit; checks the schema."""
     count = 0
-    for msg in read_checked(cfg.path):
-        if msg.topic != cfg.channel:
+    channel = _channel(cfg)
+    for msg in read_any(cfg.path):
+        if msg.topic != channel:
             if others is not None:
                 others.add(msg.topic)
             continue
         if cfg.limit is not None and count >= cfg.limit:
             return
         if msg.schema_name not in ('', UTS_TYPE):
-            raise WireError(f'recording {cfg.path}: channel {cfg.channel!r} holds '
+            raise WireError(f'recording {cfg.path}: channel {channel!r} holds '
                             f'{msg.schema_name}, not {UTS_TYPE}')
         yield count, msg
         count += 1
@@ -281,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                  'on the cloud node\'s input topic',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('file', type=Path, help='MCAP written by cloud_bridge_node '
-                                                '(record_mcap)')
+                                                '(record_mcap), or a rosbag2 bag folder')
     parser.add_argument('--rate', type=float, default=1.0,
                         help='pacing speed factor of the recorded times; 0 = no pauses')
     parser.add_argument('--topic', default=DEFAULT_CHANNEL, help='topic to publish on')

@@ -16,6 +16,7 @@ same:
     python -m cdcca_ros.runner device -p camera.fps=5 -p device.model=/models/student
     python -m cdcca_ros.runner device use_camera:=false image_topic:=/camera/color/image_raw
     python -m cdcca_ros.runner device use_bridge:=false      # no cloud yet
+    python -m cdcca_ros.runner device autostart:=false       # a lifecycle manager drives them
     python -m cdcca_ros.runner cloud --params-file cloud=/etc/cdcca/cloud.yaml
     python -m cdcca_ros.runner demo --dry-run                # print the commands
 """
@@ -140,7 +141,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-SWITCHES = ('use_camera', 'use_bridge', 'image_topic', 'device_ns', 'cloud_ns')
+SWITCHES = ('use_camera', 'use_bridge', 'image_topic', 'device_ns', 'cloud_ns', 'autostart')
 """Set-level arguments (the launch files' arguments of the same names)."""
 
 
@@ -151,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument('arguments', nargs='*', metavar='NAME:=VALUE',
                         help='as for ros2 launch: <node>.<param>:=V, use_camera:=false, '
                              'use_bridge:=false, image_topic:=TOPIC, device_ns:=NS, '
-                             'cloud_ns:=NS, <node>.params_file:=FILE')
+                             'cloud_ns:=NS, autostart:=false, <node>.params_file:=FILE')
     parser.add_argument('-p', '--param', action='append', default=[], metavar='NODE.PARAM=V',
                         help='parameter override, e.g. camera.fps=5 (repeatable)')
     parser.add_argument('--params-file', action='append', default=[], metavar='NODE=FILE',
@@ -165,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
                              'same as use_camera:=false)')
     parser.add_argument('--no-bridge', action='store_true',
                         help='do not start the cloud bridge(s) (same as use_bridge:=false)')
+    parser.add_argument('--no-autostart', action='store_true',
+                        help='start device_node / cloud_node unconfigured: they wait for '
+                             'lifecycle transitions (same as autostart:=false)')
     parser.add_argument('--image-topic', default=DEFAULT_IMAGE_TOPIC,
                         help='the device node\'s image input (default: %(default)s, in the '
                              'device namespace)')
@@ -181,7 +185,7 @@ def launches_from_args(args: argparse.Namespace) -> list[NodeLaunch]:
     settings: dict[str, object] = {
         'use_camera': not args.no_camera, 'use_bridge': not args.no_bridge,
         'image_topic': args.image_topic, 'device_ns': args.device_ns,
-        'cloud_ns': args.cloud_ns}
+        'cloud_ns': args.cloud_ns, 'autostart': not args.no_autostart}
     overrides = parse_overrides(args.param)
     files = parse_overrides(args.params_file)
     for item in args.arguments:

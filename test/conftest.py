@@ -99,3 +99,47 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(f'\nERROR: the ROS environment of the run was changed by the end of the session '
               f'(expected, found): {changed}')
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _launch_deps():
+    """tools/launch_deps.py as a module (tools/ is no package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / 'tools' / 'launch_deps.py'
+    spec = importlib.util.spec_from_file_location('cdcca_launch_deps', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='session')
+def ros2_launch_env() -> dict[str, str]:
+    """The environment of a process that runs ``ros2 launch`` (and imports launch_ros).
+
+    ROS 2 launch is not among the PyPI wheels: the vendored upstream sources
+    (``../shared/vendor/ros2-launch``) are installed once per checkout into
+    ``.colcon/launch_deps`` (``tools/launch_deps.py``; ~1 min the first time, a stamp after),
+    never into the virtual environment. Skips where the vendored sources are absent.
+    """
+    deps = _launch_deps()
+    if deps.vendor_dir() is None:
+        pytest.skip('ROS 2 launch sources not found (../shared/vendor/ros2-launch or '
+                    'CDCCA_ROS2_LAUNCH_SRC): the PyPI wheels have no launch')
+    try:
+        prefix = deps.install()
+    except deps.LaunchDepsError as err:
+        pytest.fail(f'installing ROS 2 launch for the tests failed: {err}', pytrace=False)
+    return deps.launch_env(prefix)
+
+
+@pytest.fixture(scope='session')
+def launch_importable(ros2_launch_env) -> None:
+    """``launch`` and ``launch_ros`` importable in the test process itself."""
+    import importlib
+    import sys
+
+    site = ros2_launch_env['PYTHONPATH'].split(os.pathsep)[0]  # launch_env puts it first
+    if site not in sys.path:
+        sys.path.append(site)
+    importlib.invalidate_caches()

@@ -249,3 +249,29 @@ def test_service_call_over_dds(ros_context_pair):
     finally:
         server.destroy_node()
         client_node.destroy_node()
+
+
+def _ask_action_parts():
+    from cdcca_ros.action import Ask
+
+    goal = Ask.Goal(question_id='q-9', question='where is the diamond?', choices=['left'],
+                    use_image=True, image=_image(), no_uplink=True)
+    feedback = Ask.Feedback(step=2, token=' left', token_id=17, probability=0.875,
+                            entropy=0.25, partial_answer='left', final=True)
+    result = Ask.Result(success=True, message='', answer=_answer(), steps=3, cancel_step=0)
+    return goal, feedback, result
+
+
+@pytest.mark.parametrize('part', ['Goal', 'Feedback', 'Result'])
+def test_ask_action_round_trip(part):
+    """The Ask action's goal, feedback and result cross CDR unchanged; the action's own
+    message types (what the feedback topic and the result service carry) do too."""
+    from cdcca_ros.action import Ask
+
+    goal, feedback, result = _ask_action_parts()
+    original = {'Goal': goal, 'Feedback': feedback, 'Result': result}[part]
+    data = serialize_message(original)
+    assert deserialize_message(data, type(original)) == original
+    assert serialize_message(type(original)()) != data
+    wrapped = Ask.Impl.FeedbackMessage(feedback=feedback)
+    assert deserialize_message(serialize_message(wrapped), type(wrapped)) == wrapped

@@ -206,3 +206,75 @@ def test_help_shows_the_defaults(capsys):
         main(['--help'])
     text = capsys.readouterr().out
     assert '(default: 1.0)' in text and '(default: cloud)' in text and '(0: all)' in text
+
+
+def _bag(path: Path, messages, topics=('/cloud/uts_tokens',), storage: str = 'mcap') -> Path:
+    """A bag in the rosbag2 layout (metadata.yaml + storage file) written by rosbags, as
+    ``ros2 bag record`` writes one; rclpy serialises the messages (typestore: rosbags')."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    from cdcca_ros.nodes.msg_definitions import definition
+
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    typestore.register(get_types_from_msg(definition(UTS).split('=' * 80)[0], UTS))
+    plugin = StoragePlugin.MCAP if storage == 'mcap' else StoragePlugin.SQLITE3
+    with Writer(path, version=9, storage_plugin=plugin) as writer:
+        conns = [writer.add_connection(t, UTS, typestore=typestore) for t in topics]
+        chatter = writer.add_connection('/rosout_like', 'std_msgs/msg/String',
+                                        typestore=typestore)
+        for i, msg in enumerate(messages):
+            for conn in conns:
+                writer.write(conn, 10**9 + i * SPACING_NS, serialize_message(msg))
+            writer.write(chatter, 10**9 + i * SPACING_NS + 1,
+                         typestore.serialize_cdr(typestore.types['std_msgs/msg/String'](
+                             data=f'line {i}'), 'std_msgs/msg/String'))
+    return path
+
+
+@pytest.mark.parametrize('storage', ['mcap', 'sqlite3'])
+def test_a_rosbag2_bag_is_replayed_like_a_recording(tmp_path, cloud_subscriber, storage,
+                                                    capsys):
+    """What `ros2 bag record` writes (rosbags writes the same layout): a folder with
+    metadata.yaml; the topic is named in full, and `uts_tokens` finds it."""
+    messages = [_tokens(i) for i in range(N)]
+    bag = _bag(tmp_path / 'bag', messages, storage=storage)
+    assert (bag / 'metadata.yaml').is_file()
+    suffix = {'mcap': '.mcap', 'sqlite3': '.db3'}[storage]
+    assert sorted(p.suffix for p in bag.iterdir()) == sorted(['.yaml', suffix])
+    check = check_recording(ReplayConfig(bag))
+    assert (check.messages, check.other_channels) == (N, ('/rosout_like',))
+    assert check.span_s == pytest.approx((N - 1) * SPACING_NS / 1e9)
+    assert main([str(bag), '--rate', '0', '--wait', '20']) == 0, capsys.readouterr().err
+    _wait_for(cloud_subscriber, N)
+    assert cloud_subscriber == messages  # every field, in order
+    assert f'replayed {N} message(s)' in capsys.readouterr().out
+
+
+def test_a_bag_with_the_channel_in_two_namespaces_needs_the_full_name(tmp_path, capsys):
+    bag = _bag(tmp_path / 'bag', [_tokens(i) for i in range(2)],
+               topics=('/robot1/uts_tokens', '/cloud/uts_tokens'))
+    with pytest.raises(ConfigError, match='matches /cloud/uts_tokens, /robot1/uts_tokens'):
+        check_recording(ReplayConfig(bag))
+    assert check_recording(ReplayConfig(bag, channel='/robot1/uts_tokens')).messages == 2
+
+
+@pytest.mark.parametrize('damage, expected', [
+    ('no_metadata', 'without metadata.yaml'),
+    ('bad_metadata', 'damaged'),
+    ('truncated_storage', 'damaged'),
+])
+def test_a_damaged_bag_is_refused(tmp_path, damage, expected, capsys):
+    bag = _bag(tmp_path / 'bag', [_tokens(i) for i in range(N)])
+    storage = next(bag.glob('*.mcap'))
+    if damage == 'no_metadata':
+        (bag / 'metadata.yaml').unlink()
+    elif damage == 'bad_metadata':
+        (bag / 'metadata.yaml').write_text('rosbag2_bagfile_information: [unclosed\n')
+    else:
+        storage.write_bytes(storage.read_bytes()[:storage.stat().st_size // 2])
+    with pytest.raises((ConfigError, WireError), match=expected):
+        check_recording(ReplayConfig(bag))
+    assert main([str(bag), '--wait', '0.2']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and str(bag) in err

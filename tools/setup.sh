@@ -90,12 +90,12 @@ fi
 [ -s "$NUMPY_RECORD" ] || printf '%s\n' "$NUMPY_INCLUDE" >"$NUMPY_RECORD"
 
 # --- 5. colcon build ------------------------------------------------------------------------------
-build_hash=$(cd "$ROOT" && { find msg srv cdcca_ros launch config scripts -type f \
+build_hash=$(cd "$ROOT" && { find msg srv action cdcca_ros launch config scripts -type f \
   ! -name '*.pyc' ! -path '*__pycache__*' 2>/dev/null | LC_ALL=C sort;
   cat package.xml CMakeLists.txt; } | hash_of -)
 # The hash covers the file list (new/removed modules need an install) and the interface and
 # build files; edits inside existing Python files are picked up through --symlink-install.
-build_hash=$(cd "$ROOT" && { echo "$build_hash"; cat msg/* srv/* package.xml CMakeLists.txt; \
+build_hash=$(cd "$ROOT" && { echo "$build_hash"; cat msg/* srv/* action/* package.xml CMakeLists.txt; \
   echo "$req_hash $NUMPY_INCLUDE"; } | hash_of -)
 if [ "$(cat "$COLCON_DIR/.cdcca-build" 2>/dev/null)" != "$build_hash" ]; then
   say "building the package with colcon (messages + Python modules)"

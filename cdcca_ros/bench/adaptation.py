@@ -381,6 +381,27 @@ def score(model: MLLM, tokens: Tensor, samples: Sequence[Sample],
     return {'da': np.asarray(da), 'mc': np.asarray(mc)}
 
 
+def score_as_answered(answerer: Any, tokens: Tensor, samples: Sequence[Sample],
+                      max_new_tokens: int) -> dict[str, np.ndarray]:
+    """:func:`score` of what answers on the device: a :class:`DeviceRuntime` answers each frame
+    with the update where its coverage says so and with the shipped model elsewhere
+    (:meth:`DeviceRuntime.routes`); a model answers everything itself."""
+    routes = getattr(answerer, 'routes', None)
+    if routes is None:
+        answerer.torch_model.eval()
+        return score(answerer, tokens, samples, max_new_tokens)
+    mask, adapted, shipped = routes(tokens)
+    out = {'da': np.zeros(len(samples)), 'mc': np.zeros(len(samples))}
+    for model, rows in ((adapted, np.flatnonzero(mask)), (shipped, np.flatnonzero(~mask))):
+        if not len(rows):
+            continue
+        model.torch_model.eval()
+        part = score(model, tokens[rows], [samples[int(i)] for i in rows], max_new_tokens)
+        for key in out:
+            out[key][rows] = part[key]
+    return out
+
+
 Scores = dict[str, dict[str, np.ndarray]]
 """Per-sample scores: ``{domain: {'da': [n], 'mc': [n]}}``."""
 
@@ -547,11 +568,12 @@ class Experiment:
                     for d, samples in self.eval_sets.items()}
         return self._eval_tokens
 
-    def evaluate(self, model: MLLM, domains: Sequence[str] | None = None) -> Scores:
-        """Per-sample DA/MC of ``model`` on the held-out samples of ``domains`` (all)."""
-        tokens = self._eval_tokens_of(model)
-        model.torch_model.eval()
-        return {d: score(model, tokens[d], self.eval_sets[d], self.max_new_tokens)
+    def evaluate(self, answerer: Any, domains: Sequence[str] | None = None) -> Scores:
+        """Per-sample DA/MC on the held-out samples of ``domains`` (all) of a model, or of a
+        :class:`DeviceRuntime` as it answers (see :func:`score_as_answered`)."""
+        tokens = self._eval_tokens_of(getattr(answerer, 'model', answerer))
+        return {d: score_as_answered(answerer, tokens[d], self.eval_sets[d],
+                                     self.max_new_tokens)
                 for d in (domains or self.eval_domains)}
 
     def baseline(self) -> Scores:
@@ -649,7 +671,7 @@ class Experiment:
                             if any(x.label_accuracy is not None for x in recs) else None),
             train_s=sum(x.train_s for x in recs))
 
-    def _scored(self, model: MLLM, domain: str, last: bool) -> tuple[dict[str, Any], Scores]:
+    def _scored(self, model: Any, domain: str, last: bool) -> tuple[dict[str, Any], Scores]:
         """The task's domain scores (and the source's after the last round)."""
         domains = [domain] + ([self.source] if last and self.source else [])
         scores = self.evaluate(model, domains)
@@ -700,6 +722,7 @@ class Experiment:
         from cdcca_ros.bench.stream import DEVICE_ID as ROBOT
         from cdcca_ros.bench.stream import Robot
         from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
+        from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
         from cdcca_ros.core.device_runtime import DeviceRuntime
         from cdcca_ros.core.entropy_guard import EntropyGuardConfig
         from cdcca_ros.core.rounds.anchor import resolve_anchor
@@ -723,7 +746,11 @@ class Experiment:
                              anchor=anchor)
         guard = EntropyGuardConfig.from_params(d) if method.guarded else None
         device = DeviceRuntime(self.ctx.models.student(), ROBOT, public,
-                               max_new_tokens=self.max_new_tokens, entropy_guard=guard)
+                               max_new_tokens=self.max_new_tokens, entropy_guard=guard,
+                               coverage=(CoverageConfig.from_params(d) if method.guarded
+                                         else None),
+                               anchor_tokens=anchor_tokens_of(bundled.resolve(
+                                   self.ctx.models.spec('student'))))
         space = device.model.vision_space()
         overrides: dict[str, Any] = {'audit_seed': self.plan.seed}
         if method.keep_ratio is not None:
@@ -771,7 +798,7 @@ class Experiment:
                 record.agreement_after = result.agreement_after
                 record.outcome = result.outcome
             record.train_s = time.perf_counter() - t0
-            record.accuracy, scores = self._scored(device.model, domain,
+            record.accuracy, scores = self._scored(device, domain,
                                                    r == len(self.streams[domain]) - 1)
             out.append((record, scores))
         return out

@@ -22,6 +22,7 @@ issue; ``per_seed`` holds every figure per seed.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'guard.max_steps=200')
     parser.add_argument('--device', action='append', default=[], metavar='PARAM=VALUE',
                         help='override a device_node parameter (repeatable)')
+    parser.add_argument('--merge', nargs='+', default=None, metavar='FILE.json',
+                        help='combine records of this bench written before (e.g. one per '
+                             'seed, run in parallel) into one summary; nothing is run')
     parser.add_argument('--plugin', action='append', default=[], metavar='MODULE|FILE.py',
                         help='import a module or a Python file first (it may register shifts '
                              'and domains, e.g. examples/unseen_shifts.py)')
@@ -204,11 +208,21 @@ def plot_seed(runs: dict[str, RunRecord], stream: ContinualStream,
 
 
 def run(ctx: BenchContext) -> BenchResult:
-    """Run every method on every seed's stream."""
+    """Run every method on every seed's stream (or ``--merge`` records written before)."""
+    import json
+
     from cdcca_ros.bench.common import device_params, load_plugin
-    from cdcca_ros.sim.domains import SOURCE
 
     args = ctx.args
+    if args.merge:
+        records = [json.loads(Path(p).read_text()) for p in args.merge]
+        per_seed = [s for rec in records for s in rec['summary']['per_seed']]
+        all_runs = {k: v for rec in records for k, v in rec['detail']['runs'].items()}
+        plots = [p for rec in records for p in rec['detail']['plots']]
+        names = list(dict.fromkeys(n for rec in records for n in rec['detail']['methods']))
+        first = records[0]['detail']
+        return aggregate(per_seed, all_runs, plots, names, first['schedule_text'],
+                         first['evals'], first['rate'], first['cloud_params'])
     for plugin in args.plugin:
         load_plugin(plugin)
     seeds = ([int(s) for s in args.seeds.split(',')] if args.seeds else [ctx.seed])
@@ -233,12 +247,23 @@ def run(ctx: BenchContext) -> BenchResult:
         teacher = stream.teacher_accuracy()
         runs = {METHODS[n].name: stream.run(METHODS[n]) for n in names}
         per_seed.append(_seed_figures(runs, stream, teacher))
-        all_runs[seed] = {name: r.to_dict() for name, r in runs.items()}
+        all_runs[str(seed)] = {name: r.to_dict() for name, r in runs.items()}
         path = plot_path(ctx, f'{NAME}_seed{seed}')
         plot_seed(runs, stream, teacher, path)
         plots.append(path.name)
         per_seed[-1]['teacher'] = {d: teacher[d]['da'] for d in stream.domains}
         per_seed[-1]['domains'] = stream.domains
+    schedule = ','.join(f'{v.domain}:{v.samples}' for v in visits)
+    return aggregate(per_seed, all_runs, plots, names, schedule, evals, args.rate, cloud)
+
+
+def aggregate(per_seed: list[dict[str, Any]], all_runs: dict[str, Any], plots: list[str],
+              names: list[str], schedule: str, evals: int, rate: float,
+              cloud: dict[str, Any]) -> BenchResult:
+    """The summary, table and notes over seeds (from each seed's figures)."""
+    from cdcca_ros.sim.domains import SOURCE
+
+    seeds = [s['seed'] for s in per_seed]
     keys = ('gain_over_source_only', 'gain_over_ce_only', 'uplink_ratio_vs_ce_only',
             'gain_over_tent', 'gain_over_ungated', 'source_final',
             'oracle_gain_over_source_only', 'oracle_share', 'label_accuracy')
@@ -280,8 +305,8 @@ def run(ctx: BenchContext) -> BenchResult:
         round(_mean([s['teacher_drifted'] for s in per_seed]) or 0.0, 2), '-', '-', '-']
     rows.append(teacher_row)
     notes = [
-        f'seeds {seeds}; schedule {",".join(f"{v.domain}:{v.samples}" for v in visits)}; '
-        f'{evals} held-out samples per domain after every round; {args.rate} answers/s',
+        f'seeds {seeds}; schedule {schedule}; {evals} held-out samples per domain after every '
+        f'round; {rate} answers/s',
         'final accuracy after the whole stream (DA %, mean over seeds); gain = drifted-domain '
         f'mean minus source-only; {SOURCE} is not in the drifted mean',
         'uplink = token bytes sent (UTS-kept, audit and pulled tokens; every token for the '
@@ -294,5 +319,6 @@ def run(ctx: BenchContext) -> BenchResult:
                       'rounds_refused', 'rollbacks') if summary.get(k) is not None),
     ] + [f'![continual, seed {s}]({p})' for s, p in zip(seeds, plots, strict=True)]
     detail = {'runs': all_runs, 'markdown': markdown_table(headers, rows), 'plots': plots,
-              'cloud_params': cloud, 'schedule': [vars(v) for v in visits]}
+              'cloud_params': cloud, 'schedule_text': schedule, 'evals': evals, 'rate': rate,
+              'methods': names}
     return BenchResult(summary=summary, headers=headers, rows=rows, detail=detail, notes=notes)

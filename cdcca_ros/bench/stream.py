@@ -247,13 +247,13 @@ class ContinualStream:
             self._keys = generate_keypair()
         return self._keys
 
-    def evaluate(self, model: MLLM) -> dict[str, dict[str, np.ndarray]]:
-        """Per-sample DA/MC of ``model`` on every domain's held-out samples."""
-        from cdcca_ros.bench.adaptation import score
+    def evaluate(self, answerer: Any) -> dict[str, dict[str, np.ndarray]]:
+        """Per-sample DA/MC on every domain's held-out samples of a model, or of a device as
+        it answers (the update where its coverage says so, the shipped model elsewhere)."""
+        from cdcca_ros.bench.adaptation import score_as_answered
 
-        model.torch_model.eval()
-        return {d: score(model, self._eval_tokens[d], self.eval_sets[d], self.max_new_tokens)
-                for d in self.domains}
+        return {d: score_as_answered(answerer, self._eval_tokens[d], self.eval_sets[d],
+                                     self.max_new_tokens) for d in self.domains}
 
     @staticmethod
     def means(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
@@ -291,7 +291,7 @@ class ContinualStream:
         if self.progress:
             print(text, flush=True)
 
-    def _checkpoint(self, record: RunRecord, model: MLLM, t: int, visit: int, event: str,
+    def _checkpoint(self, record: RunRecord, model: Any, t: int, visit: int, event: str,
                     version: int) -> dict[str, dict[str, np.ndarray]]:
         scores = self.evaluate(model)
         record.checkpoints.append(Checkpoint(t, visit, event, version, self.means(scores)))
@@ -366,15 +366,21 @@ class ContinualStream:
     def make_device(self, method: Method) -> tuple[DeviceRuntime, Any, Any]:
         """The device runtime, its UTS pipeline and its token ring."""
         from cdcca_ros.bench.common import device_uts_config
+        from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
         from cdcca_ros.core.device_runtime import DeviceRuntime
         from cdcca_ros.core.entropy_guard import EntropyGuardConfig
         from cdcca_ros.core.uts import TokenRing, UtsPipeline
+        from cdcca_ros.models import bundled
 
         _, public = self.keys()
         d = self.device_params
         guard = EntropyGuardConfig.from_params(d) if method.entropy_guard else None
+        student_dir = bundled.resolve(self.models.spec('student'))
         device = DeviceRuntime(self.models.student(), DEVICE_ID, public,
-                               max_new_tokens=self.max_new_tokens, entropy_guard=guard)
+                               max_new_tokens=self.max_new_tokens, entropy_guard=guard,
+                               coverage=(CoverageConfig.from_params(d) if method.guarded
+                                         else None),
+                               anchor_tokens=anchor_tokens_of(student_dir))
         overrides: dict[str, Any] = {'audit_seed': self.seed}
         if method.audit_fraction is not None:
             overrides['audit_fraction'] = method.audit_fraction
@@ -389,18 +395,18 @@ class ContinualStream:
         cloud = self.make_cloud(method)
         device, pipeline, ring = self.make_device(method)
         robot = Robot(device, pipeline, ring, cloud, uplink=method.uplink)
-        scores = self._checkpoint(record, device.model, 0, 0, 'start', 0)
+        scores = self._checkpoint(record, device, 0, 0, 'start', 0)
         for t, (visit, sample) in enumerate(self.stream, start=1):
             now = t / self.rate
             for event in robot.answer(sample, f'{DEVICE_ID}-{t}', now,
                                       truth=method.labels == 'truth'):
-                scores = self._checkpoint(record, device.model, t, visit, event,
+                scores = self._checkpoint(record, device, t, visit, event,
                                           device.version)
             last = t == len(self.stream)
             if not (cloud.due(DEVICE_ID, now=now) or (last and cloud.device(DEVICE_ID).pending())):
                 continue
             for event, result in robot.round():
-                scores = self._checkpoint(record, device.model, t, visit, event, device.version)
+                scores = self._checkpoint(record, device, t, visit, event, device.version)
                 if result is None:
                     continue
                 info = result.summary()
@@ -412,7 +418,7 @@ class ContinualStream:
                           f'{(result.decision.reason if result.decision else "")[:70]}) '
                           f'{domain} DA {record.checkpoints[-1].accuracy[domain]["da"]:.1f}')
         if record.checkpoints[-1].t != len(self.stream):
-            scores = self._checkpoint(record, device.model, len(self.stream),
+            scores = self._checkpoint(record, device, len(self.stream),
                                       self.stream[-1][0], 'end', device.version)
         robot.fill(record)
         record.answered = len(self.stream)
@@ -471,6 +477,7 @@ class Robot:
             events.append('local_rollback')
         self._local_seen = len(self.device.local_rollbacks)
         if tokens is not None:
+            self.device.note_uplinked(answered.tokens)
             self.cloud.add_sample(DEVICE_ID, tokens, indices, sample.question,
                                   self.space.num_tokens, self.space.dim, sid,
                                   device_answer=answered.text, device_version=answered.version,

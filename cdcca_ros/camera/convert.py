@@ -42,6 +42,11 @@ COMPRESSED_FORMATS = ('jpeg', 'png')
 """Compressed formats understood (``jpg`` is accepted as a spelling of ``jpeg``)."""
 
 _MAGIC = {'jpeg': b'\xff\xd8\xff', 'png': b'\x89PNG\r\n\x1a\n'}
+#: Largest compressed image decoded (the camera node's largest frame): a header claiming more
+#: is refused before OpenCV allocates for it.
+MAX_COMPRESSED_PIXELS = 8192 * 8192
+_COLOUR = ('rgb8', 'bgr8', 'mono8')
+_DEPTH = ('16UC1', 'mono16')
 
 
 def _check_encoding(encoding: object, what: str = 'encoding') -> Encoding:
@@ -258,6 +263,11 @@ def compressed_to_image(msg: Any, desired_encoding: str = 'rgb8') -> np.ndarray:
         raise ImageConversionError(
             f'compressed data ({len(data)} bytes, starting {bytes(data[:8])!r}) is not '
             f'{kind} as its format {_field(msg, "format")!r} says')
+    size = _declared_size(bytes(data[:65536]), kind)
+    if size is not None and size[0] * size[1] > MAX_COMPRESSED_PIXELS:
+        raise ImageConversionError(
+            f'{kind} header declares {size[0]}x{size[1]} pixels, more than '
+            f'{MAX_COMPRESSED_PIXELS}')
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ImageConversionError(f'OpenCV could not decode {len(data)} bytes of {kind}')
@@ -271,6 +281,32 @@ def compressed_to_image(msg: Any, desired_encoding: str = 'rgb8') -> np.ndarray:
         raise ImageConversionError(
             f'decoded {kind} has unsupported layout {image.dtype} {image.shape}')
     return np.ascontiguousarray(convert(image, source, desired_encoding))
+
+
+def _declared_size(head: bytes, kind: str) -> tuple[int, int] | None:
+    """(width, height) from a PNG IHDR or the first JPEG start-of-frame, or None when the
+    header cannot be read (OpenCV then refuses the data itself)."""
+    if kind == 'png':
+        if len(head) < 24 or head[12:16] != b'IHDR':
+            return None
+        return int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
+    pos = 2
+    while pos + 9 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        length = int.from_bytes(head[pos + 2:pos + 4], 'big')
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+            height = int.from_bytes(head[pos + 5:pos + 7], 'big')
+            width = int.from_bytes(head[pos + 7:pos + 9], 'big')
+            return width, height
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
 
 
 def _ascii(text: str) -> str:

@@ -8,12 +8,13 @@ schedule segment), so a question about it can be scored.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from cdcca_ros.camera.base import Camera, Frame, RetryPolicy
-from cdcca_ros.errors import CameraError, ConfigError
+from cdcca_ros.errors import CameraError, ConfigError, WireError
 from cdcca_ros.sim.questions import Question
 from cdcca_ros.sim.world import SyntheticStream
 
@@ -129,3 +130,55 @@ class SyntheticCamera(Camera):
         if sim is None:
             raise CameraError(f'{self}: frame has no synthetic ground truth (meta["sim_frame"])')
         return self.stream.ask(sim, qtype)
+
+
+# --- the ``scene`` topic's JSON ---------------------------------------------------------------
+MAX_SCENE_BYTES = 64 * 1024
+_SCENE_FIELDS: dict[str, type] = {'domain': str, 'stamp_ns': int, 'question': str,
+                                  'answer': str, 'answers': list, 'qtype': str,
+                                  'choices': list}
+_SCENE_OPTIONAL: dict[str, type] = {'frame_index': int, 'seed': int}
+
+
+def scene_to_json(frame: Frame, question: Question) -> str:
+    """The ``scene`` message of a synthetic frame: its domain, stamp and one question with its
+    ground-truth answers (what :func:`scene_from_json` reads)."""
+    meta = {k: v for k, v in frame.meta.items() if k in ('domain', 'frame_index', 'seed')}
+    meta.update(stamp_ns=frame.stamp_ns, question=question.text, answer=question.answer,
+                answers=list(question.answers), qtype=question.qtype,
+                choices=list(question.choices))
+    return json.dumps(meta)
+
+
+def scene_from_json(text: str) -> dict[str, Any]:
+    """Read a ``scene`` message: one JSON object with the fields of :func:`scene_to_json`.
+
+    Raises:
+        WireError: Too large, not JSON, not an object, a missing field, a field of the wrong
+            type (``stamp_ns``, ``frame_index`` and ``seed`` are non-negative integers; the
+            answers and choices lists of strings).
+    """
+    if not isinstance(text, str):
+        raise WireError(f'scene must be a str, got {type(text).__name__}')
+    if len(text) > MAX_SCENE_BYTES:
+        raise WireError(f'scene of {len(text)} characters exceeds {MAX_SCENE_BYTES}')
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise WireError(f'scene is not JSON: {err}'[:200]) from err
+    if not isinstance(meta, dict):
+        raise WireError(f'scene must be a JSON object, got {type(meta).__name__}')
+    missing = sorted(set(_SCENE_FIELDS) - set(meta))
+    if missing:
+        raise WireError(f'scene lacks {missing}')
+    out: dict[str, Any] = {}
+    for name, kind in {**_SCENE_FIELDS, **_SCENE_OPTIONAL}.items():
+        if name not in meta:
+            continue
+        value = meta[name]
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is int and value < 0) or (
+                kind is list and not all(isinstance(v, str) for v in value)):
+            raise WireError(f'scene {name} has a bad value {str(value)[:40]!r}')
+        out[name] = value
+    return out

@@ -61,7 +61,7 @@ class CloudConfig:
             :meth:`GuardConfig.plain` is the paper's round.
     """
 
-    min_samples: int = 32
+    min_samples: int = 64
     max_wait_s: float = 120.0
     akd: AKDConfig = field(default_factory=AKDConfig)
     codec: str = 'sparse'
@@ -163,9 +163,14 @@ class CloudRuntime:
                               cfg.budget_bytes, cfg.refit, cfg.refit_min_error)
 
     def device(self, device_id: str) -> DeviceState:
-        """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base)."""
+        """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base).
+
+        Raises:
+            WireError: ``device_id`` is not a valid id (it names a folder of ``state_dir``).
+        """
         state = self.devices.get(device_id)
         if state is None:
+            wire.check_device_id(device_id)
             guard = self.cfg.guard
             kwargs = {'memory_bytes': guard.memory_bytes, 'clusters': guard.clusters,
                       'seed': self.cfg.akd.seed}
@@ -174,6 +179,29 @@ class CloudRuntime:
                      else DeviceState(device_id, self.base, None, **kwargs))
             self.devices[device_id] = state
         return state
+
+    def resume(self) -> list[str]:
+        """Load every device checkpointed under ``state_dir`` (after a restart: samples that
+        arrived before it are pending again, so their round runs without waiting for a new
+        one); returns their ids.
+
+        Raises:
+            ModelError: A checkpoint is unreadable.
+        """
+        if self.state_dir is None or not self.state_dir.is_dir():
+            return []
+        found = []
+        for folder in sorted(self.state_dir.iterdir()):
+            if not folder.is_dir() or not ((folder / 'state.json').is_file()
+                                           or any((folder / 'memory').glob('*.safetensors'))):
+                continue
+            try:
+                wire.check_device_id(folder.name)
+            except WireError:
+                continue  # not a device folder
+            self.device(folder.name)
+            found.append(folder.name)
+        return found
 
     def _check(self, device_id: str, tokens: Tensor, indices: Tensor | None,
                num_tokens: int, token_dim: int) -> None:
@@ -197,7 +225,7 @@ class CloudRuntime:
 
         self._check(device_id, tokens, indices, num_tokens, token_dim)
         state = self.device(device_id)
-        if sample_id and sample_id in state.recent_ids:
+        if sample_id and (sample_id in state.recent_ids or sample_id in state.memory):
             return False
         sid = sample_id or f'{device_id}-cloud-{state.memory.next_seq}'
         guard = self.cfg.guard
@@ -326,6 +354,11 @@ class CloudRuntime:
         state.counters['rollbacks'] += 1
         state.save()
         return True
+
+    def save(self) -> None:
+        """Checkpoint every device's state (the memory persists record by record)."""
+        for state in list(self.devices.values()):
+            state.save()
 
     def status(self, device_id: str) -> dict[str, Any]:
         """Figures for diagnostics."""

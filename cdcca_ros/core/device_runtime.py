@@ -19,7 +19,9 @@ gives); it runs in ``torch.inference_mode`` (this model is never trained on the 
 Together with the hash check (the weights are bit-identical to what the cloud computed) this
 proves the swapped weights run and give sane numbers; it does not judge
 whether the update is *good* (that is the cloud's job), though ``max_probe_tv`` can bound how
-far the probe distribution may move in one update.
+far the probe distribution may move in one update and ``max_update_ratio`` how far the weights
+may move (a signed delta of random values that breaks every answer moves them several times
+further than a trained one).
 
 The adapter in use is persisted (one safetensors file carrying its version record, written
 atomically) by a background writer *after* :meth:`DeviceRuntime.apply` returned: the writer
@@ -34,6 +36,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -45,8 +48,12 @@ import numpy as np
 
 from cdcca_ros.core import wire
 from cdcca_ros.core.atomic import atomic_write
+from cdcca_ros.core.coverage import Coverage, CoverageConfig
 from cdcca_ros.core.entropy_guard import EntropyGuard, EntropyGuardConfig
+from cdcca_ros.core.rounds.memory import token_feature
+from cdcca_ros.core.trust import TrustStore
 from cdcca_ros.core.updates import (
+    MAX_VERSION,
     DeltaEnvelope,
     DeltaGate,
     RejectReason,
@@ -69,7 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
     from cdcca_ros.core.dwc import FlatDelta
-    from cdcca_ros.models.base import MLLM, AnswerResult
+    from cdcca_ros.models.base import MLLM, AnswerResult, StepCallback
 
 WEIGHTS_FILE = 'adapter.safetensors'
 STATE_FILE = 'adapter.json'  # the version record of older runtimes (read when restoring)
@@ -93,6 +100,7 @@ class AnsweredSample:
     tokens: Tensor  # [N, D] vision tokens of the frame
     version: int
     latency_ms: float
+    adapted: bool = True  # False: the frame lay outside the update's coverage (base answered)
 
 
 @dataclass
@@ -104,7 +112,8 @@ class ApplyReport:
     background writer, which persists it after apply returned. ``extra['steps_ms']`` times
     each step, ``extra['probe_tv']`` is the total variation distance between the probe's step
     distribution before and after the swap and ``extra['probe_token_changed']`` whether its
-    top token changed; ``extra['probe_mode']`` (traced / eager) and ``extra['probe_shadow']``
+    top token changed, ``extra['update_ratio']`` the delta's L2 norm over the weights';
+    ``extra['probe_mode']`` (traced / eager) and ``extra['probe_shadow']``
     say how the probe ran.
     """
 
@@ -158,6 +167,7 @@ class FlatWeights:
         self.tensors: dict[str, Tensor] = layout.views(buffers)
         self.tensor_list = list(self.tensors.values())  # in layout (sorted-name) order
         self._hash: str | None = None
+        self._norm: float | None = None
 
     @classmethod
     def pack(cls, sd: Mapping[str, Tensor]) -> FlatWeights:
@@ -242,6 +252,16 @@ class FlatWeights:
             if not all_finite(buffer):
                 return next(name for name in members if not all_finite(self.tensors[name]))
         return None
+
+    def norm(self) -> float:
+        """L2 norm of all the weights together (cached)."""
+        import torch
+
+        if self._norm is None:
+            self._norm = math.sqrt(sum(
+                float(torch.linalg.vector_norm(b.detach(), dtype=torch.float64)) ** 2
+                for b in self.buffers))
+        return self._norm
 
     def digest(self) -> str:
         """:func:`~cdcca_ros.core.wire.state_dict_hash` of these weights (cached)."""
@@ -552,13 +572,18 @@ class DeviceRuntime:
     Args:
         model: the on-device MLLM (its trainable set already configured).
         device_id: this device's id (deltas name it).
-        public_key: the cloud's Ed25519 key; None refuses every delta.
+        public_key: who may sign deltas: a :class:`~cdcca_ros.core.trust.TrustStore` (root
+            key, key lists, rotation), or the cloud's one Ed25519 key (pinned); None refuses
+            every delta.
         state_dir: where the adapter in use is persisted; None: not persisted.
         probe_image: image for the probe after a swap (default: mid-grey); fixed at start.
         probe_question: question for the probe.
         max_new_tokens: longest answer.
         max_probe_tv: refuse an update that moves the probe's step distribution by more than
             this total variation distance (in (0, 1]); None: no bound.
+        max_update_ratio: refuse a delta whose L2 norm is more than this fraction of the L2
+            norm of the weights it applies to (> 0); None: no bound. A delta of random values
+            large enough to break the answers is far larger than a trained one.
         trace_probe: run the probe as a ``torch.jit`` trace of the eager one when it checks
             out equal (see :class:`_TracedProbe`; :attr:`probe_mode` says which runs).
         shadow_probe: probe candidates on a copy of the model that shares its frozen weights
@@ -568,25 +593,41 @@ class DeviceRuntime:
         entropy_guard: roll an update back on the device's own when its answers turn much
             less sure than its predecessor's (:mod:`cdcca_ros.core.entropy_guard`); None:
             no local guard. Local rollbacks are listed in :attr:`local_rollbacks`.
+        coverage: answer with the adapter only on frames like those the update was trained
+            on (:mod:`cdcca_ros.core.coverage`), with the base elsewhere; None: the adapter
+            answers everything.
+        anchor_tokens: ``[N, T, D]`` vision tokens of the student's anchor set (what the
+            cloud also trains on): covered from the start.
     """
 
-    def __init__(self, model: MLLM, device_id: str, public_key: Ed25519PublicKey | None = None,
+    def __init__(self, model: MLLM, device_id: str,
+                 public_key: TrustStore | Ed25519PublicKey | None = None,
                  state_dir: str | Path | None = None, probe_image: np.ndarray | None = None,
                  probe_question: str = 'what color is the object?', max_new_tokens: int = 6,
                  max_probe_tv: float | None = None, trace_probe: bool = True,
-                 shadow_probe: bool = True,
-                 entropy_guard: EntropyGuardConfig | None = None) -> None:
+                 shadow_probe: bool = True, max_update_ratio: float | None = None,
+                 entropy_guard: EntropyGuardConfig | None = None,
+                 coverage: CoverageConfig | None = None,
+                 anchor_tokens: Tensor | None = None) -> None:
         if max_probe_tv is not None and not 0.0 < max_probe_tv <= 1.0:
             raise ConfigError(f'max_probe_tv must be in (0, 1] or None, got {max_probe_tv}')
+        if max_update_ratio is not None and not (0.0 < max_update_ratio < math.inf):
+            raise ConfigError(f'max_update_ratio must be a positive number or None, got '
+                              f'{max_update_ratio}')
         self.model = model
         self.device_id = device_id
         self.public_key = public_key
+        #: Who may sign deltas (None: every delta is refused).
+        self.trust: TrustStore | None = (
+            None if public_key is None else public_key if isinstance(public_key, TrustStore)
+            else TrustStore.pinned_key(public_key))
         self.state_dir = Path(state_dir) if state_dir else None
         self.probe_image = (probe_image if probe_image is not None
                             else np.full((64, 64, 3), 128, np.uint8))
         self.probe_question = probe_question
         self.max_new_tokens = max_new_tokens
         self.max_probe_tv = max_probe_tv
+        self.max_update_ratio = max_update_ratio
         self.lock = threading.RLock()
         self._apply_lock = threading.Lock()  # one apply / rollback at a time
         self.version = 0
@@ -599,6 +640,8 @@ class DeviceRuntime:
         #: Local rollbacks (entropy guard): dicts with from/to version, hash, reason.
         self.local_rollbacks: list[dict[str, Any]] = []
         self._writer = _writer_for(self.state_dir) if self.state_dir else None
+        # The weights the model shipped with (what answers outside an update's coverage).
+        self._base_weights = FlatWeights.pack(self.model.trainable_state_dict())
         restored = self._restore()
         self._weights = FlatWeights.pack(self.model.trainable_state_dict())
         self.base_hash = self._weights.digest()
@@ -641,17 +684,46 @@ class DeviceRuntime:
                 if self._traced_probe is None:
                     _log.warning('probe runs eagerly: %s', why)
             self._probe_ref = self._probe()
+        #: Where the adapter answers (None: everywhere) and the model that answers elsewhere.
+        self.coverage: Coverage | None = None
+        self._base_model: MLLM | None = None
+        self.base_answers = 0
+        if coverage is not None and self._gate is not None:
+            anchors = (None if anchor_tokens is None else
+                       np.stack([token_feature(t) for t in anchor_tokens]))
+            self.coverage = Coverage(coverage, anchors)
+            self._base_model, why = _shadow_model(model)
+            if self._base_model is None:
+                _log.warning('coverage off: %s', why)
+                self.coverage = None
+            else:
+                self._base_model.load_trainable_state_dict(self._base_weights.tensors)
+                if self.version > 0:
+                    self.coverage.snapshot()
 
     # ------------------------------------------------------------------ answering
-    def answer(self, image: np.ndarray, question: str, choices: Sequence[str] = ()
-               ) -> AnsweredSample:
-        """Answer ``question`` about ``image`` (RGB uint8), keeping the vision tokens for UTS."""
+    def answer(self, image: np.ndarray, question: str, choices: Sequence[str] = (),
+               on_step: StepCallback | None = None) -> AnsweredSample:
+        """Answer ``question`` about ``image`` (RGB uint8), keeping the vision tokens for UTS.
+
+        ``on_step`` streams the answer: it gets each generated step (token, probability,
+        entropy, text so far) under the model lock, as soon as it is computed; raising
+        :class:`~cdcca_ros.errors.GenerationCancelled` there stops generation after that step
+        (nothing is answered, the lock is released).
+        """
         prompt = format_question(question, choices)
+        stream = {} if on_step is None else {'on_step': on_step}
         with self.lock:
             t0 = time.perf_counter()
             tokens = self.model.vision_tokens([image])
-            result: AnswerResult = self.model.answer_from_tokens(
-                tokens, None, [prompt], max_new_tokens=self.max_new_tokens)[0]
+            model, adapted = self.model, True
+            if self.coverage is not None and self.version > 0:
+                adapted = self.coverage.covers(token_feature(tokens[0]))
+                if not adapted and self._base_model is not None:
+                    model = self._base_model
+                    self.base_answers += 1
+            result: AnswerResult = model.answer_from_tokens(
+                tokens, None, [prompt], max_new_tokens=self.max_new_tokens, **stream)[0]
             latency = (time.perf_counter() - t0) * 1e3
             version = self.version
         stats = answer_entropy(result.step_probs)
@@ -664,7 +736,22 @@ class DeviceRuntime:
             question=question, text=result.text, choice_index=match_choice(result.text, choices),
             confidence=confidence, entropy_mean=float(stats.mean), entropy_max=float(stats.max),
             step_probs=result.step_probs, tokens=tokens[0].detach(), version=version,
-            latency_ms=latency)
+            latency_ms=latency, adapted=adapted)
+
+    def routes(self, tokens: Tensor) -> tuple[np.ndarray, MLLM, MLLM]:
+        """How the device would answer frames with these ``[B, N, D]`` tokens: a per-frame
+        mask (True: the adapter answers; False: the shipped model), the adapted model and the
+        shipped one (for evaluations; nothing is counted)."""
+        if self.coverage is None or self.version == 0 or self._base_model is None:
+            return np.ones(tokens.shape[0], dtype=bool), self.model, self.model
+        features = np.stack([token_feature(t) for t in tokens])
+        return self.coverage.covers_all(features), self.model, self._base_model
+
+    def note_uplinked(self, tokens: Tensor) -> None:
+        """Record that a sample with these ``[N, D]`` tokens went up the link: the next
+        update is trained on it, so frames like it are covered from then on."""
+        if self.coverage is not None:
+            self.coverage.note(token_feature(tokens))
 
     def mc_token_features(self, tokens: Tensor, p: float, num_masks: int) -> Tensor:
         """UTS stage 2 features through the device model, under the model lock."""
@@ -673,9 +760,9 @@ class DeviceRuntime:
 
     # ------------------------------------------------------------------ updates
     def _make_gate(self) -> DeltaGate | None:
-        if self.public_key is None:
+        if self.trust is None:
             return None
-        return DeltaGate(self.device_id, self.public_key, self.version, self.base_hash,
+        return DeltaGate(self.device_id, self.trust, self.version, self.base_hash,
                          self._weights.tensors)
 
     def _load(self, weights: FlatWeights) -> None:
@@ -783,6 +870,12 @@ class DeviceRuntime:
         delta = self._gate.accept_flat(envelope)
         t, steps['gate_ms'] = _lap(t)
         current = self._weights
+        update_ratio = _update_ratio(delta.values, current)
+        if self.max_update_ratio is not None and not update_ratio <= self.max_update_ratio:
+            raise DeltaRejectedError(
+                f'{RejectReason.UPDATE_TOO_LARGE.value}: the delta\'s L2 norm is '
+                f'{update_ratio:.3g} of the weights\', more than max_update_ratio='
+                f'{self.max_update_ratio}; v{self.version} stays')
         try:
             candidate = current.plus_flat(delta)
         except DeltaMismatchError as err:
@@ -838,9 +931,12 @@ class DeviceRuntime:
                              apply_ms=(time.perf_counter() - t0) * 1e3, swap_ms=swap_ms,
                              probe_answer=self._probe_text(probs),
                              extra={'steps_ms': steps, 'probe_tv': tv,
+                                    'update_ratio': update_ratio,
                                     'probe_mode': 'traced' if self._probe_traced else 'eager',
                                     'probe_shadow': self.probe_shadow,
                                     'probe_token_changed': token_changed})
+        if self.coverage is not None:
+            self.coverage.snapshot()  # the update covers what went up until now
         # Last: the writer thread wakes up now and competes for the GIL.
         self._persist()
         return report
@@ -861,6 +957,9 @@ class DeviceRuntime:
         """Restore the previous adapter as ``new_version`` (callers hold the apply lock)."""
         if self._previous is None:
             raise DeltaRejectedError('nothing to roll back to')
+        if self.version >= MAX_VERSION or new_version > MAX_VERSION:
+            raise DeltaRejectedError(f'cannot roll back: version {self.version} is the last '
+                                     'one')
         _, old_hash, weights, probe_ref = self._previous
         with self.lock:
             self._load(weights)
@@ -881,17 +980,20 @@ class DeviceRuntime:
     def apply_rollback(self, order: RollbackEnvelope) -> int:
         """Carry out a signed rollback order from the cloud; returns the version now in use.
 
+        The order is verified like a delta: a key the device trusts for rollback orders
+        (pinned, or in the root-signed key list), not expired, for this device, withdrawing
+        the version it runs and restoring the weights it held before.
+
         Raises:
-            DeltaRejectedError: the order is forged, for another device, stale or replayed
-                (it withdraws a version the device no longer runs), or names weights the
-                device did not hold; nothing changes.
+            DeltaRejectedError: the order is forged, expired, for another device, stale or
+                replayed (it withdraws a version the device no longer runs), or names weights
+                the device did not hold; nothing changes.
         """
-        if self.public_key is None:
-            raise DeltaRejectedError('no cloud public key is configured: every order is '
-                                     'refused')
+        if self.trust is None:
+            raise DeltaRejectedError('no cloud key is configured: every order is refused')
         with self._apply_lock:
             try:
-                check_rollback(order, self.public_key, self.device_id, self.version,
+                check_rollback(order, self.trust, self.device_id, self.version,
                                self.base_hash, self.previous_hash)
             except DeltaRejectedError:
                 self.rejected += 1
@@ -904,7 +1006,11 @@ class DeviceRuntime:
             if self.version != version or self._previous is None:
                 return
             from_hash = self.base_hash
-            new_version = self._rollback(self.version + 1)
+            try:
+                new_version = self._rollback(self.version + 1)
+            except DeltaRejectedError as err:
+                _log.error('local rollback of v%d impossible: %s', version, err)
+                return
         event = {'from_version': version, 'from_hash': from_hash, 'version': new_version,
                  'hash': self.base_hash, 'reason': reason}
         self.local_rollbacks.append(event)
@@ -960,6 +1066,8 @@ class DeviceRuntime:
             if record.get('device_id') != self.device_id:
                 raise ModelError(f'persisted adapter belongs to {record.get("device_id")!r}')
             version, round_ = int(record['version']), int(record.get('round', 0))
+            if not 0 <= version <= MAX_VERSION:
+                raise ModelError(f'persisted version {version} is outside [0, 2**64)')
             self.model.load_trainable_state_dict(weights)
         except (OSError, KeyError, ValueError, SafetensorError, CdccaError) as err:
             raise ModelError(f'cannot restore the adapter persisted in {self.state_dir}: {err}; '
@@ -976,7 +1084,11 @@ class DeviceRuntime:
                 'hash': self.base_hash[:16], 'applied': self.applied, 'rejected': self.rejected,
                 'can_roll_back': self._previous is not None, 'rollbacks': self.rollbacks,
                 'local_rollbacks': len(self.local_rollbacks),
-                'verifying': self.public_key is not None,
+                'base_answers': self.base_answers,
+                **({f'coverage.{k}': v for k, v in self.coverage.status().items()}
+                   if self.coverage is not None else {}),
+                'verifying': self.trust is not None,
+                **(self.trust.status() if self.trust is not None else {}),
                 'probe': self.probe_mode, 'probe_shadow': self.probe_shadow,
                 'persisted_version': (-1 if writer is None or writer.persisted_version is None
                                       else writer.persisted_version),
@@ -995,6 +1107,15 @@ def _copy_into(params: list[Tensor], weights: FlatWeights) -> None:
         else:  # pragma: no cover - older torch
             for param, value in zip(params, weights.tensor_list, strict=True):
                 param.copy_(value)
+
+
+def _update_ratio(delta: Tensor, weights: FlatWeights) -> float:
+    """||delta|| / ||weights|| (inf when the weights are all zero and the delta is not)."""
+    import torch
+
+    num = float(torch.linalg.vector_norm(delta.detach(), dtype=torch.float64))
+    den = weights.norm()
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)
 
 
 def _lap(t: float) -> tuple[float, float]:

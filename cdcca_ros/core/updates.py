@@ -8,10 +8,19 @@ code) without changing anything. The node then applies the delta on a copy
 :meth:`cdcca_ros.core.device_runtime.FlatWeights.plus`), checks the result's hash against the
 envelope's ``new_hash`` and calls :meth:`DeltaGate.commit`.
 
-Envelope bytes (:meth:`DeltaEnvelope.encode`, version 1): magic ``b'CDEV'``, a version
-byte, then device id, round, base version, base hash, new version, new hash, codec, payload
-and signature, each length-prefixed (8-byte little-endian length); integers are 8-byte
-little-endian unsigned.
+Who may sign a delta is the device's :class:`~cdcca_ros.core.trust.TrustStore`: a pinned key,
+or the keys of a key list signed by a root key the device holds (rotation, revocation,
+expiry; see :mod:`cdcca_ros.core.trust`). An envelope names its signing key (``key_id``),
+carries a signed expiry (``expires``, unix seconds) and may carry the cloud's current key list
+(``key_list``, root-signed on its own, so not covered by the delta's signature).
+
+Versions move forward by at most :data:`MAX_VERSION_STEP` per delta, so no signed delta can
+take the version space to its end (2**64 - 1), where no later delta or rollback could follow.
+
+Envelope bytes (:meth:`DeltaEnvelope.encode`, version 2): magic ``b'CDEV'``, a version
+byte, then device id, round, base version, base hash, new version, new hash, codec, payload,
+signature, key id, expires and key list, each length-prefixed (8-byte little-endian length);
+integers are 8-byte little-endian unsigned.
 """
 from __future__ import annotations
 
@@ -23,27 +32,33 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from cdcca_ros.core import wire
+from cdcca_ros.core.trust import ROLE_DELTA, ROLE_ROLLBACK, Signer, TrustReason, TrustStore
 from cdcca_ros.errors import (
     CodecError,
     DeltaGateRejection,
     SignatureError,
     SpecMismatchError,
+    TrustError,
     WireError,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-        Ed25519PrivateKey,
-        Ed25519PublicKey,
-    )
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from torch import Tensor
 
     from cdcca_ros.core.dwc import FlatDelta
 
 ENVELOPE_MAGIC = b'CDEV'
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
 _U64_MAX = (1 << 64) - 1
+#: Largest adapter version (versions are unsigned 64-bit integers on the wire).
+MAX_VERSION = _U64_MAX
+#: Largest version step one delta may take (a rollback takes one).
+MAX_VERSION_STEP = 1 << 20
+_FIELDS = 12
 
 
 class RejectReason(enum.StrEnum):
@@ -56,6 +71,17 @@ class RejectReason(enum.StrEnum):
     ROLLBACK = 'rollback'
     WRONG_BASE = 'wrong_base'
     CODEC_MISMATCH = 'codec_mismatch'
+    VERSION_JUMP = 'version_jump'
+    UPDATE_TOO_LARGE = 'update_too_large'
+    UNKNOWN_KEY = TrustReason.UNKNOWN_KEY.value
+    REVOKED_KEY = TrustReason.REVOKED_KEY.value
+    WRONG_ROLE = TrustReason.WRONG_ROLE.value
+    EXPIRED = TrustReason.EXPIRED.value
+    KEY_LIST_EXPIRED = TrustReason.KEY_LIST_EXPIRED.value
+    KEY_LIST_INVALID = TrustReason.KEY_LIST_INVALID.value
+    KEY_LIST_SIGNATURE = TrustReason.KEY_LIST_SIGNATURE.value
+    KEY_LIST_CONFLICT = TrustReason.KEY_LIST_CONFLICT.value
+    NO_KEY_LIST = TrustReason.NO_KEY_LIST.value
     UNDECODABLE = 'undecodable'
     WRONG_KEYS = 'wrong_keys'
     WRONG_SHAPE = 'wrong_shape'
@@ -76,7 +102,11 @@ class DeltaEnvelope:
         new_hash: Hash of the weights after applying (the cloud's view of the device).
         codec: Codec name of the payload (e.g. ``'sparse'``).
         payload: Codec bytes (:mod:`cdcca_ros.core.dwc`).
-        signature: Ed25519 signature over all the fields above.
+        signature: Ed25519 signature over all the fields above and the two below.
+        key_id: :func:`~cdcca_ros.core.trust.key_id` of the signing key.
+        expires: Unix time (s) after which the device refuses the delta (signed).
+        key_list: The cloud's root-signed key list document (not covered by this
+            signature; empty: none attached).
     """
 
     device_id: str
@@ -88,37 +118,60 @@ class DeltaEnvelope:
     codec: str
     payload: bytes
     signature: bytes
+    key_id: str = ''
+    expires: int = 0
+    key_list: bytes = b''
 
     def __post_init__(self) -> None:
-        for name in ('device_id', 'base_hash', 'new_hash', 'codec'):
+        for name in ('device_id', 'base_hash', 'new_hash', 'codec', 'key_id'):
             if not isinstance(getattr(self, name), str):
                 raise WireError(f'envelope {name} must be a str, got '
                                 f'{type(getattr(self, name)).__name__}')
-        for name in ('round', 'base_version', 'new_version'):
+        for name in ('round', 'base_version', 'new_version', 'expires'):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U64_MAX:
                 raise WireError(f'envelope {name} must be an integer in [0, 2**64), got {v!r}')
-        for name in ('payload', 'signature'):
+        for name in ('payload', 'signature', 'key_list'):
             if not isinstance(getattr(self, name), bytes):
                 raise WireError(f'envelope {name} must be bytes, got '
                                 f'{type(getattr(self, name)).__name__}')
 
-    def verify(self, public_key: Ed25519PublicKey) -> None:
-        """Check the signature over every field.
+    def signing_bytes(self) -> bytes:
+        """What the signature covers (:func:`~cdcca_ros.core.wire.delta_signing_bytes`).
 
         Raises:
-            SignatureError: It does not verify.
+            SignatureError: A field is out of range.
         """
-        wire.verify_delta(public_key, self.signature, self.payload, self.device_id, self.round,
-                          self.base_hash, self.new_version, base_version=self.base_version,
-                          new_hash=self.new_hash, codec=self.codec)
+        return wire.delta_signing_bytes(self.payload, self.device_id, self.round,
+                                        self.base_hash, self.new_version,
+                                        base_version=self.base_version,
+                                        new_hash=self.new_hash, codec=self.codec,
+                                        key_id=self.key_id, expires=self.expires)
+
+    def verify(self, trust: TrustStore | Ed25519PublicKey, now: float | None = None) -> None:
+        """Check the signature over every field against one key, or a trust store (which also
+        checks the key, its role and the expiry; an attached key list is not adopted here).
+
+        Raises:
+            SignatureError: It does not verify (a :class:`~cdcca_ros.errors.TrustError`
+                with a ``reason`` from a trust store).
+        """
+        if isinstance(trust, Ed25519PublicKey):
+            wire.verify_delta(trust, self.signature, self.payload, self.device_id,
+                              self.round, self.base_hash, self.new_version,
+                              base_version=self.base_version, new_hash=self.new_hash,
+                              codec=self.codec, key_id=self.key_id, expires=self.expires)
+            return
+        trust.verify(ROLE_DELTA, self.signing_bytes(), self.key_id, self.signature,
+                     expires=self.expires, now=now, what='delta')
 
     def encode(self) -> bytes:
         """The envelope as bytes (format in the module docstring)."""
         u64 = struct.Struct('<Q').pack
         fields = [self.device_id.encode(), u64(self.round), u64(self.base_version),
                   self.base_hash.encode(), u64(self.new_version), self.new_hash.encode(),
-                  self.codec.encode(), self.payload, self.signature]
+                  self.codec.encode(), self.payload, self.signature, self.key_id.encode(),
+                  u64(self.expires), self.key_list]
         return ENVELOPE_MAGIC + bytes([ENVELOPE_VERSION]) + b''.join(
             struct.pack('<Q', len(f)) + f for f in fields)
 
@@ -139,7 +192,7 @@ class DeltaEnvelope:
                             f'supported (this build reads {ENVELOPE_VERSION})')
         pos = 5
         fields: list[bytes] = []
-        for _ in range(9):
+        for _ in range(_FIELDS):
             if pos + 8 > len(data):
                 raise WireError(f'envelope truncated at byte {pos} of {len(data)}')
             (n,) = struct.unpack_from('<Q', data, pos)
@@ -168,26 +221,36 @@ class DeltaEnvelope:
                    base_hash=text(fields[3], 'base_hash'),
                    new_version=num(fields[4], 'new_version'),
                    new_hash=text(fields[5], 'new_hash'), codec=text(fields[6], 'codec'),
-                   payload=fields[7], signature=fields[8])
+                   payload=fields[7], signature=fields[8], key_id=text(fields[9], 'key_id'),
+                   expires=num(fields[10], 'expires'), key_list=fields[11])
 
 
-def seal_delta(private_key: Ed25519PrivateKey, *, device_id: str, round: int,
+def seal_delta(signer: Signer | Ed25519PrivateKey, *, device_id: str, round: int,
                base_version: int, base_hash: str, new_version: int, new_hash: str,
-               codec: str, payload: bytes) -> DeltaEnvelope:
+               codec: str, payload: bytes, now: float | None = None) -> DeltaEnvelope:
     """Sign a payload and its routing fields into an envelope (cloud side).
+
+    Args:
+        signer: The cloud's :class:`~cdcca_ros.core.trust.Signer` (key, time to live, key
+            list to attach), or a bare private key (default time to live, no key list).
+        now: Unix time of signing (default: now); the delta expires ``signer.ttl_s`` later.
 
     Raises:
         WireError: A field has the wrong type or range.
     """
+    signer = Signer.of(signer)
+    expires = signer.expires(now)
     try:
-        signature = wire.sign_delta(private_key, payload, device_id, round, base_hash,
-                                    new_version, base_version=base_version,
-                                    new_hash=new_hash, codec=codec)
+        signature = signer.sign(wire.delta_signing_bytes(
+            payload, device_id, round, base_hash, new_version, base_version=base_version,
+            new_hash=new_hash, codec=codec, key_id=signer.key_id, expires=expires))
     except SignatureError as err:
         raise WireError(f'cannot seal delta for device {device_id!r}: {err}') from err
     return DeltaEnvelope(device_id=device_id, round=round, base_version=base_version,
                          base_hash=base_hash, new_version=new_version, new_hash=new_hash,
-                         codec=codec, payload=bytes(payload), signature=signature)
+                         codec=codec, payload=bytes(payload), signature=signature,
+                         key_id=signer.key_id, expires=expires,
+                         key_list=bytes(signer.key_list))
 
 
 def _shape_spec(trainable: Mapping[str, Tensor | Sequence[int]]) -> dict[str, tuple[int, ...]]:
@@ -229,21 +292,26 @@ def _first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
 class DeltaGate:
     """Decides whether a device takes a delta; nothing changes until :meth:`commit`.
 
-    Checks, in order: payload size, signature (every field), device id, version strictly
-    newer than the current one (equal: replay, older: rollback), base version and hash equal
-    to the current ones, codec name matching the payload, decodability, names and shapes
-    equal to the trainable set, every value finite.
+    Checks, in order: payload size, the attached key list (adopted when newer; an older one
+    is ignored, a forged, conflicting or expired one refuses the delta), signature (every
+    field) by a trusted, unrevoked key allowed to sign deltas, expiry, device id, version
+    strictly newer than the current one (equal: replay, older: rollback) and at most
+    :data:`MAX_VERSION_STEP` ahead of its base, base version and hash equal to the current
+    ones, codec name matching the payload, decodability, names and shapes equal to the
+    trainable set, every value finite.
 
     Args:
         device_id: This device.
-        public_key: The cloud's Ed25519 key.
+        public_key: Who may sign deltas: a :class:`~cdcca_ros.core.trust.TrustStore`, or
+            the cloud's one Ed25519 key (pinned: no rotation).
         current_version: Version of the weights now in use.
         current_base_hash: Their :func:`~cdcca_ros.core.wire.state_dict_hash`.
         trainable: The trainable set: name -> tensor (or shape).
         max_payload_bytes: Largest payload accepted.
     """
 
-    def __init__(self, device_id: str, public_key: Ed25519PublicKey, current_version: int,
+    def __init__(self, device_id: str, public_key: TrustStore | Ed25519PublicKey,
+                 current_version: int,
                  current_base_hash: str, trainable: Mapping[str, Tensor | Sequence[int]], *,
                  max_payload_bytes: int = 64 << 20) -> None:
         from cdcca_ros.errors import ConfigError
@@ -260,7 +328,8 @@ class DeltaGate:
         if max_payload_bytes <= 0:
             raise ConfigError(f'max_payload_bytes must be positive, got {max_payload_bytes}')
         self.device_id = device_id
-        self.public_key = public_key
+        self.trust = (public_key if isinstance(public_key, TrustStore)
+                      else TrustStore.pinned_key(public_key))
         self.max_payload_bytes = int(max_payload_bytes)
         self._shapes = _shape_spec(trainable)
         self._version = current_version
@@ -319,8 +388,18 @@ class DeltaGate:
                 raise self._reject(RejectReason.TOO_LARGE, env,
                                    f'payload of {len(env.payload)} bytes exceeds '
                                    f'{self.max_payload_bytes}')
+            if env.key_list:
+                try:
+                    self.trust.update(env.key_list)
+                except TrustError as err:
+                    if err.reason != TrustReason.KEY_LIST_ROLLBACK.value:
+                        raise self._reject(RejectReason(err.reason), env, err.detail) from err
+                    # An older list than the one in force: ignored, the delta is judged
+                    # under the list in force.
             try:
-                env.verify(self.public_key)
+                env.verify(self.trust)
+            except TrustError as err:
+                raise self._reject(RejectReason(err.reason), env, err.detail) from err
             except SignatureError as err:
                 raise self._reject(RejectReason.BAD_SIGNATURE, env, str(err)) from err
             if env.device_id != self.device_id:
@@ -333,6 +412,11 @@ class DeltaGate:
                 raise self._reject(RejectReason.ROLLBACK, env,
                                    f'version {env.new_version} is older than the current '
                                    f'{self._version}')
+            if env.new_version - env.base_version > MAX_VERSION_STEP:
+                raise self._reject(RejectReason.VERSION_JUMP, env,
+                                   f'version {env.new_version} is more than '
+                                   f'{MAX_VERSION_STEP} ahead of its base '
+                                   f'{env.base_version}')
             if env.base_version != self._version or env.base_hash != self._hash:
                 raise self._reject(RejectReason.WRONG_BASE, env,
                                    f'it applies to v{env.base_version} '
@@ -415,10 +499,12 @@ ROLLBACK_DOMAIN = b'CDCCA-ROLLBACK-v1'
 
 
 def _rollback_message(device_id: str, from_version: int, from_hash: str, to_hash: str,
-                      new_version: int, reason: str) -> bytes:
+                      new_version: int, reason: str, key_id: str = '', expires: int = 0
+                      ) -> bytes:
     """What a rollback order's signature covers (domain-separated from deltas)."""
     fields = [device_id.encode(), struct.pack('<Q', from_version), from_hash.encode(),
-              to_hash.encode(), struct.pack('<Q', new_version), reason.encode()]
+              to_hash.encode(), struct.pack('<Q', new_version), reason.encode(),
+              key_id.encode(), struct.pack('<Q', expires)]
     return ROLLBACK_DOMAIN + b''.join(struct.pack('<Q', len(f)) + f for f in fields)
 
 
@@ -429,7 +515,8 @@ class RollbackEnvelope:
     The live audit found the version the device runs worse than the one before it. The
     device restores its previous adapter (it must hash to ``to_hash``) under the new,
     higher version ``new_version`` (versions never go back, so an old delta cannot be
-    replayed over the restored weights).
+    replayed over the restored weights). Signed like a delta: by a key the device trusts for
+    rollback orders (:data:`~cdcca_ros.core.trust.ROLE_ROLLBACK`), with an expiry.
 
     Attributes:
         device_id: The device it is for.
@@ -438,7 +525,9 @@ class RollbackEnvelope:
         to_hash: Hash of the adapter to restore (the one before ``from_version``).
         new_version: Version of the restored adapter (greater than ``from_version``).
         reason: Why, for the device's report.
-        signature: Ed25519 over all the fields above.
+        signature: Ed25519 over all the fields (key id and expiry included).
+        key_id: Id of the signing key.
+        expires: Unix time (s) after which the order is refused.
     """
 
     device_id: str
@@ -448,12 +537,14 @@ class RollbackEnvelope:
     new_version: int
     reason: str
     signature: bytes
+    key_id: str = ''
+    expires: int = 0
 
     def __post_init__(self) -> None:
-        for name in ('device_id', 'from_hash', 'to_hash', 'reason'):
+        for name in ('device_id', 'from_hash', 'to_hash', 'reason', 'key_id'):
             if not isinstance(getattr(self, name), str):
                 raise WireError(f'rollback {name} must be a str')
-        for name in ('from_version', 'new_version'):
+        for name in ('from_version', 'new_version', 'expires'):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U64_MAX:
                 raise WireError(f'rollback {name} must be an integer in [0, 2**64), got {v!r}')
@@ -462,66 +553,83 @@ class RollbackEnvelope:
 
     def message(self) -> bytes:
         return _rollback_message(self.device_id, self.from_version, self.from_hash,
-                                 self.to_hash, self.new_version, self.reason)
+                                 self.to_hash, self.new_version, self.reason, self.key_id,
+                                 self.expires)
 
-    def verify(self, public_key: Ed25519PublicKey) -> None:
-        """Check the signature.
+    def verify(self, trust: TrustStore | Ed25519PublicKey, now: float | None = None) -> None:
+        """Check the signature against one pinned key, or a trust store (which also checks
+        the key's role and the expiry).
 
         Raises:
-            SignatureError: It does not verify.
+            SignatureError: It does not verify (a :class:`~cdcca_ros.errors.TrustError`
+                with a ``reason`` from a trust store).
         """
         from cryptography.exceptions import InvalidSignature
 
-        if len(self.signature) != 64:
-            raise SignatureError(f'rollback signature must be 64 bytes, got '
-                                 f'{len(self.signature)}')
-        try:
-            public_key.verify(self.signature, self.message())
-        except InvalidSignature as err:
-            raise SignatureError(f'rollback order for device {self.device_id!r} '
-                                 f'v{self.from_version} does not verify') from err
+        if not isinstance(trust, TrustStore):
+            if len(self.signature) != 64:
+                raise SignatureError(f'rollback signature must be 64 bytes, got '
+                                     f'{len(self.signature)}')
+            try:
+                trust.verify(self.signature, self.message())
+            except InvalidSignature as err:
+                raise SignatureError(f'rollback order for device {self.device_id!r} '
+                                     f'v{self.from_version} does not verify') from err
+            return
+        trust.verify(ROLE_ROLLBACK, self.message(), self.key_id, self.signature,
+                     expires=self.expires, now=now, what='rollback order')
 
 
-def seal_rollback(private_key: Ed25519PrivateKey, *, device_id: str, from_version: int,
-                  from_hash: str, to_hash: str, new_version: int, reason: str = ''
-                  ) -> RollbackEnvelope:
-    """Sign a rollback order (cloud side)."""
-    if new_version <= from_version:
-        raise WireError(f'rollback new_version {new_version} must exceed {from_version}')
-    signature = private_key.sign(_rollback_message(device_id, from_version, from_hash, to_hash,
-                                                   new_version, reason))
+def seal_rollback(signer: Signer | Ed25519PrivateKey, *, device_id: str, from_version: int,
+                  from_hash: str, to_hash: str, new_version: int, reason: str = '',
+                  now: float | None = None) -> RollbackEnvelope:
+    """Sign a rollback order (cloud side), as :func:`seal_delta` signs a delta."""
+    if new_version <= from_version or new_version - from_version > MAX_VERSION_STEP:
+        raise WireError(f'rollback new_version {new_version} must exceed {from_version} by at '
+                        f'most {MAX_VERSION_STEP}')
+    signer = Signer.of(signer)
+    expires = signer.expires(now)
+    message = _rollback_message(device_id, from_version, from_hash, to_hash, new_version,
+                                reason, signer.key_id, expires)
     return RollbackEnvelope(device_id=device_id, from_version=from_version,
                             from_hash=from_hash, to_hash=to_hash, new_version=new_version,
-                            reason=reason, signature=signature)
+                            reason=reason, signature=signer.sign(message),
+                            key_id=signer.key_id, expires=expires)
 
 
-def check_rollback(order: RollbackEnvelope, public_key: Ed25519PublicKey, device_id: str,
-                   current_version: int, current_hash: str, previous_hash: str | None) -> None:
+def check_rollback(order: RollbackEnvelope, trust: TrustStore | Ed25519PublicKey,
+                   device_id: str, current_version: int, current_hash: str,
+                   previous_hash: str | None) -> None:
     """Whether a device running ``current_version`` may carry out ``order``.
 
     Raises:
-        DeltaGateRejection: ``bad_signature``, ``wrong_device``, ``replay`` (the order names
-            a version the device no longer runs: already carried out, or stale),
-            ``wrong_base`` (the hashes do not match what the device holds and held).
+        DeltaGateRejection: ``bad_signature`` (or the trust store's reason: an unknown or
+            revoked key, a key not allowed to order rollbacks, an expired order),
+            ``wrong_device``, ``replay`` (the order names a version the device no longer
+            runs: already carried out, or stale), ``wrong_base`` (the hashes do not match
+            what the device holds and held).
     """
-    def reject(reason: RejectReason, msg: str) -> DeltaGateRejection:
-        return DeltaGateRejection(reason.value, f'rollback of v{order.from_version} for '
-                                                f'device {order.device_id!r}: {msg}')
+    def reject(reason: str, msg: str) -> DeltaGateRejection:
+        return DeltaGateRejection(reason, f'rollback of v{order.from_version} for device '
+                                          f'{order.device_id!r}: {msg}')
 
     if not isinstance(order, RollbackEnvelope):
         raise DeltaGateRejection(RejectReason.UNDECODABLE.value,
                                  f'expected a RollbackEnvelope, got {type(order).__name__}')
     try:
-        order.verify(public_key)
+        order.verify(trust)
     except SignatureError as err:
-        raise reject(RejectReason.BAD_SIGNATURE, str(err)) from err
+        raise reject(getattr(err, 'reason', RejectReason.BAD_SIGNATURE.value), str(err)) from err
     if order.device_id != device_id:
-        raise reject(RejectReason.WRONG_DEVICE, f'this is device {device_id!r}')
+        raise reject(RejectReason.WRONG_DEVICE.value, f'this is device {device_id!r}')
     if order.from_version != current_version or order.new_version <= current_version:
-        raise reject(RejectReason.REPLAY, f'the device runs v{current_version}')
+        raise reject(RejectReason.REPLAY.value, f'the device runs v{current_version}')
+    if order.new_version - current_version > MAX_VERSION_STEP:
+        raise reject(RejectReason.ROLLBACK.value, f'new version {order.new_version} is more '
+                                                  f'than {MAX_VERSION_STEP} ahead')
     if order.from_hash != current_hash:
-        raise reject(RejectReason.WRONG_BASE, f'the device runs {current_hash[:12]}, the order '
-                                              f'withdraws {order.from_hash[:12]}')
+        raise reject(RejectReason.WRONG_BASE.value, f'the device runs {current_hash[:12]}, the '
+                                                    f'order withdraws {order.from_hash[:12]}')
     if previous_hash is None or order.to_hash != previous_hash:
-        raise reject(RejectReason.WRONG_BASE, 'the adapter to restore is not the one the '
-                                              'device held before')
+        raise reject(RejectReason.WRONG_BASE.value, 'the adapter to restore is not the one '
+                                                    'the device held before')

@@ -519,6 +519,11 @@ def _unpack_int4(data: bytes, count: int) -> np.ndarray:
     return np.where(nibbles > 7, nibbles.astype(np.int16) - 16, nibbles).astype(np.float32)
 
 
+#: Largest packed shape decoded: the uplink's uint16 indices name at most 65536 tokens.
+MAX_PACKED_TOKENS = 1 << 16
+MAX_PACKED_DIM = 1 << 16
+
+
 def unpack_tokens(packed: PackedTokens) -> Tensor:
     """Decode :class:`PackedTokens` into a ``[K, D]`` float32 tensor.
 
@@ -533,6 +538,9 @@ def unpack_tokens(packed: PackedTokens) -> Tensor:
     if len(shape) != 2 or any((not isinstance(s, (int, np.integer))) or s < 0 for s in shape):
         raise WireError(f'packed tokens: shape must be two ints >= 0, got {packed.shape!r}')
     k, d = int(shape[0]), int(shape[1])
+    if k > MAX_PACKED_TOKENS or d > MAX_PACKED_DIM:
+        raise WireError(f'packed tokens: shape ({k}, {d}) exceeds ({MAX_PACKED_TOKENS}, '
+                        f'{MAX_PACKED_DIM})')
     expected = {'fp16': 2 * k * d, 'int8': k * d, 'int4': -(-k * d // 2)}.get(dtype)
     if expected is not None and len(packed.data) != expected:
         raise WireError(

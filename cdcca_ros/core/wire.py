@@ -3,7 +3,8 @@
 * :func:`state_dict_hash` names the exact weights a device holds (the base a delta applies
   to, and the result it must produce).
 * :func:`sign_delta` / :func:`verify_delta` sign a canonical byte string: a domain tag, then
-  every field length-prefixed (8-byte little-endian length), the payload by its sha256. Keys
+  every field length-prefixed (8-byte little-endian length), the payload by its sha256, the
+  signing key's id and the expiry (:mod:`cdcca_ros.core.trust` decides which keys count). Keys
   are Ed25519 (``cryptography``), stored as PEM (PKCS#8 private, SubjectPublicKeyInfo public).
 * :func:`split_chunks` / :class:`ChunkAssembler` carry a payload over a transport with a
   message-size limit. Each chunk is a fixed header (struct ``<4sB16sIIIQ32s``: magic
@@ -18,6 +19,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import struct
 import time
 from collections import OrderedDict, deque
@@ -36,6 +38,7 @@ from cdcca_ros.errors import (
     ConfigError,
     PayloadTooLargeError,
     SignatureError,
+    WireError,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -44,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 _U64_MAX = (1 << 64) - 1
 _HASH_TAG = b'cdcca-state-dict-v1'
-_SIGN_TAG = b'cdcca-dwc-delta-v1'
+_SIGN_TAG = b'cdcca-dwc-delta-v2'
 
 
 def _lp(data: bytes) -> bytes:
@@ -122,6 +125,25 @@ def state_dict_hash(sd: Mapping[str, Tensor]) -> str:
     return hash_tensor_bytes(
         (_tensor_header(name, t.dtype, tuple(t.shape)), r)
         for name, t, r in zip(names, tensors, raw, strict=True))
+
+
+# --- device ids -------------------------------------------------------------------------------
+# The link's rule (cdcca_ros.transport.keys.validate_device_id): a key-expression part, a
+# certificate common name and a file name.
+_DEVICE_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]{0,62}', re.ASCII)
+
+
+def check_device_id(device_id: object) -> str:
+    """A device id read from a message, checked like the link checks configured ones: 1-63
+    ASCII letters, digits, ``_``, ``.`` or ``-``, starting with a letter or digit.
+
+    Raises:
+        WireError: Anything else (it came from a message, so it is the sender's fault).
+    """
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
+        raise WireError(f'device id {str(device_id)[:40]!r} is not 1-63 ASCII letters, digits, '
+                        '"_", "." or "-" starting with a letter or digit')
+    return device_id
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -218,12 +240,13 @@ def _text(name: str, value: str) -> bytes:
 
 def delta_signing_bytes(payload: bytes, device_id: str, round: int, base_hash: str,
                         new_version: int, *, base_version: int = 0, new_hash: str = '',
-                        codec: str = '') -> bytes:
+                        codec: str = '', key_id: str = '', expires: int = 0) -> bytes:
     """The canonical byte string a delta signature covers.
 
     Domain tag, then length-prefixed device id, round, base version, base hash, new version,
-    new hash, codec and the sha256 of the payload. Every envelope field is covered, so no
-    field can be changed without breaking the signature.
+    new hash, codec, the sha256 of the payload, the signing key's id and the expiry (unix
+    seconds). Every envelope field is covered, so no field can be changed without breaking
+    the signature.
 
     Raises:
         SignatureError: A field has the wrong type or range.
@@ -240,22 +263,27 @@ def delta_signing_bytes(payload: bytes, device_id: str, round: int, base_hash: s
         _text('new_hash', new_hash),
         _text('codec', codec),
         _lp(hashlib.sha256(payload).digest()),
+        _text('key_id', key_id),
+        _lp(_u64('expires', expires)),
     ])
 
 
 def sign_delta(private_key: Ed25519PrivateKey, payload: bytes, device_id: str, round: int,
                base_hash: str, new_version: int, *, base_version: int = 0,
-               new_hash: str = '', codec: str = '') -> bytes:
+               new_hash: str = '', codec: str = '', key_id: str = '', expires: int = 0
+               ) -> bytes:
     """Ed25519 signature (64 bytes) over :func:`delta_signing_bytes`."""
     return private_key.sign(delta_signing_bytes(
         payload, device_id, round, base_hash, new_version, base_version=base_version,
-        new_hash=new_hash, codec=codec))
+        new_hash=new_hash, codec=codec, key_id=key_id, expires=expires))
 
 
 def verify_delta(public_key: Ed25519PublicKey, signature: bytes, payload: bytes,
                  device_id: str, round: int, base_hash: str, new_version: int, *,
-                 base_version: int = 0, new_hash: str = '', codec: str = '') -> None:
-    """Check a delta signature.
+                 base_version: int = 0, new_hash: str = '', codec: str = '',
+                 key_id: str = '', expires: int = 0) -> None:
+    """Check a delta signature against one key (no key list, no expiry check: see
+    :class:`cdcca_ros.core.trust.TrustStore` for those).
 
     Raises:
         SignatureError: The signature does not verify (any field or byte changed, another
@@ -266,7 +294,8 @@ def verify_delta(public_key: Ed25519PublicKey, signature: bytes, payload: bytes,
         raise SignatureError(f'delta signature for device {device_id!r} round {round} must '
                              f'be 64 bytes, got {got!r}')
     message = delta_signing_bytes(payload, device_id, round, base_hash, new_version,
-                                  base_version=base_version, new_hash=new_hash, codec=codec)
+                                  base_version=base_version, new_hash=new_hash, codec=codec,
+                                  key_id=key_id, expires=expires)
     try:
         public_key.verify(bytes(signature), message)
     except InvalidSignature as err:

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import operator
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -25,11 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cdcca_ros.errors import ConfigError, ModelError, ModelLoadError
+from cdcca_ros.errors import ConfigError, ModelError, ModelLoadError, PromptTooLongError
 from cdcca_ros.models.base import (
     MLLM,
     QUANTIZATIONS,
     AnswerResult,
+    GenerationStep,
+    StepCallback,
     TrainableConfig,
     TrainOutputs,
     VisionSpace,
@@ -40,6 +43,14 @@ TRAINABLE_FILE = 'trainable.safetensors'
 FORMAT_VERSION = 1
 DEFAULT_PROMPT = 'Question: {question} Answer:'
 _PROMPT_CACHE_SIZE = 4096
+# Bytes of question strings and token ids the prompt cache holds at most (an estimate:
+# sys.getsizeof of both, 32 bytes per id object); larger questions are not cached.
+_PROMPT_CACHE_BYTES = 4 << 20
+_PROMPT_CACHE_ENTRY_BYTES = 64 << 10
+# A question longer than this many characters per token of context cannot fit: refused
+# before it is tokenized. And never more than MAX_QUESTION_CHARS.
+_MAX_CHARS_PER_TOKEN = 64
+MAX_QUESTION_CHARS = 65536
 
 
 @dataclass
@@ -107,6 +118,7 @@ class HFMLLM(MLLM):
         self.trainable_config: TrainableConfig | None = None
         self._trainable: dict[str, nn.Parameter] = {}
         self._prompt_cache: dict[str, list[int]] = {}
+        self.prompt_cache_bytes = 0
         # next_token_probs inputs by (image embeddings, questions): a device probes the same
         # question after every update. Tensors in it are never written to.
         self._probe_batches: dict[tuple[int, tuple[str, ...]], _Batch] = {}
@@ -168,6 +180,12 @@ class HFMLLM(MLLM):
     def lm_head(self) -> nn.Module:
         """The output projection to the vocabulary."""
         return self.torch_model.get_output_embeddings()
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest token sequence the language model takes (None: unknown)."""
+        n = getattr(self.text_config, 'max_position_embeddings', None)
+        return int(n) if isinstance(n, int) and n > 0 else None
 
     @property
     def text_config(self) -> Any:
@@ -247,16 +265,35 @@ class HFMLLM(MLLM):
     # ---------------------------------------------------------------- text side
     def _prompt_ids(self, question: str) -> list[int]:
         ids = self._prompt_cache.get(question)
-        if ids is None:
-            text = self.prompt_template.format(question=question)
-            ids = self.tokenizer(text, add_special_tokens=False)['input_ids']
-            if len(self._prompt_cache) >= _PROMPT_CACHE_SIZE:
-                self._prompt_cache.clear()
-            self._prompt_cache[question] = ids
+        if ids is not None:
+            return ids
+        ctx = self.context_length
+        limit = min(MAX_QUESTION_CHARS, (ctx or MAX_QUESTION_CHARS) * _MAX_CHARS_PER_TOKEN)
+        if len(question) > limit:
+            raise PromptTooLongError(
+                f'{self.family}: a question of {len(question)} characters cannot fit the '
+                f'language model\'s context of {ctx} tokens (at most {limit} characters)')
+        text = self.prompt_template.format(question=question)
+        ids = self.tokenizer(text, add_special_tokens=False)['input_ids']
+        cost = _prompt_cost(question, ids)
+        if cost <= _PROMPT_CACHE_ENTRY_BYTES and (ctx is None or len(ids) < ctx):
+            cache = self._prompt_cache
+            while cache and (len(cache) >= _PROMPT_CACHE_SIZE
+                             or self.prompt_cache_bytes + cost > _PROMPT_CACHE_BYTES):
+                oldest = next(iter(cache))
+                self.prompt_cache_bytes -= _prompt_cost(oldest, cache.pop(oldest))
+            cache[question] = ids
+            self.prompt_cache_bytes += cost
         return ids
 
     def _build_batch(self, num_image: int, questions: Sequence[str],
-                     answers: Sequence[str] | None = None) -> _Batch:
+                     answers: Sequence[str] | None = None, reserve: int = 0) -> _Batch:
+        """Left-padded ids of the prompts (and answers, for training).
+
+        Raises:
+            PromptTooLongError: A row, plus ``reserve`` tokens to generate, is longer than
+                the language model's context.
+        """
         image_ids = self._image_placeholder_ids(num_image)
         rows: list[list[int]] = []
         label_rows: list[list[int]] = []
@@ -273,6 +310,12 @@ class HFMLLM(MLLM):
             rows.append(ids)
             label_rows.append(labels)
         width = max(len(r) for r in rows)
+        ctx = self.context_length
+        if ctx is not None and width + reserve > ctx:
+            raise PromptTooLongError(
+                f'{self.family}: a prompt of {width} tokens (image tokens, question, choices)'
+                f'{f" plus {reserve} to generate" if reserve else ""} does not fit the '
+                f'language model\'s context of {ctx} tokens')
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels_t = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -314,21 +357,24 @@ class HFMLLM(MLLM):
         return self._answer(tokens, None, questions, max_new_tokens, start)
 
     def answer_from_tokens(self, tokens: Tensor, indices: Tensor | None,
-                           questions: Sequence[str],
-                           max_new_tokens: int = 6) -> list[AnswerResult]:
-        return self._answer(tokens, indices, questions, max_new_tokens, time.perf_counter())
+                           questions: Sequence[str], max_new_tokens: int = 6,
+                           on_step: StepCallback | None = None) -> list[AnswerResult]:
+        return self._answer(tokens, indices, questions, max_new_tokens, time.perf_counter(),
+                            on_step)
 
     def _answer(self, tokens: Tensor, indices: Tensor | None, questions: Sequence[str],
-                max_new_tokens: int, start: float) -> list[AnswerResult]:
+                max_new_tokens: int, start: float,
+                on_step: StepCallback | None = None) -> list[AnswerResult]:
         if max_new_tokens < 1:
             raise ConfigError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
         tokens = self._check_tokens(tokens, indices, len(questions))
         with eval_mode(self.torch_model):
             image_embeds, _ = self._image_embeds(self._adapt(tokens), indices)
-            batch = self._build_batch(image_embeds.shape[1], questions)
+            batch = self._build_batch(image_embeds.shape[1], questions,
+                                      reserve=max_new_tokens)
             embeds = self._inputs_embeds(batch, image_embeds)
             steps, chosen = self._greedy(embeds, batch.attention_mask, batch.position_ids,
-                                         max_new_tokens)
+                                         max_new_tokens, on_step)
         latency_ms = (time.perf_counter() - start) * 1000.0
         probs = torch.stack(steps, dim=1).cpu().numpy()   # [B, T, V]
         ids = torch.stack(chosen, dim=1).cpu().numpy()    # [B, T]
@@ -366,8 +412,13 @@ class HFMLLM(MLLM):
             return torch.softmax(self.lm_head(hidden[:, -1]).float(), dim=-1)
 
     def _greedy(self, embeds: Tensor, mask: Tensor, positions: Tensor,
-                max_new_tokens: int) -> tuple[list[Tensor], list[Tensor]]:
-        """Greedy decoding with a KV cache; returns per-step softmax and chosen ids."""
+                max_new_tokens: int, on_step: StepCallback | None = None
+                ) -> tuple[list[Tensor], list[Tensor]]:
+        """Greedy decoding with a KV cache; returns per-step softmax and chosen ids.
+
+        ``on_step`` (streaming) gets each step before the next one is computed; without it the
+        loop does no per-step work beyond decoding.
+        """
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.text_config)
@@ -384,12 +435,30 @@ class HFMLLM(MLLM):
             steps.append(probs)
             chosen.append(token)
             done |= token == self.eos_token_id
-            if bool(done.all()) or step == max_new_tokens - 1:
+            last = bool(done.all()) or step == max_new_tokens - 1
+            if on_step is not None:
+                on_step(self._step_report(step, probs, token, chosen, done, last))
+            if last:
                 break
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             hidden = self._run_decoder(embed(token[:, None]), mask, next_pos, cache)
             next_pos = next_pos + 1
         return steps, chosen
+
+    def _step_report(self, step: int, probs: Tensor, token: Tensor, chosen: list[Tensor],
+                     done: Tensor, last: bool) -> GenerationStep:
+        """What ``on_step`` gets: each row's chosen token, its probability, the step's
+        entropy and the answer decoded so far (up to its end token)."""
+        ids = torch.stack(chosen, dim=1).tolist()
+        texts = []
+        for row in ids:
+            row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return GenerationStep(
+            index=step, token_ids=token.tolist(),
+            probabilities=probs.gather(1, token[:, None])[:, 0].tolist(),
+            entropies=torch.special.entr(probs).sum(dim=-1).tolist(), texts=texts,
+            finished=[bool(d) or last for d in done.tolist()])
 
     # ---------------------------------------------------------------- training
     def forward_train(self, tokens: Tensor, indices: Tensor | None, questions: Sequence[str],
@@ -689,6 +758,11 @@ class HFMLLM(MLLM):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
                                   bnb_4bit_compute_dtype=torch.float32,
                                   llm_int8_skip_modules=skip)
+
+
+def _prompt_cost(question: str, ids: list[int]) -> int:
+    """Bytes a prompt-cache entry holds (estimate)."""
+    return sys.getsizeof(question) + sys.getsizeof(ids) + 32 * len(ids)
 
 
 def keep_mask(shape: tuple[int, ...], p: float, generator: torch.Generator | None,

@@ -7,7 +7,7 @@ dataclasses can be used (e.g. by the transport layer) without loading torch.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +43,33 @@ class AnswerResult:
     step_probs: np.ndarray
     token_probs: np.ndarray
     latency_ms: float
+
+
+@dataclass(frozen=True)
+class GenerationStep:
+    """One step of greedy generation, reported as soon as it is computed (per batch row).
+
+    Attributes:
+        index: 0-based step.
+        token_ids: The id chosen for each row.
+        probabilities: Probability of that id in the step's distribution.
+        entropies: Entropy of the step's distribution (nats; Eq. 2 averages these).
+        texts: Each row's answer so far, decoded (the end token excluded).
+        finished: Whether each row's answer ended at or before this step (end token, or the
+            ``max_new_tokens`` limit reached).
+    """
+
+    index: int
+    token_ids: list[int]
+    probabilities: list[float]
+    entropies: list[float]
+    texts: list[str]
+    finished: list[bool]
+
+
+StepCallback = Callable[[GenerationStep], None]
+"""Called after each generated step, before the next is computed; raising
+:class:`~cdcca_ros.errors.GenerationCancelled` (or any error) stops generation there."""
 
 
 @dataclass(frozen=True)
@@ -207,8 +234,8 @@ class MLLM(abc.ABC):
 
     @abc.abstractmethod
     def answer_from_tokens(self, tokens: Tensor, indices: Tensor | None,
-                           questions: Sequence[str],
-                           max_new_tokens: int = 6) -> list[AnswerResult]:
+                           questions: Sequence[str], max_new_tokens: int = 6,
+                           on_step: StepCallback | None = None) -> list[AnswerResult]:
         """Answer from (a subset of) vision tokens.
 
         Args:
@@ -217,6 +244,8 @@ class MLLM(abc.ABC):
                 None means all ``N`` tokens in order (``K == N``).
             questions: One question per row.
             max_new_tokens: Generation limit.
+            on_step: Called with each :class:`GenerationStep` as it is generated (streaming);
+                an error it raises stops generation and propagates. None: no per-step work.
         """
 
     def next_token_probs(self, tokens: Tensor, indices: Tensor | None,

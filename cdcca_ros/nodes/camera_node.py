@@ -17,7 +17,6 @@ source's ``synthetic.schedule`` / ``synthetic.seed``; the rest is read-only.
 """
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from typing import Any
@@ -31,6 +30,7 @@ from std_msgs.msg import Header, String
 from cdcca_ros.camera import create_camera
 from cdcca_ros.camera.base import Camera, Frame
 from cdcca_ros.camera.convert import image_to_compressed, image_to_msg
+from cdcca_ros.camera.synthetic import scene_to_json
 from cdcca_ros.errors import CameraError, CdccaError, ConfigError
 from cdcca_ros.nodes.common import (
     ERROR,
@@ -172,12 +172,7 @@ class CameraNode(Node):
             self._depth_pub.publish(image_to_msg(frame.depth, '16UC1', Image, header=header))
         if self._scene_pub is not None:
             # Ground truth of the frame: its domain and one question with its answers.
-            meta = {k: v for k, v in frame.meta.items() if k in ('domain', 'frame_index', 'seed')}
-            meta['stamp_ns'] = frame.stamp_ns
-            q = self.camera.ask(frame)
-            meta.update(question=q.text, answer=q.answer, answers=list(q.answers),
-                        qtype=q.qtype, choices=list(q.choices))
-            self._scene_pub.publish(String(data=json.dumps(meta)))
+            self._scene_pub.publish(String(data=scene_to_json(frame, self.camera.ask(frame))))
         self._published += 1
 
     def _report(self) -> None:

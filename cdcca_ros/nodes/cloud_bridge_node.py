@@ -52,6 +52,7 @@ from cdcca_ros.nodes.common import (
     LATCHED_QOS,
     OK,
     RELIABLE_QOS,
+    UPLINK_QOS,
     WARN,
     Diagnostics,
     LastError,
@@ -137,10 +138,13 @@ class CloudBridgeNode(Node):
             config = link_config(self.params, device_id)
             self._unroute = route_logging(self, f'cdcca_ros.transport.link.{device_id}')
             self._publish_link_state(False)  # latched: the state is known from the start
+            # Deltas wait in the link's inbox until device_node subscribes.
             self.link = DeviceLink(device_id, config, spool,
-                                   on_downlink=self._on_downlink, on_version=self._on_version)
+                                   on_downlink=self._on_downlink, on_version=self._on_version,
+                                   ready=lambda: self._down_pubs[
+                                       DOWNLINK_TOPIC].get_subscription_count() > 0)
             self.create_subscription(UtsTokens, UPLINK_TOPIC, self._on_uplink_msg,
-                                     RELIABLE_QOS)
+                                     UPLINK_QOS)
             self.create_subscription(AdaptationStatus, STATUS_TOPIC, self._on_report_msg,
                                      RELIABLE_QOS)
         else:
@@ -149,15 +153,19 @@ class CloudBridgeNode(Node):
             devices = [d.strip() for d in self.params['devices'].split(',') if d.strip()]
             self.devices = set(devices)
             self._up_pubs = {
-                UPLINK_TOPIC: self.create_publisher(UtsTokens, UPLINK_TOPIC, RELIABLE_QOS),
+                UPLINK_TOPIC: self.create_publisher(UtsTokens, UPLINK_TOPIC, UPLINK_QOS),
                 STATUS_TOPIC: self.create_publisher(AdaptationStatus, DEVICE_STATUS_TOPIC,
                                                     RELIABLE_QOS)}
             store = self.params['store_dir'] or str(home / 'cloud' / 'link')
             config = link_config(self.params, 'cloud')
             self._unroute = route_logging(self, 'cdcca_ros.transport.link.cloud')
+            # Samples wait in the link's inbox until cloud_node subscribes (e.g. while it
+            # restarts): published without a subscriber they would be lost.
             self.link = CloudLink(config, store,
                                   on_uplink=self._on_uplink_bytes, devices=devices,
-                                  recorder=self._open_recorder())
+                                  recorder=self._open_recorder(),
+                                  ready=lambda: self._up_pubs[
+                                      UPLINK_TOPIC].get_subscription_count() > 0)
             self.create_subscription(DwcDelta, DOWNLINK_TOPIC,
                                      lambda m: self._on_down_msg(DOWNLINK_TOPIC, m), DELTA_QOS)
             self.create_subscription(TokenRequest, REQUEST_TOPIC,
@@ -276,6 +284,7 @@ class CloudBridgeNode(Node):
             self._error(f'uplink {message.topic} from {message.device!r} claims device '
                         f'{msg.device_id!r}: dropped', 'refused')
             return
+        # The uplink QoS is KEEP_ALL: a burst is held back by the readers, never overwritten.
         self._up_pubs[message.topic].publish(msg)
         if message.topic == UPLINK_TOPIC:
             self.counters['up'] += 1

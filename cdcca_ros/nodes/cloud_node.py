@@ -33,6 +33,7 @@ round; the models, the device, the key and the folders are read-only.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import sys
 import threading
@@ -43,13 +44,12 @@ from typing import Any
 
 import torch
 from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
 
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
 from cdcca_ros.core.rounds.anchor import resolve_anchor
 from cdcca_ros.core.updates import RollbackEnvelope
 from cdcca_ros.core.uts import PackedTokens, unpack_tokens, uplink_bytes
-from cdcca_ros.errors import CdccaError
+from cdcca_ros.errors import CdccaError, ModelLoadError
 from cdcca_ros.msg import (
     AdaptationStatus,
     DwcDelta,
@@ -62,6 +62,7 @@ from cdcca_ros.nodes.common import (
     ERROR,
     OK,
     RELIABLE_QOS,
+    UPLINK_QOS,
     WARN,
     Diagnostics,
     LastError,
@@ -78,7 +79,8 @@ from cdcca_ros.nodes.guard_msgs import (
     rollback_to_msg,
     token_request,
 )
-from cdcca_ros.nodes.process import exit_code, fail, failed, one_line, route_logging, run_node
+from cdcca_ros.nodes.lifecycle import ManagedNode
+from cdcca_ros.nodes.process import exit_code, failed, one_line, route_logging, run_node
 
 # A rollback order the device never answers holds its rounds this long at most.
 ROLLBACK_WAIT_S = 600.0
@@ -103,6 +105,31 @@ def signing_key(params: dict[str, Any], state_dir: Path):
     return wire.load_private_key(path)
 
 
+def cloud_signer(params: dict[str, Any], state_dir: Path):
+    """The :class:`~cdcca_ros.core.trust.Signer` of deltas: the signing key, the deltas' time to
+    live, and the root-signed key list to attach (``key_list``), which must name the key.
+
+    Raises:
+        ConfigError: The key list cannot be read or does not list the signing key for deltas.
+    """
+    from cdcca_ros.core.trust import ROLE_DELTA, KeyList, Signer
+    from cdcca_ros.errors import ConfigError, TrustError
+
+    signer = Signer(signing_key(params, state_dir), ttl_s=params['delta_ttl_s'])
+    if not params['key_list']:
+        return signer
+    try:
+        data = Path(params['key_list']).read_bytes()
+        keys = KeyList.decode(data)
+    except (OSError, TrustError) as err:
+        raise ConfigError(f'cannot use key list {params["key_list"]}: {err}') from err
+    entry = keys.keys.get(signer.key_id)
+    if entry is None or ROLE_DELTA not in entry.roles:
+        raise ConfigError(f'key list {params["key_list"]} (v{keys.version}) does not let the '
+                          f'signing key {signer.key_id} sign deltas: devices would refuse them')
+    return Signer(signer.private_key, ttl_s=signer.ttl_s, key_list=data)
+
+
 def cloud_config(params: dict[str, Any]) -> CloudConfig:
     """Round, AKD, DWC and guard settings from the node's parameters."""
     return CloudConfig.from_params(params)
@@ -122,7 +149,7 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime | Any:
     cfg = cloud_config(params)
     anchor = (resolve_anchor(params['guard.anchor'], bundled.resolve(params['student']))
               if cfg.guard.enabled else None)
-    return CloudRuntime(teacher, student, signing_key(params, state_dir), cfg,
+    return CloudRuntime(teacher, student, cloud_signer(params, state_dir), cfg,
                         state_dir=state_dir, anchor=anchor)
 
 
@@ -148,19 +175,25 @@ def tokens_from_msg(msg: UtsTokens) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, indices
 
 
-class CloudNode(Node):
-    """Thin ROS adapter over :class:`CloudRuntime`."""
+class CloudNode(ManagedNode):
+    """Thin ROS adapter over :class:`CloudRuntime`; a managed (lifecycle) node.
+
+    Lifecycle (:mod:`cdcca_ros.nodes.lifecycle`): configure checks the torch device and loads
+    teacher, student and anchor set (or takes ``runtime``), activate starts running rounds,
+    deactivate stops starting them (a round in progress completes; samples keep arriving and
+    wait), cleanup unloads, shutdown checkpoints every device's state and unloads. Samples
+    that arrive while unconfigured are refused (counted). ``autostart`` (default) runs
+    configure and activate at start.
+    """
 
     @destroy_on_error
     def __init__(self, runtime: CloudRuntime | None = None, **kwargs: Any) -> None:
         super().__init__('cloud_node', **kwargs)
         self.params = declare_table(self, 'cloud_node', on_change=self._on_param)
         self.fatal_error: str | None = None
-        if runtime is None:
-            from cdcca_ros.models.registry import check_torch_device
-
-            check_torch_device(self.params['torch_device'])  # fails now, not in a thread
-        self.runtime = runtime
+        self._given_runtime = runtime
+        self.runtime: CloudRuntime | None = None  # set by configure, cleared by cleanup
+        self._active = threading.Event()  # set by activate: rounds run
         self._lock = threading.Lock()  # samples vs rounds
         self._stop = threading.Event()
         self.counters = {'samples': 0, 'samples_rejected': 0, 'duplicates': 0, 'rounds': 0,
@@ -184,32 +217,81 @@ class CloudNode(Node):
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
                                                  RELIABLE_QOS)
         self._diag = Diagnostics(self, hardware_id='cloud')
-        self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, RELIABLE_QOS)
-        self.create_subscription(AdaptationStatus, 'device_status', self._on_device_status,
-                                 RELIABLE_QOS)
+        self._subscriptions_up: list[Any] = []  # uplink subscriptions while configured
         self.create_timer(1.0, self._report)
         self._threads = [threading.Thread(target=self._round_worker, daemon=True)]
-        if runtime is None:
-            self._threads.append(threading.Thread(target=self._load, daemon=True))
         for t in self._threads:
             t.start()
+        if self.params['autostart']:
+            # Models to load: in a thread, so the node serves its services meanwhile.
+            self.autostart(in_thread=runtime is None, stopping=self._stop.is_set)
 
     @property
     def ready(self) -> bool:
         return self.runtime is not None
 
-    def _load(self) -> None:
-        try:
-            runtime = build_runtime(self.params)
-        except Exception as err:  # noqa: BLE001 - whatever stops the load, the node cannot work
-            fail(self, f'teacher {self.params["teacher"]!r} / student '
-                       f'{self.params["student"]!r} cannot be loaded on '
-                       f'{self.params["torch_device"]!r}: {one_line(err)}')
-            return
+    # ---------------------------------------------------------------- lifecycle
+    def _configure(self) -> None:
+        """Check the torch device, load teacher and student (or take the runtime given)."""
+        runtime = self._given_runtime
+        if runtime is None:
+            from cdcca_ros.models.registry import check_torch_device
+
+            check_torch_device(self.params['torch_device'])
+            try:
+                runtime = build_runtime(self.params)
+            except Exception as err:  # noqa: BLE001 - whatever stops the load, it is refused
+                raise ModelLoadError(f'teacher {self.params["teacher"]!r} / student '
+                                     f'{self.params["student"]!r} cannot be loaded on '
+                                     f'{self.params["torch_device"]!r}: {one_line(err)}'
+                                     ) from err
+            if self._stop.is_set():
+                raise ModelLoadError('stopped while loading')
+            resumed = runtime.resume()  # rounds whose samples arrived before a restart
+            self.get_logger().info(f'teacher and student ready; resumed devices {resumed}')
+            with self._lock:
+                runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
         with self._lock:
-            runtime.cfg = cloud_config(self.params)  # changed while loading, maybe
             self.runtime = runtime
-        self.get_logger().info('teacher and student ready')
+        self._subscribe()
+
+    def _activate(self) -> None:
+        self._active.set()
+
+    def _subscribe(self) -> None:
+        """Take samples and device reports while the models are loaded (configured: kept,
+        inactive or active; rounds run only when active). Without a model the node does not
+        subscribe, and the cloud bridge keeps the uplink in its inbox: published to nobody,
+        samples that arrive while the cloud starts, restarts or is unloaded would be lost."""
+        if self._subscriptions_up:
+            return
+        self._subscriptions_up = [
+            self.create_subscription(UtsTokens, 'uts_tokens', self._on_tokens, UPLINK_QOS),
+            self.create_subscription(AdaptationStatus, 'device_status', self._on_device_status,
+                                     RELIABLE_QOS)]
+
+    def _unsubscribe(self) -> None:
+        subs, self._subscriptions_up = self._subscriptions_up, []
+        for sub in subs:
+            self.destroy_subscription(sub)
+
+    def _deactivate(self) -> None:
+        self._active.clear()  # a round in progress completes
+
+    def _unload(self) -> None:
+        self._active.clear()
+        self._unsubscribe()  # from now on the bridge keeps what arrives
+        with self._lock:  # after the round in progress, if any
+            runtime, self.runtime = self.runtime, None
+            if runtime is not None:
+                runtime.save()
+        gc.collect()
+
+    def _cleanup(self) -> None:
+        self._unload()
+
+    def _shutdown(self) -> None:
+        self._unload()  # every device's state checkpointed before this returns
 
     def _on_param(self, changes: dict[str, Any]) -> None:
         """Runtime change of round / AKD / DWC settings: checked together, applied from the next
@@ -220,7 +302,7 @@ class CloudNode(Node):
                 self.runtime.cfg = cfg
 
     def _on_tokens(self, msg: UtsTokens) -> None:
-        if self.runtime is None:
+        if self.runtime is None:  # unconfigured: no model to check the tokens against
             self.counters['samples_rejected'] += 1
             return
         if msg.pulled:
@@ -229,15 +311,19 @@ class CloudNode(Node):
         try:
             tokens, indices = tokens_from_msg(msg)
             with self._lock:
+                if self.runtime is None:  # cleaned up meanwhile
+                    self.counters['samples_rejected'] += 1
+                    return
                 fresh = self.runtime.add_sample(msg.device_id, tokens, indices, msg.question,
                                                 int(msg.num_tokens), int(msg.token_dim),
                                                 msg.sample_id, device_answer=msg.device_answer,
                                                 device_version=parse_version(msg.model_version),
                                                 audit=bool(msg.audit))
-        except CdccaError as err:
+        except Exception as err:  # noqa: BLE001 - a sample must never take the cloud down
             self.counters['samples_rejected'] += 1
             self.get_logger().error(self.errors.set(
-                'sample', f'sample {msg.sample_id!r} from {msg.device_id!r} rejected: {err}'))
+                'sample', f'sample {msg.sample_id[:64]!r} from {msg.device_id[:64]!r} rejected: '
+                          f'{type(err).__name__}: {err}'[:500]))
             return
         self.errors.clear('sample')
         if not fresh:
@@ -256,11 +342,15 @@ class CloudNode(Node):
         try:
             if not len(msg.kept_indices):
                 with self._lock:
+                    if self.runtime is None:  # unloaded meanwhile (cleanup)
+                        return
                     self.runtime.pull_unavailable(msg.device_id, msg.sample_id)
                 self.counters['pulls_unavailable'] += 1
                 return
             tokens, indices = tokens_from_msg(msg)
             with self._lock:
+                if self.runtime is None:  # unloaded meanwhile (cleanup)
+                    return
                 merged = self.runtime.add_pulled(msg.device_id, msg.sample_id, tokens, indices)
         except CdccaError as err:
             self.counters['samples_rejected'] += 1
@@ -313,12 +403,15 @@ class CloudNode(Node):
 
     def _round_worker(self) -> None:
         while not self._stop.wait(0.5):
-            if self.runtime is None:
+            runtime = self.runtime
+            if runtime is None or not self._active.is_set():
                 continue
-            if hasattr(self.runtime, 'poll'):  # backend ray: the fleet runs the rounds
-                self._fleet_loop(self.runtime)
+            if hasattr(runtime, 'poll'):  # backend ray: the fleet runs the rounds
+                self._fleet_loop(runtime)
                 continue
-            for device_id in list(self.runtime.devices):
+            for device_id in list(runtime.devices):
+                if not self._active.is_set():
+                    break  # deactivated: no further round starts
                 self.step(device_id)
 
     # ---------------------------------------------------------------- backend ray
@@ -369,6 +462,8 @@ class CloudNode(Node):
         when a round is due, audit first, then run it. Returns the round's result."""
         try:
             with self._lock:
+                if self.runtime is None:
+                    return None  # unloaded meanwhile (cleanup / shutdown)
                 pulls = self.runtime.label(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
             self.get_logger().error(self.errors.set('label',
@@ -383,7 +478,7 @@ class CloudNode(Node):
                                         f'v{held[0].from_version}: rounds resume')
                 self._awaiting.pop(device_id)
                 held = None
-            due = held is None and self.runtime.due(device_id)
+            due = held is None and self.runtime is not None and self.runtime.due(device_id)
         if not due or self.audit(device_id):
             return None
         return self.run_round(device_id)
@@ -402,6 +497,8 @@ class CloudNode(Node):
         (the device's rounds then wait for its report)."""
         try:
             with self._lock:
+                if self.runtime is None:
+                    return False
                 audit = self.runtime.audit(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
             self.get_logger().error(self.errors.set('audit',
@@ -441,6 +538,8 @@ class CloudNode(Node):
         t0 = time.perf_counter()
         try:
             with self._lock:
+                if self.runtime is None:
+                    return None  # unloaded meanwhile (cleanup / shutdown)
                 result = self.runtime.run_round(device_id)
         except (CdccaError, RuntimeError, ValueError) as err:
             self.get_logger().error(self.errors.set('round',
@@ -533,12 +632,15 @@ class CloudNode(Node):
         self._figures = figures
         return {**figures, 'busy': False}
 
-    def _report(self) -> None:
+    def _report(self, lifecycle_state: str | None = None) -> None:
+        state = lifecycle_state or self.lifecycle_state
         values: dict[str, Any] = dict(self.counters)
         values.update(self.errors.values())
+        values.update(lifecycle_state=state, last_transition=self.last_transition)
         values['awaiting_rollback'] = ','.join(sorted(self._awaiting))
-        if self.runtime is not None:
-            cfg = self.runtime.cfg
+        runtime = self.runtime
+        if runtime is not None:
+            cfg = runtime.cfg
             values['round'] = f'min_samples={cfg.min_samples} max_wait_s={cfg.max_wait_s:g}'
             values['akd'] = f'steps={cfg.akd.steps} lr={cfg.akd.lr:g}'
             values['dwc'] = f'codec={cfg.codec} budget_bytes={cfg.budget_bytes}'
@@ -547,15 +649,20 @@ class CloudNode(Node):
             values.update(self.runtime.figures())
         if self.fatal_error:
             values['last_error'] = self.fatal_error
+        elif runtime is None and self.transition_error:
+            values['last_error'] = values['last_error'] or self.transition_error
         level, text = ((ERROR, 'model failed to load') if self.fatal_error else
-                       (WARN, 'loading') if self.runtime is None else
-                       (WARN, 'see last_error') if values['last_error'] else (OK, 'ready'))
+                       (WARN, 'loading') if state == 'configuring' else
+                       (WARN, f'{state}: no model loaded') if runtime is None else
+                       (WARN, 'see last_error') if values['last_error'] else
+                       (OK, 'ready') if state == 'active' else
+                       (OK, f'{state}: models loaded, no rounds'))
         self._diag.publish(level, text, values)
 
     def destroy_node(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=30.0)
+            t.join(timeout=30.0)  # (models still loading are not waited for: autostart's)
         close = getattr(self.runtime, 'close', None)  # backend ray: actors and Ray stop
         if close is not None:
             close()

@@ -39,6 +39,12 @@ SENSOR_QOS = qos_profile_sensor_data
 # Commands, answers and uplink samples: reliable, a bounded queue.
 RELIABLE_QOS = QoSProfile(depth=50, reliability=QoSReliabilityPolicy.RELIABLE,
                           history=QoSHistoryPolicy.KEEP_LAST)
+# Uplink samples between the ROS nodes and the link: reliable and KEEP_ALL, so a burst (a
+# spool drained after an outage) is held back by the reader instead of overwriting samples
+# it has not taken yet. Compatible with KEEP_LAST readers and writers (history is not
+# negotiated), which keep their own depth.
+UPLINK_QOS = QoSProfile(depth=50, reliability=QoSReliabilityPolicy.RELIABLE,
+                        history=QoSHistoryPolicy.KEEP_ALL)
 # The current model version and the last delta: latched, so late joiners see them.
 LATCHED_QOS = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.TRANSIENT_LOCAL,

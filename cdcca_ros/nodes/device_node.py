@@ -8,6 +8,8 @@ Topics (relative names: namespaces and remapping apply):
     out annotated_image (sensor_msgs/Image)       out adaptation_status (AdaptationStatus)
     out /diagnostics
 Services: ask (cdcca_ros/Ask), rollback (cdcca_ros/Rollback).
+Actions: ask (cdcca_ros/action/Ask): the answer streamed token by token as feedback, cancelable
+within one token (:mod:`cdcca_ros.nodes.ask_action`).
 
 The image callback only stores the latest frame. Questions on the topic are answered in a
 worker thread; the ``ask`` service answers in its own callback. What follows an answer
@@ -42,6 +44,7 @@ is counted (``questions_dropped``), as are questions it could not answer
 """
 from __future__ import annotations
 
+import gc
 import queue
 import sys
 import threading
@@ -61,11 +64,20 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
 from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
+from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
 from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
 from cdcca_ros.core.entropy_guard import EntropyGuardConfig
 from cdcca_ros.core.updates import RollbackEnvelope
-from cdcca_ros.errors import CdccaError, DeltaRejectedError
+from cdcca_ros.errors import (
+    CdccaError,
+    DeltaRejectedError,
+    GenerationCancelled,
+    ModelLoadError,
+    PromptTooLongError,
+)
+from cdcca_ros.models.base import StepCallback
 from cdcca_ros.msg import AdaptationStatus, Answer, DwcDelta, Question, RollbackOrder
+from cdcca_ros.nodes.ask_action import AskActionServer
 from cdcca_ros.nodes.common import (
     DELTA_QOS,
     ERROR,
@@ -84,7 +96,8 @@ from cdcca_ros.nodes.common import (
 )
 from cdcca_ros.nodes.delta_msgs import DeltaReassembler
 from cdcca_ros.nodes.guard_msgs import detail_json, msg_to_rollback
-from cdcca_ros.nodes.process import exit_code, fail, failed, one_line, route_logging, run_node
+from cdcca_ros.nodes.lifecycle import ManagedNode
+from cdcca_ros.nodes.process import exit_code, failed, one_line, route_logging, run_node
 from cdcca_ros.srv import Ask, Rollback
 
 SampleListener = Callable[[AnsweredSample, Header, np.ndarray], None]
@@ -129,41 +142,55 @@ def entropy_guard_config(params: dict[str, Any]) -> EntropyGuardConfig | None:
 
 
 def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
-    """Load the model and the cloud key named by the node's parameters."""
-    from cdcca_ros.core import wire
+    """Load the model and the trust store (pinned cloud key or root + key lists) named by the
+    node's parameters."""
+    from cdcca_ros.core.trust import load_trust
     from cdcca_ros.models import bundled
 
+    state_dir = params['state_dir'] or str(Path.home() / '.cdcca' / params['device_id'])
+    trust = load_trust(root_key=params['trust_root'], pinned_key=params['cloud_public_key'],
+                       key_list=params['key_list'], state_dir=state_dir,
+                       max_clock_skew_s=params['max_clock_skew_s'])
     model = bundled.load(params['model'], None if params['quantization'] == 'none'
                          else params['quantization'], params['torch_device'])
-    key = wire.load_public_key(params['cloud_public_key']) if params['cloud_public_key'] \
-        else None
-    state_dir = params['state_dir'] or str(Path.home() / '.cdcca' / params['device_id'])
-    return DeviceRuntime(model, params['device_id'], key, state_dir,
+    return DeviceRuntime(model, params['device_id'], trust, state_dir,
                          probe_question=params['probe_question'],
                          max_new_tokens=params['max_new_tokens'],
                          trace_probe=params['probe_trace'],
                          shadow_probe=params['probe_shadow'],
-                         entropy_guard=entropy_guard_config(params))
+                         entropy_guard=entropy_guard_config(params),
+                         coverage=CoverageConfig.from_params(params),
+                         anchor_tokens=anchor_tokens_of(bundled.resolve(params['model'])),
+                         max_probe_tv=(params['max_probe_tv'] if params['max_probe_tv'] < 1.0
+                                       else None),
+                         max_update_ratio=params['max_update_ratio'] or None)
 
 
-class DeviceNode(Node):
-    """Thin ROS adapter over :class:`DeviceRuntime`."""
+class DeviceNode(ManagedNode):
+    """Thin ROS adapter over :class:`DeviceRuntime`; a managed (lifecycle) node.
+
+    Lifecycle (:mod:`cdcca_ros.nodes.lifecycle`): configure checks the torch device and loads
+    the model (or takes ``runtime``, given by a test or a benchmark), activate starts
+    answering (topic, service, action), deactivate stops answering and keeps the model (model
+    updates and rollbacks still apply), cleanup unloads it, shutdown persists the adapter in
+    use and unloads. ``autostart`` (default) runs configure and activate at start.
+    """
 
     @destroy_on_error
     def __init__(self, runtime: DeviceRuntime | None = None, **kwargs: Any) -> None:
         super().__init__('device_node', **kwargs)
         self.params = declare_table(self, 'device_node', on_change=self._on_param)
         self.fatal_error: str | None = None
-        if runtime is None:
-            from cdcca_ros.models.registry import check_torch_device
-
-            check_torch_device(self.params['torch_device'])  # fails now, not in a thread
         if not self.params['cloud_public_key']:
             self.get_logger().warning(
                 'cloud_public_key is empty: every model update from the cloud will be refused '
                 '(give the cloud\'s cloud_public.pem to receive updates)')
-        self.runtime: DeviceRuntime | None = runtime
+        self._given_runtime = runtime
+        self.runtime: DeviceRuntime | None = None  # set by configure, cleared by cleanup
+        self._active = threading.Event()  # set by activate: answering
         self.listeners: list[SampleListener] = []
+        #: Called with the runtime after configure and with None after cleanup / shutdown.
+        self.runtime_listeners: list[Callable[[DeviceRuntime | None], None]] = []
         #: Called with the accepted ``uts.*`` changes of a parameter set (before it applies).
         self.param_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._latest: Image | None = None
@@ -173,16 +200,18 @@ class DeviceNode(Node):
         # Unbounded: every answer is published; answers are far slower than publishing them.
         self._answered: queue.SimpleQueue[_Answered] = queue.SimpleQueue()
         self._publish_lock = threading.Lock()  # one drainer at a time keeps answer order
-        self._reassembler = DeltaReassembler()
+        max_delta = self.params['max_delta_bytes']
+        self._reassembler = DeltaReassembler(max_delta, max_pending_bytes=2 * max_delta)
         self.counters = {'answers': 0, 'rejected_images': 0, 'questions': 0,
                          'questions_dropped': 0, 'questions_unanswered': 0,
                          'questions_lost': 0, 'questions_refused': 0,
-                         'deltas_applied': 0, 'deltas_rejected': 0, 'errors': 0,
-                         'rollback_orders': 0, 'rollbacks_applied': 0, 'rollbacks_rejected': 0,
-                         'local_rollbacks': 0}
+                         'deltas_applied': 0, 'deltas_rejected': 0, 'deltas_other_device': 0,
+                         'errors': 0, 'rollback_orders': 0, 'rollbacks_applied': 0,
+                         'rollbacks_rejected': 0, 'local_rollbacks': 0}
         self._local_seen = 0  # runtime.local_rollbacks reported so far
         self._local_lock = threading.Lock()
         self.errors = LastError()
+        self._queue_max = {'question': 0, 'delta': 0}  # longest each queue got (diagnostics)
         self._stop = threading.Event()
 
         self._answer_pub = self.create_publisher(Answer, 'answer', RELIABLE_QOS)
@@ -204,39 +233,82 @@ class DeviceNode(Node):
                             callback_group=MutuallyExclusiveCallbackGroup())
         self.create_service(Rollback, 'rollback', self._on_rollback,
                             callback_group=MutuallyExclusiveCallbackGroup())
+        # The same question as an action: the answer streamed token by token, cancelable.
+        self._ask_action = AskActionServer(self)
         self.create_timer(1.0, self._report)
 
         self._threads = [threading.Thread(target=self._question_worker, daemon=True),
                          threading.Thread(target=self._delta_worker, daemon=True)]
-        if self.runtime is None:
-            self._threads.append(threading.Thread(target=self._load, daemon=True))
-        else:
-            self._publish_version()
         for t in self._threads:
             t.start()
+        if self.params['autostart']:
+            # A model to load: in a thread, so the node serves its services meanwhile.
+            self.autostart(in_thread=runtime is None, stopping=self._stop.is_set)
 
     # ---------------------------------------------------------------- model
     @property
     def ready(self) -> bool:
         return self.runtime is not None
 
-    def _load(self) -> None:
-        try:
+    # ---------------------------------------------------------------- lifecycle
+    def _configure(self) -> None:
+        """Check the torch device and load the model (or take the one given)."""
+        runtime = self._given_runtime
+        if runtime is None:
+            from cdcca_ros.models.registry import check_torch_device
+
+            check_torch_device(self.params['torch_device'])
             t0 = time.perf_counter()
-            runtime = build_runtime(self.params)
-        except Exception as err:  # noqa: BLE001 - whatever stops the load, the node cannot work
-            fail(self, f'model {self.params["model"]!r} cannot be loaded on '
-                       f'{self.params["torch_device"]!r}: {one_line(err)}')
-            return
+            try:
+                runtime = build_runtime(self.params)
+            except Exception as err:  # noqa: BLE001 - whatever stops the load, it is refused
+                raise ModelLoadError(f'model {self.params["model"]!r} cannot be loaded on '
+                                     f'{self.params["torch_device"]!r}: {one_line(err)}'
+                                     ) from err
+            if self._stop.is_set():
+                raise ModelLoadError('stopped while loading')  # nothing to publish on
+            self.get_logger().info(f'model {self.params["model"]} ready in '
+                                   f'{time.perf_counter() - t0:.1f} s, version '
+                                   f'{version_label(runtime.device_id, runtime.version)}')
         runtime.max_new_tokens = self.params['max_new_tokens']  # set meanwhile, maybe
         self.runtime = runtime
-        self.get_logger().info(f'model {self.params["model"]} ready in '
-                               f'{time.perf_counter() - t0:.1f} s, version '
-                               f'{version_label(runtime.device_id, runtime.version)}')
+        for listener in list(self.runtime_listeners):
+            listener(runtime)
         self._publish_version()
+
+    def _activate(self) -> None:
+        self._active.set()
+
+    def _deactivate(self) -> None:
+        self._active.clear()  # an answer in progress completes
+
+    def _unload(self) -> None:
+        runtime, self.runtime = self.runtime, None
+        self._active.clear()
+        for listener in list(self.runtime_listeners):
+            listener(None)
+        if runtime is not None:
+            with runtime.lock:  # the answer in progress, if any, ends first
+                pass
+            if not runtime.flush(timeout=30.0):
+                raise CdccaError(f'the adapter in use (v{runtime.version}) could not be '
+                                 'persisted within 30 s')
+        gc.collect()
+
+    def _cleanup(self) -> None:
+        self._unload()
+
+    def _shutdown(self) -> None:
+        self._unload()  # the adapter in use is on disk before this returns
+
+    def accepting_questions(self) -> bool:
+        """Whether questions are answered now (configured and active)."""
+        return self._active.is_set() and self.runtime is not None
 
     def _publish_version(self) -> None:
         rt = self.runtime
+        if rt is None:
+            return
         self._version_pub.publish(String(data=version_label(rt.device_id, rt.version)))
 
     def _on_param(self, changes: dict[str, Any]) -> None:
@@ -257,6 +329,8 @@ class DeviceNode(Node):
         self.counters['questions'] += 1
         try:
             self._questions.put_nowait(msg)
+            self._queue_max['question'] = max(self._queue_max['question'],
+                                              self._questions.qsize())
         except queue.Full:
             self.counters['questions_dropped'] += 1
             self.get_logger().warning('question queue full: dropping questions',
@@ -271,17 +345,33 @@ class DeviceNode(Node):
                 q = self._questions.get(timeout=0.2)
             except queue.Empty:
                 continue
-            answer, error = self.answer(q.question_id, q.question, list(q.choices),
-                                        q.image if q.use_image else None)
+            try:
+                _, error = self.answer(q.question_id, q.question, list(q.choices),
+                                       q.image if q.use_image else None)
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any question
+                error = self._unexpected('question', err)
             if error:
                 self.counters['questions_unanswered'] += 1
                 self.get_logger().warning(f'question {q.question_id!r} not answered: {error}',
                                           throttle_duration_sec=5.0)
 
+    def _unexpected(self, where: str, err: BaseException) -> str:
+        """Count and log an error no check foresaw (the node keeps serving)."""
+        self.counters['errors'] += 1
+        text = self.errors.set('unexpected', f'{where} failed unexpectedly: '
+                                             f'{type(err).__name__}: {err}'[:500])
+        self.get_logger().error(text)
+        return text
+
     def answer(self, question_id: str, question: str, choices: list[str],
                image: Image | None, uplink: bool = True, *,
-               publish_later: bool = False) -> tuple[Answer | None, str]:
+               publish_later: bool = False,
+               on_step: StepCallback | None = None) -> tuple[Answer | None, str]:
         """Answer about ``image`` or the latest frame; returns the Answer (or None and why).
+
+        ``on_step`` streams the generation (the ``ask`` action, :mod:`.ask_action`); a
+        :class:`~cdcca_ros.errors.GenerationCancelled` it raises ends the answer as
+        ``(None, 'canceled ...')``.
 
         The Answer is published, the annotated image drawn and published and the sample given
         to the listeners (UTS; when ``uplink``) in answer order: before this returns, or with
@@ -289,8 +379,11 @@ class DeviceNode(Node):
         time (the task then runs after the calling callback has returned). A multi-threaded
         executor would run the task beside the caller at once, so there it is done here too.
         """
-        if self.runtime is None:
-            return None, 'model not ready'
+        runtime = self.runtime
+        if runtime is None:
+            return None, f'model not ready (device_node {self.lifecycle_state})'
+        if not self._active.is_set():
+            return None, 'device_node is inactive: activate it to answer (lifecycle)'
         if not question.strip():
             self.counters['questions_refused'] += 1
             return None, ('empty question: ask about the image, e.g. "what color is the '
@@ -312,21 +405,28 @@ class DeviceNode(Node):
             self.get_logger().error(text)
             return None, text
         try:
-            sample = self.runtime.answer(rgb, question, choices)
+            sample = runtime.answer(rgb, question, choices, on_step=on_step)
+        except GenerationCancelled as err:
+            return None, str(err)
+        except PromptTooLongError as err:
+            self.counters['questions_refused'] += 1
+            text = self.errors.set('question', f'question refused: {err}')
+            self.get_logger().error(text)
+            return None, text
         except (CdccaError, RuntimeError, ValueError) as err:
             self.counters['errors'] += 1
             text = self.errors.set('answer', f'answer failed: {err}')
             self.get_logger().error(text)
             return None, text
         self.errors.clear('image', 'answer')  # a good frame, answered: those errors are over
-        if len(self.runtime.local_rollbacks) > self._local_seen:
-            self._report_local_rollbacks()
+        if len(runtime.local_rollbacks) > self._local_seen:
+            self._report_local_rollbacks(runtime)
         msg = Answer(header=Header(frame_id=image.header.frame_id),
                      question_id=question_id or uuid.uuid4().hex[:12], question=question,
                      answer=sample.text, choice_index=sample.choice_index,
                      confidence=sample.confidence, entropy_mean=sample.entropy_mean,
                      entropy_max=sample.entropy_max,
-                     model_version=version_label(self.runtime.device_id, sample.version),
+                     model_version=version_label(runtime.device_id, sample.version),
                      latency_ms=sample.latency_ms)
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.image_stamp = image.header.stamp
@@ -367,10 +467,13 @@ class DeviceNode(Node):
                 listener(sample, done.header, done.rgb)
 
     def _on_ask(self, request: Ask.Request, response: Ask.Response) -> Ask.Response:
-        answer, error = self.answer(request.question_id, request.question,
-                                    list(request.choices),
-                                    request.image if request.use_image else None,
-                                    uplink=not request.no_uplink, publish_later=True)
+        try:
+            answer, error = self.answer(request.question_id, request.question,
+                                        list(request.choices),
+                                        request.image if request.use_image else None,
+                                        uplink=not request.no_uplink, publish_later=True)
+        except Exception as err:  # noqa: BLE001 - a service callback must never kill the node
+            answer, error = None, self._unexpected('ask', err)
         response.success = answer is not None
         response.message = error
         if answer is not None:
@@ -380,16 +483,19 @@ class DeviceNode(Node):
     # ---------------------------------------------------------------- updates
     def _on_delta(self, msg: DwcDelta) -> None:
         if msg.device_id != self.params['device_id']:
-            return  # addressed to another device sharing this graph
+            # Addressed to another device sharing this graph.
+            self.counters['deltas_other_device'] += 1
+            return
+        self._reassembler.expire()
         try:
             envelope = self._reassembler.add(msg)
         except CdccaError as err:
             self._reject(f'delta chunk rejected: {err}', msg.round)
             return
-        self._reassembler.expire()
         if envelope is not None:
             try:
                 self._deltas.put_nowait(envelope)
+                self._queue_max['delta'] = max(self._queue_max['delta'], self._deltas.qsize())
             except queue.Full:
                 self._reject('delta queue full: delta dropped', msg.round)
 
@@ -411,12 +517,13 @@ class DeviceNode(Node):
 
     def _apply_order(self, order: RollbackEnvelope) -> None:
         """Carry out a verified rollback order, or refuse it (model untouched)."""
-        if self.runtime is None:
+        rt = self.runtime
+        if rt is None:
             self._reject_order('rollback order arrived before the model was ready',
                                order.from_version, order.new_version, 'not_ready')
             return
         try:
-            version = self.runtime.apply_rollback(order)
+            version = rt.apply_rollback(order)
         except DeltaRejectedError as err:
             reason = getattr(err, 'reason', '') or 'rejected'
             self._reject_order(f'rollback order refused: {err}', order.from_version,
@@ -427,9 +534,9 @@ class DeviceNode(Node):
         self.get_logger().warning(f'rolled back v{order.from_version} -> v{version} on the '
                                   f'cloud\'s order: {order.reason}')
         self._publish_version()
-        self._status(AdaptationStatus.STATE_ROLLED_BACK, self.runtime.round,
+        self._status(AdaptationStatus.STATE_ROLLED_BACK, rt.round,
                      f'ordered by the cloud: {order.reason}',
-                     model_hash=self.runtime.base_hash,
+                     model_hash=rt.base_hash,
                      detail=detail_json({'kind': 'ordered', 'from_version': order.from_version,
                                          'from_hash': order.from_hash,
                                          'version': version, 'reason': order.reason}))
@@ -437,21 +544,22 @@ class DeviceNode(Node):
     def _reject_order(self, why: str, from_version: int, new_version: int, reason: str) -> None:
         self.counters['rollbacks_rejected'] += 1
         self.get_logger().error(self.errors.set('rollback', why))
-        self._status(AdaptationStatus.STATE_REJECTED, self.runtime.round if self.runtime else 0,
-                     why, model_hash=self.runtime.base_hash if self.runtime else '',
+        rt = self.runtime
+        self._status(AdaptationStatus.STATE_REJECTED, rt.round if rt else 0,
+                     why, model_hash=rt.base_hash if rt else '',
                      detail=detail_json({'kind': 'rollback_order', 'reason': reason,
                                          'from_version': int(from_version),
                                          'new_version': int(new_version)}))
 
-    def _report_local_rollbacks(self) -> None:
+    def _report_local_rollbacks(self, runtime: DeviceRuntime) -> None:
         """Publish the entropy guard's rollbacks not reported yet."""
         with self._local_lock:
-            events = self.runtime.local_rollbacks[self._local_seen:]
+            events = runtime.local_rollbacks[self._local_seen:]
             self._local_seen += len(events)
         for event in events:
             self.counters['local_rollbacks'] += 1
             self._publish_version()
-            self._status(AdaptationStatus.STATE_ROLLED_BACK, self.runtime.round,
+            self._status(AdaptationStatus.STATE_ROLLED_BACK, runtime.round,
                          f'local entropy guard: {event["reason"]}', model_hash=event['hash'],
                          version=event['version'],
                          detail=detail_json({'kind': 'local', **event}))
@@ -465,13 +573,21 @@ class DeviceNode(Node):
             if isinstance(envelope, RollbackEnvelope):
                 self._apply_order(envelope)
                 continue
-            if self.runtime is None:
+            waited = 0.0
+            while self.runtime is None and not self._stop.is_set() and waited < 600.0:
+                self._stop.wait(0.2)  # a delta that arrives while the model loads waits
+                waited += 0.2
+            runtime = self.runtime
+            if runtime is None:
                 self._reject('delta arrived before the model was ready', envelope.round)
                 continue
             try:
-                report = self.runtime.apply(envelope)
+                report = runtime.apply(envelope)
             except DeltaRejectedError as err:
                 self._reject(f'delta rejected: {err}', envelope.round)
+                continue
+            except Exception as err:  # noqa: BLE001 - the worker must outlive any delta
+                self._reject(self._unexpected('delta apply', err), envelope.round)
                 continue
             self.counters['deltas_applied'] += 1
             self.errors.clear('delta')
@@ -481,7 +597,7 @@ class DeviceNode(Node):
                 f'{report.apply_ms:.1f} ms (lock held {report.swap_ms:.1f} ms)')
             self._publish_version()
             self._status(AdaptationStatus.STATE_APPLIED, report.round, 'ok',
-                         model_hash=self.runtime.base_hash,
+                         model_hash=runtime.base_hash,
                          downlink_bytes=report.payload_bytes,
                          bits_per_param=report.bits_per_param, apply_ms=report.apply_ms)
 
@@ -505,44 +621,57 @@ class DeviceNode(Node):
 
     def _on_rollback(self, request: Rollback.Request,
                      response: Rollback.Response) -> Rollback.Response:
-        if self.runtime is None:
-            response.success, response.message = False, 'model not ready'
+        rt = self.runtime
+        if rt is None:
+            response.success = False
+            response.message = f'model not ready (device_node {self.lifecycle_state})'
             return response
         try:
-            version = self.runtime.rollback()
-        except DeltaRejectedError as err:
+            version = rt.rollback()
+        except CdccaError as err:
             response.success, response.message = False, str(err)
         else:
-            label = version_label(self.runtime.device_id, version)
+            label = version_label(rt.device_id, version)
             response.success, response.message = True, f'restored as {label}'
             self._publish_version()
-            self._status(AdaptationStatus.STATE_ROLLED_BACK, self.runtime.round,
-                         response.message, model_hash=self.runtime.base_hash,
+            self._status(AdaptationStatus.STATE_ROLLED_BACK, rt.round,
+                         response.message, model_hash=rt.base_hash,
                          detail=detail_json({'kind': 'service', 'version': version}))
-        response.model_version = version_label(self.runtime.device_id, self.runtime.version)
+        response.model_version = version_label(rt.device_id, rt.version)
         return response
 
     # ---------------------------------------------------------------- health
-    def _report(self) -> None:
+    def _report(self, lifecycle_state: str | None = None) -> None:
+        state = lifecycle_state or self.lifecycle_state
         values: dict[str, Any] = dict(self.counters)
         values.update(self.errors.values())
+        values.update(lifecycle_state=state, last_transition=self.last_transition)
+        values.update(self._reassembler.status())
+        for name, q in (('question', self._questions), ('delta', self._deltas)):
+            values[f'{name}_queue'], values[f'{name}_queue_max'] = q.qsize(), self._queue_max[name]
+            values[f'{name}_queue_bound'] = q.maxsize
         with self._latest_lock:
             values['have_frame'] = self._latest is not None
-        if self.runtime is None:
-            level, text = (ERROR, 'model failed to load') if self.fatal_error else (
-                WARN, 'loading model')
-            values['last_error'] = self.fatal_error or values['last_error']
+        rt = self.runtime
+        if rt is None:
+            level, text = ((ERROR, 'model failed to load') if self.fatal_error else
+                           (WARN, 'loading model') if state == 'configuring' else
+                           (WARN, f'{state}: no model loaded'))
+            values['last_error'] = (self.fatal_error or values['last_error']
+                                    or self.transition_error)
         else:
-            values.update(self.runtime.status())
-            level, text = (WARN, 'ready, see last_error') if values['last_error'] else (
-                OK, 'ready')
+            values.update(rt.status())
+            level, text = ((WARN, 'ready, see last_error') if values['last_error'] else
+                           (OK, 'ready') if state == 'active' else
+                           (OK, f'{state}: model loaded, not answering'))
         self._diag.publish(level, text, values)
 
     def destroy_node(self) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(timeout=5.0)
+            t.join(timeout=5.0)  # (a model still loading is not waited for: autostart's thread)
         self._drain_answered()  # whatever the executor had not published yet
+        self._ask_action.destroy()
         super().destroy_node()
 
 

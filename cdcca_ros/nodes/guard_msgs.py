@@ -40,7 +40,8 @@ def rollback_to_msg(order: RollbackEnvelope, stamp: Any = None) -> RollbackOrder
     msg = RollbackOrder(device_id=order.device_id, from_version=order.from_version,
                         from_hash=order.from_hash, to_hash=order.to_hash,
                         new_version=order.new_version, reason=order.reason,
-                        signature=order.signature)
+                        signature=order.signature, key_id=order.key_id,
+                        expires=order.expires)
     if stamp is not None:
         msg.header.stamp = stamp
     return msg
@@ -55,7 +56,8 @@ def msg_to_rollback(msg: RollbackOrder) -> RollbackEnvelope:
     return RollbackEnvelope(device_id=msg.device_id, from_version=int(msg.from_version),
                             from_hash=msg.from_hash, to_hash=msg.to_hash,
                             new_version=int(msg.new_version), reason=msg.reason,
-                            signature=bytes(msg.signature))
+                            signature=bytes(msg.signature), key_id=msg.key_id,
+                            expires=int(msg.expires))
 
 
 def token_request(device_id: str, request_id: str, sample_ids: Iterable[str],

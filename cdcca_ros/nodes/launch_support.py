@@ -1,91 +1,106 @@
 """What the launch files share: launch arguments from the parameter tables, nodes from sets.
 
 Imported only by ``launch/*.launch.py`` (it needs ``launch`` and ``launch_ros``, which a normal
-ROS 2 install has and the PyPI wheels do not).
+ROS 2 install has and the PyPI wheels do not). The pure part -- which arguments a set declares,
+their defaults, which given names are misspelt -- is in :mod:`cdcca_ros.nodes.sets`.
+
+What real ``ros2 launch`` needs beyond the runner:
+
+* ``Node(name=...)`` becomes a process-wide ``-r __node:=NAME`` that renames *every* node of
+  the process (device_node hosts uts_node). Nodes are renamed with a node-specific rule
+  (``-r EXECUTABLE:__node:=NAME``) instead, exactly as the runner does.
+* Launch ignores arguments nobody declared; a misspelt one (``camera.fsp:=5``) would change
+  nothing, silently. The names given on the command line are recorded before the declarations
+  run, and one that looks like ours but is not declared stops the launch with the known ones.
+* An argument's default is what the node gets without it (the YAML's value, else the table's),
+  shown once by ``--show-args``; only arguments actually given override the YAML files.
 """
 from __future__ import annotations
 
-from launch.actions import DeclareLaunchArgument, OpaqueFunction, Shutdown
+from typing import Any
+
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, Shutdown
+from launch.events.process import ProcessExited
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from cdcca_ros.nodes.sets import DEFAULT_IMAGE_TOPIC, OPTIONAL, SETS, node_launches
-from cdcca_ros.nodes.tables import TABLES
+from cdcca_ros.errors import ConfigError
+from cdcca_ros.nodes.sets import (
+    NodeLaunch,
+    launch_arguments,
+    node_launches,
+    unknown_arguments,
+)
 from launch import LaunchContext, LaunchDescription
-
-UNSET = '__unset__'
 
 
 def arguments(set_name: str) -> list[DeclareLaunchArgument]:
-    """One launch argument per node parameter (``<node>.<param>``), plus namespaces/files.
-
-    Parameter arguments default to "unset", so the YAML file in config/ keeps precedence over
-    the table defaults unless the argument is given; the description shows the table default.
-    """
-    args = [DeclareLaunchArgument('device_ns', default_value='robot1',
-                                  description='namespace of the device-side nodes'),
-            DeclareLaunchArgument('cloud_ns', default_value='cloud',
-                                  description='namespace of the cloud-side nodes')]
-    keys = {spec.key for spec in SETS[set_name]}
-    if 'camera' in keys:
-        args.append(DeclareLaunchArgument(
-            'use_camera', default_value='true',
-            description='start camera_node (false: your own driver publishes the frames)'))
-    if keys & {'device_bridge', 'cloud_bridge'}:
-        args.append(DeclareLaunchArgument(
-            'use_bridge', default_value='true',
-            description='start the cloud bridge(s) (false: no cloud link)'))
-    if 'device' in keys:
-        args.append(DeclareLaunchArgument(
-            'image_topic', default_value=DEFAULT_IMAGE_TOPIC,
-            description='the device node\'s image input (relative: in the device namespace)'))
-    seen = set()
-    for spec in SETS[set_name]:
-        args.append(DeclareLaunchArgument(
-            f'{spec.key}.params_file', default_value='',
-            description=f'YAML replacing config/{spec.table}.yaml'))
-        for param in TABLES[spec.table]:
-            name = f'{spec.key}.{param.name}'
-            if name in seen or param.name in dict(spec.fixed):
-                continue
-            seen.add(name)
-            args.append(DeclareLaunchArgument(
-                name, default_value=UNSET,
-                description=f'{param.description} (default: {param.default!r})'))
-    return args
+    """One launch argument per node parameter (``<node>.<param>``), plus the set's switches."""
+    return [DeclareLaunchArgument(arg.name, default_value=arg.default,
+                                  description=arg.description)
+            for arg in launch_arguments(set_name)]
 
 
-def _nodes(context: LaunchContext, set_name: str) -> list[Node]:
+def _on_exit(label: str):
+    """A node that exits while the set runs (one FATAL line: it can never work) stops the set,
+    as the runner does; exits during a shutdown are the shutdown itself."""
+    def handler(event: ProcessExited, context: LaunchContext) -> list[Any] | None:
+        if context.is_shutdown:
+            return None
+        reason = f'{label} exited with code {event.returncode}; stopping the others'
+        return [LogInfo(msg=reason), Shutdown(reason=reason)]
+    return handler
+
+
+def node_action(launch: NodeLaunch) -> Node:
+    """The launch_ros ``Node`` that starts ``launch`` as the runner's command line does."""
+    label = f'{launch.namespace}/{launch.name}'.lstrip('/')
+    rename = launch.rename_rule()
+    return Node(package='cdcca_ros', executable=launch.executable,
+                namespace=launch.namespace, output='screen',
+                ros_arguments=rename or None,
+                parameters=[p for p in (launch.params_file, launch.parameters) if p],
+                remappings=list(launch.remappings), on_exit=_on_exit(label))
+
+
+def _nodes(context: LaunchContext, set_name: str, given: set[str]) -> list[Node]:
+    declared = {arg.name for arg in launch_arguments(set_name)}
+    unknown = unknown_arguments(set_name, given - declared)
+    if unknown is not None:
+        raise unknown  # launch prints it as one line and exits non-zero
+    values = {name: LaunchConfiguration(name).perform(context) for name in declared}
+    try:
+        launches = node_launches_from_arguments(set_name, values, given)
+    except ConfigError as err:
+        raise ConfigError(f'{set_name}.launch.py: {err}') from err
+    return [node_action(launch) for launch in launches]
+
+
+def node_launches_from_arguments(set_name: str, values: dict[str, str],
+                                 given: set[str]) -> list[NodeLaunch]:
+    """The node launches for launch-argument ``values``; only the ``given`` parameter arguments
+    override (the others keep the YAML's values)."""
+    switches = {}
     overrides, files = {}, {}
-    for spec in SETS[set_name]:
-        path = LaunchConfiguration(f'{spec.key}.params_file').perform(context)
-        if path:
-            files[spec.key] = path
-        for param in TABLES[spec.table]:
-            if param.name in dict(spec.fixed):
-                continue
-            value = LaunchConfiguration(f'{spec.key}.{param.name}').perform(context)
-            if value != UNSET:
-                overrides[f'{spec.key}.{param.name}'] = value
-    keys = {spec.key for spec in SETS[set_name]}
-    switches = {switch: LaunchConfiguration(switch).perform(context)
-                for key, switch in OPTIONAL.items() if key in keys}
-    if 'device' in keys:
-        switches['image_topic'] = LaunchConfiguration('image_topic').perform(context)
-    launches = node_launches(set_name, overrides,
-                             device_ns=LaunchConfiguration('device_ns').perform(context),
-                             cloud_ns=LaunchConfiguration('cloud_ns').perform(context),
-                             params_files=files, **switches)
-    # A node that exits (one FATAL line: it can never work) stops the set, as the runner does.
-    return [Node(package='cdcca_ros', executable=launch.executable, name=launch.name,
-                 namespace=launch.namespace, output='screen',
-                 parameters=[p for p in (launch.params_file, launch.parameters) if p],
-                 remappings=list(launch.remappings),
-                 on_exit=Shutdown(reason=f'{launch.name} exited'))
-            for launch in launches]
+    for name, value in values.items():
+        key, dot, param = name.partition('.')
+        if not dot:
+            switches[name] = value
+        elif param == 'params_file':
+            if value:
+                files[key] = value
+        elif name in given:
+            overrides[name] = value
+    return node_launches(set_name, overrides, params_files=files, **switches)
 
 
 def description(set_name: str) -> LaunchDescription:
     """The launch description of a node set."""
-    return LaunchDescription([*arguments(set_name),
-                              OpaqueFunction(function=_nodes, args=[set_name])])
+    given: set[str] = set()
+
+    def record_given(context: LaunchContext) -> None:
+        # Runs before the declarations set their defaults: what is there now was given.
+        given.update(context.launch_configurations)
+
+    return LaunchDescription([OpaqueFunction(function=record_given), *arguments(set_name),
+                              OpaqueFunction(function=_nodes, args=[set_name, given])])

@@ -14,7 +14,8 @@ and ``image_topic`` (the topic the device node reads, and the synthetic camera p
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ OPTIONAL: dict[str, str] = {'camera': 'use_camera', 'device_bridge': 'use_bridge
 DEFAULT_IMAGE_TOPIC = 'image'
 """The device node's image input (relative: in the device namespace)."""
 
+LIFECYCLE_KEYS = frozenset({'device', 'cloud'})
+"""Node keys of the managed (lifecycle) nodes: the ``autostart`` switch applies to them."""
+
 
 @dataclass(frozen=True)
 class NodeLaunch:
@@ -86,12 +90,19 @@ class NodeLaunch:
     parameters: dict[str, Any] = field(default_factory=dict)
     remappings: tuple[tuple[str, str], ...] = ()
 
+    def rename_rule(self) -> list[str]:
+        """The ``-r`` rule that gives the node its name, or [] when its own name is kept.
+
+        Node-specific (``EXECUTABLE:__node:=NAME``): a plain ``__node:=NAME`` (what launch_ros
+        makes of ``Node(name=...)``) would rename every node of the process (uts_node too).
+        """
+        if self.name == self.executable:
+            return []
+        return ['-r', f'{self.executable}:__node:={self.name}']
+
     def ros_args(self) -> list[str]:
         """``--ros-args`` command-line arguments equivalent to this launch."""
-        args = ['--ros-args']
-        if self.name != self.executable:
-            # Node-specific: other nodes in the process (uts_node) keep their names.
-            args += ['-r', f'{self.executable}:__node:={self.name}']
+        args = ['--ros-args', *self.rename_rule()]
         if self.namespace:
             args += ['-r', f'__ns:=/{self.namespace.strip("/")}']
         if self.params_file:
@@ -155,12 +166,130 @@ def _switch(value: Any, name: str) -> bool:
     return lowered == 'true'
 
 
+@dataclass(frozen=True)
+class LaunchArgument:
+    """One argument of a node set (a launch argument, or a runner ``NAME:=VALUE``).
+
+    Attributes:
+        name: ``<key>.<param>``, ``<key>.params_file`` or a set-level switch.
+        default: what the nodes get without it, as launch text (``true``, ``10.0``, ...).
+        description: one line for ``--show-args``.
+    """
+
+    name: str
+    default: str
+    description: str
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    return str(value)
+
+
+def _yaml_values(table: str) -> dict[str, Any]:
+    """The values ``config/<table>.yaml`` sets (empty when it is missing or unreadable)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((config_dir() / f'{table}.yaml').read_text()) or {}
+    except (OSError, ConfigError, yaml.YAMLError):
+        return {}
+    params = data.get('/**', {}).get('ros__parameters', {}) if isinstance(data, dict) else {}
+    return params if isinstance(params, dict) else {}
+
+
+SWITCH_ARGUMENTS: dict[str, tuple[str, str]] = {
+    'device_ns': ('robot1', 'namespace of the device-side nodes'),
+    'cloud_ns': ('cloud', 'namespace of the cloud-side nodes'),
+    'use_camera': ('true', 'start camera_node (false: your own driver publishes the frames)'),
+    'use_bridge': ('true', 'start the cloud bridge(s) (false: no cloud link)'),
+    'image_topic': (DEFAULT_IMAGE_TOPIC, 'the device node\'s image input (relative: in the '
+                                         'device namespace)'),
+    'autostart': ('true', 'configure and activate the lifecycle nodes (device_node, cloud_node) '
+                          'at start (false: they wait for lifecycle_msgs transitions)'),
+}
+"""Set-level arguments: default and description."""
+
+
+def set_switches(set_name: str) -> list[str]:
+    """The set-level arguments of ``set_name`` (namespaces and the switches that apply)."""
+    keys = {spec.key for spec in SETS[set_name]}
+    names = ['device_ns', 'cloud_ns']
+    if 'camera' in keys:
+        names.append('use_camera')
+    if keys & {'device_bridge', 'cloud_bridge'}:
+        names.append('use_bridge')
+    if 'device' in keys:
+        names.append('image_topic')
+    if keys & LIFECYCLE_KEYS:
+        names.append('autostart')
+    return names
+
+
+def launch_arguments(set_name: str) -> list[LaunchArgument]:
+    """Every argument of a set: its switches, then per node ``<key>.params_file`` and one per
+    parameter (``<key>.<param>``), with the value the node gets without it as the default (the
+    YAML's, else the table's) -- the one default ``--show-args`` prints."""
+    if set_name not in SETS:
+        raise ConfigError(f'unknown node set {set_name!r}; known: {", ".join(SETS)}')
+    args = [LaunchArgument(name, *SWITCH_ARGUMENTS[name]) for name in set_switches(set_name)]
+    for spec in SETS[set_name]:
+        yaml_values = _yaml_values(spec.table)
+        args.append(LaunchArgument(f'{spec.key}.params_file', '',
+                                   f'YAML replacing config/{spec.table}.yaml'))
+        fixed = dict(spec.fixed)
+        for param in TABLES[spec.table]:
+            if param.name in fixed:
+                continue
+            default = yaml_values.get(param.name, param.default)
+            text = param.description
+            text += f' (one of: {", ".join(param.choices)})' if param.choices else ''
+            text += f' {param.range_text}' if param.range_text else ''
+            if default != param.default:
+                text += f'; config/{spec.table}.yaml sets it (table: {_text(param.default)})'
+            args.append(LaunchArgument(f'{spec.key}.{param.name}', _text(default), text))
+    return args
+
+
+def unknown_arguments(set_name: str, names: Iterable[str]) -> ConfigError | None:
+    """The error for given argument names a set does not declare, or None.
+
+    Only names that look meant for this package count: ``<key>.<anything>`` with a node key of
+    any set, or a close spelling of a known argument. A launch file that includes ours passes
+    its own arguments through the same launch configurations, and those are not ours to refuse.
+    """
+    known = [arg.name for arg in launch_arguments(set_name)]
+    all_keys = {spec.key for specs in SETS.values() for spec in specs}
+    set_keys = [spec.key for spec in SETS[set_name]]
+    parts, lists = [], {}
+    for name in sorted(set(names) - set(known)):
+        key, dot, _ = name.partition('.')
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if not (dot and key in all_keys) and not close:
+            continue
+        parts.append(f'{name!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
+        if dot and key in set_keys:
+            lists[key] = [k for k in known if k.startswith(f'{key}.')]
+        elif dot and key in all_keys:
+            lists['nodes'] = [f'{k}.*' for k in set_keys]
+        else:
+            lists['switches'] = set_switches(set_name)
+    if not parts:
+        return None
+    plural = 's' if len(parts) > 1 else ''
+    listed = '; '.join(f'known {what}: {", ".join(items)}' for what, items in lists.items())
+    return ConfigError(f'unknown argument{plural} {", ".join(parts)} for the {set_name} set; '
+                       f'{listed} (--show-args describes them all)')
+
+
 def node_launches(set_name: str, overrides: Mapping[str, Any] | None = None, *,
                   device_ns: str = 'robot1', cloud_ns: str = 'cloud',
                   params_files: Mapping[str, str] | None = None,
                   use_config_files: bool = True, use_camera: bool | str = True,
                   use_bridge: bool | str = True,
-                  image_topic: str = DEFAULT_IMAGE_TOPIC) -> list[NodeLaunch]:
+                  image_topic: str = DEFAULT_IMAGE_TOPIC,
+                  autostart: bool | str = True) -> list[NodeLaunch]:
     """The nodes of ``set_name`` with their parameters.
 
     Args:
@@ -175,6 +304,8 @@ def node_launches(set_name: str, overrides: Mapping[str, Any] | None = None, *,
         use_bridge: start the cloud bridge(s) (false: no link).
         image_topic: the device node's image input (remapped from ``image``), where the
             camera node publishes when it runs; relative names are in the device namespace.
+        autostart: false: the lifecycle nodes start unconfigured and wait for transitions
+            (their ``autostart`` parameter; a ``<node>.autostart`` override wins).
 
     Raises:
         ConfigError: unknown set, node key or parameter, a bad value, or an override for a
@@ -183,7 +314,8 @@ def node_launches(set_name: str, overrides: Mapping[str, Any] | None = None, *,
     if set_name not in SETS:
         raise ConfigError(f'unknown node set {set_name!r}; known: {", ".join(SETS)}')
     switches = {'use_camera': _switch(use_camera, 'use_camera'),
-                'use_bridge': _switch(use_bridge, 'use_bridge')}
+                'use_bridge': _switch(use_bridge, 'use_bridge'),
+                'autostart': _switch(autostart, 'autostart')}
     image_topic = image_topic.strip()
     if not image_topic:
         raise ConfigError('image_topic is empty')
@@ -211,6 +343,8 @@ def node_launches(set_name: str, overrides: Mapping[str, Any] | None = None, *,
     launches = []
     for spec in specs:
         params = dict(per_node[spec.key])
+        if spec.key in LIFECYCLE_KEYS and not switches['autostart']:
+            params.setdefault('autostart', False)
         for name, value in spec.fixed:
             if name in params and params[name] != value:
                 raise ConfigError(f'{spec.key}.{name} is fixed to {value!r} in set {set_name!r}')

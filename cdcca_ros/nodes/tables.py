@@ -112,11 +112,27 @@ DEVICE = (
           low=1.0, high=3.6e6, runtime=True),
     Param('annotate', True, 'publish the annotated image (answer drawn on the frame)',
           runtime=True),
+    Param('autostart', True, 'configure and activate this lifecycle node at start (false: '
+          'wait for lifecycle_msgs transitions, e.g. from a lifecycle manager)'),
     Param('executor', 'events', 'executor of the node process (events: shortest service '
           'latency, one thread)', choices=('events', 'multi_threaded', 'single_threaded')),
     Param('state_dir', '', 'where the current adapter is persisted; empty: ~/.cdcca/<device_id>'),
-    Param('cloud_public_key', '', 'Ed25519 public key (PEM) that signs deltas; empty: refuse '
-          'all (warned at start)'),
+    Param('cloud_public_key', '', 'Ed25519 public key (PEM) that signs deltas, pinned (no key '
+          'rotation); empty: trust_root, or refuse all (warned at start)'),
+    Param('trust_root', '', 'Ed25519 root public key (PEM): deltas must be signed by a key of a '
+          'key list this root signed (rotation and revocation without re-flashing)'),
+    Param('key_list', '', 'initial root-signed key list (JSON) installed with trust_root; newer '
+          'ones arrive with the deltas and are kept in state_dir'),
+    Param('max_clock_skew_s', 300.0, 'tolerance of the delta and key-list expiry checks for a '
+          'device clock behind the cloud\'s', low=0.0, high=86400.0),
+    Param('max_delta_bytes', 16 * 1024 * 1024, 'largest delta payload accepted; incomplete '
+          'chunked deltas are held in at most twice this', low=1024),
+    Param('max_update_ratio', 0.35, 'refuse a delta whose L2 norm exceeds this fraction of the '
+          'adapter\'s (bundled cloud rounds: 0.09-0.16; random deltas that break answers: '
+          '0.5 and up); 0: no bound', low=0.0),
+    Param('max_probe_tv', 1.0, 'refuse a delta that moves the probe\'s first answer-step '
+          'distribution by more than this total variation (bundled cloud rounds move it by up '
+          'to 0.95); 1: no bound', low=0.01, high=1.0),
     Param('probe_question', 'is there a red square?',
           'question answered on a candidate adapter before it is committed (about a blank '
           'grey image: the bundled model answers it "no")'),
@@ -157,6 +173,11 @@ DEVICE = (
           'exceeds the predecessor\'s this many times ...', low=1.0, high=1000.0),
     Param('guard.entropy_min_rise', 1.0, '... and by at least this many nats', low=0.0,
           high=100.0),
+    Param('guard.coverage', True, 'answer with the adapter only on frames like those the '
+          'update was trained on (uplinked scenes, the anchor set), with the shipped model '
+          'elsewhere'),
+    Param('guard.coverage_margin', 1.5, 'coverage radius: the features\' 99th-percentile '
+          'nearest-neighbour distance times this', low=0.1, high=100.0),
     Param('guard.local_rollback', True, 'roll an update back on the device\'s own when its '
           'answers turn unsure (guard.entropy_*); false: only the cloud\'s orders'),
 )
@@ -171,7 +192,13 @@ CLOUD = (
     Param('state_dir', '', 'per-device checkpoints; empty: ~/.cdcca/cloud'),
     Param('signing_key', '', 'Ed25519 private key (PEM) to sign deltas; empty: generate one '
           'in state_dir'),
-    Param('round.min_samples', 32, 'start a round when this many samples arrived', low=1,
+    Param('autostart', True, 'configure and activate this lifecycle node at start (false: '
+          'wait for lifecycle_msgs transitions, e.g. from a lifecycle manager)'),
+    Param('key_list', '', 'root-signed key list (JSON) naming signing_key, attached to every '
+          'delta so devices that trust the root learn rotations; empty: none (pinned keys)'),
+    Param('delta_ttl_s', 7 * 24 * 3600, 'a delta expires this long after it is signed '
+          '(devices refuse it later: a held-back delta cannot be replayed)', low=60),
+    Param('round.min_samples', 64, 'start a round when this many samples arrived', low=1,
           runtime=True),
     Param('round.max_wait_s', 120.0, '... or when this long passed since the first sample',
           low=0.1, runtime=True),
@@ -230,6 +257,8 @@ CLOUD = (
     Param('guard.pull_below', 0.98, 'ask the device for the rest of a sample\'s tokens when '
           'the teacher\'s label from the kept ones is less confident than this (0: never)',
           low=0.0, high=0.999),
+    Param('guard.pull_fraction', 0.25, 'largest share of a round\'s partial samples whose '
+          'remaining tokens are pulled (the least confident first)', low=0.0, high=1.0),
     Param('guard.audit', True, 'watch audit samples and order signed rollbacks of versions '
           'that answer worse than their predecessor'),
     Param('guard.audit_alpha', 0.01, 'audit: significance of "worse"', low=1e-6, high=0.5),

@@ -29,6 +29,7 @@ import queue
 import secrets
 import sys
 import threading
+import uuid
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ from cdcca_ros.nodes.common import (
     OK,
     RELIABLE_QOS,
     SENSOR_QOS,
+    UPLINK_QOS,
     WARN,
     Diagnostics,
     LastError,
@@ -131,7 +133,11 @@ class UtsNode(Node):
         self._pipeline: UtsPipeline | None = None
         self._pipeline_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=16)
-        self._pub = self.create_publisher(UtsTokens, 'uts_tokens', RELIABLE_QOS)
+        self._queue_max = 0  # longest the hand-off queue got (diagnostics)
+        # Sample ids must not repeat across restarts of this process: the cloud remembers the
+        # ids it took and drops a repeat as a re-delivery.
+        self._boot = uuid.uuid4().hex[:8]
+        self._pub = self.create_publisher(UtsTokens, 'uts_tokens', UPLINK_QOS)
         self._heatmap_pub = self.create_publisher(Image, 'uts_heatmap', SENSOR_QOS)
         self._diag = Diagnostics(self, hardware_id=device.params['device_id'])
         self.counters = {'offered': 0, 'selected': 0, 'uplink_bytes': 0, 'tokens_kept': 0,
@@ -148,6 +154,7 @@ class UtsNode(Node):
         self._stop = threading.Event()
         device.listeners.append(self._offer)
         device.param_listeners.append(self._on_param)
+        device.runtime_listeners.append(self._on_runtime)
         self._thread = threading.Thread(target=self._worker, daemon=True)
         self._thread.start()
         self.create_timer(1.0, self._report)
@@ -157,6 +164,7 @@ class UtsNode(Node):
             self._queue.put_nowait((sample, header, rgb))
         except queue.Full:
             self.counters['dropped'] += 1
+        self._queue_max = max(self._queue_max, self._queue.qsize())
 
     def _worker(self) -> None:
         while not self._stop.is_set():
@@ -181,6 +189,11 @@ class UtsNode(Node):
             self.cfg = cfg
             self._pipeline = None  # rebuilt with cfg for the next sample
 
+    def _on_runtime(self, runtime: Any) -> None:
+        """The device model was (re)loaded or unloaded (lifecycle): a new pipeline on it."""
+        with self._pipeline_lock:
+            self._pipeline = None  # releases the old model's features function
+
     def _pipeline_for(self, runtime: Any) -> UtsPipeline:
         with self._pipeline_lock:
             if self._pipeline is None:
@@ -193,6 +206,9 @@ class UtsNode(Node):
                 ) -> UtsTokens | None:
         """Run both stages on one sample; publish and return the uplink message if selected."""
         runtime = self.device.runtime
+        if runtime is None:
+            self.counters['dropped'] += 1  # the model was unloaded meanwhile (cleanup)
+            return None
         pipeline = self._pipeline_for(runtime)
         self.counters['offered'] += 1
         result = pipeline.process(sample.step_probs, sample.tokens)
@@ -208,6 +224,7 @@ class UtsNode(Node):
             with self._ring_lock:
                 self._ring.put(sample_id, sample.tokens, result.kept_indices)
         self._pub.publish(msg)
+        runtime.note_uplinked(sample.tokens)  # the next update covers scenes like it
         self.counters['uplink_bytes'] += result.uplink_bytes
         self.counters['tokens_kept'] += len(msg.kept_indices)
         self.counters['tokens_total'] += msg.num_tokens
@@ -265,6 +282,8 @@ class UtsNode(Node):
                                  f'beta={cfg.beta:g} masks={cfg.mc_masks} '
                                  f'p={cfg.dropout_p:g}',
                        'pack_dtype': cfg.pack_dtype})
+        values['queue'], values['queue_max'] = self._queue.qsize(), self._queue_max
+        values['queue_bound'] = self._queue.maxsize
         if self.counters['tokens_total']:
             kept = self.counters['tokens_kept'] / self.counters['tokens_total']
             values['kept_fraction'] = f'{kept:.3f}'

@@ -92,7 +92,12 @@ and the projection, and this adapter, +25.4; training the (tied) word embeddings
 words the source-only student never answered with."""
 
 ANCHOR_SAMPLES = 1024
-"""Source-domain samples of the student's own training range shipped as its anchor set."""
+"""Source-domain samples shipped with the student as its anchor set."""
+
+ANCHOR_START = 3_000_000
+"""First sample index of the anchor set: the student's own (source) distribution, but not its
+training samples (which it may have memorised: a change that hurts the source can leave
+them right), nor the validation, test or benchmark ranges."""
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -914,19 +919,19 @@ def write_bundled_anchor(student: MLLM, student_dir: Path, seed: int = 0,
                          image_size: int = 48, n: int = ANCHOR_SAMPLES) -> Path:
     """Write the student's anchor set (:mod:`cdcca_ros.core.rounds.anchor`) beside it.
 
-    Source-domain scenes from the start of the student's own training range with one
+    Source-domain scenes the student was not trained on (:data:`ANCHOR_START`) with one
     question each (types cycling) and its ground-truth answer, as a model vendor's labelled
     calibration set would come: the gate then checks real source accuracy, and training
     distils the base student's own answer distributions on them.
     """
     from cdcca_ros.core.rounds.anchor import ANCHOR_FILE, write_anchor_from_images
 
-    samples = World(seed).samples(SOURCE, n, image_size, start=TRAIN_START)
+    samples = World(seed).samples(SOURCE, n, image_size, start=ANCHOR_START)
     path = Path(student_dir) / ANCHOR_FILE
     write_anchor_from_images(path, student, [x.image for x in samples],
                              [x.question for x in samples], [x.answer for x in samples],
-                             description=f'World({seed}) source samples {TRAIN_START}..'
-                                         f'{TRAIN_START + n - 1}, {image_size}px')
+                             description=f'World({seed}) source samples {ANCHOR_START}..'
+                                         f'{ANCHOR_START + n - 1}, {image_size}px')
     return path
 
 

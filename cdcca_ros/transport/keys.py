@@ -26,7 +26,6 @@ DEFAULT_PREFIX = 'cdcca'
 # Zenoh reserves '/', '*', '$', '#', '?' in key expressions; '@' starts the admin space. A
 # device id must also be a valid certificate common name and a file name, hence the
 # conservative alphabet.
-_DEVICE_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$')
 _PREFIX_CHUNK = re.compile(r'^[A-Za-z0-9_.-]+$')
 
 
@@ -37,13 +36,14 @@ def validate_device_id(device_id: str) -> str:
         ConfigError: if it is empty, too long, or holds a character outside ``[A-Za-z0-9_.-]``
             (in particular ``/``, ``*``, ``$``, ``#``, ``?``, ``@`` or whitespace).
     """
-    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
-        raise ConfigError(
-            f'device id {device_id!r} is invalid: use 1-63 characters from [A-Za-z0-9_.-], '
-            'starting with a letter or digit')
-    if device_id in ('.', '..'):
-        raise ConfigError(f'device id {device_id!r} is invalid')
-    return device_id
+    from cdcca_ros.core.wire import check_device_id
+    from cdcca_ros.errors import WireError
+
+    try:
+        return check_device_id(device_id)
+    except WireError as err:
+        raise ConfigError(f'device id {device_id!r} is invalid: use 1-63 characters from '
+                          '[A-Za-z0-9_.-], starting with a letter or digit') from err
 
 
 def validate_prefix(prefix: str) -> str:

@@ -263,7 +263,8 @@ class _Sender:
                 'go_backs': self.go_backs, 'ack_timeouts': self.timeouts,
                 'inflight': len(self._inflight), 'spooled_messages': s.messages,
                 'spooled_bytes': s.bytes, 'dropped': s.dropped,
-                'dropped_bytes': s.dropped_bytes, 'peer_reachable': self.matched}
+                'dropped_bytes': s.dropped_bytes, 'dropped_disk_full': s.dropped_disk_full,
+                'peer_reachable': self.matched}
 
 
 class _Receiver:
@@ -305,12 +306,16 @@ class _LinkBase:
     """Session management, the engine thread and the delivery thread shared by both ends."""
 
     def __init__(self, config: LinkConfig, inbox_path: Path,
-                 deliver: Callable[[LinkMessage], None], recorder: Recorder | None) -> None:
+                 deliver: Callable[[LinkMessage], None], recorder: Recorder | None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.config = config
         config.session.to_dict()  # fail now, not in the thread: missing files, wrong cert CN
         #: This end's logger (``cdcca_ros.transport.link.<name>``), so a node can route it.
         self.log = logger_for(config.session.name)
         self._deliver_cb = deliver
+        # Delivery waits while this says the application cannot take messages yet (no
+        # subscriber on the ROS side: a message published then would be lost).
+        self._ready = ready
         self._recorder = recorder
         self._inbox = Inbox(inbox_path, durable=config.durable)
         self._receiver = _Receiver(self._inbox, config)
@@ -572,6 +577,8 @@ class _LinkBase:
 
     def _deliver_pending(self) -> None:
         while not self._stop.is_set():
+            if self._ready is not None and not self._ready():
+                return  # stored messages wait (the loop comes back every 0.5 s)
             rows = self._inbox.undelivered(64)
             if not rows:
                 return
@@ -643,14 +650,15 @@ class DeviceLink(_LinkBase):
 
     def __init__(self, device_id: str, config: LinkConfig, spool_dir: str | Path,
                  on_downlink: Callable[[LinkMessage], None],
-                 on_version: Callable[[bytes], None] | None = None) -> None:
+                 on_version: Callable[[bytes], None] | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.device_id = validate_device_id(device_id)
         if config.session.name != device_id:
             raise ConfigError(f'config.session.name={config.session.name!r} must be the '
                               f'device id {device_id!r} (its certificate)')
         self.keys = LinkKeys.for_device(device_id, config.prefix)
         spool_dir = Path(spool_dir)
-        super().__init__(config, spool_dir / 'downlink_inbox.sqlite', on_downlink, None)
+        super().__init__(config, spool_dir / 'downlink_inbox.sqlite', on_downlink, None, ready)
         self._spool = Spool(spool_dir / 'uplink.sqlite', config.spool_max_bytes,
                             config.spool_max_messages, durable=config.durable)
         self._on_version = on_version
@@ -803,16 +811,19 @@ class CloudLink(_LinkBase):
         devices: Devices served (the router's access control must list them too).
         recorder: Optional sink (e.g. :class:`~.recording.McapRecorder`) that gets every
             stored uplink message before ``on_uplink``.
+        ready: Stored uplink waits while this returns False (e.g. no subscriber yet).
     """
 
     def __init__(self, config: LinkConfig, store_dir: str | Path,
                  on_uplink: Callable[[LinkMessage], None], devices: Sequence[str],
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 ready: Callable[[], bool] | None = None) -> None:
         self.store_dir = Path(store_dir)
         devices = [validate_device_id(d) for d in devices]
         if len(set(devices)) != len(devices):
             raise ConfigError(f'devices {devices} holds duplicates')
-        super().__init__(config, self.store_dir / 'uplink_inbox.sqlite', on_uplink, recorder)
+        super().__init__(config, self.store_dir / 'uplink_inbox.sqlite', on_uplink, recorder,
+                         ready)
         self._versions = LatestStore(self.store_dir / 'versions.sqlite', config.durable)
         self._devices: dict[str, _DeviceState] = {}
         self._devices_lock = threading.Lock()

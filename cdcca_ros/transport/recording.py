@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 import threading
 import time
@@ -126,13 +125,28 @@ class McapRecorder:
         self.close()
 
 
-def _zstd_error() -> type[Exception]:
-    """zstandard's error type (a corrupted compressed chunk), or a placeholder."""
-    try:
-        from zstandard import ZstdError
-    except ImportError:  # pragma: no cover - mcap installs zstandard
-        return ValueError
-    return ZstdError
+#: Largest chunk a recording may decompress to (the recorder writes 1 MiB chunks).
+MAX_CHUNK_BYTES = 64 << 20
+
+
+def _check_chunks(f: Any) -> None:
+    """Refuse a chunk that claims to decompress to more than :data:`MAX_CHUNK_BYTES` before any
+    decompression allocates that much (a corrupt or hostile size field)."""
+    from mcap.records import Chunk
+    from mcap.stream_reader import StreamReader
+
+    for record in StreamReader(f, skip_magic=False, emit_chunks=True).records:
+        if not isinstance(record, Chunk):
+            continue
+        size = record.uncompressed_size
+        if record.compression == 'lz4' and record.data:
+            import lz4.frame
+
+            size = max(size, lz4.frame.get_frame_info(record.data).get('content_size', 0))
+        if size > MAX_CHUNK_BYTES:
+            raise WireError(f'a chunk claims {size} bytes uncompressed, over the '
+                            f'{MAX_CHUNK_BYTES}-byte limit')
+    f.seek(0)
 
 
 def read_recording(path: str | Path, topics: Iterable[str] | None = None
@@ -140,46 +154,57 @@ def read_recording(path: str | Path, topics: Iterable[str] | None = None
     """Yield the messages of an MCAP file in log-time order.
 
     Raises:
-        WireError: the file is not a readable MCAP (truncated, corrupt).
+        WireError: the file is not a readable MCAP (missing, truncated, corrupt).
     """
-    from mcap.exceptions import McapError
     from mcap.reader import make_reader
 
     try:
         with open(path, 'rb') as f:
+            _check_chunks(f)
             reader = make_reader(f, validate_crcs=True)
             for schema, channel, message in reader.iter_messages(
                     topics=list(topics) if topics is not None else None):
                 yield RecordedMessage(channel.topic, schema.name if schema else '',
                                       bytes(message.data), message.log_time,
                                       message.publish_time, message.sequence)
-    except (McapError, EOFError, ValueError, struct.error, _zstd_error()) as err:
-        raise WireError(f'recording {path} cannot be read: {type(err).__name__}: {err}') \
-            from err
+    except WireError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the mcap reader on damaged bytes raises
+        # McapError, EOFError, struct.error, OSError (a seek before the start), KeyError (a
+        # dangling channel id), OverflowError, RuntimeError (lz4), ZstdError...
+        raise WireError(f'recording {path} cannot be read: {type(err).__name__}: '
+                        f'{err}'[:400]) from err
 
 
 def decode_recording(path: str | Path, topics: Iterable[str] | None = None
                      ) -> Iterator[tuple[RecordedMessage, Any]]:
     """Like :func:`read_recording`, with each message also decoded from its ros2msg schema
     (``None`` for schemaless topics)."""
-    from mcap.exceptions import McapError
     from mcap.reader import make_reader
     from mcap_ros2.decoder import DecoderFactory
 
     factory = DecoderFactory()
     try:
         with open(path, 'rb') as f:
+            _check_chunks(f)
             reader = make_reader(f, validate_crcs=True)
             for schema, channel, message in reader.iter_messages(
                     topics=list(topics) if topics is not None else None):
-                decoder = factory.decoder_for(channel.message_encoding, schema)
-                value = decoder(message.data) if decoder is not None else None
+                try:
+                    decoder = factory.decoder_for(channel.message_encoding, schema)
+                    value = decoder(message.data) if decoder is not None else None
+                except Exception as err:  # noqa: BLE001 - any parser error of untrusted text
+                    raise WireError(f'recording {path}: message on {channel.topic!r} does not '
+                                    f'decode with its schema: {type(err).__name__}: '
+                                    f'{err}'[:400]) from err
                 yield (RecordedMessage(channel.topic, schema.name if schema else '',
                                        bytes(message.data), message.log_time,
                                        message.publish_time, message.sequence), value)
-    except (McapError, EOFError, ValueError, struct.error, _zstd_error()) as err:
-        raise WireError(f'recording {path} cannot be decoded: {type(err).__name__}: {err}') \
-            from err
+    except WireError:
+        raise
+    except Exception as err:  # noqa: BLE001 - as in read_recording
+        raise WireError(f'recording {path} cannot be decoded: {type(err).__name__}: '
+                        f'{err}'[:400]) from err
 
 
 def _pace(items: Iterable[tuple[RecordedMessage, Any]], rate: float,

@@ -14,9 +14,11 @@ an fsync per write.
 """
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -45,7 +47,36 @@ class InboxEntry(NamedTuple):
     received_ns: int
 
 
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn what a damaged store raises while being read into a SpoolError."""
+    try:
+        yield
+    except (sqlite3.Error, TypeError, ValueError, IndexError, OverflowError) as err:
+        raise SpoolError(f'cannot read {what} from {path}: {type(err).__name__}: {err}; '
+                         'the file is damaged (move it away to start empty)') from err
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'expected an integer column, got {type(value).__name__}')
+    return value
+
+
+def _blob(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f'expected a blob column, got {type(value).__name__}')
+    return value
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f'expected a text column, got {type(value).__name__}')
+    return value
+
+
 def _connect(path: Path, durable: bool) -> sqlite3.Connection:
+    conn = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: explicit BEGIN/COMMIT; the object's lock serializes threads.
@@ -53,15 +84,25 @@ def _connect(path: Path, durable: bool) -> sqlite3.Connection:
                                timeout=10.0)
         conn.execute('PRAGMA page_size=65536')  # fewer overflow pages per large payload
         conn.execute('PRAGMA journal_mode=WAL')
+        # Checkpoint every 4 MiB of log (1000 pages would be 64 MiB beside the bound) and
+        # give the space back beyond 16 MiB.
+        conn.execute('PRAGMA wal_autocheckpoint=64')
+        conn.execute(f'PRAGMA journal_size_limit={16 << 20}')
         conn.execute(f'PRAGMA synchronous={"FULL" if durable else "NORMAL"}')
-    except (sqlite3.Error, OSError) as err:
-        raise SpoolError(f'cannot open store {path}: {err}') from err
+    except (sqlite3.Error, OSError, ValueError) as err:
+        # ValueError: on some damaged files the message SQLite gives does not decode (a
+        # UnicodeDecodeError instead of a sqlite3 error).
+        if conn is not None:
+            conn.close()
+        raise SpoolError(f'cannot open store {path}: {err!r}'[:500]) from err
     return conn
 
 
 @dataclass(frozen=True)
 class SpoolStats:
-    """Counters of a :class:`Spool` (``dropped*`` persist across restarts)."""
+    """Counters of a :class:`Spool` (``dropped*`` persist across restarts;
+    ``dropped_disk_full`` counts the messages dropped because the disk was full, within
+    ``dropped``)."""
 
     messages: int
     bytes: int
@@ -69,6 +110,14 @@ class SpoolStats:
     dropped_bytes: int
     first_seq: int | None
     last_seq: int
+    dropped_disk_full: int = 0
+
+
+def _disk_full(err: sqlite3.Error) -> bool:
+    """Whether a write failed for lack of room: SQLITE_FULL, or an I/O error writing (what a
+    file-size limit gives)."""
+    code = getattr(err, 'sqlite_errorcode', 0) & 0xFF
+    return code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)
 
 
 class Spool:
@@ -102,22 +151,31 @@ class Spool:
                 # the sender's spool was recreated and restarts its expectations.
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)",
                                    (time.time_ns() // 1000,))
-                for key in ('dropped', 'dropped_bytes', 'last_seq'):
+                for key in ('dropped', 'dropped_bytes', 'last_seq', 'dropped_disk_full'):
                     self._conn.execute('INSERT OR IGNORE INTO meta VALUES (?, 0)', (key,))
                 self.epoch = self._meta('epoch')
                 row = self._conn.execute(
                     'SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM spool').fetchone()
-                self._count, self._bytes = int(row[0]), int(row[1])
-        except sqlite3.Error as err:
+                self._count, self._bytes = _int(row[0]), _int(row[1])
+        except (sqlite3.Error, TypeError, ValueError) as err:
+            self._conn.close()  # a damaged file: do not keep its connection open
             raise SpoolError(f'cannot initialize spool {self.path}: {err}') from err
 
     def _meta(self, key: str) -> int:
-        return int(self._conn.execute('SELECT v FROM meta WHERE k = ?', (key,)).fetchone()[0])
+        """A counter of the meta table.
+
+        Raises:
+            SpoolError: It is missing or not an integer (a damaged file).
+        """
+        with _reading(self.path, f'spool counter {key!r}'):
+            return _int(self._conn.execute('SELECT v FROM meta WHERE k = ?',
+                                           (key,)).fetchone()[0])
 
     def append(self, topic: str, payload: bytes, created_ns: int | None = None) -> int:
         """Store a message; return its sequence number (1, 2, ... never reused).
 
-        Drops the oldest messages first when the bounds would be exceeded.
+        Drops the oldest messages first when the bounds would be exceeded, and when the disk
+        is full before them (counted in ``dropped_disk_full`` too).
 
         Raises:
             PayloadTooLargeError: the payload alone is over ``max_bytes``.
@@ -129,26 +187,46 @@ class Spool:
                                        f'spool bound of {self.max_bytes} bytes')
         created_ns = time.time_ns() if created_ns is None else created_ns
         with self._lock:
-            try:
-                self._conn.execute('BEGIN IMMEDIATE')
-                self._make_room(size)
-                cur = self._conn.execute(
-                    'INSERT INTO spool (topic, payload, created_ns) VALUES (?, ?, ?)',
-                    (topic, sqlite3.Binary(payload), created_ns))
-                seq = int(cur.lastrowid or 0)
-                self._conn.execute("UPDATE meta SET v = ? WHERE k = 'last_seq'", (seq,))
-                self._conn.execute('COMMIT')
-            except sqlite3.Error as err:
-                self._rollback()
-                raise SpoolError(f'cannot append to spool {self.path}: {err}') from err
-            self._count += 1
-            self._bytes += size
-            return seq
+            free = 0
+            for _ in range(4):
+                try:
+                    return self._insert(topic, payload, created_ns, free)
+                except sqlite3.OperationalError as err:
+                    self._rollback()
+                    if not _disk_full(err) or not self._count:
+                        raise SpoolError(f'cannot append to spool {self.path}: {err}') from err
+                    # The disk is full before the bound: make room by dropping the oldest
+                    # messages (at least this message's size, then more), after moving the
+                    # write-ahead log into the database so its space is reused.
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute('PRAGMA wal_checkpoint(RESTART)')
+                    free = max(2 * free, size, self._bytes // 10)
+                except (sqlite3.Error, TypeError, ValueError) as err:
+                    self._rollback()
+                    raise SpoolError(f'cannot append to spool {self.path}: {err}') from err
+            raise SpoolError(f'cannot append to spool {self.path}: the disk stays full after '
+                             'dropping older messages')
 
-    def _make_room(self, size: int) -> None:
+    def _insert(self, topic: str, payload: bytes, created_ns: int, free: int) -> int:
+        """One append transaction; ``free``: bytes of old messages to drop beyond the bound
+        (the disk is full), counted in ``dropped_disk_full``."""
+        size = len(payload)
+        self._conn.execute('BEGIN IMMEDIATE')
+        self._make_room(size, free)
+        cur = self._conn.execute(
+            'INSERT INTO spool (topic, payload, created_ns) VALUES (?, ?, ?)',
+            (topic, sqlite3.Binary(payload), created_ns))
+        seq = int(cur.lastrowid or 0)
+        self._conn.execute("UPDATE meta SET v = ? WHERE k = 'last_seq'", (seq,))
+        self._conn.execute('COMMIT')
+        self._count += 1
+        self._bytes += size
+        return seq
+
+    def _make_room(self, size: int, free: int = 0) -> None:
         dropped = dropped_bytes = 0
         while self._count > 0 and (
-                self._bytes + size > self.max_bytes
+                self._bytes + size > self.max_bytes or dropped_bytes < free
                 or (self.max_messages is not None and self._count + 1 > self.max_messages)):
             seq, n = self._conn.execute(
                 'SELECT seq, LENGTH(payload) FROM spool ORDER BY seq LIMIT 1').fetchone()
@@ -161,23 +239,31 @@ class Spool:
             self._conn.execute("UPDATE meta SET v = v + ? WHERE k = 'dropped'", (dropped,))
             self._conn.execute("UPDATE meta SET v = v + ? WHERE k = 'dropped_bytes'",
                                (dropped_bytes,))
+            if free:
+                self._conn.execute("UPDATE meta SET v = v + ? WHERE k = 'dropped_disk_full'",
+                                   (dropped,))
 
     def _rollback(self) -> None:
         try:
             self._conn.execute('ROLLBACK')
         except sqlite3.Error:
             pass  # no transaction was open: nothing to undo
-        row = self._conn.execute(
-            'SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM spool').fetchone()
-        self._count, self._bytes = int(row[0]), int(row[1])
+        with _reading(self.path, 'spool size'):
+            row = self._conn.execute(
+                'SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM spool').fetchone()
+            self._count, self._bytes = _int(row[0]), _int(row[1])
 
     def pending(self, after: int = 0, limit: int | None = None) -> list[SpoolEntry]:
-        """Stored messages with ``seq > after``, oldest first."""
-        with self._lock:
+        """Stored messages with ``seq > after``, oldest first.
+
+        Raises:
+            SpoolError: The store cannot be read, or a row is damaged.
+        """
+        with self._lock, _reading(self.path, 'spooled messages'):
             rows = self._conn.execute(
                 'SELECT seq, topic, payload, created_ns FROM spool WHERE seq > ? ORDER BY seq'
                 ' LIMIT ?', (after, -1 if limit is None else limit)).fetchall()
-        return [SpoolEntry(int(s), t, bytes(p), int(c)) for s, t, p, c in rows]
+            return [SpoolEntry(_int(s), _str(t), _blob(p), _int(c)) for s, t, p, c in rows]
 
     def next_after(self, after: int) -> SpoolEntry | None:
         """The first stored message with ``seq > after``, or ``None``."""
@@ -186,9 +272,9 @@ class Spool:
 
     def first_seq(self) -> int | None:
         """Lowest stored sequence number (``None`` when empty)."""
-        with self._lock:
+        with self._lock, _reading(self.path, 'the first sequence number'):
             row = self._conn.execute('SELECT MIN(seq) FROM spool').fetchone()
-        return None if row[0] is None else int(row[0])
+            return None if row[0] is None else _int(row[0])
 
     def ack(self, seq: int) -> bool:
         """Remove one message; return whether it was stored."""
@@ -199,6 +285,20 @@ class Spool:
         return self._delete('seq <= ?', seq)
 
     def _delete(self, where: str, seq: int) -> int:
+        for attempt in range(2):
+            try:
+                return self._delete_once(where, seq)
+            except SpoolError as err:
+                cause = err.__cause__
+                if attempt or not isinstance(cause, sqlite3.Error) or not _disk_full(cause):
+                    raise
+                # A full disk: move the write-ahead log into the database so its space is
+                # reused, then try again.
+                with self._lock, contextlib.suppress(sqlite3.Error):
+                    self._conn.execute('PRAGMA wal_checkpoint(RESTART)')
+        raise AssertionError('unreachable')  # pragma: no cover
+
+    def _delete_once(self, where: str, seq: int) -> int:
         with self._lock:
             try:
                 self._conn.execute('BEGIN IMMEDIATE')
@@ -208,7 +308,8 @@ class Spool:
                 if n:
                     self._conn.execute(f'DELETE FROM spool WHERE {where}', (seq,))
                 self._conn.execute('COMMIT')
-            except sqlite3.Error as err:
+                n, size = _int(n), _int(size)
+            except (sqlite3.Error, TypeError, ValueError) as err:
                 self._rollback()
                 raise SpoolError(f'cannot acknowledge seq {seq} in {self.path}: {err}') from err
             self._count -= int(n)
@@ -219,10 +320,12 @@ class Spool:
         """Current counters."""
         with self._lock:
             dropped, dropped_bytes = self._meta('dropped'), self._meta('dropped_bytes')
-            last = self._meta('last_seq')
-            row = self._conn.execute('SELECT MIN(seq) FROM spool').fetchone()
-            return SpoolStats(self._count, self._bytes, dropped, dropped_bytes,
-                              None if row[0] is None else int(row[0]), last)
+            last, full = self._meta('last_seq'), self._meta('dropped_disk_full')
+            with _reading(self.path, 'spool statistics'):
+                row = self._conn.execute('SELECT MIN(seq) FROM spool').fetchone()
+                first = None if row[0] is None else _int(row[0])
+            return SpoolStats(self._count, self._bytes, dropped, dropped_bytes, first, last,
+                              full)
 
     def __len__(self) -> int:
         return self._count
@@ -275,7 +378,8 @@ class Inbox:
                     ' source TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,'
                     ' topic TEXT NOT NULL, payload BLOB NOT NULL, created_ns INTEGER NOT NULL,'
                     ' received_ns INTEGER NOT NULL);')
-        except sqlite3.Error as err:
+        except (sqlite3.Error, ValueError) as err:
+            self._conn.close()  # a damaged file: do not keep its connection open
             raise SpoolError(f'cannot initialize inbox {self.path}: {err}') from err
 
     def offer(self, source: str, epoch: int, seq: int, floor: int, topic: str,
@@ -290,12 +394,12 @@ class Inbox:
                 self._conn.execute('BEGIN IMMEDIATE')
                 row = self._conn.execute('SELECT epoch, next_seq FROM peers WHERE source = ?',
                                          (source,)).fetchone()
-                if row is None or epoch > row[0]:
+                if row is None or epoch > _int(row[0]):
                     cur_epoch, nxt = epoch, max(1, floor)
                     self._conn.execute('INSERT OR REPLACE INTO peers VALUES (?, ?, ?, 0)',
                                        (source, epoch, nxt))
                 else:
-                    cur_epoch, nxt = int(row[0]), int(row[1])
+                    cur_epoch, nxt = _int(row[0]), _int(row[1])
                 if epoch < cur_epoch:
                     self._conn.execute('COMMIT')
                     return Accepted('stale', 0, 0)
@@ -315,7 +419,7 @@ class Inbox:
                     'UPDATE peers SET next_seq = ?, skipped = skipped + ? WHERE source = ?',
                     (nxt, skipped, source))
                 self._conn.execute('COMMIT')
-            except sqlite3.Error as err:
+            except (sqlite3.Error, TypeError, ValueError) as err:
                 try:
                     self._conn.execute('ROLLBACK')
                 except sqlite3.Error:
@@ -326,31 +430,32 @@ class Inbox:
 
     def position(self, source: str) -> tuple[int, int] | None:
         """``(epoch, last sequence number stored)`` for ``source``, or ``None``."""
-        with self._lock:
+        with self._lock, _reading(self.path, f'the position of {source!r}'):
             row = self._conn.execute('SELECT epoch, next_seq FROM peers WHERE source = ?',
                                      (source,)).fetchone()
-        return None if row is None else (int(row[0]), int(row[1]) - 1)
+            return None if row is None else (_int(row[0]), _int(row[1]) - 1)
 
     def undelivered(self, limit: int = 64) -> list[tuple[int, InboxEntry]]:
         """Up to ``limit`` stored messages not yet handed over, in arrival order."""
-        with self._lock:
+        with self._lock, _reading(self.path, 'undelivered messages'):
             rows = self._conn.execute(
                 'SELECT id, source, epoch, seq, topic, payload, created_ns, received_ns '
                 'FROM inbox ORDER BY id LIMIT ?', (limit,)).fetchall()
-        return [(int(r[0]), InboxEntry(r[1], int(r[2]), int(r[3]), r[4], bytes(r[5]),
-                                       int(r[6]), int(r[7]))) for r in rows]
+            return [(_int(r[0]), InboxEntry(_str(r[1]), _int(r[2]), _int(r[3]), _str(r[4]),
+                                            _blob(r[5]), _int(r[6]), _int(r[7])))
+                    for r in rows]
 
     def done(self, row_id: int) -> None:
         """Forget a message the application has taken."""
         with self._lock:
             try:
                 self._conn.execute('DELETE FROM inbox WHERE id = ?', (row_id,))
-            except sqlite3.Error as err:
+            except (sqlite3.Error, ValueError) as err:
                 raise SpoolError(f'cannot mark inbox row {row_id} delivered: {err}') from err
 
     def undelivered_count(self) -> int:
-        with self._lock:
-            return int(self._conn.execute('SELECT COUNT(*) FROM inbox').fetchone()[0])
+        with self._lock, _reading(self.path, 'the undelivered count'):
+            return _int(self._conn.execute('SELECT COUNT(*) FROM inbox').fetchone()[0])
 
     def close(self) -> None:
         """Close the database (idempotent)."""
@@ -380,7 +485,8 @@ class LatestStore:
                 self._conn.execute(
                     'CREATE TABLE IF NOT EXISTS latest (k TEXT PRIMARY KEY,'
                     ' counter INTEGER NOT NULL, value BLOB NOT NULL)')
-        except sqlite3.Error as err:
+        except (sqlite3.Error, ValueError) as err:
+            self._conn.close()  # a damaged file: do not keep its connection open
             raise SpoolError(f'cannot initialize store {self.path}: {err}') from err
 
     def put(self, key: str, value: bytes) -> int:
@@ -393,16 +499,16 @@ class LatestStore:
                     (key, sqlite3.Binary(value)))
                 row = self._conn.execute('SELECT counter FROM latest WHERE k = ?',
                                          (key,)).fetchone()
-            except sqlite3.Error as err:
+            except (sqlite3.Error, ValueError) as err:
                 raise SpoolError(f'cannot store latest value of {key!r}: {err}') from err
         return int(row[0])
 
     def get(self, key: str) -> tuple[int, bytes] | None:
         """``(counter, value)`` for ``key``, or ``None``."""
-        with self._lock:
+        with self._lock, _reading(self.path, f'the latest value of {key!r}'):
             row = self._conn.execute('SELECT counter, value FROM latest WHERE k = ?',
                                      (key,)).fetchone()
-        return None if row is None else (int(row[0]), bytes(row[1]))
+            return None if row is None else (_int(row[0]), _blob(row[1]))
 
     def close(self) -> None:
         """Close the database (idempotent)."""

@@ -77,3 +77,8 @@ def test_continual_runs_every_row_and_writes_the_summary(tiny_specs, tmp_path):
     assert all(set(cp['accuracy']) == {'source', 'fog'} for cp in guarded['checkpoints'])
     assert s['worst_regression'] >= 0 and s['worst_round_drop'] >= 0
     assert (tmp_path / 'continual_seed0.png').is_file()
+    # Seeds run apart (in parallel) merge into the same summary.
+    merged = tmp_path / 'merged.json'
+    run_bench('continual', ['--out', str(merged), '--merge', str(path)])
+    again = json.loads(merged.read_text())['summary']
+    assert {k: v for k, v in again.items()} == s

@@ -363,3 +363,31 @@ def test_annotate_rejects_non_rgb() -> None:
         annotate(np.zeros((8, 8), np.uint8), ['hi'])
     with pytest.raises(ImageConversionError, match='alpha'):
         annotate(np.zeros((8, 8, 3), np.uint8), ['hi'], alpha=2.0)
+
+
+@pytest.mark.parametrize('kind', ['png', 'jpeg'])
+def test_compressed_header_claiming_a_huge_image_is_refused_before_decoding(kind):
+    """A PNG IHDR or JPEG start-of-frame claiming 60000x60000 pixels: refused at once (OpenCV
+    would allocate for it first; the fuzz bench saw one such input take 22 s)."""
+    import struct
+    import zlib
+
+    import cv2
+
+    from cdcca_ros.camera.convert import compressed_to_image
+    from cdcca_ros.errors import ImageConversionError
+
+    rgb = np.zeros((24, 32, 3), np.uint8)
+    data = bytearray(cv2.imencode('.png' if kind == 'png' else '.jpg', rgb)[1].tobytes())
+    if kind == 'png':
+        data[16:24] = struct.pack('>II', 60000, 60000)
+        data[29:33] = struct.pack('>I', zlib.crc32(bytes(data[12:29])))
+    else:
+        sof = data.index(b'\xff\xc0')
+        data[sof + 5:sof + 9] = struct.pack('>HH', 60000, 60000)
+
+    class Msg:
+        format = kind
+    Msg.data = bytes(data)
+    with pytest.raises(ImageConversionError, match='header declares 60000x60000'):
+        compressed_to_image(Msg())

@@ -1,19 +1,21 @@
-"""End to end on the bundled models: one cloud round makes the device better where its camera
-drifted, and costs the source domain no more than a bound.
+"""End to end on the bundled models: one guarded cloud round (the cloud node's defaults) makes
+the device better where its camera drifted, and costs the source domain no more than a bound.
 
 The device (``bundled:student``, trained on the source domain) answers a stream of fog frames
 with some source frames among them (a robot still sees where it came from) and uplinks every
-answered sample's vision tokens; the cloud (``bundled:teacher``) pseudo-labels them, distils
-into its copy of the device's adapter, compresses the delta with the default codec and budget
-and signs it; the device verifies and hot-applies it. Only the public API runs:
-``CloudRuntime.add_sample / run_round`` and ``DeviceRuntime.answer / apply``.
+answered sample's vision tokens; the cloud (``bundled:teacher``, the student's anchor set, every
+other setting the ``cloud_node`` default) pseudo-labels them, trains with replay, anchor and
+early stopping, gates the candidate on samples it never trained on, compresses the delta with
+the default codec and signs it; the device verifies and hot-applies it. Only the public API
+runs: ``CloudRuntime.add_sample / run_round`` and ``DeviceRuntime.answer / apply``.
 
 Accuracy is the VQA accuracy of the device's own answers on held-out samples (the evaluation
 range, disjoint from the stream), before and after the round, on the same samples: paired.
-Everything is seeded; about 10-20 s here.
+Everything is seeded; about 15 s here.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,25 +23,25 @@ import pytest
 import torch
 
 from cdcca_ros.bench.common import BENCH_START, EVAL_START, model_image_size
-from cdcca_ros.core.akd import AKDConfig
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
 from cdcca_ros.core.device_runtime import DeviceRuntime
-from cdcca_ros.core.rounds.config import GuardConfig
+from cdcca_ros.core.rounds.anchor import resolve_anchor
 from cdcca_ros.core.wire import generate_keypair
+from cdcca_ros.nodes.tables import defaults
 from cdcca_ros.sim.domains import SOURCE
 from cdcca_ros.sim.scoring import vqa_accuracy
 from cdcca_ros.sim.world import World
 
 SEED = 0
 DRIFTED = 'fog'            # the bundled student's weakest drifted domain (~45% DA)
-STREAM_DRIFTED = 64        # uplinked samples of the round: fog ...
-STREAM_SOURCE = 32         # ... and source
+STREAM_DRIFTED = 192       # uplinked samples of the round: fog ...
+STREAM_SOURCE = 96         # ... and source (a quarter of them held out by the gate)
 HELD_OUT = 150             # per domain, scored before and after
 DEVICE_ID = 'robot1'
 # How far the round must move the drifted domain and may move the source (see the test).
 MIN_NET_FIXED = 15         # fixed minus broken held-out fog samples (10% of them)
 MAX_SIGN_P = 1e-3          # one-sided sign test: the gain is not a coin flip
-MAX_SOURCE_DROP = 12.0     # points of source accuracy
+MAX_SOURCE_DROP = 5.0      # points of source accuracy
 
 
 def _sign_test_p(fixed: int, broken: int) -> float:
@@ -62,10 +64,11 @@ def test_one_round_raises_drifted_accuracy_and_bounds_forgetting():
         torch.manual_seed(SEED)  # dropout of the distillation steps
         private, public = generate_keypair()
         device = DeviceRuntime(bundled.load('bundled:student'), DEVICE_ID, public)
+        cfg = dataclasses.replace(CloudConfig.from_params(defaults('cloud_node')),
+                                  min_samples=1)
         cloud = CloudRuntime(bundled.load('bundled:teacher'), bundled.load('bundled:student'),
-                             private, CloudConfig(min_samples=1, akd=AKDConfig(
-                                 lr=1e-3, steps=40, batch_size=16, seed=SEED),
-                                 guard=GuardConfig.plain(40)))
+                             private, cfg,
+                             anchor=resolve_anchor('', bundled.resolve('bundled:student')))
         world = World(SEED)
         size = model_image_size(device.model)  # the scenes the camera shows, at model size
         stream = (world.samples(DRIFTED, STREAM_DRIFTED, size, start=BENCH_START)
@@ -80,7 +83,7 @@ def test_one_round_raises_drifted_accuracy_and_bounds_forgetting():
             assert cloud.add_sample(DEVICE_ID, answered.tokens.detach().cpu(), None,
                                     s.question, space.num_tokens, space.dim, f'{DEVICE_ID}-{i}')
         result = cloud.run_round(DEVICE_ID)
-        assert result is not None, 'the round produced no delta'
+        assert result is not None and result.shipped, result and result.decision
         device.apply(result.envelope)
         assert device.version == 1 and device.base_hash == cloud.device(DEVICE_ID).hash
         after = {d: _scores(device, s) for d, s in held_out.items()}
@@ -95,13 +98,13 @@ def test_one_round_raises_drifted_accuracy_and_bounds_forgetting():
               f'{100 * after[SOURCE].mean():.1f} %')
     # The margins. Paired, on 150 held-out fog samples: under "the round does not help" a
     # changed sample is as likely broken as fixed, so fixed ~ Binomial(fixed + broken, 1/2).
-    # Here (seed 0): 44.0 -> 65.3 %, 40 fixed and 8 broken (net 32; p ~ 2e-6). The test asks
-    # for a net 15 fixed samples (10 points) AND p < 1e-3. Forgetting: one such round costs
-    # the source 5-15 points across seeds on these models (this seed: 98.7 -> 93.3 %, 8 of
-    # 150 broken, none fixed); 12 points bounds it. Measured on deliberate breaks of the
-    # round: delta sent with the wrong sign: fog 44 -> 33 % (0 fixed, 17 broken); teacher
-    # labels shifted by one sample: fog 13 %, source 37 %; delta sent twice its size: fog
-    # 45 % (50 fixed, 48 broken), source 46 %. Each fails here.
+    # Here (seed 0): 44.0 -> 80.7 %, 62 fixed and 7 broken (p ~ 1e-12); seed 1: 40 -> 81 %.
+    # The test asks for a net 15 fixed samples (10 points) AND p < 1e-3. Forgetting: the
+    # guarded round costs the source 0.7-2.7 points on these seeds (the paper's round of 40
+    # steps, unguarded, costs 13); 5 points bounds it. Measured on deliberate breaks of the
+    # paper's round: delta sent with the wrong sign: fog 44 -> 33 % (0 fixed, 17 broken);
+    # teacher labels shifted by one sample: fog 13 %, source 37 %; delta sent twice its size:
+    # fog 45 % (50 fixed, 48 broken), source 46 %. Each fails here.
     assert fixed - broken >= MIN_NET_FIXED, report
     assert _sign_test_p(fixed, broken) < MAX_SIGN_P, report
     assert gain >= 100.0 * MIN_NET_FIXED / HELD_OUT, report

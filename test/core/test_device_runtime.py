@@ -477,6 +477,32 @@ def test_corrupt_or_foreign_state_is_refused(student_dir, keys, tmp_path) -> Non
         _runtime(student_dir, keys, tmp_path / 'device')
 
 
+def test_a_streamed_answer_is_the_plain_answer_and_a_cancel_frees_the_model(student_dir, keys,
+                                                                            images) -> None:
+    """``on_step`` (the Ask action) sees every step under the model lock; a cancel raised
+    there ends the answer without a sample and leaves the lock free for the next one."""
+    from cdcca_ros.errors import GenerationCancelled
+
+    rt = _runtime(student_dir, keys, trace_probe=False)
+    plain = rt.answer(images[0], 'what color is the circle?')
+    steps = []
+
+    def locked(step) -> None:
+        assert rt.lock._is_owned()  # the RLock is held by this thread while it generates
+        steps.append(step)
+    streamed = rt.answer(images[0], 'what color is the circle?', on_step=locked)
+    assert streamed.text == plain.text and streamed.confidence == plain.confidence
+    assert len(steps) == len(streamed.step_probs) and steps[-1].texts == [plain.text]
+
+    def cancel(step) -> None:
+        raise GenerationCancelled('canceled')
+    with pytest.raises(GenerationCancelled):
+        rt.answer(images[0], 'what color is the circle?', on_step=cancel)
+    assert rt.lock.acquire(blocking=False)  # free again
+    rt.lock.release()
+    assert rt.answer(images[0], 'what color is the circle?').text == plain.text
+
+
 # --- rollback orders and the entropy guard -------------------------------------------------
 def test_a_signed_rollback_order_is_verified_and_carried_out(student_dir, keys, images):
     from cdcca_ros.core.updates import seal_rollback
@@ -493,7 +519,7 @@ def test_a_signed_rollback_order_is_verified_and_carried_out(student_dir, keys, 
     wrong_device = seal_rollback(keys[0], **{**good, 'device_id': 'robot2'})
     wrong_target = seal_rollback(keys[0], **{**good, 'to_hash': 'f' * 64})
     stale = seal_rollback(keys[0], **{**good, 'from_version': 0, 'new_version': 1})
-    for order, reason in ((forged, 'bad_signature'), (wrong_device, 'wrong_device'),
+    for order, reason in ((forged, 'unknown_key'), (wrong_device, 'wrong_device'),
                           (wrong_target, 'wrong_base'), (stale, 'replay')):
         with pytest.raises(DeltaRejectedError, match=reason):
             rt.apply_rollback(order)
@@ -562,3 +588,48 @@ def test_the_entropy_guard_keeps_a_harmless_update(student_dir, keys, images):
     # Without a predecessor's window there is no verdict at all.
     fresh = EntropyGuard(EntropyGuardConfig(window=4))
     assert all(fresh.observe(3, 4.0) is None for _ in range(10))
+
+
+# --- hostile but signed deltas ---------------------------------------------------------------
+def test_last_version_cannot_wedge_the_device(student_dir, keys, tmp_path) -> None:
+    """A signed delta to version 2**64 - 1 (then a rollback, which would need version 2**64)
+    is refused for its jump; rollback, a restart and the next real delta all still work."""
+    import dataclasses
+
+    state = tmp_path / 'state'
+    rt = _runtime(student_dir, keys, state)
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    rt.apply(cloud.step(1))
+    good = cloud.step(2)
+    huge = seal_delta(keys[0], **{f.name: getattr(good, f.name)
+                                  for f in dataclasses.fields(good)
+                                  if f.name in ('device_id', 'round', 'base_version',
+                                                'base_hash', 'new_hash', 'codec', 'payload')},
+                      new_version=(1 << 64) - 1)
+    with pytest.raises(DeltaRejectedError, match='version_jump'):
+        rt.apply(huge)
+    assert rt.version == 1 and _model_hash(rt) == rt.base_hash
+    assert rt.rollback() == 2
+    assert rt.flush(10.0)
+    again = _runtime(student_dir, keys, state)
+    assert again.version == 2
+    with pytest.raises(DeltaRejectedError, match='nothing to roll back'):
+        again.rollback()
+
+
+def test_update_ratio_bounds_how_far_the_weights_move(student_dir, keys) -> None:
+    with pytest.raises(ConfigError):
+        _runtime(student_dir, keys, max_update_ratio=0.0)
+    rt = _runtime(student_dir, keys, max_update_ratio=0.35)
+    cloud = Cloud(rt.model.trainable_state_dict(), keys[0])
+    norm = rt.weights.norm()
+    report = rt.apply(cloud.step(1, scale=1e-3))
+    assert 0 < report.extra['update_ratio'] < 0.35
+    assert report.extra['update_ratio'] == pytest.approx(
+        float(torch.cat([(cloud.ef.view[k] - v).reshape(-1) for k, v in
+                         FlatWeights.pack(_load(student_dir).trainable_state_dict())
+                         .tensors.items()]).norm()) / norm, rel=1e-3)
+    hash_before = rt.base_hash
+    with pytest.raises(DeltaRejectedError, match='update_too_large'):
+        rt.apply(cloud.step(2, scale=1.0))
+    assert rt.version == 1 and rt.base_hash == hash_before == _model_hash(rt)

@@ -168,7 +168,16 @@ def _bad_envelopes(keys) -> dict[str, tuple[RejectReason, DeltaEnvelope]]:
                              dataclasses.replace(good, payload=good.payload + b'\x00')),
         'tampered_version': (RejectReason.BAD_SIGNATURE,
                              dataclasses.replace(good, new_version=5)),
-        'other_key': (RejectReason.BAD_SIGNATURE, _sealed(other_key, base)),
+        'other_key': (RejectReason.UNKNOWN_KEY, _sealed(other_key, base)),
+        'other_key_naming_ours': (RejectReason.BAD_SIGNATURE, dataclasses.replace(
+            _sealed(other_key, base), key_id=good.key_id)),
+        'tampered_key_id': (RejectReason.UNKNOWN_KEY,
+                            dataclasses.replace(good, key_id='00' * 16)),
+        'tampered_expiry': (RejectReason.BAD_SIGNATURE,
+                            dataclasses.replace(good, expires=good.expires + 3600)),
+        'expired': (RejectReason.EXPIRED, _sealed(priv, base, now=1_000_000)),
+        'version_jump': (RejectReason.VERSION_JUMP,
+                         _sealed(priv, base, new_version=(1 << 64) - 1)),
         'wrong_device': (RejectReason.WRONG_DEVICE, _sealed(priv, base, device_id='robot-2')),
         'wrong_base_hash': (RejectReason.WRONG_BASE,
                             _sealed(priv, base, base_hash='00' * 32)),
@@ -193,9 +202,10 @@ def _bad_envelopes(keys) -> dict[str, tuple[RejectReason, DeltaEnvelope]]:
 
 
 BAD_KINDS = ['bad_signature', 'tampered_device', 'tampered_payload', 'tampered_version',
-             'other_key', 'wrong_device', 'wrong_base_hash', 'wrong_base_version', 'replayed',
-             'codec_mismatch', 'garbage_payload', 'unknown_codec', 'nan', 'inf',
-             'wrong_shape', 'wrong_keys']
+             'other_key', 'other_key_naming_ours', 'tampered_key_id', 'tampered_expiry',
+             'expired', 'version_jump', 'wrong_device', 'wrong_base_hash',
+             'wrong_base_version', 'replayed', 'codec_mismatch', 'garbage_payload',
+             'unknown_codec', 'nan', 'inf', 'wrong_shape', 'wrong_keys']
 
 
 @pytest.fixture(scope='module')

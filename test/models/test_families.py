@@ -63,6 +63,42 @@ def test_answer_is_deterministic_and_batch_independent(model, images, questions)
     _same(both[1:], model.answer(images[1:], questions[1:]))
 
 
+def test_on_step_reports_each_step_as_it_is_generated(model, images, questions):
+    """Streaming (the Ask action): one report per step, before the next step runs, with the
+    values the finished answer holds; the answer itself is the same as without a callback."""
+    from cdcca_ros.errors import GenerationCancelled
+
+    tokens = model.vision_tokens(images)
+    plain = model.answer_from_tokens(tokens, None, questions, max_new_tokens=5)
+    steps = []
+    streamed = model.answer_from_tokens(tokens, None, questions, max_new_tokens=5,
+                                        on_step=steps.append)
+    _same(plain, streamed, atol=0)
+    assert [s.index for s in steps] == list(range(len(steps)))
+    assert len(steps) == max(len(r.step_probs) for r in plain)
+    for b, res in enumerate(plain):
+        rows = steps[:len(res.step_probs)]
+        np.testing.assert_allclose([s.probabilities[b] for s in rows], res.token_probs,
+                                   rtol=1e-6)
+        entropy = -(res.step_probs * np.log(np.clip(res.step_probs, 1e-30, None))).sum(axis=1)
+        np.testing.assert_allclose([s.entropies[b] for s in rows], entropy, rtol=1e-4,
+                                   atol=1e-6)
+        assert rows[-1].texts[b] == res.text and rows[-1].finished[b]
+        assert not any(s.finished[b] for s in rows[:-1])
+        assert [s.token_ids[b] for s in rows][:len(res.token_ids)] == res.token_ids
+    # Raising from the callback stops generation right after that step.
+    seen = []
+
+    def stop_after_two(step):
+        seen.append(step.index)
+        if step.index == 1:
+            raise GenerationCancelled('stop')
+    with pytest.raises(GenerationCancelled):
+        model.answer_from_tokens(tokens, None, questions, max_new_tokens=5,
+                                 on_step=stop_after_two)
+    assert seen == [0, 1][:len(steps)]
+
+
 def test_answer_latency_is_small(model, images, questions):
     model.answer(images[:1], questions[:1])  # warm-up
     times = [model.answer(images[:1], questions[:1], max_new_tokens=4)[0].latency_ms

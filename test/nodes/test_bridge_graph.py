@@ -129,16 +129,79 @@ def test_sample_claiming_another_device_is_refused(link_graph):
     assert g['device_bridge'].counters['refused'] == 1
 
 
+def _full_tokens(i: int):
+    """A sample with every field set to a value of its own (arrays, floats, nested stamp)."""
+    from cdcca_ros.msg import UtsTokens
+
+    msg = UtsTokens(device_id='robot1', sample_id=f'robot1-rec-{i}', model_version=f'robot1:v{i}',
+                    vision_space='vit:d4:n10:g3x3:cls', question=f'is there a red square? {i}',
+                    device_answer=['yes', 'no'][i % 2], entropy_mean=0.25 + i / 8,
+                    entropy_max=1.5 + i, num_tokens=10, token_dim=4, grid_rows=3, grid_cols=3,
+                    has_cls=bool(i % 2), kept_indices=[0, 3 + i, 9],
+                    token_variance=[0.125, 0.5 + i, 3.0e-7], dtype='int8',
+                    scales=[0.5, 0.25 * (i + 1), 1e-3],
+                    payload=bytes((17 * i + k) % 256 for k in range(12)))
+    msg.header.stamp.sec = 1_700_000_000 + i
+    msg.header.stamp.nanosec = 123_456_789 + i
+    msg.header.frame_id = f'camera_{i}'
+    return msg
+
+
+def _differences(sent, read, path: str = '') -> tuple[list[str], int]:
+    """Fields of a rosbags-deserialised message that differ from the rclpy message sent, and
+    how many leaf fields were compared."""
+    import numpy as np
+
+    diffs, compared = [], 0
+    for name in sent.get_fields_and_field_types():
+        a, b = getattr(sent, name), getattr(read, name)
+        if hasattr(a, 'get_fields_and_field_types'):
+            sub, n = _differences(a, b, f'{path}{name}.')
+            diffs += sub
+            compared += n
+            continue
+        compared += 1
+        if isinstance(a, (bytes, list, tuple)) or hasattr(a, 'tolist'):
+            same = list(a) == np.asarray(b).tolist()
+        else:
+            same = type(a)(b) == a and isinstance(b, type(a))
+        if not same:
+            diffs.append(f'{path}{name}: sent {a!r}, read {b!r}')
+    return diffs, compared
+
+
 def test_cloud_records_the_uplink_to_mcap(link_graph):
+    """What the cloud records is a ROS 2 bag file: rosbags (an independent CDR implementation)
+    reads every message back with the values the device sent, and so does the MCAP decoder."""
+    from rosbags.highlevel import AnyReader
+
     from cdcca_ros.transport.recording import decode_recording
 
     g = link_graph
-    g['up_pub'].publish(_tokens('robot1-rec'))
-    assert spin_until(g['executors'], lambda: len(g['got']['up']) == 1, 30.0)
+    sent = [_full_tokens(i) for i in range(6)]
+    for msg in sent:
+        g['up_pub'].publish(msg)
+    assert spin_until(g['executors'], lambda: len(g['got']['up']) == len(sent), 30.0)
     g['cloud_bridge'].close()  # finishes the recording: the file gets its summary
     decoded = [m for _, m in decode_recording(g['mcap'])]
-    assert [m.sample_id for m in decoded] == ['robot1-rec']
-    assert bytes(decoded[0].payload) == bytes(range(16))
+    assert [m.sample_id for m in decoded] == [m.sample_id for m in sent]
+    assert bytes(decoded[0].payload) == bytes(sent[0].payload)
+    with AnyReader([g['mcap']]) as reader:
+        uplink = [c for c in reader.connections if c.topic == 'uts_tokens']
+        assert [(c.msgtype, c.ext.serialization_format) for c in uplink] == [
+            ('cdcca_ros/msg/UtsTokens', 'cdr')]
+        # (Other channels, e.g. the devices' reports, hold other types: read on their own.)
+        read = [reader.deserialize(raw, conn.msgtype)
+                for conn, _, raw in reader.messages(connections=uplink)]
+    assert len(read) == len(sent)
+    total = 0
+    for original, msg in zip(sent, read):
+        diffs, compared = _differences(original, msg)
+        assert diffs == [], diffs
+        total += compared
+    # Every leaf field of every message was compared (the header counts as its 3 leaves).
+    leaves = len(type(sent[0]).get_fields_and_field_types()) - 1 + 3
+    assert leaves >= 21 and total == len(sent) * leaves
 
 def test_guard_messages_cross_to_their_device_only(link_graph):
     """Token requests and rollback orders go down to the device they name (another device's

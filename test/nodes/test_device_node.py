@@ -241,11 +241,11 @@ def test_frame_rgb_fast_path_checks_is_bigendian_like_the_converter():
         frame_rgb(msg)
 
 
-def test_last_error_clears_after_a_good_frame_and_has_an_age(ros_context, tiny_runtime):
+def test_last_error_clears_after_a_good_frame_and_has_an_age(ros_context, student_runtime):
     from cdcca_ros.nodes.common import OK, WARN
     from cdcca_ros.nodes.device_node import DeviceNode
 
-    device = DeviceNode(tiny_runtime, context=ros_context)
+    device = DeviceNode(student_runtime, context=ros_context)
     device.get_logger().set_level(50)  # the rejected frame is expected
     published = []
     publish = device._diag.publish
@@ -270,10 +270,10 @@ def test_last_error_clears_after_a_good_frame_and_has_an_age(ros_context, tiny_r
         device.destroy_node()
 
 
-def test_empty_questions_are_refused(ros_context, tiny_runtime):
+def test_empty_questions_are_refused(ros_context, student_runtime):
     from cdcca_ros.nodes.device_node import DeviceNode
 
-    device = DeviceNode(tiny_runtime, context=ros_context)
+    device = DeviceNode(student_runtime, context=ros_context)
     try:
         for question in ('', '   '):
             answer, error = device.answer('q', question, [], _image_msg(_frame(8)))
@@ -283,7 +283,7 @@ def test_empty_questions_are_refused(ros_context, tiny_runtime):
         device.destroy_node()
 
 
-def test_a_question_flood_is_counted_not_lost_in_dds(ros_context_pair, tiny_runtime):
+def test_a_question_flood_is_counted_not_lost_in_dds(ros_context_pair, student_runtime):
     """A burst far beyond every queue: each question is taken from DDS and either answered,
     counted as unanswered (here: no camera frame yet) or counted as dropped (before: DDS kept
     the last 50 and the rest vanished uncounted)."""
@@ -295,7 +295,7 @@ def test_a_question_flood_is_counted_not_lost_in_dds(ros_context_pair, tiny_runt
     from cdcca_ros.nodes.device_node import DeviceNode
 
     ctx_robot, ctx_client = ros_context_pair
-    device = DeviceNode(tiny_runtime, context=ctx_robot)
+    device = DeviceNode(student_runtime, context=ctx_robot)
     device.get_logger().set_level(50)  # 'queue full' and 'not answered' are expected
     spinner = NodeSpinner([device], 'events', context=ctx_robot).start()
     client = Node('flood_client', context=ctx_client)

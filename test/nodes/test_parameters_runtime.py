@@ -64,6 +64,8 @@ def graph(ros_context, tiny_student_dir, tmp_path):
         for name, p in params.items():
             assert spin_until([executor], p.services_are_ready, 60.0), (
                 name, logs[name.split('_')[0]].read_text()[-2000:])
+        # A request sent before the service is discovered is lost (never answered).
+        assert spin_until([executor], ask.service_is_ready, 60.0), logs['device'].read_text()
         yield g
     finally:
         executor.shutdown()
@@ -162,6 +164,9 @@ def test_runtime_parameters_apply_and_the_rest_are_read_only(graph):
     _read_only_refused(g, 'camera_node', 'source', 'opencv')
 
     # cloud: round settings apply from the next round; models and keys are read-only.
+    # (Its teacher, student and anchor set load for a minute on a loaded 2-core machine.)
+    assert spin_until([g['executor']], lambda: g['got']['diag'].get(
+        f'/{NS}/cloud_node', {}).get('lifecycle_state') == 'active', 180.0), g['got']['diag']
     assert _set(g, 'cloud_node', 'round.min_samples', 3).successful
     assert spin_until([g['executor']], lambda: 'min_samples=3 ' in g['got']['diag'].get(
         f'/{NS}/cloud_node', {}).get('round', ''), 30.0), g['got']['diag']

@@ -59,6 +59,23 @@ def test_overrides_are_typed_and_reach_the_command_line():
     assert cmd[cmd.index('--params-file') + 1].endswith('config/camera_node.yaml')
 
 
+def test_autostart_false_reaches_the_lifecycle_nodes_only():
+    launches = {n.name: n for n in node_launches('demo', autostart='false')}
+    assert launches['device_node'].parameters == {'autostart': False}
+    assert launches['cloud_node'].parameters == {'autostart': False}
+    assert 'autostart' not in launches['camera_node'].parameters
+    # A per-node override wins over the set's switch; the default passes nothing.
+    launches = {n.name: n for n in node_launches('demo', {'cloud.autostart': 'true'},
+                                                 autostart=False)}
+    assert launches['cloud_node'].parameters == {'autostart': True}
+    assert all('autostart' not in n.parameters for n in node_launches('demo'))
+    out = subprocess.run([sys.executable, '-m', 'cdcca_ros.runner', 'device', '--dry-run',
+                          '--no-autostart'], cwd=REPO, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert [line for line in out.splitlines() if 'autostart:=false' in line] == [
+        line for line in out.splitlines() if 'cdcca_ros.nodes.device_node' in line]
+
+
 def test_demo_set_puts_each_side_in_its_namespace():
     launches = node_launches('demo')
     sides = {(n.name, n.namespace) for n in launches}
@@ -85,13 +102,43 @@ def test_launch_files_derive_from_the_sets(name):
     assert len(calls) == 1 and calls[0].args[0].value == name
 
 
-@pytest.mark.parametrize('name', sorted(SETS))
-def test_launch_files_produce_the_runner_nodes(name):
-    """Where ROS 2 launch is installed: same nodes, names, namespaces and parameters."""
-    pytest.importorskip('launch_ros', reason='ROS 2 launch is not installed (PyPI wheels)')
+def _meaning(ros_args: list[str]) -> dict:
+    """What ``--ros-args ...`` asks of a node: renames, namespace, parameters (files read,
+    ``-p`` values parsed as YAML, as rcl does), remappings."""
+    out = {'rules': [], 'params': {}, 'files': []}
+    i = 0
+    while i < len(ros_args):
+        arg = ros_args[i]
+        if arg == '--ros-args':
+            i += 1
+            continue
+        value = ros_args[i + 1]
+        if arg == '-r':
+            out['rules'].append(value)
+        elif arg == '-p':
+            name, _, text = value.partition(':=')
+            out['params'][name] = yaml.safe_load(text)
+        elif arg == '--params-file':
+            if Path(value).name.startswith('launch_params_'):  # launch_ros's dict, as a file
+                data = yaml.safe_load(Path(value).read_text())
+                assert list(data) == ['/**'], data  # every node of the process, as -p does
+                out['params'].update(data['/**']['ros__parameters'])
+            else:
+                out['files'].append(value)
+        else:
+            raise AssertionError(f'unexpected ROS argument {arg!r} in {ros_args}')
+        i += 2
+    out['rules'].sort()
+    return out
+
+
+def _launch_file_commands(name: str, arguments: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """(executable, ROS arguments) of every node ``launch/<name>.launch.py`` starts with
+    ``arguments``, from the real launch description with its substitutions performed."""
     import importlib.util
 
-    from launch.actions import DeclareLaunchArgument, OpaqueFunction
+    from launch.actions import OpaqueFunction
+    from launch.utilities import perform_substitutions
 
     from launch import LaunchContext
 
@@ -100,11 +147,77 @@ def test_launch_files_produce_the_runner_nodes(name):
     spec.loader.exec_module(module)
     ld = module.generate_launch_description()
     context = LaunchContext()
+    context.launch_configurations.update(arguments)  # as `ros2 launch ... NAME:=VALUE` does
+    nodes = []
     for action in ld.entities:
-        if isinstance(action, DeclareLaunchArgument):
-            action.visit(context)
-    nodes = [n for a in ld.entities if isinstance(a, OpaqueFunction)
-             for n in a.execute(context)]
-    expected = node_launches(name)
-    assert [(n.node_executable, n.expanded_node_namespace) for n in nodes] == [
-        (e.executable, '/' + e.namespace) for e in expected]
+        result = action.visit(context)
+        if isinstance(action, OpaqueFunction):
+            nodes += result or []
+    commands = []
+    for node in nodes:
+        # launch_ros fills in the namespace (and writes the parameter dict to a file) only when
+        # the action executes; do that part of execute() here, without starting a process.
+        node._perform_substitutions(context)
+        context.extend_locals({'ros_specific_arguments': {
+            'ns': f'__ns:={node.expanded_node_namespace}'}})
+        cmd = [perform_substitutions(context, part) for part in node.cmd]
+        commands.append((node.node_executable, cmd[cmd.index('--ros-args'):]))
+    return commands
+
+
+@pytest.mark.parametrize('name, arguments, overrides', [
+    ('device', {}, {}),
+    ('cloud', {}, {}),
+    ('demo', {}, {}),
+    ('device', {'device_ns': 'robot7', 'image_topic': '/cam/front', 'camera.fps': '5',
+                'device.max_new_tokens': '3', 'device_bridge.connect': 'tcp/10.0.0.1:7447'},
+     {'camera.fps': '5', 'device.max_new_tokens': '3',
+      'device_bridge.connect': 'tcp/10.0.0.1:7447'}),
+])
+def test_launch_files_produce_the_runner_nodes(launch_importable, name, arguments, overrides):
+    """With real launch (vendored): the launch file starts the runner's nodes with the same
+    names, namespaces, parameters and remappings; a node's own name is never replaced by a
+    process-wide ``__node:=`` (that would rename uts_node in device_node's process)."""
+    commands = _launch_file_commands(name, arguments)
+    switches = {k: v for k, v in arguments.items() if '.' not in k}
+    expected = node_launches(name, overrides, **switches)
+    assert [exe for exe, _ in commands] == [e.executable for e in expected]
+    for (exe, ros_args), launch in zip(commands, expected):
+        got, want = _meaning(ros_args), _meaning(launch.ros_args())
+        assert got == want, exe
+        assert not any(rule.startswith('__node:=') for rule in got['rules']), got
+    if name != 'cloud':
+        device = _meaning(next(args for exe, args in commands if exe == 'device_node'))
+        assert f'__ns:=/{switches.get("device_ns", "robot1")}' in device['rules']
+    if arguments:
+        camera = _meaning(commands[0][1])
+        assert camera['params'] == {'fps': 5.0} and 'image_raw:=/cam/front' in camera['rules']
+
+
+def test_launch_files_refuse_misspelt_arguments(launch_importable):
+    """A misspelt argument would change nothing, silently: the launch stops and names the
+    known ones; the arguments of a launch file that includes ours are not ours to refuse."""
+    with pytest.raises(ConfigError, match=r"'camera.fsp' \(did you mean 'camera.fps'\?\).*"
+                                          r"known camera: .*camera.fps"):
+        _launch_file_commands('device', {'camera.fsp': '5'})
+    with pytest.raises(ConfigError, match=r"'use_camra'.*known switches: .*use_camera"):
+        _launch_file_commands('device', {'use_camra': 'false'})
+    with pytest.raises(ConfigError, match=r"'cloud.akd.steps'.*known nodes: camera\.\*"):
+        _launch_file_commands('device', {'cloud.akd.steps': '3'})
+    assert len(_launch_file_commands('device', {'map': 'office.yaml', 'use_sim_time': 'true'})
+               ) == len(SETS['device'])
+
+
+def test_launch_arguments_show_one_default_each():
+    """``--show-args`` prints launch's own ``(default: ...)``: the description carries none, and
+    the default is what the node gets without the argument (the YAML's value first)."""
+    from cdcca_ros.nodes.sets import launch_arguments
+
+    args = {a.name: a for a in launch_arguments('device')}
+    assert all('default' not in a.description for a in args.values())
+    assert args['camera.fps'].default == '10.0' and args['use_camera'].default == 'true'
+    yaml_values = yaml.safe_load((REPO / 'config' / 'device_node.yaml').read_text())
+    assert args['device.uts.keep_ratio'].default == str(
+        yaml_values['/**']['ros__parameters']['uts.keep_ratio'])
+    assert 'device_bridge.role' not in args  # fixed by the set
+    assert '(one of: synthetic, realsense, opencv)' in args['camera.source'].description

@@ -275,3 +275,33 @@ def test_cloud_records_what_it_received_to_mcap(router_port: int,
     assert [v.data for _, v in decoded[:3]] == ['hello 0', 'hello 1', 'hello 2']
     assert decoded[3][1] is None and decoded[3][0].data == b'\x00\x01'
     assert all(m.log_time_ns >= m.publish_time_ns for m, _ in decoded)
+
+
+def test_delivery_waits_until_the_application_is_ready(router_port: int,
+                                                       link_config: Callable[..., Any],
+                                                       links: list[Any],
+                                                       tmp_path: Path) -> None:
+    """While ``ready`` says no (no subscriber on the ROS side yet: a cloud node restarting),
+    stored messages wait in the inbox instead of being handed to nobody and lost; then each
+    arrives once, in order, also across a restart of the waiting end."""
+    up, ready = Sink(), threading.Event()
+    cloud = CloudLink(link_config(router_port, 'cloud'), tmp_path / 'cloud', up, ['robot1'],
+                      ready=ready.is_set)
+    device = DeviceLink('robot1', link_config(router_port, 'robot1'), tmp_path / 'robot1',
+                        Sink())
+    links += [device, cloud]
+    for i in range(5):
+        device.send('/cdcca/uts_tokens', f'{i}'.encode())
+    assert wait_until(lambda: device.stats()['acked'] == 5, 15)  # stored by the cloud
+    time.sleep(1.2)
+    assert len(up) == 0 and cloud.stats()['undelivered'] == 5
+    cloud.close()
+    again = CloudLink(link_config(router_port, 'cloud'), tmp_path / 'cloud', up, ['robot1'],
+                      ready=ready.is_set)
+    links.append(again)
+    time.sleep(1.0)
+    assert len(up) == 0
+    ready.set()
+    assert wait_until(lambda: len(up) == 5, 10)
+    time.sleep(0.3)
+    assert [m.payload for m in up.snapshot()] == [f'{i}'.encode() for i in range(5)]

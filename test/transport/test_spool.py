@@ -106,3 +106,4 @@ def test_latest_store_keeps_the_last_value_and_counts(tmp_path: Path) -> None:
     store = LatestStore(tmp_path / 'v.sqlite')
     assert store.get('robot1') == (2, b'v2')
     store.close()
+

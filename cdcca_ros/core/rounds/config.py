@@ -22,17 +22,24 @@ class LabelConfig:
             for them, then is labelled again from all tokens.
         pull_wait_rounds: Rounds a requested sample waits; then its first label is used if
             it clears ``min_confidence``, else the sample is dropped.
+        pull_fraction: Largest share of the partial samples labelled at once that are pulled
+            (the least confident first): pulls add at most this share of full samples to
+            the uplink.
     """
 
     min_confidence: float = 0.0
     pull_below: float = 0.98
     pull_wait_rounds: int = 2
+    pull_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         for name in ('min_confidence', 'pull_below'):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f'labels.{name} must be in [0, 1), got {value}')
+        if not 0.0 <= self.pull_fraction <= 1.0:
+            raise ConfigError(f'labels.pull_fraction must be in [0, 1], got '
+                              f'{self.pull_fraction}')
         if self.pull_wait_rounds < 0:
             raise ConfigError(f'labels.pull_wait_rounds must be >= 0, got '
                               f'{self.pull_wait_rounds}')
@@ -144,7 +151,8 @@ class GuardConfig:
                             tolerance=p['tolerance'],
                             anchor_tolerance=p['anchor_tolerance']),
             labels=LabelConfig(min_confidence=p['min_label_confidence'],
-                               pull_below=p['pull_below']),
+                               pull_below=p['pull_below'],
+                               pull_fraction=p['pull_fraction']),
             audit=AuditConfig(enabled=p['audit'], alpha=p['audit_alpha'],
                               min_drop=p['audit_min_drop']),
             memory_bytes=int(p['memory_mb'] * (1 << 20)),

@@ -66,7 +66,7 @@ class GateConfig:
     anchor_tolerance: float = 1.0
     min_broken: int = 2
     harm_alpha: float = 0.2
-    anchor_budget: float = 2.0
+    anchor_budget: float = 1.5
     min_slice: int = 30
     max_new: int = 1000
 

@@ -24,6 +24,7 @@ version significantly worse gets a signed rollback order.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -198,6 +199,8 @@ class RoundRunner:
         cfg = self.guard.labels
         todo = state.memory.unlabelled()
         pulls: list[str] = []
+        unsure: list[Record] = []  # partial samples the teacher is unsure of: pull candidates
+        partial_labelled = 0
         for group in grouped(todo):
             for start in range(0, len(group), EVAL_BATCH):
                 part = group[start:start + EVAL_BATCH]
@@ -209,16 +212,25 @@ class RoundRunner:
                 for r, (text, conf) in zip(part, scored, strict=True):
                     r.labelled, r.confidence = True, float(conf)
                     r.label_tokens = r.num_kept
+                    r.label = text or None
+                    r.targets = None
                     partial = r.indices is not None
+                    partial_labelled += int(partial)
                     if (partial and cfg.pull_below > 0 and conf < cfg.pull_below
                             and r.pull == '' and self.guard.enabled):
-                        r.pull, r.label = 'requested', text or None
-                        r.pull_round = state.round
-                        pulls.append(r.sample_id)
-                    else:
-                        r.label = text if text and conf >= cfg.min_confidence else None
-                    r.targets = None
-                    state.memory.update(r)
+                        unsure.append(r)
+        # The least confident first, at most pull_fraction of the partial samples labelled:
+        # the pulls' bytes stay a bounded share of the uplink.
+        unsure.sort(key=lambda r: r.confidence)
+        budget = math.ceil(cfg.pull_fraction * partial_labelled)
+        for i, r in enumerate(unsure):
+            if i < budget:
+                r.pull, r.pull_round = 'requested', state.round
+                pulls.append(r.sample_id)
+        for r in todo:
+            if r.pull != 'requested' and not (r.label and r.confidence >= cfg.min_confidence):
+                r.label = None
+            state.memory.update(r)
         # Pulls that never came back: fall back on the first label.
         for r in state.memory.select():
             if r.pull == 'requested' and r.sample_id not in pulls:

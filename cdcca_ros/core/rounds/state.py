@@ -74,7 +74,9 @@ class DeviceState:
         self.memory = Memory(memory_bytes, directory / 'memory' if directory else None,
                              clusters=clusters, seed=seed)
         self.ship_seq = 0            # gate's 'new' slice: records from here on
-        self.round_seq = self.memory.next_seq  # records from here on are this round's
+        # Records from here on are this round's: all of them before any round ran (a memory
+        # found on disk without a checkpoint holds samples of a round that never ran).
+        self.round_seq = 0
         self.refusals = 0            # consecutive refused candidates
         self.first_pending_t: float | None = None
         self.samples_seen = 0
@@ -171,6 +173,10 @@ class DeviceState:
         state.samples_seen = int(record.get('samples_seen', 0))
         state.ship_seq = int(record.get('ship_seq', 0))
         state.round_seq = int(record.get('round_seq', 0))
+        # Sequence numbers never go back: the memory may hold none of the records the round
+        # counters passed (the plain round keeps none), and a new sample numbered below
+        # round_seq would never count as pending.
+        state.memory.next_seq = max(state.memory.next_seq, state.round_seq, state.ship_seq)
         state.refusals = int(record.get('refusals', 0))
         state.counters.update(record.get('counters', {}))
         state.last_gate = record.get('last_gate', {})

@@ -46,7 +46,7 @@ def _cloud(models, tmp_path=None, **guard) -> tuple[CloudRuntime, object]:
     private, public = generate_keypair()
     teacher, student = models
     student.load_trainable_state_dict(bundled.load('bundled:student').trainable_state_dict())
-    cfg = CloudConfig(min_samples=1, akd=AKDConfig(seed=0),
+    cfg = CloudConfig(min_samples=1, akd=AKDConfig(seed=0, lr=2e-3, batch_size=16),
                       guard=GuardConfig(anchor_limit=300, **guard))
     anchor = resolve_anchor('', bundled.resolve('bundled:student'))
     return CloudRuntime(teacher, student, private, cfg, state_dir=tmp_path,
@@ -83,10 +83,12 @@ def test_the_gate_refuses_a_harmful_candidate_and_ships_a_better_one(models, fog
     records = [r for r in state.memory.select() if runner.trainable(r)]
     anchors = [r for r in runner.anchor if r.split == 'train']
     trainer = RoundTrainer(runner.teacher, runner.student, runner.akd,
-                           TrainConfig(max_steps=150, min_steps=150, eval_every=150),
+                           TrainConfig(max_steps=150, min_steps=150, eval_every=150,
+                                       mix_new=0.5, mix_anchor=0.5),
                            base=runner.base)
     fill_targets(trainer.akd, records)
     runner.student.load_trainable_state_dict(view)
+    torch.manual_seed(0)  # the dropout of the distillation steps
     trainer.fit(records, None, anchors, [])
     better = runner.student.trainable_state_dict()
     slices = runner._slices(state, view, better)
@@ -96,7 +98,7 @@ def test_the_gate_refuses_a_harmful_candidate_and_ships_a_better_one(models, fog
 
 def test_a_refused_round_sends_nothing_and_keeps_training(models, fog):
     cloud, _ = _cloud(models, gate=__import__('cdcca_ros.core.rounds.gate', fromlist=['x'])
-                      .GateConfig(min_gain=100.0))
+                      .GateConfig(min_gain=100.0, anchor_tolerance=100.0, anchor_budget=100.0))
     _add_fog(cloud, fog, n=60)
     state = cloud.device(DEVICE)
     view_hash = state.hash

@@ -1,0 +1,150 @@
+"""Where an update may answer: the device's coverage of what the cloud trained on (no rclpy).
+
+The cloud's gate proves an update on held-out samples of the data it trained on: the device's
+own uplink and the anchor set. Nothing proves it on a scene the device never sent -- an update
+learnt in fog can make night worse before the robot has seen any night. So the device answers
+with the adapter only where the update was trained, and with the adapter it shipped with
+(the base) elsewhere, until the new scenes have gone up the link and come back in an update.
+
+"Where" is measured on the vision tokens the device computes anyway: a frame's feature is the
+mean and spread of its tokens (:func:`~cdcca_ros.core.rounds.memory.token_feature`),
+standardised; it is *covered* when its nearest neighbour among the features of everything
+the update could have been trained on (the device's uplinked samples until the update, and
+the anchor set) lies within a radius calibrated on those features themselves (a high
+quantile of their leave-one-out nearest-neighbour distances, times a margin). Scenes the
+device did send are covered; a new kind of scene is not. Shifts that leave token statistics
+alone (new objects on a clean background) are not told apart by this feature: there the
+update answers, as it would without coverage.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cdcca_ros.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CoverageConfig:
+    """How coverage is measured.
+
+    Attributes:
+        max_features: Features kept (uplinked samples and anchors; newest kept).
+        quantile: Quantile of the leave-one-out nearest-neighbour distances ...
+        margin: ... times this is the radius.
+        min_features: Fewer features than this: everything counts as covered (too little to
+            tell).
+    """
+
+    max_features: int = 2048
+    quantile: float = 0.99
+    margin: float = 1.5
+    min_features: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_features < 2 or self.min_features < 2:
+            raise ConfigError(f'coverage max_features={self.max_features} and min_features='
+                              f'{self.min_features} must be >= 2')
+        if not 0.0 < self.quantile <= 1.0 or not self.margin > 0.0:
+            raise ConfigError(f'coverage quantile={self.quantile} must be in (0, 1] and '
+                              f'margin={self.margin} > 0')
+
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> CoverageConfig | None:
+        """The coverage a device node builds from its ``guard.*`` parameters; None when
+        ``guard.coverage`` is off."""
+        if not params['guard.coverage']:
+            return None
+        return cls(margin=params['guard.coverage_margin'])
+
+
+def anchor_tokens_of(model_dir: str | None) -> Any:
+    """The vision tokens of the anchor set shipped in a model directory (None: none)."""
+    from pathlib import Path
+
+    from cdcca_ros.core.rounds.anchor import ANCHOR_FILE, read_anchor
+
+    if not model_dir or not (Path(model_dir) / ANCHOR_FILE).is_file():
+        return None
+    return read_anchor(Path(model_dir) / ANCHOR_FILE)[0]
+
+
+class Coverage:
+    """Features the current update was trained on, and the test of a frame against them.
+
+    :meth:`note` records an uplinked sample's feature; :meth:`snapshot` (at every applied
+    update) freezes what that update covers; :meth:`covers` tests a frame.
+    """
+
+    def __init__(self, cfg: CoverageConfig, anchors: np.ndarray | None = None) -> None:
+        self.cfg = cfg
+        self._anchors = (np.zeros((0, 0), np.float32) if anchors is None
+                         else np.asarray(anchors, np.float32))
+        self._seen: deque[np.ndarray] = deque(maxlen=cfg.max_features)
+        self._lock = threading.Lock()
+        self._points: np.ndarray | None = None
+        self._scale: tuple[np.ndarray, np.ndarray] | None = None
+        self.radius = float('inf')
+        self.checked = 0
+        self.uncovered = 0
+
+    def note(self, feature: np.ndarray) -> None:
+        """Record the feature of a sample that went up the link."""
+        with self._lock:
+            self._seen.append(np.asarray(feature, np.float32))
+
+    def snapshot(self) -> None:
+        """Freeze what the update now being applied was trained on (everything noted so far
+        and the anchors) and calibrate the radius on it."""
+        with self._lock:
+            parts = [np.stack(self._seen)] if self._seen else []
+        if self._anchors.size:
+            parts.append(self._anchors)
+        if not parts:
+            self._points = None
+            return
+        points = np.concatenate(parts)[-self.cfg.max_features:]
+        if len(points) < self.cfg.min_features:
+            self._points = None
+            return
+        mean, std = points.mean(axis=0), points.std(axis=0) + 1e-6
+        z = (points - mean) / std
+        d2 = _sq_distances(z, z)
+        np.fill_diagonal(d2, np.inf)
+        loo = np.sqrt(d2.min(axis=1))
+        self.radius = float(np.quantile(loo, self.cfg.quantile) * self.cfg.margin)
+        self._points, self._scale = z, (mean, std)
+
+    def covers(self, feature: np.ndarray) -> bool:
+        """Whether a frame with this feature lies where the current update was trained (True
+        when nothing is frozen yet: no update, or too little to tell); counted."""
+        inside = bool(self.covers_all(np.asarray(feature, np.float32)[None])[0])
+        self.checked += 1
+        self.uncovered += int(not inside)
+        return inside
+
+    def covers_all(self, features: np.ndarray) -> np.ndarray:
+        """:meth:`covers` for ``[n, F]`` features at once (not counted: evaluations)."""
+        points, scale = self._points, self._scale
+        features = np.asarray(features, np.float32)
+        if points is None or scale is None:
+            return np.ones(len(features), dtype=bool)
+        z = (features - scale[0]) / scale[1]
+        return np.sqrt(_sq_distances(z, points).min(axis=1)) <= self.radius
+
+    def status(self) -> dict[str, float | int]:
+        with self._lock:
+            noted = len(self._seen)
+        return {'noted': noted, 'frozen': 0 if self._points is None else len(self._points),
+                'radius': round(self.radius, 3) if np.isfinite(self.radius) else -1.0,
+                'checked': self.checked, 'uncovered': self.uncovered}
+
+
+def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[n, m]`` squared Euclidean distances (one matrix product)."""
+    return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2.0 * a @ b.T, 0.0)

@@ -171,13 +171,26 @@ class CloudRuntime:
         state = self.devices.get(device_id)
         if state is None:
             wire.check_device_id(device_id)
-            guard = self.cfg.guard
-            kwargs = {'memory_bytes': guard.memory_bytes, 'clusters': guard.clusters,
-                      'seed': self.cfg.akd.seed}
-            directory = self.state_dir / device_id if self.state_dir else None
-            state = (DeviceState.load(device_id, self.base, directory, **kwargs) if directory
-                     else DeviceState(device_id, self.base, None, **kwargs))
-            self.devices[device_id] = state
+            state = self.load_device(device_id,
+                                     self.state_dir / device_id if self.state_dir else None)
+        return state
+
+    def load_device(self, device_id: str, directory: Path | None) -> DeviceState:
+        """Load ``device_id``'s state from ``directory`` (a checkpoint folder; one without a
+        checkpoint: fresh at the base; None: fresh, in memory only) and hold it in place of
+        any held (the fleet's workers load a device's committed generation this way).
+
+        Raises:
+            WireError: ``device_id`` is not a valid id.
+            ModelError: The checkpoint is unreadable.
+        """
+        wire.check_device_id(device_id)
+        guard = self.cfg.guard
+        kwargs = {'memory_bytes': guard.memory_bytes, 'clusters': guard.clusters,
+                  'seed': self.cfg.akd.seed}
+        state = (DeviceState.load(device_id, self.base, directory, **kwargs) if directory
+                 else DeviceState(device_id, self.base, None, **kwargs))
+        self.devices[device_id] = state
         return state
 
     def resume(self) -> list[str]:

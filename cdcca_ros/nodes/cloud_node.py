@@ -161,7 +161,7 @@ def build_fleet(params: dict[str, Any]) -> Any:
     state_dir = Path(params['state_dir'] or Path.home() / '.cdcca' / 'cloud')
     quant = None if params['quantization'] == 'none' else params['quantization']
     return FleetEngine(params['teacher'], params['student'], params['torch_device'], quant,
-                       signing_key(params, state_dir), cloud_config(params),
+                       cloud_signer(params, state_dir), cloud_config(params),
                        params['guard.anchor'], FleetOptions.from_params(params, state_dir))
 
 
@@ -196,6 +196,7 @@ class CloudNode(ManagedNode):
         self._active = threading.Event()  # set by activate: rounds run
         self._lock = threading.Lock()  # samples vs rounds
         self._stop = threading.Event()
+        self._fleet_busy = threading.Lock()  # backend ray: held by the worker between polls
         self.counters = {'samples': 0, 'samples_rejected': 0, 'duplicates': 0, 'rounds': 0,
                          'uplink_bytes': 0, 'downlink_bytes': 0, 'refused': 0,
                          'audit_samples': 0, 'token_requests': 0, 'pulls_requested': 0,
@@ -281,10 +282,16 @@ class CloudNode(ManagedNode):
     def _unload(self) -> None:
         self._active.clear()
         self._unsubscribe()  # from now on the bridge keeps what arrives
-        with self._lock:  # after the round in progress, if any
-            runtime, self.runtime = self.runtime, None
-            if runtime is not None:
-                runtime.save()
+        fleet = self.runtime if hasattr(self.runtime, 'poll') else None
+        with self._fleet_busy:  # backend ray: the worker thread between two polls
+            if fleet is not None:
+                self._drain_fleet(fleet)
+            with self._lock:  # after the round in progress, if any
+                runtime, self.runtime = self.runtime, None
+                if runtime is not None:
+                    runtime.save()
+        if fleet is not None:
+            fleet.close()  # actors and (a local) Ray stop; committed state stays in the store
         gc.collect()
 
     def _cleanup(self) -> None:
@@ -417,20 +424,42 @@ class CloudNode(ManagedNode):
     # ---------------------------------------------------------------- backend ray
     def _fleet_loop(self, fleet: Any) -> None:
         """Hand due rounds to the fleet (devices awaiting a rollback report held) and publish
-        what comes back, until the node stops or the fleet is unloaded."""
-        while not self._stop.is_set() and self.runtime is fleet:
-            now = time.monotonic()
-            for device_id, (order, sent) in list(self._awaiting.items()):
-                if now - sent > ROLLBACK_WAIT_S:
-                    self.get_logger().error(f'{device_id!r} never answered the rollback order '
-                                            f'of v{order.from_version}: rounds resume')
-                    self._awaiting.pop(device_id, None)
-            try:
-                events = fleet.poll(held=set(self._awaiting), timeout=0.25)
-            except Exception as err:  # noqa: BLE001 - a cluster error: reported, node alive
-                self.get_logger().error(self.errors.set('round', f'fleet: {one_line(err)}'))
+        what comes back, until the node stops or the fleet is unloaded. While inactive no
+        round starts; the rounds in flight complete and are published."""
+        while not self._stop.is_set():
+            with self._fleet_busy:
+                if self.runtime is not fleet:
+                    return  # unloaded (cleanup / shutdown)
+                now = time.monotonic()
+                for device_id, (order, sent) in list(self._awaiting.items()):
+                    if now - sent > ROLLBACK_WAIT_S:
+                        self.get_logger().error(f'{device_id!r} never answered the rollback '
+                                                f'order of v{order.from_version}: rounds resume')
+                        self._awaiting.pop(device_id, None)
+                try:
+                    events = fleet.poll(held=set(self._awaiting), timeout=0.25,
+                                        dispatch=self._active.is_set())
+                except Exception as err:  # noqa: BLE001 - a cluster error: reported, node alive
+                    self.get_logger().error(self.errors.set('round', f'fleet: {one_line(err)}'))
+                    events = None
+                for event in events or ():
+                    self._on_fleet_event(event)
+            if events is None:
                 self._stop.wait(1.0)
-                continue
+
+    def _drain_fleet(self, fleet: Any, timeout: float = 120.0) -> None:
+        """Publish the rounds in flight (none starts) before the fleet is unloaded; a round
+        still running after ``timeout`` is left to the store (its device is due again on the
+        next load)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not fleet.in_flight():
+                    return
+                events = fleet.poll(held=set(self._awaiting), timeout=0.25, dispatch=False)
+            except Exception as err:  # noqa: BLE001 - a cluster error: reported, unload goes on
+                self.get_logger().error(self.errors.set('round', f'fleet: {one_line(err)}'))
+                return
             for event in events:
                 self._on_fleet_event(event)
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from ros_graph import Spinner, spin_until  # noqa: E402
 
 DEVICE = 'robot1'
@@ -30,8 +29,9 @@ def test_the_local_backend_never_imports_ray(tmp_path):
 
 
 def _uts_msg(tokens, indices, question, sample_id, space):
-    from cdcca_ros.core.uts import pack_tokens
     from cdcca_ros.msg import UtsTokens
+
+    from cdcca_ros.core.uts import pack_tokens
 
     packed = pack_tokens(tokens[indices], 'fp16')
     return UtsTokens(device_id=DEVICE, sample_id=sample_id, model_version=f'{DEVICE}:v0',
@@ -43,15 +43,15 @@ def _uts_msg(tokens, indices, question, sample_id, space):
 def test_a_round_on_the_fleet_reaches_the_nodes_topics(ros_context, tmp_path):
     pytest.importorskip('ray')
     import torch
+    from cdcca_ros.msg import AdaptationStatus, DwcDelta, UtsTokens
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
     from rclpy.parameter import Parameter
 
     from cdcca_ros.bench.common import build_tiny_pair
     from cdcca_ros.core import wire
-    from cdcca_ros.msg import AdaptationStatus, DwcDelta, UtsTokens
     from cdcca_ros.nodes.cloud_node import CloudNode
-    from cdcca_ros.nodes.common import DELTA_QOS, RELIABLE_QOS
+    from cdcca_ros.nodes.common import DELTA_QOS, RELIABLE_QOS, UPLINK_QOS
     from cdcca_ros.nodes.delta_msgs import DeltaReassembler
     from cdcca_ros.sim.world import World
 
@@ -81,7 +81,7 @@ def test_a_round_on_the_fleet_reaches_the_nodes_topics(ros_context, tmp_path):
                                RELIABLE_QOS)
     client.create_subscription(DiagnosticArray, '/diagnostics',
                                lambda m: got['diag'].extend(m.status), 20)
-    pub = client.create_publisher(UtsTokens, 'uts_tokens', RELIABLE_QOS)
+    pub = client.create_publisher(UtsTokens, 'uts_tokens', UPLINK_QOS)
     try:
         assert spin_until([executor], lambda: cloud.ready or cloud.fatal_error, 300.0)
         assert cloud.fatal_error is None, cloud.fatal_error
@@ -108,10 +108,21 @@ def test_a_round_on_the_fleet_reaches_the_nodes_topics(ros_context, tmp_path):
         assert spin_until([executor], lambda: any(
             kv.key == 'fleet.workers_alive' and kv.value == '1/1'
             for st in got['diag'] for kv in st.values), 10.0)
+        # Lifecycle: deactivate keeps the fleet, cleanup unloads it (actors and Ray stop).
+        import ray
+        from rclpy.lifecycle import TransitionCallbackReturn
+
+        assert cloud.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert type(cloud.runtime).__name__ == 'FleetEngine' and ray.is_initialized()
+        assert cloud.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+        assert cloud.runtime is None and cloud.lifecycle_state == 'unconfigured'
+        assert not ray.is_initialized()
+        # Unsubscribed: the bridge keeps the uplink.
+        assert spin_until([executor], lambda: pub.get_subscription_count() == 0, 10.0)
     finally:
         executor.shutdown()
         client.destroy_node()
-        spinner.close()  # destroys the node: the fleet's actors and Ray stop
+        spinner.close()  # destroys the node: the fleet's actors and Ray stop (if still up)
     import ray
 
     assert not ray.is_initialized()

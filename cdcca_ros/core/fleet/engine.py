@@ -44,14 +44,10 @@ from typing import TYPE_CHECKING, Any
 from cdcca_ros.core.cloud_runtime import check_sample
 from cdcca_ros.core.fleet.grouping import UplinkGroups
 from cdcca_ros.core.fleet.scheduler import FairScheduler
-from cdcca_ros.core.fleet.store import (
-    ROLLED_BACK,
-    SAMPLE,
-    UNAVAILABLE,
-    DirectoryStore,
-    check_device_id,
-)
+from cdcca_ros.core.fleet.store import ROLLED_BACK, SAMPLE, UNAVAILABLE, DirectoryStore
 from cdcca_ros.core.fleet.worker import WorkerSpec, decode_result, key_to_pem
+from cdcca_ros.core.trust import Signer
+from cdcca_ros.core.wire import check_device_id
 from cdcca_ros.errors import ConfigError, ModelLoadError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -373,7 +369,9 @@ class FleetEngine:
         teacher: Teacher spec; ``quantization`` how to load it.
         student: Student spec.
         torch_device: Torch device inside each actor (``cuda:0`` with GPU bundles).
-        key: The Ed25519 key that signs deltas and rollback orders.
+        key: What signs deltas and rollback orders: a
+            :class:`~cdcca_ros.core.trust.Signer` (key, time to live, key list to attach) or
+            a bare Ed25519 private key.
         cfg: The round settings.
         anchor: The ``guard.anchor`` setting.
         options: How the fleet runs.
@@ -385,7 +383,7 @@ class FleetEngine:
     """
 
     def __init__(self, teacher: str, student: str, torch_device: str, quantization: str | None,
-                 key: Any, cfg: CloudConfig, anchor: str, options: FleetOptions,
+                 key: Signer | Any, cfg: CloudConfig, anchor: str, options: FleetOptions,
                  clock: Any = time.monotonic) -> None:
         self.options = options
         self._cfg = cfg
@@ -410,13 +408,12 @@ class FleetEngine:
         self.teachers: list[Any] = []
         self.slots: list[_Slot] = []
         self._ctor_args: list[Any] = []
-        self._start(teacher, student, torch_device, quantization, key, anchor)
-        for device_id in self.store.devices():
-            self._device(device_id)
+        self._start(teacher, student, torch_device, quantization, Signer.of(key), anchor)
+        self.resume()
 
     # ---------------------------------------------------------------- start / stop
     def _start(self, teacher: str, student: str, torch_device: str, quantization: str | None,
-               key: Any, anchor: str) -> None:
+               signer: Signer, anchor: str) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -449,7 +446,8 @@ class FleetEngine:
             space = ray.get(self.teachers[0].space.remote(), timeout=600)
             self.space = _space(space)
             spec = WorkerSpec(student=student, torch_device=torch_device,
-                              key_pem=key_to_pem(key), cfg=self._cfg, anchor=anchor,
+                              key_pem=key_to_pem(signer.private_key), ttl_s=signer.ttl_s,
+                              key_list=bytes(signer.key_list), cfg=self._cfg, anchor=anchor,
                               store=str(self.store.root), threads=opts.threads)
             worker_cls = ray.remote(WorkerActor)
             # A restarted actor reruns its constructor with the same arguments: they are put
@@ -527,6 +525,16 @@ class FleetEngine:
 
     def save(self) -> None:
         """Nothing to do: every round commits to the store."""
+
+    def resume(self) -> list[str]:
+        """Take up every device the store holds (after a restart: samples in a device's inbox
+        are pending again, so its round runs without waiting for a new one); returns their
+        ids, as :meth:`CloudRuntime.resume <cdcca_ros.core.cloud_runtime.CloudRuntime.resume>`.
+        """
+        with self._lock:
+            for device_id in self.store.devices():
+                self._device(device_id)
+            return sorted(self._devices)
 
     # ---------------------------------------------------------------- settings
     @property
@@ -704,15 +712,18 @@ class FleetEngine:
             return dev.in_flight is None and t is not None and t <= now
 
     # ---------------------------------------------------------------- the loop
-    def poll(self, held: Any = (), timeout: float = 0.0) -> list[FleetEvent]:
+    def poll(self, held: Any = (), timeout: float = 0.0, dispatch: bool = True
+             ) -> list[FleetEvent]:
         """Start due rounds on free workers, wait up to ``timeout`` seconds for results,
         and return what happened. ``held``: devices whose rounds must wait (a rollback order
-        out)."""
+        out). ``dispatch`` False: start nothing, only collect the rounds in flight (the node
+        deactivated or unloading)."""
         import ray
 
         events: list[FleetEvent] = []
         with self._lock:
-            self._dispatch(held)
+            if dispatch:
+                self._dispatch(held)
             refs = [s.ref for s in self.slots if s.ref is not None]
             refs += [s.ping_ref for s in self.slots if s.ping_ref is not None]
         if refs:
@@ -723,7 +734,8 @@ class FleetEngine:
             for slot in self.slots:
                 events += self._collect(slot)
             self._ping_dead()
-            self._dispatch(held)
+            if dispatch:
+                self._dispatch(held)
         return events
 
     def _dispatch(self, held: Any) -> None:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdcca_ros.core.atomic import atomic_write
+from cdcca_ros.core.wire import check_device_id
 from cdcca_ros.errors import ConfigError, WireError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,21 +56,8 @@ SAMPLE, PULLED, UNAVAILABLE, ROLLED_BACK = 'sample', 'pulled', 'unavailable', 'r
 KINDS = (SAMPLE, PULLED, UNAVAILABLE, ROLLED_BACK)
 _TENSOR_KINDS = (SAMPLE, PULLED)
 KEEP_COMMITS = 8  # commits kept per device (the newest decides; older ones for a human)
-_DEVICE_ID = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.-]{0,127}')
 _ENTRY = re.compile(r'(\d{16})-([a-z_]+)')
 _COMMIT = re.compile(r'(\d{12})\.json')
-
-
-def check_device_id(device_id: str) -> str:
-    """A device id that is safe as a folder name (it came from the network).
-
-    Raises:
-        WireError: Empty, too long, or with characters outside ``[A-Za-z0-9_.-]``.
-    """
-    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
-        raise WireError(f'device id {device_id!r} is not 1-128 characters of [A-Za-z0-9_.-] '
-                        'starting with a letter or digit')
-    return device_id
 
 
 @dataclass
@@ -165,8 +153,7 @@ class DirectoryStore:
 
     def devices(self) -> list[str]:
         """Devices with anything in the store."""
-        return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and _DEVICE_ID.fullmatch(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _is_device_id(p.name))
 
     # ---------------------------------------------------------------- the inbox (front)
     def put_sample(self, device_id: str, number: int, tokens: Tensor, indices: Tensor | None,
@@ -334,6 +321,14 @@ class DirectoryStore:
                 for tmp in folder.glob('.*.tmp'):
                     if time.time() - tmp.stat().st_mtime > 60.0:
                         tmp.unlink(missing_ok=True)
+
+
+def _is_device_id(name: str) -> bool:
+    try:
+        check_device_id(name)
+    except WireError:
+        return False
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -41,6 +41,7 @@ from cdcca_ros.core.fleet.store import (
     Commit,
     DirectoryStore,
 )
+from cdcca_ros.core.trust import Signer
 from cdcca_ros.errors import CdccaError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +61,8 @@ class WorkerSpec:
         student: Student spec (directory, hub id, ``bundled:student``).
         torch_device: Torch device of the student.
         key_pem: The Ed25519 signing key (PKCS#8 PEM).
+        ttl_s: Seconds a signed delta or rollback order stays valid.
+        key_list: The root-signed key list the deltas carry (empty: none).
         cfg: The round settings.
         anchor: The cloud's ``guard.anchor`` (resolved on the worker).
         store: The store's folder (the same path on every node).
@@ -75,6 +78,8 @@ class WorkerSpec:
     store: str
     threads: int = 1
     worker_id: str = 'worker'
+    ttl_s: int = Signer.ttl_s
+    key_list: bytes = b''
 
 
 def private_key_from_pem(pem: bytes) -> Any:
@@ -125,7 +130,8 @@ class RoundWorker:
         student: The student base (trainable set configured, base weights loaded).
         teacher: The teacher: a :class:`~cdcca_ros.core.fleet.teacher.TeacherProxy` (or a
             model in this process).
-        key: Signs deltas and rollback orders.
+        key: Signs deltas and rollback orders (a :class:`~cdcca_ros.core.trust.Signer` or a
+            bare private key).
         cfg: The round settings.
         store: The device store.
         anchor: The anchor set file (None: none).
@@ -157,7 +163,9 @@ class RoundWorker:
         student = bundled.load(spec.student, None, spec.torch_device)
         anchor = (resolve_anchor(spec.anchor, bundled.resolve(spec.student))
                   if spec.cfg.guard.enabled else None)
-        return cls(student, teacher, private_key_from_pem(spec.key_pem), spec.cfg,
+        signer = Signer(private_key_from_pem(spec.key_pem), ttl_s=spec.ttl_s,
+                        key_list=spec.key_list)
+        return cls(student, teacher, signer, spec.cfg,
                    DirectoryStore(spec.store), anchor=anchor, worker_id=spec.worker_id)
 
     def configure(self, cfg: CloudConfig) -> None:
@@ -195,8 +203,6 @@ class RoundWorker:
         return [results[i] for i in range(len(tasks))]
 
     def _open(self, task: dict[str, Any]) -> _Open | dict[str, Any]:
-        from cdcca_ros.core.rounds.state import DeviceState
-
         t0 = time.time()
         device_id, ticket = task['device_id'], task['ticket']
         store = self.store
@@ -206,15 +212,8 @@ class RoundWorker:
             if done is not None:  # committed by a worker that died before answering
                 return {**decode_result(done.result), 'replayed': True}
         new_dir = store.prepare(device_id, head)
-        guard = self.runtime.cfg.guard
-        kwargs = {'memory_bytes': guard.memory_bytes, 'clusters': guard.clusters,
-                  'seed': self.runtime.cfg.akd.seed}
-        state = DeviceState.load(device_id, self.runtime.base,
-                                 store.state_dir(head) or new_dir, **kwargs)
+        state = self.runtime.load_device(device_id, store.state_dir(head) or new_dir)
         state.dir = new_dir  # every write of this task goes to the new generation
-        # Sequence numbers never go back, also when the plain round emptied the memory.
-        state.memory.next_seq = max(state.memory.next_seq, state.round_seq, state.ship_seq)
-        self.runtime.devices[device_id] = state
         item = _Open(task, head, state, new_dir, head.inbox_upto if head else -1,
                      {'samples': 0, 'duplicates': 0, 'pulled': 0, 'unavailable': 0,
                       'rolled_back': 0, 'unreadable': 0, 'rejected': 0}, [], t0)
@@ -224,24 +223,23 @@ class RoundWorker:
 
     def _apply_inbox(self, item: _Open) -> None:
         device_id = item.task['device_id']
-        state, rt = item.state, self.runtime
+        rt = self.runtime
         for entry in self.store.inbox(device_id, after=item.upto):
             item.upto = entry.number
             try:
                 info, tensors = entry.read()
                 if entry.kind == SAMPLE:
-                    sid = str(info.get('sample_id', ''))
-                    if sid and (sid in state.memory or sid in state.recent_ids):
-                        item.applied['duplicates'] += 1
-                        continue
-                    rt.add_sample(device_id, tensors['tokens'], tensors.get('indices'),
-                                  str(info['question']), int(info['num_tokens']),
-                                  int(info['token_dim']), sid,
-                                  device_answer=str(info.get('device_answer', '')),
-                                  device_version=int(info.get('device_version', -1)),
-                                  audit=bool(info.get('audit', False)),
-                                  label=info.get('label'))
-                    item.applied['samples'] += 1
+                    # A re-delivery of a sample the memory or the recent ids hold: refused
+                    # by the runtime (False), counted.
+                    fresh = rt.add_sample(device_id, tensors['tokens'], tensors.get('indices'),
+                                          str(info['question']), int(info['num_tokens']),
+                                          int(info['token_dim']),
+                                          str(info.get('sample_id', '')),
+                                          device_answer=str(info.get('device_answer', '')),
+                                          device_version=int(info.get('device_version', -1)),
+                                          audit=bool(info.get('audit', False)),
+                                          label=info.get('label'))
+                    item.applied['samples' if fresh else 'duplicates'] += 1
                 elif entry.kind == PULLED:
                     merged = rt.add_pulled(device_id, str(info['sample_id']),
                                            tensors['tokens'], tensors.get('indices'))

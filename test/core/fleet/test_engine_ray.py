@@ -11,7 +11,6 @@ import time
 
 import pytest
 import torch
-
 from fleet_helpers import short_round  # noqa: E402
 
 from cdcca_ros.core.fleet.engine import FleetEngine, FleetOptions, RoundDone, WorkerChanged

@@ -11,7 +11,6 @@ from cdcca_ros.core.fleet.store import (
     SAMPLE,
     Commit,
     DirectoryStore,
-    check_device_id,
 )
 from cdcca_ros.errors import WireError
 
@@ -90,7 +89,11 @@ def test_prepare_links_history_and_memory_and_clean_drops_what_the_commit_made_o
 
 
 @pytest.mark.parametrize('bad', ['', '../etc', 'a/b', '.hidden', 'x' * 200, 'sp ace'])
-def test_device_ids_that_cannot_be_folder_names_are_refused(bad):
+def test_device_ids_that_cannot_be_folder_names_are_refused(tmp_path, bad):
+    store = DirectoryStore(tmp_path)
     with pytest.raises(WireError):
-        check_device_id(bad)
-    assert check_device_id('robot-7.a_b') == 'robot-7.a_b'
+        store.device_dir(bad)
+    with pytest.raises(WireError):
+        store.put_control(bad, 0, ROLLED_BACK, {'version': 1, 'hash': 'h'})
+    assert not any(tmp_path.iterdir())  # nothing written for a refused id
+    assert store.device_dir('robot-7.a_b') == tmp_path / 'robot-7.a_b'

@@ -57,7 +57,8 @@ def test_the_proxy_gives_the_teachers_targets_and_asks_once_per_sample(teacher, 
         ref = teacher.forward_train(tokens[:4], None, questions[:4], answers)
     torch.testing.assert_close(out.query, ref.query.half().float())
     assert torch.equal(out.answer_mask, ref.answer_mask.bool())
-    torch.testing.assert_close(out.fused[out.answer_mask], ref.fused[ref.answer_mask].half().float())
+    torch.testing.assert_close(out.fused[out.answer_mask],
+                               ref.fused[ref.answer_mask].half().float())
     forwards = client.batcher.report()['targets']['forwards']
     again = proxy.forward_train(tokens[[2, 0]], None, [questions[2], questions[0]],
                                 [answers[2], answers[0]])

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fleet_helpers import short_round  # noqa: E402
 
 from cdcca_ros.core.fleet.store import DirectoryStore
 from cdcca_ros.core.fleet.teacher import LocalTeacherClient, TeacherProxy
 from cdcca_ros.core.fleet.worker import RoundWorker
 from cdcca_ros.core.updates import DeltaEnvelope, DeltaGate
 from cdcca_ros.core.wire import generate_keypair
-
-from fleet_helpers import short_round  # noqa: E402
 
 
 @pytest.fixture(scope='module')

@@ -37,9 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from torch import Tensor
 
-    from cdcca_ros.models.base import MLLM
+    from cdcca_ros.models.base import MLLM, VisionSpace
 
-__all__ = ['CloudConfig', 'CloudRuntime', 'DeviceState', 'RoundResult', 'AuditResult']
+__all__ = ['CloudConfig', 'CloudRuntime', 'DeviceState', 'RoundResult', 'AuditResult',
+           'check_sample']
 
 
 @dataclass
@@ -92,6 +93,25 @@ class CloudConfig:
             raise ConfigError(f'budget_bytes must be >= 64, got {self.budget_bytes}')
         if not self.refit_min_error >= 0:
             raise ConfigError(f'refit_min_error must be >= 0, got {self.refit_min_error}')
+
+
+def check_sample(space: VisionSpace, device_id: str, tokens: Tensor, indices: Tensor | None,
+                 num_tokens: int, token_dim: int) -> None:
+    """Check that an uplinked sample lives in ``space``.
+
+    Raises:
+        WireError: Another token space, tokens not ``[K, D]``, or indices out of range.
+    """
+    if token_dim != space.dim or num_tokens != space.num_tokens:
+        raise WireError(f'sample from {device_id!r} has {num_tokens} tokens of dim '
+                        f'{token_dim}; this cloud expects {space.num_tokens} x {space.dim}')
+    if tokens.dim() != 2 or tokens.shape[1] != token_dim:
+        raise WireError(f'sample from {device_id!r}: tokens {tuple(tokens.shape)} are not '
+                        f'[K, {token_dim}]')
+    if indices is not None and (indices.numel() != tokens.shape[0] or (
+            indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_tokens))):
+        raise WireError(f'sample from {device_id!r} has token indices outside '
+                        f'[0, {num_tokens}) or not one per token')
 
 
 class CloudRuntime:
@@ -151,13 +171,26 @@ class CloudRuntime:
         state = self.devices.get(device_id)
         if state is None:
             wire.check_device_id(device_id)
-            guard = self.cfg.guard
-            kwargs = {'memory_bytes': guard.memory_bytes, 'clusters': guard.clusters,
-                      'seed': self.cfg.akd.seed}
-            directory = self.state_dir / device_id if self.state_dir else None
-            state = (DeviceState.load(device_id, self.base, directory, **kwargs) if directory
-                     else DeviceState(device_id, self.base, None, **kwargs))
-            self.devices[device_id] = state
+            state = self.load_device(device_id,
+                                     self.state_dir / device_id if self.state_dir else None)
+        return state
+
+    def load_device(self, device_id: str, directory: Path | None) -> DeviceState:
+        """Load ``device_id``'s state from ``directory`` (a checkpoint folder; one without a
+        checkpoint: fresh at the base; None: fresh, in memory only) and hold it in place of
+        any held (the fleet's workers load a device's committed generation this way).
+
+        Raises:
+            WireError: ``device_id`` is not a valid id.
+            ModelError: The checkpoint is unreadable.
+        """
+        wire.check_device_id(device_id)
+        guard = self.cfg.guard
+        kwargs = {'memory_bytes': guard.memory_bytes, 'clusters': guard.clusters,
+                  'seed': self.cfg.akd.seed}
+        state = (DeviceState.load(device_id, self.base, directory, **kwargs) if directory
+                 else DeviceState(device_id, self.base, None, **kwargs))
+        self.devices[device_id] = state
         return state
 
     def resume(self) -> list[str]:
@@ -185,18 +218,7 @@ class CloudRuntime:
 
     def _check(self, device_id: str, tokens: Tensor, indices: Tensor | None,
                num_tokens: int, token_dim: int) -> None:
-        if token_dim != self.space.dim or num_tokens != self.space.num_tokens:
-            raise WireError(f'sample from {device_id!r} has {num_tokens} tokens of dim '
-                            f'{token_dim}; this cloud expects {self.space.num_tokens} x '
-                            f'{self.space.dim}')
-        if tokens.dim() != 2 or tokens.shape[1] != token_dim:
-            raise WireError(f'sample from {device_id!r}: tokens {tuple(tokens.shape)} are not '
-                            f'[K, {token_dim}]')
-        if indices is not None and (indices.numel() != tokens.shape[0] or (
-                indices.numel() and (int(indices.min()) < 0
-                                     or int(indices.max()) >= num_tokens))):
-            raise WireError(f'sample from {device_id!r} has token indices outside '
-                            f'[0, {num_tokens}) or not one per token')
+        check_sample(self.space, device_id, tokens, indices, num_tokens, token_dim)
 
     def add_sample(self, device_id: str, tokens: Tensor, indices: Tensor | None, question: str,
                    num_tokens: int, token_dim: int, sample_id: str = '', *,

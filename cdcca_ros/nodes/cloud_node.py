@@ -3,7 +3,8 @@
 Topics (relative names):
     in  uts_tokens (cdcca_ros/UtsTokens): uplink samples of one or many devices (kept tokens,
         ``basis``-coded ones decoded with ``uplink_basis``, or a JPEG frame the cloud encodes
-        with its own vision encoder), and the pulled rest of samples' tokens (``pulled``)
+        with its own vision encoder: backend local only), and the pulled rest of samples'
+        tokens (``pulled``)
     in  device_status (cdcca_ros/AdaptationStatus): the devices' own reports, through the
         bridge (a rollback the device carried out moves the cloud's view of it)
     out dwc_delta (cdcca_ros/DwcDelta, chunked, reliable + transient local)
@@ -22,6 +23,11 @@ before a round the live audit runs; when it orders a rollback, the order goes ou
 device's rounds wait until the device reports it carried it out (or refused it). Per-device
 state (the exact adapter the device holds, the cloud's trained copy, the replay memory) is
 checkpointed under ``state_dir`` and survives a restart.
+
+With ``backend:=ray`` the rounds run on a Ray cluster instead (``ray_address``; a local one
+when empty): student workers, a batching teacher service, device state in ``ray.store_dir``
+(:mod:`cdcca_ros.core.fleet`). The node stays the same face: samples and reports go to the
+fleet's store, the worker thread hands due rounds to it and publishes what comes back.
 
 Teacher and student that cannot load are one FATAL line and a non-zero exit. The ``round.*``,
 ``akd.*`` and ``dwc.*`` parameters change at runtime (``ros2 param set``) and apply from the next
@@ -134,8 +140,11 @@ def cloud_config(params: dict[str, Any]) -> CloudConfig:
     return CloudConfig.from_params(params)
 
 
-def build_runtime(params: dict[str, Any]) -> CloudRuntime:
-    """Load teacher and student and the signing key named by the parameters."""
+def build_runtime(params: dict[str, Any]) -> CloudRuntime | Any:
+    """Load teacher and student and the signing key named by the parameters (``backend``
+    ray: start the fleet on Ray instead)."""
+    if params['backend'] == 'ray':
+        return build_fleet(params)
     from cdcca_ros.models import bundled
 
     quant = None if params['quantization'] == 'none' else params['quantization']
@@ -149,9 +158,25 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime:
                         state_dir=state_dir, anchor=anchor)
 
 
-def cloud_basis(params: dict[str, Any], student: Any) -> TokenBasis | None:
+def build_fleet(params: dict[str, Any]) -> Any:
+    """The fleet engine on Ray (:class:`cdcca_ros.core.fleet.engine.FleetEngine`): Ray is
+    imported here only."""
+    from cdcca_ros.core.fleet.engine import FleetEngine, FleetOptions
+
+    state_dir = Path(params['state_dir'] or Path.home() / '.cdcca' / 'cloud')
+    quant = None if params['quantization'] == 'none' else params['quantization']
+    return FleetEngine(params['teacher'], params['student'], params['torch_device'], quant,
+                       cloud_signer(params, state_dir), cloud_config(params),
+                       params['guard.anchor'], FleetOptions.from_params(params, state_dir))
+
+
+def cloud_basis(params: dict[str, Any], space: Any) -> TokenBasis | None:
     """The token basis of basis-coded samples (``uplink_basis``, else beside the student);
     None when there is none (such samples are then refused).
+
+    Args:
+        params: The node's parameters.
+        space: The student's vision space (``student.vision_space()``; the fleet's ``space``).
 
     Raises:
         ConfigError: A configured file that cannot be read.
@@ -165,7 +190,7 @@ def cloud_basis(params: dict[str, Any], student: Any) -> TokenBasis | None:
         path = Path(bundled.resolve(params['student'])) / BASIS_FILE
         if not path.is_file():
             return None
-    return TokenBasis.load(path, space_id(student.vision_space()))
+    return TokenBasis.load(path, space_id(space))
 
 
 def tokens_from_msg(msg: UtsTokens, basis: TokenBasis | None = None
@@ -215,6 +240,7 @@ class CloudNode(ManagedNode):
         self._active = threading.Event()  # set by activate: rounds run
         self._lock = threading.Lock()  # samples vs rounds
         self._stop = threading.Event()
+        self._fleet_busy = threading.Lock()  # backend ray: held by the worker between polls
         self.counters = {'samples': 0, 'samples_rejected': 0, 'duplicates': 0, 'rounds': 0,
                          'uplink_bytes': 0, 'downlink_bytes': 0, 'refused': 0,
                          'audit_samples': 0, 'token_requests': 0, 'pulls_requested': 0,
@@ -301,11 +327,17 @@ class CloudNode(ManagedNode):
     def _unload(self) -> None:
         self._active.clear()
         self._unsubscribe()  # from now on the bridge keeps what arrives
-        with self._lock:  # after the round in progress, if any
-            runtime, self.runtime = self.runtime, None
-            self._token_basis = None  # the next student's, looked up again
-            if runtime is not None:
-                runtime.save()
+        fleet = self.runtime if hasattr(self.runtime, 'poll') else None
+        with self._fleet_busy:  # backend ray: the worker thread between two polls
+            if fleet is not None:
+                self._drain_fleet(fleet)
+            with self._lock:  # after the round in progress, if any
+                runtime, self.runtime = self.runtime, None
+                self._token_basis = None  # the next student's, looked up again
+                if runtime is not None:
+                    runtime.save()
+        if fleet is not None:
+            fleet.close()  # actors and (a local) Ray stop; committed state stays in the store
         gc.collect()
 
     def _cleanup(self) -> None:
@@ -324,8 +356,11 @@ class CloudNode(ManagedNode):
 
     def _basis(self) -> TokenBasis | None:
         """The cloud's token basis, loaded on first use (None: there is none)."""
-        if self._token_basis is None and self.runtime is not None:
-            self._token_basis = cloud_basis(self.params, self.runtime.student) or False
+        runtime = self.runtime
+        if self._token_basis is None and runtime is not None:
+            student = getattr(runtime, 'student', None)  # backend ray: the fleet's space
+            space = student.vision_space() if student is not None else runtime.space
+            self._token_basis = cloud_basis(self.params, space) or False
         return self._token_basis or None
 
     def _on_tokens(self, msg: UtsTokens) -> None:
@@ -341,7 +376,12 @@ class CloudNode(ManagedNode):
                     self.counters['samples_rejected'] += 1
                     return
                 if msg.dtype == IMAGE:
-                    tokens, indices = frame_tokens(msg, self.runtime.student), None
+                    student = getattr(self.runtime, 'student', None)
+                    if student is None:
+                        raise WireError('an image uplink sample needs the cloud\'s student to '
+                                        'encode the frame: backend local (the fleet takes '
+                                        'tokens only)')
+                    tokens, indices = frame_tokens(msg, student), None
                 else:
                     tokens, indices = tokens_from_msg(
                         msg, self._basis() if msg.basis_version else None)
@@ -439,10 +479,78 @@ class CloudNode(ManagedNode):
             runtime = self.runtime
             if runtime is None or not self._active.is_set():
                 continue
+            if hasattr(runtime, 'poll'):  # backend ray: the fleet runs the rounds
+                self._fleet_loop(runtime)
+                continue
             for device_id in list(runtime.devices):
                 if not self._active.is_set():
                     break  # deactivated: no further round starts
                 self.step(device_id)
+
+    # ---------------------------------------------------------------- backend ray
+    def _fleet_loop(self, fleet: Any) -> None:
+        """Hand due rounds to the fleet (devices awaiting a rollback report held) and publish
+        what comes back, until the node stops or the fleet is unloaded. While inactive no
+        round starts; the rounds in flight complete and are published."""
+        while not self._stop.is_set():
+            with self._fleet_busy:
+                if self.runtime is not fleet:
+                    return  # unloaded (cleanup / shutdown)
+                now = time.monotonic()
+                for device_id, (order, sent) in list(self._awaiting.items()):
+                    if now - sent > ROLLBACK_WAIT_S:
+                        self.get_logger().error(f'{device_id!r} never answered the rollback '
+                                                f'order of v{order.from_version}: rounds resume')
+                        self._awaiting.pop(device_id, None)
+                try:
+                    events = fleet.poll(held=set(self._awaiting), timeout=0.25,
+                                        dispatch=self._active.is_set())
+                except Exception as err:  # noqa: BLE001 - a cluster error: reported, node alive
+                    self.get_logger().error(self.errors.set('round', f'fleet: {one_line(err)}'))
+                    events = None
+                for event in events or ():
+                    self._on_fleet_event(event)
+            if events is None:
+                self._stop.wait(1.0)
+
+    def _drain_fleet(self, fleet: Any, timeout: float = 120.0) -> None:
+        """Publish the rounds in flight (none starts) before the fleet is unloaded; a round
+        still running after ``timeout`` is left to the store (its device is due again on the
+        next load)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not fleet.in_flight():
+                    return
+                events = fleet.poll(held=set(self._awaiting), timeout=0.25, dispatch=False)
+            except Exception as err:  # noqa: BLE001 - a cluster error: reported, unload goes on
+                self.get_logger().error(self.errors.set('round', f'fleet: {one_line(err)}'))
+                return
+            for event in events:
+                self._on_fleet_event(event)
+
+    def _on_fleet_event(self, event: Any) -> None:
+        from cdcca_ros.core.fleet import engine as fleet
+
+        if isinstance(event, fleet.RoundDone):
+            self.errors.clear('round')
+            self.publish_result(event.device_id, event.result, event.done_t - event.dispatch_t)
+        elif isinstance(event, fleet.NoRound):
+            self.get_logger().warning(f'round for {event.device_id!r}: no usable pseudo-label')
+        elif isinstance(event, fleet.PullsWanted):
+            self._request_tokens(event.device_id, event.sample_ids)
+        elif isinstance(event, fleet.RollbackOrdered):
+            self.order_rollback(event.order, event.figures)
+        elif isinstance(event, fleet.Mirrored) and not event.ok:
+            self.get_logger().error(self.errors.set(
+                'rollback', f'{event.device_id!r} reports a rollback to v{event.version} '
+                            f'{event.hash[:12]} this cloud cannot mirror (unknown adapter or '
+                            'older version)'))
+        elif isinstance(event, fleet.TaskFailed):
+            self.get_logger().error(self.errors.set(
+                'round', f'round for {event.device_id!r} failed: {event.message}'))
+        elif isinstance(event, fleet.WorkerChanged):
+            self.get_logger().warning(event.message)
 
     def step(self, device_id: str) -> RoundResult | None:
         """One pass of the worker for ``device_id``: label what arrived (and ask for pulls);
@@ -537,9 +645,14 @@ class CloudNode(ManagedNode):
             self.get_logger().warning(f'round for {device_id!r}: no usable pseudo-label')
             return None
         self._request_tokens(device_id, result.pulls)
+        return self.publish_result(device_id, result, time.perf_counter() - t0)
+
+    def publish_result(self, device_id: str, result: RoundResult, elapsed_s: float
+                       ) -> RoundResult:
+        """Publish a round's delta (when the gate let it ship) and its status."""
         self.results.append(result)
         if result.envelope is None:
-            return self._refused(device_id, result, t0)
+            return self._refused(device_id, result, elapsed_s)
         stamp = self.get_clock().now().to_msg()
         for chunk in envelope_to_msgs(result.envelope, self.params['dwc.chunk_bytes'],
                                       num_params=result.stats.num_params,
@@ -551,7 +664,7 @@ class CloudNode(ManagedNode):
         status = AdaptationStatus(
             device_id=device_id, node='cloud', round=result.round,
             state=AdaptationStatus.STATE_ROUND_DONE,
-            message=f'{result.samples} samples, {time.perf_counter() - t0:.1f} s',
+            message=f'{result.samples} samples, {elapsed_s:.1f} s',
             model_version=version_label(device_id, result.envelope.new_version),
             uplink_samples=self._round_samples.pop(device_id, 0),
             uplink_bytes=self._round_bytes.pop(device_id, 0),
@@ -571,7 +684,7 @@ class CloudNode(ManagedNode):
             f'{result.stats.nbytes} B ({result.stats.bits_per_param:.2f} bit/param)')
         return result
 
-    def _refused(self, device_id: str, result: RoundResult, t0: float) -> RoundResult:
+    def _refused(self, device_id: str, result: RoundResult, elapsed_s: float) -> RoundResult:
         """Publish a round whose candidate the gate refused (nothing goes to the device)."""
         self.counters['rounds'] += 1
         self.counters['refused'] += 1
@@ -581,8 +694,7 @@ class CloudNode(ManagedNode):
         status = AdaptationStatus(
             device_id=device_id, node='cloud', round=result.round,
             state=AdaptationStatus.STATE_REFUSED,
-            message=f'{result.samples} samples, {time.perf_counter() - t0:.1f} s: '
-                    f'{reason}'[:500],
+            message=f'{result.samples} samples, {elapsed_s:.1f} s: {reason}'[:500],
             model_version=version_label(device_id, state.version), model_hash=state.hash,
             uplink_samples=self._round_samples.pop(device_id, 0),
             uplink_bytes=self._round_bytes.pop(device_id, 0),
@@ -628,6 +740,8 @@ class CloudNode(ManagedNode):
             values['akd'] = f'steps={cfg.akd.steps} lr={cfg.akd.lr:g}'
             values['dwc'] = f'codec={cfg.codec} budget_bytes={cfg.budget_bytes}'
         values.update(self._device_figures())
+        if hasattr(self.runtime, 'figures'):  # backend ray: workers, queue, retries
+            values.update(self.runtime.figures())
         if self.fatal_error:
             values['last_error'] = self.fatal_error
         elif runtime is None and self.transition_error:
@@ -644,6 +758,9 @@ class CloudNode(ManagedNode):
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30.0)  # (models still loading are not waited for: autostart's)
+        close = getattr(self.runtime, 'close', None)  # backend ray: actors and Ray stop
+        if close is not None:
+            close()
         super().destroy_node()
 
 

@@ -275,6 +275,36 @@ CLOUD = (
     Param('guard.audit_alpha', 0.01, 'audit: significance of "worse"', low=1e-6, high=0.5),
     Param('guard.audit_min_drop', 3.0, 'audit: smallest fall that orders a rollback (points)',
           low=0.0, high=100.0),
+    Param('backend', 'local', 'where rounds run: local (in this process, one after another; '
+          'Ray is never imported) or ray (a pool of student workers and a batching teacher '
+          'service on a Ray cluster, device state in ray.store_dir)',
+          choices=('local', 'ray')),
+    Param('ray_address', '', 'backend ray: the cluster to join (a ray.init address: auto, '
+          'HOST:6379, ray://HOST:10001); empty: start a local one on this machine'),
+    Param('ray.workers', 2, 'backend ray: student workers (each holds one student base and '
+          'swaps the devices\' adapters in per round)', low=1, high=4096),
+    Param('ray.teachers', 1, 'backend ray: teacher replicas (one per GPU); requests of all '
+          'workers are batched on them', low=1, high=1024),
+    Param('ray.worker_cpus', 1.0, 'backend ray: CPUs of one worker\'s placement bundle',
+          low=0.0, high=1024.0),
+    Param('ray.worker_gpus', 0.0, 'backend ray: GPUs of one worker\'s placement bundle '
+          '(fractions share a GPU)', low=0.0, high=64.0),
+    Param('ray.teacher_cpus', 1.0, 'backend ray: CPUs of one teacher\'s placement bundle',
+          low=0.0, high=1024.0),
+    Param('ray.teacher_gpus', 0.0, 'backend ray: GPUs of one teacher\'s placement bundle',
+          low=0.0, high=64.0),
+    Param('ray.store_dir', '', 'backend ray: device state every worker reaches (the same path '
+          'on every node: shared storage); empty: <state_dir>/fleet'),
+    Param('ray.max_batch', 64, 'backend ray: most samples in one teacher forward', low=1,
+          high=65536),
+    Param('ray.batch_wait_ms', 5.0, 'backend ray: how long a teacher request waits for others '
+          'to share its forward', low=0.0, high=10000.0),
+    Param('ray.group_max', 4, 'backend ray: due devices of one uplink group (same kept-token '
+          'count) served by one task, their teacher requests batched together (1: one device '
+          'per task)', low=1, high=256),
+    Param('ray.fairness_floor', 0.75, 'backend ray: smallest share of an equal share of rounds '
+          'a due device gets (gate refusals in a row and a small estimated gain lower its '
+          'share down to this)', low=0.05, high=1.0),
 )
 
 BRIDGE = (

@@ -210,6 +210,7 @@ def test_token_pull_then_a_refused_round_over_the_link(graph, models):
                              'uts.audit_fraction': 0.0, 'uts.ring_samples': 1},
               cloud_params={'round.min_samples': 1000, 'round.max_wait_s': 3600.0,
                             'guard.pull_below': 0.999,  # the teacher's 0.986 asks for more
+                            'guard.pull_fraction': 1.0,  # every unsure sample is pulled
                             'guard.min_gain': 100.0,    # no candidate can clear it
                             'guard.val_fraction': 0.0, 'guard.gate_fraction': 0.5,
                             'guard.anchor': 'none', 'guard.max_steps': 5,

@@ -123,12 +123,12 @@ def test_both_sides_refuse_a_basis_of_another_encoder(tmp_path):
     space = student.vision_space()
     # The shipped basis belongs to the bundled student's encoder: both sides find it.
     assert device_basis(validate('device_node', {}), space).version == \
-        cloud_basis(validate('cloud_node', {}), student).version
+        cloud_basis(validate('cloud_node', {}), space).version
     other = fit_basis(torch.randn(300, space.dim), 'another-vit#0000:d64:n10:g3x3:cls')
     path = other.save(tmp_path / 'other.safetensors')
     with pytest.raises(BasisMismatchError, match='fitted for'):
         device_basis(validate('device_node', {'uts.basis': str(path)}), space)
     with pytest.raises(BasisMismatchError, match='fitted for'):
-        cloud_basis(validate('cloud_node', {'uplink_basis': str(path)}), student)
+        cloud_basis(validate('cloud_node', {'uplink_basis': str(path)}), space)
     with pytest.raises(ConfigError, match='no token basis'):
         device_basis(validate('device_node', {'uts.basis': str(tmp_path / 'none')}), space)

@@ -1,0 +1,360 @@
+"""The cloud for a fleet, on Ray: throughput per worker count, latency, fairness, teacher
+batching, and a worker killed mid-round.
+
+``python -m cdcca_ros.bench fleet --devices 128 --workers 1,2 --out FILE.json [--kill-worker]``
+
+Lightweight simulated devices (:mod:`cdcca_ros.bench.fleet_sim`: uplink from the synthetic
+world at 0.3-0.5 samples a second each, every device its own drift schedule and UTS setting,
+deltas verified by each device's gate, no ROS graph per device) against
+:class:`~cdcca_ros.core.fleet.engine.FleetEngine` on a Ray cluster started on this machine.
+Phases, each on fresh actors and a fresh store:
+
+- ``w<N>`` for every ``--workers`` count: every device gets ``--rounds`` rounds; rounds per
+  minute over the saturated window (from the moment at least N rounds were owed to the
+  moment the last device got its ``--rounds``-th), trigger-to-delta times, fairness
+  (max/min rounds per device at that moment), teacher batching;
+- ``kill`` (``--kill-worker``): the largest worker count again, one worker SIGKILLed in the
+  middle of a round once half the devices got one: rounds lost, deltas duplicated, samples
+  lost, time to recover;
+- ``group_off`` / ``group_on`` (``--grouping-ab``): one worker, every device owed a round at
+  once, one device per task against ``--group-max`` devices of one uplink group per task:
+  teacher forwards and teacher time per labelled sample.
+
+Round settings (``--profile``): ``light`` (default) is the guarded round shortened (12 steps,
+no refit, a 256-sample anchor) so the figures are about scheduling and the run takes minutes;
+``node`` is the cloud node's defaults. Models: ``--teacher`` / ``--student`` (default the
+bundled pair).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from cdcca_ros.bench.common import BenchContext, BenchResult, Target, model_image_size
+from cdcca_ros.bench.fleet_sim import (
+    FleetRun,
+    KillPlan,
+    PhaseRecord,
+    SimDevice,
+    TokenPool,
+    make_profiles,
+    percentile,
+)
+from cdcca_ros.errors import ConfigError
+
+NAME = 'fleet'
+DESCRIPTION = ('a fleet of simulated devices against the cloud on Ray: rounds per minute per '
+               'worker count, trigger-to-delta time, fairness, teacher batching, a worker '
+               'killed mid-round')
+TARGETS = (
+    Target('rounds_lost', '==', 0, 'issue 18'),
+    Target('deltas_duplicated', '==', 0, 'issue 18'),
+    Target('samples_lost', '==', 0, 'issue 18 (nothing lost)'),
+    Target('speedup_2_workers', '>=', 1.6, 'issue 18 (each worker one core)'),
+    Target('fairness', '<=', 1.5, 'issue 18'),
+    Target('kill_delay_rounds', '<=', 1.0,
+           'issue 18 (a killed worker delays no device by more than one round)'),
+)
+LIGHT = {'guard.max_steps': 12, 'guard.min_steps': 6, 'dwc.refit_steps': 0}
+LIGHT_ANCHOR_LIMIT = 256
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Bench arguments."""
+    parser.add_argument('--devices', type=int, default=None,
+                        help='simulated devices (default 128, quick 6)')
+    parser.add_argument('--workers', default='1,2',
+                        help='comma-separated worker counts, one phase each (default 1,2)')
+    parser.add_argument('--rounds', type=int, default=None,
+                        help='rounds every device gets per phase (default 3, quick 1)')
+    parser.add_argument('--min-samples', type=int, default=None,
+                        help='round.min_samples: samples a round is owed after (default 16, '
+                             'quick 4)')
+    parser.add_argument('--rate', default='0.3,0.5',
+                        help='uplinked samples a second per device, low,high (default 0.3,0.5)')
+    parser.add_argument('--group-max', type=int, default=4,
+                        help='devices of one uplink group per task (default 4; 1: none)')
+    parser.add_argument('--kill-worker', action='store_true',
+                        help='add a phase with a worker SIGKILLed mid-round')
+    parser.add_argument('--grouping-ab', action=argparse.BooleanOptionalAction, default=True,
+                        help='measure what uplink grouping saves (default on)')
+    parser.add_argument('--ab-devices', type=int, default=None,
+                        help='devices of the grouping phases (default 32, quick 6)')
+    parser.add_argument('--profile', choices=('light', 'node'), default='light',
+                        help='round settings: light (short guarded rounds, default) or node '
+                             '(the cloud node defaults)')
+    parser.add_argument('--max-minutes', type=float, default=30.0,
+                        help='time cap of one phase (default 30)')
+    parser.add_argument('--pool', type=int, default=None,
+                        help='world samples per domain the devices draw from (default 48, '
+                             'quick 8)')
+
+
+def _round_config(profile: str, min_samples: int) -> Any:
+    from cdcca_ros.core.cloud_runtime import CloudConfig
+    from cdcca_ros.nodes.tables import validate
+
+    params = validate('cloud_node', {'round.min_samples': min_samples,
+                                     'round.max_wait_s': 3600.0,
+                                     **(LIGHT if profile == 'light' else {})})
+    cfg = CloudConfig.from_params(params)
+    if profile == 'light':
+        cfg.guard = cfg.guard.with_(anchor_limit=LIGHT_ANCHOR_LIMIT)
+    return cfg
+
+
+def run(ctx: BenchContext) -> BenchResult:
+    import ray
+    import torch
+
+    from cdcca_ros.core.fleet.engine import FleetEngine, FleetOptions
+    from cdcca_ros.core.wire import generate_keypair, state_dict_hash
+
+    a, quick = ctx.args, ctx.quick
+    n_dev = a.devices or (6 if quick else 128)
+    rounds = a.rounds or (1 if quick else 3)
+    min_samples = a.min_samples or (4 if quick else 16)
+    ab_devices = a.ab_devices or (6 if quick else 32)
+    pool_n = a.pool or (8 if quick else 48)
+    try:
+        workers = sorted({int(w) for w in a.workers.split(',')})
+        rates = tuple(float(r) for r in a.rate.split(','))
+    except ValueError as err:
+        raise ConfigError(f'--workers {a.workers!r} / --rate {a.rate!r}: {err}') from err
+    if min(workers) < 1 or n_dev < 1 or rounds < 1 or len(rates) != 2 or min(rates) <= 0:
+        raise ConfigError('--workers, --devices, --rounds must be >= 1 and --rate two '
+                          'positive numbers')
+    log = _logger()
+    cfg = _round_config(a.profile, min_samples)
+    student = ctx.models.student()
+    pool = TokenPool.build(student, ctx.seed, pool_n, model_image_size(student, 64),
+                           start=1_800_000)
+    base = student.trainable_state_dict()
+    base_hash = state_dict_hash(base)
+    private, public = generate_keypair()
+    specs = {'teacher': ctx.models.spec('teacher'), 'student': ctx.models.spec('student')}
+    max_w = max(workers)
+    ray.init(num_cpus=max_w + 1, include_dashboard=False, namespace='cdcca-bench',
+             log_to_driver=False)
+    phases: dict[str, PhaseRecord] = {}
+    load: dict[str, Any] = {'start': _loadavg()}
+
+    def phase(name: str, w: int, devices: int, n_rounds: int, kill: KillPlan | None = None,
+              group_max: int | None = None, presend: float = 1.0, prefix: str = 'robot'
+              ) -> PhaseRecord:
+        opts = FleetOptions(workers=w, store=str(ctx.workdir / name),
+                            group_max=group_max or a.group_max, threads=ctx.args.threads)
+        t0 = time.monotonic()
+        engine = FleetEngine(specs['teacher'], specs['student'], 'cpu', None, private, cfg,
+                             '', opts)
+        log(f'[{name}] {w} worker(s) up in {time.monotonic() - t0:.1f} s; {devices} devices, '
+            f'{n_rounds} round(s) each')
+        profiles = make_profiles(devices, ctx.seed + len(phases), pool.space.num_tokens, rates,
+                                 pool.domains)
+        for p in profiles:
+            p.device_id = p.device_id.replace('robot', prefix)
+        sims = [SimDevice(p, pool, min_samples, public, base, base_hash) for p in profiles]
+        try:
+            engine.teacher_report(reset=True)
+            record = FleetRun(engine, sims, n_rounds, a.max_minutes * 60.0, kill=kill,
+                              presend=presend, log=log).run(name)
+        finally:
+            engine.close()
+        log(f'[{name}] {len(record.rounds)} rounds in {record.end:.0f} s')
+        return record
+
+    try:
+        for w in workers:
+            phases[f'w{w}'] = phase(f'w{w}', w, n_dev, rounds)
+        if a.kill_worker:
+            phases['kill'] = phase('kill', max_w, n_dev, max(1, rounds - 1),
+                                   kill=KillPlan(after_rounds=max(1, n_dev // 2)))
+        if a.grouping_ab:
+            phases['group_off'] = phase('group_off', 1, ab_devices, 1, group_max=1,
+                                        presend=1.0, prefix='off')
+            phases['group_on'] = phase('group_on', 1, ab_devices, 1,
+                                       group_max=max(2, a.group_max), presend=1.0,
+                                       prefix='on')
+    finally:
+        ray.shutdown()
+    load['end'] = _loadavg()
+    del torch
+    return _result(phases, workers, load, ctx, cfg, n_dev, rounds, min_samples, rates)
+
+
+# --- figures ---------------------------------------------------------------------------------
+def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
+    """Throughput, latency, fairness, batching of one phase."""
+    end = rec.cutoff if rec.cutoff is not None else max((r['done'] for r in rec.rounds),
+                                                        default=0.0)
+    start = next((t for t, due, busy in rec.due if due + busy >= rec.workers), None)
+    if start is None:
+        start = min((r['dispatch'] for r in rec.rounds), default=0.0)
+    window = [r for r in rec.rounds if start <= r['done'] <= end]
+    span = max(end - start, 1e-9)
+    served = list(rec.served_at_cutoff.values())
+    task_s = [r['done'] - r['dispatch'] for r in rec.rounds]
+    latency = [r['done'] - r['trigger'] for r in rec.rounds
+               if r.get('delta') == 'applied' and r['trigger'] is not None]
+    outcomes: dict[str, int] = {}
+    for r in rec.rounds:
+        outcomes[r['outcome']] = outcomes.get(r['outcome'], 0) + 1
+    busy = [b for t, _, b in rec.due if start <= t <= end]
+    teacher = rec.teacher[0] if rec.teacher else {}
+    return {
+        'workers': rec.workers, 'devices': rec.devices, 'rounds': len(rec.rounds),
+        'rounds_in_window': len(window), 'window_s': round(span, 2),
+        'rounds_per_min': 60.0 * len(window) / span if window else None,
+        'worker_busy_share': (sum(busy) / len(busy) / rec.workers) if busy else None,
+        'task_s_p50': percentile(task_s, 50), 'task_s_p90': percentile(task_s, 90),
+        'trigger_to_delta_p50_s': percentile(latency, 50),
+        'trigger_to_delta_p99_s': percentile(latency, 99),
+        'deltas_applied': len(latency),
+        'fairness': (max(served) / min(served)) if served and min(served) > 0 else None,
+        'served_min': min(served) if served else 0, 'served_max': max(served) if served else 0,
+        'outcomes': outcomes, 'owed_after_drain': rec.owed_after_drain,
+        'samples_sent': rec.samples_sent, 'samples_lost': rec.samples_lost,
+        'device_counts': rec.device_counts, 'engine': rec.engine,
+        'teacher_samples_per_forward': (teacher.get('label') or {}).get('samples_per_forward'),
+        'teacher_occupancy': (teacher.get('label') or {}).get('occupancy'),
+        'teacher': teacher, 'driver_cpu_s': round(rec.driver_cpu_s, 1),
+        'duration_s': round(rec.end, 1), 'events': dict(rec.events)}
+
+
+def kill_figures(rec: PhaseRecord, figures: dict[str, Any]) -> dict[str, Any]:
+    """What the killed worker cost: rounds lost, duplicates, time to recover."""
+    kill = rec.kill
+    if not kill:
+        return {'killed': False}
+    after = [r for r in rec.rounds if r['done'] >= kill['t']]
+    victims = [r for r in after if r['device'] in kill['devices'] and r['attempts'] >= 2]
+    task = figures['task_s_p50'] or float('nan')
+    served = {r['device'] for r in after}
+    delay = [((r['done'] - r['dispatch']) - task) / task for r in victims]
+    return {'killed': True, 'worker': kill['worker'], 'in_round_s': round(kill['in_round_s'], 2),
+            'victims': kill['devices'],
+            'victims_served': sorted(set(kill['devices']) & served),
+            'victim_attempts': [r['attempts'] for r in victims],
+            'recover_s': (max(r['done'] for r in victims) - kill['t']) if victims else None,
+            'restart_s': (kill['alive_t'] - kill['t']) if 'alive_t' in kill else None,
+            'kill_delay_rounds': max(delay) if delay else None,
+            'lost_tickets': len(set(kill['devices']) - served)}
+
+
+def grouping_figures(off: PhaseRecord, on: PhaseRecord) -> dict[str, Any]:
+    """Teacher work per labelled sample with one device per task and with uplink groups."""
+    def per(rec: PhaseRecord) -> dict[str, Any]:
+        t = rec.teacher[0] if rec.teacher else {}
+        lab, tgt = t.get('label') or {}, t.get('targets') or {}
+        samples = lab.get('samples') or 0
+        forwards = (lab.get('forwards') or 0) + (tgt.get('forwards') or 0)
+        busy = (lab.get('busy_s') or 0.0) + (tgt.get('busy_s') or 0.0)
+        figures = phase_figures(rec)
+        return {'labelled': samples, 'teacher_forwards': forwards,
+                'forwards_per_100_samples': 100.0 * forwards / samples if samples else None,
+                'teacher_ms_per_sample': 1000.0 * busy / samples if samples else None,
+                'label_samples_per_forward': lab.get('samples_per_forward'),
+                'rounds_per_min': figures['rounds_per_min'], 'task_s_p50': figures['task_s_p50']}
+
+    a, b = per(off), per(on)
+
+    def saving(key: str) -> float | None:
+        if a[key] and b[key] is not None:
+            return 1.0 - b[key] / a[key]
+        return None
+
+    return {'off': a, 'on': b, 'forwards_saved': saving('forwards_per_100_samples'),
+            'teacher_time_saved': saving('teacher_ms_per_sample')}
+
+
+def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, Any],
+            ctx: BenchContext, cfg: Any, n_dev: int, rounds: int, min_samples: int,
+            rates: tuple[float, ...]) -> BenchResult:
+    per_w = {str(w): phase_figures(phases[f'w{w}']) for w in workers}
+    top = per_w[str(max(workers))]
+    summary: dict[str, Any] = {
+        'devices': n_dev, 'rounds_per_device': rounds,
+        'rounds_per_min': {w: f['rounds_per_min'] for w, f in per_w.items()},
+        'speedup_2_workers': (per_w['2']['rounds_per_min'] / per_w['1']['rounds_per_min']
+                              if '1' in per_w and '2' in per_w and per_w['1']['rounds_per_min']
+                              and per_w['2']['rounds_per_min'] else None),
+        'trigger_to_delta_p50_s': top['trigger_to_delta_p50_s'],
+        'trigger_to_delta_p99_s': top['trigger_to_delta_p99_s'],
+        'fairness': max((f['fairness'] for f in per_w.values() if f['fairness'] is not None),
+                        default=None),
+        'task_s_p50': {w: f['task_s_p50'] for w, f in per_w.items()},
+        'teacher_samples_per_forward': top['teacher_samples_per_forward'],
+        'teacher_occupancy': top['teacher_occupancy'],
+        'per_workers': per_w,
+    }
+    all_phases = {name: phase_figures(rec) for name, rec in phases.items()}
+    lost = sum(f['owed_after_drain'] for f in all_phases.values())
+    summary['deltas_duplicated'] = sum(f['device_counts'].get('duplicate', 0)
+                                       for f in all_phases.values())
+    summary['deltas_rejected'] = sum(f['device_counts'].get('rejected', 0)
+                                     for f in all_phases.values())
+    summary['samples_lost'] = sum(f['samples_lost'] for f in all_phases.values())
+    if 'kill' in phases:
+        k = kill_figures(phases['kill'], all_phases['kill'])
+        lost += k.get('lost_tickets', 0)
+        summary.update(recover_s=k.get('recover_s'), restart_s=k.get('restart_s'),
+                       kill_delay_rounds=k.get('kill_delay_rounds'), kill=k,
+                       kill_rounds_per_min=all_phases['kill']['rounds_per_min'])
+    summary['rounds_lost'] = lost
+    if 'group_off' in phases and 'group_on' in phases:
+        summary['grouping'] = grouping_figures(phases['group_off'], phases['group_on'])
+    summary['load'] = load
+    headers = ['phase', 'workers', 'devices', 'rounds', 'rounds/min', 'task s p50',
+               'trigger->delta p50 s', 'p99 s', 'fairness', 'teacher samples/fwd', 'lost']
+    rows = [[name, f['workers'], f['devices'], f['rounds'], f['rounds_per_min'],
+             f['task_s_p50'], f['trigger_to_delta_p50_s'], f['trigger_to_delta_p99_s'],
+             f['fairness'], f['teacher_samples_per_forward'],
+             f['owed_after_drain'] + f['samples_lost']] for name, f in all_phases.items()]
+    notes = [
+        f'models: teacher {ctx.args.teacher}, student {ctx.args.student}; round profile '
+        f'{ctx.args.profile} (guard.max_steps {cfg.guard.train.max_steps}, refit '
+        f'{cfg.refit.steps} steps, anchor limit {cfg.guard.anchor_limit}); round.min_samples '
+        f'{min_samples}; device uplink {rates[0]}-{rates[1]} samples/s, closed loop (a device '
+        'sends its next burst when its round came back)',
+        f'Ray local cluster on this machine: {os.cpu_count()} cores shared with other work '
+        f'(load average {load["start"]} at the start, {load.get("end")} at the end); each '
+        'worker and the teacher one torch thread; the bench process (devices, store writes, '
+        'scheduling) runs beside them',
+        'rounds/min: device rounds finished between the first moment as many rounds were owed '
+        'as there are workers and the moment every device had its rounds (refused rounds '
+        'count: they cost the same work)',
+        'trigger->delta: from the moment the device\'s round was owed (its burst complete) '
+        'to its delta at the device, shipped rounds only; in a saturated closed loop this is '
+        'mostly queueing behind the other devices',
+    ]
+    if 'grouping' in summary:
+        g = summary['grouping']
+        notes.append(f'grouping: teacher forwards per 100 labelled samples '
+                     f'{_f(g["off"]["forwards_per_100_samples"])} -> '
+                     f'{_f(g["on"]["forwards_per_100_samples"])}, teacher ms per sample '
+                     f'{_f(g["off"]["teacher_ms_per_sample"])} -> '
+                     f'{_f(g["on"]["teacher_ms_per_sample"])}')
+    return BenchResult(summary=summary, headers=headers, rows=rows,
+                       detail={'phases': all_phases,
+                               'rounds': {n: r.rounds for n, r in phases.items()},
+                               'kill': {n: r.kill for n, r in phases.items() if r.kill}},
+                       notes=notes)
+
+
+def _f(x: Any) -> str:
+    return '-' if x is None else f'{x:.3g}'
+
+
+def _loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
+
+
+def _logger():
+    import sys
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    return log

@@ -105,6 +105,17 @@ def test_a_round_on_the_fleet_reaches_the_nodes_topics(ros_context, tmp_path):
         assert (envelope.base_version, envelope.new_version) == (0, 1)
         assert envelope.new_hash == status.model_hash
         assert cloud.counters['samples'] == 4 and cloud.counters['rounds'] == 1
+        # An image uplink sample: the fleet holds no student to encode the frame, so it is
+        # refused with the reason; the node keeps serving.
+        from cdcca_ros.core.uplink.image import encode_jpeg
+
+        frame = UtsTokens(device_id=DEVICE, sample_id=f'{DEVICE}-frame',
+                          model_version=f'{DEVICE}:v0', question=samples[0].question,
+                          num_tokens=space.num_tokens, token_dim=space.dim, dtype='image')
+        frame.image.format, frame.image.data = 'jpeg', encode_jpeg(samples[0].image)
+        pub.publish(frame)
+        assert spin_until([executor], lambda: cloud.counters['samples_rejected'] == 1, 30.0)
+        assert 'backend local' in cloud.errors.text and cloud.counters['samples'] == 4
         assert spin_until([executor], lambda: any(
             kv.key == 'fleet.workers_alive' and kv.value == '1/1'
             for st in got['diag'] for kv in st.values), 10.0)

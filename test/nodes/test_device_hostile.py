@@ -205,4 +205,4 @@ def test_hostile_messages_on_every_input_change_nothing(hostile_graph):
     assert refused['rollback'] == refused['parameters'] == 20 and refused['ask'] >= 10
     assert device.runtime.base_hash == hash_before and device.runtime.version == 0
     assert answers() == before
-    assert device.counters['errors'] == 0, device._last_error
+    assert device.counters['errors'] == 0, device.errors.text

@@ -91,7 +91,7 @@ def test_round_over_ros_changes_version_and_answers(ros_context_pair, models, tm
         assert all(a.model_version == 'robot1:v0' for a in before)
         # Six uncertain samples reach the cloud -> a round -> a chunked delta -> hot-apply.
         assert spin_until([executor], lambda: device_rt.version == 1, 120.0), (
-            cloud.counters, device.counters, cloud._last_error, device._last_error)
+            cloud.counters, device.counters, cloud.errors.text, device.errors.text)
         # Only one round in this test: the asks below must not start another one.
         cloud_rt.cfg.min_samples = 10**6
         after = answers()

@@ -75,7 +75,7 @@ def test_drifted_stream_uplinks_markedly_more_than_source(ros_context_pair, tmp_
 
     try:
         assert spin_until([executor], ask.service_is_ready, 30.0)
-        assert spin_until([executor], lambda: device.ready, 60.0), device._last_error
+        assert spin_until([executor], lambda: device.ready, 60.0), device.errors.text
         source = stream(SOURCE)
         drifted = [d for d in domain_names() if d != SOURCE]
         shifted = stream(drifted[0]) + stream(drifted[1])

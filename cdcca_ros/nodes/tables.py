@@ -268,6 +268,8 @@ CLOUD = (
     Param('guard.pull_below', 0.98, 'ask the device for the rest of a sample\'s tokens when '
           'the teacher\'s label from the kept ones is less confident than this (0: never)',
           low=0.0, high=0.999),
+    Param('guard.reset_after_refusals', 4, 'after this many candidates in a row refused for '
+          'harm, training restarts from the adapter the device holds', low=1, high=1000),
     Param('guard.pull_fraction', 0.25, 'largest share of a round\'s partial samples whose '
           'remaining tokens are pulled (the least confident first)', low=0.0, high=1.0),
     Param('guard.audit', True, 'watch audit samples and order signed rollbacks of versions '

@@ -156,5 +156,6 @@ class GuardConfig:
             audit=AuditConfig(enabled=p['audit'], alpha=p['audit_alpha'],
                               min_drop=p['audit_min_drop']),
             memory_bytes=int(p['memory_mb'] * (1 << 20)),
+            reset_after_refusals=p['reset_after_refusals'],
             val_fraction=p['val_fraction'], gate_fraction=p['gate_fraction'],
             anchor=p['anchor'])

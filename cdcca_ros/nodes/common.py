@@ -45,6 +45,12 @@ RELIABLE_QOS = QoSProfile(depth=50, reliability=QoSReliabilityPolicy.RELIABLE,
 # negotiated), which keep their own depth.
 UPLINK_QOS = QoSProfile(depth=50, reliability=QoSReliabilityPolicy.RELIABLE,
                         history=QoSHistoryPolicy.KEEP_ALL)
+# Answers: reliable and deep. A writer's KEEP_LAST history drops its oldest sample when a
+# reader has not acknowledged it yet; at a burst of back-to-back questions a shallow history
+# could drop an answer a slow reader had not acknowledged. Never KEEP_ALL: a stalled reader
+# must not block the device's answering.
+ANSWER_QOS = QoSProfile(depth=1000, reliability=QoSReliabilityPolicy.RELIABLE,
+                        history=QoSHistoryPolicy.KEEP_LAST)
 # The current model version and the last delta: latched, so late joiners see them.
 LATCHED_QOS = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.TRANSIENT_LOCAL,

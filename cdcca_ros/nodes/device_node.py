@@ -79,6 +79,7 @@ from cdcca_ros.models.base import StepCallback
 from cdcca_ros.msg import AdaptationStatus, Answer, DwcDelta, Question, RollbackOrder
 from cdcca_ros.nodes.ask_action import AskActionServer
 from cdcca_ros.nodes.common import (
+    ANSWER_QOS,
     DELTA_QOS,
     ERROR,
     LATCHED_QOS,
@@ -214,7 +215,7 @@ class DeviceNode(ManagedNode):
         self._queue_max = {'question': 0, 'delta': 0}  # longest each queue got (diagnostics)
         self._stop = threading.Event()
 
-        self._answer_pub = self.create_publisher(Answer, 'answer', RELIABLE_QOS)
+        self._answer_pub = self.create_publisher(Answer, 'answer', ANSWER_QOS)
         self._annotated_pub = self.create_publisher(Image, 'annotated_image', SENSOR_QOS)
         self._version_pub = self.create_publisher(String, 'model_version', LATCHED_QOS)
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',

@@ -234,7 +234,10 @@ def run(ctx: BenchContext) -> BenchResult:
                    for t_end, ms in applies)
         (during if near else outside).append(lat)
     p99_out, p99_during = _pct(outside, 99), _pct(during, 99)
-    up = int(diags['device_bridge'].get('up', 0))
+    # Everything the device's bridge put on the link: samples and the device's reports (the
+    # link acknowledges both).
+    up = (int(diags['device_bridge'].get('up', 0))
+          + int(diags['device_bridge'].get('reports_up', 0)))
     acked = int(diags['device_bridge'].get('acked', 0))
     summary = {
         'rss_growth_max': max(growth.values()) if growth else None,

@@ -719,8 +719,8 @@ class Experiment:
         """The device answers each round's stream, uplinks what the method says, and at the
         end of the stream the cloud runs its round (with the guard's audit, token pulls and
         gate unless the method says otherwise) and the device applies what ships."""
-        from cdcca_ros.bench.stream import DEVICE_ID as ROBOT
-        from cdcca_ros.bench.stream import Robot
+        from cdcca_ros.bench.robot import DEVICE_ID as ROBOT
+        from cdcca_ros.bench.robot import Robot
         from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime
         from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
         from cdcca_ros.core.device_runtime import DeviceRuntime

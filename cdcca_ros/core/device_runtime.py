@@ -49,6 +49,7 @@ import numpy as np
 from cdcca_ros.core import wire
 from cdcca_ros.core.atomic import atomic_write
 from cdcca_ros.core.coverage import Coverage, CoverageConfig
+from cdcca_ros.core.dwc import all_finite
 from cdcca_ros.core.entropy_guard import EntropyGuard, EntropyGuardConfig
 from cdcca_ros.core.rounds.memory import token_feature
 from cdcca_ros.core.trust import TrustStore
@@ -58,7 +59,6 @@ from cdcca_ros.core.updates import (
     DeltaGate,
     RejectReason,
     RollbackEnvelope,
-    all_finite,
     check_rollback,
 )
 from cdcca_ros.core.uts import answer_confidence, answer_entropy

@@ -605,8 +605,6 @@ class FlatDelta:
 
     def first_non_finite(self) -> str | None:
         """Name of the first tensor holding NaN or Inf (one reduction when all are finite)."""
-        from cdcca_ros.core.updates import all_finite
-
         if all_finite(self.values):
             return None
         first = int(torch.nonzero(~torch.isfinite(self.values))[0, 0])
@@ -1474,3 +1472,17 @@ class ErrorFeedback:
         except (safetensors.SafetensorError, OSError) as err:
             raise DeltaMismatchError(f'cannot read error-feedback state {path}: {err}') from err
         return cls.from_state_dict(sd, enabled=meta.get('enabled', 'True') == 'True')
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every value of a float tensor is finite (True when it is empty).
+
+    One ``aminmax`` reduction (NaN propagates to both ends, +-Inf lands on one of them):
+    on CPU several times faster than ``isfinite().all()``, which builds a bool tensor.
+    """
+    import torch
+
+    if not t.numel():
+        return True
+    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())

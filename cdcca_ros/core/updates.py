@@ -25,7 +25,6 @@ integers are 8-byte little-endian unsigned.
 from __future__ import annotations
 
 import enum
-import math
 import struct
 import threading
 from collections.abc import Mapping, Sequence
@@ -261,20 +260,6 @@ def _shape_spec(trainable: Mapping[str, Tensor | Sequence[int]]) -> dict[str, tu
     return out
 
 
-def all_finite(t: Tensor) -> bool:
-    """Whether every value of a float tensor is finite (True when it is empty).
-
-    One ``aminmax`` reduction (NaN propagates to both ends, +-Inf lands on one of them):
-    on CPU several times faster than ``isfinite().all()``, which builds a bool tensor.
-    """
-    import torch
-
-    if not t.numel():
-        return True
-    lo, hi = torch.aminmax(t.detach().reshape(-1))
-    return math.isfinite(lo.item()) and math.isfinite(hi.item())
-
-
 def _first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
     """Name of the first tensor holding NaN or Inf, or None when every value is finite.
 
@@ -282,6 +267,8 @@ def _first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
     to a model), then a per-tensor walk only to name the culprit.
     """
     import torch
+
+    from cdcca_ros.core.dwc import all_finite
 
     flats = [t.reshape(-1) for t in tensors.values()]
     if not flats or all_finite(torch.cat(flats)):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from cdcca_ros.core import dwc, wire
+from cdcca_ros.core.dwc import all_finite
 from cdcca_ros.core.updates import (
     DeltaEnvelope,
     DeltaGate,
     RejectReason,
-    all_finite,
     seal_delta,
 )
 from cdcca_ros.errors import ConfigError, DeltaGateRejection, DeltaRejectedError, WireError

@@ -21,8 +21,6 @@ import sys
 import threading
 from typing import Any
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -40,6 +38,7 @@ from cdcca_ros.nodes.common import (
     Diagnostics,
     declare_table,
     destroy_on_error,
+    spin_node,
 )
 from cdcca_ros.nodes.process import route_logging, run_node
 
@@ -197,9 +196,7 @@ def _spin(args: list[str] | None) -> int:
     node = CameraNode()
     unroute = route_logging(node)
     try:
-        rclpy.spin(node)
-    except ExternalShutdownException:
-        pass
+        spin_node(node)
     finally:
         unroute()
         node.destroy_node()

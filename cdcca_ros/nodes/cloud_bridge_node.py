@@ -39,8 +39,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
 
@@ -58,6 +56,7 @@ from cdcca_ros.nodes.common import (
     LastError,
     declare_table,
     destroy_on_error,
+    spin_node,
 )
 from cdcca_ros.nodes.process import route_logging, run_node
 
@@ -337,9 +336,7 @@ class CloudBridgeNode(Node):
 def _spin(args: list[str] | None) -> int:
     node = CloudBridgeNode()
     try:
-        rclpy.spin(node)
-    except ExternalShutdownException:
-        pass
+        spin_node(node)
     finally:
         node.destroy_node()
     return 0

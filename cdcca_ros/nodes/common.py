@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (
     FloatingPointRange,
@@ -15,6 +16,7 @@ from rcl_interfaces.msg import (
     ParameterDescriptor,
     SetParametersResult,
 )
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.context import Context
 from rclpy.executors import (
     Executor,
@@ -360,6 +362,23 @@ class NodeSpinner:
                 self.executor.spin_once(timeout_sec=EVENTS_SLICE_S)
         except ExternalShutdownException:
             pass
+        except RCLError:
+            if self.context is None or self.context.ok():
+                raise
+            # SIGINT/SIGTERM shut the context down between the check and the wait: done.
+
+
+def spin_node(node: Node) -> None:
+    """``rclpy.spin(node)`` until the context shuts down (SIGINT, SIGTERM), however the
+    shutdown lands: as :class:`ExternalShutdownException`, or as the ``RCLError`` of a wait
+    set built on a context shut down a moment before."""
+    try:
+        rclpy.spin(node)
+    except ExternalShutdownException:
+        pass
+    except RCLError:
+        if node.context.ok():
+            raise
 
     def start(self) -> NodeSpinner:
         """Spin in a daemon thread; returns self."""

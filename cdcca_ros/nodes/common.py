@@ -367,19 +367,6 @@ class NodeSpinner:
                 raise
             # SIGINT/SIGTERM shut the context down between the check and the wait: done.
 
-
-def spin_node(node: Node) -> None:
-    """``rclpy.spin(node)`` until the context shuts down (SIGINT, SIGTERM), however the
-    shutdown lands: as :class:`ExternalShutdownException`, or as the ``RCLError`` of a wait
-    set built on a context shut down a moment before."""
-    try:
-        rclpy.spin(node)
-    except ExternalShutdownException:
-        pass
-    except RCLError:
-        if node.context.ok():
-            raise
-
     def start(self) -> NodeSpinner:
         """Spin in a daemon thread; returns self."""
         if self._thread is not None:
@@ -395,3 +382,16 @@ def spin_node(node: Node) -> None:
         self.executor.shutdown(timeout_sec=timeout_sec)
         if self._thread is not None:
             self._thread.join(timeout=timeout_sec)
+
+
+def spin_node(node: Node) -> None:
+    """``rclpy.spin(node)`` until the context shuts down (SIGINT, SIGTERM), however the
+    shutdown lands: as :class:`ExternalShutdownException`, or as the ``RCLError`` of a wait
+    set built on a context shut down a moment before."""
+    try:
+        rclpy.spin(node)
+    except ExternalShutdownException:
+        pass
+    except RCLError:
+        if node.context.ok():
+            raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,14 @@ _MODEL_TYPES = {'blip-2': 'blip2', 'llava': 'llava', 'qwen2_vl': 'qwen2_vl'}
 
 CDCCA_JSON = 'cdcca.json'
 
+
+
+# One model is built or loaded at a time in a process: transformers and accelerate create the
+# weights on the meta device through process-wide hooks (``init_empty_weights`` patches
+# ``nn.Module.register_parameter``), so a second load running meanwhile in another thread (a
+# device and a cloud node composed in one process) could get meta tensors ("Cannot copy out
+# of meta tensor").
+LOAD_LOCK = threading.RLock()
 
 def check_torch_device(name: str) -> str:
     """Return ``name`` if this torch can put a model there, else raise ConfigError saying why.
@@ -116,8 +125,9 @@ def load_model(path_or_hub_id: str | Path, family: str | None = None,
         check_torch_device(device)
     if family is None:
         family = _detect_family(path_or_hub_id)
-    return family_class(family).load(path_or_hub_id, quantization=quantization, device=device,
-                                     dtype=dtype)
+    with LOAD_LOCK:
+        return family_class(family).load(path_or_hub_id, quantization=quantization,
+                                         device=device, dtype=dtype)
 
 
 def build_tiny(family: str, vocabulary: Sequence[str], **sizes: Any) -> MLLM:
@@ -128,7 +138,8 @@ def build_tiny(family: str, vocabulary: Sequence[str], **sizes: Any) -> MLLM:
         vocabulary: Words of the tokenizer's vocabulary (special tokens are added).
         **sizes: Family-specific size keywords (see each module's ``build_tiny``).
     """
-    return family_class(family).build_tiny(vocabulary, **sizes)  # type: ignore[attr-defined]
+    with LOAD_LOCK:
+        return family_class(family).build_tiny(vocabulary, **sizes)  # type: ignore[attr-defined]
 
 
 def check_vision_space(teacher: MLLM, student: MLLM) -> None:

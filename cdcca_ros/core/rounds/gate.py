@@ -112,14 +112,14 @@ class GateConfig:
             if lost > self.anchor_budget and anchor.new_right < anchor.old_right + 1:
                 return GateDecision(False, f'anchor would be {lost:.1f} points below the base '
                                            f'student (budget {self.anchor_budget:g})',
-                                    dict(slices))
+                                    dict(slices), harmful=True)
         fallen = [name for name, c in slices.items() if name != NEW and self.falls(name, c)]
         if fallen:
             worst = min(fallen, key=lambda name: slices[name].gain)
             return GateDecision(False, f'{worst} falls by {-slices[worst].gain:.1f} points '
                                        f'({slices[worst].broken} broken, '
                                        f'{slices[worst].fixed} fixed of {slices[worst].n})',
-                                dict(slices))
+                                dict(slices), harmful=True)
         p = new.p_better()
         if new.gain < self.min_gain or p >= self.alpha:
             return GateDecision(False, f'new data gains {new.gain:+.1f} points on {new.n} '
@@ -137,7 +137,8 @@ class GateDecision:
     ship: bool
     reason: str
     slices: dict[str, PairedCounts] = field(default_factory=dict)
+    harmful: bool = False   # refused because a slice falls (not for too little gain)
 
     def to_dict(self) -> dict[str, Any]:
-        return {'ship': self.ship, 'reason': self.reason,
+        return {'ship': self.ship, 'reason': self.reason, 'harmful': self.harmful,
                 'slices': {k: v.to_dict() for k, v in self.slices.items()}}

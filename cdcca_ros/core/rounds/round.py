@@ -340,12 +340,20 @@ class RoundRunner:
                                          anchor_base=self.anchor_base)
             state.last_gate = decision.to_dict()
         self.student.load_trainable_state_dict(trained)
+
+        def result(outcome: str, envelope: DeltaEnvelope | None) -> RoundResult:
+            return RoundResult(device_id=state.device_id, round=state.round, outcome=outcome,
+                               envelope=envelope, samples=len(new_train), losses=train.losses,
+                               stats=compressed.stats, agreement_before=before,
+                               agreement_after=after, train_s=time.perf_counter() - t0,
+                               decision=decision, train=train, refit=refitted, pulls=pulls,
+                               memory=state.memory.summary())
+
         if decision is not None and not decision.ship:
             state.counters['refused'] += 1
             # Only a copy that harms (a slice falls) counts toward the reset; one whose gain
             # is not significant yet keeps training: more held-out data will tell.
-            harmful = not decision.reason.startswith(('new data', 'no held-out'))
-            state.refusals = state.refusals + 1 if harmful else state.refusals
+            state.refusals = state.refusals + 1 if decision.harmful else state.refusals
             if state.refusals >= guard.reset_after_refusals:
                 # Keep what the device holds; forget the copy that keeps failing.
                 trained = {k: v.clone() for k, v in state.feedback.view.items()}
@@ -353,12 +361,7 @@ class RoundRunner:
                 state.counters['resets'] += 1
             state.trained = trained
             state.save()
-            return RoundResult(device_id=state.device_id, round=state.round, outcome=REFUSED,
-                               envelope=None, samples=len(new_train), losses=train.losses,
-                               stats=compressed.stats, agreement_before=before,
-                               agreement_after=after, train_s=time.perf_counter() - t0,
-                               decision=decision, train=train, refit=refitted, pulls=pulls,
-                               memory=state.memory.summary())
+            return result(REFUSED, None)
         # The device adds exactly compressed.decoded; the rest stays in trained - view and
         # goes out with the next round's delta (error feedback).
         state.feedback.commit(delta, compressed.decoded)
@@ -377,12 +380,7 @@ class RoundRunner:
         if not guard.enabled:
             state.memory.clear()
         state.save()
-        return RoundResult(device_id=state.device_id, round=state.round, outcome=SHIPPED,
-                           envelope=envelope, samples=len(new_train), losses=train.losses,
-                           stats=compressed.stats, agreement_before=before,
-                           agreement_after=after, train_s=time.perf_counter() - t0,
-                           decision=decision, train=train, refit=refitted, pulls=pulls,
-                           memory=state.memory.summary())
+        return result(SHIPPED, envelope)
 
     # ---------------------------------------------------------------- pieces
     def _agreement(self, records: Sequence[Record]) -> float:

@@ -23,6 +23,7 @@ def test_a_gain_that_could_be_noise_is_refused():
     # 4 fixed, 1 broken: p = P(X >= 4 | 5) = 6/32 > 0.05.
     d = GateConfig().decide({NEW: counts(40, 4, 1)})
     assert not d.ship and 'p=0.188' in d.reason
+    assert not d.harmful  # too little gain: training goes on, no reset
 
 
 def test_no_held_out_new_data_is_refused():
@@ -33,6 +34,7 @@ def test_no_held_out_new_data_is_refused():
 def test_the_anchor_falling_refuses_even_a_big_gain():
     d = GateConfig().decide({NEW: counts(60, 30, 0), ANCHOR: counts(300, 0, 5)})
     assert not d.ship and d.reason.startswith('anchor falls by 1.7 points')
+    assert d.harmful
 
 
 def test_one_or_two_flipped_anchor_answers_are_not_a_fall():
@@ -46,6 +48,7 @@ def test_a_replay_slice_falls_only_when_the_loss_is_not_noise():
     # 10 broken, 0 fixed of 80: 12.5 points, p_worse ~ 0.001 -> falls.
     d = GateConfig().decide({NEW: counts(60, 30, 0), 'replay/0': counts(80, 0, 10)})
     assert not d.ship and 'replay/0 falls' in d.reason
+    assert d.harmful
 
 
 def test_the_anchor_budget_is_cumulative_against_the_base():
@@ -56,6 +59,7 @@ def test_the_anchor_budget_is_cumulative_against_the_base():
     anchor = counts(300, 3, 6, old_right=280)  # current 93.3%, candidate 92.3%
     d = GateConfig().decide({NEW: counts(60, 30, 0), ANCHOR: anchor}, anchor_base=base)
     assert not d.ship and 'below the base student' in d.reason
+    assert d.harmful
     # A candidate that improves the anchor over the current one may pass the budget check.
     better = counts(300, 6, 3, old_right=280)
     assert GateConfig().decide({NEW: counts(60, 30, 0), ANCHOR: better}, anchor_base=base).ship

@@ -12,9 +12,17 @@ standardised; it is *covered* when its nearest neighbour among the features of e
 the update could have been trained on (the device's uplinked samples until the update, and
 the anchor set) lies within a radius calibrated on those features themselves (a high
 quantile of their leave-one-out nearest-neighbour distances, times a margin). Scenes the
-device did send are covered; a new kind of scene is not. Shifts that leave token statistics
-alone (new objects on a clean background) are not told apart by this feature: there the
-update answers, as it would without coverage.
+device did send are covered; a new kind of scene is not.
+
+The anchor set is where the shipped model is known to be right (it is the student's own
+training distribution): a frame whose nearest neighbour is an anchor, not an uplinked sample,
+is answered by the shipped model too (``anchor_answers_base``). The update is only ever
+proven on the anchor to within the gate's tolerance, so on source-like scenes it can only
+match the shipped model or lose a little; the device's own uncertain source frames went up
+the link and stay with the update. This also keeps a shift that leaves token statistics
+almost alone (new objects on a clean background) with the shipped model until its own
+samples have gone up and come back in an update: then its frames lie nearer those samples
+than the anchors, and the update answers them.
 """
 from __future__ import annotations
 
@@ -38,12 +46,15 @@ class CoverageConfig:
         margin: ... times this is the radius.
         min_features: Fewer features than this: everything counts as covered (too little to
             tell).
+        anchor_answers_base: A frame whose nearest neighbour is an anchor is answered by the
+            shipped model (False: anchors cover like uplinked samples).
     """
 
     max_features: int = 2048
     quantile: float = 0.99
     margin: float = 1.5
     min_features: int = 32
+    anchor_answers_base: bool = True
 
     def __post_init__(self) -> None:
         if self.max_features < 2 or self.min_features < 2:
@@ -60,7 +71,8 @@ class CoverageConfig:
         ``guard.coverage`` is off."""
         if not params['guard.coverage']:
             return None
-        return cls(margin=params['guard.coverage_margin'])
+        return cls(margin=params['guard.coverage_margin'],
+                   anchor_answers_base=bool(params['guard.coverage_anchor_base']))
 
 
 def anchor_tokens_of(model_dir: str | None) -> Any:
@@ -88,6 +100,7 @@ class Coverage:
         self._seen: deque[np.ndarray] = deque(maxlen=cfg.max_features)
         self._lock = threading.Lock()
         self._points: np.ndarray | None = None
+        self._is_anchor: np.ndarray = np.zeros(0, dtype=bool)
         self._scale: tuple[np.ndarray, np.ndarray] | None = None
         self.radius = float('inf')
         self.checked = 0
@@ -108,7 +121,11 @@ class Coverage:
         if not parts:
             self._points = None
             return
+        is_anchor = np.zeros(sum(len(p) for p in parts), dtype=bool)
+        if self._anchors.size:
+            is_anchor[-len(self._anchors):] = True
         points = np.concatenate(parts)[-self.cfg.max_features:]
+        is_anchor = is_anchor[-self.cfg.max_features:]
         if len(points) < self.cfg.min_features:
             self._points = None
             return
@@ -118,11 +135,12 @@ class Coverage:
         np.fill_diagonal(d2, np.inf)
         loo = np.sqrt(d2.min(axis=1))
         self.radius = float(np.quantile(loo, self.cfg.quantile) * self.cfg.margin)
-        self._points, self._scale = z, (mean, std)
+        self._points, self._scale, self._is_anchor = z, (mean, std), is_anchor
 
     def covers(self, feature: np.ndarray) -> bool:
-        """Whether a frame with this feature lies where the current update was trained (True
-        when nothing is frozen yet: no update, or too little to tell); counted."""
+        """Whether the update answers a frame with this feature: it lies where the update was
+        trained and (``anchor_answers_base``) nearer an uplinked sample than any anchor; True
+        when nothing is frozen yet (no update, or too little to tell); counted."""
         inside = bool(self.covers_all(np.asarray(feature, np.float32)[None])[0])
         self.checked += 1
         self.uncovered += int(not inside)
@@ -130,12 +148,17 @@ class Coverage:
 
     def covers_all(self, features: np.ndarray) -> np.ndarray:
         """:meth:`covers` for ``[n, F]`` features at once (not counted: evaluations)."""
-        points, scale = self._points, self._scale
+        points, scale, is_anchor = self._points, self._scale, self._is_anchor
         features = np.asarray(features, np.float32)
         if points is None or scale is None:
             return np.ones(len(features), dtype=bool)
         z = (features - scale[0]) / scale[1]
-        return np.sqrt(_sq_distances(z, points).min(axis=1)) <= self.radius
+        d2 = _sq_distances(z, points)
+        nearest = d2.argmin(axis=1)
+        inside = np.sqrt(d2[np.arange(len(z)), nearest]) <= self.radius
+        if self.cfg.anchor_answers_base:
+            inside &= ~is_anchor[nearest]
+        return inside
 
     def status(self) -> dict[str, float | int]:
         with self._lock:

@@ -16,7 +16,8 @@ action go through the same path as the service's (``answer`` topic, annotated im
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
@@ -26,8 +27,14 @@ from cdcca_ros.action import Ask
 from cdcca_ros.errors import GenerationCancelled
 from cdcca_ros.models.base import GenerationStep
 
-if TYPE_CHECKING:  # pragma: no cover
-    from cdcca_ros.nodes.device_node import DeviceNode
+
+class Answerer(Protocol):
+    """What the action needs of the node that serves it (``device_node``'s node)."""
+
+    def answer(self, question_id: str, question: str, choices: list[str], image: Any,
+               uplink: bool = True, *, on_step: Callable[..., None] | None = None
+               ) -> tuple[Any, str]:
+        """Answer one question (the ``ask`` service's path): the Answer (or None) and why."""
 
 
 class _Goal:
@@ -41,10 +48,12 @@ class _Goal:
 
 
 class AskActionServer:
-    """Serves ``cdcca_ros/action/Ask`` for a :class:`DeviceNode` (named like its service)."""
+    """Serves ``cdcca_ros/action/Ask`` for ``device_node`` (named like its service); ``node``
+    is that rclpy node, an :class:`Answerer`."""
 
-    def __init__(self, node: DeviceNode, name: str = 'ask') -> None:
+    def __init__(self, node: Any, name: str = 'ask') -> None:
         self._node = node
+        self._answerer: Answerer = node
         self._goals: dict[bytes, _Goal] = {}
         self._lock = threading.Lock()
         self.goals_done = {'succeeded': 0, 'canceled': 0, 'aborted': 0}
@@ -107,7 +116,7 @@ class AskActionServer:
                 partial_answer=text, final=step.finished[0]))
 
         answer, error = (None, 'canceled before generation started') \
-            if handle.is_cancel_requested else self._node.answer(
+            if handle.is_cancel_requested else self._answerer.answer(
                 request.question_id, request.question, list(request.choices),
                 request.image if request.use_image else None, uplink=not request.no_uplink,
                 on_step=on_step)

@@ -183,10 +183,11 @@ DEVICE = (
     Param('guard.entropy_min_rise', 1.0, '... and by at least this many nats', low=0.0,
           high=100.0),
     Param('guard.coverage', True, 'answer with the adapter only on frames like those the '
-          'update was trained on (uplinked scenes, the anchor set), with the shipped model '
-          'elsewhere'),
+          'update was trained on (uplinked scenes), with the shipped model elsewhere'),
     Param('guard.coverage_margin', 1.5, 'coverage radius: the features\' 99th-percentile '
           'nearest-neighbour distance times this', low=0.1, high=100.0),
+    Param('guard.coverage_anchor_base', True, 'a frame nearer an anchor-set sample than any '
+          'uplinked one is answered by the shipped model (the anchor is where it is right)'),
     Param('guard.local_rollback', True, 'roll an update back on the device\'s own when its '
           'answers turn unsure (guard.entropy_*); false: only the cloud\'s orders'),
 )

@@ -1,6 +1,7 @@
 """uts_node: Uncertainty-guided Token Sampling of the device's answered samples.
 
-Runs in the device node's process (``device_node`` starts it when ``uts.enabled``): stage 2
+Runs in the device node's process (``device_node`` starts it when ``uts.enabled``; it has no
+process of its own, so no ``main``: ``python -m cdcca_ros.nodes.device_node`` runs both): stage 2
 pushes Monte-Carlo dropout masks through a part of the device model, so it needs that model
 and its current adapter; sharing the process avoids a second copy of the model and a 100s-of-KB
 token tensor per sample on DDS. Samples reach it through an in-process bounded queue (oldest
@@ -34,11 +35,11 @@ from __future__ import annotations
 
 import queue
 import secrets
-import sys
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from rclpy.node import Node
@@ -71,8 +72,6 @@ from cdcca_ros.nodes.common import (
     destroy_on_error,
     version_label,
 )
-from cdcca_ros.nodes.device_node import DeviceNode, spin_device
-from cdcca_ros.nodes.process import run_node
 
 
 def uts_config(params: dict[str, Any]) -> UtsConfig:
@@ -152,11 +151,25 @@ def pulled_msg(device_id: str, sample_id: str, rest: tuple[Any, Any] | None, spa
     return msg
 
 
+class DeviceHost(Protocol):
+    """What UTS needs of the device node it runs beside (``device_node``'s node)."""
+
+    params: dict[str, Any]
+    runtime: Any                 # the DeviceRuntime (None until the model is loaded)
+    listeners: list[Callable[[AnsweredSample], None]]
+    param_listeners: list[Callable[[dict[str, Any]], None]]
+    runtime_listeners: list[Callable[[Any], None]]
+
+    @property
+    def ready(self) -> bool:
+        """Whether the model is loaded and answering."""
+
+
 class UtsNode(Node):
     """Selects uncertain samples and tokens of the device node's answers and publishes them."""
 
     @destroy_on_error
-    def __init__(self, device: DeviceNode, **kwargs: Any) -> None:
+    def __init__(self, device: DeviceHost, **kwargs: Any) -> None:
         super().__init__('uts_node', **kwargs)
         self.device = device
         self.cfg = uts_config(device.params)
@@ -351,12 +364,3 @@ class UtsNode(Node):
         self._thread.join(timeout=5.0)
         super().destroy_node()
 
-
-def main(args: list[str] | None = None) -> None:
-    """Start the device node with UTS in the same process (UTS needs the device model)."""
-    sys.exit(run_node('uts_node', lambda argv: spin_device(argv, with_uts=True), args,
-                      table='device_node', doc=__doc__, quiet=True))
-
-
-if __name__ == '__main__':
-    main()

@@ -13,21 +13,42 @@ def blob(center: float, n: int, seed: int, dim: int = 6) -> np.ndarray:
     return np.random.default_rng(seed).normal(center, 1.0, (n, dim)).astype(np.float32)
 
 
-def test_frames_like_the_uplinked_ones_are_covered_and_others_are_not():
-    cov = Coverage(CoverageConfig(min_features=8), anchors=blob(0.0, 60, 0))
+@pytest.mark.parametrize('anchor_base', [False, True])
+def test_frames_like_the_uplinked_ones_are_covered_and_others_are_not(anchor_base):
+    cov = Coverage(CoverageConfig(min_features=8, anchor_answers_base=anchor_base),
+                   anchors=blob(0.0, 60, 0))
     assert cov.covers(blob(40.0, 1, 1)[0])  # nothing frozen yet: everything answers
     for f in blob(10.0, 60, 2):
         cov.note(f)
     cov.snapshot()
-    assert all(cov.covers(f) for f in blob(0.0, 30, 3))     # the anchor's scenes
+    # The anchor's scenes: the shipped model answers them where anchors mark its ground.
+    assert [cov.covers(f) for f in blob(0.0, 30, 3)] == [not anchor_base] * 30
     assert all(cov.covers(f) for f in blob(10.0, 30, 4))    # the uplinked scenes
     assert not any(cov.covers(f) for f in blob(40.0, 30, 5))  # a scene never sent
-    assert cov.uncovered == 30 and cov.checked == 91  # the first check, before any update, counts
+    # the first check, before any update, counts
+    assert cov.uncovered == 30 + 30 * anchor_base and cov.checked == 91
     # Once that scene has gone up and an update comes, it is covered too.
     for f in blob(40.0, 60, 6):
         cov.note(f)
     cov.snapshot()
     assert all(cov.covers(f) for f in blob(40.0, 30, 7))
+
+
+def test_a_shift_near_the_anchor_waits_for_its_own_samples():
+    """A shift that barely moves the token statistics (a blob overlapping the anchor's) is
+    answered by the shipped model after an update learnt elsewhere, and by the update once its
+    own samples went up: each frame follows its nearest neighbour."""
+    cov = Coverage(CoverageConfig(min_features=8), anchors=blob(0.0, 200, 0))
+    for f in blob(10.0, 60, 1):      # fog went up: the first update is fog's
+        cov.note(f)
+    cov.snapshot()
+    near = blob(1.0, 100, 2)         # clutter: close to the source scenes
+    assert sum(cov.covers(f) for f in near) <= 10
+    for f in blob(1.0, 200, 3):      # clutter's own samples go up; the next update has them
+        cov.note(f)
+    cov.snapshot()
+    assert sum(cov.covers(f) for f in near) >= 50
+    assert sum(cov.covers(f) for f in blob(-1.0, 100, 4)) <= 30  # the far side of the source
 
 
 def test_too_little_to_tell_covers_everything():

@@ -264,6 +264,8 @@ CLOUD = (
           high=100.0),
     Param('guard.anchor_tolerance', 1.0, 'gate: largest fall of the anchor slice (points)',
           low=0.0, high=100.0),
+    Param('guard.anchor_budget', 1.5, 'gate: largest fall of the anchor slice below the base '
+          'student, all updates together (points)', low=0.0, high=100.0),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
           low=0.0, high=0.999),
     Param('guard.pull_below', 0.98, 'ask the device for the rest of a sample\'s tokens when '

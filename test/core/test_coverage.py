@@ -108,3 +108,13 @@ def test_the_device_answers_uncovered_frames_with_the_shipped_model():
         assert a.text == (new if a.adapted else old)
     assert adapted != base_texts  # the update does change answers
     assert device.status()['base_answers'] == sum(not a.adapted for a in answers)
+
+
+def test_the_device_node_parameters_build_the_coverage():
+    from cdcca_ros.nodes.tables import defaults
+
+    params = defaults('device_node')
+    assert CoverageConfig.from_params(params) == CoverageConfig(margin=1.5)
+    off = CoverageConfig.from_params({**params, 'guard.coverage_anchor_base': False})
+    assert off is not None and not off.anchor_answers_base
+    assert CoverageConfig.from_params({**params, 'guard.coverage': False}) is None

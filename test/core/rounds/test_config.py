@@ -14,3 +14,9 @@ def test_guard_disabled_is_the_papers_round():
     cfg = GuardConfig.from_params(params)
     assert not cfg.enabled and not cfg.gate.enabled and cfg.train.max_steps == 17
     assert cfg.val_fraction == cfg.gate_fraction == 0.0 and cfg.anchor == 'none'
+
+
+def test_gate_settings_come_from_the_parameters():
+    params = {**defaults('cloud_node'), 'guard.anchor_budget': 3.5, 'guard.alpha': 0.1}
+    cfg = GuardConfig.from_params(params)
+    assert cfg.gate.anchor_budget == 3.5 and cfg.gate.alpha == 0.1

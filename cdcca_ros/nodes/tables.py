@@ -266,6 +266,9 @@ CLOUD = (
           low=0.0, high=100.0),
     Param('guard.anchor_budget', 1.5, 'gate: largest fall of the anchor slice below the base '
           'student, all updates together (points)', low=0.0, high=100.0),
+    Param('guard.gain_on', 'device', 'gate: the slice whose significant gain ships an update: '
+          'device (every held-out sample the device sent) or new (those since the last '
+          'update)', choices=('device', 'new')),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
           low=0.0, high=0.999),
     Param('guard.pull_below', 0.98, 'ask the device for the rest of a sample\'s tokens when '

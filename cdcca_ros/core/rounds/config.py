@@ -150,7 +150,7 @@ class GuardConfig:
             gate=GateConfig(enabled=p['gate'], alpha=p['alpha'], min_gain=p['min_gain'],
                             tolerance=p['tolerance'],
                             anchor_tolerance=p['anchor_tolerance'],
-                            anchor_budget=p['anchor_budget']),
+                            anchor_budget=p['anchor_budget'], gain_on=p['gain_on']),
             labels=LabelConfig(min_confidence=p['min_label_confidence'],
                                pull_below=p['pull_below'],
                                pull_fraction=p['pull_fraction']),

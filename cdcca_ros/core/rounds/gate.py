@@ -11,9 +11,14 @@ label; the anchor set's own label). The held-out samples are never trained on:
   clusters pooled), what earlier updates learnt;
 - ``anchor``: the anchor set's held-out part, what the student knew before any update.
 
-Rule (:meth:`GateConfig.decide`): ship when the ``new`` slice improves by at least
-``min_gain`` points and significantly (one-sided exact McNemar test at ``alpha`` on its
-discordant pairs), and no other slice falls by more than its tolerance. The anchor falls when
+Rule (:meth:`GateConfig.decide`): ship when the gain slice improves by at least ``min_gain``
+points and significantly (one-sided exact McNemar test at ``alpha`` on its discordant pairs),
+and no other slice falls by more than its tolerance. The gain slice (``gain_on``) is
+``device``, every held-out sample of the device's own data (``new`` and every ``replay``
+slice together: what the device sent, where it works), or only ``new``. On ``device`` the
+evidence builds up over the rounds instead of starting over after every update, and a
+candidate that goes on improving what earlier updates began counts; ``new`` then falls like
+a replay slice. The anchor falls when
 it loses more than ``anchor_tolerance`` points *and* more than ``min_broken`` net samples: its
 reference answers are the base student's own, so every broken one is the original behaviour
 lost, and it is held strictly. A replay slice falls when it loses more than ``tolerance``
@@ -36,7 +41,8 @@ from typing import Any
 from cdcca_ros.core.rounds.stats import PairedCounts
 from cdcca_ros.errors import ConfigError
 
-NEW, ANCHOR, REPLAY = 'new', 'anchor', 'replay'
+NEW, ANCHOR, REPLAY, DEVICE = 'new', 'anchor', 'replay', 'device'
+GAIN_ON = ('new', 'device')
 
 
 @dataclass
@@ -57,6 +63,8 @@ class GateConfig:
             update, this one to all updates together, so small losses cannot pile up.
         min_slice: Replay clusters with fewer gate samples are pooled into one slice.
         max_new: The ``new`` slice holds at most this many of the newest samples.
+        gain_on: The slice whose gain ships an update: ``'device'`` (all the device's
+            held-out data) or ``'new'`` (what arrived since the last update).
     """
 
     enabled: bool = True
@@ -69,8 +77,11 @@ class GateConfig:
     anchor_budget: float = 1.5
     min_slice: int = 30
     max_new: int = 1000
+    gain_on: str = 'device'
 
     def __post_init__(self) -> None:
+        if self.gain_on not in GAIN_ON:
+            raise ConfigError(f'gate gain_on must be one of {GAIN_ON}, got {self.gain_on!r}')
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f'gate alpha must be in (0, 1), got {self.alpha}')
         for name in ('min_gain', 'tolerance', 'anchor_tolerance'):
@@ -113,20 +124,24 @@ class GateConfig:
                 return GateDecision(False, f'anchor would be {lost:.1f} points below the base '
                                            f'student (budget {self.anchor_budget:g})',
                                     dict(slices), harmful=True)
-        fallen = [name for name, c in slices.items() if name != NEW and self.falls(name, c)]
+        gain_name = DEVICE if self.gain_on == 'device' else NEW
+        gain = slices.get(gain_name, new)
+        fallen = [name for name, c in slices.items()
+                  if name not in (gain_name, DEVICE) and self.falls(name, c)]
         if fallen:
             worst = min(fallen, key=lambda name: slices[name].gain)
             return GateDecision(False, f'{worst} falls by {-slices[worst].gain:.1f} points '
                                        f'({slices[worst].broken} broken, '
                                        f'{slices[worst].fixed} fixed of {slices[worst].n})',
                                 dict(slices), harmful=True)
-        p = new.p_better()
-        if new.gain < self.min_gain or p >= self.alpha:
-            return GateDecision(False, f'new data gains {new.gain:+.1f} points on {new.n} '
+        p = gain.p_better()
+        what = 'new data' if gain_name == NEW else 'the device\'s data'
+        if gain.gain < self.min_gain or p >= self.alpha:
+            return GateDecision(False, f'{what} gains {gain.gain:+.1f} points on {gain.n} '
                                        f'held-out samples (p={p:.3f}; needs >= '
                                        f'{self.min_gain:g} and p < {self.alpha:g})',
                                 dict(slices))
-        return GateDecision(True, f'new data {new.gain:+.1f} points on {new.n} held-out '
+        return GateDecision(True, f'{what} {gain.gain:+.1f} points on {gain.n} held-out '
                                   f'samples (p={p:.3f}); no slice falls', dict(slices))
 
 

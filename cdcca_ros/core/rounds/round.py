@@ -37,7 +37,7 @@ from cdcca_ros.core import dwc
 from cdcca_ros.core.akd import AKDConfig, AKDTrainer
 from cdcca_ros.core.refit import RefitConfig, RefitResult, akd_task_loss, refit_compress
 from cdcca_ros.core.rounds.config import GuardConfig
-from cdcca_ros.core.rounds.gate import ANCHOR, NEW, REPLAY, GateDecision
+from cdcca_ros.core.rounds.gate import ANCHOR, DEVICE, NEW, REPLAY, GateDecision
 from cdcca_ros.core.rounds.memory import Record
 from cdcca_ros.core.rounds.stats import PairedCounts
 from cdcca_ros.core.rounds.trainer import RoundTrainer, TrainResult, fill_targets, grouped
@@ -421,6 +421,9 @@ class RoundRunner:
             stop = start + len(members)
             out[name] = PairedCounts.of(cur[start:stop], cand[start:stop])
             start = stop
+        device = len(everything) - len(slices.get(ANCHOR, ()))  # new and replay come first
+        if device:
+            out[DEVICE] = PairedCounts.of(cur[:device], cand[:device])
         return out
 
     def _compress(self, delta: dict[str, Tensor], records: Sequence[Record],

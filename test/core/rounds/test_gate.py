@@ -75,3 +75,20 @@ def test_disabled_gate_ships_everything():
 def test_bad_settings_are_refused(field, value):
     with pytest.raises(ConfigError):
         GateConfig(**{field: value})
+
+
+def test_the_gain_on_all_the_devices_data_ships_what_new_data_alone_cannot_show():
+    from cdcca_ros.core.rounds.gate import DEVICE
+
+    # Three new held-out samples since the last update cannot be significant; the device's
+    # held-out data as a whole (new + replay) can.
+    slices = {NEW: counts(3, 1, 0), 'replay/0': counts(60, 9, 1), DEVICE: counts(63, 10, 1),
+              ANCHOR: counts(300, 0, 0)}
+    assert GateConfig().decide(slices).ship
+    only_new = GateConfig(gain_on='new').decide(slices)
+    assert not only_new.ship and only_new.reason.startswith('new data gains')
+    # On 'device', new data falling significantly still refuses (it is a harm slice then).
+    d = GateConfig().decide({**slices, NEW: counts(40, 0, 8), DEVICE: counts(100, 30, 9)})
+    assert not d.ship and d.reason.startswith('new falls') and d.harmful
+    with pytest.raises(ConfigError):
+        GateConfig(gain_on='everything')

@@ -114,7 +114,7 @@ def run(ctx: BenchContext) -> BenchResult:
 
     a, quick = ctx.args, ctx.quick
     n_dev = a.devices or (6 if quick else 128)
-    rounds = a.rounds or (1 if quick else 3)
+    rounds = a.rounds or (2 if quick else 3)
     min_samples = a.min_samples or (4 if quick else 16)
     ab_devices = a.ab_devices or (6 if quick else 32)
     pool_n = a.pool or (8 if quick else 48)
@@ -199,8 +199,13 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
     latency = [r['done'] - r['trigger'] for r in rec.rounds
                if r.get('delta') == 'applied' and r['trigger'] is not None]
     outcomes: dict[str, int] = {}
+    refusals: dict[str, int] = {}
     for r in rec.rounds:
         outcomes[r['outcome']] = outcomes.get(r['outcome'], 0) + 1
+        if r['outcome'] == 'refused':
+            kind = refusal_kind(r.get('reason'))
+            refusals[kind] = refusals.get(kind, 0) + 1
+    contended = [due >= 1 and busy >= rec.workers for _, due, busy in rec.due]
     busy = [b for t, _, b in rec.due if start <= t <= end]
     teacher = rec.teacher[0] if rec.teacher else {}
     return {
@@ -214,13 +219,24 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'deltas_applied': len(latency),
         'fairness': (max(served) / min(served)) if served and min(served) > 0 else None,
         'served_min': min(served) if served else 0, 'served_max': max(served) if served else 0,
-        'outcomes': outcomes, 'owed_after_drain': rec.owed_after_drain,
+        'contended_share': (sum(contended) / len(contended)) if contended else None,
+        'outcomes': outcomes, 'refusals': refusals, 'owed_after_drain': rec.owed_after_drain,
         'samples_sent': rec.samples_sent, 'samples_lost': rec.samples_lost,
         'device_counts': rec.device_counts, 'engine': rec.engine,
         'teacher_samples_per_forward': (teacher.get('label') or {}).get('samples_per_forward'),
         'teacher_occupancy': (teacher.get('label') or {}).get('occupancy'),
         'teacher': teacher, 'driver_cpu_s': round(rec.driver_cpu_s, 1),
         'duration_s': round(rec.end, 1), 'events': dict(rec.events)}
+
+
+def refusal_kind(reason: str | None) -> str:
+    """Why the gate refused a round, in a word (from its reason text)."""
+    text = (reason or '').lower()
+    for word, kind in (('anchor', 'anchor_fell'), ('new data gains', 'no_significant_gain'),
+                       ('replay', 'replay_fell'), ('no held-out', 'no_new_slice')):
+        if word in text:
+            return kind
+    return 'other'
 
 
 def kill_figures(rec: PhaseRecord, figures: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +254,7 @@ def kill_figures(rec: PhaseRecord, figures: dict[str, Any]) -> dict[str, Any]:
             'victims_served': sorted(set(kill['devices']) & served),
             'victim_attempts': [r['attempts'] for r in victims],
             'recover_s': (max(r['done'] for r in victims) - kill['t']) if victims else None,
+            'detect_s': (kill['detected_t'] - kill['t']) if 'detected_t' in kill else None,
             'restart_s': (kill['alive_t'] - kill['t']) if 'alive_t' in kill else None,
             'kill_delay_rounds': max(delay) if delay else None,
             'lost_tickets': len(set(kill['devices']) - served)}
@@ -296,6 +313,10 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
     summary['deltas_rejected'] = sum(f['device_counts'].get('rejected', 0)
                                      for f in all_phases.values())
     summary['samples_lost'] = sum(f['samples_lost'] for f in all_phases.values())
+    summary['deltas_applied'] = sum(f['deltas_applied'] for f in all_phases.values())
+    summary['outcomes'] = _add(f['outcomes'] for f in all_phases.values())
+    summary['refusals'] = _add(f['refusals'] for f in all_phases.values())
+    summary['contended_share'] = {w: f['contended_share'] for w, f in per_w.items()}
     if 'kill' in phases:
         k = kill_figures(phases['kill'], all_phases['kill'])
         lost += k.get('lost_tickets', 0)
@@ -341,6 +362,14 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
                                'rounds': {n: r.rounds for n, r in phases.items()},
                                'kill': {n: r.kill for n, r in phases.items() if r.kill}},
                        notes=notes)
+
+
+def _add(counts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _f(x: Any) -> str:

@@ -383,6 +383,9 @@ class FleetRun:
                     self.engine.add_pulled(event.device_id, sid, *rest)
             return None
         if not isinstance(event, fleet.RoundDone | fleet.NoRound):
+            if (isinstance(event, fleet.WorkerChanged) and not event.alive and rec.kill
+                    and 'detected_t' not in rec.kill):
+                rec.kill['detected_t'] = time.monotonic() - rec.t0
             if isinstance(event, fleet.TaskFailed | fleet.WorkerChanged):
                 self.log(f'    {type(event).__name__}: {getattr(event, "message", "")[:200]}')
             return None
@@ -395,7 +398,8 @@ class FleetRun:
             row.update(outcome=result.outcome, attempts=event.attempts, worker=event.worker,
                        replayed=event.replayed, samples=result.samples,
                        train_s=result.train_s, steps=len(result.losses),
-                       bytes=result.stats.nbytes if result.stats else 0)
+                       bytes=result.stats.nbytes if result.stats else 0,
+                       reason=result.decision.reason if result.decision else None)
             if result.envelope is not None:
                 row['delta'] = dev.take_delta(result.envelope)
         rec.rounds.append(row)
@@ -432,9 +436,11 @@ class FleetRun:
         rec.owed_after_drain = sum(d.waiting for d in self.devices)
 
     def _maybe_revive(self, rec: PhaseRecord) -> None:
-        if rec.kill and 'alive_t' not in rec.kill:
+        """When the killed worker serves again: after the engine saw it die (a slot still
+        marked alive right after the SIGKILL is not back, it is not yet known dead)."""
+        if rec.kill and 'alive_t' not in rec.kill and 'detected_t' in rec.kill:
             slot = self.engine.slots[rec.kill['worker']]
-            if slot.alive:
+            if slot.alive and slot.deaths > 0:
                 rec.kill['alive_t'] = time.monotonic() - rec.t0
 
     def _samples_lost(self) -> int:

@@ -59,6 +59,7 @@ TARGETS = (
 )
 LIGHT = {'guard.max_steps': 12, 'guard.min_steps': 6, 'dwc.refit_steps': 0}
 LIGHT_ANCHOR_LIMIT = 256
+OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,8 +137,10 @@ def run(ctx: BenchContext) -> BenchResult:
     private, public = generate_keypair()
     specs = {'teacher': ctx.models.spec('teacher'), 'student': ctx.models.spec('student')}
     max_w = max(workers)
+    # A small object store: results and task arguments are a few kB each (tokens go through
+    # the store's folder), and the machine is shared.
     ray.init(num_cpus=max_w + 1, include_dashboard=False, namespace='cdcca-bench',
-             log_to_driver=False)
+             log_to_driver=False, object_store_memory=OBJECT_STORE_BYTES)
     phases: dict[str, PhaseRecord] = {}
     load: dict[str, Any] = {'start': _loadavg()}
 
@@ -198,6 +201,7 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
     task_s = [r['done'] - r['dispatch'] for r in rec.rounds]
     latency = [r['done'] - r['trigger'] for r in rec.rounds
                if r.get('delta') == 'applied' and r['trigger'] is not None]
+    answered = [r['done'] - r['trigger'] for r in rec.rounds if r['trigger'] is not None]
     outcomes: dict[str, int] = {}
     refusals: dict[str, int] = {}
     for r in rec.rounds:
@@ -217,6 +221,8 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'trigger_to_delta_p50_s': percentile(latency, 50),
         'trigger_to_delta_p99_s': percentile(latency, 99),
         'deltas_applied': len(latency),
+        'trigger_to_result_p50_s': percentile(answered, 50),
+        'trigger_to_result_p99_s': percentile(answered, 99),
         'fairness': (max(served) / min(served)) if served and min(served) > 0 else None,
         'served_min': min(served) if served else 0, 'served_max': max(served) if served else 0,
         'contended_share': (sum(contended) / len(contended)) if contended else None,
@@ -299,6 +305,8 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
                               and per_w['2']['rounds_per_min'] else None),
         'trigger_to_delta_p50_s': top['trigger_to_delta_p50_s'],
         'trigger_to_delta_p99_s': top['trigger_to_delta_p99_s'],
+        'trigger_to_result_p50_s': top['trigger_to_result_p50_s'],
+        'trigger_to_result_p99_s': top['trigger_to_result_p99_s'],
         'fairness': max((f['fairness'] for f in per_w.values() if f['fairness'] is not None),
                         default=None),
         'task_s_p50': {w: f['task_s_p50'] for w, f in per_w.items()},
@@ -348,7 +356,8 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         'count: they cost the same work)',
         'trigger->delta: from the moment the device\'s round was owed (its burst complete) '
         'to its delta at the device, shipped rounds only; in a saturated closed loop this is '
-        'mostly queueing behind the other devices',
+        'mostly queueing behind the other devices; trigger->result: the same to the round\'s '
+        'result whatever its outcome (a refused round answers too)',
     ]
     if 'grouping' in summary:
         g = summary['grouping']

@@ -232,7 +232,8 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'teacher_samples_per_forward': (teacher.get('label') or {}).get('samples_per_forward'),
         'teacher_occupancy': (teacher.get('label') or {}).get('occupancy'),
         'teacher': teacher, 'driver_cpu_s': round(rec.driver_cpu_s, 1),
-        'duration_s': round(rec.end, 1), 'events': dict(rec.events)}
+        'duration_s': round(rec.end, 1), 'events': dict(rec.events),
+        'store_bytes_per_device': rec.store_bytes / rec.devices if rec.devices else None}
 
 
 def refusal_kind(reason: str | None) -> str:

@@ -271,6 +271,7 @@ class PhaseRecord:
     teacher: list[dict[str, Any]] = field(default_factory=list)
     engine: dict[str, Any] = field(default_factory=dict)
     driver_cpu_s: float = 0.0
+    store_bytes: int = 0
     events: Counter[str] = field(default_factory=Counter)
 
 
@@ -350,6 +351,8 @@ class FleetRun:
         rec.driver_cpu_s = time.process_time() - cpu0
         rec.samples_sent = sum(d.sent for d in self.devices)
         rec.samples_lost = self._samples_lost()
+        rec.store_bytes = sum(f.stat().st_size for f in self.engine.store.root.rglob('*')
+                              if f.is_file())
         for d in self.devices:
             rec.device_counts.update(d.counts)
         rec.teacher = self.engine.teacher_report(reset=True)

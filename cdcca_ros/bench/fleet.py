@@ -257,6 +257,8 @@ def kill_figures(rec: PhaseRecord, figures: dict[str, Any]) -> dict[str, Any]:
     served = {r['device'] for r in after}
     delay = [((r['done'] - r['dispatch']) - task) / task for r in victims]
     return {'killed': True, 'worker': kill['worker'], 'in_round_s': round(kill['in_round_s'], 2),
+            'training': kill.get('training'),
+            'replayed': sum(bool(r.get('replayed')) for r in victims),
             'victims': kill['devices'],
             'victims_served': sorted(set(kill['devices']) & served),
             'victim_attempts': [r['attempts'] for r in victims],

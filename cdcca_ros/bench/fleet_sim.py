@@ -244,7 +244,10 @@ class SimDevice:
 # --- one phase ---------------------------------------------------------------------------------
 @dataclass
 class KillPlan:
-    """SIGKILL a worker in the middle of a round once ``after_rounds`` rounds came back."""
+    """SIGKILL a worker in the middle of a round once ``after_rounds`` rounds came back: while
+    one of its devices is training (the worker's ``running.json`` marker in that device's
+    folder says ``round``: state loaded, inbox applied, labels fetched, nothing committed);
+    if no such moment is seen by ``1.5 * after_rounds`` rounds, a task well into its time."""
 
     after_rounds: int
     min_in_round_s: float = 0.3
@@ -414,17 +417,35 @@ class FleetRun:
         if plan is None or rec.kill or len(rec.rounds) < plan.after_rounds:
             return
         now = time.monotonic()
+        late = len(rec.rounds) >= 1.5 * plan.after_rounds
         # Mid-round: well into a task, by the tasks' median time so far.
         typical = percentile([r['done'] - r['dispatch'] for r in rec.rounds], 50) or 0.0
         for worker, (devices, since) in sorted(self.engine.in_flight().items()):
-            if now - since >= max(plan.min_in_round_s, 0.4 * typical):
-                pid = self.engine.kill_worker(worker)
-                rec.kill = {'t': now - rec.t0, 'worker': worker, 'pid': pid,
-                            'devices': list(devices), 'in_round_s': now - since,
-                            'rounds_before': len(rec.rounds)}
-                self.log(f'  [{rec.name}] SIGKILL worker {worker} (pid {pid}) '
-                         f'{now - since:.2f} s into a round of {devices}')
-                return
+            training = self._training(worker, devices)
+            if training is None and not (late and now - since >= max(plan.min_in_round_s,
+                                                                        0.4 * typical)):
+                continue
+            pid = self.engine.kill_worker(worker)
+            rec.kill = {'t': now - rec.t0, 'worker': worker, 'pid': pid,
+                        'devices': list(devices), 'in_round_s': now - since,
+                        'training': training, 'rounds_before': len(rec.rounds)}
+            self.log(f'  [{rec.name}] SIGKILL worker {worker} (pid {pid}) '
+                     f'{now - since:.2f} s into a task of {devices}'
+                     + (f', {training} training' if training else ''))
+            return
+
+    def _training(self, worker: int, devices: Sequence[str]) -> str | None:
+        """The device of ``devices`` that worker ``worker`` is training now, if any."""
+        pid = self.engine.slots[worker].pid
+        for device_id in devices:
+            marker = self.engine.store.device_dir(device_id) / 'running.json'
+            try:
+                info = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get('phase') == 'round' and info.get('pid') == pid:
+                return device_id
+        return None
 
     def _drain(self, rec: PhaseRecord, timeout: float = 300.0) -> None:
         """No more uplink; wait for every owed round (bounded)."""

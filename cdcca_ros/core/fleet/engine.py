@@ -20,7 +20,8 @@ On Ray (started when ``address`` is empty, else joined):
 - the student workers run :class:`~cdcca_ros.core.fleet.worker.RoundWorker`
   (``max_restarts=-1``, ``max_task_retries=0``: Ray does not retry a round; the engine
   hands the round's ticket to another live worker at once, and the store makes the ticket
-  commit once whichever worker runs it).
+  commit once whichever worker runs it). A worker on the engine's own host whose process is
+  gone is seen at the next poll, before Ray reports its death (~2 s after a SIGKILL here).
 
 Rounds are due as in the node (``round.min_samples`` pending, or ``round.max_wait_s`` after
 the first); the :class:`~cdcca_ros.core.fleet.scheduler.FairScheduler` picks which due

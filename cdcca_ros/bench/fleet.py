@@ -59,6 +59,7 @@ TARGETS = (
 )
 LIGHT = {'guard.max_steps': 12, 'guard.min_steps': 6, 'dwc.refit_steps': 0}
 LIGHT_ANCHOR_LIMIT = 256
+OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,7 +115,7 @@ def run(ctx: BenchContext) -> BenchResult:
 
     a, quick = ctx.args, ctx.quick
     n_dev = a.devices or (6 if quick else 128)
-    rounds = a.rounds or (1 if quick else 3)
+    rounds = a.rounds or (2 if quick else 3)
     min_samples = a.min_samples or (4 if quick else 16)
     ab_devices = a.ab_devices or (6 if quick else 32)
     pool_n = a.pool or (8 if quick else 48)
@@ -136,8 +137,10 @@ def run(ctx: BenchContext) -> BenchResult:
     private, public = generate_keypair()
     specs = {'teacher': ctx.models.spec('teacher'), 'student': ctx.models.spec('student')}
     max_w = max(workers)
+    # A small object store: results and task arguments are a few kB each (tokens go through
+    # the store's folder), and the machine is shared.
     ray.init(num_cpus=max_w + 1, include_dashboard=False, namespace='cdcca-bench',
-             log_to_driver=False)
+             log_to_driver=False, object_store_memory=OBJECT_STORE_BYTES)
     phases: dict[str, PhaseRecord] = {}
     load: dict[str, Any] = {'start': _loadavg()}
 
@@ -198,9 +201,15 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
     task_s = [r['done'] - r['dispatch'] for r in rec.rounds]
     latency = [r['done'] - r['trigger'] for r in rec.rounds
                if r.get('delta') == 'applied' and r['trigger'] is not None]
+    answered = [r['done'] - r['trigger'] for r in rec.rounds if r['trigger'] is not None]
     outcomes: dict[str, int] = {}
+    refusals: dict[str, int] = {}
     for r in rec.rounds:
         outcomes[r['outcome']] = outcomes.get(r['outcome'], 0) + 1
+        if r['outcome'] == 'refused':
+            kind = refusal_kind(r.get('reason'))
+            refusals[kind] = refusals.get(kind, 0) + 1
+    contended = [due >= 1 and busy >= rec.workers for _, due, busy in rec.due]
     busy = [b for t, _, b in rec.due if start <= t <= end]
     teacher = rec.teacher[0] if rec.teacher else {}
     return {
@@ -212,15 +221,29 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'trigger_to_delta_p50_s': percentile(latency, 50),
         'trigger_to_delta_p99_s': percentile(latency, 99),
         'deltas_applied': len(latency),
+        'trigger_to_result_p50_s': percentile(answered, 50),
+        'trigger_to_result_p99_s': percentile(answered, 99),
         'fairness': (max(served) / min(served)) if served and min(served) > 0 else None,
         'served_min': min(served) if served else 0, 'served_max': max(served) if served else 0,
-        'outcomes': outcomes, 'owed_after_drain': rec.owed_after_drain,
+        'contended_share': (sum(contended) / len(contended)) if contended else None,
+        'outcomes': outcomes, 'refusals': refusals, 'owed_after_drain': rec.owed_after_drain,
         'samples_sent': rec.samples_sent, 'samples_lost': rec.samples_lost,
         'device_counts': rec.device_counts, 'engine': rec.engine,
         'teacher_samples_per_forward': (teacher.get('label') or {}).get('samples_per_forward'),
         'teacher_occupancy': (teacher.get('label') or {}).get('occupancy'),
         'teacher': teacher, 'driver_cpu_s': round(rec.driver_cpu_s, 1),
-        'duration_s': round(rec.end, 1), 'events': dict(rec.events)}
+        'duration_s': round(rec.end, 1), 'events': dict(rec.events),
+        'store_bytes_per_device': rec.store_bytes / rec.devices if rec.devices else None}
+
+
+def refusal_kind(reason: str | None) -> str:
+    """Why the gate refused a round, in a word (from its reason text)."""
+    text = (reason or '').lower()
+    for word, kind in (('anchor', 'anchor_fell'), ('new data gains', 'no_significant_gain'),
+                       ('replay', 'replay_fell'), ('no held-out', 'no_new_slice')):
+        if word in text:
+            return kind
+    return 'other'
 
 
 def kill_figures(rec: PhaseRecord, figures: dict[str, Any]) -> dict[str, Any]:
@@ -234,10 +257,13 @@ def kill_figures(rec: PhaseRecord, figures: dict[str, Any]) -> dict[str, Any]:
     served = {r['device'] for r in after}
     delay = [((r['done'] - r['dispatch']) - task) / task for r in victims]
     return {'killed': True, 'worker': kill['worker'], 'in_round_s': round(kill['in_round_s'], 2),
+            'training': kill.get('training'),
+            'replayed': sum(bool(r.get('replayed')) for r in victims),
             'victims': kill['devices'],
             'victims_served': sorted(set(kill['devices']) & served),
             'victim_attempts': [r['attempts'] for r in victims],
             'recover_s': (max(r['done'] for r in victims) - kill['t']) if victims else None,
+            'detect_s': (kill['detected_t'] - kill['t']) if 'detected_t' in kill else None,
             'restart_s': (kill['alive_t'] - kill['t']) if 'alive_t' in kill else None,
             'kill_delay_rounds': max(delay) if delay else None,
             'lost_tickets': len(set(kill['devices']) - served)}
@@ -282,6 +308,8 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
                               and per_w['2']['rounds_per_min'] else None),
         'trigger_to_delta_p50_s': top['trigger_to_delta_p50_s'],
         'trigger_to_delta_p99_s': top['trigger_to_delta_p99_s'],
+        'trigger_to_result_p50_s': top['trigger_to_result_p50_s'],
+        'trigger_to_result_p99_s': top['trigger_to_result_p99_s'],
         'fairness': max((f['fairness'] for f in per_w.values() if f['fairness'] is not None),
                         default=None),
         'task_s_p50': {w: f['task_s_p50'] for w, f in per_w.items()},
@@ -296,6 +324,10 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
     summary['deltas_rejected'] = sum(f['device_counts'].get('rejected', 0)
                                      for f in all_phases.values())
     summary['samples_lost'] = sum(f['samples_lost'] for f in all_phases.values())
+    summary['deltas_applied'] = sum(f['deltas_applied'] for f in all_phases.values())
+    summary['outcomes'] = _add(f['outcomes'] for f in all_phases.values())
+    summary['refusals'] = _add(f['refusals'] for f in all_phases.values())
+    summary['contended_share'] = {w: f['contended_share'] for w, f in per_w.items()}
     if 'kill' in phases:
         k = kill_figures(phases['kill'], all_phases['kill'])
         lost += k.get('lost_tickets', 0)
@@ -327,7 +359,8 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         'count: they cost the same work)',
         'trigger->delta: from the moment the device\'s round was owed (its burst complete) '
         'to its delta at the device, shipped rounds only; in a saturated closed loop this is '
-        'mostly queueing behind the other devices',
+        'mostly queueing behind the other devices; trigger->result: the same to the round\'s '
+        'result whatever its outcome (a refused round answers too)',
     ]
     if 'grouping' in summary:
         g = summary['grouping']
@@ -341,6 +374,14 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
                                'rounds': {n: r.rounds for n, r in phases.items()},
                                'kill': {n: r.kill for n, r in phases.items() if r.kill}},
                        notes=notes)
+
+
+def _add(counts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _f(x: Any) -> str:

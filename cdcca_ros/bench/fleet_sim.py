@@ -244,7 +244,10 @@ class SimDevice:
 # --- one phase ---------------------------------------------------------------------------------
 @dataclass
 class KillPlan:
-    """SIGKILL a worker in the middle of a round once ``after_rounds`` rounds came back."""
+    """SIGKILL a worker in the middle of a round once ``after_rounds`` rounds came back: while
+    one of its devices is training (the worker's ``running.json`` marker in that device's
+    folder says ``round``: state loaded, inbox applied, labels fetched, nothing committed);
+    if no such moment is seen by ``1.5 * after_rounds`` rounds, a task well into its time."""
 
     after_rounds: int
     min_in_round_s: float = 0.3
@@ -271,6 +274,7 @@ class PhaseRecord:
     teacher: list[dict[str, Any]] = field(default_factory=list)
     engine: dict[str, Any] = field(default_factory=dict)
     driver_cpu_s: float = 0.0
+    store_bytes: int = 0
     events: Counter[str] = field(default_factory=Counter)
 
 
@@ -350,6 +354,8 @@ class FleetRun:
         rec.driver_cpu_s = time.process_time() - cpu0
         rec.samples_sent = sum(d.sent for d in self.devices)
         rec.samples_lost = self._samples_lost()
+        rec.store_bytes = sum(f.stat().st_size for f in self.engine.store.root.rglob('*')
+                              if f.is_file())
         for d in self.devices:
             rec.device_counts.update(d.counts)
         rec.teacher = self.engine.teacher_report(reset=True)
@@ -383,6 +389,9 @@ class FleetRun:
                     self.engine.add_pulled(event.device_id, sid, *rest)
             return None
         if not isinstance(event, fleet.RoundDone | fleet.NoRound):
+            if (isinstance(event, fleet.WorkerChanged) and not event.alive and rec.kill
+                    and 'detected_t' not in rec.kill):
+                rec.kill['detected_t'] = time.monotonic() - rec.t0
             if isinstance(event, fleet.TaskFailed | fleet.WorkerChanged):
                 self.log(f'    {type(event).__name__}: {getattr(event, "message", "")[:200]}')
             return None
@@ -395,7 +404,8 @@ class FleetRun:
             row.update(outcome=result.outcome, attempts=event.attempts, worker=event.worker,
                        replayed=event.replayed, samples=result.samples,
                        train_s=result.train_s, steps=len(result.losses),
-                       bytes=result.stats.nbytes if result.stats else 0)
+                       bytes=result.stats.nbytes if result.stats else 0,
+                       reason=result.decision.reason if result.decision else None)
             if result.envelope is not None:
                 row['delta'] = dev.take_delta(result.envelope)
         rec.rounds.append(row)
@@ -407,17 +417,35 @@ class FleetRun:
         if plan is None or rec.kill or len(rec.rounds) < plan.after_rounds:
             return
         now = time.monotonic()
+        late = len(rec.rounds) >= 1.5 * plan.after_rounds
         # Mid-round: well into a task, by the tasks' median time so far.
         typical = percentile([r['done'] - r['dispatch'] for r in rec.rounds], 50) or 0.0
         for worker, (devices, since) in sorted(self.engine.in_flight().items()):
-            if now - since >= max(plan.min_in_round_s, 0.4 * typical):
-                pid = self.engine.kill_worker(worker)
-                rec.kill = {'t': now - rec.t0, 'worker': worker, 'pid': pid,
-                            'devices': list(devices), 'in_round_s': now - since,
-                            'rounds_before': len(rec.rounds)}
-                self.log(f'  [{rec.name}] SIGKILL worker {worker} (pid {pid}) '
-                         f'{now - since:.2f} s into a round of {devices}')
-                return
+            training = self._training(worker, devices)
+            if training is None and not (late and now - since >= max(plan.min_in_round_s,
+                                                                        0.4 * typical)):
+                continue
+            pid = self.engine.kill_worker(worker)
+            rec.kill = {'t': now - rec.t0, 'worker': worker, 'pid': pid,
+                        'devices': list(devices), 'in_round_s': now - since,
+                        'training': training, 'rounds_before': len(rec.rounds)}
+            self.log(f'  [{rec.name}] SIGKILL worker {worker} (pid {pid}) '
+                     f'{now - since:.2f} s into a task of {devices}'
+                     + (f', {training} training' if training else ''))
+            return
+
+    def _training(self, worker: int, devices: Sequence[str]) -> str | None:
+        """The device of ``devices`` that worker ``worker`` is training now, if any."""
+        pid = self.engine.slots[worker].pid
+        for device_id in devices:
+            marker = self.engine.store.device_dir(device_id) / 'running.json'
+            try:
+                info = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get('phase') == 'round' and info.get('pid') == pid:
+                return device_id
+        return None
 
     def _drain(self, rec: PhaseRecord, timeout: float = 300.0) -> None:
         """No more uplink; wait for every owed round (bounded)."""
@@ -432,9 +460,11 @@ class FleetRun:
         rec.owed_after_drain = sum(d.waiting for d in self.devices)
 
     def _maybe_revive(self, rec: PhaseRecord) -> None:
-        if rec.kill and 'alive_t' not in rec.kill:
+        """When the killed worker serves again: after the engine saw it die (a slot still
+        marked alive right after the SIGKILL is not back, it is not yet known dead)."""
+        if rec.kill and 'alive_t' not in rec.kill and 'detected_t' in rec.kill:
             slot = self.engine.slots[rec.kill['worker']]
-            if slot.alive:
+            if slot.alive and slot.deaths > 0:
                 rec.kill['alive_t'] = time.monotonic() - rec.t0
 
     def _samples_lost(self) -> int:

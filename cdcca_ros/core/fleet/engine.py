@@ -20,7 +20,8 @@ On Ray (started when ``address`` is empty, else joined):
 - the student workers run :class:`~cdcca_ros.core.fleet.worker.RoundWorker`
   (``max_restarts=-1``, ``max_task_retries=0``: Ray does not retry a round; the engine
   hands the round's ticket to another live worker at once, and the store makes the ticket
-  commit once whichever worker runs it).
+  commit once whichever worker runs it). A worker on the engine's own host whose process is
+  gone is seen at the next poll, before Ray reports its death (~2 s after a SIGKILL here).
 
 Rounds are due as in the node (``round.min_samples`` pending, or ``round.max_wait_s`` after
 the first); the :class:`~cdcca_ros.core.fleet.scheduler.FairScheduler` picks which due
@@ -771,21 +772,16 @@ class FleetEngine:
 
         if slot.ref is None:
             return []
+        if _process_gone(slot.pid, slot.host):
+            # Seen here before Ray reports it (Ray takes ~2 s): the task's answer can no
+            # longer come; Ray's error for it is never read.
+            return self._died(slot, f'process {slot.pid} is gone')
         try:
             results = ray.get(slot.ref, timeout=0)
         except GetTimeoutError:
             return []
         except RayActorError as err:
-            # The worker died (or is unreachable): its tasks go to the others first; the
-            # store makes each ticket commit once, whichever worker runs it.
-            tasks, slot.ref, slot.tasks = slot.tasks, None, []
-            slot.alive, slot.down_since, slot.next_ping = False, self._clock(), 0.0
-            slot.deaths += 1
-            self.counters['worker_deaths'] += 1
-            self._retry.append((tasks, slot.index))
-            return [WorkerChanged(slot.index, False, f'worker {slot.index} died with '
-                                                     f'{len(tasks)} task(s), handed on: '
-                                                     f'{_first_line(err)}')]
+            return self._died(slot, _first_line(err))
         except Exception as err:  # noqa: BLE001 - the task itself raised: a bug, not a crash
             tasks, slot.ref, slot.tasks = slot.tasks, None, []
             return [self._failed(t, f'task raised: {_first_line(err)}') for t in tasks]
@@ -798,6 +794,17 @@ class FleetEngine:
                 continue
             events += self._finished(task, out, slot.index)
         return events
+
+    def _died(self, slot: _Slot, why: str) -> list[FleetEvent]:
+        """The worker died (or is unreachable): its tasks go to the others first; the store
+        makes each ticket commit once, whichever worker runs it."""
+        tasks, slot.ref, slot.tasks = slot.tasks, None, []
+        slot.alive, slot.down_since, slot.next_ping = False, self._clock(), 0.0
+        slot.deaths += 1
+        self.counters['worker_deaths'] += 1
+        self._retry.append((tasks, slot.index))
+        return [WorkerChanged(slot.index, False, f'worker {slot.index} died with {len(tasks)} '
+                                                 f'task(s), handed on: {why}')]
 
     def _failed(self, task: dict[str, Any], message: str) -> TaskFailed:
         dev = self._devices[task['device_id']]
@@ -921,6 +928,26 @@ class FleetEngine:
         with self._lock:
             return {s.index: ([t['device_id'] for t in s.tasks], s.dispatched)
                     for s in self.slots if s.ref is not None}
+
+
+def _process_gone(pid: int, host: str) -> bool:
+    """Whether process ``pid`` of ``host`` is known to be gone: on this host only, no such
+    process or a zombie (killed, not yet reaped). Another host's worker: False (Ray's
+    report counts)."""
+    if not pid or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: it exists
+        return False
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            state = f.read().rsplit(b')', 1)[1].split()[:1]
+    except (OSError, IndexError):
+        return False
+    return state in ([b'Z'], [b'X'])
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:

@@ -117,7 +117,9 @@ def test_a_worker_killed_mid_round_loses_nothing_and_duplicates_nothing(fleet, t
     done: list[RoundDone] = []
     events = run_until(engine, done, 3, 300.0, on_poll=kill_mid_round)
     assert killed, 'no round was seen in progress'
-    assert any(isinstance(e, WorkerChanged) and not e.alive for e in events)
+    # Seen by the engine itself (the process is gone) before Ray's report (~2 s later).
+    died = [e for e in events if isinstance(e, WorkerChanged) and not e.alive]
+    assert died and 'is gone' in died[0].message, died
     assert sorted(e.device_id for e in done) == list(DEVICES), engine.figures()
     for event in done:  # one delta per device, v1 -> v2, on the base the device holds
         apply(gates, event)

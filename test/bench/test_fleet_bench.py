@@ -1,0 +1,65 @@
+"""The fleet bench's figures from a phase's records (the phases themselves run Ray: the
+engine's fault test, test/core/fleet/test_engine_ray.py, runs a worker kill on real Ray)."""
+from __future__ import annotations
+
+import pytest
+
+from cdcca_ros.bench.fleet import kill_figures, phase_figures, refusal_kind
+from cdcca_ros.bench.fleet_sim import PhaseRecord
+
+
+def round_row(device, trigger, dispatch, done, outcome='refused', attempts=1, delta=None,
+              reason='new data gains +0.0 points on 6 held-out samples (p=1.000; ...)'):
+    row = {'device': device, 'trigger': trigger, 'dispatch': dispatch, 'done': done,
+           'outcome': outcome, 'attempts': attempts, 'reason': reason}
+    if delta is not None:
+        row['delta'] = delta
+    return row
+
+
+def phase() -> PhaseRecord:
+    rec = PhaseRecord('w2', workers=2, devices=3)
+    rec.rounds = [
+        round_row('a', 0.0, 0.0, 1.0),
+        round_row('b', 0.0, 0.0, 1.2, reason='anchor would be 2.2 points below the base '
+                                              'student (budget 1.5)'),
+        round_row('c', 0.5, 1.0, 2.0, outcome='shipped', delta='applied', reason='new data'),
+        round_row('a', 3.0, 3.0, 4.0, outcome='shipped', delta='applied', reason='new data'),
+        round_row('b', 3.5, 4.0, 5.0),
+        round_row('c', 4.0, 5.0, 9.0, attempts=2),  # its worker killed at 5.5
+    ]
+    rec.due = [(0.0, 3, 0), (1.0, 1, 2), (2.0, 0, 1), (4.0, 1, 2)]
+    rec.cutoff, rec.served_at_cutoff = 9.0, {'a': 2, 'b': 2, 'c': 1}
+    return rec
+
+
+def test_phase_figures_count_every_round_answered_and_only_deltas_taken():
+    f = phase_figures(phase())
+    assert f['fairness'] == 2.0 and (f['served_min'], f['served_max']) == (1, 2)
+    # trigger->delta: shipped rounds whose delta the device took; ->result: every round.
+    assert f['deltas_applied'] == 2
+    assert f['trigger_to_delta_p50_s'] == pytest.approx(1.0)
+    assert f['trigger_to_delta_p99_s'] == pytest.approx(1.5)
+    assert f['trigger_to_result_p99_s'] == pytest.approx(5.0)
+    assert f['outcomes'] == {'refused': 4, 'shipped': 2}
+    assert f['refusals'] == {'no_significant_gain': 3, 'anchor_fell': 1}
+    assert f['contended_share'] == pytest.approx(0.5)  # due work and every worker busy
+
+
+def test_kill_figures_time_the_victims_round_and_never_count_a_restart_not_seen():
+    rec = phase()
+    rec.kill = {'t': 5.5, 'worker': 1, 'devices': ['c'], 'in_round_s': 0.5,
+                'detected_t': 5.9}  # the worker was never seen back
+    k = kill_figures(rec, phase_figures(rec))
+    assert k['recover_s'] == pytest.approx(3.5) and k['detect_s'] == pytest.approx(0.4)
+    assert k['restart_s'] is None and k['lost_tickets'] == 0
+    # task p50 over the phase is 1.0 s: the victim's round took 4.0 s, 3 rounds of delay.
+    assert k['kill_delay_rounds'] == pytest.approx(3.0)
+    rec.kill['devices'] = ['c', 'd']  # a device whose round never came back: lost
+    assert kill_figures(rec, phase_figures(rec))['lost_tickets'] == 1
+
+
+def test_refusal_reasons_are_classified_from_the_gates_text():
+    assert refusal_kind('replay/2 falls by 3.1 points (4 broken, 1 fixed of 40)') == 'replay_fell'
+    assert refusal_kind('anchor falls by 2.0 points (3 broken, 0 fixed of 77)') == 'anchor_fell'
+    assert refusal_kind(None) == 'other'

@@ -256,7 +256,7 @@ CLOUD = (
     Param('guard.anchor', '', 'anchor set: empty = the student\'s own anchor.safetensors, '
           '"none", or a file'),
     Param('guard.gate', True, 'gate every candidate on held-out new data, replay and anchor'),
-    Param('guard.alpha', 0.05, 'gate: significance of the gain on new data (one-sided exact '
+    Param('guard.alpha', 0.1, 'gate: significance of the gain on new data (one-sided exact '
           'McNemar)', low=1e-6, high=0.5),
     Param('guard.min_gain', 1.0, 'gate: smallest gain on new data worth an update (points)',
           low=0.0, high=100.0),
@@ -264,9 +264,9 @@ CLOUD = (
           high=100.0),
     Param('guard.anchor_tolerance', 1.0, 'gate: largest fall of the anchor slice (points)',
           low=0.0, high=100.0),
-    Param('guard.anchor_budget', 1.5, 'gate: largest fall of the anchor slice below the base '
+    Param('guard.anchor_budget', 3.0, 'gate: largest fall of the anchor slice below the base '
           'student, all updates together (points)', low=0.0, high=100.0),
-    Param('guard.gain_on', 'device', 'gate: the slice whose significant gain ships an update: '
+    Param('guard.gain_on', 'new', 'gate: the slice whose significant gain ships an update: '
           'device (every held-out sample the device sent) or new (those since the last '
           'update)', choices=('device', 'new')),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',

@@ -57,12 +57,15 @@ def test_the_anchor_budget_is_cumulative_against_the_base():
     # budget of 2 points although its own fall (1 point) is within the per-update tolerance.
     base = 0.95
     anchor = counts(300, 3, 6, old_right=280)  # current 93.3%, candidate 92.3%
-    d = GateConfig().decide({NEW: counts(60, 30, 0), ANCHOR: anchor}, anchor_base=base)
+    gate = GateConfig(anchor_budget=2.0)
+    d = gate.decide({NEW: counts(60, 30, 0), ANCHOR: anchor}, anchor_base=base)
     assert not d.ship and 'below the base student' in d.reason
     assert d.harmful
     # A candidate that improves the anchor over the current one may pass the budget check.
     better = counts(300, 6, 3, old_right=280)
-    assert GateConfig().decide({NEW: counts(60, 30, 0), ANCHOR: better}, anchor_base=base).ship
+    assert gate.decide({NEW: counts(60, 30, 0), ANCHOR: better}, anchor_base=base).ship
+    # Under the default budget (3 points) 2.7 points below the base is within it.
+    assert GateConfig().decide({NEW: counts(60, 30, 0), ANCHOR: anchor}, anchor_base=base).ship
 
 
 def test_disabled_gate_ships_everything():
@@ -84,11 +87,12 @@ def test_the_gain_on_all_the_devices_data_ships_what_new_data_alone_cannot_show(
     # held-out data as a whole (new + replay) can.
     slices = {NEW: counts(3, 1, 0), 'replay/0': counts(60, 9, 1), DEVICE: counts(63, 10, 1),
               ANCHOR: counts(300, 0, 0)}
-    assert GateConfig().decide(slices).ship
-    only_new = GateConfig(gain_on='new').decide(slices)
+    assert GateConfig(gain_on='device').decide(slices).ship
+    only_new = GateConfig().decide(slices)
     assert not only_new.ship and only_new.reason.startswith('new data gains')
     # On 'device', new data falling significantly still refuses (it is a harm slice then).
-    d = GateConfig().decide({**slices, NEW: counts(40, 0, 8), DEVICE: counts(100, 30, 9)})
+    d = GateConfig(gain_on='device').decide({**slices, NEW: counts(40, 0, 8),
+                                              DEVICE: counts(100, 30, 9)})
     assert not d.ship and d.reason.startswith('new falls') and d.harmful
     with pytest.raises(ConfigError):
         GateConfig(gain_on='everything')

@@ -45,6 +45,8 @@ SCORES_FILE = 'captions.json'
 DOMAINS: tuple[str, ...] = (SOURCE,) + DRIFTED
 TRAIN_START = 0
 EVAL_START = 1_000_000
+HEAD_SEED = 19
+"""The heads' seed is this plus the world's: apart from every seed the VQA recipe uses."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class CaptionRecipe:
         layers: Decoder layers of the heads.
     """
 
-    seed: int = 19
+    seed: int = HEAD_SEED
     world_seed: int = 0
     image_size: int = 48
     teacher_images: int = 1200
@@ -88,7 +90,7 @@ class CaptionRecipe:
             raise ConfigError(f'CaptionRecipe.lr must be > 0, got {self.lr}')
 
     @classmethod
-    def quick(cls, seed: int = 19) -> CaptionRecipe:
+    def quick(cls, seed: int = HEAD_SEED) -> CaptionRecipe:
         """A few-second recipe for tests (heads that learn little)."""
         return cls(seed=seed, teacher_images=16, student_images=32, eval_images=6, steps=20,
                    batch_size=16)
@@ -202,7 +204,8 @@ def evaluate_captioner(captioner: Captioner, samples: Sequence[CaptionSample],
         scores = score_captions({i: samples[i].references for i in rows},
                                 {i: captions[i] for i in rows})
         out[split] = {**scores, 'n': len(rows)}
-    out['examples'] = [{'domain': samples[i].domain, 'caption': captions[i],
+    out['examples'] = [{'domain': samples[i].domain, 'index': samples[i].index,
+                        'caption': captions[i],
                         'reference': samples[i].references[0]}
                        for i in range(0, len(samples), max(1, len(samples) // 5))]
     return out
@@ -260,21 +263,35 @@ def format_scores(record: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m cdcca_ros.sim.train_captions [--out DIR] [--quick]``."""
+    """Command line: ``python -m cdcca_ros.sim.train_captions [--out DIR] [--seed N] [--quick]``.
+
+    Takes the arguments of :mod:`cdcca_ros.sim.train_bundled` (``make models ARGS=...`` passes
+    the same to both): ``--seed`` is the world's seed there and here; the heads' own seed is
+    :data:`HEAD_SEED` plus it.
+    """
+    import os
+
     parser = argparse.ArgumentParser(
         prog='python -m cdcca_ros.sim.train_captions',
         description='Train the bundled teacher and student caption heads (model weights '
                     'untouched) and write their held-out BLEU-4 / CIDEr.')
     parser.add_argument('--out', default=str(DEFAULT_DIR),
                         help='directory holding teacher/ and student/ (default: the bundled)')
-    parser.add_argument('--seed', type=int, default=CaptionRecipe.seed,
-                        help='seed of the heads (default %(default)s)')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the world, as train_bundled\'s (default 0); the heads '
+                             f'use {HEAD_SEED} + it')
     parser.add_argument('--steps', type=int, default=None, help='optimiser steps per head')
     parser.add_argument('--quick', action='store_true', help='tiny recipe (seconds)')
+    parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (default 2)')
     args = parser.parse_args(argv)
-    recipe = CaptionRecipe.quick(args.seed) if args.quick else CaptionRecipe(seed=args.seed)
-    if args.steps is not None:
-        recipe = CaptionRecipe(**{**asdict(recipe), 'steps': args.steps})
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    import torch
+
+    torch.set_num_threads(args.threads)
+    recipe = (CaptionRecipe.quick(HEAD_SEED + args.seed) if args.quick
+              else CaptionRecipe(seed=HEAD_SEED + args.seed))
+    recipe = CaptionRecipe(**{**asdict(recipe), 'world_seed': args.seed,
+                              **({'steps': args.steps} if args.steps else {})})
     record = train_captions(args.out, recipe)
     print(format_scores(record))
     print(f'({recipe.eval_images} held-out images per domain; total '

@@ -128,13 +128,17 @@ def build_head(cfg: CaptionHeadConfig) -> Any:
 
         def forward(self, memory: Tensor, ids: Tensor) -> Tensor:
             """Logits ``[B, T, V]`` of the next word after each of ``ids`` ``[B, T]``."""
+            return self.out(self.hidden(memory, ids))
+
+        def hidden(self, memory: Tensor, ids: Tensor) -> Tensor:
+            """Final (normed) hidden states ``[B, T, H]`` at each of ``ids`` ``[B, T]``."""
             steps = ids.shape[1]
             x = self.embed(ids) + self.position(torch.arange(steps, device=ids.device))
             causal = torch.triu(torch.ones(steps, steps, dtype=torch.bool, device=ids.device),
                                 diagonal=1)
             hidden = self.decoder(x, memory, tgt_mask=causal,
                                   tgt_key_padding_mask=ids == PAD)
-            return self.out(self.norm(hidden))
+            return self.norm(hidden)
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)
@@ -228,11 +232,20 @@ class Captioner:
         """The model with the head stored in ``path`` (usually the model's directory)."""
         return cls(model, load_head(path))
 
-    def features(self, tokens: Tensor, indices: Tensor | None = None
+    def features(self, tokens: Tensor, indices: Tensor | None = None, grad: bool = False
                  ) -> tuple[Tensor, Tensor | None]:
-        """What the head reads: adapted vision tokens and the bridge's output."""
-        query = self.model.query_features(tokens, indices) if self.config.query_dim else None
-        return self.model.adapted_tokens(tokens, indices), query
+        """What the head reads: adapted vision tokens and the bridge's output (``grad``: with
+        gradients, in the model's current mode)."""
+        query = (self.model.query_features(tokens, indices, grad=grad)
+                 if self.config.query_dim else None)
+        return self.model.adapted_tokens(tokens, indices, grad=grad), query
+
+    def memory(self, tokens: Tensor, indices: Tensor | None = None, grad: bool = False
+               ) -> tuple[Tensor, Tensor | None]:
+        """``(memory the decoder attends to, bridge features)`` of vision tokens."""
+        vis, query = self.features(tokens, indices, grad)
+        return (self.head.memory(vis.float(), None if query is None else query.float()),
+                query)
 
     def caption(self, images: Sequence[np.ndarray], max_length: int | None = None
                 ) -> list[AnswerResult]:
@@ -247,8 +260,8 @@ class Captioner:
 
         Returns:
             One :class:`AnswerResult` per row: ``step_probs`` ``[T, V]`` over the head's
-            vocabulary, the eos step included (``T = words + 1`` unless cut at
-            ``max_length``).
+            vocabulary, the eos step included: ``T = words + 1`` (at ``max_length`` words,
+            the last row is the step that should have ended the caption).
         """
         return self._generate(tokens, indices, max_length, time.perf_counter())
 
@@ -266,9 +279,7 @@ class Captioner:
         self.head.eval()
         try:
             with torch.no_grad():
-                vis, query = self.features(tokens, indices)
-                memory = self.head.memory(vis.float(), None if query is None
-                                          else query.float())
+                memory, _ = self.memory(tokens, indices)
                 batch = memory.shape[0]
                 ids = torch.full((batch, 1), BOS, dtype=torch.long, device=memory.device)
                 steps = []
@@ -289,8 +300,10 @@ class Captioner:
         out = []
         for b in range(batch):
             row = [int(t) for t in ids[b, 1:]]
-            length = row.index(EOS) if EOS in row else len(row)
-            kept = min(length + 1, len(row))
+            # at most `limit` words; the step after the last word (eos, or where it should
+            # have been) always counts
+            length = min(row.index(EOS) if EOS in row else len(row), limit)
+            kept = length + 1
             step_probs = np.ascontiguousarray(probs_np[b, :kept], dtype=np.float32)
             out.append(AnswerResult(
                 text=decode_caption(self.config, row[:length]), token_ids=row[:length],

@@ -89,10 +89,12 @@ class CaptionMethod:
     update: str = 'none'            # 'none', 'tent' or 'cloud'
     losses: str = 'akd'             # 'akd' or 'ce'
     uts: bool = False               # stage 1 + 2 (else every sample, every token)
+    lr_scale: float = 1.0           # times the plan's learning rate
 
 
 SOURCE_ONLY = CaptionMethod('Source-only')
 TENT = CaptionMethod('TENT (device, entropy min.)', 'tent')
+TENT_SLOW = CaptionMethod('TENT, lr / 10', 'tent', lr_scale=0.1)
 CE_ONLY = CaptionMethod('Teacher captions, L_CE only', 'cloud', 'ce')
 CDCCA = CaptionMethod('CD-CCA (UTS + AKD + DWC)', 'cloud', 'akd', uts=True)
 
@@ -195,6 +197,7 @@ class CaptionExperiment:
         from cdcca_ros.core.captions.adapt import CaptionAkdConfig
 
         cfg = CaptionAkdConfig(steps=self.plan.steps, seed=self.plan.seed)
+        cfg = replace(cfg, lr=cfg.lr * method.lr_scale)
         return replace(cfg, lambda_query=0.0, lambda_repr=0.0) if method.losses == 'ce' \
             else cfg
 
@@ -265,6 +268,7 @@ class CaptionExperiment:
         memory_t: list[Tensor] = list(self.anchor_tokens)
         memory_i: list[Tensor | None] = [None] * len(memory_t)
         memory_l: list[str] = list(anchor_labels)
+        memory_d: list[bool] = [False] * len(memory_t)  # anchors: L_ce on their own captions
         codec = dwc.get_codec('sparse')
         held = head_state(device, cfg)
         for r in range(self.plan.rounds):
@@ -275,7 +279,8 @@ class CaptionExperiment:
                 memory_l += distiller.label(toks, idx)
                 memory_t += toks
                 memory_i += idx
-            distiller.fit(memory_t, memory_i, memory_l)
+                memory_d += [True] * len(toks)
+            distiller.fit(memory_t, memory_i, memory_l, memory_d)
             trained = head_state(cloud, cfg)
             delta = dwc.compute_delta(trained, held)
             payload = codec.encode(delta)
@@ -294,4 +299,4 @@ class CaptionExperiment:
 
 
 __all__ = ['CaptionPlan', 'CaptionMethod', 'CaptionRun', 'CaptionExperiment', 'SOURCE_ONLY',
-           'TENT', 'CE_ONLY', 'CDCCA', 'COLUMNS']
+           'TENT', 'TENT_SLOW', 'CE_ONLY', 'CDCCA', 'COLUMNS']

@@ -33,7 +33,8 @@ def test_table2_runs_every_method(tiny_specs, tmp_path) -> None:
                 'cider_gain_over_tent', 'out_domain_cider_gain', 'in_domain_drop_max'):
         assert key in s, key
     assert [r[0] for r in rec['table']['rows']] == [
-        'Source-only', 'TENT (device, entropy min.)', 'Teacher captions, L_CE only',
+        'Source-only', 'TENT (device, entropy min.)', 'TENT, lr / 10',
+        'Teacher captions, L_CE only',
         'CD-CCA (UTS + AKD + DWC)', 'Teacher (cloud, reference)']
     runs = rec['detail']['runs']
     ours, ce = runs['CD-CCA (UTS + AKD + DWC)'], runs['Teacher captions, L_CE only']
@@ -46,3 +47,4 @@ def test_table2_runs_every_method(tiny_specs, tmp_path) -> None:
     assert s['final']['Source-only']['near']['n'] >= 3
     assert s['final']['Source-only']['in']['n'] == 3
     assert any('no caption head; trained one here' in n for n in rec['notes'])
+    assert rec['detail']['markdown'].startswith('| method')

@@ -162,34 +162,53 @@ class CaptionDistiller:
                 out[r] = res.text
         return out
 
-    def _loss(self, t: Tensor, idx: Tensor | None, ids: Tensor) -> dict[str, Tensor]:
+    def _loss(self, t: Tensor, idx: Tensor | None, ids: Tensor, distill: Tensor
+              ) -> dict[str, Tensor]:
+        """Eq. 6 on one batch; L_query and L_repr only on the rows where ``distill``."""
         cfg = self.cfg
-        with torch.no_grad():
-            t_memory, t_query = self.teacher.memory(t, idx)
-            t_hidden = self.teacher.head.hidden(t_memory, ids[:, :-1])
         s_memory, s_query = self.student.memory(t, idx, grad=True)
         s_hidden = self.student.head.hidden(s_memory, ids[:, :-1])
         logits = self.student.head.out(s_hidden)
         target = ids[:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                              ignore_index=PAD)
-        zero = ce * 0.0
-        q = (query_loss(t_query, self.query_proj(s_query.float()))
-             if cfg.lambda_query and s_query is not None and t_query is not None else zero)
-        r = (repr_loss(t_hidden, self.repr_proj(s_hidden), target != PAD)
-             if cfg.lambda_repr else zero)
+        q = r = ce * 0.0
+        rows = distill.nonzero()[:, 0]
+        if (cfg.lambda_query or cfg.lambda_repr) and rows.numel():
+            t_rows = t[rows]
+            with torch.no_grad():
+                t_memory, t_query = self.teacher.memory(
+                    t_rows, None if idx is None else idx[rows])
+                t_hidden = self.teacher.head.hidden(t_memory, ids[rows, :-1])
+            if cfg.lambda_query and s_query is not None and t_query is not None:
+                q = query_loss(t_query, self.query_proj(s_query[rows].float()))
+            if cfg.lambda_repr:
+                r = repr_loss(t_hidden, self.repr_proj(s_hidden[rows]), target[rows] != PAD)
         total = cfg.lambda_query * q + cfg.lambda_repr * r + cfg.lambda_ce * ce
         return {'total': total, 'query': q, 'repr': r, 'ce': ce}
 
     def fit(self, tokens: Sequence[Tensor], indices: Sequence[Tensor | None],
-            captions: Sequence[str]) -> dict[str, float]:
+            captions: Sequence[str], distill: Sequence[bool] | None = None
+            ) -> dict[str, float]:
         """``cfg.steps`` steps on the samples (``tokens[i]`` ``[K_i, D]``, ``indices[i]``
-        ``[K_i]`` or None for all tokens) and their pseudo-labels.
+        ``[K_i]`` or None for all tokens) and their labels.
+
+        Args:
+            tokens: Per sample, its (kept) vision tokens.
+            indices: Per sample, the kept tokens' indices, or None for all tokens.
+            captions: Per sample, the caption to learn (the teacher's, or for an anchor what
+                the student must keep saying).
+            distill: Per sample, whether L_query and L_repr pull it towards the teacher
+                (default: all). Anchors replayed to keep the student's own behaviour are
+                False: only L_ce applies to them (the teacher's features are not what the
+                student should match on its own domain).
 
         Returns:
             Mean of each loss (``total``, ``query``, ``repr``, ``ce``) over the steps.
         """
-        if not (len(tokens) == len(indices) == len(captions)) or not tokens:
+        flags = torch.ones(len(tokens), dtype=torch.bool) if distill is None \
+            else torch.tensor(list(distill), dtype=torch.bool)
+        if not (len(tokens) == len(indices) == len(captions) == len(flags)) or not tokens:
             raise ConfigError(f'CaptionDistiller.fit needs as many tokens, indices and '
                               f'captions (> 0), got {len(tokens)}, {len(indices)}, '
                               f'{len(captions)}')
@@ -208,7 +227,7 @@ class CaptionDistiller:
                                      generator=gen)
                 rows = [g[int(i)] for i in pick]
                 t, idx = _stack(tokens, indices, rows)
-                losses = self._loss(t, idx, _padded([ids[r] for r in rows]))
+                losses = self._loss(t, idx, _padded([ids[r] for r in rows]), flags[rows])
                 self.optimizer.zero_grad(set_to_none=True)
                 losses['total'].backward()
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)

@@ -131,3 +131,17 @@ def test_tent_lowers_the_caption_entropy(pair) -> None:
     adapt.tent_fit(student, tokens, adapt.CaptionAkdConfig(steps=30, lr=3e-3, batch_size=6,
                                                            train_head=True))
     assert mean_entropy() < before
+
+
+def test_anchor_rows_only_get_cross_entropy(pair) -> None:
+    import copy
+
+    teacher, student = pair
+    student = copy.deepcopy(student)
+    tokens = student.model.vision_tokens(_images(4, seed=6))
+    distiller = adapt.CaptionDistiller(student, teacher, adapt.CaptionAkdConfig(steps=2,
+                                                                               batch_size=4))
+    anchors = distiller.fit(list(tokens), [None] * 4, [CAPTION] * 4, distill=[False] * 4)
+    assert anchors['query'] == anchors['repr'] == 0.0 and anchors['ce'] > 0
+    with pytest.raises(ConfigError):
+        distiller.fit(list(tokens), [None] * 4, [CAPTION] * 4, distill=[True])

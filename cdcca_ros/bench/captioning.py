@@ -268,7 +268,8 @@ class CaptionExperiment:
         memory_t: list[Tensor] = list(self.anchor_tokens)
         memory_i: list[Tensor | None] = [None] * len(memory_t)
         memory_l: list[str] = list(anchor_labels)
-        memory_d: list[bool] = [False] * len(memory_t)  # anchors: L_ce on their own captions
+        # anchors too are distilled (L_query, L_repr; their captions the student's own)
+        memory_d: list[bool] = [True] * len(memory_t)
         codec = dwc.get_codec('sparse')
         held = head_state(device, cfg)
         for r in range(self.plan.rounds):

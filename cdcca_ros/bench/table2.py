@@ -132,7 +132,7 @@ def run(ctx: BenchContext) -> BenchResult:
         'scores after the final round; gain C = CIDEr (all) minus source-only',
         f'CD-CCA: UTS stage 1 on the caption entropy (Eq. 2 over all steps, top '
         f'{plan.uplink_fraction:.0%} of the round), stage 2 (device defaults), AKD '
-        '(L_query + L_repr + L_CE; anchors: L_CE on the student\'s own captions) on the '
+        '(L_query + L_repr + L_CE; the anchors\' captions are the student\'s own) on the '
         'adapter the delta carries (caption head frozen), '
         'delta coded with the cloud\'s default codec (sparse) and applied as decoded; L_CE '
         'only: every frame, every token, cross-entropy alone, same anchors and codec; TENT: '

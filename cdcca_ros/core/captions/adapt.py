@@ -199,9 +199,9 @@ class CaptionDistiller:
             captions: Per sample, the caption to learn (the teacher's, or for an anchor what
                 the student must keep saying).
             distill: Per sample, whether L_query and L_repr pull it towards the teacher
-                (default: all). Anchors replayed to keep the student's own behaviour are
-                False: only L_ce applies to them (the teacher's features are not what the
-                student should match on its own domain).
+                (default: all; False: L_ce alone). The table2 bench leaves them on for the
+                source anchors too: with them off, the in-domain CIDEr fell further (seed 0:
+                414 vs 437 after round 1, source-only 490).
 
         Returns:
             Mean of each loss (``total``, ``query``, ``repr``, ``ce``) over the steps.

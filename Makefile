@@ -31,6 +31,7 @@ run:
 
 models:
 	@$(RUN) 'python -m cdcca_ros.sim.train_bundled $(ARGS)'
+	@$(RUN) 'python -m cdcca_ros.sim.train_captions $(ARGS)'
 	@$(RUN) 'python -m cdcca_ros.core.uplink.fit --model bundled:student'
 
 bench:

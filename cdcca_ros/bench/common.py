@@ -49,6 +49,7 @@ BENCHES: dict[str, str] = {
     'realscale': 'cdcca_ros.bench.realscale',
     # The paper's tables on the drifting world (accuracy per round, ablation, bytes).
     'table1': 'cdcca_ros.bench.table1',
+    'table2': 'cdcca_ros.bench.table2',
     'table3': 'cdcca_ros.bench.table3',
     'table4': 'cdcca_ros.bench.table4',
     'table5': 'cdcca_ros.bench.table5',

@@ -395,6 +395,28 @@ class HFMLLM(MLLM):
                 latency_ms=latency_ms))
         return results
 
+    def adapted_tokens(self, tokens: Tensor, indices: Tensor | None = None,
+                       grad: bool = False) -> Tensor:
+        """The vision tokens ``[B, K, D]`` as the bridge reads them (through the token adapter,
+        if any); what a caption head reads. In eval mode without gradients, unless ``grad``
+        (then in the model's current mode, for training)."""
+        tokens = self._check_tokens(tokens, indices, tokens.shape[0])
+        if grad:
+            return self._adapt(tokens)
+        with eval_mode(self.torch_model):
+            return self._adapt(tokens)
+
+    def query_features(self, tokens: Tensor, indices: Tensor | None = None,
+                       grad: bool = False) -> Tensor:
+        """The bridge's output over (adapted) vision tokens, ``[B, L, C]`` (BLIP-2: the
+        Q-Former's queries); what a caption head reads beside the tokens. In eval mode without
+        gradients, unless ``grad`` (then in the model's current mode, for training)."""
+        tokens = self._check_tokens(tokens, indices, tokens.shape[0])
+        if grad:
+            return self._image_embeds(self._adapt(tokens), indices)[1]
+        with eval_mode(self.torch_model):
+            return self._image_embeds(self._adapt(tokens), indices)[1]
+
     def next_token_probs(self, tokens: Tensor, indices: Tensor | None,
                          questions: Sequence[str]) -> Tensor:
         # One decoder pass without a KV cache, token ids or text: the first step of _greedy.

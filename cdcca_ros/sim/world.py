@@ -22,9 +22,12 @@ _SCENE_STREAM, _IMAGE_STREAM, _QUESTION_STREAM = 0, 1, 2
 _CAMERA_KEY = 0x43414D  # 'CAM': the camera stream's key in place of a domain's
 
 
-def _key(name: str) -> int:
+def domain_key(name: str) -> int:
     """A stable (not ``hash()``, which is salted per process) key of a domain name."""
     return zlib.crc32(name.encode('utf-8'))
+
+
+_key = domain_key
 
 
 def _size(image_size: int | tuple[int, int]) -> tuple[int, int]:

@@ -1,0 +1,303 @@
+"""The captioning experiment behind Table 2: the device's captioner on the drifting world.
+
+One :class:`CaptionExperiment` fixes from the seed what every method sees:
+
+* ``rounds`` streams of drifted frames (the drifted domains in turn, world indices from
+  :data:`~cdcca_ros.bench.common.BENCH_START`, disjoint between rounds): the device captions
+  each frame;
+* held-out frames of the source and every drifted domain (from
+  :data:`~cdcca_ros.bench.common.EVAL_START`), captioned after every round and scored per
+  nocaps-like split (:func:`~cdcca_ros.sim.captions.caption_split`): BLEU-4 and CIDEr-D
+  (:mod:`~cdcca_ros.core.captions.metrics`), each split scored in one call, x100 as papers
+  print them;
+* an anchor set of source frames (from the student's anchor range) that the cloud replays
+  beside the uplinked ones, labelled by the shipped student itself (what it must keep doing).
+
+Methods (:class:`CaptionMethod`):
+
+* ``none``: source-only, the shipped student and head;
+* ``tent``: entropy minimisation of the student's own captions on the device (no teacher);
+* ``cloud``: samples and tokens go up (every sample and token, or UTS stage 1 on the caption's
+  entropy, Eq. 2 over all steps, and stage 2's kept tokens, packed as the device packs them),
+  the teacher captions what arrived, the cloud distils (:class:`~cdcca_ros.core.captions.
+  adapt.CaptionDistiller`, L_CE alone or AKD) on everything uplinked so far plus the anchors,
+  the delta of the trainable set against what the device holds is coded with the cloud's
+  default DWC codec and the device applies what it decodes (error feedback: the cloud keeps
+  training its own copy).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from cdcca_ros.bench.common import BENCH_START, EVAL_START, BenchContext, device_uts_config
+from cdcca_ros.errors import ConfigError
+from cdcca_ros.sim.captions import SPLITS, CaptionSample, caption_samples
+from cdcca_ros.sim.domains import DRIFTED, SOURCE
+from cdcca_ros.sim.world import World
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
+
+    from cdcca_ros.core.captions.adapt import CaptionAkdConfig
+    from cdcca_ros.models.caption_head import Captioner
+
+ANCHOR_START = 3_000_000  # the student's anchor range (sim.train_bundled.ANCHOR_START)
+COLUMNS: tuple[str, ...] = (*SPLITS, 'all')
+
+
+@dataclass(frozen=True)
+class CaptionPlan:
+    """Sizes of the experiment.
+
+    Attributes:
+        rounds: Adaptation rounds.
+        stream: Frames per round (the drifted domains in turn).
+        evals: Held-out frames per domain (source and every drifted domain).
+        anchors: Source frames the cloud replays.
+        steps: Optimiser steps per round (cloud and TENT).
+        uplink_fraction: Share of a round's frames UTS stage 1 selects (top entropy).
+        domains: The drifted domains.
+        seed: Seed of the world and the training.
+    """
+
+    rounds: int = 2
+    stream: int = 128
+    evals: int = 40
+    anchors: int = 512
+    steps: int = 300
+    uplink_fraction: float = 0.5
+    domains: tuple[str, ...] = DRIFTED
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.rounds, self.stream, self.evals, self.anchors) < 1 or self.steps < 0:
+            raise ConfigError(f'CaptionPlan sizes must be >= 1, got {self}')
+        if not 0.0 < self.uplink_fraction <= 1.0:
+            raise ConfigError(f'uplink_fraction must be in (0, 1], got {self.uplink_fraction}')
+        if not self.domains:
+            raise ConfigError('CaptionPlan needs at least one drifted domain')
+
+
+@dataclass(frozen=True)
+class CaptionMethod:
+    """How the device's captioner changes between rounds."""
+
+    name: str
+    update: str = 'none'            # 'none', 'tent' or 'cloud'
+    losses: str = 'akd'             # 'akd' or 'ce'
+    uts: bool = False               # stage 1 + 2 (else every sample, every token)
+    lr_scale: float = 1.0           # times the plan's learning rate
+
+
+SOURCE_ONLY = CaptionMethod('Source-only')
+TENT = CaptionMethod('TENT (device, entropy min.)', 'tent')
+TENT_SLOW = CaptionMethod('TENT, lr / 10', 'tent', lr_scale=0.1)
+CE_ONLY = CaptionMethod('Teacher captions, L_CE only', 'cloud', 'ce')
+CDCCA = CaptionMethod('CD-CCA (UTS + AKD + DWC)', 'cloud', 'akd', uts=True)
+
+
+@dataclass
+class CaptionRun:
+    """Scores per round (round 0: before any update) and link bytes of one method."""
+
+    method: CaptionMethod
+    scores: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    uplinked: int = 0
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def final(self, split: str = 'all', metric: str = 'cider') -> float:
+        return self.scores[-1][split][metric]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {'method': self.method.name, 'scores': self.scores,
+                'uplink_bytes': self.uplink_bytes, 'downlink_bytes': self.downlink_bytes,
+                'uplinked': self.uplinked, 'examples': self.examples}
+
+
+def _encode(model: Any, samples: Sequence[CaptionSample]) -> Tensor:
+    from cdcca_ros.sim.train_captions import _encode_images
+
+    return _encode_images(model, samples)
+
+
+class CaptionExperiment:
+    """The experiment (see the module docstring); :meth:`run` plays one method."""
+
+    def __init__(self, ctx: BenchContext, plan: CaptionPlan) -> None:
+        from cdcca_ros.bench.common import model_image_size
+
+        self.ctx, self.plan = ctx, plan
+        self.notes: list[str] = []
+        self._trained_heads: dict[str, Any] = {}
+        self.teacher = self._captioner('teacher')
+        size = model_image_size(self.teacher.model)
+        world = World(plan.seed)
+        self.evals = [s for d in (SOURCE, *plan.domains)
+                      for s in caption_samples(world, d, plan.evals, size, EVAL_START)]
+        per = -(-plan.stream // len(plan.domains))
+        self.streams = []
+        for r in range(plan.rounds):
+            start = BENCH_START + r * per
+            by_domain = [caption_samples(world, d, per, size, start) for d in plan.domains]
+            mixed = [by_domain[j][i] for i in range(per) for j in range(len(plan.domains))]
+            self.streams.append(mixed[:plan.stream])
+        self.anchors = caption_samples(world, SOURCE, plan.anchors, size, ANCHOR_START)
+        self.eval_tokens = _encode(self.teacher.model, self.evals)
+        self.stream_tokens = [_encode(self.teacher.model, s) for s in self.streams]
+        self.anchor_tokens = _encode(self.teacher.model, self.anchors)
+
+    # ------------------------------------------------------------------ models
+    def _captioner(self, which: str) -> Captioner:
+        """A fresh model with its head (trained here once, quickly, when the model has
+        none)."""
+        from pathlib import Path
+
+        from cdcca_ros.models import bundled
+        from cdcca_ros.models.caption_head import Captioner, has_head
+
+        spec = self.ctx.models.spec(which)
+        model = self.ctx.models.teacher() if which == 'teacher' else self.ctx.models.student()
+        path = Path(bundled.resolve(spec))
+        if has_head(path):
+            return Captioner.load(model, path)
+        if which not in self._trained_heads:
+            self._trained_heads[which] = self._train_head(which, spec, model)
+        return Captioner(model, copy.deepcopy(self._trained_heads[which]))
+
+    def _train_head(self, which: str, spec: str, model: Any) -> Any:
+        from cdcca_ros.sim.train_captions import CaptionRecipe, train_head
+
+        recipe = CaptionRecipe.quick(self.plan.seed) if self.ctx.quick else CaptionRecipe(
+            seed=self.plan.seed)
+        from cdcca_ros.bench.common import model_image_size
+
+        domains = (SOURCE, *self.plan.domains) if which == 'teacher' else (SOURCE,)
+        n = recipe.teacher_images if which == 'teacher' else recipe.student_images
+        world = World(self.plan.seed)
+        train = [s for d in domains
+                 for s in caption_samples(world, d, n, model_image_size(model), 0)]
+        self.notes.append(f'{which} {spec}: no caption head; trained one here '
+                          f'({recipe.steps} steps on {len(train)} frames)')
+        return train_head(model, train, recipe)
+
+    def score(self, captioner: Captioner) -> dict[str, dict[str, float]]:
+        """BLEU-4 and CIDEr-D (x100) per split of the held-out frames."""
+        from cdcca_ros.sim.train_captions import evaluate_captioner
+
+        result = evaluate_captioner(captioner, self.evals, self.eval_tokens)
+        return {k: {'bleu4': 100 * v['bleu4'], 'cider': 100 * v['cider'], 'n': v['n']}
+                for k, v in result.items() if k in COLUMNS}
+
+    def akd_config(self, method: CaptionMethod) -> CaptionAkdConfig:
+        from cdcca_ros.core.captions.adapt import CaptionAkdConfig
+
+        cfg = CaptionAkdConfig(steps=self.plan.steps, seed=self.plan.seed)
+        cfg = replace(cfg, lr=cfg.lr * method.lr_scale)
+        return replace(cfg, lambda_query=0.0, lambda_repr=0.0) if method.losses == 'ce' \
+            else cfg
+
+    # ------------------------------------------------------------------ rounds
+    def _uplink(self, method: CaptionMethod, device: Captioner, tokens: Tensor
+                ) -> tuple[list[Tensor], list[Tensor | None], int]:
+        """What the cloud receives from one round: (decoded tokens, indices, bytes)."""
+        import torch
+
+        from cdcca_ros.core.uts import UtsPipeline, pack_tokens, unpack_tokens, uplink_bytes
+
+        results = device.caption_from_tokens(tokens)
+        got_t: list[Tensor] = []
+        got_i: list[Tensor | None] = []
+        total = 0
+        if not method.uts:
+            cfg = device_uts_config()
+            for row in tokens:
+                packed = pack_tokens(row, cfg.pack_dtype)
+                got_t.append(unpack_tokens(packed).float())
+                got_i.append(None)
+                total += uplink_bytes(len(packed.data), len(packed.scale), 0)
+            return got_t, got_i, total
+        cfg = device_uts_config(stage1_mode='top_fraction',
+                                stage1_fraction=self.plan.uplink_fraction,
+                                stage1_window=len(tokens))
+        model = device.model
+        pipe = UtsPipeline(cfg, model.mc_token_features, model.vision_space().has_cls)
+        # Stage 1 ranks against a window of recent entropies: warm it with the round's own,
+        # as on a device that has been captioning this stream a while.
+        from cdcca_ros.core.captions.adapt import caption_entropy
+
+        for r in results:
+            pipe.selector.offer(caption_entropy(r).mean)
+        for row, r in zip(tokens, results):
+            out = pipe.process(r.step_probs, row)
+            if out is None:
+                continue
+            got_t.append(unpack_tokens(out.packed).float())
+            got_i.append(out.kept_indices.to(torch.long))
+            total += out.uplink_bytes
+        return got_t, got_i, total
+
+    def run(self, method: CaptionMethod) -> CaptionRun:
+        """Play every round for ``method``; scores after each."""
+        from cdcca_ros.core import dwc
+        from cdcca_ros.core.captions.adapt import (
+            CaptionDistiller,
+            head_state,
+            load_state,
+            tent_fit,
+        )
+
+        device = self._captioner('student')
+        run = CaptionRun(method)
+        run.scores.append(self.score(device))
+        if method.update == 'none':
+            return self._finish(run, device)
+        cfg = self.akd_config(method)
+        if method.update == 'tent':
+            for r in range(self.plan.rounds):
+                tent_fit(device, self.stream_tokens[r], replace(cfg, seed=cfg.seed + r))
+                run.scores.append(self.score(device))
+            return self._finish(run, device)
+        cloud = copy.deepcopy(device)
+        distiller = CaptionDistiller(cloud, self.teacher, cfg)
+        anchor_labels = [x.text for x in device.caption_from_tokens(self.anchor_tokens)]
+        memory_t: list[Tensor] = list(self.anchor_tokens)
+        memory_i: list[Tensor | None] = [None] * len(memory_t)
+        memory_l: list[str] = list(anchor_labels)
+        # anchors too are distilled (L_query, L_repr; their captions the student's own)
+        memory_d: list[bool] = [True] * len(memory_t)
+        codec = dwc.get_codec('sparse')
+        held = head_state(device, cfg)
+        for r in range(self.plan.rounds):
+            toks, idx, nbytes = self._uplink(method, device, self.stream_tokens[r])
+            run.uplink_bytes += nbytes
+            run.uplinked += len(toks)
+            if toks:
+                memory_l += distiller.label(toks, idx)
+                memory_t += toks
+                memory_i += idx
+                memory_d += [True] * len(toks)
+            distiller.fit(memory_t, memory_i, memory_l, memory_d)
+            trained = head_state(cloud, cfg)
+            delta = dwc.compute_delta(trained, held)
+            payload = codec.encode(delta)
+            run.downlink_bytes += len(payload)
+            held = dwc.apply_delta(held, codec.decode(payload))
+            load_state(device, held)
+            run.scores.append(self.score(device))
+        return self._finish(run, device)
+
+    def _finish(self, run: CaptionRun, device: Captioner) -> CaptionRun:
+        rows = range(0, len(self.evals), max(1, len(self.evals) // 5))
+        caps = device.caption_from_tokens(self.eval_tokens[list(rows)])
+        run.examples = [{'domain': self.evals[i].domain, 'caption': c.text,
+                         'reference': self.evals[i].references[0]} for i, c in zip(rows, caps)]
+        return run
+
+
+__all__ = ['CaptionPlan', 'CaptionMethod', 'CaptionRun', 'CaptionExperiment', 'SOURCE_ONLY',
+           'TENT', 'TENT_SLOW', 'CE_ONLY', 'CDCCA', 'COLUMNS']

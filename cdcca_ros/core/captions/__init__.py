@@ -1,0 +1,1 @@
+"""Image captioning: the COCO caption metrics (BLEU-4, CIDEr-D) without Java."""

@@ -122,9 +122,10 @@ def bundled_uplink(ctx: BenchContext, per_domain: int) -> dict[str, Any]:
     space = student.vision_space()
     basis_path = Path(bundled.resolve(ctx.models.spec('student'))) / BASIS_FILE
     basis = TokenBasis.load(basis_path, space_id(space)) if basis_path.is_file() else None
-    default = device_uts_config(stage1_threshold=0.0)
+    # Audit samples (sent whole, drawn at random) are not what UTS keeps: none here.
+    default = device_uts_config(stage1_threshold=0.0, audit_fraction=0.0)
     uts = UtsPipeline(default, student.mc_token_features, has_cls=space.has_cls)
-    coded = (UplinkPipeline(device_uts_config(stage1_threshold=0.0,
+    coded = (UplinkPipeline(device_uts_config(stage1_threshold=0.0, audit_fraction=0.0,
                                               keep_ratio=BUNDLED_BASIS_KEEP),
                             student.mc_token_features, has_cls=space.has_cls, packing='basis',
                             basis=basis, budget_bytes=BUNDLED_BASIS_BUDGET)

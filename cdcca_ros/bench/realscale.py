@@ -97,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dwc-bits', default=None,
                         help='refit budgets (bit/param) tried on the bundled models (default '
                              '2,1.5,1,0.5,0.25; quick 1)')
+    parser.add_argument('--bundled-from', type=Path, default=None,
+                        help='take the bundled uplink agreement and DWC operating point from '
+                             'an earlier run\'s JSON (same seed and models) instead of '
+                             'measuring them again')
+    parser.add_argument('--records-from', type=Path, default=None,
+                        help='families not measured in this run are taken from an earlier '
+                             'run\'s JSON (its records)')
     parser.add_argument('--applies', type=int, default=2, help='sequential hot-applies')
     parser.add_argument('--models', default='',
                         help='family=spec overrides (tests: tiny models)')
@@ -174,9 +181,11 @@ def bundled_uplink(ctx: BenchContext, per_domain: int) -> dict[str, Any]:
 
 
 # --- bundled: DWC operating point ------------------------------------------------------------
-def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path) -> dict[str, Any]:
+def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
+                refit: bool = True) -> dict[str, Any]:
     """One AKD round on the bundled models, the refit at each bit budget, the loss-based gain
-    each keeps; writes the measured delta's per-kind values to ``pools_path``."""
+    each keeps; writes the measured delta's per-kind values to ``pools_path``. Without
+    ``refit`` only the round and the pools (the operating point comes from an earlier run)."""
     import torch
 
     from cdcca_ros.bench.common import EVAL_START, model_image_size
@@ -207,6 +216,8 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path) -> 
     trained = student.trainable_state_dict()
     delta = dwc.compute_delta(trained, base)
     np.savez(pools_path, **delta_pools(delta))
+    if not refit:
+        return {'trainable_params': n_params}
     held = HeldOut(device, world_samples(ctx.seed, DRIFTED, 2 if quick else 150, size,
                                          start=EVAL_START))
 
@@ -283,7 +294,10 @@ def run_family(ctx: BenchContext, family: str, spec: str, dtype: str, settings: 
     if proc.returncode != 0 or not out_path.is_file():
         return {'family': family, 'spec': spec, 'dtype': dtype,
                 'error': f'measurement process exited with {proc.returncode}'}
-    return json.loads(out_path.read_text())
+    rec = json.loads(out_path.read_text())
+    rec['settings'] = {k: child[k] for k in ('samples', 'fit_frames', 'budget', 'keep_ratio',
+                                             'applies', 'threads', 'lm_layers')}
+    return rec
 
 
 def _figures(rec: dict[str, Any]) -> dict[str, Any]:
@@ -314,9 +328,23 @@ def run(ctx: BenchContext) -> BenchResult:
     quick = ctx.quick
     bits_list = [float(b) for b in (args.dwc_bits or ('1' if quick else '2,1.5,1,0.5,0.25'))
                  .split(',')]
-    uplink = bundled_uplink(ctx, args.bundled_per_domain or (2 if quick else 40))
     pools = ctx.workdir / 'delta_pools.npz'
-    dwc_point = bundled_dwc(ctx, bits_list, pools)
+    if args.bundled_from:
+        # The bundled parts of an earlier run (same seed and models); the AKD round is run
+        # again for the delta's values (the pools are not kept in the JSON).
+        earlier = json.loads(Path(args.bundled_from).read_text())['detail']
+        uplink, dwc_point = earlier['bundled_uplink'], earlier['bundled_dwc']
+        again = bundled_dwc(ctx, bits_list, pools, refit=False)
+        if again['trainable_params'] != dwc_point['trainable_params']:
+            from cdcca_ros.errors import ConfigError
+
+            raise ConfigError(f'--bundled-from {args.bundled_from}: its bundled trainable set '
+                              f'has {dwc_point["trainable_params"]} parameters, these models '
+                              f'{again["trainable_params"]}')
+        dwc_point['from'] = str(args.bundled_from)
+    else:
+        uplink = bundled_uplink(ctx, args.bundled_per_domain or (2 if quick else 40))
+        dwc_point = bundled_dwc(ctx, bits_list, pools)
     settings = {
         'device': 'cuda' if args.device == 'cuda' else 'cpu', 'seed': ctx.seed,
         'threads': args.threads, 'samples': args.samples or (1 if quick else 3),
@@ -336,6 +364,15 @@ def run(ctx: BenchContext) -> BenchResult:
                 continue
             records.setdefault(family, []).append(run_family(ctx, family, spec, dtype,
                                                              settings))
+    reused = []
+    if args.records_from:
+        # Families measured in an earlier run (e.g. one family re-run with other settings).
+        earlier = json.loads(Path(args.records_from).read_text())['detail']['records']
+        for f in FAMILIES:
+            if f not in records and f in earlier:
+                records[f] = earlier[f]
+                reused.append(f)
+    records = {f: records[f] for f in FAMILIES if f in records}
     summary: dict[str, Any] = {
         'families': {f: _figures(recs[0]) for f, recs in records.items()},
         'bundled_teacher_agreement': uplink['default_agree'],
@@ -386,6 +423,9 @@ def run(ctx: BenchContext) -> BenchResult:
                 notes.append(f'{f} ({rec.get("dtype")}) round: {rec["round_mode"]}')
             if rec.get('error'):
                 notes.append(f'{f} ({rec.get("dtype")}): {rec["error"]}')
+    if reused:
+        notes.append(f'{", ".join(reused)}: records of {args.records_from} (an earlier run '
+                     'of this bench; its settings are in each record)')
     if args.device == 'cpu':
         notes.append('no GPU: bitsandbytes 4-bit / 8-bit and the GPU memory column are not '
                      'measured')

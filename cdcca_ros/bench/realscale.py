@@ -104,6 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--records-from', type=Path, default=None,
                         help='families not measured in this run are taken from an earlier '
                              'run\'s JSON (its records)')
+    parser.add_argument('--refit-steps', type=int, default=None,
+                        help="the cloud's refit steps on the bundled models (default: "
+                             'cloud_node dwc.refit_steps)')
     parser.add_argument('--applies', type=int, default=2, help='sequential hot-applies')
     parser.add_argument('--models', default='',
                         help='family=spec overrides (tests: tiny models)')
@@ -226,7 +229,8 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
         return held.loss(device)
 
     loss_base, loss_full = loss(None), loss(delta)
-    refit_cfg = RefitConfig(steps=3 if quick else cloud['dwc.refit_steps'], batch_size=batch,
+    steps = getattr(ctx.args, 'refit_steps', None) or cloud['dwc.refit_steps']
+    refit_cfg = RefitConfig(steps=3 if quick else steps, batch_size=batch,
                             fisher_batches=2 if quick else RefitConfig.fisher_batches,
                             seed=ctx.seed)
     rows = {}
@@ -243,7 +247,8 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
     ok = [r['bits'] for r in rows.values()
           if r['gain_kept_loss'] is not None and r['gain_kept_loss'] >= GAIN_KEPT]
     chosen = min(ok) if ok else max(bits_list)
-    return {'trainable_params': n_params, 'answer_loss_base': loss_base,
+    return {'trainable_params': n_params, 'refit_steps': refit_cfg.steps,
+            'answer_loss_base': loss_base,
             'answer_loss_trained': loss_full, 'refit': rows, 'bits_at_gain': chosen,
             'gain_target': GAIN_KEPT, 'met': bool(ok)}
 
@@ -298,6 +303,32 @@ def run_family(ctx: BenchContext, family: str, spec: str, dtype: str, settings: 
     rec['settings'] = {k: child[k] for k in ('samples', 'fit_frames', 'budget', 'keep_ratio',
                                              'applies', 'threads', 'lm_layers')}
     return rec
+
+
+def _dtype_notes(records: dict[str, list[dict[str, Any]]], memory_gb: float | None
+                 ) -> list[str]:
+    """Per real-size family: why it ran in its dtype (float32 against the memory planned)."""
+    from cdcca_ros.bench.realscale_family import memory_available_bytes
+    from cdcca_ros.models.real import real_model
+
+    memory = memory_gb * 2**30 if memory_gb else float(memory_available_bytes())
+    notes = []
+    for family, recs in records.items():
+        spec = str(recs[0].get('spec', ''))
+        if not spec.startswith('real:'):
+            continue
+        model = real_model(spec.removeprefix('real:'))
+        need = {d: (model.weight_bytes(d) * MEMORY_MARGIN + MEMORY_SLACK) / 2**30
+                for d in ('float32', 'bfloat16')}
+        fits = {d: v <= memory / 2**30 for d, v in need.items()}
+        notes.append(
+            f'{family}: {", ".join(str(r.get("dtype")) for r in recs)} (planned memory '
+            f'{memory / 2**30:.1f} GiB; float32 needs ~{need["float32"]:.1f} GiB with the '
+            f'margin: {"fits" if fits["float32"] else "does not fit"}; bfloat16 '
+            f'~{need["bfloat16"]:.1f} GiB: '
+            + ('fits)' if fits['bfloat16'] else
+               'does not fit, the language model is cut to the layers that do)'))
+    return notes
 
 
 def _figures(rec: dict[str, Any]) -> dict[str, Any]:
@@ -427,6 +458,7 @@ def run(ctx: BenchContext) -> BenchResult:
         notes.append(f'{", ".join(reused)}: records of {args.records_from} (an earlier run '
                      'of this bench; its settings are in each record)')
     if args.device == 'cpu':
+        notes += _dtype_notes(records, args.memory_gb)
         notes.append('no GPU: bitsandbytes 4-bit / 8-bit and the GPU memory column are not '
                      'measured')
     return BenchResult(summary=summary, headers=headers, rows=rows,

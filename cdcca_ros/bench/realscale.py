@@ -24,8 +24,10 @@ On the bundled models, in this process:
 
 Where a model does not fit the machine's memory (weights plus a margin against ``MemAvailable``)
 its language model is cut to the largest layer count that fits, and the record says so; on a
-GPU all run in bf16 and, through bitsandbytes, 4-bit and 8-bit. CPU defaults finish in about
-half an hour on 2 cores: 3 timed samples (+1 warm-up), 8 fit frames, bf16.
+GPU all run in bf16 and, through bitsandbytes, 4-bit and 8-bit. CPU defaults (3 timed samples
++1 warm-up, 8 fit frames, bf16) took 86 min on the 2-core development machine under load
+(bundled parts ~45 min of it). ``--bundled-from`` and ``--records-from`` take the bundled parts
+and families of an earlier run, so one family can be measured again alone.
 """
 from __future__ import annotations
 
@@ -362,10 +364,12 @@ def run(ctx: BenchContext) -> BenchResult:
     pools = ctx.workdir / 'delta_pools.npz'
     if args.bundled_from:
         # The bundled parts of an earlier run (same seed and models); the AKD round is run
-        # again for the delta's values (the pools are not kept in the JSON).
+        # again for the delta's values (the pools are not kept in the JSON) when a family is
+        # measured.
         earlier = json.loads(Path(args.bundled_from).read_text())['detail']
         uplink, dwc_point = earlier['bundled_uplink'], earlier['bundled_dwc']
-        again = bundled_dwc(ctx, bits_list, pools, refit=False)
+        again = (bundled_dwc(ctx, bits_list, pools, refit=False) if families
+                 else {'trainable_params': dwc_point['trainable_params']})
         if again['trainable_params'] != dwc_point['trainable_params']:
             from cdcca_ros.errors import ConfigError
 

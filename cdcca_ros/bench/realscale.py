@@ -24,8 +24,10 @@ On the bundled models, in this process:
 
 Where a model does not fit the machine's memory (weights plus a margin against ``MemAvailable``)
 its language model is cut to the largest layer count that fits, and the record says so; on a
-GPU all run in bf16 and, through bitsandbytes, 4-bit and 8-bit. CPU defaults finish in about
-half an hour on 2 cores: 3 timed samples (+1 warm-up), 8 fit frames, bf16.
+GPU all run in bf16 and, through bitsandbytes, 4-bit and 8-bit. CPU defaults (3 timed samples
++1 warm-up, 8 fit frames, bf16) took 86 min on the 2-core development machine under load
+(bundled parts ~45 min of it). ``--bundled-from`` and ``--records-from`` take the bundled parts
+and families of an earlier run, so one family can be measured again alone.
 """
 from __future__ import annotations
 
@@ -97,6 +99,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dwc-bits', default=None,
                         help='refit budgets (bit/param) tried on the bundled models (default '
                              '2,1.5,1,0.5,0.25; quick 1)')
+    parser.add_argument('--bundled-from', type=Path, default=None,
+                        help='take the bundled uplink agreement and DWC operating point from '
+                             'an earlier run\'s JSON (same seed and models) instead of '
+                             'measuring them again')
+    parser.add_argument('--records-from', type=Path, default=None,
+                        help='families not measured in this run are taken from an earlier '
+                             'run\'s JSON (its records)')
+    parser.add_argument('--refit-steps', type=int, default=None,
+                        help="the cloud's refit steps on the bundled models (default: "
+                             'cloud_node dwc.refit_steps)')
     parser.add_argument('--applies', type=int, default=2, help='sequential hot-applies')
     parser.add_argument('--models', default='',
                         help='family=spec overrides (tests: tiny models)')
@@ -122,9 +134,10 @@ def bundled_uplink(ctx: BenchContext, per_domain: int) -> dict[str, Any]:
     space = student.vision_space()
     basis_path = Path(bundled.resolve(ctx.models.spec('student'))) / BASIS_FILE
     basis = TokenBasis.load(basis_path, space_id(space)) if basis_path.is_file() else None
-    default = device_uts_config(stage1_threshold=0.0)
+    # Audit samples (sent whole, drawn at random) are not what UTS keeps: none here.
+    default = device_uts_config(stage1_threshold=0.0, audit_fraction=0.0)
     uts = UtsPipeline(default, student.mc_token_features, has_cls=space.has_cls)
-    coded = (UplinkPipeline(device_uts_config(stage1_threshold=0.0,
+    coded = (UplinkPipeline(device_uts_config(stage1_threshold=0.0, audit_fraction=0.0,
                                               keep_ratio=BUNDLED_BASIS_KEEP),
                             student.mc_token_features, has_cls=space.has_cls, packing='basis',
                             basis=basis, budget_bytes=BUNDLED_BASIS_BUDGET)
@@ -173,9 +186,11 @@ def bundled_uplink(ctx: BenchContext, per_domain: int) -> dict[str, Any]:
 
 
 # --- bundled: DWC operating point ------------------------------------------------------------
-def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path) -> dict[str, Any]:
+def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
+                refit: bool = True) -> dict[str, Any]:
     """One AKD round on the bundled models, the refit at each bit budget, the loss-based gain
-    each keeps; writes the measured delta's per-kind values to ``pools_path``."""
+    each keeps; writes the measured delta's per-kind values to ``pools_path``. Without
+    ``refit`` only the round and the pools (the operating point comes from an earlier run)."""
     import torch
 
     from cdcca_ros.bench.common import EVAL_START, model_image_size
@@ -206,6 +221,8 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path) -> 
     trained = student.trainable_state_dict()
     delta = dwc.compute_delta(trained, base)
     np.savez(pools_path, **delta_pools(delta))
+    if not refit:
+        return {'trainable_params': n_params}
     held = HeldOut(device, world_samples(ctx.seed, DRIFTED, 2 if quick else 150, size,
                                          start=EVAL_START))
 
@@ -214,7 +231,8 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path) -> 
         return held.loss(device)
 
     loss_base, loss_full = loss(None), loss(delta)
-    refit_cfg = RefitConfig(steps=3 if quick else cloud['dwc.refit_steps'], batch_size=batch,
+    steps = getattr(ctx.args, 'refit_steps', None) or cloud['dwc.refit_steps']
+    refit_cfg = RefitConfig(steps=3 if quick else steps, batch_size=batch,
                             fisher_batches=2 if quick else RefitConfig.fisher_batches,
                             seed=ctx.seed)
     rows = {}
@@ -231,7 +249,8 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path) -> 
     ok = [r['bits'] for r in rows.values()
           if r['gain_kept_loss'] is not None and r['gain_kept_loss'] >= GAIN_KEPT]
     chosen = min(ok) if ok else max(bits_list)
-    return {'trainable_params': n_params, 'answer_loss_base': loss_base,
+    return {'trainable_params': n_params, 'refit_steps': refit_cfg.steps,
+            'answer_loss_base': loss_base,
             'answer_loss_trained': loss_full, 'refit': rows, 'bits_at_gain': chosen,
             'gain_target': GAIN_KEPT, 'met': bool(ok)}
 
@@ -282,7 +301,36 @@ def run_family(ctx: BenchContext, family: str, spec: str, dtype: str, settings: 
     if proc.returncode != 0 or not out_path.is_file():
         return {'family': family, 'spec': spec, 'dtype': dtype,
                 'error': f'measurement process exited with {proc.returncode}'}
-    return json.loads(out_path.read_text())
+    rec = json.loads(out_path.read_text())
+    rec['settings'] = {k: child[k] for k in ('samples', 'fit_frames', 'budget', 'keep_ratio',
+                                             'applies', 'threads', 'lm_layers')}
+    return rec
+
+
+def _dtype_notes(records: dict[str, list[dict[str, Any]]], memory_gb: float | None
+                 ) -> list[str]:
+    """Per real-size family: why it ran in its dtype (float32 against the memory planned)."""
+    from cdcca_ros.bench.realscale_family import memory_available_bytes
+    from cdcca_ros.models.real import real_model
+
+    memory = memory_gb * 2**30 if memory_gb else float(memory_available_bytes())
+    notes = []
+    for family, recs in records.items():
+        spec = str(recs[0].get('spec', ''))
+        if not spec.startswith('real:'):
+            continue
+        model = real_model(spec.removeprefix('real:'))
+        need = {d: (model.weight_bytes(d) * MEMORY_MARGIN + MEMORY_SLACK) / 2**30
+                for d in ('float32', 'bfloat16')}
+        fits = {d: v <= memory / 2**30 for d, v in need.items()}
+        notes.append(
+            f'{family}: {", ".join(str(r.get("dtype")) for r in recs)} (planned memory '
+            f'{memory / 2**30:.1f} GiB; float32 needs ~{need["float32"]:.1f} GiB with the '
+            f'margin: {"fits" if fits["float32"] else "does not fit"}; bfloat16 '
+            f'~{need["bfloat16"]:.1f} GiB: '
+            + ('fits)' if fits['bfloat16'] else
+               'does not fit, the language model is cut to the layers that do)'))
+    return notes
 
 
 def _figures(rec: dict[str, Any]) -> dict[str, Any]:
@@ -313,9 +361,25 @@ def run(ctx: BenchContext) -> BenchResult:
     quick = ctx.quick
     bits_list = [float(b) for b in (args.dwc_bits or ('1' if quick else '2,1.5,1,0.5,0.25'))
                  .split(',')]
-    uplink = bundled_uplink(ctx, args.bundled_per_domain or (2 if quick else 40))
     pools = ctx.workdir / 'delta_pools.npz'
-    dwc_point = bundled_dwc(ctx, bits_list, pools)
+    if args.bundled_from:
+        # The bundled parts of an earlier run (same seed and models); the AKD round is run
+        # again for the delta's values (the pools are not kept in the JSON) when a family is
+        # measured.
+        earlier = json.loads(Path(args.bundled_from).read_text())['detail']
+        uplink, dwc_point = earlier['bundled_uplink'], earlier['bundled_dwc']
+        again = (bundled_dwc(ctx, bits_list, pools, refit=False) if families
+                 else {'trainable_params': dwc_point['trainable_params']})
+        if again['trainable_params'] != dwc_point['trainable_params']:
+            from cdcca_ros.errors import ConfigError
+
+            raise ConfigError(f'--bundled-from {args.bundled_from}: its bundled trainable set '
+                              f'has {dwc_point["trainable_params"]} parameters, these models '
+                              f'{again["trainable_params"]}')
+        dwc_point['from'] = str(args.bundled_from)
+    else:
+        uplink = bundled_uplink(ctx, args.bundled_per_domain or (2 if quick else 40))
+        dwc_point = bundled_dwc(ctx, bits_list, pools)
     settings = {
         'device': 'cuda' if args.device == 'cuda' else 'cpu', 'seed': ctx.seed,
         'threads': args.threads, 'samples': args.samples or (1 if quick else 3),
@@ -335,6 +399,15 @@ def run(ctx: BenchContext) -> BenchResult:
                 continue
             records.setdefault(family, []).append(run_family(ctx, family, spec, dtype,
                                                              settings))
+    reused = []
+    if args.records_from:
+        # Families measured in an earlier run (e.g. one family re-run with other settings).
+        earlier = json.loads(Path(args.records_from).read_text())['detail']['records']
+        for f in FAMILIES:
+            if f not in records and f in earlier:
+                records[f] = earlier[f]
+                reused.append(f)
+    records = {f: records[f] for f in FAMILIES if f in records}
     summary: dict[str, Any] = {
         'families': {f: _figures(recs[0]) for f, recs in records.items()},
         'bundled_teacher_agreement': uplink['default_agree'],
@@ -385,7 +458,11 @@ def run(ctx: BenchContext) -> BenchResult:
                 notes.append(f'{f} ({rec.get("dtype")}) round: {rec["round_mode"]}')
             if rec.get('error'):
                 notes.append(f'{f} ({rec.get("dtype")}): {rec["error"]}')
+    if reused:
+        notes.append(f'{", ".join(reused)}: records of {args.records_from} (an earlier run '
+                     'of this bench; its settings are in each record)')
     if args.device == 'cpu':
+        notes += _dtype_notes(records, args.memory_gb)
         notes.append('no GPU: bitsandbytes 4-bit / 8-bit and the GPU memory column are not '
                      'measured')
     return BenchResult(summary=summary, headers=headers, rows=rows,

@@ -195,8 +195,9 @@ class _Family:
                                      trace_probe=False, shadow_probe=True)
         self.out['runtime_setup_s'] = time.perf_counter() - t0
 
-        # 1 + 2: answers and UTS (stage 1 forced to pass: every sample pays stage 2).
-        pipeline = UtsPipeline(device_uts_config(stage1_threshold=0.0),
+        # 1 + 2: answers and UTS (stage 1 forced to pass: every sample pays stage 2; no
+        # audit draw: an audit sample skips stage 2 and goes whole).
+        pipeline = UtsPipeline(device_uts_config(stage1_threshold=0.0, audit_fraction=0.0),
                                self.runtime.mc_token_features,
                                has_cls=model.vision_space().has_cls)
         answer_ms, uts_ms, answered, results = [], [], [], []

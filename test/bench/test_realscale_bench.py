@@ -29,6 +29,17 @@ def test_realscale_writes_every_figure_per_family(tiny_specs, tmp_path):
     assert 0 <= rec['summary']['bundled_teacher_agreement'] <= 1
     assert rec['detail']['bundled_dwc']['refit']
 
+    # A re-summary from that run measures no family again and reports the same figures.
+    again_path = tmp_path / 'again.json'
+    run_bench('realscale', ['--out', str(again_path), '--quick', '--teacher', teacher,
+                            '--student', student, '--families', '', '--records-from', str(path),
+                            '--bundled-from', str(path)])
+    again = json.loads(again_path.read_text())
+    assert again['summary']['families'] == rec['summary']['families']
+    assert again['summary']['bundled_teacher_agreement'] == \
+        rec['summary']['bundled_teacher_agreement']
+    assert any('records of' in n for n in again['notes'])
+
 
 def test_a_model_larger_than_memory_is_cut_to_the_layers_that_fit():
     assert _plan_layers('real:qwen2-vl-2b', 'bfloat16', 64 * 2**30) is None

@@ -17,15 +17,17 @@ and no other slice falls by more than its tolerance. The gain slice (``gain_on``
 (default), what arrived since the last update, or ``device``, every held-out sample of the
 device's own data (``new`` and every ``replay`` slice together): there the evidence builds up
 over the rounds instead of starting over after every update, and ``new`` falls like a
-replay slice. Measured on the continual bench (seed 0), ``device`` shipped no more often than
-``new`` -- the anchor budget refused most candidates either way -- so it stays an option. The anchor falls when
-it loses more than ``anchor_tolerance`` points *and* more than ``min_broken`` net samples: its
-reference answers are the base student's own, so every broken one is the original behaviour
-lost, and it is held strictly. A replay slice falls when it loses more than ``tolerance``
-points and ``min_broken`` samples *and* the loss is unlikely to be noise (one-sided McNemar
-``p < harm_alpha``): its references are teacher labels, a few of them wrong, and answers flip
-both ways between two adapters. One test of gain, on one slice, so no multiple-comparison
-correction is needed for shipping; the harm checks, applied to every slice, can only refuse.
+replay slice. Measured on the continual bench (seed 0), ``device`` shipped no more often
+than ``new`` -- the anchor budget refused most candidates either way -- so it stays an option.
+
+The anchor falls when it loses more than ``anchor_tolerance`` points *and* more than
+``min_broken`` net samples: its reference answers are the base student's own, so every broken
+one is the original behaviour lost, and it is held strictly. A replay slice falls when it loses
+more than ``tolerance`` points and ``min_broken`` samples *and* the loss is unlikely to be
+noise (one-sided McNemar ``p < harm_alpha``): its references are teacher labels, a few of them
+wrong, and answers flip both ways between two adapters. One test of gain, on one slice, so no
+multiple-comparison correction is needed for shipping; the harm checks, applied to every slice,
+can only refuse.
 
 Where the teacher is no better than the device on a shift, its labels either agree with what
 the device already answers (no discordant pairs to gain from) or are unsure and dropped

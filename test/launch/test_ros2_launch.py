@@ -303,7 +303,11 @@ def test_sigint_stops_every_node_cleanly(launched):
             key, launch.tail())
         launch.proc.send_signal(signal.SIGINT)
     for key, launch in launches.items():
-        assert launch.proc.wait(timeout=60.0) == 0, launch.tail()
+        try:
+            code = launch.proc.wait(timeout=60.0)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f'{key}: ros2 launch still running 60 s after SIGINT:\n{launch.tail()}')
+        assert code == 0, launch.tail()
         launch._thread.join(timeout=10.0)
         assert not [pid for pid in children[key] if _alive(pid)], launch.tail()
         finished = launch.text.count('process has finished cleanly')

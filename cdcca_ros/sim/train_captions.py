@@ -31,7 +31,9 @@ from cdcca_ros.sim.captions import (
     caption_samples,
     caption_vocabulary,
 )
-from cdcca_ros.sim.domains import DRIFTED, SOURCE
+from cdcca_ros.sim.domains import SOURCE
+from cdcca_ros.sim.train_bundled import DEFAULT_OUT as DEFAULT_DIR
+from cdcca_ros.sim.train_bundled import DOMAINS, EVAL_START, TRAIN_START
 from cdcca_ros.sim.world import World
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,11 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cdcca_ros.models.base import MLLM
     from cdcca_ros.models.caption_head import Captioner
 
-DEFAULT_DIR = Path(__file__).resolve().parents[1] / 'assets' / 'models'
 SCORES_FILE = 'captions.json'
-DOMAINS: tuple[str, ...] = (SOURCE,) + DRIFTED
-TRAIN_START = 0
-EVAL_START = 1_000_000
 HEAD_SEED = 19
 """The heads' seed is this plus the world's: apart from every seed the VQA recipe uses."""
 

@@ -559,3 +559,28 @@ def world_samples(seed: int, domains: Sequence[str], n_per_domain: int,
     world = World(seed)
     per = {d: world.samples(d, n_per_domain, image_size, start=start) for d in domains}
     return [per[d][i] for i in range(n_per_domain) for d in domains]
+
+
+def param_overrides(items: Sequence[str], node: str) -> dict[str, Any]:
+    """``PARAM=VALUE`` strings (a bench's repeatable ``--cloud`` / ``--device``) as validated,
+    typed parameters of ``node``'s table.
+
+    Raises:
+        ConfigError: An item is not ``PARAM=VALUE`` with a known parameter, or a value is out
+            of its parameter's range.
+    """
+    from cdcca_ros.nodes.tables import TABLES, validate
+
+    table = {p.name: p for p in TABLES[node]}
+    flag = '--cloud' if node == 'cloud_node' else '--device'
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition('=')
+        if not sep or name not in table:
+            raise ConfigError(f'{flag} {item!r}: not PARAM=VALUE with a known {node} parameter')
+        kind = table[name].type
+        try:
+            out[name] = (text.lower() in ('1', 'true', 'yes') if kind is bool else kind(text))
+        except ValueError as err:
+            raise ConfigError(f'{flag} {item!r}: {err}') from err
+    return validate(node, out)

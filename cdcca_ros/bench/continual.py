@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cdcca_ros.bench.adaptation import markdown_table, plot_path, pyplot, save_figure
-from cdcca_ros.bench.common import BenchContext, BenchResult, Target
+from cdcca_ros.bench.common import BenchContext, BenchResult, Target, param_overrides
 from cdcca_ros.bench.stream import (
     CE_ONLY,
     DEFAULT_SCHEDULE,
@@ -90,21 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--plugin', action='append', default=[], metavar='MODULE|FILE.py',
                         help='import a module or a Python file first (it may register shifts '
                              'and domains, e.g. examples/unseen_shifts.py)')
-
-
-def _overrides(items: list[str], node: str) -> dict[str, Any]:
-    from cdcca_ros.nodes.tables import TABLES, validate
-
-    table = {p.name: p for p in TABLES[node]}
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, text = item.partition('=')
-        if not sep or name not in table:
-            raise ConfigError(f'--{"cloud" if node == "cloud_node" else "device"} {item!r}: '
-                              f'not PARAM=VALUE with a known {node} parameter')
-        kind = table[name].type
-        out[name] = (text.lower() in ('1', 'true', 'yes') if kind is bool else kind(text))
-    return validate(node, out)
 
 
 def _seed_figures(runs: dict[str, RunRecord], stream: ContinualStream,
@@ -234,8 +219,8 @@ def run(ctx: BenchContext) -> BenchResult:
         raise ConfigError(f'unknown methods {unknown}; known: {list(METHODS)}')
     if 'source_only' not in names:
         names.insert(0, 'source_only')
-    cloud = _overrides(args.cloud, 'cloud_node')
-    device = {**device_params(), **_overrides(args.device, 'device_node')}
+    cloud = param_overrides(args.cloud, 'cloud_node')
+    device = {**device_params(), **param_overrides(args.device, 'device_node')}
     if ctx.quick:
         cloud.update({'round.min_samples': 8, 'guard.max_steps': 4, 'guard.min_steps': 2,
                       'akd.steps': 4, 'guard.gate_fraction': 0.3})

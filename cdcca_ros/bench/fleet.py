@@ -30,9 +30,16 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from cdcca_ros.bench.common import BenchContext, BenchResult, Target, model_image_size
+from cdcca_ros.bench.common import (
+    BenchContext,
+    BenchResult,
+    Target,
+    model_image_size,
+    param_overrides,
+)
 from cdcca_ros.bench.fleet_sim import (
     FleetRun,
     KillPlan,
@@ -86,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--profile', choices=('light', 'node'), default='light',
                         help='round settings: light (short guarded rounds, default) or node '
                              '(the cloud node defaults)')
+    parser.add_argument('--cloud', action='append', default=[], metavar='PARAM=VALUE',
+                        help='override a cloud_node parameter of the round (repeatable, '
+                             'applied over --profile), e.g. guard.max_steps=40')
     parser.add_argument('--max-minutes', type=float, default=30.0,
                         help='time cap of one phase (default 30)')
     parser.add_argument('--pool', type=int, default=None,
@@ -93,13 +103,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'quick 8)')
 
 
-def _round_config(profile: str, min_samples: int) -> Any:
+def _round_config(profile: str, min_samples: int, cloud: Sequence[str] = ()) -> Any:
+    """The round settings of ``profile`` with ``round.min_samples``, then ``cloud``'s
+    ``PARAM=VALUE`` overrides."""
     from cdcca_ros.core.cloud_runtime import CloudConfig
     from cdcca_ros.nodes.tables import validate
 
     params = validate('cloud_node', {'round.min_samples': min_samples,
                                      'round.max_wait_s': 3600.0,
-                                     **(LIGHT if profile == 'light' else {})})
+                                     **(LIGHT if profile == 'light' else {}),
+                                     **param_overrides(cloud, 'cloud_node')})
     cfg = CloudConfig.from_params(params)
     if profile == 'light':
         cfg.guard = cfg.guard.with_(anchor_limit=LIGHT_ANCHOR_LIMIT)
@@ -128,7 +141,7 @@ def run(ctx: BenchContext) -> BenchResult:
         raise ConfigError('--workers, --devices, --rounds must be >= 1 and --rate two '
                           'positive numbers')
     log = _logger()
-    cfg = _round_config(a.profile, min_samples)
+    cfg = _round_config(a.profile, min_samples, a.cloud)
     student = ctx.models.student()
     pool = TokenPool.build(student, ctx.seed, pool_n, model_image_size(student, 64),
                            start=1_800_000)
@@ -348,8 +361,9 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         f'models: teacher {ctx.args.teacher}, student {ctx.args.student}; round profile '
         f'{ctx.args.profile} (guard.max_steps {cfg.guard.train.max_steps}, refit '
         f'{cfg.refit.steps} steps, anchor limit {cfg.guard.anchor_limit}); round.min_samples '
-        f'{min_samples}; device uplink {rates[0]}-{rates[1]} samples/s, closed loop (a device '
-        'sends its next burst when its round came back)',
+        f'{min_samples}; overrides {ctx.args.cloud or "none"}; device uplink {rates[0]}-'
+        f'{rates[1]} samples/s, closed loop (a device sends its next burst when its round '
+        'came back)',
         f'Ray local cluster on this machine: {os.cpu_count()} cores shared with other work '
         f'(load average {load["start"]} at the start, {load.get("end")} at the end); each '
         'worker and the teacher one torch thread; the bench process (devices, store writes, '

@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 from cdcca_ros.bench.__main__ import main, render_report
-from cdcca_ros.bench.common import BENCHES, Models, Target, jsonable, load_bench, run_bench
+from cdcca_ros.bench.common import (
+    BENCHES,
+    Models,
+    Target,
+    jsonable,
+    load_bench,
+    param_overrides,
+    run_bench,
+)
 from cdcca_ros.errors import ConfigError
 
 REAL_CONFIGS = ('blip2-opt-2.7b', 'llava-1.5-7b', 'qwen2-vl-2b')
@@ -268,3 +276,14 @@ def test_help_is_plain_text(capsys):
     text = capsys.readouterr().out
     assert text.startswith('usage: python -m cdcca_ros.bench NAME --out FILE.json')
     assert '``' not in text and ':data:' not in text  # no reStructuredText markup
+
+
+def test_param_overrides_are_typed_validated_and_refuse_what_the_node_lacks():
+    got = param_overrides(['guard.max_steps=40', 'guard.gate=false', 'guard.alpha=0.2'],
+                          'cloud_node')
+    assert got['guard.max_steps'] == 40 and isinstance(got['guard.max_steps'], int)
+    assert got['guard.gate'] is False and got['guard.alpha'] == pytest.approx(0.2)
+    for bad in (['guard.nonexistent=1'], ['guard.max_steps'], ['guard.max_steps=forty'],
+                ['guard.alpha=7']):
+        with pytest.raises(ConfigError):
+            param_overrides(bad, 'cloud_node')

@@ -33,6 +33,12 @@ from cdcca_ros.nodes.sets import (
 )
 from launch import LaunchContext, LaunchDescription
 
+STOP_GRACE_S = 20.0
+"""Seconds a node has to end after Ctrl-C before launch escalates to SIGTERM (launch's default
+is 5, then SIGKILL 5 s later). A node that holds models releases them, joins its threads and
+closes its DDS participant; on a loaded robot computer that can take longer than 5 s, and a
+SIGKILL then loses what the node was writing (an adapter being committed, a spool)."""
+
 
 def arguments(set_name: str) -> list[DeclareLaunchArgument]:
     """One launch argument per node parameter (``<node>.<param>``), plus the set's switches."""
@@ -60,7 +66,8 @@ def node_action(launch: NodeLaunch) -> Node:
                 namespace=launch.namespace, output='screen',
                 ros_arguments=rename or None,
                 parameters=[p for p in (launch.params_file, launch.parameters) if p],
-                remappings=list(launch.remappings), on_exit=_on_exit(label))
+                remappings=list(launch.remappings), on_exit=_on_exit(label),
+                sigterm_timeout=str(STOP_GRACE_S))
 
 
 def _nodes(context: LaunchContext, set_name: str, given: set[str]) -> list[Node]:

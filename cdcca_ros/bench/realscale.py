@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,7 @@ TARGETS = (
         Target(f'families/{f}/answers_lost', '==', 0, 'issue 15'))),
 )
 GAIN_KEPT = 0.99
+PARTS = ('uplink', 'dwc', 'families')
 MEMORY_MARGIN = 1.35        # weights x this + 2 GiB: activations, shadow trainable set, buffers
 MEMORY_SLACK = 2 << 30
 BUNDLED_BASIS_BUDGET = 176  # payload; ~190 B of content, as ecq at keep 0.5
@@ -99,6 +101,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--dwc-bits', default=None,
                         help='refit budgets (bit/param) tried on the bundled models (default '
                              '2,1.5,1,0.5,0.25; quick 1)')
+    parser.add_argument('--parts', default=None,
+                        help='comma-separated parts to measure: uplink (bundled agreement), '
+                             'dwc (bundled operating point; with --records-from and without '
+                             'families also the families\' DWC payloads, on the meta device), '
+                             'families (the real-size measurements); default all (only '
+                             'families with --bundled-from). Parts not measured come from '
+                             '--bundled-from / --records-from')
+    parser.add_argument('--dwc-eval-per-domain', type=int, default=None,
+                        help='held-out samples per drifted domain of the DWC operating point '
+                             '(default 150, quick 2)')
     parser.add_argument('--bundled-from', type=Path, default=None,
                         help='take the bundled uplink agreement and DWC operating point from '
                              'an earlier run\'s JSON (same seed and models) instead of '
@@ -186,15 +198,33 @@ def bundled_uplink(ctx: BenchContext, per_domain: int) -> dict[str, Any]:
 
 
 # --- bundled: DWC operating point ------------------------------------------------------------
+def _wilson(hits: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a proportion ``hits / n``."""
+    if n <= 0:
+        return math.nan, math.nan
+    p = hits / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
                 refit: bool = True) -> dict[str, Any]:
-    """One AKD round on the bundled models, the refit at each bit budget, the loss-based gain
-    each keeps; writes the measured delta's per-kind values to ``pools_path``. Without
-    ``refit`` only the round and the pools (the operating point comes from an earlier run)."""
+    """One AKD round on the bundled models, the refit at each bit budget, the gain each keeps;
+    writes the measured delta's per-kind values to ``pools_path``. Without ``refit`` only the
+    round and the pools (the operating point comes from an earlier run).
+
+    The gain kept is measured on held-out drifted samples as the issue states it, in VQA
+    accuracy: ``(acc(compressed) - acc(base)) / (acc(uncompressed) - acc(base))`` with a paired
+    bootstrap 5-95% interval, and the greedy answers equal to the uncompressed delta's (Wilson
+    95% interval); the answer loss's reduction kept is reported beside it (smooth, stricter).
+    The operating point is the smallest budget whose accuracy gain kept is >= ``GAIN_KEPT``.
+    """
     import torch
 
     from cdcca_ros.bench.common import EVAL_START, model_image_size
-    from cdcca_ros.bench.downlink import AKD_STEPS, HeldOut, _uplink, delta_pools
+    from cdcca_ros.bench.downlink import AKD_STEPS, HeldOut, _uplink, delta_pools, gain_interval
     from cdcca_ros.core import dwc
     from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
     from cdcca_ros.core.refit import RefitConfig, akd_task_loss, refit_compress
@@ -223,14 +253,18 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
     np.savez(pools_path, **delta_pools(delta))
     if not refit:
         return {'trainable_params': n_params}
-    held = HeldOut(device, world_samples(ctx.seed, DRIFTED, 2 if quick else 150, size,
+    per_domain = getattr(ctx.args, 'dwc_eval_per_domain', None) or (2 if quick else 150)
+    held = HeldOut(device, world_samples(ctx.seed, DRIFTED, per_domain, size,
                                          start=EVAL_START))
 
-    def loss(d: dict[str, Any] | None) -> float:
+    def evaluate(d: dict[str, Any] | None) -> tuple[float, np.ndarray, list[str]]:
         device.load_trainable_state_dict(base if d is None else dwc.apply_delta(base, d))
-        return held.loss(device)
+        texts = held.answers(device)
+        return held.loss(device), held.scores(texts), texts
 
-    loss_base, loss_full = loss(None), loss(delta)
+    loss_base, acc_base, _ = evaluate(None)
+    loss_full, acc_full, texts_full = evaluate(delta)
+    gain = float(acc_full.mean() - acc_base.mean())
     steps = getattr(ctx.args, 'refit_steps', None) or cloud['dwc.refit_steps']
     refit_cfg = RefitConfig(steps=3 if quick else steps, batch_size=batch,
                             fisher_batches=2 if quick else RefitConfig.fisher_batches,
@@ -241,17 +275,27 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
         result = refit_compress(student, labelled, base, delta, dwc.get_codec('sparse'),
                                 budget, refit_cfg, task_loss=akd_task_loss(trainer))
         student.load_trainable_state_dict(trained)
-        kept = ((loss_base - loss(result.compressed.decoded)) / (loss_base - loss_full)
-                if loss_base > loss_full else None)
-        rows[f'{bits:g}'] = {'bits': bits, 'bytes': result.compressed.stats.nbytes,
-                             'bits_per_param': result.compressed.stats.bits_per_param,
-                             'gain_kept_loss': kept}
+        loss_c, acc_c, texts_c = evaluate(result.compressed.decoded)
+        same = sum(a.strip() == b.strip() for a, b in zip(texts_c, texts_full, strict=True))
+        rows[f'{bits:g}'] = {
+            'bits': bits, 'bytes': result.compressed.stats.nbytes,
+            'bits_per_param': result.compressed.stats.bits_per_param,
+            'accuracy': float(acc_c.mean()),
+            'gain_kept': (float(acc_c.mean() - acc_base.mean()) / gain if gain > 0 else None),
+            'gain_kept_interval': (list(gain_interval(acc_c, acc_full, acc_base, ctx.seed))
+                                   if gain > 0 else None),
+            'answers_as_uncompressed': same / len(texts_c),
+            'answers_as_uncompressed_interval': list(_wilson(same, len(texts_c))),
+            'gain_kept_loss': ((loss_base - loss_c) / (loss_base - loss_full)
+                               if loss_base > loss_full else None)}
     ok = [r['bits'] for r in rows.values()
-          if r['gain_kept_loss'] is not None and r['gain_kept_loss'] >= GAIN_KEPT]
+          if r['gain_kept'] is not None and r['gain_kept'] >= GAIN_KEPT]
     chosen = min(ok) if ok else max(bits_list)
     return {'trainable_params': n_params, 'refit_steps': refit_cfg.steps,
-            'answer_loss_base': loss_base,
+            'held_out': len(held.samples), 'accuracy_base': float(acc_base.mean()),
+            'accuracy_trained': float(acc_full.mean()), 'answer_loss_base': loss_base,
             'answer_loss_trained': loss_full, 'refit': rows, 'bits_at_gain': chosen,
+            'gain_measure': 'VQA accuracy gain kept (held-out drifted samples)',
             'gain_target': GAIN_KEPT, 'met': bool(ok)}
 
 
@@ -333,6 +377,72 @@ def _dtype_notes(records: dict[str, list[dict[str, Any]]], memory_gb: float | No
     return notes
 
 
+def _dwc_note(point: dict[str, Any]) -> str:
+    """The operating point in words (accuracy gain kept with its interval; the loss's)."""
+    def row(key: str, r: dict[str, Any]) -> str:
+        if 'gain_kept' not in r:  # a record of the loss-only measure
+            return f'{key}: loss {fmt(r.get("gain_kept_loss"))}'
+        lo, hi = r['gain_kept_interval'] or (None, None)
+        return (f'{key}: {fmt(r["gain_kept"])} [{fmt(lo)}, {fmt(hi)}], answers as '
+                f'uncompressed {fmt(r["answers_as_uncompressed"])}, loss '
+                f'{fmt(r["gain_kept_loss"])}')
+    measure = point.get('gain_measure', 'answer-loss reduction kept')
+    return (f'DWC operating point: the smallest refit budget keeping >= {GAIN_KEPT} of the '
+            f'gain ({measure}, {point.get("held_out", "?")} samples; accuracy '
+            f'{fmt(point.get("accuracy_base"))} -> {fmt(point.get("accuracy_trained"))}) on '
+            f'the bundled models: {point["bits_at_gain"]:g} bit/param'
+            f'{"" if point["met"] else " (none met: the largest tried)"}; tried '
+            + '; '.join(row(k, v) for k, v in point['refit'].items())
+            + f'. The paper shipped {PAPER_DWC_BYTES} B')
+
+
+def _parts(args: argparse.Namespace) -> tuple[str, ...]:
+    """The parts this run measures (``--parts``; default all, or only the families with
+    ``--bundled-from``), checked against what the earlier runs given can supply."""
+    from cdcca_ros.errors import ConfigError
+
+    if args.parts is None:
+        return ('families',) if args.bundled_from else PARTS
+    parts = tuple(p for p in str(args.parts).split(',') if p)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ConfigError(f'--parts: unknown {unknown}; known: {PARTS}')
+    if not {'uplink', 'dwc'} <= set(parts) and not args.bundled_from:
+        raise ConfigError('--parts without uplink or dwc needs --bundled-from (an earlier '
+                          'run whose bundled parts are kept)')
+    if 'families' not in parts and not args.records_from:
+        raise ConfigError('--parts without families needs --records-from (an earlier run '
+                          'whose family records are kept)')
+    return parts
+
+
+def family_dwc(spec: str, pools_path: Path, bits: float, seed: int) -> dict[str, Any]:
+    """DWC payload figures of ``spec``'s trainable set, built on the meta device (no weights):
+    a delta with values resampled per kind from the bundled delta (``pools_path``), compressed
+    at the codec's 4 bits and at ``bits`` per parameter (as :mod:`.realscale_family`)."""
+    import torch
+
+    from cdcca_ros.bench.realscale_family import synthetic_delta
+    from cdcca_ros.core import dwc
+    from cdcca_ros.models import bundled
+
+    model = bundled.load(spec, device='meta', dtype='bfloat16')
+    shapes = {n: torch.empty(p.shape, dtype=p.dtype, device='meta')
+              for n, p in model.trainable_parameters().items()}
+    n_params = sum(t.numel() for t in shapes.values())
+    delta = {k: v.to(shapes[k].dtype)
+             for k, v in synthetic_delta(shapes, dict(np.load(pools_path)), seed).items()}
+    codec = dwc.get_codec('sparse')
+    four = dwc.compress(delta, codec, None, self_describing=False)
+    low = dwc.compress(delta, codec, max(64, int(n_params * bits / 8)), self_describing=False)
+    return {'trainable_params': n_params, 'dwc_bytes_4bit': four.stats.nbytes,
+            'dwc_bits_4bit': four.stats.bits_per_param, 'dwc_bytes_min': low.stats.nbytes,
+            'dwc_bits_min': low.stats.bits_per_param, 'dwc_setting_bits': bits,
+            'trainable_set': (model.trainable_config.to_dict()
+                              if model.trainable_config else None),
+            'dwc_measured': 'meta device, full layer count'}
+
+
 def _figures(rec: dict[str, Any]) -> dict[str, Any]:
     figures = {k: rec.get(k) for k in SUMMARY_KEYS}
     if isinstance(figures['answer_ms'], dict):
@@ -362,12 +472,22 @@ def run(ctx: BenchContext) -> BenchResult:
     bits_list = [float(b) for b in (args.dwc_bits or ('1' if quick else '2,1.5,1,0.5,0.25'))
                  .split(',')]
     pools = ctx.workdir / 'delta_pools.npz'
-    if args.bundled_from:
-        # The bundled parts of an earlier run (same seed and models); the AKD round is run
+    parts = _parts(args)
+    earlier_bundled = (json.loads(Path(args.bundled_from).read_text())['detail']
+                       if args.bundled_from else None)
+    if 'uplink' in parts:
+        uplink = bundled_uplink(ctx, args.bundled_per_domain or (2 if quick else 40))
+    else:
+        assert earlier_bundled is not None  # _parts checked
+        uplink = dict(earlier_bundled['bundled_uplink'], source=str(args.bundled_from))
+    if 'dwc' in parts:
+        dwc_point = bundled_dwc(ctx, bits_list, pools)
+    else:
+        # The operating point of an earlier run (same seed and models); the AKD round is run
         # again for the delta's values (the pools are not kept in the JSON) when a family is
         # measured.
-        earlier = json.loads(Path(args.bundled_from).read_text())['detail']
-        uplink, dwc_point = earlier['bundled_uplink'], earlier['bundled_dwc']
+        assert earlier_bundled is not None
+        dwc_point = earlier_bundled['bundled_dwc']
         again = (bundled_dwc(ctx, bits_list, pools, refit=False) if families
                  else {'trainable_params': dwc_point['trainable_params']})
         if again['trainable_params'] != dwc_point['trainable_params']:
@@ -377,9 +497,6 @@ def run(ctx: BenchContext) -> BenchResult:
                               f'has {dwc_point["trainable_params"]} parameters, these models '
                               f'{again["trainable_params"]}')
         dwc_point['from'] = str(args.bundled_from)
-    else:
-        uplink = bundled_uplink(ctx, args.bundled_per_domain or (2 if quick else 40))
-        dwc_point = bundled_dwc(ctx, bits_list, pools)
     settings = {
         'device': 'cuda' if args.device == 'cuda' else 'cpu', 'seed': ctx.seed,
         'threads': args.threads, 'samples': args.samples or (1 if quick else 3),
@@ -390,7 +507,7 @@ def run(ctx: BenchContext) -> BenchResult:
         'dwc_bits': dwc_point['bits_at_gain'], 'pools': str(pools),
         'applies': args.applies, 'max_new_tokens': device_params()['max_new_tokens']}
     records: dict[str, list[dict[str, Any]]] = {}
-    for family in families:
+    for family in families if 'families' in parts else []:
         from cdcca_ros.models.real import STUDENTS
 
         spec = overrides.get(family, f'real:{STUDENTS[family]}')
@@ -408,6 +525,18 @@ def run(ctx: BenchContext) -> BenchResult:
                 records[f] = earlier[f]
                 reused.append(f)
     records = {f: records[f] for f in FAMILIES if f in records}
+    redone = []
+    if 'dwc' in parts and 'families' not in parts:
+        # This run's operating point on the earlier records' families: the DWC payloads of
+        # each real-size trainable set, built on the meta device (shapes only).
+        for f, recs in records.items():
+            spec = str(recs[0].get('spec', ''))
+            if not spec.startswith('real:'):
+                continue
+            figures = family_dwc(spec, pools, dwc_point['bits_at_gain'], ctx.seed)
+            for rec in recs:
+                rec.update(figures)
+            redone.append(f)
     summary: dict[str, Any] = {
         'families': {f: _figures(recs[0]) for f, recs in records.items()},
         'bundled_teacher_agreement': uplink['default_agree'],
@@ -443,10 +572,7 @@ def run(ctx: BenchContext) -> BenchResult:
         f'{uplink["default_agree"]:.3f} at {uplink["default_bytes"]:.0f} B; '
         f'{uplink["basis"]}: {fmt(uplink["basis_agree"])} at {fmt(uplink["basis_bytes"])} B; '
         f'image mode {uplink["image_agree"]:.3f} at {uplink["image_bytes"]:.0f} B',
-        f'DWC operating point: the smallest refit budget keeping >= {GAIN_KEPT} of the loss '
-        f'gain on the bundled models: {dwc_point["bits_at_gain"]:g} bit/param (tried '
-        + ', '.join(f'{k}: {fmt(v["gain_kept_loss"])}' for k, v in dwc_point['refit'].items())
-        + f'); the paper shipped {PAPER_DWC_BYTES} B',
+        _dwc_note(dwc_point),
         f'real-size uplink: keep {args.keep_ratio:g}, basis budget {args.budget} B; the basis '
         f'is fitted on {settings["fit_frames"]} source frames of the random-weight encoder '
         '(errors are those of random features, not of trained ones)',
@@ -458,6 +584,11 @@ def run(ctx: BenchContext) -> BenchResult:
                 notes.append(f'{f} ({rec.get("dtype")}) round: {rec["round_mode"]}')
             if rec.get('error'):
                 notes.append(f'{f} ({rec.get("dtype")}): {rec["error"]}')
+    if redone:
+        notes.append(f'{", ".join(redone)}: DWC payloads (dwc_*, trainable_params) measured in '
+                     'this run on the meta device at its operating point, with the real '
+                     'configuration\'s trainable set at its full layer count; the other figures '
+                     f'are the records of {args.records_from}')
     if reused:
         notes.append(f'{", ".join(reused)}: records of {args.records_from} (an earlier run '
                      'of this bench; its settings are in each record)')

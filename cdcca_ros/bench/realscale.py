@@ -5,8 +5,9 @@
 
 Per family, a real-size student with random weights (BLIP-2 OPT-2.7B, LLaVA-1.5-7B,
 Qwen2-VL-2B; :mod:`cdcca_ros.models.real`: the hub's configurations, loaded through the same
-path as a downloaded model) and its real trainable set (LoRA r 8 on the language model's
-attention and MLP, norms, biases, BLIP-2's query tokens), each in a process of its own
+path as a downloaded model) and its real trainable set (the paper's kinds and size, declared
+by the configuration: LoRA r 1 on the language model's q_proj / v_proj, norms, biases, BLIP-2's
+query tokens; 1.57 M values for BLIP-2), each in a process of its own
 (:mod:`.realscale_family`): answer latency and peak memory, UTS per answer, uplink bytes per
 selected sample against the frame's JPEG q90 at 640x480 and 1920x1080 and the reconstruction
 error of what the teacher consumes, DWC payloads, hot-apply and answers lost, one cloud round
@@ -18,9 +19,14 @@ On the bundled models, in this process:
   device's default packing, the ``basis`` packing (the shared token basis shipped with the
   bundled student) and the image mode;
 * the DWC operating point: one AKD round (200 steps), then the cloud's refit at several bit
-  budgets; the smallest whose loss-based gain kept is >= 0.99 is the setting the real-size
-  payloads are measured at, and the measured delta's values (per kind) fill the real-size
-  trainable sets.
+  budgets; the smallest whose VQA accuracy gain kept on held-out drifted samples is >= 0.99
+  (paired bootstrap interval and answers equal to the uncompressed delta's reported beside
+  it, and the answer loss's reduction kept) is the setting the real-size payloads are measured
+  at, and the measured delta's values (per kind) fill the real-size trainable sets.
+
+``--parts`` measures only some of it (``uplink``, ``dwc``, ``families``), the rest taken from
+``--bundled-from`` / ``--records-from``: ``--parts dwc`` with ``--records-from`` re-measures the
+operating point and, on the meta device, every family's DWC payloads (minutes, not hours).
 
 Where a model does not fit the machine's memory (weights plus a margin against ``MemAvailable``)
 its language model is cut to the largest layer count that fits, and the record says so; on a

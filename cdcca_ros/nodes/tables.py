@@ -164,7 +164,7 @@ DEVICE = (
           choices=('fp16', 'int8', 'int4', 'ecq', 'basis'), runtime=True),
     Param('uts.basis_keep_ratio', 1.0, 'basis packing: stage-2 keep ratio (uts.keep_ratio '
           'is that of the other packings and of the ecq fallback); the byte budget bounds the '
-          'bytes, so by default every token shares it', low=0.0, high=1.0, runtime=True),
+          'bytes, and at 1.0 every token shares it', low=0.0, high=1.0, runtime=True),
     Param('uts.budget_bytes', 176, 'basis packing: largest payload of one selected sample '
           '(the finest step that fits is used)', low=16, runtime=True),
     Param('uts.basis', '', 'basis packing: token basis file; empty: uplink_basis.safetensors '

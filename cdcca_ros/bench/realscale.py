@@ -572,9 +572,16 @@ def run(ctx: BenchContext) -> BenchResult:
             records.setdefault(family, []).append(run_family(ctx, family, spec, dtype,
                                                              settings))
     reused = []
+    records_run: dict[str, Any] | None = None
     if args.records_from:
         # Families measured in an earlier run (e.g. one family re-run with other settings).
-        earlier = json.loads(Path(args.records_from).read_text())['detail']['records']
+        earlier_doc = json.loads(Path(args.records_from).read_text())
+        earlier = earlier_doc['detail']['records']
+        # The run that measured them (carried over when that file took them over itself).
+        records_run = earlier_doc['detail'].get('records_run') or {
+            k: earlier_doc.get(k) for k in ('created', 'duration_s', 'machine', 'args')}
+        records_run['dtype_notes'] = records_run.get('dtype_notes') or [
+            n for n in earlier_doc.get('notes', []) if 'planned memory' in n]
         for f in FAMILIES:
             if f not in records and f in earlier:
                 records[f] = earlier[f]
@@ -641,14 +648,18 @@ def run(ctx: BenchContext) -> BenchResult:
                      'configuration\'s trainable set at its full layer count; the other figures '
                      f'are the records of {args.records_from}')
     if reused:
+        created = (records_run or {}).get('created')
         notes.append(f'{", ".join(reused)}: records of {args.records_from} (an earlier run '
-                     'of this bench; its settings are in each record)')
+                     f'of this bench{f", created {created}" if created else ""}; its settings '
+                     'are in each record, its machine and duration in detail.records_run)')
     if args.device == 'cpu':
-        notes += _dtype_notes(records, args.memory_gb)
+        notes += (_dtype_notes(records, args.memory_gb) if not reused or records_run is None
+                  or not records_run['dtype_notes'] else records_run['dtype_notes'])
         notes.append('no GPU: bitsandbytes 4-bit / 8-bit and the GPU memory column are not '
                      'measured')
     return BenchResult(summary=summary, headers=headers, rows=rows,
                        detail={'markdown': '\n'.join(md), 'records': records,
                                'bundled_uplink': uplink, 'bundled_dwc': dwc_point,
+                               'records_run': records_run,
                                'settings': settings},
                        notes=notes)

@@ -209,6 +209,36 @@ def bundled_uplink(ctx: BenchContext, per_domain: int) -> dict[str, Any]:
 
 
 # --- bundled: DWC operating point ------------------------------------------------------------
+def default_uplinked(model: Any, spec: str, samples: list[Any]) -> list[tuple[Any, Any, str]]:
+    """What the device's default uplink (:func:`device_uplink`, stage 1 and audit off: every
+    sample through stage 2) delivers of each sample, decoded as the cloud decodes it:
+    ``(tokens, kept indices, question)``."""
+    import torch
+
+    from cdcca_ros.bench.common import cloud_token_basis, device_uplink
+    from cdcca_ros.core.uplink.pipeline import BASIS, decode_tokens
+    from cdcca_ros.core.uts import unpack_tokens
+
+    space = model.vision_space()
+    pipe = device_uplink(spec, space, model.mc_token_features, stage1_threshold=0.0,
+                         audit_fraction=0.0)
+    basis = cloud_token_basis(spec, space)
+    out = []
+    for s in samples:
+        with torch.no_grad():
+            tokens = model.vision_tokens([s.image])[0]
+            probs = model.answer_from_tokens(tokens[None], None, [s.question])[0].step_probs
+        up = pipe.process(probs, tokens)
+        packed = up.uts.packed
+        if packed.dtype == BASIS:
+            dec, idx = decode_tokens(BASIS, packed.data, list(packed.scale), [],
+                                     space.num_tokens, space.dim, up.basis_version, basis)
+        else:
+            dec, idx = unpack_tokens(packed), up.uts.kept_indices
+        out.append((dec, idx, s.question))
+    return out
+
+
 def _wilson(hits: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson interval of a proportion ``hits / n``."""
     if n <= 0:
@@ -222,7 +252,8 @@ def _wilson(hits: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
                 refit: bool = True) -> dict[str, Any]:
-    """One AKD round on the bundled models, the refit at each bit budget, the gain each keeps;
+    """One AKD round on the bundled models (on what the default uplink delivers of 64 drifted
+    samples per domain), the refit at each bit budget, the gain each keeps;
     writes the measured delta's per-kind values to ``pools_path``. Without ``refit`` only the
     round and the pools (the operating point comes from an earlier run).
 
@@ -238,7 +269,7 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
     import torch
 
     from cdcca_ros.bench.common import EVAL_START, model_image_size
-    from cdcca_ros.bench.downlink import AKD_STEPS, HeldOut, _uplink, delta_pools, gain_interval
+    from cdcca_ros.bench.downlink import AKD_STEPS, HeldOut, delta_pools, gain_interval
     from cdcca_ros.core import dwc
     from cdcca_ros.core.akd import AKDConfig, AkdSample, AKDTrainer
     from cdcca_ros.core.refit import RefitConfig, akd_task_loss, refit_compress
@@ -255,8 +286,8 @@ def bundled_dwc(ctx: BenchContext, bits_list: list[float], pools_path: Path,
     base = device.trainable_state_dict()
     n_params = dwc.num_params(base)
     size = model_image_size(device)
-    uplinked = _uplink(device, world_samples(ctx.seed, DRIFTED, 2 if quick else 64, size),
-                       device_uts_config())
+    uplinked = default_uplinked(device, ctx.models.spec('student'),
+                                world_samples(ctx.seed, DRIFTED, 2 if quick else 64, size))
     student = ctx.models.student()
     trainer = AKDTrainer(ctx.models.teacher(), student, akd)
     labelled = trainer.label([AkdSample(tokens=t.float(), indices=k, question=q)

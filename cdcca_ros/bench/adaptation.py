@@ -47,8 +47,9 @@ from cdcca_ros.bench.common import (
     BENCH_START,
     EVAL_START,
     BenchContext,
+    cloud_token_basis,
     device_params,
-    device_uts_config,
+    device_uplink,
     fmt,
     model_image_size,
 )
@@ -727,7 +728,7 @@ class Experiment:
         from cdcca_ros.core.entropy_guard import EntropyGuardConfig
         from cdcca_ros.core.rounds.anchor import resolve_anchor
         from cdcca_ros.core.rounds.config import GuardConfig
-        from cdcca_ros.core.uts import TokenRing, UtsPipeline
+        from cdcca_ros.core.uts import TokenRing
         from cdcca_ros.models import bundled
 
         private, public = self._keypair()
@@ -762,10 +763,11 @@ class Experiment:
             overrides['audit_fraction'] = 0.0
         features = (random_features(self.plan.seed) if method.stage2 == 'random'
                     else device.mc_token_features)
-        pipeline = UtsPipeline(device_uts_config(**overrides), features, has_cls=space.has_cls)
+        student_spec = self.ctx.models.spec('student')
+        pipeline = device_uplink(student_spec, space, features, **overrides)
         uplink = ('uts' if method.stage2 != 'none' else 'stage1' if method.stage1 else 'all')
         robot = Robot(device, pipeline, TokenRing(int(d['uts.ring_samples'])), cloud,
-                      uplink=uplink)
+                      uplink=uplink, basis=cloud_token_basis(student_spec, space))
         out = []
         t = 0
         for r, stream in enumerate(self.streams[domain]):

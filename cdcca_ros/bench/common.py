@@ -518,21 +518,70 @@ def device_uts_config(**overrides: Any) -> Any:
     """The :class:`UtsConfig` a device node builds from its ``uts.*`` parameters.
 
     Mirrors ``cdcca_ros.nodes.uts_node.uts_config`` (which imports rclpy) on the table
-    defaults; ``overrides`` are ``UtsConfig`` fields.
+    defaults: a packing UTS does not do itself (``basis``, the default) is ``ecq`` here, the
+    node's fallback and the packing of its pulls and audit samples; :func:`device_uplink`
+    builds the uplink as the node does, basis included. ``overrides`` are ``UtsConfig``
+    fields.
     """
     from dataclasses import replace
 
-    from cdcca_ros.core.uts import UtsConfig
+    from cdcca_ros.core.uts import PACK_DTYPES, UtsConfig
 
     p = device_params()
+    pack = p['uts.pack_dtype'] if p['uts.pack_dtype'] in PACK_DTYPES else 'ecq'
     cfg = UtsConfig(mc_masks=p['uts.mc_masks'], dropout_p=p['uts.dropout_p'],
                     stage1_mode=p['uts.stage1_mode'],
                     stage1_threshold=p['uts.entropy_threshold'],
                     stage1_fraction=p['uts.top_fraction'], stage1_window=p['uts.window'],
                     stage2_mode=p['uts.stage2_mode'], beta=p['uts.beta'],
-                    keep_ratio=p['uts.keep_ratio'], pack_dtype=p['uts.pack_dtype'],
+                    keep_ratio=p['uts.keep_ratio'], pack_dtype=pack,
                     audit_fraction=p['uts.audit_fraction'])
     return replace(cfg, **overrides)
+
+
+def device_uplink(spec: str, space: Any, features: Callable[..., Any], **overrides: Any
+                  ) -> Any:
+    """The uplink a device node builds for the student ``spec`` from its ``uts.*`` defaults
+    (mirrors ``uts_node``'s pipeline): the ``uts.pack_dtype`` packing; for ``basis`` the
+    token basis beside the model (``uplink_basis.safetensors``) with stage 2 keeping
+    ``uts.basis_keep_ratio``, or, when the model has none, ``ecq`` at ``uts.keep_ratio`` (the
+    node's fallback). ``overrides`` are ``UtsConfig`` fields (a ``keep_ratio`` given applies
+    whatever the packing).
+
+    Returns:
+        An :class:`~cdcca_ros.core.uplink.pipeline.UplinkPipeline`; its ``packing`` says
+        which packing is in force.
+    """
+    from dataclasses import replace
+
+    from cdcca_ros.core.uplink.basis import BASIS_FILE, TokenBasis, space_id
+    from cdcca_ros.core.uplink.pipeline import BASIS, UplinkPipeline
+    from cdcca_ros.models import bundled
+
+    p = device_params()
+    cfg = device_uts_config(**overrides)
+    packing, basis = p['uts.pack_dtype'], None
+    if packing == BASIS:
+        path = Path(bundled.resolve(spec)) / BASIS_FILE
+        if path.is_file():
+            basis = TokenBasis.load(path, space_id(space))
+            if 'keep_ratio' not in overrides:
+                cfg = replace(cfg, keep_ratio=p['uts.basis_keep_ratio'])
+        else:
+            packing = 'ecq'
+    return UplinkPipeline(cfg, features, has_cls=space.has_cls, packing=packing, basis=basis,
+                          budget_bytes=p['uts.budget_bytes'])
+
+
+def cloud_token_basis(spec: str, space: Any) -> Any:
+    """The token basis a cloud node decodes ``basis`` samples of the student ``spec`` with
+    (``uplink_basis`` empty: the file beside the student; mirrors ``cloud_node.cloud_basis``),
+    loaded on its own as the cloud does; None when there is none."""
+    from cdcca_ros.core.uplink.basis import BASIS_FILE, TokenBasis, space_id
+    from cdcca_ros.models import bundled
+
+    path = Path(bundled.resolve(spec)) / BASIS_FILE
+    return TokenBasis.load(path, space_id(space)) if path.is_file() else None
 
 
 def model_image_size(model: Any, default: int = 64) -> int:

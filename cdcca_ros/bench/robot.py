@@ -28,19 +28,25 @@ class Robot:
 
     Args:
         device: The device runtime.
-        pipeline: Its UTS pipeline (stage 1 and 2, audit stream).
+        pipeline: Its uplink: an :class:`~cdcca_ros.core.uplink.pipeline.UplinkPipeline`
+            (token packings, ``basis`` included: the node's) or a bare
+            :class:`~cdcca_ros.core.uts.UtsPipeline` (stage 1 and 2, audit stream).
         ring: Its token ring (pulls).
         cloud: The cloud runtime.
         uplink: ``'uts'`` (what the pipeline selects), ``'all'`` (every sample, every token)
             or ``'stage1'`` (what stage 1 selects, every token).
+        basis: The cloud's token basis (decodes ``basis``-packed samples, as the cloud node).
     """
 
     def __init__(self, device: DeviceRuntime, pipeline: Any, ring: Any, cloud: CloudRuntime,
-                 uplink: str = 'uts') -> None:
+                 uplink: str = 'uts', basis: Any = None) -> None:
         if uplink not in UPLINKS + ('stage1',):
             raise ConfigError(f'uplink must be one of {UPLINKS + ("stage1",)}, got {uplink!r}')
         self.device, self.pipeline, self.ring, self.cloud = device, pipeline, ring, cloud
         self.uplink = uplink
+        self.basis = basis
+        # Whole samples and pulls: the node packs them ecq under the basis packing.
+        self.pack_dtype = getattr(pipeline, 'pull_dtype', None) or pipeline.cfg.pack_dtype
         self.space = device.model.vision_space()
         self.truth: dict[str, Sample] = {}
         self.label_hits: list[float] = []
@@ -58,16 +64,17 @@ class Robot:
         audit = False
         if self.uplink == 'all' or (self.uplink == 'stage1' and self.pipeline.selector.offer(
                 answered.entropy_mean)):
-            packed = pack_tokens(answered.tokens.detach().cpu(), self.pipeline.cfg.pack_dtype)
+            packed = pack_tokens(answered.tokens.detach().cpu(), self.pack_dtype)
             tokens = unpack_tokens(packed)
             self.counts['uplink_bytes'] += uplink_bytes(len(packed.data), len(packed.scale), 0)
         elif self.uplink == 'uts':
             result = self.pipeline.process(answered.step_probs, answered.tokens)
             if result is not None:
-                tokens, audit = unpack_tokens(result.packed), result.audit
-                indices = None if audit else result.kept_indices
+                uts = getattr(result, 'uts', result)  # UplinkSample or UtsResult
+                tokens, audit = self._decoded(result), result.audit
+                indices = None if audit else uts.kept_indices
                 self.counts['uplink_bytes'] += result.uplink_bytes
-                self.ring.put(sid, answered.tokens, result.kept_indices)
+                self.ring.put(sid, answered.tokens, uts.kept_indices)
         events = []
         for event in self.device.local_rollbacks[self._local_seen:]:
             self.cloud.rolled_back(DEVICE_ID, event['version'], event['hash'])
@@ -84,6 +91,19 @@ class Robot:
             self.counts['audit_samples'] += int(audit)
             self.truth[sid] = sample
         return events
+
+    def _decoded(self, result: Any) -> Any:
+        """The tokens of an uplinked sample as the cloud decodes them."""
+        from cdcca_ros.core.uplink.pipeline import BASIS, decode_tokens
+        from cdcca_ros.core.uts import unpack_tokens
+
+        packed = getattr(result, 'uts', result).packed
+        if packed.dtype != BASIS:
+            return unpack_tokens(packed)
+        tokens, _ = decode_tokens(BASIS, packed.data, list(packed.scale), [],
+                                  self.space.num_tokens, self.space.dim,
+                                  result.basis_version, self.basis)
+        return tokens
 
     def round(self) -> list[tuple[str, Any]]:
         """The cloud's turn: audit (and a rollback it orders), labels and token pulls, the
@@ -102,7 +122,7 @@ class Robot:
             if rest is None:
                 self.cloud.pull_unavailable(DEVICE_ID, pulled)
                 continue
-            packed = pack_tokens(rest[0], self.pipeline.cfg.pack_dtype)
+            packed = pack_tokens(rest[0], self.pack_dtype)
             self.counts['pull_bytes'] += uplink_bytes(len(packed.data), len(packed.scale),
                                                       int(rest[1].numel()))
             self.cloud.add_pulled(DEVICE_ID, pulled, unpack_tokens(packed), rest[1])

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cdcca_ros.bench.common import cloud_token_basis
 from cdcca_ros.bench.robot import DEVICE_ID, UPLINKS, Robot
 from cdcca_ros.errors import ConfigError
 
@@ -364,11 +365,11 @@ class ContinualStream:
 
     def make_device(self, method: Method) -> tuple[DeviceRuntime, Any, Any]:
         """The device runtime, its UTS pipeline and its token ring."""
-        from cdcca_ros.bench.common import device_uts_config
+        from cdcca_ros.bench.common import device_uplink
         from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
         from cdcca_ros.core.device_runtime import DeviceRuntime
         from cdcca_ros.core.entropy_guard import EntropyGuardConfig
-        from cdcca_ros.core.uts import TokenRing, UtsPipeline
+        from cdcca_ros.core.uts import TokenRing
         from cdcca_ros.models import bundled
 
         _, public = self.keys()
@@ -383,9 +384,9 @@ class ContinualStream:
         overrides: dict[str, Any] = {'audit_seed': self.seed}
         if method.audit_fraction is not None:
             overrides['audit_fraction'] = method.audit_fraction
-        cfg = device_uts_config(**overrides)
         space = device.model.vision_space()
-        pipeline = UtsPipeline(cfg, device.mc_token_features, has_cls=space.has_cls)
+        pipeline = device_uplink(self.models.spec('student'), space, device.mc_token_features,
+                                 **overrides)
         ring = TokenRing(max_samples=int(d['uts.ring_samples']))
         return device, pipeline, ring
 
@@ -393,7 +394,9 @@ class ContinualStream:
         record = RunRecord(method.name, self.seed)
         cloud = self.make_cloud(method)
         device, pipeline, ring = self.make_device(method)
-        robot = Robot(device, pipeline, ring, cloud, uplink=method.uplink)
+        robot = Robot(device, pipeline, ring, cloud, uplink=method.uplink,
+                      basis=cloud_token_basis(self.models.spec('student'),
+                                              device.model.vision_space()))
         scores = self._checkpoint(record, device, 0, 0, 'start', 0)
         for t, (visit, sample) in enumerate(self.stream, start=1):
             now = t / self.rate

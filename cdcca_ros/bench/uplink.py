@@ -250,6 +250,7 @@ def run(ctx: BenchContext) -> BenchResult:
         'uts_msg_over_jpeg': ratio(float(np.mean(msgs)), jpeg_mean) if msgs else None,
         'all_tokens_over_jpeg': ratio(all_fp16, jpeg_mean),
         'pack_dtype_default': default.pack_dtype,
+        'pack_dtype_device': params['uts.pack_dtype'],
         'keep_ratio_default': default.keep_ratio,
         'pack_dtype_recommended': recommended,
         'pass_rate_source': float(passed[src].mean()) if src.any() else math.nan,
@@ -322,7 +323,10 @@ def run(ctx: BenchContext) -> BenchResult:
         'ratios are totals over the run (what the link carries)',
         f'measured configuration: keep_ratio {keep_ratio:g} ({summary["kept_tokens_mean"]:.1f} '
         f'of {n_tok} tokens kept), packing {dtype} (*): summary.uts_over_jpeg; device defaults '
-        f'keep_ratio {default.keep_ratio:g}, {default.pack_dtype}',
+        f'keep_ratio {default.keep_ratio:g}, {default.pack_dtype}'
+        + ('' if params['uts.pack_dtype'] == default.pack_dtype else
+           f' among UTS\'s own packings (the device packs {params["uts.pack_dtype"]}, '
+           f'measured by the realscale bench; {default.pack_dtype} is its fallback)'),
         'UTS bytes = CDR bytes of the UtsTokens token fields: payload + float32 scales + '
         'uint16 kept indices, each with its 4-byte count (uts_node\'s uplink_bytes); the '
         'message adds question, answer, ids and per-token variance',

@@ -719,6 +719,10 @@ class HFMLLM(MLLM):
         real configuration without weights (``cdcca.json`` with ``"init": "random"``, see
         :mod:`cdcca_ros.models.real`), whose weights are then initialised locally.
 
+        The trainable set is the saved one (``cdcca.json`` ``trainable`` with its values in
+        ``trainable.safetensors``), else the one ``cdcca.json`` declares (``trainable_set``:
+        a :class:`TrainableConfig` dict, fresh values), else none (the caller configures it).
+
         Args:
             path_or_hub_id: Directory or hub id.
             quantization: None, ``'4bit'`` or ``'8bit'`` (bitsandbytes).
@@ -798,6 +802,15 @@ class HFMLLM(MLLM):
             if not trainable_path.is_file():
                 raise ModelLoadError(f'{source}: {TRAINABLE_FILE} is missing')
             obj.load_trainable_state_dict(load_file(str(trainable_path), device=str(obj.device)))
+        elif meta.get('trainable_set') is not None:
+            # A declared trainable set without saved values (a real configuration: the
+            # paper's set), fresh as any new one (LoRA B zero).
+            try:
+                cfg = TrainableConfig.from_dict(meta['trainable_set'])
+            except (TypeError, ConfigError) as err:
+                raise ModelLoadError(f'{source}: invalid trainable_set in {CDCCA_JSON}: '
+                                     f'{err}') from err
+            obj.configure_trainable(cfg)
         return obj
 
     @classmethod

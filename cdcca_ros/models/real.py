@@ -19,6 +19,16 @@ llava-1.5-7b       llava-1.5-13b     CLIP ViT-L/14-336 (576 tokens x 1024)
 qwen2-vl-2b        qwen2-vl-7b       Qwen2-VL ViT at 448 px (1024 tokens x 1280)
 =================  ================  ===========================================
 
+Each student's ``cdcca.json`` declares its trainable set (``trainable_set``, a
+:class:`~cdcca_ros.models.base.TrainableConfig`): the kinds the paper updates -- LoRA, the
+language model's norms, linear-layer biases, BLIP-2's Q-Former query tokens -- at the paper's
+size. The paper updates 1.65 M parameters of its 7B student; LoRA at rank 1 on the language
+model's ``q_proj`` and ``v_proj`` (the LoRA paper's smallest GPT-3 setting, as good as higher
+ranks there) gives BLIP-2 OPT-2.7B 1.57 M (LoRA 0.33 M, norms 0.33 M, biases 0.86 M, Q-Former
+norms and query tokens 0.05 M), LLaVA-1.5-7B 0.80 M and Qwen2-VL-2B 0.29 M. The family default
+(LoRA rank 8 on every attention and MLP projection: 13.0 M for BLIP-2) is what a model without
+a declared set gets (the bundled models save theirs).
+
 Accuracy at these sizes needs the real weights and is not claimed; speed, memory and bytes are
 those of the real shapes.
 """
@@ -101,8 +111,8 @@ def real_model(name: str) -> RealModel:
 
 
 def load_real(name: str, device: str = 'cpu', dtype: str | None = None) -> MLLM:
-    """Load ``real:<name>`` with the default trainable set (LoRA r 8 on the language model's
-    attention and MLP, norms, biases, query tokens: the paper's), random weights.
+    """Load ``real:<name>`` with its declared trainable set (see the module docstring), random
+    weights.
 
     Args:
         name: Configuration or family name (see :func:`real_model`).
@@ -135,7 +145,14 @@ def materialize(name: str, out_dir: str | Path, dtype: str = 'bfloat16') -> Path
         ``out_dir``.
     """
     model = load_real(name, dtype=dtype)
+    trainable = model.trainable_config
     model.trainable_config = None  # the saved base carries no adapter
     out = Path(out_dir)
     model.save(out)
+    if trainable is not None:
+        # ... but declares the configuration's trainable set, as the configuration does.
+        meta_path = out / 'cdcca.json'
+        meta = json.loads(meta_path.read_text())
+        meta['trainable_set'] = trainable.to_dict()
+        meta_path.write_text(json.dumps(meta, indent=2) + '\n')
     return out

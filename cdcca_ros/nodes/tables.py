@@ -158,9 +158,13 @@ DEVICE = (
     Param('uts.beta', 0.0, 'stage 2: variance threshold beta', low=0.0, runtime=True),
     Param('uts.keep_ratio', 0.5, 'stage 2: fraction of tokens kept', low=0.0, high=1.0,
           runtime=True),
-    Param('uts.pack_dtype', 'ecq', 'packing of the kept tokens (basis: transform-coded in the '
-          'token basis shared with the cloud, under uts.budget_bytes)',
+    Param('uts.pack_dtype', 'basis', 'packing of the kept tokens (basis: transform-coded in '
+          'the token basis shared with the cloud, under uts.budget_bytes; a model without a '
+          'basis file packs ecq and says so)',
           choices=('fp16', 'int8', 'int4', 'ecq', 'basis'), runtime=True),
+    Param('uts.basis_keep_ratio', 1.0, 'basis packing: stage-2 keep ratio (uts.keep_ratio '
+          'is that of the other packings and of the ecq fallback); the byte budget bounds the '
+          'bytes, and at 1.0 every token shares it', low=0.0, high=1.0, runtime=True),
     Param('uts.budget_bytes', 176, 'basis packing: largest payload of one selected sample '
           '(the finest step that fits is used)', low=16, runtime=True),
     Param('uts.basis', '', 'basis packing: token basis file; empty: uplink_basis.safetensors '

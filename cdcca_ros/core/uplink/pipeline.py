@@ -129,6 +129,12 @@ class UplinkPipeline:
         """The stage-1 gate."""
         return self.uts.selector
 
+    @property
+    def pull_dtype(self) -> str:
+        """The packing of pulled tokens and of whole samples: the packing, ``ecq`` for
+        ``'basis'`` (whose byte budget is meant for a kept subset)."""
+        return self.packing if self.packing in PACK_DTYPES else 'ecq'
+
     def process(self, step_probs: np.ndarray, tokens: Tensor, frame: np.ndarray | None = None
                 ) -> UplinkSample | None:
         """Run UTS on one answered sample; None when it is not selected.

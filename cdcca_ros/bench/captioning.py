@@ -131,6 +131,7 @@ class CaptionRun:
     examples: list[dict[str, str]] = field(default_factory=list)
     gate: list[dict[str, Any]] = field(default_factory=list)
     routed: list[float] = field(default_factory=list)
+    device: Any = field(default=None, repr=False, compare=False)  # the final captioner
 
     def final(self, split: str = 'all', metric: str = 'cider') -> float:
         return self.scores[-1][split][metric]
@@ -408,6 +409,7 @@ class CaptionExperiment:
         return self._finish(run, routed)
 
     def _finish(self, run: CaptionRun, device: Captioner | RoutedCaptioner) -> CaptionRun:
+        run.device = device
         rows = range(0, len(self.evals), max(1, len(self.evals) // 5))
         caps = device.caption_from_tokens(self.eval_tokens[list(rows)])
         run.examples = [{'domain': self.evals[i].domain, 'caption': c.text,
@@ -415,5 +417,55 @@ class CaptionExperiment:
         return run
 
 
-__all__ = ['CaptionPlan', 'CaptionMethod', 'CaptionRun', 'CaptionExperiment', 'SOURCE_ONLY',
-           'TENT', 'TENT_SLOW', 'CE_ONLY', 'CDCCA', 'COLUMNS']
+def demo_captions(teacher: str, student: str, domains: Sequence[str], seed: int = 0,
+                  per_domain: int = 2, quick: bool = False) -> dict[str, Any]:
+    """Captions of a few held-out frames before and after one guarded CD-CCA round, for
+    ``make demo``: the shipped student's, the adapted (routed) device's, the teacher's and the
+    first reference, per frame, with the round's gate verdict and CIDEr per split before and
+    after.
+
+    The round is the table2 bench's CD-CCA (:meth:`CaptionExperiment.run`) at a demo size: one
+    round of 96 drifted frames of ``domains``, 256 anchors, 200 steps (``quick``: seconds).
+    """
+    import argparse
+    import tempfile
+    from pathlib import Path
+
+    from cdcca_ros.bench.common import Models
+
+    if quick:
+        plan = CaptionPlan(rounds=1, stream=8, evals=max(2, per_domain), anchors=8, steps=3,
+                           gate_anchors=3, domains=tuple(domains), seed=seed)
+    else:
+        plan = CaptionPlan(rounds=1, stream=96, evals=max(10, per_domain), anchors=256,
+                           steps=200, gate_anchors=48, domains=tuple(domains), seed=seed)
+    with tempfile.TemporaryDirectory(prefix='cdcca-demo-captions-') as tmp:
+        ctx = BenchContext(args=argparse.Namespace(seed=seed, quick=quick),
+                           models=Models(teacher, student, Path(tmp), seed), workdir=Path(tmp))
+        exp = CaptionExperiment(ctx, plan)
+        shipped = exp._captioner('student')
+        run = exp.run(CDCCA)
+    rows = [i for d in (SOURCE, *plan.domains)
+            for i in [j for j, s in enumerate(exp.evals) if s.domain == d][:per_domain]]
+    tokens = exp.eval_tokens[rows]
+    before = shipped.caption_from_tokens(tokens)
+    after = run.device.caption_from_tokens(tokens)
+    # CD-CCA is guarded (a RoutedCaptioner); with no update shipped the shipped one answers
+    shipped_any = any(g['ship'] for g in run.gate)
+    by_update = run.device.routes(tokens) & shipped_any
+    teacher_caps = exp.teacher.caption_from_tokens(tokens)
+    frames = [{'domain': exp.evals[i].domain, 'split': exp.evals[i].split,
+               'reference': exp.evals[i].references[0], 'before': b.text, 'after': a.text,
+               'answered_by': 'update' if u else 'shipped', 'teacher': t.text}
+              for i, b, a, u, t in zip(rows, before, after, by_update, teacher_caps)]
+    return {'plan': {'rounds': plan.rounds, 'stream': plan.stream, 'steps': plan.steps,
+                     'anchors': plan.anchors, 'domains': list(plan.domains), 'seed': seed},
+            'gate': [{'round': g['round'], 'ship': g['ship'], 'reason': g['reason']}
+                     for g in run.gate],
+            'cider_before': {k: round(v['cider'], 1) for k, v in run.scores[0].items()},
+            'cider_after': {k: round(v['cider'], 1) for k, v in run.scores[-1].items()},
+            'frames': frames}
+
+
+__all__ = ['CaptionPlan', 'CaptionMethod', 'CaptionRun', 'CaptionExperiment', 'demo_captions',
+           'SOURCE_ONLY', 'TENT', 'TENT_SLOW', 'CE_ONLY', 'CDCCA', 'COLUMNS']

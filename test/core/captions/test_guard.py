@@ -85,7 +85,7 @@ def captioners():
     """Two captioners on one tiny student model with different random heads (the base and
     the adapted one), and the images of two kinds of frames."""
     from cdcca_ros.bench.common import build_tiny_pair
-    from cdcca_ros.models.caption_head import CaptionHeadConfig, Captioner, build_head
+    from cdcca_ros.models.caption_head import Captioner, CaptionHeadConfig, build_head
 
     _, student = build_tiny_pair(0)
     rng = np.random.default_rng(0)

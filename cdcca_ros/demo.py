@@ -414,11 +414,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def run_captions(args: argparse.Namespace) -> dict[str, Any]:
-    """Captions before and after one guarded captioning round (module docstring)."""
+def run_captions(args: argparse.Namespace, plan: list[str]) -> dict[str, Any]:
+    """Captions before and after one guarded captioning round on the domains the camera
+    visited (module docstring)."""
     from cdcca_ros.bench.captioning import demo_captions
 
-    domains = [d for d in dict.fromkeys(args.domains) if d != 'source'] or ['fog']
+    domains = [d for d in dict.fromkeys(plan) if d != 'source'] or ['fog']
     t0 = time.monotonic()
     print(f'\ncaptioning: one guarded CD-CCA round on {", ".join(domains)} frames ...')
     result = demo_captions(args.teacher, args.student, domains, seed=args.seed,
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(args)
         if args.caption_frames:
-            result['captions'] = run_captions(args)
+            result['captions'] = run_captions(args, result['plan'])
     except (RuntimeError, TimeoutError, CdccaError) as err:
         print(f'demo failed: {err}', file=sys.stderr)
         return 1

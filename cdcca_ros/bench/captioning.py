@@ -349,13 +349,22 @@ class CaptionExperiment:
         probe = copy.deepcopy(device)   # runs each candidate as the device would
         distiller = CaptionDistiller(cloud, self.teacher, cfg)
         gate = caption_gate_config()
-        coverage = Coverage(CoverageConfig(), np.stack(
-            [token_feature(t) for t in self.anchor_tokens]))
-        routed = RoutedCaptioner(device, base, coverage)
+        anchor_features = np.stack([token_feature(t) for t in self.anchor_tokens])
+        noted: list[np.ndarray] = []   # features of what the device sent
+
+        def coverage_now() -> Coverage:
+            """What an update trained now covers: everything sent so far and the anchors (the
+            device notes each sample it sends and freezes them when it applies an update)."""
+            cov = Coverage(CoverageConfig(), anchor_features)
+            for f in noted:
+                cov.note(f)
+            cov.snapshot()
+            return cov
+
+        routed = RoutedCaptioner(device, base, Coverage(CoverageConfig(), anchor_features))
         n_train = len(self.anchor_tokens) - plan.gate_anchors
         anchor_labels = [x.text for x in base.caption_from_tokens(self.anchor_tokens)]
-        gate_anchor_t = list(self.anchor_tokens[n_train:])
-        gate_anchor_i: list[Tensor | None] = [None] * len(gate_anchor_t)
+        gate_anchor_t = self.anchor_tokens[n_train:]
         gate_anchor_refs = [[c] for c in anchor_labels[n_train:]]
         anchor_base = float(caption_scores(anchor_labels[n_train:], gate_anchor_refs).mean())
         memory_t: list[Tensor] = list(self.anchor_tokens[:n_train])
@@ -369,8 +378,7 @@ class CaptionExperiment:
             toks, idx, nbytes, sent = self._uplink(method, routed, self.stream_tokens[r])
             run.uplink_bytes += nbytes
             run.uplinked += len(toks)
-            for row in sent:  # the device notes what it sent: the next update covers it
-                coverage.note(token_feature(self.stream_tokens[r][row]))
+            noted += [token_feature(self.stream_tokens[r][row]) for row in sent]
             labels = distiller.label(toks, idx) if toks else []
             for j, (t, i, lab) in enumerate(zip(toks, idx, labels)):
                 if j % plan.gate_every == plan.gate_every - 1:
@@ -384,24 +392,34 @@ class CaptionExperiment:
             candidate = dwc.apply_delta(held, codec.decode(payload))
             load_state(probe, candidate)
             slices: dict[str, Any] = {}
-            for name, rows, refs in (
-                    (NEW, pending, None), (REPLAY, replay, None),
-                    (ANCHOR, list(zip(gate_anchor_t, gate_anchor_i, anchor_labels[n_train:])),
-                     gate_anchor_refs)):
-                if not rows:
-                    continue
-                t_rows, i_rows = [x[0] for x in rows], [x[1] for x in rows]
-                slices[name] = caption_slice(
-                    caption_texts(device, t_rows, i_rows), caption_texts(probe, t_rows, i_rows),
-                    refs if refs is not None else [[x[2]] for x in rows])
+            for name, rows in ((NEW, pending), (REPLAY, replay)):
+                if rows:  # the device's own samples: kept tokens, teacher captions
+                    t_rows, i_rows = [x[0] for x in rows], [x[1] for x in rows]
+                    slices[name] = caption_slice(
+                        caption_texts(device, t_rows, i_rows),
+                        caption_texts(probe, t_rows, i_rows), [[x[2]] for x in rows])
+            # The anchor as the device would caption it: routed by the coverage it holds now
+            # and by the one it would hold with the candidate (frames nearest an anchor keep
+            # the shipped captioner; those nearest a sent sample get the candidate).
+            candidate_coverage = coverage_now()
+            slices[ANCHOR] = caption_slice(
+                [x.text for x in routed.caption_from_tokens(gate_anchor_t)],
+                [x.text for x in RoutedCaptioner(probe, base, candidate_coverage)
+                 .caption_from_tokens(gate_anchor_t)], gate_anchor_refs)
             decision = gate.decide(slices, anchor_base=anchor_base)
+            direct = caption_slice(anchor_labels[n_train:],
+                                   [x.text for x in probe.caption_from_tokens(gate_anchor_t)],
+                                   gate_anchor_refs)
             run.gate.append({'round': r + 1, 'payload_bytes': len(payload),
-                             **decision.to_dict()})
+                             **decision.to_dict(), 'anchor_unrouted': direct.to_dict(),
+                             'anchor_routed_to_update': float(
+                                 candidate_coverage.covers_all(
+                                     anchor_features[n_train:]).mean())})
             if decision.ship:
                 run.downlink_bytes += len(payload)
                 held = candidate
                 load_state(device, held)
-                coverage.snapshot()  # the update covers what went up until now
+                routed.coverage = candidate_coverage  # frozen when the update is applied
                 replay += pending
                 pending = []
             run.routed.append(float(routed.routes(self.eval_tokens).mean()))

@@ -12,6 +12,8 @@ from ros_graph import spin_until  # noqa: E402
 
 
 def test_describe_and_the_caption_topic(ros_context_pair, tmp_path):
+    from cdcca_ros.msg import Answer
+    from cdcca_ros.srv import Ask
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
@@ -19,11 +21,9 @@ def test_describe_and_the_caption_topic(ros_context_pair, tmp_path):
     from std_msgs.msg import Header
 
     from cdcca_ros.camera.convert import image_to_msg
-    from cdcca_ros.msg import Answer
     from cdcca_ros.nodes.common import SENSOR_QOS, NodeSpinner
     from cdcca_ros.nodes.device_node import DeviceNode
     from cdcca_ros.sim.world import World
-    from cdcca_ros.srv import Ask
 
     ctx_robot, ctx_client = ros_context_pair
     device = DeviceNode(context=ctx_robot, parameter_overrides=[

@@ -130,7 +130,7 @@ class CaptionRun:
     uplinked: int = 0
     examples: list[dict[str, str]] = field(default_factory=list)
     gate: list[dict[str, Any]] = field(default_factory=list)
-    routed: list[float] = field(default_factory=list)
+    routed: list[dict[str, float]] = field(default_factory=list)  # per round and split
     device: Any = field(default=None, repr=False, compare=False)  # the final captioner
 
     def final(self, split: str = 'all', metric: str = 'cider') -> float:
@@ -422,7 +422,10 @@ class CaptionExperiment:
                 routed.coverage = candidate_coverage  # frozen when the update is applied
                 replay += pending
                 pending = []
-            run.routed.append(float(routed.routes(self.eval_tokens).mean()))
+            mask = routed.routes(self.eval_tokens)
+            run.routed.append({c: float(np.mean([m for m, e in zip(mask, self.evals)
+                                                 if c in ('all', e.split)] or [0.0]))
+                               for c in COLUMNS})
             run.scores.append(self.score(routed))
         return self._finish(run, routed)
 

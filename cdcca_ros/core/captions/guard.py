@@ -14,7 +14,12 @@ captions reuse both parts rather than a second copy of them:
   x100 = CIDEr points) and compares them pairwise (:func:`caption_slice`, a
   :class:`~cdcca_ros.core.rounds.stats.PairedScores` with the sign test). References: the
   teacher's captions for the device's own samples (``new``, ``replay``), the shipped
-  student's own captions for the anchor set (what it must keep saying).
+  student's own captions for the anchor set (what it must keep saying). The anchor is best
+  captioned as the device would caption it (a :class:`RoutedCaptioner` with the coverage the
+  candidate would bring): against its own words the unrouted adapter loses ~40% of the
+  anchor's CIDEr-D on the bundled pair (wording moves even where content does not), while
+  routed, the frames nearest an anchor keep the shipped captions and only those nearest a
+  sent sample are judged.
 
 No rclpy; models are reached through :class:`~cdcca_ros.models.caption_head.Captioner`.
 """

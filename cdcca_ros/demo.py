@@ -12,8 +12,14 @@ accuracy on held-out samples of *every* domain of the plan and of the source, so
 shows as well as gains. Before the first round the same held-out samples give the source-only
 reference; the teacher's accuracy on them is the other reference.
 
-Writes ``OUT/demo.json`` (``rounds``, ``before``, ``teacher``), ``OUT/demo.png`` and
-``OUT/nodes.log``.
+Then captions (the paper's second task, in-process once the nodes have stopped): one guarded
+CD-CCA captioning round on frames of the plan's domains (the table2 bench's method at a demo
+size, :func:`~cdcca_ros.bench.captioning.demo_captions`), and a few held-out frames per domain
+captioned before (the shipped student) and after (the adapted device, which answers
+source-like frames with the shipped captioner); ``--caption-frames 0`` skips it.
+
+Writes ``OUT/demo.json`` (``rounds``, ``before``, ``teacher``, ``captions``), ``OUT/demo.png``
+and ``OUT/nodes.log``.
 
     python -m cdcca_ros.demo [--rounds 6] [--seed 0] [--out demo_out] [--quick]
 """
@@ -408,6 +414,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_captions(args: argparse.Namespace, plan: list[str]) -> dict[str, Any]:
+    """Captions before and after one guarded captioning round on the domains the camera
+    visited (module docstring)."""
+    from cdcca_ros.bench.captioning import demo_captions
+
+    domains = [d for d in dict.fromkeys(plan) if d != 'source'] or ['fog']
+    t0 = time.monotonic()
+    print(f'\ncaptioning: one guarded CD-CCA round on {", ".join(domains)} frames ...')
+    result = demo_captions(args.teacher, args.student, domains, seed=args.seed,
+                           per_domain=args.caption_frames, quick=args.quick)
+    result['wall_s'] = time.monotonic() - t0
+    return result
+
+
+def print_captions(captions: dict[str, Any]) -> None:
+    """The caption part: gate verdict, CIDEr before / after, and each frame's captions."""
+    for g in captions['gate']:
+        print(f'caption round {g["round"]}: {"shipped" if g["ship"] else "refused"} '
+              f'({g["reason"]})')
+    print('held-out CIDEr before -> after: ' + ', '.join(
+        f'{k} {captions["cider_before"][k]:.1f} -> {v:.1f}'
+        for k, v in captions['cider_after'].items()))
+    for f in captions['frames']:
+        print(f'[{f["domain"]}, {f["split"]}] reference: {f["reference"]}')
+        print(f'    before (shipped): {f["before"]}')
+        print(f'    after ({f["answered_by"]}):  {f["after"]}')
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m cdcca_ros.demo', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -426,14 +460,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--akd-steps', type=int, default=40)
     parser.add_argument('--fps', type=float, default=4.0)
     parser.add_argument('--round-timeout', type=float, default=600.0)
+    parser.add_argument('--caption-frames', type=int, default=2,
+                        help='held-out frames per domain captioned before and after a '
+                             'captioning round (0: no captioning part)')
     parser.add_argument('--quick', action='store_true',
                         help='one short round with few samples (tests)')
     args = parser.parse_args(argv)
     args.domains = [d.strip() for d in args.domains.split(',') if d.strip()]
     if args.quick:
         args.rounds, args.eval_n, args.min_samples, args.akd_steps = 1, 12, 8, 10
-    if args.rounds < 1:
-        parser.error('--rounds must be >= 1')
+    if args.rounds < 1 or args.caption_frames < 0:
+        parser.error('--rounds must be >= 1 and --caption-frames >= 0')
     from cdcca_ros.errors import CdccaError
     from cdcca_ros.models.bundled import resolve
     from cdcca_ros.sim.domains import domain_names
@@ -451,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         result = run(args)
+        if args.caption_frames:
+            result['captions'] = run_captions(args, result['plan'])
     except (RuntimeError, TimeoutError, CdccaError) as err:
         print(f'demo failed: {err}', file=sys.stderr)
         return 1
@@ -458,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, out / 'demo.png')
     print()
     print_table(result)
+    if 'captions' in result:
+        print()
+        print_captions(result['captions'])
     print(f'\n{out / "demo.json"}, {out / "demo.png"} ({result["wall_s"]:.0f} s)')
     return 0
 

@@ -38,3 +38,9 @@ def test_demo_quick_round_writes_json_and_plot(tmp_path):
     assert row['bits_per_param'] > 0 and row['apply_ms'] > 0
     assert (out / 'demo.png').stat().st_size > 10_000
     assert 'round' in proc.stdout and 'source-only' in proc.stdout and 'teacher' in proc.stdout
+    # Captions of held-out frames before and after a captioning round, for every domain shown.
+    caps = result['captions']
+    assert {f['domain'] for f in caps['frames']} == {'source', row['domain']}
+    assert all(f['before'] and f['after'] and f['reference'] for f in caps['frames'])
+    assert set(caps['cider_before']) == set(caps['cider_after']) >= {'in', 'all'}
+    assert len(caps['gate']) == 1 and 'before (shipped):' in proc.stdout

@@ -7,8 +7,10 @@ gain in CIDEr (all) over source-only, and the bytes each method put on the link.
 
 ``summary``: ``cider_gain_over_source_only``, ``bleu4_gain_over_source_only``,
 ``cider_gain_over_tent``, ``cider_gain_over_ce_only``, ``out_domain_cider_gain`` (CD-CCA,
-final round, points on the x100 scale) and ``in_domain_drop_max`` (the most the in-domain CIDEr
-fell below source-only after any round).
+final round, points on the x100 scale), ``in_domain_drop_max`` (the most the in-domain CIDEr
+fell below source-only after any round), ``rounds_shipped`` (of CD-CCA's gated candidates)
+and ``routed_to_update`` (per split, the share of held-out frames CD-CCA's device captioned
+with the update after the final round; the rest kept the shipped captioner).
 """
 from __future__ import annotations
 
@@ -68,10 +70,12 @@ def plan_from_args(ctx: BenchContext) -> CaptionPlan:
     if not domains:
         raise ConfigError('--domains names no domain')
     if ctx.quick:
-        return CaptionPlan(rounds=1, stream=8, evals=3, anchors=8, steps=3, domains=domains,
-                           seed=ctx.seed)
+        return CaptionPlan(rounds=1, stream=8, evals=3, anchors=8, steps=3, gate_anchors=2,
+                           domains=domains, seed=ctx.seed)
+    # an eighth of the anchors (64 of the default 512) is held out for the gate
     return CaptionPlan(rounds=a.rounds, stream=a.stream, evals=a.evals, anchors=a.anchors,
-                       steps=a.steps, domains=domains, seed=ctx.seed)
+                       steps=a.steps, gate_anchors=max(1, min(64, a.anchors // 8)),
+                       domains=domains, seed=ctx.seed)
 
 
 def _cells(scores: dict[str, dict[str, float]]) -> list[str]:
@@ -105,6 +109,8 @@ def run(ctx: BenchContext) -> BenchResult:
         'out_domain_cider_gain': (ours.final('out') - source.final('out')
                                   if has['out'] else None),
         'in_domain_drop_max': in_drop,
+        'rounds_shipped': sum(g['ship'] for g in ours.gate) if ours.gate else None,
+        'routed_to_update': ours.routed[-1] if ours.routed else None,
         'final': {r.method.name: r.scores[-1] for r in runs.values()},
         'tent_baseline': tent.method.name,
         'teacher': teacher,
@@ -134,8 +140,15 @@ def run(ctx: BenchContext) -> BenchResult:
         f'{plan.uplink_fraction:.0%} of the round), stage 2 (device defaults), AKD '
         '(L_query + L_repr + L_CE; the anchors\' captions are the student\'s own) on the '
         'adapter the delta carries (caption head frozen), '
-        'delta coded with the cloud\'s default codec (sparse) and applied as decoded; L_CE '
-        'only: every frame, every token, cross-entropy alone, same anchors and codec; TENT: '
+        'delta coded with the cloud\'s default codec (sparse); guarded: 1 in '
+        f'{plan.gate_every} uplinked frames and {plan.gate_anchors} anchors held out for the '
+        'gate (per-sample CIDEr-D, sign test; teacher captions for new / replay, the shipped '
+        'student\'s own for the anchors, which are captioned as the device routes them), '
+        'only a shipped candidate is applied and counted on the downlink, and the device '
+        'captions a frame with the update only where the coverage says it was trained (the '
+        'shipped captioner on frames nearest an anchor); L_CE '
+        'only (ungated): every frame, every token, cross-entropy alone, same anchors and codec, '
+        'every round applied; TENT: '
         'entropy of the student\'s own captions, same trainable set and steps, at the '
         'cloud\'s lr and a tenth of it (the better by final CIDEr is the baseline: '
         f'{tent.method.name})',
@@ -144,6 +157,10 @@ def run(ctx: BenchContext) -> BenchResult:
                 f'{s["in"]["cider"] if "in" in s else float("nan"):.1f} / '
                 f'{s["all"]["cider"]:.1f}' for s in r.scores) for r in runs.values()),
         'uplink = packed token bytes the device sent; downlink = delta payloads it applied',
+        'CD-CCA gate per round: ' + '; '.join(
+            f'{g["round"]}: {"shipped" if g["ship"] else "refused"} ({g["reason"]}; anchor '
+            f'unrouted {g["anchor_unrouted"]["old"]:.0f} -> {g["anchor_unrouted"]["new"]:.0f})'
+            for g in ours.gate),
         PAPER_NOTE,
     ] + exp.notes
     detail = {'runs': {k: v.to_dict() for k, v in runs.items()}, 'plan': asdict(plan),

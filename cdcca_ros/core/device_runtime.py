@@ -48,6 +48,7 @@ import numpy as np
 
 from cdcca_ros.core import wire
 from cdcca_ros.core.atomic import atomic_write
+from cdcca_ros.core.captions.describe import DESCRIBE, is_describe
 from cdcca_ros.core.coverage import Coverage, CoverageConfig
 from cdcca_ros.core.dwc import all_finite
 from cdcca_ros.core.entropy_guard import EntropyGuard, EntropyGuardConfig
@@ -598,6 +599,9 @@ class DeviceRuntime:
             answers everything.
         anchor_tokens: ``[N, T, D]`` vision tokens of the student's anchor set (what the
             cloud also trains on): covered from the start.
+        caption_head: The model's caption head (:mod:`cdcca_ros.models.caption_head`), for
+            :meth:`caption` and questions :func:`~cdcca_ros.core.captions.describe.is_describe`
+            matches; None: the device does not caption.
     """
 
     def __init__(self, model: MLLM, device_id: str,
@@ -608,13 +612,14 @@ class DeviceRuntime:
                  shadow_probe: bool = True, max_update_ratio: float | None = None,
                  entropy_guard: EntropyGuardConfig | None = None,
                  coverage: CoverageConfig | None = None,
-                 anchor_tokens: Tensor | None = None) -> None:
+                 anchor_tokens: Tensor | None = None, caption_head: Any = None) -> None:
         if max_probe_tv is not None and not 0.0 < max_probe_tv <= 1.0:
             raise ConfigError(f'max_probe_tv must be in (0, 1] or None, got {max_probe_tv}')
         if max_update_ratio is not None and not (0.0 < max_update_ratio < math.inf):
             raise ConfigError(f'max_update_ratio must be a positive number or None, got '
                               f'{max_update_ratio}')
         self.model = model
+        self.caption_head = caption_head
         self.device_id = device_id
         self.public_key = public_key
         #: Who may sign deltas (None: every delta is refused).
@@ -702,6 +707,45 @@ class DeviceRuntime:
                     self.coverage.snapshot()
 
     # ------------------------------------------------------------------ answering
+    def _answering_model(self, tokens: Tensor) -> tuple[MLLM, bool]:
+        """The model that answers a frame with these ``[1, N, D]`` tokens (under the lock):
+        the adapted one, or the shipped one outside the update's coverage (counted)."""
+        if self.coverage is None or self.version == 0 or self._base_model is None:
+            return self.model, True
+        if self.coverage.covers(token_feature(tokens[0])):
+            return self.model, True
+        self.base_answers += 1
+        return self._base_model, False
+
+    def caption(self, image: np.ndarray, question: str = DESCRIBE) -> AnsweredSample:
+        """A caption of ``image`` (RGB uint8) by the caption head over the model that the
+        coverage picks (as :meth:`answer`); entropy: Eq. 2 over every step of the caption
+        (:func:`~cdcca_ros.core.captions.adapt.caption_entropy`, UTS stage 1's input). The
+        entropy guard watches answers only (a caption's entropy is on another scale).
+
+        Raises:
+            ConfigError: The model has no caption head.
+        """
+        if self.caption_head is None:
+            raise ConfigError('this model has no caption head: it cannot describe a frame '
+                              '(train one with `make models`)')
+        from cdcca_ros.core.captions.adapt import caption_entropy
+        from cdcca_ros.models.caption_head import Captioner
+
+        with self.lock:
+            t0 = time.perf_counter()
+            tokens = self.model.vision_tokens([image])
+            model, adapted = self._answering_model(tokens)
+            result = Captioner(model, self.caption_head).caption_from_tokens(tokens)[0]
+            latency = (time.perf_counter() - t0) * 1e3
+            version = self.version
+        stats = caption_entropy(result)
+        return AnsweredSample(
+            question=question, text=result.text, choice_index=-1,
+            confidence=answer_confidence(result.token_probs), entropy_mean=float(stats.mean),
+            entropy_max=float(stats.max), step_probs=result.step_probs,
+            tokens=tokens[0].detach(), version=version, latency_ms=latency, adapted=adapted)
+
     def answer(self, image: np.ndarray, question: str, choices: Sequence[str] = (),
                on_step: StepCallback | None = None) -> AnsweredSample:
         """Answer ``question`` about ``image`` (RGB uint8), keeping the vision tokens for UTS.
@@ -711,17 +755,14 @@ class DeviceRuntime:
         :class:`~cdcca_ros.errors.GenerationCancelled` there stops generation after that step
         (nothing is answered, the lock is released).
         """
+        if self.caption_head is not None and is_describe(question):
+            return self.caption(image, question)
         prompt = format_question(question, choices)
         stream = {} if on_step is None else {'on_step': on_step}
         with self.lock:
             t0 = time.perf_counter()
             tokens = self.model.vision_tokens([image])
-            model, adapted = self.model, True
-            if self.coverage is not None and self.version > 0:
-                adapted = self.coverage.covers(token_feature(tokens[0]))
-                if not adapted and self._base_model is not None:
-                    model = self._base_model
-                    self.base_answers += 1
+            model, adapted = self._answering_model(tokens)
             result: AnswerResult = model.answer_from_tokens(
                 tokens, None, [prompt], max_new_tokens=self.max_new_tokens, **stream)[0]
             latency = (time.perf_counter() - t0) * 1e3

@@ -3,6 +3,7 @@
 Topics (relative names: namespaces and remapping apply):
     in  image (sensor_msgs/Image, sensor-data QoS): the camera; remap to any image topic
     in  question (cdcca_ros/Question)             out answer (cdcca_ros/Answer)
+                                                  out caption (cdcca_ros/Answer)
     in  dwc_delta (cdcca_ros/DwcDelta)            out model_version (std_msgs/String, latched)
     in  rollback_order (cdcca_ros/RollbackOrder, reliable + transient local)
     out annotated_image (sensor_msgs/Image)       out adaptation_status (AdaptationStatus)
@@ -19,6 +20,14 @@ one-thread executor it is left to a task of that executor, so the response goes 
 no other thread competes for the GIL while it is sent. UTS runs in the same process
 (``uts.enabled``, see :mod:`cdcca_ros.nodes.uts_node`) because stage 2 needs the device model
 itself.
+
+Captions: a question :func:`~cdcca_ros.core.captions.describe.is_describe` matches
+(``describe``, on the topic, the service or the action) is answered with a caption of the frame
+by the model's caption head (:meth:`DeviceRuntime.caption`: the coverage routes it as an
+answer; entropy Eq. 2 over every step of the caption); with ``caption_rate_hz`` > 0 the node
+also captions the latest frame at that rate and publishes it on ``caption`` (a timer queues
+the work for the question worker; one pending at a time, a tick that finds one is skipped).
+Captions are not offered to UTS: the cloud's rounds train answers, not captions.
 
 Rollbacks: a signed ``rollback_order`` from the cloud's live audit is verified and carried out
 by :meth:`DeviceRuntime.apply_rollback` in the delta worker (one change of the model at a time);
@@ -64,6 +73,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
 from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
+from cdcca_ros.core.captions.describe import DESCRIBE, is_describe
 from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
 from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
 from cdcca_ros.core.entropy_guard import EntropyGuardConfig
@@ -109,6 +119,9 @@ QUESTION_QOS = QoSProfile(depth=100, reliability=QoSReliabilityPolicy.RELIABLE,
                           history=QoSHistoryPolicy.KEEP_ALL)
 
 
+_CAPTION_TICK = object()  # queued by the caption timer: caption the latest frame
+
+
 class _Answered(NamedTuple):
     """What :meth:`DeviceNode.answer` leaves to be published after it returns."""
 
@@ -118,6 +131,7 @@ class _Answered(NamedTuple):
     sample: AnsweredSample
     question: str
     uplink: bool
+    caption_topic: bool = False  # published on `caption` instead of `answer`
 
 
 def frame_rgb(msg: Image) -> np.ndarray:
@@ -152,8 +166,12 @@ def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
     trust = load_trust(root_key=params['trust_root'], pinned_key=params['cloud_public_key'],
                        key_list=params['key_list'], state_dir=state_dir,
                        max_clock_skew_s=params['max_clock_skew_s'])
+    from cdcca_ros.models.caption_head import has_head, load_head
+
     model = bundled.load(params['model'], None if params['quantization'] == 'none'
                          else params['quantization'], params['torch_device'])
+    model_dir = bundled.resolve(params['model'])
+    head = load_head(model_dir) if has_head(model_dir) else None
     return DeviceRuntime(model, params['device_id'], trust, state_dir,
                          probe_question=params['probe_question'],
                          max_new_tokens=params['max_new_tokens'],
@@ -161,7 +179,7 @@ def build_runtime(params: dict[str, Any]) -> DeviceRuntime:
                          shadow_probe=params['probe_shadow'],
                          entropy_guard=entropy_guard_config(params),
                          coverage=CoverageConfig.from_params(params),
-                         anchor_tokens=anchor_tokens_of(bundled.resolve(params['model'])),
+                         anchor_tokens=anchor_tokens_of(model_dir), caption_head=head,
                          max_probe_tv=(params['max_probe_tv'] if params['max_probe_tv'] < 1.0
                                        else None),
                          max_update_ratio=params['max_update_ratio'] or None)
@@ -196,7 +214,7 @@ class DeviceNode(ManagedNode):
         self.param_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._latest: Image | None = None
         self._latest_lock = threading.Lock()
-        self._questions: queue.Queue[Question] = queue.Queue(maxsize=100)
+        self._questions: queue.Queue[Any] = queue.Queue(maxsize=100)  # Question or a tick
         self._deltas: queue.Queue[Any] = queue.Queue(maxsize=4)
         # Unbounded: every answer is published; answers are far slower than publishing them.
         self._answered: queue.SimpleQueue[_Answered] = queue.SimpleQueue()
@@ -216,6 +234,11 @@ class DeviceNode(ManagedNode):
         self._stop = threading.Event()
 
         self._answer_pub = self.create_publisher(Answer, 'answer', ANSWER_QOS)
+        self._caption_pub = self.create_publisher(Answer, 'caption', ANSWER_QOS)
+        self._caption_timer: Any = None
+        self._caption_pending = threading.Event()  # a periodic caption is queued
+        self.counters['captions'] = 0
+        self.counters['captions_skipped'] = 0
         self._annotated_pub = self.create_publisher(Image, 'annotated_image', SENSOR_QOS)
         self._version_pub = self.create_publisher(String, 'model_version', LATCHED_QOS)
         self._status_pub = self.create_publisher(AdaptationStatus, 'adaptation_status',
@@ -237,6 +260,7 @@ class DeviceNode(ManagedNode):
         # The same question as an action: the answer streamed token by token, cancelable.
         self._ask_action = AskActionServer(self)
         self.create_timer(1.0, self._report)
+        self._set_caption_rate(self.params['caption_rate_hz'])
 
         self._threads = [threading.Thread(target=self._question_worker, daemon=True),
                          threading.Thread(target=self._delta_worker, daemon=True)]
@@ -319,6 +343,8 @@ class DeviceNode(ManagedNode):
             listener(uts)  # UTS checks and applies its own (ConfigError refuses the set)
         if 'max_new_tokens' in changes and self.runtime is not None:
             self.runtime.max_new_tokens = changes['max_new_tokens']
+        if 'caption_rate_hz' in changes:
+            self._set_caption_rate(changes['caption_rate_hz'])
         # frame_max_age_ms and annotate are read from self.params at each use.
 
     # ---------------------------------------------------------------- answering
@@ -337,6 +363,25 @@ class DeviceNode(ManagedNode):
             self.get_logger().warning('question queue full: dropping questions',
                                       throttle_duration_sec=5.0)
 
+    def _set_caption_rate(self, rate_hz: float) -> None:
+        """(Re)start the periodic caption timer at ``rate_hz`` (0: stop it)."""
+        if self._caption_timer is not None:
+            self.destroy_timer(self._caption_timer)
+            self._caption_timer = None
+        if rate_hz > 0:
+            self._caption_timer = self.create_timer(1.0 / rate_hz, self._on_caption_tick)
+
+    def _on_caption_tick(self) -> None:
+        """Queue a caption of the latest frame for the worker (never computed here)."""
+        if self._caption_pending.is_set():
+            self.counters['captions_skipped'] += 1
+            return
+        try:
+            self._questions.put_nowait(_CAPTION_TICK)
+            self._caption_pending.set()
+        except queue.Full:
+            self.counters['captions_skipped'] += 1
+
     def _on_questions_lost(self, info: Any) -> None:
         self.counters['questions_lost'] += int(info.total_count_change)
 
@@ -345,6 +390,9 @@ class DeviceNode(ManagedNode):
             try:
                 q = self._questions.get(timeout=0.2)
             except queue.Empty:
+                continue
+            if q is _CAPTION_TICK:
+                self._periodic_caption()
                 continue
             try:
                 _, error = self.answer(q.question_id, q.question, list(q.choices),
@@ -356,6 +404,17 @@ class DeviceNode(ManagedNode):
                 self.get_logger().warning(f'question {q.question_id!r} not answered: {error}',
                                           throttle_duration_sec=5.0)
 
+    def _periodic_caption(self) -> None:
+        """Caption the latest frame onto ``caption`` (the worker's side of a tick)."""
+        try:
+            _, error = self.answer('', DESCRIBE, [], None, uplink=False, caption_topic=True)
+        except Exception as err:  # noqa: BLE001 - the worker must outlive any caption
+            error = self._unexpected('caption', err)
+        finally:
+            self._caption_pending.clear()
+        if error:
+            self.get_logger().warning(f'no caption: {error}', throttle_duration_sec=5.0)
+
     def _unexpected(self, where: str, err: BaseException) -> str:
         """Count and log an error no check foresaw (the node keeps serving)."""
         self.counters['errors'] += 1
@@ -366,7 +425,7 @@ class DeviceNode(ManagedNode):
 
     def answer(self, question_id: str, question: str, choices: list[str],
                image: Image | None, uplink: bool = True, *,
-               publish_later: bool = False,
+               publish_later: bool = False, caption_topic: bool = False,
                on_step: StepCallback | None = None) -> tuple[Answer | None, str]:
         """Answer about ``image`` or the latest frame; returns the Answer (or None and why).
 
@@ -379,6 +438,9 @@ class DeviceNode(ManagedNode):
         ``publish_later`` in a task of the node's executor when that runs one callback at a
         time (the task then runs after the calling callback has returned). A multi-threaded
         executor would run the task beside the caller at once, so there it is done here too.
+
+        A ``describe`` question is captioned (module docstring) and never given to UTS;
+        ``caption_topic`` publishes the Answer on ``caption`` instead of ``answer``.
         """
         runtime = self.runtime
         if runtime is None:
@@ -431,8 +493,10 @@ class DeviceNode(ManagedNode):
                      latency_ms=sample.latency_ms)
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.image_stamp = image.header.stamp
-        self.counters['answers'] += 1
-        self._answered.put(_Answered(msg, image.header, rgb, sample, question, uplink))
+        self.counters['captions' if caption_topic else 'answers'] += 1
+        describe = runtime.caption_head is not None and is_describe(question)
+        self._answered.put(_Answered(msg, image.header, rgb, sample, question,
+                                     uplink and not describe, caption_topic))
         executor = self.executor
         if publish_later and runs_one_callback_at_a_time(executor):
             executor.create_task(self._drain_answered)
@@ -456,7 +520,7 @@ class DeviceNode(ManagedNode):
                         'publish', f'publishing answer {done.msg.question_id!r} failed: {err}'))
 
     def _publish_answered(self, done: _Answered) -> None:
-        self._answer_pub.publish(done.msg)
+        (self._caption_pub if done.caption_topic else self._answer_pub).publish(done.msg)
         sample = done.sample
         if self.params['annotate'] and self._annotated_pub.get_subscription_count():
             lines = [f'Q: {done.question}', f'A: {sample.text} ({sample.confidence:.2f})',

@@ -112,6 +112,9 @@ DEVICE = (
           low=1.0, high=3.6e6, runtime=True),
     Param('annotate', True, 'publish the annotated image (answer drawn on the frame)',
           runtime=True),
+    Param('caption_rate_hz', 0.0, 'publish a caption of the latest frame on `caption` this '
+          'often (needs a model with a caption head; 0: off)', low=0.0, high=30.0,
+          runtime=True),
     Param('autostart', True, 'configure and activate this lifecycle node at start (false: '
           'wait for lifecycle_msgs transitions, e.g. from a lifecycle manager)'),
     Param('executor', 'events', 'executor of the node process (events: shortest service '

@@ -42,7 +42,13 @@ def test_table2_runs_every_method(tiny_specs, tmp_path) -> None:
     assert len(ours['scores']) == 2
     assert 0 < ours['uplinked'] < ce['uplinked'] == 8
     assert 0 < ours['uplink_bytes'] < ce['uplink_bytes']
-    assert ours['downlink_bytes'] > 0 and runs['Source-only']['downlink_bytes'] == 0
+    assert ce['downlink_bytes'] > 0 and runs['Source-only']['downlink_bytes'] == 0
+    # CD-CCA is guarded: one gate verdict per round, with the anchor as the device captions it
+    # and unrouted; only a shipped candidate reaches the link.
+    (verdict,) = ours['gate']
+    assert {'new', 'anchor'} <= set(verdict['slices']) and 'anchor_unrouted' in verdict
+    assert (ours['downlink_bytes'] > 0) == verdict['ship']
+    assert len(ours['routed_to_update']) == 1
     # the registered domain is scored (near: a shift of seen concepts)
     assert s['final']['Source-only']['near']['n'] >= 3
     assert s['final']['Source-only']['in']['n'] == 3

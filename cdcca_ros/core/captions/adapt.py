@@ -121,6 +121,18 @@ def _stack(tokens: Sequence[Tensor], indices: Sequence[Tensor | None], rows: Seq
     return t, torch.stack([indices[r] for r in rows])  # type: ignore[misc]
 
 
+def caption_texts(captioner: Captioner, tokens: Sequence[Tensor],
+                  indices: Sequence[Tensor | None]) -> list[str]:
+    """Greedy captions of samples of different kept-token counts (``tokens[i]`` ``[K_i, D]``,
+    ``indices[i]`` ``[K_i]`` or None for all tokens), alike samples batched."""
+    out: list[str] = [''] * len(tokens)
+    for rows in _groups(tokens, indices).values():
+        t, idx = _stack(tokens, indices, rows)
+        for r, res in zip(rows, captioner.caption_from_tokens(t, idx)):
+            out[r] = res.text
+    return out
+
+
 class CaptionDistiller:
     """AKD of a student captioner on a teacher captioner's captions (module docstring).
 
@@ -155,12 +167,7 @@ class CaptionDistiller:
 
     def label(self, tokens: Sequence[Tensor], indices: Sequence[Tensor | None]) -> list[str]:
         """The teacher's greedy captions of each sample's (kept) tokens."""
-        out: list[str] = [''] * len(tokens)
-        for rows in _groups(tokens, indices).values():
-            t, idx = _stack(tokens, indices, rows)
-            for r, res in zip(rows, self.teacher.caption_from_tokens(t, idx)):
-                out[r] = res.text
-        return out
+        return caption_texts(self.teacher, tokens, indices)
 
     def _loss(self, t: Tensor, idx: Tensor | None, ids: Tensor, distill: Tensor
               ) -> dict[str, Tensor]:
@@ -298,5 +305,5 @@ def load_state(captioner: Captioner, state: dict[str, Tensor]) -> None:
         captioner.model.load_trainable_state_dict(model)
 
 
-__all__ = ['caption_entropy', 'CaptionAkdConfig', 'CaptionDistiller', 'tent_fit',
-           'head_state', 'load_state']
+__all__ = ['caption_entropy', 'caption_texts', 'CaptionAkdConfig', 'CaptionDistiller',
+           'tent_fit', 'head_state', 'load_state']

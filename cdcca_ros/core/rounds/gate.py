@@ -29,6 +29,11 @@ wrong, and answers flip both ways between two adapters. One test of gain, on one
 multiple-comparison correction is needed for shipping; the harm checks, applied to every slice,
 can only refuse.
 
+Slices are :class:`~cdcca_ros.core.rounds.stats.PairedCounts` (right / wrong against the
+reference answer) or :class:`~cdcca_ros.core.rounds.stats.PairedScores` (a per-sample score,
+e.g. a caption's CIDEr-D against the reference caption, compared with the sign test); points,
+tolerances and the anchor budget are then in the score's points.
+
 Where the teacher is no better than the device on a shift, its labels either agree with what
 the device already answers (no discordant pairs to gain from) or are unsure and dropped
 (an empty ``new`` slice): both refuse, and the device stays as it is.
@@ -40,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdcca_ros.core.rounds.stats import PairedCounts
+from cdcca_ros.core.rounds.stats import Paired
 from cdcca_ros.errors import ConfigError
 
 NEW, ANCHOR, REPLAY, DEVICE = 'new', 'anchor', 'replay', 'device'
@@ -96,7 +101,7 @@ class GateConfig:
             raise ConfigError(f'gate min_broken={self.min_broken}, min_slice={self.min_slice} '
                               f'and max_new={self.max_new} are out of range')
 
-    def falls(self, name: str, counts: PairedCounts) -> bool:
+    def falls(self, name: str, counts: Paired) -> bool:
         """Whether slice ``name`` fell by more than it may."""
         tol = self.anchor_tolerance if name == ANCHOR else self.tolerance
         net = counts.broken - counts.fixed
@@ -105,14 +110,14 @@ class GateConfig:
             return fell
         return counts.p_worse() < self.harm_alpha
 
-    def decide(self, slices: Mapping[str, PairedCounts],
+    def decide(self, slices: Mapping[str, Paired],
                anchor_base: float | None = None) -> GateDecision:
         """Ship or refuse, with the reason (see the module docstring).
 
         Args:
             slices: Paired counts (current adapter vs candidate) per slice.
-            anchor_base: The base student's accuracy on the anchor slice, in [0, 1]
-                (None: no cumulative check).
+            anchor_base: The base student's accuracy (or mean score) on the anchor slice,
+                in the slices' unit (None: no cumulative check).
         """
         if not self.enabled:
             return GateDecision(True, 'gate disabled', dict(slices))
@@ -122,7 +127,7 @@ class GateConfig:
         anchor = slices.get(ANCHOR)
         if anchor is not None and anchor.n and anchor_base is not None:
             lost = 100.0 * (anchor_base - anchor.new_accuracy)
-            if lost > self.anchor_budget and anchor.new_right < anchor.old_right + 1:
+            if lost > self.anchor_budget and anchor.new_accuracy <= anchor.old_accuracy:
                 return GateDecision(False, f'anchor would be {lost:.1f} points below the base '
                                            f'student (budget {self.anchor_budget:g})',
                                     dict(slices), harmful=True)
@@ -153,7 +158,7 @@ class GateDecision:
 
     ship: bool
     reason: str
-    slices: dict[str, PairedCounts] = field(default_factory=dict)
+    slices: dict[str, Paired] = field(default_factory=dict)
     harmful: bool = False   # refused because a slice falls (not for too little gain)
 
     def to_dict(self) -> dict[str, Any]:

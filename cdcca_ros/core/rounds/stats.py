@@ -4,11 +4,19 @@ Two adapters answered the same ``n`` samples; each answer is right or wrong agai
 reference. Only the discordant pairs carry information about which adapter is better:
 ``fixed`` (the new one right, the old one wrong) and ``broken`` (the reverse). Under "no
 difference", ``fixed`` is Binomial(fixed + broken, 1/2): McNemar's exact test.
+
+:class:`PairedScores` is the same comparison for a per-sample score instead of right/wrong (a
+caption metric such as CIDEr-D against each sample's reference): ``gain`` is the mean score
+difference in points (x100), ``fixed`` / ``broken`` count the samples the new adapter scores
+higher / lower, and the test is the sign test on them -- McNemar's test is the sign test of
+0/1 scores, so on right/wrong arrays both classes give the same figures. The gate
+(:mod:`~cdcca_ros.core.rounds.gate`) takes either.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -90,3 +98,102 @@ class PairedCounts:
                 'fixed': self.fixed, 'broken': self.broken, 'gain': round(self.gain, 2),
                 'gain_ci95': [round(lo, 2), round(hi, 2)] if self.n else None,
                 'p_better': round(self.p_better(), 5), 'p_worse': round(self.p_worse(), 5)}
+
+
+@dataclass(frozen=True)
+class PairedScores:
+    """How two adapters scored on the same samples (see the module docstring).
+
+    Attributes:
+        n: Samples.
+        old_total: Sum of the old adapter's scores.
+        new_total: Sum of the new adapter's scores.
+        fixed: Samples the new adapter scores higher (by more than the tie tolerance).
+        broken: Samples the new adapter scores lower.
+        sq_diff: Sum of the squared per-sample differences (for :meth:`gain_interval`).
+    """
+
+    n: int
+    old_total: float
+    new_total: float
+    fixed: int
+    broken: int
+    sq_diff: float = 0.0
+
+    @classmethod
+    def of(cls, old: np.ndarray, new: np.ndarray, tie: float = 1e-9) -> PairedScores:
+        """Scores from two per-sample score arrays (same order; points are ``100 x`` their
+        unit); differences within ``tie`` count as neither fixed nor broken."""
+        old = np.asarray(old, dtype=np.float64)
+        new = np.asarray(new, dtype=np.float64)
+        if old.shape != new.shape:
+            raise ValueError(f'paired results of different shapes {old.shape}, {new.shape}')
+        if not (np.isfinite(old).all() and np.isfinite(new).all()):
+            raise ValueError('paired scores must be finite')
+        d = new - old
+        return cls(n=int(old.size), old_total=float(old.sum()), new_total=float(new.sum()),
+                   fixed=int((d > tie).sum()), broken=int((d < -tie).sum()),
+                   sq_diff=float((d * d).sum()))
+
+    @property
+    def old_accuracy(self) -> float:
+        """The old adapter's mean score (the name the gate reads on either class)."""
+        return self.old_total / self.n if self.n else math.nan
+
+    @property
+    def new_accuracy(self) -> float:
+        """The new adapter's mean score."""
+        return self.new_total / self.n if self.n else math.nan
+
+    @property
+    def gain(self) -> float:
+        """New minus old mean score, in points (0 for no samples)."""
+        return 100.0 * (self.new_total - self.old_total) / self.n if self.n else 0.0
+
+    def p_better(self) -> float:
+        """One-sided exact sign-test p-value of "the new adapter scores higher"."""
+        return binom_sf(self.fixed, self.fixed + self.broken)
+
+    def p_worse(self) -> float:
+        """One-sided exact sign-test p-value of "the new adapter scores lower"."""
+        return binom_sf(self.broken, self.fixed + self.broken)
+
+    def gain_interval(self, z: float = 1.96) -> tuple[float, float]:
+        """Approximate interval of :attr:`gain` (points), from the paired differences."""
+        if not self.n:
+            return (math.nan, math.nan)
+        d = (self.new_total - self.old_total) / self.n
+        var = (self.sq_diff / self.n - d * d) / self.n
+        half = z * math.sqrt(max(var, 0.0))
+        return (100.0 * (d - half), 100.0 * (d + half))
+
+    def to_dict(self) -> dict[str, float | int]:
+        lo, hi = self.gain_interval()
+        return {'n': self.n, 'old': round(100.0 * self.old_accuracy, 2) if self.n else None,
+                'new': round(100.0 * self.new_accuracy, 2) if self.n else None,
+                'fixed': self.fixed, 'broken': self.broken, 'gain': round(self.gain, 2),
+                'gain_ci95': [round(lo, 2), round(hi, 2)] if self.n else None,
+                'p_better': round(self.p_better(), 5), 'p_worse': round(self.p_worse(), 5)}
+
+
+class Paired(Protocol):
+    """What the gate reads of a slice: :class:`PairedCounts` or :class:`PairedScores`."""
+
+    n: int
+    fixed: int
+    broken: int
+
+    @property
+    def old_accuracy(self) -> float: ...
+
+    @property
+    def new_accuracy(self) -> float: ...
+
+    @property
+    def gain(self) -> float: ...
+
+    def p_better(self) -> float: ...
+
+    def p_worse(self) -> float: ...
+
+    def to_dict(self) -> dict[str, float | int]: ...

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cdcca_ros.core.rounds.stats import PairedCounts, binom_sf
+from cdcca_ros.core.rounds.stats import PairedCounts, PairedScores, binom_sf
 
 
 @pytest.mark.parametrize('k,n,expected', [
@@ -34,3 +34,25 @@ def test_paired_counts_of_two_answer_vectors():
 def test_shapes_must_match():
     with pytest.raises(ValueError, match='shapes'):
         PairedCounts.of(np.zeros(3, bool), np.zeros(4, bool))
+
+
+def test_paired_scores_of_right_wrong_are_the_paired_counts():
+    old = np.array([1, 1, 0, 0, 1, 0, 0, 1], dtype=bool)
+    new = np.array([1, 0, 1, 1, 1, 1, 0, 1], dtype=bool)
+    c, s = PairedCounts.of(old, new), PairedScores.of(old, new)
+    assert (s.n, s.fixed, s.broken) == (c.n, c.fixed, c.broken)
+    assert s.gain == pytest.approx(c.gain)
+    assert (s.old_accuracy, s.new_accuracy) == pytest.approx((c.old_accuracy, c.new_accuracy))
+    assert (s.p_better(), s.p_worse()) == pytest.approx((c.p_better(), c.p_worse()))
+    assert s.gain_interval() == pytest.approx(c.gain_interval())
+
+
+def test_paired_scores_gain_is_the_mean_difference_and_the_test_a_sign_test():
+    old = np.array([0.5, 0.2, 0.9, 0.4, 0.3])
+    new = np.array([0.9, 0.2, 0.8, 1.0, 0.6])
+    s = PairedScores.of(old, new)
+    assert s.gain == pytest.approx(100 * (new - old).mean())
+    assert (s.fixed, s.broken) == (3, 1)          # one tie
+    assert s.p_better() == pytest.approx(binom_sf(3, 4))
+    with pytest.raises(ValueError, match='finite'):
+        PairedScores.of(np.array([np.nan]), np.array([1.0]))

@@ -10,8 +10,9 @@ deltas verified by each device's gate, no ROS graph per device) against
 Phases, each on fresh actors and a fresh store:
 
 - ``w<N>`` for every ``--workers`` count: every device gets ``--rounds`` rounds; rounds per
-  minute over the saturated window (from the moment at least N rounds were owed to the
-  moment the last device got its ``--rounds``-th), trigger-to-delta times, fairness
+  minute over the saturated window (from the first to the last moment the fleet owed at least
+  N rounds counting those running; ``rounds_per_min_to_last`` runs on to the moment the last
+  device got its ``--rounds``-th), trigger-to-delta times, fairness
   (max/min rounds per device at that moment), teacher batching;
 - ``kill`` (``--kill-worker``): the largest worker count again, one worker SIGKILLed in the
   middle of a round once half the devices got one: rounds lost, deltas duplicated, samples
@@ -213,8 +214,15 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
     start = next((t for t, due, busy in rec.due if due + busy >= rec.workers), None)
     if start is None:
         start = min((r['dispatch'] for r in rec.rounds), default=0.0)
-    window = [r for r in rec.rounds if start <= r['done'] <= end]
-    span = max(end - start, 1e-9)
+    # The saturated window ends at the last moment there was work for every worker: after it
+    # the last devices' bursts trickle in (the drain), workers idle for want of work and
+    # more workers cannot help, whatever their number.
+    saturated = [t for t, due, busy in rec.due
+                 if due + busy >= rec.workers and start <= t <= end]
+    last = saturated[-1] if saturated else end
+    window = [r for r in rec.rounds if start <= r['done'] <= last]
+    span = max(last - start, 1e-9)
+    to_end = [r for r in rec.rounds if start <= r['done'] <= end]
     served = list(rec.served_at_cutoff.values())
     task_s = [r['done'] - r['dispatch'] for r in rec.rounds]
     latency = [r['done'] - r['trigger'] for r in rec.rounds
@@ -228,12 +236,14 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
             kind = refusal_kind(r.get('reason'))
             refusals[kind] = refusals.get(kind, 0) + 1
     contended = [due >= 1 and busy >= rec.workers for _, due, busy in rec.due]
-    busy = [b for t, _, b in rec.due if start <= t <= end]
+    busy = [b for t, _, b in rec.due if start <= t <= last]
     teacher = rec.teacher[0] if rec.teacher else {}
     return {
         'workers': rec.workers, 'devices': rec.devices, 'rounds': len(rec.rounds),
         'rounds_in_window': len(window), 'window_s': round(span, 2),
         'rounds_per_min': 60.0 * len(window) / span if window else None,
+        'rounds_per_min_to_last': (60.0 * len(to_end) / max(end - start, 1e-9)
+                                   if to_end else None),
         'worker_busy_share': (sum(busy) / len(busy) / rec.workers) if busy else None,
         'task_s_p50': percentile(task_s, 50), 'task_s_p90': percentile(task_s, 90),
         'trigger_to_delta_p50_s': percentile(latency, 50),
@@ -375,9 +385,10 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         f'({WORKER_NICENESS_ENV}={os.environ.get(WORKER_NICENESS_ENV)}, niceness '
         f'{os.nice(0)}); the bench process (devices, store writes, '
         'scheduling) runs beside them',
-        'rounds/min: device rounds finished between the first moment as many rounds were owed '
-        'as there are workers and the moment every device had its rounds (refused rounds '
-        'count: they cost the same work)',
+        'rounds/min: device rounds finished between the first and the last moment as many '
+        'rounds were owed (running included) as there are workers, i.e. while more workers '
+        'could have helped (refused rounds count: they cost the same work); to_last: up to '
+        'the moment every device had its rounds, the drain included',
         'trigger->delta: from the moment the device\'s round was owed (its burst complete) '
         'to its delta at the device, shipped rounds only; in a saturated closed loop this is '
         'mostly queueing behind the other devices; trigger->result: the same to the round\'s '

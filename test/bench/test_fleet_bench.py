@@ -46,6 +46,15 @@ def test_phase_figures_count_every_round_answered_and_only_deltas_taken():
     assert f['contended_share'] == pytest.approx(0.5)  # due work and every worker busy
 
 
+def test_throughput_counts_the_saturated_window_and_not_the_drain():
+    f = phase_figures(phase())
+    # Work for both workers from 0 s to 4 s (the last sample with due + busy >= 2): 4 rounds
+    # done in it. The drain to the cutoff at 9 s (one slow round) counts only in to_last.
+    assert f['window_s'] == pytest.approx(4.0) and f['rounds_in_window'] == 4
+    assert f['rounds_per_min'] == pytest.approx(60.0)
+    assert f['rounds_per_min_to_last'] == pytest.approx(60.0 * 6 / 9.0)
+
+
 def test_kill_figures_time_the_victims_round_and_never_count_a_restart_not_seen():
     rec = phase()
     rec.kill = {'t': 5.5, 'worker': 1, 'devices': ['c'], 'in_round_s': 0.5,

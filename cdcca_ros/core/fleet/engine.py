@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdcca_ros.core.cloud_runtime import check_sample
 from cdcca_ros.core.fleet.grouping import UplinkGroups
-from cdcca_ros.core.fleet.scheduler import FairScheduler
+from cdcca_ros.core.fleet.scheduler import FairScheduler, task_size
 from cdcca_ros.core.fleet.store import ROLLED_BACK, SAMPLE, UNAVAILABLE, DirectoryStore
 from cdcca_ros.core.fleet.worker import WorkerSpec, decode_result, key_to_pem
 from cdcca_ros.core.trust import Signer
@@ -748,8 +748,10 @@ class FleetEngine:
                 tasks, _ = self._retry.popleft()
                 self.counters['retried'] += len(tasks)
             else:
-                ids = self.scheduler.pick(self._due_devices(now, held), self.groups.groups(),
-                                          self.options.group_max)
+                due = self._due_devices(now, held)
+                free = sum(1 for s in self.slots if s.alive and s.ref is None)
+                ids = self.scheduler.pick(due, self.groups.groups(),
+                                          task_size(len(due), free, self.options.group_max))
                 if not ids:
                     break
                 tasks = []

@@ -22,7 +22,8 @@ device served *and* have had no more rounds than it: a rider is served ahead of 
 and letting devices that are already ahead ride made the devices that uplink fastest (due
 most often, so riding most often) pull away from the others (in a closed-loop simulation of
 64 devices on 2 workers, max/min rounds per device 1.44 with any rider, 1.18 with this rule;
-see ``test/core/fleet/test_scheduler.py``).
+see ``test/core/fleet/test_scheduler.py``). Riders never leave a worker idle: a task takes
+at most its fair part of the due devices over the free workers (:func:`task_size`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdcca_ros.errors import ConfigError
+
+
+def task_size(due: int, free_workers: int, group_max: int) -> int:
+    """How many due devices one task may serve: up to ``group_max`` riders share a task (and
+    its teacher batch), but never so many that a free worker is left without a device while
+    ``due`` devices wait (each free worker gets ``ceil(due / free_workers)`` at most)."""
+    if group_max < 1:
+        raise ConfigError(f'group_max must be >= 1, got {group_max}')
+    if due <= 0 or free_workers <= 0:
+        return 1
+    return max(1, min(group_max, math.ceil(due / free_workers)))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from cdcca_ros.core.fleet.grouping import MIXED, UplinkGroups
-from cdcca_ros.core.fleet.scheduler import FairScheduler
+from cdcca_ros.core.fleet.scheduler import FairScheduler, task_size
 from cdcca_ros.errors import ConfigError
 
 
@@ -147,3 +147,20 @@ def test_uplink_groups_follow_the_kept_token_count_audits_aside():
     assert groups.group('varies') == MIXED
     assert groups.group('unseen') == 'new'
     assert groups.summary() == {'groups': {'k5': 1, 'mixed': 1}, 'devices': 2}
+
+
+@pytest.mark.parametrize(('due', 'free', 'group_max', 'size'), [
+    (8, 1, 4, 4),   # one free worker: a full group rides along (one teacher batch)
+    (4, 2, 4, 2),   # two free workers: the riders are split, neither worker idles
+    (3, 2, 4, 2),
+    (1, 2, 4, 1),
+    (8, 2, 1, 1),   # no riders at all
+    (0, 2, 4, 1),
+])
+def test_a_task_never_takes_the_devices_a_free_worker_could_run(due, free, group_max, size):
+    assert task_size(due, free, group_max) == size
+
+
+def test_task_size_refuses_a_group_max_below_one():
+    with pytest.raises(ConfigError):
+        task_size(3, 1, 0)

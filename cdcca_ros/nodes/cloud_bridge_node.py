@@ -39,6 +39,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from rclpy._rclpy_pybind11 import RCLError
 from rclpy.node import Node
 from rclpy.serialization import deserialize_message, serialize_message
 
@@ -140,8 +141,8 @@ class CloudBridgeNode(Node):
             # Deltas wait in the link's inbox until device_node subscribes.
             self.link = DeviceLink(device_id, config, spool,
                                    on_downlink=self._on_downlink, on_version=self._on_version,
-                                   ready=lambda: self._down_pubs[
-                                       DOWNLINK_TOPIC].get_subscription_count() > 0)
+                                   ready=lambda: self._has_reader(
+                                       self._down_pubs[DOWNLINK_TOPIC]))
             self.create_subscription(UtsTokens, UPLINK_TOPIC, self._on_uplink_msg,
                                      UPLINK_QOS)
             self.create_subscription(AdaptationStatus, STATUS_TOPIC, self._on_report_msg,
@@ -163,8 +164,8 @@ class CloudBridgeNode(Node):
             self.link = CloudLink(config, store,
                                   on_uplink=self._on_uplink_bytes, devices=devices,
                                   recorder=self._open_recorder(),
-                                  ready=lambda: self._up_pubs[
-                                      UPLINK_TOPIC].get_subscription_count() > 0)
+                                  ready=lambda: self._has_reader(
+                                      self._up_pubs[UPLINK_TOPIC]))
             self.create_subscription(DwcDelta, DOWNLINK_TOPIC,
                                      lambda m: self._on_down_msg(DOWNLINK_TOPIC, m), DELTA_QOS)
             self.create_subscription(TokenRequest, REQUEST_TOPIC,
@@ -175,6 +176,20 @@ class CloudBridgeNode(Node):
             self.create_subscription(AdaptationStatus, STATUS_TOPIC,
                                      self._on_status_msg, RELIABLE_QOS)
         self.create_timer(1.0, self._report)
+
+    def _has_reader(self, publisher: Any) -> bool:
+        """Whether ``publisher`` has a subscriber, so that stored link messages can be handed
+        over. Asked from the link's delivery thread: once Ctrl-C or SIGTERM has shut the
+        context down (the node is being destroyed), the answer is no rather than an error,
+        and the messages stay stored for the next start."""
+        if not self.context.ok():
+            return False
+        try:
+            return publisher.get_subscription_count() > 0
+        except RCLError:
+            if self.context.ok():
+                raise
+            return False
 
     def _open_recorder(self):
         if not self.params['record_mcap']:

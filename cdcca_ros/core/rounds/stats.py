@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -33,9 +32,71 @@ def binom_sf(k: int, n: int, p: float = 0.5) -> float:
     return float(min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms)))
 
 
+class Paired:
+    """What the gate reads of a slice, for :class:`PairedCounts` and :class:`PairedScores`
+    alike: everything follows from ``n``, ``fixed``, ``broken`` and the two totals."""
+
+    n: int
+    fixed: int
+    broken: int
+
+    @property
+    def old_total(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def new_total(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def sq_diff(self) -> float:
+        """Sum of the squared per-sample differences (for :meth:`gain_interval`)."""
+        raise NotImplementedError
+
+    @property
+    def old_accuracy(self) -> float:
+        """The old adapter's mean score (accuracy for right/wrong)."""
+        return self.old_total / self.n if self.n else math.nan
+
+    @property
+    def new_accuracy(self) -> float:
+        """The new adapter's mean score."""
+        return self.new_total / self.n if self.n else math.nan
+
+    @property
+    def gain(self) -> float:
+        """New minus old mean score, in points (0 for no samples)."""
+        return 100.0 * (self.new_total - self.old_total) / self.n if self.n else 0.0
+
+    def p_better(self) -> float:
+        """One-sided exact sign-test (McNemar) p-value of "the new adapter is better"."""
+        return binom_sf(self.fixed, self.fixed + self.broken)
+
+    def p_worse(self) -> float:
+        """One-sided exact sign-test (McNemar) p-value of "the new adapter is worse"."""
+        return binom_sf(self.broken, self.fixed + self.broken)
+
+    def gain_interval(self, z: float = 1.96) -> tuple[float, float]:
+        """Approximate interval of :attr:`gain` (points), from the paired differences."""
+        if not self.n:
+            return (math.nan, math.nan)
+        d = (self.new_total - self.old_total) / self.n
+        var = (self.sq_diff / self.n - d * d) / self.n
+        half = z * math.sqrt(max(var, 0.0))
+        return (100.0 * (d - half), 100.0 * (d + half))
+
+    def to_dict(self) -> dict[str, float | int]:
+        lo, hi = self.gain_interval()
+        return {'n': self.n, 'old': round(100.0 * self.old_accuracy, 2) if self.n else None,
+                'new': round(100.0 * self.new_accuracy, 2) if self.n else None,
+                'fixed': self.fixed, 'broken': self.broken, 'gain': round(self.gain, 2),
+                'gain_ci95': [round(lo, 2), round(hi, 2)] if self.n else None,
+                'p_better': round(self.p_better(), 5), 'p_worse': round(self.p_worse(), 5)}
+
+
 @dataclass(frozen=True)
-class PairedCounts:
-    """How two adapters did on the same samples.
+class PairedCounts(Paired):
+    """How two adapters did on the same samples, right or wrong.
 
     Attributes:
         n: Samples.
@@ -62,63 +123,37 @@ class PairedCounts:
                    fixed=int((new & ~old).sum()), broken=int((old & ~new).sum()))
 
     @property
-    def old_accuracy(self) -> float:
-        return self.old_right / self.n if self.n else math.nan
+    def old_total(self) -> float:
+        return float(self.old_right)
 
     @property
-    def new_accuracy(self) -> float:
-        return self.new_right / self.n if self.n else math.nan
+    def new_total(self) -> float:
+        return float(self.new_right)
 
     @property
-    def gain(self) -> float:
-        """New minus old accuracy, in points (0 for no samples)."""
-        return 100.0 * (self.fixed - self.broken) / self.n if self.n else 0.0
-
-    def p_better(self) -> float:
-        """One-sided exact McNemar p-value of "the new adapter is better"."""
-        return binom_sf(self.fixed, self.fixed + self.broken)
-
-    def p_worse(self) -> float:
-        """One-sided exact McNemar p-value of "the new adapter is worse"."""
-        return binom_sf(self.broken, self.fixed + self.broken)
-
-    def gain_interval(self, z: float = 1.96) -> tuple[float, float]:
-        """Approximate interval of :attr:`gain` (points), from the paired differences."""
-        if not self.n:
-            return (math.nan, math.nan)
-        d = (self.fixed - self.broken) / self.n
-        var = ((self.fixed + self.broken) / self.n - d * d) / self.n
-        half = z * math.sqrt(max(var, 0.0))
-        return (100.0 * (d - half), 100.0 * (d + half))
-
-    def to_dict(self) -> dict[str, float | int]:
-        lo, hi = self.gain_interval()
-        return {'n': self.n, 'old': round(100.0 * self.old_accuracy, 2) if self.n else None,
-                'new': round(100.0 * self.new_accuracy, 2) if self.n else None,
-                'fixed': self.fixed, 'broken': self.broken, 'gain': round(self.gain, 2),
-                'gain_ci95': [round(lo, 2), round(hi, 2)] if self.n else None,
-                'p_better': round(self.p_better(), 5), 'p_worse': round(self.p_worse(), 5)}
+    def sq_diff(self) -> float:
+        return float(self.fixed + self.broken)  # each discordant pair differs by 1
 
 
 @dataclass(frozen=True)
-class PairedScores:
+class PairedScores(Paired):
     """How two adapters scored on the same samples (see the module docstring).
 
     Attributes:
         n: Samples.
-        old_total: Sum of the old adapter's scores.
-        new_total: Sum of the new adapter's scores.
+        old_sum: Sum of the old adapter's scores.
+        new_sum: Sum of the new adapter's scores.
         fixed: Samples the new adapter scores higher (by more than the tie tolerance).
         broken: Samples the new adapter scores lower.
-        sq_diff: Sum of the squared per-sample differences (for :meth:`gain_interval`).
+        sq_sum: Sum of the squared per-sample differences.
     """
 
     n: int
-    old_total: float
-    new_total: float
+    old_sum: float
+    new_sum: float
     fixed: int
     broken: int
-    sq_diff: float = 0.0
+    sq_sum: float = 0.0
 
     @classmethod
     def of(cls, old: np.ndarray, new: np.ndarray, tie: float = 1e-9) -> PairedScores:
@@ -131,69 +166,18 @@ class PairedScores:
         if not (np.isfinite(old).all() and np.isfinite(new).all()):
             raise ValueError('paired scores must be finite')
         d = new - old
-        return cls(n=int(old.size), old_total=float(old.sum()), new_total=float(new.sum()),
+        return cls(n=int(old.size), old_sum=float(old.sum()), new_sum=float(new.sum()),
                    fixed=int((d > tie).sum()), broken=int((d < -tie).sum()),
-                   sq_diff=float((d * d).sum()))
+                   sq_sum=float((d * d).sum()))
 
     @property
-    def old_accuracy(self) -> float:
-        """The old adapter's mean score (the name the gate reads on either class)."""
-        return self.old_total / self.n if self.n else math.nan
+    def old_total(self) -> float:
+        return self.old_sum
 
     @property
-    def new_accuracy(self) -> float:
-        """The new adapter's mean score."""
-        return self.new_total / self.n if self.n else math.nan
+    def new_total(self) -> float:
+        return self.new_sum
 
     @property
-    def gain(self) -> float:
-        """New minus old mean score, in points (0 for no samples)."""
-        return 100.0 * (self.new_total - self.old_total) / self.n if self.n else 0.0
-
-    def p_better(self) -> float:
-        """One-sided exact sign-test p-value of "the new adapter scores higher"."""
-        return binom_sf(self.fixed, self.fixed + self.broken)
-
-    def p_worse(self) -> float:
-        """One-sided exact sign-test p-value of "the new adapter scores lower"."""
-        return binom_sf(self.broken, self.fixed + self.broken)
-
-    def gain_interval(self, z: float = 1.96) -> tuple[float, float]:
-        """Approximate interval of :attr:`gain` (points), from the paired differences."""
-        if not self.n:
-            return (math.nan, math.nan)
-        d = (self.new_total - self.old_total) / self.n
-        var = (self.sq_diff / self.n - d * d) / self.n
-        half = z * math.sqrt(max(var, 0.0))
-        return (100.0 * (d - half), 100.0 * (d + half))
-
-    def to_dict(self) -> dict[str, float | int]:
-        lo, hi = self.gain_interval()
-        return {'n': self.n, 'old': round(100.0 * self.old_accuracy, 2) if self.n else None,
-                'new': round(100.0 * self.new_accuracy, 2) if self.n else None,
-                'fixed': self.fixed, 'broken': self.broken, 'gain': round(self.gain, 2),
-                'gain_ci95': [round(lo, 2), round(hi, 2)] if self.n else None,
-                'p_better': round(self.p_better(), 5), 'p_worse': round(self.p_worse(), 5)}
-
-
-class Paired(Protocol):
-    """What the gate reads of a slice: :class:`PairedCounts` or :class:`PairedScores`."""
-
-    n: int
-    fixed: int
-    broken: int
-
-    @property
-    def old_accuracy(self) -> float: ...
-
-    @property
-    def new_accuracy(self) -> float: ...
-
-    @property
-    def gain(self) -> float: ...
-
-    def p_better(self) -> float: ...
-
-    def p_worse(self) -> float: ...
-
-    def to_dict(self) -> dict[str, float | int]: ...
+    def sq_diff(self) -> float:
+        return self.sq_sum

@@ -338,6 +338,7 @@ class CaptionExperiment:
             caption_gate_config,
             caption_scores,
             caption_slice,
+            trained_coverage,
         )
         from cdcca_ros.core.coverage import Coverage, CoverageConfig
         from cdcca_ros.core.rounds.gate import ANCHOR, NEW, REPLAY
@@ -351,15 +352,6 @@ class CaptionExperiment:
         gate = caption_gate_config()
         anchor_features = np.stack([token_feature(t) for t in self.anchor_tokens])
         noted: list[np.ndarray] = []   # features of what the device sent
-
-        def coverage_now() -> Coverage:
-            """What an update trained now covers: everything sent so far and the anchors (the
-            device notes each sample it sends and freezes them when it applies an update)."""
-            cov = Coverage(CoverageConfig(), anchor_features)
-            for f in noted:
-                cov.note(f)
-            cov.snapshot()
-            return cov
 
         routed = RoutedCaptioner(device, base, Coverage(CoverageConfig(), anchor_features))
         n_train = len(self.anchor_tokens) - plan.gate_anchors
@@ -401,7 +393,7 @@ class CaptionExperiment:
             # The anchor as the device would caption it: routed by the coverage it holds now
             # and by the one it would hold with the candidate (frames nearest an anchor keep
             # the shipped captioner; those nearest a sent sample get the candidate).
-            candidate_coverage = coverage_now()
+            candidate_coverage = trained_coverage(anchor_features, noted)
             slices[ANCHOR] = caption_slice(
                 [x.text for x in routed.caption_from_tokens(gate_anchor_t)],
                 [x.text for x in RoutedCaptioner(probe, base, candidate_coverage)

@@ -12,6 +12,11 @@ signed rollback (:meth:`CloudRuntime.audit`), and samples whose labels the teach
 not make from the kept tokens wait for the rest of their tokens
 (:meth:`CloudRuntime.pull_requests`, :meth:`CloudRuntime.add_pulled`).
 
+Caption samples (their question a ``describe`` question) go into the device's caption memory
+instead, and run caption rounds of their own (:meth:`CloudRuntime.caption_due`,
+:meth:`CloudRuntime.run_caption_round`, :mod:`cdcca_ros.core.captions.round`) when the cloud
+has caption heads beside teacher and student; without them such samples are refused.
+
 One student module serves every device: its trainable set (LoRA, norms, biases, query tokens,
 the vision-side adapter) is loaded with the device's trained copy before a round. Only
 adapters are kept per device.
@@ -25,6 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from cdcca_ros.core import dwc, wire
 from cdcca_ros.core.akd import AKDConfig
+from cdcca_ros.core.captions.describe import is_describe
+from cdcca_ros.core.captions.round import (
+    CaptionRoundConfig,
+    CaptionRoundRunner,
+    caption_sample_error,
+)
 from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.anchor import anchor_records
 from cdcca_ros.core.rounds.config import GuardConfig
@@ -59,6 +70,7 @@ class CloudConfig:
         refit_min_error: refit only when the plain payload's relative L2 error exceeds this.
         guard: the guarded round (memory, anchor, gate, audit, labels);
             :meth:`GuardConfig.plain` is the paper's round.
+        captions: when caption rounds start and how they train.
     """
 
     min_samples: int = 64
@@ -70,6 +82,7 @@ class CloudConfig:
     refit: RefitConfig = field(default_factory=RefitConfig)
     refit_min_error: float = 0.2
     guard: GuardConfig = field(default_factory=GuardConfig)
+    captions: CaptionRoundConfig = field(default_factory=CaptionRoundConfig)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> CloudConfig:
@@ -80,7 +93,8 @@ class CloudConfig:
                    codec=params['dwc.codec'], budget_bytes=params['dwc.budget_bytes'],
                    refit=RefitConfig(steps=params['dwc.refit_steps']),
                    refit_min_error=params['dwc.refit_min_error'],
-                   guard=GuardConfig.from_params(params))
+                   guard=GuardConfig.from_params(params),
+                   captions=CaptionRoundConfig.from_params(params))
 
     def __post_init__(self) -> None:
         if self.min_samples < 1:
@@ -124,11 +138,15 @@ class CloudRuntime:
         cfg: round settings.
         state_dir: checkpoints; None keeps everything in memory.
         anchor: the anchor set file (see :mod:`cdcca_ros.core.rounds.anchor`); None: none.
+        teacher_head, student_head: the caption heads beside teacher and student
+            (:mod:`cdcca_ros.models.caption_head`); with both (and ``cfg.captions.enabled``)
+            the cloud runs caption rounds, else it refuses caption samples.
     """
 
     def __init__(self, teacher: MLLM, student: MLLM, private_key: Ed25519PrivateKey,
                  cfg: CloudConfig, state_dir: str | Path | None = None,
-                 anchor: str | Path | None = None) -> None:
+                 anchor: str | Path | None = None, teacher_head: Any = None,
+                 student_head: Any = None) -> None:
         from cdcca_ros.models.registry import check_vision_space
 
         check_vision_space(teacher, student)
@@ -149,6 +167,15 @@ class CloudRuntime:
         self.runner = RoundRunner(teacher, student, private_key, cfg.akd, guard, cfg.codec,
                                   cfg.codec_params, cfg.budget_bytes, cfg.refit,
                                   cfg.refit_min_error, anchor=records)
+        #: The caption rounds (None: this cloud refuses caption samples).
+        self.captions: CaptionRoundRunner | None = None
+        if cfg.captions.enabled and teacher_head is not None and student_head is not None:
+            from cdcca_ros.core.rounds.anchor import read_anchor
+
+            self.captions = CaptionRoundRunner(
+                self.runner, teacher_head, student_head, cfg.captions,
+                guard.anchor_gate_fraction,
+                device_anchors=read_anchor(Path(anchor))[0] if records else None)
 
     @property
     def cfg(self) -> CloudConfig:
@@ -161,6 +188,8 @@ class CloudRuntime:
         self._cfg = cfg
         self.runner.configure(cfg.akd, cfg.guard, cfg.codec, cfg.codec_params,
                               cfg.budget_bytes, cfg.refit, cfg.refit_min_error)
+        if self.captions is not None:
+            self.captions.cfg = cfg.captions  # (its anchor frames stay as they were)
 
     def device(self, device_id: str) -> DeviceState:
         """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base).
@@ -205,8 +234,10 @@ class CloudRuntime:
             return []
         found = []
         for folder in sorted(self.state_dir.iterdir()):
-            if not folder.is_dir() or not ((folder / 'state.json').is_file()
-                                           or any((folder / 'memory').glob('*.safetensors'))):
+            if not folder.is_dir() or not (
+                    (folder / 'state.json').is_file()
+                    or any((folder / 'memory').glob('*.safetensors'))
+                    or any((folder / 'captions').glob('*.safetensors'))):
                 continue
             try:
                 wire.check_device_id(folder.name)
@@ -231,23 +262,37 @@ class CloudRuntime:
         oracle of the benchmarks); ``now`` is the arrival time on :func:`time.monotonic`'s
         clock (a simulation passes its own).
 
+        A sample whose question asks for a caption (:func:`~cdcca_ros.core.captions.describe.
+        is_describe`) goes to the device's caption memory (train or gate split; never an
+        audit sample, never pulled).
+
         Raises:
-            WireError: the tokens do not live in this cloud's vision-token space.
+            WireError: the tokens do not live in this cloud's vision-token space, or a caption
+                sample reaches a cloud without caption rounds.
         """
         import torch
 
         self._check(device_id, tokens, indices, num_tokens, token_dim)
+        caption = is_describe(question)
+        if caption and self.captions is None:
+            raise WireError(caption_sample_error(question))
         state = self.device(device_id)
-        if sample_id and (sample_id in state.recent_ids or sample_id in state.memory):
+        if sample_id and (sample_id in state.recent_ids or sample_id in state.memory
+                          or sample_id in state.captions):
             return False
-        sid = sample_id or f'{device_id}-cloud-{state.memory.next_seq}'
+        memory = state.captions if caption else state.memory
+        sid = sample_id or f'{device_id}-cloud-{"c" if caption else ""}{memory.next_seq}'
         guard = self.cfg.guard
         if indices is not None and indices.numel() == num_tokens and bool(
                 (indices.long() == torch.arange(num_tokens)).all()):
             indices = None  # all tokens in order
-        split = ('gate' if audit and guard.enabled else
-                 split_of(sid, guard.val_fraction, guard.gate_fraction))
-        record = Record(sample_id=sid, seq=state.memory.next_seq,
+        if caption:
+            audit = False  # the audit watches answers
+            split = split_of(sid, 0.0, guard.gate_fraction) if guard.enabled else 'train'
+        else:
+            split = ('gate' if audit and guard.enabled else
+                     split_of(sid, guard.val_fraction, guard.gate_fraction))
+        record = Record(sample_id=sid, seq=memory.next_seq,
                         tokens=tokens.detach().to(torch.float16),
                         indices=None if indices is None else indices.detach().long(),
                         question=question, split=split, device_answer=device_answer,
@@ -255,13 +300,19 @@ class CloudRuntime:
         if label is not None:
             record.label, record.labelled, record.confidence = label or None, True, 1.0
             record.label_tokens = int(tokens.shape[0])
-        state.memory.add(record)
+        memory.add(record)
         state.recent_ids.append(sid)
         state.samples_seen += 1
+        arrived = time.monotonic() if now is None else now
+        if caption:
+            state.counters['caption_samples'] += 1
+            if state.caption_first_pending_t is None:
+                state.caption_first_pending_t = arrived
+            return True
         if audit:
             state.counters['audit_samples'] += 1
         if state.first_pending_t is None:
-            state.first_pending_t = time.monotonic() if now is None else now
+            state.first_pending_t = arrived
         return True
 
     def label(self, device_id: str) -> list[str]:
@@ -329,6 +380,32 @@ class CloudRuntime:
         now = time.monotonic() if now is None else now
         return now - (state.first_pending_t or now) >= self.cfg.max_wait_s
 
+    def caption_due(self, device_id: str, now: float | None = None) -> bool:
+        """Whether a caption round should start for ``device_id``."""
+        if self.captions is None:
+            return False
+        state = self.device(device_id)
+        pending = state.caption_pending()
+        if not pending:
+            return False
+        cfg = self.cfg.captions
+        if pending >= cfg.min_samples:
+            return True
+        now = time.monotonic() if now is None else now
+        return now - (state.caption_first_pending_t or now) >= cfg.max_wait_s
+
+    def run_caption_round(self, device_id: str) -> RoundResult | None:
+        """Label the caption samples with the teacher's captions, distil, compress, gate on
+        CIDEr-D, sign (:mod:`cdcca_ros.core.captions.round`). None when no caption sample can
+        train; a refused round returns a result without an envelope.
+
+        Raises:
+            ConfigError: This cloud runs no caption rounds.
+        """
+        if self.captions is None:
+            raise ConfigError('this cloud runs no caption rounds (no caption heads)')
+        return self.captions.run(self.device(device_id), self.cfg.guard, self.cfg.akd)
+
     def run_round(self, device_id: str, progress: bool = False) -> RoundResult | None:
         """Label, train, compress, gate, sign. Returns None when nothing could be learnt;
         a refused round returns a result without an envelope."""
@@ -376,6 +453,10 @@ class CloudRuntime:
     def status(self, device_id: str) -> dict[str, Any]:
         """Figures for diagnostics."""
         state = self.device(device_id)
-        return {'version': state.version, 'round': state.round, 'pending': state.pending(),
-                **state.counters, 'memory_bytes': state.memory.nbytes,
-                'memory_records': len(state.memory)}
+        out = {'version': state.version, 'round': state.round, 'pending': state.pending(),
+               **state.counters, 'memory_bytes': state.memory.nbytes,
+               'memory_records': len(state.memory)}
+        if self.captions is not None:
+            out.update(caption_pending=state.caption_pending(),
+                       caption_records=len(state.captions))
+        return out

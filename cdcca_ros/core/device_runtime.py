@@ -102,6 +102,7 @@ class AnsweredSample:
     version: int
     latency_ms: float
     adapted: bool = True  # False: the frame lay outside the update's coverage (base answered)
+    caption: bool = False  # a caption of the frame (a describe question), not an answer
 
 
 @dataclass
@@ -744,7 +745,8 @@ class DeviceRuntime:
             question=question, text=result.text, choice_index=-1,
             confidence=answer_confidence(result.token_probs), entropy_mean=float(stats.mean),
             entropy_max=float(stats.max), step_probs=result.step_probs,
-            tokens=tokens[0].detach(), version=version, latency_ms=latency, adapted=adapted)
+            tokens=tokens[0].detach(), version=version, latency_ms=latency, adapted=adapted,
+            caption=True)
 
     def answer(self, image: np.ndarray, question: str, choices: Sequence[str] = (),
                on_step: StepCallback | None = None) -> AnsweredSample:

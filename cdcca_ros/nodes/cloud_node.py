@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from rclpy.executors import ExternalShutdownException
 
+from cdcca_ros.core.captions.describe import is_describe
 from cdcca_ros.core.cloud_runtime import CloudConfig, CloudRuntime, RoundResult
 from cdcca_ros.core.rounds.anchor import resolve_anchor
 from cdcca_ros.core.updates import RollbackEnvelope
@@ -146,6 +147,7 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime | Any:
     if params['backend'] == 'ray':
         return build_fleet(params)
     from cdcca_ros.models import bundled
+    from cdcca_ros.models.caption_head import has_head, load_head
 
     quant = None if params['quantization'] == 'none' else params['quantization']
     teacher = bundled.load(params['teacher'], quant, params['torch_device'])
@@ -154,8 +156,13 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime | Any:
     cfg = cloud_config(params)
     anchor = (resolve_anchor(params['guard.anchor'], bundled.resolve(params['student']))
               if cfg.guard.enabled else None)
+    heads = [bundled.resolve(params[which]) for which in ('teacher', 'student')]
+    teacher_head, student_head = (
+        [load_head(d).to(params['torch_device']) for d in heads]
+        if cfg.captions.enabled and all(has_head(d) for d in heads) else (None, None))
     return CloudRuntime(teacher, student, cloud_signer(params, state_dir), cfg,
-                        state_dir=state_dir, anchor=anchor)
+                        state_dir=state_dir, anchor=anchor, teacher_head=teacher_head,
+                        student_head=student_head)
 
 
 def build_fleet(params: dict[str, Any]) -> Any:
@@ -246,14 +253,16 @@ class CloudNode(ManagedNode):
                          'audit_samples': 0, 'token_requests': 0, 'pulls_requested': 0,
                          'pulled': 0, 'pulls_unavailable': 0, 'pulls_ignored': 0,
                          'pull_bytes': 0, 'rollbacks_ordered': 0, 'rollbacks_confirmed': 0,
-                         'rollbacks_refused': 0, 'device_reports': 0}
+                         'rollbacks_refused': 0, 'device_reports': 0, 'caption_samples': 0,
+                         'caption_rounds': 0, 'caption_refused': 0}
         # Device -> (order, when sent): its rounds wait for the device's report.
         self._awaiting: dict[str, tuple[RollbackOrder, float]] = {}
         self._requests = itertools.count(1)
         self._figures: dict[str, Any] = {}  # the last per-device figures on /diagnostics
         self._request_prefix = uuid.uuid4().hex[:8]
-        self._round_bytes: dict[str, int] = {}
-        self._round_samples: dict[str, int] = {}
+        # Uplink since the last round, per (device, task): 'vqa' or 'caption'.
+        self._round_bytes: dict[tuple[str, str], int] = {}
+        self._round_samples: dict[tuple[str, str], int] = {}
         self.errors = LastError()
         self._token_basis: TokenBasis | bool | None = None  # False: looked, there is none
         self.results: list[RoundResult] = []
@@ -404,8 +413,11 @@ class CloudNode(ManagedNode):
                 uplink_bytes(len(msg.payload), len(msg.scales), len(msg.kept_indices)))
         self.counters['samples'] += 1
         self.counters['uplink_bytes'] += size
-        self._round_bytes[msg.device_id] = self._round_bytes.get(msg.device_id, 0) + size
-        self._round_samples[msg.device_id] = self._round_samples.get(msg.device_id, 0) + 1
+        key = (msg.device_id, 'caption' if is_describe(msg.question) else 'vqa')
+        self._round_bytes[key] = self._round_bytes.get(key, 0) + size
+        self._round_samples[key] = self._round_samples.get(key, 0) + 1
+        if key[1] == 'caption':
+            self.counters['caption_samples'] += 1
         if msg.audit:
             self.counters['audit_samples'] += 1
 
@@ -554,7 +566,8 @@ class CloudNode(ManagedNode):
 
     def step(self, device_id: str) -> RoundResult | None:
         """One pass of the worker for ``device_id``: label what arrived (and ask for pulls);
-        when a round is due, audit first, then run it. Returns the round's result."""
+        when a round is due (answers, captions or both), audit first, then run it (the
+        answers' first). Returns the last round's result."""
         try:
             with self._lock:
                 if self.runtime is None:
@@ -573,10 +586,16 @@ class CloudNode(ManagedNode):
                                         f'v{held[0].from_version}: rounds resume')
                 self._awaiting.pop(device_id)
                 held = None
-            due = held is None and self.runtime is not None and self.runtime.due(device_id)
-        if not due or self.audit(device_id):
+            runtime = self.runtime
+            due = held is None and runtime is not None and runtime.due(device_id)
+            captions = (held is None and runtime is not None
+                        and runtime.caption_due(device_id))
+        if not (due or captions) or self.audit(device_id):
             return None
-        return self.run_round(device_id)
+        result = self.run_round(device_id) if due else None
+        if captions:
+            result = self.run_round(device_id, captions=True) or result
+        return result
 
     def _request_tokens(self, device_id: str, sample_ids: list[str]) -> None:
         if not sample_ids:
@@ -627,22 +646,24 @@ class CloudNode(ManagedNode):
         self.get_logger().warning(f'rollback of {order.device_id!r} v{order.from_version} '
                                   f'ordered: {order.reason}')
 
-    def run_round(self, device_id: str) -> RoundResult | None:
-        """Run one round for ``device_id`` and publish its delta (when the gate lets it
-        ship) and its status."""
+    def run_round(self, device_id: str, captions: bool = False) -> RoundResult | None:
+        """Run one round for ``device_id`` (``captions``: a caption round on its caption
+        samples) and publish its delta (when the gate lets it ship) and its status."""
         t0 = time.perf_counter()
+        what = 'caption round' if captions else 'round'
         try:
             with self._lock:
                 if self.runtime is None:
                     return None  # unloaded meanwhile (cleanup / shutdown)
-                result = self.runtime.run_round(device_id)
+                result = (self.runtime.run_caption_round(device_id) if captions
+                          else self.runtime.run_round(device_id))
         except (CdccaError, RuntimeError, ValueError) as err:
             self.get_logger().error(self.errors.set('round',
-                                                    f'round for {device_id!r} failed: {err}'))
+                                                    f'{what} for {device_id!r} failed: {err}'))
             return None
         self.errors.clear('round')
         if result is None:
-            self.get_logger().warning(f'round for {device_id!r}: no usable pseudo-label')
+            self.get_logger().warning(f'{what} for {device_id!r}: no usable pseudo-label')
             return None
         self._request_tokens(device_id, result.pulls)
         return self.publish_result(device_id, result, time.perf_counter() - t0)
@@ -660,51 +681,68 @@ class CloudNode(ManagedNode):
             self._delta_pub.publish(chunk)
         self.counters['rounds'] += 1
         self.counters['downlink_bytes'] += result.stats.nbytes
-        last = result.losses[-1] if result.losses else {}
+        caption = getattr(result, 'task', 'vqa') == 'caption'
+        self.counters['caption_rounds'] += int(caption)
         status = AdaptationStatus(
             device_id=device_id, node='cloud', round=result.round,
             state=AdaptationStatus.STATE_ROUND_DONE,
-            message=f'{result.samples} samples, {elapsed_s:.1f} s',
             model_version=version_label(device_id, result.envelope.new_version),
-            uplink_samples=self._round_samples.pop(device_id, 0),
-            uplink_bytes=self._round_bytes.pop(device_id, 0),
             downlink_bytes=result.stats.nbytes, bits_per_param=result.stats.bits_per_param,
-            losses=[float(last.get(k, float('nan'))) for k in ('total', 'query', 'repr', 'ce')],
-            accuracy_before=result.agreement_before, accuracy_after=result.agreement_after,
-            model_hash=result.envelope.new_hash, detail=detail_json(result.summary()))
+            model_hash=result.envelope.new_hash,
+            **self._round_fields(device_id, result, f', {elapsed_s:.1f} s'))
         status.header.stamp = stamp
         self._status_pub.publish(status)
         first = result.losses[0] if result.losses else {}
+        last = result.losses[-1] if result.losses else {}
+        agreement = (f'CIDEr-D vs the teacher {result.agreement_before:.1f} -> '
+                     f'{result.agreement_after:.1f}' if caption else
+                     f'teacher agreement {result.agreement_before:.2f} -> '
+                     f'{result.agreement_after:.2f}')
         self.get_logger().info(
-            f'round {result.round} for {device_id!r}: L_total {first.get("total", 0):.3f} -> '
-            f'{last.get("total", 0):.3f} (query {last.get("query", 0):.3f}, repr '
-            f'{last.get("repr", 0):.3f}, ce {last.get("ce", 0):.3f}) over {len(result.losses)} '
-            f'steps; {result.samples} samples, teacher '
-            f'agreement {result.agreement_before:.2f} -> {result.agreement_after:.2f}, delta '
-            f'{result.stats.nbytes} B ({result.stats.bits_per_param:.2f} bit/param)')
+            f'{"caption " if caption else ""}round {result.round} for {device_id!r}: L_total '
+            f'{first.get("total", 0):.3f} -> {last.get("total", 0):.3f} (query '
+            f'{last.get("query", 0):.3f}, repr {last.get("repr", 0):.3f}, ce '
+            f'{last.get("ce", 0):.3f}) over {len(result.losses)} steps; {result.samples} '
+            f'samples, {agreement}, delta {result.stats.nbytes} B '
+            f'({result.stats.bits_per_param:.2f} bit/param)')
         return result
+
+    def _round_fields(self, device_id: str, result: RoundResult, suffix: str
+                      ) -> dict[str, Any]:
+        """The AdaptationStatus fields a shipped and a refused round share: the uplink since
+        the task's last round, the final losses, the agreement (answers; NaN for a caption
+        round, whose CIDEr-D figures are in ``detail``), the summary (``detail``)."""
+        task = getattr(result, 'task', 'vqa')
+        last = result.losses[-1] if result.losses else {}
+        what = 'caption round: ' if task == 'caption' else ''
+        nan = float('nan')
+        return {
+            'message': f'{what}{result.samples} samples{suffix}'[:500],
+            'uplink_samples': self._round_samples.pop((device_id, task), 0),
+            'uplink_bytes': self._round_bytes.pop((device_id, task), 0),
+            'losses': [float(last.get(k, nan)) for k in ('total', 'query', 'repr', 'ce')],
+            'accuracy_before': nan if task == 'caption' else result.agreement_before,
+            'accuracy_after': nan if task == 'caption' else result.agreement_after,
+            'detail': detail_json(result.summary())}
 
     def _refused(self, device_id: str, result: RoundResult, elapsed_s: float) -> RoundResult:
         """Publish a round whose candidate the gate refused (nothing goes to the device)."""
         self.counters['rounds'] += 1
         self.counters['refused'] += 1
-        last = result.losses[-1] if result.losses else {}
+        caption = getattr(result, 'task', 'vqa') == 'caption'
+        self.counters['caption_rounds'] += int(caption)
+        self.counters['caption_refused'] += int(caption)
         reason = result.decision.reason if result.decision is not None else 'refused'
         state = self.runtime.device(device_id)
         status = AdaptationStatus(
             device_id=device_id, node='cloud', round=result.round,
             state=AdaptationStatus.STATE_REFUSED,
-            message=f'{result.samples} samples, {elapsed_s:.1f} s: {reason}'[:500],
             model_version=version_label(device_id, state.version), model_hash=state.hash,
-            uplink_samples=self._round_samples.pop(device_id, 0),
-            uplink_bytes=self._round_bytes.pop(device_id, 0),
-            losses=[float(last.get(k, float('nan'))) for k in ('total', 'query', 'repr', 'ce')],
-            accuracy_before=result.agreement_before, accuracy_after=result.agreement_after,
-            detail=detail_json(result.summary()))
+            **self._round_fields(device_id, result, f', {elapsed_s:.1f} s: {reason}'))
         status.header.stamp = self.get_clock().now().to_msg()
         self._status_pub.publish(status)
-        self.get_logger().warning(f'round {result.round} for {device_id!r} refused by the '
-                                  f'gate: {reason}')
+        self.get_logger().warning(f'{"caption " if caption else ""}round {result.round} for '
+                                  f'{device_id!r} refused by the gate: {reason}')
         return result
 
     def _device_figures(self) -> dict[str, Any]:
@@ -720,6 +758,9 @@ class CloudNode(ManagedNode):
                     figures[f'{device_id}.{key}'] = value
                 if state.last_gate:
                     figures[f'{device_id}.gate'] = state.last_gate.get('reason', '')
+                if getattr(state, 'last_caption_gate', None):
+                    figures[f'{device_id}.caption_gate'] = state.last_caption_gate.get(
+                        'reason', '')
                 if state.last_audit:
                     figures[f'{device_id}.audit'] = state.last_audit.get('reason', '')
         finally:

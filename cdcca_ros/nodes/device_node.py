@@ -73,7 +73,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
 from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
-from cdcca_ros.core.captions.describe import DESCRIBE, is_describe
+from cdcca_ros.core.captions.describe import DESCRIBE
 from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
 from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
 from cdcca_ros.core.entropy_guard import EntropyGuardConfig
@@ -407,7 +407,7 @@ class DeviceNode(ManagedNode):
     def _periodic_caption(self) -> None:
         """Caption the latest frame onto ``caption`` (the worker's side of a tick)."""
         try:
-            _, error = self.answer('', DESCRIBE, [], None, uplink=False, caption_topic=True)
+            _, error = self.answer('', DESCRIBE, [], None, caption_topic=True)
         except Exception as err:  # noqa: BLE001 - the worker must outlive any caption
             error = self._unexpected('caption', err)
         finally:
@@ -439,8 +439,9 @@ class DeviceNode(ManagedNode):
         time (the task then runs after the calling callback has returned). A multi-threaded
         executor would run the task beside the caller at once, so there it is done here too.
 
-        A ``describe`` question is captioned (module docstring) and never given to UTS;
-        ``caption_topic`` publishes the Answer on ``caption`` instead of ``answer``.
+        A ``describe`` question is captioned (module docstring) and given to UTS like an
+        answer when ``uts.captions`` is on; ``caption_topic`` publishes the Answer on
+        ``caption`` instead of ``answer``.
         """
         runtime = self.runtime
         if runtime is None:
@@ -494,9 +495,10 @@ class DeviceNode(ManagedNode):
         msg.header.stamp = self.get_clock().now().to_msg()
         msg.image_stamp = image.header.stamp
         self.counters['captions' if caption_topic else 'answers'] += 1
-        describe = runtime.caption_head is not None and is_describe(question)
-        self._answered.put(_Answered(msg, image.header, rgb, sample, question,
-                                     uplink and not describe, caption_topic))
+        # A caption is offered to UTS like an answer, unless uts.captions is off.
+        offer = uplink and (not sample.caption or self.params['uts.captions'])
+        self._answered.put(_Answered(msg, image.header, rgb, sample, question, offer,
+                                     caption_topic))
         executor = self.executor
         if publish_later and runs_one_callback_at_a_time(executor):
             executor.create_task(self._drain_answered)

@@ -150,6 +150,12 @@ DEVICE = (
           'goes on (nats)', low=0.0, high=50.0, runtime=True),
     Param('uts.top_fraction', 0.2, 'stage 1: fraction of the window passed on', low=0.0,
           high=1.0, runtime=True),
+    Param('uts.captions', True, 'offer captions (describe, the caption topic) to UTS like '
+          'answers: selected ones go up for the cloud\'s caption rounds', runtime=True),
+    Param('uts.caption_entropy_threshold', 0.3, 'stage 1 for captions: mean entropy over every '
+          'step of the caption above which it goes on (nats; bundled student: source ~0.2, '
+          'fog ~0.44, night ~0.54); top_fraction ranks captions in a window of their own',
+          low=0.0, high=50.0, runtime=True),
     Param('uts.window', 50, 'stage 1: window of recent samples for top_fraction', low=1,
           runtime=True),
     Param('uts.mc_masks', 8, 'stage 2: Monte-Carlo dropout masks M (Eq. 3)', low=2, high=256,
@@ -290,6 +296,23 @@ CLOUD = (
     Param('guard.audit_alpha', 0.01, 'audit: significance of "worse"', low=1e-6, high=0.5),
     Param('guard.audit_min_drop', 3.0, 'audit: smallest fall that orders a rollback (points)',
           low=0.0, high=100.0),
+    Param('captions.enabled', True, 'caption rounds on the caption samples the devices send '
+          '(describe questions; needs a caption_head beside teacher and student, else such '
+          'samples are refused); false: caption samples are refused'),
+    Param('captions.min_samples', 48, 'start a caption round when this many caption samples '
+          'arrived', low=1, runtime=True),
+    Param('captions.max_wait_s', 300.0, '... or when this long passed since the first',
+          low=0.1, runtime=True),
+    Param('captions.steps', 100, 'optimiser steps of a caption round (AKD on the teacher\'s '
+          'captions, the akd.* loss weights and batch size)', low=1, runtime=True),
+    Param('captions.lr', 1e-3, 'learning rate of a caption round', low=1e-7, high=1.0,
+          runtime=True),
+    Param('captions.min_gain', 5.0, 'caption gate: smallest gain on new caption samples worth '
+          'an update (CIDEr-D points, per sample against the teacher\'s caption; sign test at '
+          'guard.alpha)', low=0.0, high=1000.0, runtime=True),
+    Param('captions.anchor_frames', 128, 'frames of the anchor set captioned by the shipped '
+          'student (its own words): trained on and held out for the gate (0: none)', low=0,
+          high=100000),
     Param('backend', 'local', 'where rounds run: local (in this process, one after another; '
           'Ray is never imported) or ray (a pool of student workers and a batching teacher '
           'service on a Ray cluster, device state in ray.store_dir)',

@@ -92,6 +92,14 @@ def uts_config(params: dict[str, Any]) -> UtsConfig:
                      pack_dtype=pack, audit_fraction=params['uts.audit_fraction'])
 
 
+def caption_uts_config(cfg: UtsConfig, params: dict[str, Any]) -> UtsConfig:
+    """``cfg`` for captions: stage 1 on the caption's whole-sequence entropy against
+    ``uts.caption_entropy_threshold`` (top_fraction: a window of captions only), no audit
+    draws (the audit watches answers); stage 2 and the packing as for answers."""
+    return dataclasses.replace(cfg, stage1_threshold=params['uts.caption_entropy_threshold'],
+                               audit_fraction=0.0)
+
+
 def basis_uts_config(cfg: UtsConfig, params: dict[str, Any]) -> UtsConfig:
     """``cfg`` as the ``basis`` packing runs it: stage 2 keeps ``uts.basis_keep_ratio`` of the
     tokens (the byte budget, not the keep ratio, bounds that packing's bytes)."""
@@ -185,6 +193,7 @@ class UtsNode(Node):
         self.cfg = uts_config(device.params)
         self._params = device.params  # with the runtime changes not yet applied there
         self._pipeline: UplinkPipeline | None = None
+        self._caption_pipeline: UplinkPipeline | None = None  # captions' own stage 1
         self._packing_note = ''  # the packing in use, when it is not the one asked for
         self._pipeline_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue(maxsize=16)
@@ -198,7 +207,8 @@ class UtsNode(Node):
         self.counters = {'offered': 0, 'selected': 0, 'uplink_bytes': 0, 'tokens_kept': 0,
                          'tokens_total': 0, 'dropped': 0, 'errors': 0, 'audit': 0,
                          'pull_requests': 0, 'pulls_served': 0, 'pulls_missed': 0,
-                         'pull_bytes': 0, 'pull_requests_refused': 0}
+                         'pull_bytes': 0, 'pull_requests_refused': 0,
+                         'captions_offered': 0, 'captions_selected': 0}
         self._ring = TokenRing(max_samples=device.params['uts.ring_samples'])
         #: Prefix of this run's sample ids (a new ``<boot>`` at every start).
         self.sample_prefix = f'{device.params["device_id"]}-{secrets.token_hex(3)}'
@@ -242,22 +252,29 @@ class UtsNode(Node):
         params = {**self.device.params, **changes}
         cfg = uts_config(params)  # UtsConfig checks the combination
         basis_uts_config(cfg, params)  # ... and that of the basis packing
+        caption_uts_config(cfg, params)
         with self._pipeline_lock:
             self.cfg, self._params = cfg, params
-            self._pipeline = None  # rebuilt with cfg for the next sample
+            self._pipeline = self._caption_pipeline = None  # rebuilt for the next sample
 
     def _on_runtime(self, runtime: Any) -> None:
         """The device model was (re)loaded or unloaded (lifecycle): a new pipeline on it."""
         with self._pipeline_lock:
-            self._pipeline = None  # releases the old model's features function
+            # releases the old model's features function
+            self._pipeline = self._caption_pipeline = None
 
-    def _pipeline_for(self, runtime: Any) -> UplinkPipeline:
+    def _pipeline_for(self, runtime: Any, caption: bool = False) -> UplinkPipeline:
+        """The answers' pipeline, or the captions' (their own stage 1, same stage 2)."""
         with self._pipeline_lock:
+            if caption:
+                if self._caption_pipeline is None:
+                    self._caption_pipeline = self._make_pipeline(runtime, caption=True)
+                return self._caption_pipeline
             if self._pipeline is None:
                 self._pipeline = self._make_pipeline(runtime)
             return self._pipeline
 
-    def _make_pipeline(self, runtime: Any) -> UplinkPipeline:
+    def _make_pipeline(self, runtime: Any, caption: bool = False) -> UplinkPipeline:
         params = self._params
         space = runtime.model.vision_space()
         packing, basis = params['uts.pack_dtype'], None
@@ -271,6 +288,8 @@ class UtsNode(Node):
                 self._packing_note = f'ecq (basis packing unavailable: {err})'
                 self.get_logger().warning(f'uts.pack_dtype basis: {err}; packing ecq instead')
         cfg = basis_uts_config(self.cfg, params) if basis is not None else self.cfg
+        if caption:
+            cfg = caption_uts_config(cfg, params)
         return UplinkPipeline(cfg, runtime.mc_token_features, has_cls=space.has_cls,
                               packing=packing, basis=basis,
                               budget_bytes=params['uts.budget_bytes'],
@@ -283,13 +302,15 @@ class UtsNode(Node):
         if runtime is None:
             self.counters['dropped'] += 1  # the model was unloaded meanwhile (cleanup)
             return None
-        pipeline = self._pipeline_for(runtime)
+        pipeline = self._pipeline_for(runtime, caption=sample.caption)
         self.counters['offered'] += 1
+        self.counters['captions_offered'] += int(sample.caption)
         up = pipeline.process(sample.step_probs, sample.tokens, rgb)
         if up is None:
             return None
         space = runtime.model.vision_space()
         self.counters['selected'] += 1
+        self.counters['captions_selected'] += int(sample.caption)
         sample_id = f'{self.sample_prefix}-{self.counters["selected"]}'
         msg = to_msg(runtime.device_id, sample_id, sample, up, header, space)
         result = up.uts
@@ -354,11 +375,14 @@ class UtsNode(Node):
         values.update(self.errors.values())
         pipeline = self._pipeline
         cfg = pipeline.uts.cfg if pipeline is not None else self.cfg
+        caption_threshold = self._params['uts.caption_entropy_threshold']
         values.update({'stage1': f'{cfg.stage1_mode} threshold={cfg.stage1_threshold:g} '
                                  f'fraction={cfg.stage1_fraction:g} window={cfg.stage1_window}',
                        'stage2': f'{cfg.stage2_mode} keep_ratio={cfg.keep_ratio:g} '
                                  f'beta={cfg.beta:g} masks={cfg.mc_masks} '
                                  f'p={cfg.dropout_p:g}',
+                       'caption_stage1': (f'threshold={caption_threshold:g}'
+                                          if self._params['uts.captions'] else 'off'),
                        'pack_dtype': self._params['uts.pack_dtype'],
                        'uplink': self._params['uts.uplink']})
         if self._packing_note:

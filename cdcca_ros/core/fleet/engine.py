@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cdcca_ros.core.captions.describe import is_describe
+from cdcca_ros.core.captions.round import caption_sample_error
 from cdcca_ros.core.cloud_runtime import check_sample
 from cdcca_ros.core.fleet.grouping import UplinkGroups
 from cdcca_ros.core.fleet.scheduler import FairScheduler, task_size
@@ -49,7 +51,7 @@ from cdcca_ros.core.fleet.store import ROLLED_BACK, SAMPLE, UNAVAILABLE, Directo
 from cdcca_ros.core.fleet.worker import WorkerSpec, decode_result, key_to_pem
 from cdcca_ros.core.trust import Signer
 from cdcca_ros.core.wire import check_device_id
-from cdcca_ros.errors import ConfigError, ModelLoadError
+from cdcca_ros.errors import ConfigError, ModelLoadError, WireError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -611,12 +613,17 @@ class FleetEngine:
         """Keep one uplinked sample (into the device's inbox); False for a re-delivery.
 
         Raises:
-            WireError: Another token space, or a device id that cannot be a folder name.
+            WireError: Another token space, a device id that cannot be a folder name, or a
+                caption sample (the fleet runs answer rounds only).
         """
         import torch
 
         check_device_id(device_id)
         check_sample(self.space, device_id, tokens, indices, num_tokens, token_dim)
+        if is_describe(question):
+            raise WireError(caption_sample_error(
+                question, 'backend ray: its teacher service and workers have no caption '
+                          'heads; caption rounds run on backend local'))
         full = indices is None or (indices.numel() == num_tokens and bool(
             (indices.long() == torch.arange(num_tokens)).all()))
         with self._lock:

@@ -110,6 +110,26 @@ class GateConfig:
             return fell
         return counts.p_worse() < self.harm_alpha
 
+    def over_budget(self, anchor: Paired | None, anchor_base: float | None) -> str:
+        """Why the anchor slice is beyond ``anchor_budget`` below the base student (its
+        ``anchor_base``, in the slice's unit), or '' when it is not (or cannot be told)."""
+        if anchor is None or not anchor.n or anchor_base is None:
+            return ''
+        lost = 100.0 * (anchor_base - anchor.new_accuracy)
+        if lost > self.anchor_budget and anchor.new_accuracy <= anchor.old_accuracy:
+            return (f'anchor would be {lost:.1f} points below the base student (budget '
+                    f'{self.anchor_budget:g})')
+        return ''
+
+    def anchor_harm(self, anchor: Paired | None, anchor_base: float | None = None) -> str:
+        """Why an anchor slice alone refuses a candidate (beyond the budget, or it falls), or
+        '' when it does not: the anchor rule of :meth:`decide`, for a check that has no
+        ``new`` slice of its own (a caption round's effect on the answers)."""
+        over = self.over_budget(anchor, anchor_base)
+        if over or anchor is None:
+            return over
+        return _fall(ANCHOR, anchor) if self.falls(ANCHOR, anchor) else ''
+
     def decide(self, slices: Mapping[str, Paired],
                anchor_base: float | None = None) -> GateDecision:
         """Ship or refuse, with the reason (see the module docstring).
@@ -124,23 +144,16 @@ class GateConfig:
         new = slices.get(NEW)
         if new is None or new.n == 0:
             return GateDecision(False, 'no held-out sample of the new data yet', dict(slices))
-        anchor = slices.get(ANCHOR)
-        if anchor is not None and anchor.n and anchor_base is not None:
-            lost = 100.0 * (anchor_base - anchor.new_accuracy)
-            if lost > self.anchor_budget and anchor.new_accuracy <= anchor.old_accuracy:
-                return GateDecision(False, f'anchor would be {lost:.1f} points below the base '
-                                           f'student (budget {self.anchor_budget:g})',
-                                    dict(slices), harmful=True)
+        over = self.over_budget(slices.get(ANCHOR), anchor_base)
+        if over:
+            return GateDecision(False, over, dict(slices), harmful=True)
         gain_name = DEVICE if self.gain_on == 'device' else NEW
         gain = slices.get(gain_name, new)
         fallen = [name for name, c in slices.items()
                   if name not in (gain_name, DEVICE) and self.falls(name, c)]
         if fallen:
             worst = min(fallen, key=lambda name: slices[name].gain)
-            return GateDecision(False, f'{worst} falls by {-slices[worst].gain:.1f} points '
-                                       f'({slices[worst].broken} broken, '
-                                       f'{slices[worst].fixed} fixed of {slices[worst].n})',
-                                dict(slices), harmful=True)
+            return GateDecision(False, _fall(worst, slices[worst]), dict(slices), harmful=True)
         p = gain.p_better()
         what = 'new data' if gain_name == NEW else 'the device\'s data'
         if gain.gain < self.min_gain or p >= self.alpha:
@@ -150,6 +163,11 @@ class GateConfig:
                                 dict(slices))
         return GateDecision(True, f'{what} {gain.gain:+.1f} points on {gain.n} held-out '
                                   f'samples (p={p:.3f}); no slice falls', dict(slices))
+
+
+def _fall(name: str, counts: Paired) -> str:
+    return (f'{name} falls by {-counts.gain:.1f} points ({counts.broken} broken, '
+            f'{counts.fixed} fixed of {counts.n})')
 
 
 @dataclass

@@ -86,6 +86,10 @@ class RoundResult:
     refit: RefitResult | None = None
     pulls: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
+    #: ``'vqa'`` (answers; agreement = share of teacher labels answered) or ``'caption'``
+    #: (:mod:`cdcca_ros.core.captions.round`; agreement = mean CIDEr-D points against the
+    #: teacher's captions).
+    task: str = 'vqa'
 
     @property
     def shipped(self) -> bool:
@@ -94,6 +98,7 @@ class RoundResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures (status messages, bench records)."""
         return {'device_id': self.device_id, 'round': self.round, 'outcome': self.outcome,
+                'task': self.task, 'metric': 'cider' if self.task == 'caption' else 'accuracy',
                 'samples': self.samples, 'train_s': round(self.train_s, 3),
                 'agreement_before': self.agreement_before,
                 'agreement_after': self.agreement_after,
@@ -362,19 +367,8 @@ class RoundRunner:
             state.trained = trained
             state.save()
             return result(REFUSED, None)
-        # The device adds exactly compressed.decoded; the rest stays in trained - view and
-        # goes out with the next round's delta (error feedback).
-        state.feedback.commit(delta, compressed.decoded)
-        new_hash = state.feedback.view_hash()
-        envelope = seal_delta(self.key, device_id=state.device_id, round=state.round,
-                              base_version=state.version, base_hash=state.hash,
-                              new_version=state.version + 1, new_hash=new_hash,
-                              codec=compressed.codec.name, payload=compressed.payload)
+        envelope = self.ship(state, delta, compressed)
         state.trained = trained
-        state.version += 1
-        state.hash = new_hash
-        state.remember(state.version, new_hash, state.feedback.view)
-        state.ship_seq = state.memory.next_seq
         state.refusals = 0
         state.counters['shipped'] += 1
         if not guard.enabled:
@@ -383,6 +377,30 @@ class RoundRunner:
         return result(SHIPPED, envelope)
 
     # ---------------------------------------------------------------- pieces
+    def ship(self, state: DeviceState, delta: dict[str, Tensor], compressed: dwc.Compressed
+             ) -> DeltaEnvelope:
+        """Commit a candidate the gate accepted and seal its delta (any round: answers or
+        captions): the device's view moves by exactly ``compressed.decoded``, the rest of
+        ``delta`` stays for the next delta (error feedback), and the new version is
+        remembered; the ``new`` slice and the audit start again from here."""
+        state.feedback.commit(delta, compressed.decoded)
+        new_hash = state.feedback.view_hash()
+        envelope = seal_delta(self.key, device_id=state.device_id, round=state.round,
+                              base_version=state.version, base_hash=state.hash,
+                              new_version=state.version + 1, new_hash=new_hash,
+                              codec=compressed.codec.name, payload=compressed.payload)
+        state.version += 1
+        state.hash = new_hash
+        state.remember(state.version, new_hash, state.feedback.view)
+        state.ship_seq = state.memory.next_seq
+        return envelope
+
+    def compress_plain(self, delta: dict[str, Tensor]) -> dwc.Compressed:
+        """``delta`` in the round's codec under its byte budget, compact (the device knows its
+        trainable set), without the refit."""
+        codec = dwc.get_codec(self.codec_name, **self.codec_params)
+        return dwc.compress(delta, codec, self.budget_bytes, self_describing=False)
+
     def _agreement(self, records: Sequence[Record]) -> float:
         """Share of ``records`` the student (as loaded) answers as labelled."""
         if not records:
@@ -431,11 +449,11 @@ class RoundRunner:
                   ) -> tuple[dwc.Compressed, RefitResult | None]:
         """The payload of a round: compact (the device knows its trainable set), under the
         budget, refitted on the round's samples when the plain payload is too lossy."""
-        codec = dwc.get_codec(self.codec_name, **self.codec_params)
-        plain = dwc.compress(delta, codec, self.budget_bytes, self_describing=False)
+        plain = self.compress_plain(delta)
         if self.refit_cfg.steps == 0 or plain.stats.rel_l2_error <= self.refit_min_error:
             return plain, None
         samples = [r.to_akd() for r in records if r.usable]
+        codec = dwc.get_codec(self.codec_name, **self.codec_params)
         result = refit_compress(self.student, samples, view, delta, codec, self.budget_bytes,
                                 self.refit_cfg, task_loss=akd_task_loss(trainer))
         self.student.torch_model.eval()

@@ -11,7 +11,9 @@ Under ``<state_dir>/<device_id>/``:
 - ``projectors.safetensors``: AKD's projectors (phi of Eq. 5) of this device;
 - ``history/<version>.safetensors``: the views of the last few shipped versions (what a
   rollback restores, what the audit compares against);
-- ``memory/``: the replay memory (:class:`~cdcca_ros.core.rounds.memory.Memory`).
+- ``memory/``: the replay memory (:class:`~cdcca_ros.core.rounds.memory.Memory`);
+- ``captions/``: the caption samples, kept apart from the answers' (same record format; the
+  caption round of :mod:`cdcca_ros.core.captions.round` reads them).
 
 Every file is written with :func:`~cdcca_ros.core.atomic.atomic_write` and ``state.json``
 last, so a crash between two writes restarts on a consistent older state.
@@ -73,6 +75,12 @@ class DeviceState:
         self.hash = wire.state_dict_hash(self.feedback.view)
         self.memory = Memory(memory_bytes, directory / 'memory' if directory else None,
                              clusters=clusters, seed=seed)
+        #: Caption samples (``describe`` questions): never in an answer round.
+        self.captions = Memory(memory_bytes, directory / 'captions' if directory else None,
+                               clusters=1, seed=seed)
+        self.caption_round_seq = 0   # caption records from here on: the next caption round's
+        self.caption_ship_seq = 0    # caption gate's 'new' slice: caption records from here on
+        self.caption_first_pending_t: float | None = None
         self.ship_seq = 0            # gate's 'new' slice: records from here on
         # Records from here on are this round's: all of them before any round ran (a memory
         # found on disk without a checkpoint holds samples of a round that never ran).
@@ -82,8 +90,11 @@ class DeviceState:
         self.samples_seen = 0
         self.counters: dict[str, int] = {'shipped': 0, 'refused': 0, 'rollbacks': 0,
                                          'resets': 0, 'pulls_requested': 0, 'pulled': 0,
-                                         'pulls_unavailable': 0, 'audit_samples': 0}
+                                         'pulls_unavailable': 0, 'audit_samples': 0,
+                                         'caption_samples': 0, 'caption_shipped': 0,
+                                         'caption_refused': 0}
         self.last_gate: dict[str, Any] = {}
+        self.last_caption_gate: dict[str, Any] = {}
         self.last_audit: dict[str, Any] = {}
         # Views of shipped versions: version -> (hash, weights), newest last.
         self.history: dict[int, tuple[str, dict[str, Tensor]]] = {
@@ -136,6 +147,9 @@ class DeviceState:
                   'ship_seq': self.ship_seq, 'round_seq': self.round_seq,
                   'refusals': self.refusals, 'counters': self.counters,
                   'last_gate': self.last_gate, 'last_audit': self.last_audit,
+                  'caption_round_seq': self.caption_round_seq,
+                  'caption_ship_seq': self.caption_ship_seq,
+                  'last_caption_gate': self.last_caption_gate,
                   'history': {str(v): h for v, (h, _) in self.history.items()},
                   'recent_ids': list(self.recent_ids)}
         atomic_write(self.dir / 'state.json', json.dumps(record).encode())
@@ -178,6 +192,11 @@ class DeviceState:
         # round_seq would never count as pending.
         state.memory.next_seq = max(state.memory.next_seq, state.round_seq, state.ship_seq)
         state.refusals = int(record.get('refusals', 0))
+        state.caption_round_seq = int(record.get('caption_round_seq', 0))
+        state.caption_ship_seq = int(record.get('caption_ship_seq', 0))
+        state.captions.next_seq = max(state.captions.next_seq, state.caption_round_seq,
+                                      state.caption_ship_seq)
+        state.last_caption_gate = record.get('last_caption_gate', {})
         state.counters.update(record.get('counters', {}))
         state.last_gate = record.get('last_gate', {})
         state.last_audit = record.get('last_audit', {})
@@ -186,9 +205,15 @@ class DeviceState:
         state.recent_ids.extend(record.get('recent_ids', []))
         if state.pending():
             state.first_pending_t = time.monotonic()
+        if state.caption_pending():
+            state.caption_first_pending_t = time.monotonic()
         return state
 
     # ---------------------------------------------------------------- pending samples
     def pending(self) -> int:
         """Records that arrived since the last round started."""
         return sum(1 for r in self.memory.records.values() if r.seq >= self.round_seq)
+
+    def caption_pending(self) -> int:
+        """Caption records that arrived since the last caption round started."""
+        return sum(1 for r in self.captions.records.values() if r.seq >= self.caption_round_seq)

@@ -1,6 +1,6 @@
 """device_node captions on a real graph: ``describe`` on the ask service, and the ``caption``
 topic at ``caption_rate_hz`` (bundled student with its caption head, loaded from the model
-parameter)."""
+parameter); both are offered to UTS like answers unless ``uts.captions`` is off."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +30,9 @@ def test_describe_and_the_caption_topic(ros_context_pair, tmp_path):
         Parameter('model', value='bundled:student'),
         Parameter('state_dir', value=str(tmp_path / 'state')),
         Parameter('frame_max_age_ms', value=3.6e6)])
-    handed: list[str] = []
-    device.listeners.append(lambda sample, header, rgb: handed.append(sample.text))
+    handed: list[tuple[str, bool]] = []  # what UTS is offered: (text, is a caption)
+    device.listeners.append(lambda sample, header, rgb: handed.append((sample.text,
+                                                                       sample.caption)))
     spinner = NodeSpinner([device], 'events', context=ctx_robot).start()
     client = Node('caption_test_client', context=ctx_client)
     executor = SingleThreadedExecutor(context=ctx_client)
@@ -64,14 +65,21 @@ def test_describe_and_the_caption_topic(ros_context_pair, tmp_path):
         assert response.answer.entropy_mean == pytest.approx(expected.entropy_mean, rel=1e-5)
         assert spin_until([executor], lambda: len(answers) == 1, 10.0)
         assert answers[0].answer == expected.text and not captions
-        # The caption topic at a rate set while running; captions never go to UTS.
+        assert handed == [(expected.text, True)]  # offered to UTS as a caption sample
+        # The caption topic at a rate set while running; offered to UTS too.
         device.set_parameters([Parameter('caption_rate_hz', value=10.0)])
         assert spin_until([executor], lambda: len(captions) >= 3, 30.0), len(captions)
         assert all(c.answer == expected.text and c.question == 'describe' for c in captions)
-        assert len(answers) == 1 and handed == []
+        assert spin_until([executor], lambda: len(handed) >= 3, 10.0)
+        assert set(handed) == {(expected.text, True)} and len(answers) == 1
+        # uts.captions off: captions are still published, no longer offered.
+        device.set_parameters([Parameter('uts.captions', value=False)])
+        offered, published = len(handed), len(captions)
+        assert spin_until([executor], lambda: len(captions) >= published + 3, 30.0)
+        assert len(handed) <= offered + 1  # (one queued before the set, at most)
         device.set_parameters([Parameter('caption_rate_hz', value=0.0)])
         assert device._caption_timer is None
-        assert device.counters['captions'] >= 3
+        assert device.counters['captions'] >= 6
         bad = device.set_parameters([Parameter('caption_rate_hz', value=-1.0)])
         assert not bad[0].successful and device._caption_timer is None
     finally:

@@ -11,7 +11,9 @@ Topics (relative names):
     out token_request (cdcca_ros/TokenRequest): the rest of these samples' tokens, please
     out rollback_order (cdcca_ros/RollbackOrder, signed, reliable + transient local)
     out adaptation_status (cdcca_ros/AdaptationStatus): one per round (round_done / refused,
-        the gate's decision in ``detail``), one per rollback order (rollback_ordered)
+        the gate's decision in ``detail``; a caption round's message starts ``caption round:``
+        and its ``detail`` says ``task: caption``, ``metric: cider``), one per rollback order
+        (rollback_ordered)
     out /diagnostics
 
 A round for a device starts when ``round.min_samples`` samples arrived or ``round.max_wait_s``
@@ -24,14 +26,23 @@ device's rounds wait until the device reports it carried it out (or refused it).
 state (the exact adapter the device holds, the cloud's trained copy, the replay memory) is
 checkpointed under ``state_dir`` and survives a restart.
 
+Caption samples (their question a ``describe`` question) are kept apart and run caption rounds
+of their own when ``captions.min_samples`` are pending or the first waited
+``captions.max_wait_s`` (:mod:`cdcca_ros.core.captions.round`: the teacher's captions as
+pseudo-labels, AKD, DWC, a gate on CIDEr-D, a signed delta published like any other). They
+need caption heads beside teacher and student (the bundled pair has them); without, with
+``captions.enabled`` false, or on ``backend:=ray``, caption samples are refused (counted,
+logged).
+
 With ``backend:=ray`` the rounds run on a Ray cluster instead (``ray_address``; a local one
 when empty): student workers, a batching teacher service, device state in ``ray.store_dir``
 (:mod:`cdcca_ros.core.fleet`). The node stays the same face: samples and reports go to the
 fleet's store, the worker thread hands due rounds to it and publishes what comes back.
 
 Teacher and student that cannot load are one FATAL line and a non-zero exit. The ``round.*``,
-``akd.*`` and ``dwc.*`` parameters change at runtime (``ros2 param set``) and apply from the next
-round; the models, the device, the key and the folders are read-only.
+``akd.*``, ``dwc.*`` and ``captions.*`` (but ``enabled`` and ``anchor_frames``) parameters change
+at runtime (``ros2 param set``) and apply from the next round; the models, the device, the key
+and the folders are read-only.
 """
 from __future__ import annotations
 

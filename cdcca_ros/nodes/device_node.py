@@ -27,7 +27,12 @@ by the model's caption head (:meth:`DeviceRuntime.caption`: the coverage routes 
 answer; entropy Eq. 2 over every step of the caption); with ``caption_rate_hz`` > 0 the node
 also captions the latest frame at that rate and publishes it on ``caption`` (a timer queues
 the work for the question worker; one pending at a time, a tick that finds one is skipped).
-Captions are not offered to UTS: the cloud's rounds train answers, not captions.
+Both are offered to UTS like answers while ``uts.captions`` is on (default): UTS selects a
+caption on its whole-sequence entropy against a threshold of its own
+(``uts.caption_entropy_threshold``), and a selected one goes up with its ``describe`` question,
+which is how the cloud tells it from an answer. The cloud's caption rounds train on them
+(:mod:`cdcca_ros.core.captions.round`) and ship an ordinary delta of the adapter, which is
+verified and applied here like any other.
 
 Rollbacks: a signed ``rollback_order`` from the cloud's live audit is verified and carried out
 by :meth:`DeviceRuntime.apply_rollback` in the delta worker (one change of the model at a time);
@@ -49,7 +54,8 @@ is never dropped silently by DDS, it reaches the bounded question queue, where w
 is counted (``questions_dropped``), as are questions it could not answer
 (``questions_unanswered``, the reason in the log) and losses the middleware reports
 (``questions_lost``). Runtime parameters (``ros2 param set``): ``max_new_tokens``,
-``frame_max_age_ms``, ``annotate`` and the ``uts.*`` selection settings; the rest is read-only.
+``frame_max_age_ms``, ``annotate``, ``caption_rate_hz`` and the ``uts.*`` selection settings
+(``uts.captions`` and ``uts.caption_entropy_threshold`` included); the rest is read-only.
 """
 from __future__ import annotations
 

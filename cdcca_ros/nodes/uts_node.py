@@ -15,6 +15,11 @@ equal to those from all exact tokens, half of them 0.895 at the same bytes; a mo
 basis file packs ``ecq`` at ``uts.keep_ratio`` and says so on diagnostics) or as its frame in
 JPEG (``uts.uplink: image``), see :mod:`cdcca_ros.core.uplink`.
 
+Captions (``describe`` questions and the ``caption`` topic, offered while ``uts.captions`` is
+on) go through a pipeline of their own: stage 1 on the whole caption's entropy against
+``uts.caption_entropy_threshold`` (top_fraction: a window of captions only), no audit draws;
+stage 2 and the packing as for answers. The uplinked message carries the ``describe`` question.
+
 Every published sample's full tokens stay in a bounded :class:`~cdcca_ros.core.uts.TokenRing`
 (``uts.ring_samples``): when the cloud's teacher cannot label a sample confidently from the kept
 tokens it sends a ``token_request``, answered with a *pulled* UtsTokens per requested sample

@@ -81,7 +81,7 @@ def test_describe_uplinks_a_caption_sample_and_its_round_reports(ros_context_pai
     # caption split is a pure function of the id; guard.gate_fraction 0.5 here). One held-out
     # sample can never make the gain significant, so the round is refused whatever the
     # student learns: this test is about the plumbing; a shipped caption delta that a device
-    # verifies and applies is in test/core/captions/test_round.py.
+    # verifies and applies is in test/core/captions/test_caption_round.py.
     splits = [split_of(f'{DEVICE}-{i}', 0.0, 0.5) for i in range(1, 9)]
     k = next(n for n in range(2, 9) if splits[:n].count('gate') == 1 and 'train' in splits[:n])
     frames = [s.image for d in ('fog', 'night')

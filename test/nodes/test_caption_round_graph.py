@@ -59,6 +59,7 @@ def test_describe_uplinks_a_caption_sample_and_its_round_reports(ros_context_pai
                                                                   tmp_path):
     from cdcca_ros.msg import AdaptationStatus
     from cdcca_ros.srv import Ask
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from sensor_msgs.msg import Image
@@ -132,7 +133,9 @@ def test_describe_uplinks_a_caption_sample_and_its_round_reports(ros_context_pai
         executors[1].add_node(cloud_side)
         closers += [e.shutdown for e in executors]
         closers += [robot.destroy_node, cloud_side.destroy_node]
-        got: dict[str, list] = {'cloud': [], 'heard': []}
+        got: dict[str, list] = {'cloud': [], 'heard': [], 'diagnostics': []}
+        cloud_side.create_subscription(DiagnosticArray, '/diagnostics',
+                                       lambda m: got['diagnostics'].extend(m.status), 50)
         cloud_side.create_subscription(AdaptationStatus, 'adaptation_status',
                                        got['cloud'].append, RELIABLE_QOS)
         robot.create_subscription(AdaptationStatus, 'cloud_status', got['heard'].append,
@@ -182,6 +185,16 @@ def test_describe_uplinks_a_caption_sample_and_its_round_reports(ros_context_pai
         assert all(r.label for r in state.captions.records.values())  # teacher captions
         assert cloud.counters['caption_rounds'] == 1
         assert cloud.counters['caption_refused'] == 1 and state.version == 0
+
+        def diagnostics() -> dict[str, str]:
+            found = [d for d in got['diagnostics'] if d.name == '/cloud/cloud_node']
+            return {kv.key: kv.value for kv in found[-1].values} if found else {}
+        # On /diagnostics like an answer round's refusal: counters and the gate's reason.
+        assert spin(lambda: diagnostics().get(f'{DEVICE}.caption_refused') == '1', 10.0)
+        figures = diagnostics()
+        assert 'p < 0.1' in figures[f'{DEVICE}.caption_gate']
+        assert figures['caption_samples'] == str(k) and figures['caption_rounds'] == '1'
+        assert figures[f'{DEVICE}.caption_records'] == str(k)
         # The device hears of it through the link; its model stays as it was.
         assert spin(lambda: any(s.state == status.state for s in got['heard']), 30.0)
         assert device.runtime.version == 0 and device.counters['deltas_applied'] == 0

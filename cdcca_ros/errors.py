@@ -103,7 +103,7 @@ class EndOfStreamError(CameraError):
     """A finite camera source (a video file) has no more frames."""
 
 
-# --- downlink deltas (core/dwc.py, core/updates.py) --------------------------------------
+# --- downlink deltas (core/dwc.py, core/codecs/, core/updates.py) --------------------------
 class DeltaMismatchError(CdccaError, ValueError):
     """A delta does not fit a state dict (keys, shapes or dtypes differ)."""
 

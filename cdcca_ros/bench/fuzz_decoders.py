@@ -208,9 +208,9 @@ def _dwc_strategy(codec_name: str) -> Callable[[], st.SearchStrategy]:
     def build() -> st.SearchStrategy:
         import torch
 
-        from cdcca_ros.core import dwc
+        from cdcca_ros.core import codecs
 
-        codec = dwc.get_codec(codec_name)
+        codec = codecs.get_codec(codec_name)
 
         def valid(seed: int, scale: float, compact: bool) -> tuple[bytes, bool]:
             delta = {k: torch.from_numpy(_rng_array(seed + i, s, scale))
@@ -225,15 +225,15 @@ def _dwc_strategy(codec_name: str) -> Callable[[], st.SearchStrategy]:
 
 
 def _dwc_run(value: tuple[bytes, bool, str]) -> None:
-    from cdcca_ros.core import dwc
+    from cdcca_ros.core import codecs
 
     payload, compact, name = value
-    kind, describing = dwc.read_payload_kind(payload)
-    codec = dwc.get_codec(kind)
+    kind, describing = codecs.read_payload_kind(payload)
+    codec = codecs.get_codec(kind)
     numel = sum(int(np.prod(s)) for s in _SPEC.values())
     if describing:
         out = codec.decode(payload)
-        _check(sum(t.numel() for t in out.values()) <= dwc.DEFAULT_MAX_NUMEL,
+        _check(sum(t.numel() for t in out.values()) <= codecs.DEFAULT_MAX_NUMEL,
                'decoded more values than the limit')
     else:
         flat = codec.decode_flat(payload, _SPEC)
@@ -266,14 +266,14 @@ def _base_hash() -> str:
 def _sealed(seed: int, scale: float, fields: dict[str, Any]) -> Any:
     import torch
 
-    from cdcca_ros.core import dwc
+    from cdcca_ros.core import codecs
     from cdcca_ros.core.updates import seal_delta
 
     delta = {k: torch.from_numpy(_rng_array(seed + i, s, scale))
              for i, (k, s) in enumerate(_SPEC.items())}
     args = dict(device_id='robot1', round=1, base_version=0, base_hash=_base_hash(),
                 new_version=1, new_hash='ff' * 32, codec='sparse',
-                payload=dwc.get_codec('sparse').encode(delta, self_describing=False))
+                payload=codecs.get_codec('sparse').encode(delta, self_describing=False))
     args.update(fields)
     return seal_delta(_keys()[0], **args)
 

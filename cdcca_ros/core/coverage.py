@@ -146,14 +146,24 @@ class Coverage:
         self.uncovered += int(not inside)
         return inside
 
-    def covers_all(self, features: np.ndarray) -> np.ndarray:
-        """:meth:`covers` for ``[n, F]`` features at once (not counted: evaluations)."""
+    def covers_all(self, features: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+        """:meth:`covers` for ``[n, F]`` features at once (not counted: evaluations).
+
+        Args:
+            features: ``[n, F]`` frame features.
+            exclude_self: A frame's own feature among the frozen points (distance 0) is not
+                its neighbour: the test of a *fresh* frame drawn like a recorded one (the
+                cloud's gate judges held-out samples the device has noted this way).
+        """
         points, scale, is_anchor = self._points, self._scale, self._is_anchor
         features = np.asarray(features, np.float32)
         if points is None or scale is None:
             return np.ones(len(features), dtype=bool)
         z = (features - scale[0]) / scale[1]
         d2 = _sq_distances(z, points)
+        if exclude_self:
+            # float32 expansion leaves ~1e-6 * |z|^2 of a point's distance to itself.
+            d2[d2 <= _SELF_D2 * (1.0 + (z * z).sum(1))[:, None]] = np.inf
         nearest = d2.argmin(axis=1)
         inside = np.sqrt(d2[np.arange(len(z)), nearest]) <= self.radius
         if self.cfg.anchor_answers_base:
@@ -166,6 +176,11 @@ class Coverage:
         return {'noted': noted, 'frozen': 0 if self._points is None else len(self._points),
                 'radius': round(self.radius, 3) if np.isfinite(self.radius) else -1.0,
                 'checked': self.checked, 'uncovered': self.uncovered}
+
+
+_SELF_D2 = 1e-4
+"""Squared standardised distance (relative to ``1 + |z|^2``) below which a point is the frame
+itself: distinct frames lie O(1) apart in the standardised space."""
 
 
 def _sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -49,8 +49,8 @@ import numpy as np
 from cdcca_ros.core import wire
 from cdcca_ros.core.atomic import atomic_write
 from cdcca_ros.core.captions.describe import DESCRIBE, is_describe
+from cdcca_ros.core.codecs.container import all_finite
 from cdcca_ros.core.coverage import Coverage, CoverageConfig
-from cdcca_ros.core.dwc import all_finite
 from cdcca_ros.core.entropy_guard import EntropyGuard, EntropyGuardConfig
 from cdcca_ros.core.rounds.memory import token_feature
 from cdcca_ros.core.trust import TrustStore
@@ -76,7 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from torch import Tensor
 
-    from cdcca_ros.core.dwc import FlatDelta
+    from cdcca_ros.core.codecs.container import FlatDelta
     from cdcca_ros.models.base import MLLM, AnswerResult, StepCallback
 
 WEIGHTS_FILE = 'adapter.safetensors'
@@ -224,9 +224,9 @@ class FlatWeights:
         return FlatWeights(layout, out)
 
     def plus_flat(self, delta: FlatDelta) -> FlatWeights:
-        """:meth:`plus` for a :class:`~cdcca_ros.core.dwc.FlatDelta`: one add when these
-        weights are one buffer laid out as the delta (the usual case: one dtype, one device,
-        names sorted alike), else through :meth:`plus`. Bit-identical either way.
+        """:meth:`plus` for a :class:`~cdcca_ros.core.codecs.container.FlatDelta`: one add
+        when these weights are one buffer laid out as the delta (the usual case: one dtype, one
+        device, names sorted alike), else through :meth:`plus`. Bit-identical either way.
 
         Raises:
             DeltaMismatchError: The delta's names or shapes do not fit.

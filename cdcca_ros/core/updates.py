@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from torch import Tensor
 
-    from cdcca_ros.core.dwc import FlatDelta
+    from cdcca_ros.core.codecs.container import FlatDelta
 
 ENVELOPE_MAGIC = b'CDEV'
 ENVELOPE_VERSION = 2
@@ -100,7 +100,7 @@ class DeltaEnvelope:
         new_version: Version after applying (strictly greater than ``base_version``).
         new_hash: Hash of the weights after applying (the cloud's view of the device).
         codec: Codec name of the payload (e.g. ``'sparse'``).
-        payload: Codec bytes (:mod:`cdcca_ros.core.dwc`).
+        payload: Codec bytes (:mod:`cdcca_ros.core.codecs`).
         signature: Ed25519 signature over all the fields above and the two below.
         key_id: :func:`~cdcca_ros.core.trust.key_id` of the signing key.
         expires: Unix time (s) after which the device refuses the delta (signed).
@@ -268,7 +268,7 @@ def _first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
     """
     import torch
 
-    from cdcca_ros.core.dwc import all_finite
+    from cdcca_ros.core.codecs.container import all_finite
 
     flats = [t.reshape(-1) for t in tensors.values()]
     if not flats or all_finite(torch.cat(flats)):
@@ -364,7 +364,7 @@ class DeltaGate:
         return delta
 
     def _accept(self, envelope: DeltaEnvelope, flat: bool) -> dict[str, Tensor] | FlatDelta:
-        from cdcca_ros.core import dwc
+        from cdcca_ros.core import codecs
 
         env = envelope
         if not isinstance(env, DeltaEnvelope):
@@ -410,12 +410,12 @@ class DeltaGate:
                                    f'{env.base_hash[:12]}, device holds v{self._version} '
                                    f'{self._hash[:12]}')
             try:
-                payload_codec, self_describing = dwc.read_payload_kind(env.payload)
+                payload_codec, self_describing = codecs.read_payload_kind(env.payload)
                 if payload_codec != env.codec:
                     raise self._reject(RejectReason.CODEC_MISMATCH, env,
                                        f'envelope says {env.codec!r}, payload says '
                                        f'{payload_codec!r}')
-                codec = dwc.get_codec(env.codec)
+                codec = codecs.get_codec(env.codec)
                 if flat and not self_describing:
                     # Names and shapes are the spec's by construction (its digest matched).
                     flat_delta = codec.decode_flat(env.payload, self._shapes)
@@ -447,7 +447,7 @@ class DeltaGate:
             if bad is not None:
                 raise self._reject(RejectReason.NON_FINITE, env, f'{bad!r} holds NaN or Inf')
             self._pending = (env.new_version, env.new_hash)
-            return dwc.flatten_delta(delta, self._shapes) if flat else delta
+            return codecs.flatten_delta(delta, self._shapes) if flat else delta
 
     def commit(self, new_version: int, new_hash: str) -> None:
         """Record that the node now runs ``new_version`` (after applying a delta).

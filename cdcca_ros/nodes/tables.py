@@ -282,6 +282,12 @@ CLOUD = (
     Param('guard.gain_on', 'new', 'gate: the slice whose significant gain ships an update: '
           'device (every held-out sample the device sent) or new (those since the last '
           'update)', choices=('device', 'new')),
+    Param('guard.gate_routed', True, 'gate: judge each held-out sample as a device with '
+          'guard.coverage answers a fresh frame like it (the candidate where covered, the '
+          'shipped student elsewhere); false: the candidate everywhere (devices without '
+          'coverage)'),
+    Param('guard.gate_coverage_margin', 1.5, 'gate: the devices\' guard.coverage_margin',
+          low=0.1, high=100.0),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
           low=0.0, high=0.999),
     Param('guard.pull_below', 0.98, 'ask the device for the rest of a sample\'s tokens when '

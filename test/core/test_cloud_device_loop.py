@@ -162,15 +162,15 @@ def _mutations(env: DeltaEnvelope, private, device):
     good = dict(device_id=env.device_id, round=env.round, base_version=env.base_version,
                 base_hash=env.base_hash, new_version=env.new_version, new_hash=env.new_hash,
                 codec=env.codec, payload=env.payload)
-    from cdcca_ros.core import dwc
+    from cdcca_ros.core.codecs import container
 
     # The encoders refuse non-finite values: build the container by hand, as a broken cloud
     # or an attacker holding the key would.
     base = device.model.trainable_state_dict()
-    entries = [dwc._Entry(k, 'float32', tuple(v.shape)) for k, v in base.items()]
+    entries = [container.Entry(k, 'float32', tuple(v.shape)) for k, v in base.items()]
     values = np.zeros(sum(v.numel() for v in base.values()), np.float16)
     values[3] = np.nan
-    nan_payload = dwc._write_payload('fp16', {}, entries, {'values': values})
+    nan_payload = container.write_payload('fp16', {}, entries, {'values': values})
     other_private, _ = generate_keypair()
     return {
         'bad_signature': dataclasses.replace(env, signature=bytes(64)),

@@ -118,3 +118,16 @@ def test_the_device_node_parameters_build_the_coverage():
     off = CoverageConfig.from_params({**params, 'guard.coverage_anchor_base': False})
     assert off is not None and not off.anchor_answers_base
     assert CoverageConfig.from_params({**params, 'guard.coverage': False}) is None
+
+
+def test_a_frame_is_not_its_own_neighbour_when_excluded():
+    """The cloud's gate tests a recorded sample as a fresh frame like it: a lone sample far
+    from the rest covers itself only, one inside a blob is covered by its neighbours."""
+    cov = Coverage(CoverageConfig(min_features=8, anchor_answers_base=False))
+    dense, lone = blob(10.0, 60, 0), blob(60.0, 1, 1)
+    for f in np.concatenate([dense, lone]):
+        cov.note(f)
+    cov.snapshot()
+    assert cov.covers_all(lone).all()
+    assert not cov.covers_all(lone, exclude_self=True).any()
+    assert cov.covers_all(dense, exclude_self=True).mean() > 0.9

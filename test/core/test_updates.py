@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cdcca_ros.core import dwc, wire
-from cdcca_ros.core.dwc import all_finite
+from cdcca_ros.core.codecs import container
+from cdcca_ros.core.codecs.container import all_finite
 from cdcca_ros.core.updates import (
     DeltaEnvelope,
     DeltaGate,
@@ -142,10 +143,10 @@ def _nonfinite_payload(value: float, index: int = 5) -> bytes:
     # The encoders refuse non-finite values, so build the container by hand, as an attacker
     # (or a broken cloud) would.
     base = trainable()
-    entries = [dwc._Entry(k, 'float32', tuple(v.shape)) for k, v in base.items()]
+    entries = [container.Entry(k, 'float32', tuple(v.shape)) for k, v in base.items()]
     values = np.zeros(sum(v.numel() for v in base.values()), np.float16)
     values[index] = value
-    return dwc._write_payload('fp16', {}, entries, {'values': values})
+    return container.write_payload('fp16', {}, entries, {'values': values})
 
 
 def _bad_envelopes(keys) -> dict[str, tuple[RejectReason, DeltaEnvelope]]:
@@ -189,7 +190,7 @@ def _bad_envelopes(keys) -> dict[str, tuple[RejectReason, DeltaEnvelope]]:
                             _sealed(priv, base, payload=b'\x00garbage' * 10)),
         'unknown_codec': (RejectReason.UNDECODABLE,
                           _sealed(priv, base, codec='zip',
-                                  payload=dwc._write_payload('zip', {}, [], {}))),
+                                  payload=container.write_payload('zip', {}, [], {}))),
         'nan': (RejectReason.NON_FINITE,
                 _sealed(priv, base, codec='fp16', payload=_nonfinite_payload(np.nan))),
         'inf': (RejectReason.NON_FINITE,
@@ -259,10 +260,10 @@ def test_non_finite_value_is_named_wherever_it_sits(keys, setup, value: float,
 
 def _compact_nonfinite_payload(value: float, tensor: str) -> bytes:
     base = trainable()
-    entries = [dwc._Entry(k, 'float32', tuple(base[k].shape)) for k in sorted(base)]
+    entries = [container.Entry(k, 'float32', tuple(base[k].shape)) for k in sorted(base)]
     values = np.zeros(sum(v.numel() for v in base.values()), np.float16)
     values[sum(base[k].numel() for k in sorted(base)[:sorted(base).index(tensor)])] = value
-    return dwc._write_payload('fp16', {}, entries, {'values': values}, self_describing=False)
+    return container.write_payload('fp16', {}, entries, {'values': values}, self_describing=False)
 
 
 @pytest.mark.parametrize('value', [np.nan, np.inf])

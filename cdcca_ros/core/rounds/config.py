@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cdcca_ros.core.coverage import CoverageConfig
 from cdcca_ros.core.rounds.gate import GateConfig
 from cdcca_ros.core.rounds.trainer import TrainConfig
 from cdcca_ros.errors import ConfigError
@@ -79,6 +80,11 @@ class GuardConfig:
             ``akd.steps`` steps and ship every result (no memory, anchor, gate or audit).
         train: Steps, mixture and early stopping.
         gate: When a candidate ships.
+        routing: The gate judges every held-out sample as a device with this coverage
+            (:mod:`cdcca_ros.core.coverage`, the devices' ``guard.coverage_*``) answers a
+            fresh frame like it: with the candidate where the frame is covered, with the
+            shipped student elsewhere (anchor-like frames); None: every sample with the
+            candidate (devices without coverage).
         labels: Which labels are trusted; token pulls.
         audit: Live audit and rollback orders.
         memory_bytes: Bound of the per-device replay memory.
@@ -98,6 +104,7 @@ class GuardConfig:
     enabled: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    routing: CoverageConfig | None = field(default_factory=CoverageConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     memory_bytes: int = 64 << 20
@@ -151,6 +158,8 @@ class GuardConfig:
                             tolerance=p['tolerance'],
                             anchor_tolerance=p['anchor_tolerance'],
                             anchor_budget=p['anchor_budget'], gain_on=p['gain_on']),
+            routing=(CoverageConfig(margin=p['gate_coverage_margin']) if p['gate_routed']
+                     else None),
             labels=LabelConfig(min_confidence=p['min_label_confidence'],
                                pull_below=p['pull_below'],
                                pull_fraction=p['pull_fraction']),

@@ -11,6 +11,13 @@ label; the anchor set's own label). The held-out samples are never trained on:
   clusters pooled), what earlier updates learnt;
 - ``anchor``: the anchor set's held-out part, what the student knew before any update.
 
+Each sample is answered as the device would answer a fresh frame like it
+(``GuardConfig.routing``, :meth:`~cdcca_ros.core.rounds.round.RoundRunner._routed_correct`):
+the device's coverage hands frames like the uplinked scenes to the adapter and anchor-like or
+never-sent ones to the shipped student, whose answer is the same under both adapters. So the
+anchor slice measures the frames near the source that the update does answer; a candidate is
+neither refused nor shipped on a change the device never runs.
+
 Rule (:meth:`GateConfig.decide`): ship when the gain slice improves by at least ``min_gain``
 points and significantly (one-sided exact McNemar test at ``alpha`` on its discordant pairs),
 and no other slice falls by more than its tolerance. The gain slice (``gain_on``) is ``new``

@@ -35,6 +35,7 @@ import torch
 
 from cdcca_ros.core import dwc
 from cdcca_ros.core.akd import AKDConfig, AKDTrainer
+from cdcca_ros.core.coverage import Coverage
 from cdcca_ros.core.refit import RefitConfig, RefitResult, akd_task_loss, refit_compress
 from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.rounds.gate import ANCHOR, DEVICE, NEW, REPLAY, GateDecision
@@ -432,8 +433,7 @@ class RoundRunner:
         everything = [r for members in slices.values() for r in members]
         if not everything:
             return {NEW: PairedCounts(0, 0, 0, 0, 0)}
-        cur = self.correct(current, everything)
-        cand = self.correct(candidate, everything)
+        cur, cand = self._routed_correct(state, current, candidate, everything)
         out, start = {}, 0
         for name, members in slices.items():
             stop = start + len(members)
@@ -443,6 +443,38 @@ class RoundRunner:
         if device:
             out[DEVICE] = PairedCounts.of(cur[:device], cand[:device])
         return out
+
+    def _routed_correct(self, state: DeviceState, current: dict[str, Tensor],
+                        candidate: dict[str, Tensor], records: Sequence[Record]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Per record: right with ``current`` and with ``candidate`` *as the device answers
+        a fresh frame like it* (``guard.routing``): a covered frame by the adapter, any other
+        by the shipped student (``self.base``), whose answer is then the same for both."""
+        covered = self._covered(state, records)
+        cur, cand = np.zeros(len(records), bool), np.zeros(len(records), bool)
+        inside, outside = np.flatnonzero(covered), np.flatnonzero(~covered)
+        if len(inside):
+            part = [records[i] for i in inside]
+            cur[inside], cand[inside] = (self.correct(current, part),
+                                         self.correct(candidate, part))
+        if len(outside):
+            base = self.correct(self.base, [records[i] for i in outside])
+            cur[outside], cand[outside] = base, base
+        return cur, cand
+
+    def _covered(self, state: DeviceState, records: Sequence[Record]) -> np.ndarray:
+        """Which of ``records`` the device would answer with the adapter once the candidate
+        is applied: its coverage then holds everything it uplinked and the anchor set (the
+        device notes every sample it sends, held-out ones included, so each record is tested
+        without its own point: a fresh frame drawn like it)."""
+        if self.guard.routing is None or not records:
+            return np.ones(len(records), dtype=bool)
+        anchors = (np.stack([r.feature for r in self.anchor]) if self.anchor else None)
+        coverage = Coverage(self.guard.routing, anchors)
+        for r in state.memory.select():
+            coverage.note(r.feature)
+        coverage.snapshot()
+        return coverage.covers_all(np.stack([r.feature for r in records]), exclude_self=True)
 
     def _compress(self, delta: dict[str, Tensor], records: Sequence[Record],
                   trainer: AKDTrainer, view: dict[str, Tensor]

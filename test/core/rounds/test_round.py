@@ -75,7 +75,19 @@ def test_the_gate_refuses_a_harmful_candidate_and_ships_a_better_one(models, fog
     slices = runner._slices(state, view, harmful)
     decision = runner.guard.gate.decide(slices, anchor_base=runner.anchor_base)
     assert not decision.ship
-    assert slices[ANCHOR].broken > slices[ANCHOR].fixed + 10
+    # Judged as a device with coverage answers: fresh fog frames get the candidate (and
+    # break), fresh anchor-like frames the shipped student (nothing breaks there) ...
+    assert slices[NEW].broken > slices[NEW].fixed + 3
+    assert slices[ANCHOR].broken - slices[ANCHOR].fixed < 10
+    # ... while a device without coverage would run the candidate on the anchor's scenes too.
+    unrouted = runner.guard
+    runner.guard = unrouted.with_(routing=None)
+    try:
+        plain = runner._slices(state, view, harmful)
+    finally:
+        runner.guard = unrouted
+    assert plain[ANCHOR].broken > plain[ANCHOR].fixed + 10
+    assert not runner.guard.gate.decide(plain, anchor_base=runner.anchor_base).ship
     # Better by construction: distilled on every labelled fog sample, the gate's held-out
     # ones included (a cheat no round does), the anchor distilled alongside.
     from cdcca_ros.core.rounds.trainer import RoundTrainer, TrainConfig, fill_targets

@@ -338,7 +338,6 @@ class CaptionExperiment:
             caption_gate_config,
             caption_scores,
             caption_slice,
-            trained_coverage,
         )
         from cdcca_ros.core.coverage import Coverage, CoverageConfig
         from cdcca_ros.core.rounds.gate import ANCHOR, NEW, REPLAY
@@ -393,7 +392,7 @@ class CaptionExperiment:
             # The anchor as the device would caption it: routed by the coverage it holds now
             # and by the one it would hold with the candidate (frames nearest an anchor keep
             # the shipped captioner; those nearest a sent sample get the candidate).
-            candidate_coverage = trained_coverage(anchor_features, noted)
+            candidate_coverage = Coverage.trained(CoverageConfig(), anchor_features, noted)
             slices[ANCHOR] = caption_slice(
                 [x.text for x in routed.caption_from_tokens(gate_anchor_t)],
                 [x.text for x in RoutedCaptioner(probe, base, candidate_coverage)

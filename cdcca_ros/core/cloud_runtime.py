@@ -141,16 +141,12 @@ class CloudRuntime:
         teacher_head, student_head: the caption heads beside teacher and student
             (:mod:`cdcca_ros.models.caption_head`); with both (and ``cfg.captions.enabled``)
             the cloud runs caption rounds, else it refuses caption samples.
-        device_anchors: ``[A, N, D]`` tokens of the anchor set the devices' coverage holds
-            (the one in the student's directory: :func:`~cdcca_ros.core.coverage.
-            anchor_tokens_of`); the caption gate routes its anchor slice with them. None:
-            those of ``anchor``.
     """
 
     def __init__(self, teacher: MLLM, student: MLLM, private_key: Ed25519PrivateKey,
                  cfg: CloudConfig, state_dir: str | Path | None = None,
                  anchor: str | Path | None = None, teacher_head: Any = None,
-                 student_head: Any = None, device_anchors: Tensor | None = None) -> None:
+                 student_head: Any = None) -> None:
         from cdcca_ros.models.registry import check_vision_space
 
         check_vision_space(teacher, student)
@@ -175,8 +171,7 @@ class CloudRuntime:
         self.captions: CaptionRoundRunner | None = None
         if cfg.captions.enabled and teacher_head is not None and student_head is not None:
             self.captions = CaptionRoundRunner(self.runner, teacher_head, student_head,
-                                               cfg.captions, guard.anchor_gate_fraction,
-                                               device_anchors=device_anchors)
+                                               cfg.captions, guard.anchor_gate_fraction)
 
     @property
     def cfg(self) -> CloudConfig:

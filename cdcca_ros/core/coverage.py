@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,18 @@ class Coverage:
         self.radius = float('inf')
         self.checked = 0
         self.uncovered = 0
+
+    @classmethod
+    def trained(cls, cfg: CoverageConfig, anchors: np.ndarray | None,
+                noted: Iterable[np.ndarray]) -> Coverage:
+        """What an update trained now covers on a device with ``cfg``: every sample it sent
+        (``noted`` features) and the ``anchors``, frozen as the device freezes them when it
+        applies the update (the cloud's gate routes held-out samples with it)."""
+        coverage = cls(cfg, anchors)
+        for feature in noted:
+            coverage.note(feature)
+        coverage.snapshot()
+        return coverage
 
     def note(self, feature: np.ndarray) -> None:
         """Record the feature of a sample that went up the link."""

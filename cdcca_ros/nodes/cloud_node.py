@@ -157,7 +157,6 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime | Any:
     ray: start the fleet on Ray instead)."""
     if params['backend'] == 'ray':
         return build_fleet(params)
-    from cdcca_ros.core.coverage import anchor_tokens_of
     from cdcca_ros.models import bundled
     from cdcca_ros.models.caption_head import has_head, load_head
 
@@ -174,8 +173,7 @@ def build_runtime(params: dict[str, Any]) -> CloudRuntime | Any:
         if cfg.captions.enabled and all(has_head(d) for d in heads) else (None, None))
     return CloudRuntime(teacher, student, cloud_signer(params, state_dir), cfg,
                         state_dir=state_dir, anchor=anchor, teacher_head=teacher_head,
-                        student_head=student_head,
-                        device_anchors=anchor_tokens_of(heads[1]) if teacher_head else None)
+                        student_head=student_head)
 
 
 def build_fleet(params: dict[str, Any]) -> Any:

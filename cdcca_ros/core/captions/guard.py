@@ -39,7 +39,7 @@ from cdcca_ros.errors import ConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
-    from cdcca_ros.core.coverage import Coverage, CoverageConfig
+    from cdcca_ros.core.coverage import Coverage
     from cdcca_ros.models.base import MLLM, AnswerResult
     from cdcca_ros.models.caption_head import Captioner
 
@@ -79,21 +79,6 @@ def caption_slice(old: Sequence[str], new: Sequence[str],
     if len(old) != len(new):
         raise ConfigError(f'caption_slice: {len(old)} old and {len(new)} new captions')
     return PairedScores.of(caption_scores(old, references), caption_scores(new, references))
-
-
-def trained_coverage(anchor_features: np.ndarray | None, noted: Sequence[np.ndarray],
-                     cfg: CoverageConfig | None = None) -> Coverage:
-    """What an update trained now would cover on a device: the features of every sample the
-    device sent (``noted``, :func:`~cdcca_ros.core.rounds.memory.token_feature`) and the
-    anchors', frozen as the device freezes them when it applies the update (``cfg``: the
-    device's defaults)."""
-    from cdcca_ros.core.coverage import Coverage, CoverageConfig
-
-    cov = Coverage(cfg or CoverageConfig(), anchor_features)
-    for f in noted:
-        cov.note(f)
-    cov.snapshot()
-    return cov
 
 
 class RoutedCaptioner:
@@ -139,5 +124,4 @@ class RoutedCaptioner:
         return [r for r in out if r is not None]
 
 
-__all__ = ['caption_gate_config', 'caption_scores', 'caption_slice', 'trained_coverage',
-           'RoutedCaptioner']
+__all__ = ['caption_gate_config', 'caption_scores', 'caption_slice', 'RoutedCaptioner']

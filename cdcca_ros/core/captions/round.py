@@ -30,13 +30,13 @@ answer round's compression and commit (:class:`~cdcca_ros.core.rounds.round.Roun
      teacher's captions;
    * ``replay``: the older gate-split caption samples, referenced the same way;
    * ``anchor``: the caption anchors held out of training, referenced by the shipped student's
-     own captions. They are captioned as the device routes frames: a frame the update would not
-     cover keeps the shipped captioner. The held-out anchors stand for new source-like frames,
-     so they are left out of the coverage (the ``table2`` bench keeps them in, where they
-     always route to the shipped captioner).
+     own captions. Each is captioned as the device would caption a fresh frame like it, with
+     the answer gate's routing (``guard.gate_routed``,
+     :meth:`~cdcca_ros.core.rounds.round.RoundRunner.covered`): the update where the frame
+     would be covered, the shipped captioner (the anchor's own caption) elsewhere.
 
    The same adapter also answers questions. So a candidate the caption gate accepts must also
-   pass the answers' anchor slice, under the answer gate's anchor rule
+   pass the answers' anchor slice, routed the same way, under the answer gate's anchor rule
    (:meth:`~cdcca_ros.core.rounds.gate.GateConfig.anchor_harm`); it is reported as
    ``answer_anchor``.
 5. **Sign** and commit the shipped delta, as a new version. The answers' continuing trained
@@ -54,20 +54,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from cdcca_ros.core import dwc
 from cdcca_ros.core.captions.adapt import CaptionAkdConfig, CaptionDistiller, caption_texts
 from cdcca_ros.core.captions.describe import DESCRIBE
-from cdcca_ros.core.captions.guard import (
-    caption_gate_config,
-    caption_scores,
-    caption_slice,
-    trained_coverage,
-)
+from cdcca_ros.core.captions.guard import caption_gate_config, caption_scores, caption_slice
 from cdcca_ros.core.rounds.gate import ANCHOR, NEW, REPLAY, GateDecision
-from cdcca_ros.core.rounds.memory import Record, split_of, token_feature
+from cdcca_ros.core.rounds.memory import Record, split_of
 from cdcca_ros.core.rounds.round import REFUSED, SHIPPED, RoundResult
 from cdcca_ros.core.rounds.stats import PairedCounts
 from cdcca_ros.errors import ConfigError
@@ -168,14 +162,10 @@ class CaptionRoundRunner:
         student_head: The student's caption head (as shipped to the devices).
         cfg: The caption rounds' settings.
         anchor_gate_fraction: Share of the caption anchors held out for the gate.
-        device_anchors: ``[A, N, D]`` tokens of every anchor frame a device knows (the
-            student's anchor file: its coverage treats them as anchors); None: those of
-            ``runner.anchor``.
     """
 
     def __init__(self, runner: RoundRunner, teacher_head: Any, student_head: Any,
-                 cfg: CaptionRoundConfig, anchor_gate_fraction: float = 0.3,
-                 device_anchors: Tensor | None = None) -> None:
+                 cfg: CaptionRoundConfig, anchor_gate_fraction: float = 0.3) -> None:
         self.runner, self.cfg = runner, cfg
         self.teacher = Captioner(runner.teacher, teacher_head)
         self.student = Captioner(runner.student, student_head)
@@ -190,12 +180,6 @@ class CaptionRoundRunner:
                    labelled=True)
             for i, (t, lab) in enumerate(zip(frames, labels, strict=True))]
         held = [a for a in self.anchors if a.split == 'gate' and a.usable]
-        out = {_key(a.tokens) for a in self.anchors if a.split == 'gate'}
-        known = [token_feature(t) for t in (
-            _unique_frames(runner.anchor, len(runner.anchor)) if device_anchors is None
-            else list(device_anchors)) if _key(t) not in out]
-        #: What the device knows as anchors, less the held-out ones (they play new frames).
-        self.anchor_features = np.stack(known) if known else None
         #: The shipped student's mean CIDEr-D on the held-out anchors (against its own words).
         self.anchor_base = (float(caption_scores([a.label or '' for a in held],
                                                  [[a.label or ''] for a in held]).mean())
@@ -335,12 +319,9 @@ class CaptionRoundRunner:
             start = stop
         anchor = [a for a in self.anchors if a.split == 'gate' and a.usable]
         if anchor:
-            # Routed as the device would caption them: the shipped captioner (their label)
-            # where the update would not cover them.
-            noted = [r.feature for r in state.memory.records.values()]
-            noted += [r.feature for r in state.captions.records.values()]
-            routed = trained_coverage(self.anchor_features, noted).covers_all(
-                np.stack([a.feature for a in anchor]))
+            # Routed as the device would caption a fresh frame like each: the shipped
+            # captioner (the anchor's label) where the update would not cover it.
+            routed = self.runner.covered(state, anchor)
             labels = [a.label or '' for a in anchor]
             pick = [a for a, r in zip(anchor, routed, strict=True) if r]
             old_a, new_a = dict(zip(map(id, pick), self._of(view, pick), strict=True)), dict(
@@ -352,8 +333,8 @@ class CaptionRoundRunner:
         decision = gate.decide(slices, anchor_base=self.anchor_base)
         answers = [r for r in self.runner.anchor if r.split == 'gate' and r.usable]
         if decision.ship and answers:
-            counts = PairedCounts.of(self.runner.correct(view, answers),
-                                     self.runner.correct(candidate, answers))
+            counts = PairedCounts.of(*self.runner.routed_correct(state, view, candidate,
+                                                                 answers))
             decision.slices[ANSWER_ANCHOR] = counts
             harm = guard.gate.anchor_harm(counts, self.runner.anchor_base)
             if harm:

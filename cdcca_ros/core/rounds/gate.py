@@ -12,7 +12,7 @@ label; the anchor set's own label). The held-out samples are never trained on:
 - ``anchor``: the anchor set's held-out part, what the student knew before any update.
 
 Each sample is answered as the device would answer a fresh frame like it
-(``GuardConfig.routing``, :meth:`~cdcca_ros.core.rounds.round.RoundRunner._routed_correct`):
+(``GuardConfig.routing``, :meth:`~cdcca_ros.core.rounds.round.RoundRunner.routed_correct`):
 the device's coverage hands frames like the uplinked scenes to the adapter and anchor-like or
 never-sent ones to the shipped student, whose answer is the same under both adapters. So the
 anchor slice measures the frames near the source that the update does answer; a candidate is

@@ -433,7 +433,7 @@ class RoundRunner:
         everything = [r for members in slices.values() for r in members]
         if not everything:
             return {NEW: PairedCounts(0, 0, 0, 0, 0)}
-        cur, cand = self._routed_correct(state, current, candidate, everything)
+        cur, cand = self.routed_correct(state, current, candidate, everything)
         out, start = {}, 0
         for name, members in slices.items():
             stop = start + len(members)
@@ -444,13 +444,13 @@ class RoundRunner:
             out[DEVICE] = PairedCounts.of(cur[:device], cand[:device])
         return out
 
-    def _routed_correct(self, state: DeviceState, current: dict[str, Tensor],
+    def routed_correct(self, state: DeviceState, current: dict[str, Tensor],
                         candidate: dict[str, Tensor], records: Sequence[Record]
                         ) -> tuple[np.ndarray, np.ndarray]:
         """Per record: right with ``current`` and with ``candidate`` *as the device answers
         a fresh frame like it* (``guard.routing``): a covered frame by the adapter, any other
         by the shipped student (``self.base``), whose answer is then the same for both."""
-        covered = self._covered(state, records)
+        covered = self.covered(state, records)
         cur, cand = np.zeros(len(records), bool), np.zeros(len(records), bool)
         inside, outside = np.flatnonzero(covered), np.flatnonzero(~covered)
         if len(inside):
@@ -462,7 +462,7 @@ class RoundRunner:
             cur[outside], cand[outside] = base, base
         return cur, cand
 
-    def _covered(self, state: DeviceState, records: Sequence[Record]) -> np.ndarray:
+    def covered(self, state: DeviceState, records: Sequence[Record]) -> np.ndarray:
         """Which of ``records`` the device would answer with the adapter once the candidate
         is applied: its coverage then holds everything it uplinked and the anchor set (the
         device notes every sample it sends, held-out ones included, so each record is tested
@@ -470,10 +470,9 @@ class RoundRunner:
         if self.guard.routing is None or not records:
             return np.ones(len(records), dtype=bool)
         anchors = (np.stack([r.feature for r in self.anchor]) if self.anchor else None)
-        coverage = Coverage(self.guard.routing, anchors)
-        for r in state.memory.select():
-            coverage.note(r.feature)
-        coverage.snapshot()
+        noted = [r.feature for r in state.memory.select()]
+        noted += [r.feature for r in state.captions.select()]  # the device notes captions too
+        coverage = Coverage.trained(self.guard.routing, anchors, noted)
         return coverage.covers_all(np.stack([r.feature for r in records]), exclude_self=True)
 
     def _compress(self, delta: dict[str, Tensor], records: Sequence[Record],

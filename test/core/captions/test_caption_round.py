@@ -39,7 +39,6 @@ def pair():
 def _cloud(pair, tmp_path, **captions) -> tuple[CloudRuntime, object]:
     """A cloud with caption rounds (small: 24 anchor frames, 100 steps) and the public key of
     its signing key."""
-    from cdcca_ros.core.coverage import anchor_tokens_of
     from cdcca_ros.core.rounds.anchor import ANCHOR_FILE
     from cdcca_ros.core.wire import generate_keypair
 
@@ -52,8 +51,7 @@ def _cloud(pair, tmp_path, **captions) -> tuple[CloudRuntime, object]:
     rt = CloudRuntime(pair['teacher'], bundled.load('bundled:student'), private, cfg,
                       state_dir=tmp_path / 'cloud', anchor=f'{pair["student_dir"]}/{ANCHOR_FILE}',
                       teacher_head=pair['teacher_head'],
-                      student_head=copy.deepcopy(pair['student_head']),
-                      device_anchors=anchor_tokens_of(pair['student_dir']))
+                      student_head=copy.deepcopy(pair['student_head']))
     return rt, public
 
 

@@ -9,7 +9,10 @@ label; the anchor set's own label). The held-out samples are never trained on:
   included), the data the round is meant to help with;
 - ``replay/<c>``: older gate-split samples, one slice per cluster of the memory (small
   clusters pooled), what earlier updates learnt;
-- ``anchor``: the anchor set's held-out part, what the student knew before any update.
+- ``anchor``: the anchor set's held-out part, what the student knew before any update;
+- ``new/<c>``: the ``new`` slice again, one per memory cluster with enough samples: harm
+  slices only, so that a gain on the whole cannot hide a scene that falls (an update learnt
+  on one shift breaking another that went up in the same stretch).
 
 Each sample is answered as the device would answer a fresh frame like it
 (``GuardConfig.routing``, :meth:`~cdcca_ros.core.rounds.round.RoundRunner.routed_correct`):

@@ -442,6 +442,14 @@ class RoundRunner:
         device = len(everything) - len(slices.get(ANCHOR, ()))  # new and replay come first
         if device:
             out[DEVICE] = PairedCounts.of(cur[:device], cand[:device])
+        # The new data per cluster too (new comes first in `everything`): a gain on the whole
+        # must not hide a scene that falls (an update learnt on one shift breaking another
+        # that went up in the same stretch).
+        position = {id(r): i for i, r in enumerate(new)}
+        for c, members in sorted(state.memory.clusters_of(new).items()):
+            if len(members) >= gate.min_slice and len(members) < len(new):
+                idx = np.array([position[id(r)] for r in members])
+                out[f'{NEW}/{c}'] = PairedCounts.of(cur[idx], cand[idx])
         return out
 
     def routed_correct(self, state: DeviceState, current: dict[str, Tensor],

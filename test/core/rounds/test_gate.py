@@ -96,3 +96,14 @@ def test_the_gain_on_all_the_devices_data_ships_what_new_data_alone_cannot_show(
     assert not d.ship and d.reason.startswith('new falls') and d.harmful
     with pytest.raises(ConfigError):
         GateConfig(gain_on='everything')
+
+
+def test_a_gain_on_the_whole_new_data_does_not_hide_a_scene_that_falls():
+    # The new data gains overall (30 fixed, 12 broken), but one of its clusters holds the
+    # breaks: an update learnt on one shift breaking another that went up in the same stretch.
+    slices = {NEW: counts(230, 30, 12), f'{NEW}/0': counts(150, 30, 1),
+              f'{NEW}/3': counts(60, 0, 11)}
+    d = GateConfig().decide(slices)
+    assert not d.ship and d.harmful and d.reason.startswith('new/3 falls by 18.3 points')
+    del slices[f'{NEW}/3']
+    assert GateConfig().decide(slices).ship

@@ -189,3 +189,30 @@ def test_memory_and_labels_survive_a_cloud_restart(models, fog, tmp_path):
     tokens, samples = fog
     assert not again.add_sample(DEVICE, tokens[0], None, samples[0].question,
                                 again.space.num_tokens, again.space.dim, f'{DEVICE}-0')
+
+
+def test_the_new_data_is_also_judged_per_cluster(models, fog):
+    """Fog and night went up in the same stretch: the gate's new data is judged as a whole
+    (the gain) and per memory cluster (harm), the clusters partitioning the whole."""
+    from cdcca_ros.core.rounds.gate import GateConfig
+
+    cloud, _ = _cloud(models, gate=GateConfig(min_slice=8))
+    _add_fog(cloud, fog)
+    night = World(3).samples('night', N_FOG, 48, start=1_800_000)
+    with torch.no_grad():
+        tokens = models[1].vision_tokens([s.image for s in night])
+    space = cloud.space
+    for i, s in enumerate(night):
+        assert cloud.add_sample(DEVICE, tokens[i], None, s.question, space.num_tokens,
+                                space.dim, f'{DEVICE}-n{i}', device_version=0)
+    runner, state = cloud.runner, cloud.device(DEVICE)
+    runner.label(state)
+    state.memory.recluster()
+    view = state.feedback.view
+    g = torch.Generator().manual_seed(0)
+    other = {k: v + torch.randn(v.shape, generator=g) * 0.5 for k, v in view.items()}
+    slices = runner._slices(state, view, other)
+    per_cluster = {k: v for k, v in slices.items() if k.startswith(f'{NEW}/')}
+    assert per_cluster, sorted(slices)
+    assert sum(c.n for c in per_cluster.values()) <= slices[NEW].n
+    assert sum(c.broken for c in per_cluster.values()) <= slices[NEW].broken

@@ -98,7 +98,8 @@ def delta_stream(base: dict[str, Any], private: Any, device_id: str, codec_name:
 def _breakdown(runtime: Any, env: Any, public: Any, scratch: Path) -> dict[str, float]:
     """Steps timed alone on copies (the runtime is not changed): the gate's verify and
     decode, the background persist, and the pre-rework path (``before_*``)."""
-    from cdcca_ros.core import device_runtime, dwc, wire
+    from cdcca_ros.core import dwc, wire
+    from cdcca_ros.core.device import persist
 
     model = runtime.model
     out: dict[str, float] = {}
@@ -108,9 +109,9 @@ def _breakdown(runtime: Any, env: Any, public: Any, scratch: Path) -> dict[str, 
     out['decode_ms'], delta = timed_ms(lambda: dwc.get_codec(env.codec).decode(env.payload,
                                                                                spec=spec))
     candidate = current.plus(delta)
-    snapshot = device_runtime.AdapterSnapshot(runtime.device_id, env.new_version, env.round,
-                                              candidate.digest(), candidate)
-    out['persist_ms'], _ = timed_ms(lambda: device_runtime.write_adapter(scratch, snapshot))
+    snapshot = persist.AdapterSnapshot(runtime.device_id, env.new_version, env.round,
+                                       candidate.digest(), candidate)
+    out['persist_ms'], _ = timed_ms(lambda: persist.write_adapter(scratch, snapshot))
     # Before: clone the state dict, per-tensor Eq. 8, finite check and hash, full-answer probe.
     out['before_state_dict_ms'], base = timed_ms(model.trainable_state_dict)
     out['before_build_ms'], built = timed_ms(lambda: dwc.apply_delta(base, delta))

@@ -5,7 +5,7 @@ the device hands it to :meth:`DeltaGate.accept`, which verifies and decodes it o
 :class:`~cdcca_ros.errors.DeltaGateRejection` (a ``DeltaRejectedError`` with a ``reason``
 code) without changing anything. The node then applies the delta on a copy
 (:func:`cdcca_ros.core.dwc.apply_delta`, or its bit-identical flat form
-:meth:`cdcca_ros.core.device_runtime.FlatWeights.plus`), checks the result's hash against the
+:meth:`cdcca_ros.core.device.weights.FlatWeights.plus`), checks the result's hash against the
 envelope's ``new_hash`` and calls :meth:`DeltaGate.commit`.
 
 Who may sign a delta is the device's :class:`~cdcca_ros.core.trust.TrustStore`: a pinned key,

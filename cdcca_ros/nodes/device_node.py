@@ -81,7 +81,8 @@ from std_msgs.msg import Header, String
 from cdcca_ros.camera.convert import annotate, image_to_msg, msg_to_rgb
 from cdcca_ros.core.captions.describe import DESCRIBE
 from cdcca_ros.core.coverage import CoverageConfig, anchor_tokens_of
-from cdcca_ros.core.device_runtime import AnsweredSample, DeviceRuntime
+from cdcca_ros.core.device.answers import AnsweredSample
+from cdcca_ros.core.device_runtime import DeviceRuntime
 from cdcca_ros.core.entropy_guard import EntropyGuardConfig
 from cdcca_ros.core.updates import RollbackEnvelope
 from cdcca_ros.errors import (

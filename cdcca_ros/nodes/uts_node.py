@@ -56,7 +56,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from cdcca_ros.camera.convert import image_to_msg
-from cdcca_ros.core.device_runtime import AnsweredSample
+from cdcca_ros.core.device.answers import AnsweredSample
 from cdcca_ros.core.uplink.basis import BASIS_FILE, TokenBasis, space_id
 from cdcca_ros.core.uplink.image import JPEG_FORMAT
 from cdcca_ros.core.uplink.pipeline import BASIS, UplinkPipeline, UplinkSample

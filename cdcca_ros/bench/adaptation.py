@@ -764,7 +764,7 @@ class Experiment:
         features = (random_features(self.plan.seed) if method.stage2 == 'random'
                     else device.mc_token_features)
         student_spec = self.ctx.models.spec('student')
-        pipeline = device_uplink(student_spec, space, features, **overrides)
+        pipeline = device_uplink(student_spec, space, features, params=d, **overrides)
         uplink = ('uts' if method.stage2 != 'none' else 'stage1' if method.stage1 else 'all')
         robot = Robot(device, pipeline, TokenRing(int(d['uts.ring_samples'])), cloud,
                       uplink=uplink, basis=cloud_token_basis(student_spec, space))

@@ -514,8 +514,10 @@ def device_params(**overrides: Any) -> dict[str, Any]:
     return validate('device_node', overrides)
 
 
-def device_uts_config(**overrides: Any) -> Any:
-    """The :class:`UtsConfig` a device node builds from its ``uts.*`` parameters.
+def device_uts_config(params: dict[str, Any] | None = None, **overrides: Any) -> Any:
+    """The :class:`UtsConfig` a device node builds from its ``uts.*`` parameters (``params``:
+    a full device parameter set, e.g. with a bench's ``--device`` overrides; None: the table
+    defaults).
 
     Mirrors ``cdcca_ros.nodes.uts_node.uts_config`` (which imports rclpy) on the table
     defaults: a packing UTS does not do itself (``basis``, the default) is ``ecq`` here, the
@@ -527,7 +529,7 @@ def device_uts_config(**overrides: Any) -> Any:
 
     from cdcca_ros.core.uts import PACK_DTYPES, UtsConfig
 
-    p = device_params()
+    p = device_params() if params is None else params
     pack = p['uts.pack_dtype'] if p['uts.pack_dtype'] in PACK_DTYPES else 'ecq'
     cfg = UtsConfig(mc_masks=p['uts.mc_masks'], dropout_p=p['uts.dropout_p'],
                     stage1_mode=p['uts.stage1_mode'],
@@ -539,14 +541,15 @@ def device_uts_config(**overrides: Any) -> Any:
     return replace(cfg, **overrides)
 
 
-def device_uplink(spec: str, space: Any, features: Callable[..., Any], **overrides: Any
-                  ) -> Any:
+def device_uplink(spec: str, space: Any, features: Callable[..., Any],
+                  params: dict[str, Any] | None = None, **overrides: Any) -> Any:
     """The uplink a device node builds for the student ``spec`` from its ``uts.*`` defaults
     (mirrors ``uts_node``'s pipeline): the ``uts.pack_dtype`` packing; for ``basis`` the
     token basis beside the model (``uplink_basis.safetensors``) with stage 2 keeping
     ``uts.basis_keep_ratio``, or, when the model has none, ``ecq`` at ``uts.keep_ratio`` (the
-    node's fallback). ``overrides`` are ``UtsConfig`` fields (a ``keep_ratio`` given applies
-    whatever the packing).
+    node's fallback). ``params``: a full device parameter set (None: the table defaults);
+    ``overrides`` are ``UtsConfig`` fields (a ``keep_ratio`` given applies whatever the
+    packing).
 
     Returns:
         An :class:`~cdcca_ros.core.uplink.pipeline.UplinkPipeline`; its ``packing`` says
@@ -558,8 +561,8 @@ def device_uplink(spec: str, space: Any, features: Callable[..., Any], **overrid
     from cdcca_ros.core.uplink.pipeline import BASIS, UplinkPipeline
     from cdcca_ros.models import bundled
 
-    p = device_params()
-    cfg = device_uts_config(**overrides)
+    p = device_params() if params is None else params
+    cfg = device_uts_config(p, **overrides)
     packing, basis = p['uts.pack_dtype'], None
     if packing == BASIS:
         path = Path(bundled.resolve(spec)) / BASIS_FILE

@@ -386,7 +386,7 @@ class ContinualStream:
             overrides['audit_fraction'] = method.audit_fraction
         space = device.model.vision_space()
         pipeline = device_uplink(self.models.spec('student'), space, device.mc_token_features,
-                                 **overrides)
+                                 params=d, **overrides)
         ring = TokenRing(max_samples=int(d['uts.ring_samples']))
         return device, pipeline, ring
 

@@ -48,3 +48,17 @@ def test_a_student_without_a_basis_falls_back_to_ecq_at_the_keep_ratio(tiny_spec
     assert pipe.packing == 'ecq' and pipe.basis is None
     assert pipe.uts.cfg.keep_ratio == device_params()['uts.keep_ratio']
     assert cloud_token_basis(student, space) is None
+
+
+def test_a_benchs_device_parameters_reach_the_uplink():
+    """``--device uts.*=...`` overrides reach the pipeline (they were once dropped: the
+    uplink read the table defaults whatever the bench was given)."""
+    from cdcca_ros.models import bundled
+
+    model = bundled.load('bundled:student')
+    params = {**device_params(), 'uts.audit_fraction': 0.2, 'uts.basis_keep_ratio': 0.5}
+    pipe = device_uplink('bundled:student', model.vision_space(), model.mc_token_features,
+                         params=params)
+    assert pipe.uts.cfg.audit_fraction == 0.2 and pipe.uts.cfg.keep_ratio == 0.5
+    default = device_uplink('bundled:student', model.vision_space(), model.mc_token_features)
+    assert default.uts.cfg.audit_fraction == device_params()['uts.audit_fraction'] != 0.2

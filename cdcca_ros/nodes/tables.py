@@ -282,6 +282,9 @@ CLOUD = (
     Param('guard.gain_on', 'new', 'gate: the slice whose significant gain ships an update: '
           'device (every held-out sample the device sent) or new (those since the last '
           'update)', choices=('device', 'new')),
+    Param('guard.gate_new_clusters', False, 'gate: also judge the new data per memory '
+          'cluster (a scene of it may not fall, whatever the whole gains); with '
+          'uts.audit_fraction 0.2 on the devices it kept shifts never tuned on from harm'),
     Param('guard.gate_routed', True, 'gate: judge each held-out sample as a device with '
           'guard.coverage answers a fresh frame like it (the candidate where covered, the '
           'shipped student elsewhere); false: the candidate everywhere (devices without '

@@ -157,7 +157,8 @@ class GuardConfig:
             gate=GateConfig(enabled=p['gate'], alpha=p['alpha'], min_gain=p['min_gain'],
                             tolerance=p['tolerance'],
                             anchor_tolerance=p['anchor_tolerance'],
-                            anchor_budget=p['anchor_budget'], gain_on=p['gain_on']),
+                            anchor_budget=p['anchor_budget'], gain_on=p['gain_on'],
+                            new_clusters=p['gate_new_clusters']),
             routing=(CoverageConfig(margin=p['gate_coverage_margin']) if p['gate_routed']
                      else None),
             labels=LabelConfig(min_confidence=p['min_label_confidence'],

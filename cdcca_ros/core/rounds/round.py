@@ -446,7 +446,8 @@ class RoundRunner:
         # must not hide a scene that falls (an update learnt on one shift breaking another
         # that went up in the same stretch).
         position = {id(r): i for i, r in enumerate(new)}
-        for c, members in sorted(state.memory.clusters_of(new).items()):
+        clusters = state.memory.clusters_of(new) if gate.new_clusters else {}
+        for c, members in sorted(clusters.items()):
             if len(members) >= gate.min_slice and len(members) < len(new):
                 idx = np.array([position[id(r)] for r in members])
                 out[f'{NEW}/{c}'] = PairedCounts.of(cur[idx], cand[idx])

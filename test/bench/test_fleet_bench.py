@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdcca_ros.bench.fleet import kill_figures, phase_figures, refusal_kind
+from cdcca_ros.bench.fleet import _round_config, kill_figures, phase_figures, refusal_kind
 from cdcca_ros.bench.fleet_sim import PhaseRecord
 
 
@@ -72,3 +72,15 @@ def test_refusal_reasons_are_classified_from_the_gates_text():
     assert refusal_kind('replay/2 falls by 3.1 points (4 broken, 1 fixed of 40)') == 'replay_fell'
     assert refusal_kind('anchor falls by 2.0 points (3 broken, 0 fixed of 77)') == 'anchor_fell'
     assert refusal_kind(None) == 'other'
+
+
+def test_round_settings_keep_the_light_profile_under_cloud_overrides():
+    # An override of one parameter once brought every cloud_node default back (min_samples
+    # 64, 300 steps, 150 refit steps) under the light profile and the devices' 16-sample
+    # bursts: rounds came due only after round.max_wait_s and cost 3x.
+    cfg = _round_config('light', 16, ['guard.alpha=0.2'])
+    assert cfg.min_samples == 16 and cfg.max_wait_s == 3600.0
+    assert (cfg.guard.train.max_steps, cfg.refit.steps) == (12, 0)
+    assert cfg.guard.gate.alpha == pytest.approx(0.2)
+    assert _round_config('light', 16, ['guard.max_steps=40']).guard.train.max_steps == 40
+    assert _round_config('node', 16).guard.train.max_steps == 300

@@ -181,8 +181,10 @@ def run(ctx: BenchContext) -> BenchResult:
         sims = [SimDevice(p, pool, min_samples, public, base, base_hash) for p in profiles]
         try:
             engine.teacher_report(reset=True)
+            threads = engine.actor_threads()
             record = FleetRun(engine, sims, n_rounds, a.max_minutes * 60.0, kill=kill,
                               presend=presend, log=log).run(name)
+            record.threads = threads
         finally:
             engine.close()
         log(f'[{name}] {len(record.rounds)} rounds in {record.end:.0f} s')
@@ -262,6 +264,7 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'teacher_occupancy': (teacher.get('label') or {}).get('occupancy'),
         'teacher': teacher, 'driver_cpu_s': round(rec.driver_cpu_s, 1),
         'duration_s': round(rec.end, 1), 'events': dict(rec.events),
+        'actor_threads': rec.threads,
         'store_bytes_per_device': rec.store_bytes / rec.devices if rec.devices else None}
 
 

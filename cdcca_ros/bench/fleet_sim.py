@@ -276,6 +276,7 @@ class PhaseRecord:
     driver_cpu_s: float = 0.0
     store_bytes: int = 0
     events: Counter[str] = field(default_factory=Counter)
+    threads: dict[str, Any] = field(default_factory=dict)  # the actors' torch threads
 
 
 class FleetRun:

@@ -297,7 +297,7 @@ class TeacherActor:
         return out
 
     async def ping(self) -> dict[str, Any]:
-        return {'pid': os.getpid(), 'host': socket.gethostname()}
+        return {'pid': os.getpid(), 'host': socket.gethostname(), 'threads': _threads()}
 
 
 class WorkerActor:
@@ -321,7 +321,16 @@ class WorkerActor:
 
         return {'pid': os.getpid(), 'host': socket.gethostname(),
                 'restarted': ray.get_runtime_context().was_current_actor_reconstructed,
-                'tasks': self.worker.tasks_done}
+                'tasks': self.worker.tasks_done, 'threads': _threads()}
+
+
+def _threads() -> dict[str, Any]:
+    """The torch threads of this process (intra-op, inter-op) and its ``OMP_NUM_THREADS``:
+    an actor that runs more threads than its bundle's CPUs fights the others for cores."""
+    import torch
+
+    return {'intra': torch.get_num_threads(), 'interop': torch.get_num_interop_threads(),
+            'omp': os.environ.get('OMP_NUM_THREADS')}
 
 
 def _space(space: dict[str, Any]) -> VisionSpace:
@@ -924,6 +933,15 @@ class FleetEngine:
         import ray
 
         return ray.get([t.report.remote(reset) for t in self.teachers], timeout=timeout)
+
+    def actor_threads(self, timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:
+        """Each live worker's and teacher's torch threads (blocking; see :func:`_threads`)."""
+        import ray
+
+        workers = [s.handle for s in self.slots if s.alive]
+        infos = ray.get([h.ping.remote() for h in workers + self.teachers], timeout=timeout)
+        return {'workers': [i['threads'] for i in infos[:len(workers)]],
+                'teachers': [i['threads'] for i in infos[len(workers):]]}
 
     def in_flight(self) -> dict[int, tuple[list[str], float]]:
         """Worker -> (devices of its running task, when it was handed the task)."""

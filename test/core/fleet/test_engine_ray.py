@@ -86,6 +86,9 @@ def test_rounds_of_three_devices_ship_one_signed_delta_each(fleet, tiny_tokens):
         assert engine.status(event.device_id)['pending'] == 0
     teacher = engine.teacher_report()[0]
     assert teacher['label']['samples'] == 15 and teacher['targets']['samples'] >= 3
+    # Each actor holds one CPU: one torch thread (two would fight the other actor's core).
+    threads = engine.actor_threads()
+    assert [t['intra'] for t in threads['workers'] + threads['teachers']] == [1, 1, 1]
 
 
 def _again(tiny_tokens, row):

@@ -7,6 +7,11 @@ Lightweight simulated devices (:mod:`cdcca_ros.bench.fleet_sim`: uplink from the
 world at 0.3-0.5 samples a second each, every device its own drift schedule and UTS setting,
 deltas verified by each device's gate, no ROS graph per device) against
 :class:`~cdcca_ros.core.fleet.engine.FleetEngine` on a Ray cluster started on this machine.
+The devices uplink in an open loop (``--uplink open``): they go on uplinking while their
+rounds run, and hold back only while a full round of theirs waits untaken, so every round
+carries about ``round.min_samples`` new samples and a fleet that produces faster than the
+workers serve keeps them fed (``closed``: the devices of the bench before, which send their
+next burst only when their round came back).
 Phases, each on fresh actors and a fresh store:
 
 - ``w<N>`` for every ``--workers`` count: every device gets ``--rounds`` rounds; rounds per
@@ -42,6 +47,7 @@ from cdcca_ros.bench.common import (
     param_overrides,
 )
 from cdcca_ros.bench.fleet_sim import (
+    UPLINKS,
     FleetRun,
     KillPlan,
     PhaseRecord,
@@ -69,6 +75,14 @@ LIGHT = {'guard.max_steps': 12, 'guard.min_steps': 6, 'dwc.refit_steps': 0}
 LIGHT_ANCHOR_LIMIT = 256
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 WORKER_NICENESS_ENV = 'RAY_worker_niceness'  # Ray's raylet setting (default 15)
+UPLINK_NOTES = {
+    'open': 'open loop (a device uplinks while its rounds run and holds back only while a '
+            'full round of its samples waits untaken: rounds of about round.min_samples new '
+            'samples)',
+    'unbounded': 'open loop without holding back (a round takes everything waiting: rounds '
+                 'grow when the workers fall behind)',
+    'closed': 'closed loop (a device sends its next burst when its round came back)',
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'quick 4)')
     parser.add_argument('--rate', default='0.3,0.5',
                         help='uplinked samples a second per device, low,high (default 0.3,0.5)')
+    parser.add_argument('--uplink', choices=UPLINKS, default='open',
+                        help='open: devices uplink at their rate while their rounds run, '
+                             'holding back only while a round of theirs waits untaken '
+                             '(default); unbounded: never holding back (rounds grow under '
+                             'saturation); closed: the next burst only after the round came '
+                             'back')
     parser.add_argument('--group-max', type=int, default=4,
                         help='devices of one uplink group per task (default 4; 1: none)')
     parser.add_argument('--kill-worker', action='store_true',
@@ -178,12 +198,13 @@ def run(ctx: BenchContext) -> BenchResult:
                                  pool.domains)
         for p in profiles:
             p.device_id = p.device_id.replace('robot', prefix)
-        sims = [SimDevice(p, pool, min_samples, public, base, base_hash) for p in profiles]
+        sims = [SimDevice(p, pool, min_samples, public, base, base_hash,
+                          closed=a.uplink == 'closed') for p in profiles]
         try:
             engine.teacher_report(reset=True)
             threads = engine.actor_threads()
             record = FleetRun(engine, sims, n_rounds, a.max_minutes * 60.0, kill=kill,
-                              presend=presend, log=log).run(name)
+                              presend=presend, log=log, uplink=a.uplink).run(name)
             record.threads = threads
         finally:
             engine.close()
@@ -228,6 +249,7 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
     to_end = [r for r in rec.rounds if start <= r['done'] <= end]
     served = list(rec.served_at_cutoff.values())
     task_s = [r['done'] - r['dispatch'] for r in rec.rounds]
+    new_samples = [r['samples'] for r in rec.rounds if r.get('samples') is not None]
     latency = [r['done'] - r['trigger'] for r in rec.rounds
                if r.get('delta') == 'applied' and r['trigger'] is not None]
     answered = [r['done'] - r['trigger'] for r in rec.rounds if r['trigger'] is not None]
@@ -245,10 +267,15 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'workers': rec.workers, 'devices': rec.devices, 'rounds': len(rec.rounds),
         'rounds_in_window': len(window), 'window_s': round(span, 2),
         'rounds_per_min': 60.0 * len(window) / span if window else None,
+        'new_samples_per_min': (60.0 * sum(r.get('samples') or 0 for r in window) / span
+                                if window else None),
         'rounds_per_min_to_last': (60.0 * len(to_end) / max(end - start, 1e-9)
                                    if to_end else None),
         'worker_busy_share': (sum(busy) / len(busy) / rec.workers) if busy else None,
         'task_s_p50': percentile(task_s, 50), 'task_s_p90': percentile(task_s, 90),
+        'first_dispatch_s': min((r['dispatch'] for r in rec.rounds), default=None),
+        'round_new_samples_p50': percentile(new_samples, 50),
+        'round_new_samples_p90': percentile(new_samples, 90),
         'trigger_to_delta_p50_s': percentile(latency, 50),
         'trigger_to_delta_p99_s': percentile(latency, 99),
         'deltas_applied': len(latency),
@@ -259,6 +286,8 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'contended_share': (sum(contended) / len(contended)) if contended else None,
         'outcomes': outcomes, 'refusals': refusals, 'owed_after_drain': rec.owed_after_drain,
         'samples_sent': rec.samples_sent, 'samples_lost': rec.samples_lost,
+        'samples_held': rec.samples_held, 'sent_while_running': rec.sent_while_running,
+        'uplink': rec.uplink,
         'device_counts': rec.device_counts, 'engine': rec.engine,
         'teacher_samples_per_forward': (teacher.get('label') or {}).get('samples_per_forward'),
         'teacher_occupancy': (teacher.get('label') or {}).get('occupancy'),
@@ -338,6 +367,13 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         'speedup_2_workers': (per_w['2']['rounds_per_min'] / per_w['1']['rounds_per_min']
                               if '1' in per_w and '2' in per_w and per_w['1']['rounds_per_min']
                               and per_w['2']['rounds_per_min'] else None),
+        'speedup_2_workers_samples': (
+            per_w['2']['new_samples_per_min'] / per_w['1']['new_samples_per_min']
+            if '1' in per_w and '2' in per_w and per_w['1']['new_samples_per_min']
+            and per_w['2']['new_samples_per_min'] else None),
+        'worker_busy_share': {w: f['worker_busy_share'] for w, f in per_w.items()},
+        'round_new_samples_p50': {w: f['round_new_samples_p50'] for w, f in per_w.items()},
+        'uplink': ctx.args.uplink,
         'trigger_to_delta_p50_s': top['trigger_to_delta_p50_s'],
         'trigger_to_delta_p99_s': top['trigger_to_delta_p99_s'],
         'trigger_to_result_p50_s': top['trigger_to_result_p50_s'],
@@ -381,9 +417,8 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         f'{ctx.args.profile} (guard.max_steps {cfg.guard.train.max_steps}, refit '
         f'{cfg.refit.steps} steps, anchor limit {cfg.guard.anchor_limit}); round.min_samples '
         f'{min_samples}, round.max_wait_s {cfg.max_wait_s:g}; overrides '
-        f'{ctx.args.cloud or "none"}; device uplink {rates[0]}-'
-        f'{rates[1]} samples/s, closed loop (a device sends its next burst when its round '
-        'came back)',
+        f'{ctx.args.cloud or "none"}; device uplink {rates[0]}-{rates[1]} samples/s, '
+        + UPLINK_NOTES[ctx.args.uplink],
         f'Ray local cluster on this machine: {os.cpu_count()} cores shared with other work '
         f'(load average {load["start"]} at the start, {load.get("end")} at the end); each '
         'worker and the teacher one torch thread, at the bench process\'s priority '
@@ -394,10 +429,10 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         'rounds were owed (running included) as there are workers, i.e. while more workers '
         'could have helped (refused rounds count: they cost the same work); to_last: up to '
         'the moment every device had its rounds, the drain included',
-        'trigger->delta: from the moment the device\'s round was owed (its burst complete) '
-        'to its delta at the device, shipped rounds only; in a saturated closed loop this is '
-        'mostly queueing behind the other devices; trigger->result: the same to the round\'s '
-        'result whatever its outcome (a refused round answers too)',
+        'trigger->delta: from the moment the device\'s round was owed (round.min_samples of '
+        'its samples waiting) to its delta at the device, shipped rounds only; in a saturated '
+        'fleet this is mostly queueing behind the other devices; trigger->result: the same to '
+        'the round\'s result whatever its outcome (a refused round answers too)',
     ]
     if 'grouping' in summary:
         g = summary['grouping']

@@ -7,10 +7,20 @@ samples with every token), packed as the device packs them; and the downlink: ev
 verified by the device's :class:`~cdcca_ros.core.updates.DeltaGate` (signature, version
 order, base hash) and taken, rollback orders checked and carried out and reported back.
 
-The devices are closed loops: a device uplinks ``burst`` samples (``round.min_samples``:
-then a round is owed to it) and sends its next burst once its round came back, so every
-round carries the same number of new samples whatever the number of workers (rounds per
-minute compare), while the fleet is saturated (more rounds owed than workers).
+How a device uplinks (:data:`UPLINKS`):
+
+- ``open`` (the default): a robot answers questions all the time and uplinks at its rate,
+  also while its previous round runs; only while a full round's worth of its samples
+  (``round.min_samples``) waits that no task has taken (its next round is owed and has not
+  started) does it hold what it answers on board (counted as ``held``). So every round
+  carries about ``min_samples`` new samples whatever the number of workers (rounds per
+  minute compare), and a fleet that produces faster than the workers serve always owes
+  them work;
+- ``unbounded``: the same without the hold: under saturation the rounds grow (each takes
+  everything waiting), so fewer workers make bigger rounds;
+- ``closed``: a device uplinks ``min_samples`` samples and sends its next burst only once
+  its round came back (what the bench did before: a device produces nothing while its round
+  runs or waits, so a saturated fleet owes its workers work only part of the time).
 
 :class:`FleetRun` is one phase: devices, engine, the loop, an optional worker kill, and the
 records the bench summarises.
@@ -32,6 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cdcca_ros.core.fleet.engine import FleetEngine
     from cdcca_ros.models.base import MLLM, VisionSpace
+
+
+UPLINKS = ('open', 'unbounded', 'closed')
 
 
 # --- the world's tokens ------------------------------------------------------------------------
@@ -118,10 +131,11 @@ class SimDevice:
     """A robot as the cloud sees it (see the module docstring)."""
 
     def __init__(self, profile: DeviceProfile, pool: TokenPool, burst: int, public_key: Any,
-                 trainable: dict[str, Tensor], base_hash: str, pack_dtype: str = 'ecq') -> None:
+                 trainable: dict[str, Tensor], base_hash: str, pack_dtype: str = 'ecq',
+                 closed: bool = False) -> None:
         from cdcca_ros.core.updates import DeltaGate
 
-        self.p, self.pool, self.burst = profile, pool, int(burst)
+        self.p, self.pool, self.burst, self.closed = profile, pool, int(burst), bool(closed)
         self.rng = random.Random(profile.seed)
         self.public_key, self.trainable = public_key, trainable
         self.gate = DeltaGate(profile.device_id, public_key, 0, base_hash, trainable)
@@ -129,8 +143,10 @@ class SimDevice:
         self.pack_dtype = pack_dtype
         self.sent = 0                 # samples sent in all
         self.in_burst = 0             # samples of the burst under way
-        self.waiting = False          # burst complete, its round owed
+        self.waiting = False          # closed loop: burst complete, its round owed
         self.served = 0               # rounds that came back (any outcome)
+        self.held = 0                 # open: answered on board while a round's worth waited
+        self.sent_while_running = 0   # uplinked while a round of it ran
         self.counts: Counter[str] = Counter()
         self.seen: set[tuple[int, str]] = set()
         self.next_t = 0.0
@@ -172,7 +188,7 @@ class SimDevice:
                 self.ring.popitem(last=False)
         self.sent += 1
         self.in_burst += 1
-        if self.in_burst >= self.burst:
+        if self.closed and self.in_burst >= self.burst:
             self.waiting = True
         return tokens, idx, self.pool.questions[domain][row], sid, audit
 
@@ -193,11 +209,16 @@ class SimDevice:
         self.counts['pulls_served'] += 1
         return unpack_tokens(pack_tokens(full[rest], self.pack_dtype)), rest
 
-    def served_now(self, now: float) -> None:
-        """Its round came back: the next burst starts."""
+    def served_now(self, now: float) -> bool:
+        """Its round came back; True when that starts its next burst (a closed loop's device:
+        its next uplink is scheduled now)."""
         self.served += 1
-        self.waiting, self.in_burst = False, 0
+        self.in_burst = 0
+        if not self.closed:
+            return False
+        self.waiting = False
         self.schedule_next(now)
+        return True
 
     def take_delta(self, envelope: Any) -> str:
         """Verify and take a delta: ``applied``, ``duplicate`` (a version already taken, the
@@ -269,6 +290,9 @@ class PhaseRecord:
     owed_after_drain: int = 0
     samples_sent: int = 0
     samples_lost: int = 0
+    samples_held: int = 0       # answered on board while a round's worth waited (open)
+    sent_while_running: int = 0
+    uplink: str = ''
     device_counts: dict[str, int] = field(default_factory=dict)
     kill: dict[str, Any] = field(default_factory=dict)
     teacher: list[dict[str, Any]] = field(default_factory=list)
@@ -285,22 +309,33 @@ class FleetRun:
 
     Args:
         engine: The fleet.
-        devices: The simulated robots.
+        devices: The simulated robots (closed-loop devices for ``uplink='closed'``).
         rounds: Rounds every device should get.
         max_s: Time cap of the phase (the drain aside).
         kill: Kill a worker mid-round (None: no).
         presend: Share of the first burst each device has sent at the start (uniform per
             device up to this), so rounds are owed from the start.
         log: Progress lines.
+        uplink: How devices uplink, one of :data:`UPLINKS` (see the module docstring).
     """
 
     def __init__(self, engine: FleetEngine, devices: list[SimDevice], rounds: int,
                  max_s: float, kill: KillPlan | None = None, presend: float = 1.0,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, uplink: str = 'open') -> None:
+        if uplink not in UPLINKS:
+            raise ValueError(f'uplink {uplink!r} is not one of {UPLINKS}')
+        if any(d.closed != (uplink == 'closed') for d in devices):
+            raise ValueError(f'uplink {uplink!r} needs devices with closed={uplink == "closed"}')
         self.engine, self.devices = engine, devices
         self.by_id = {d.device_id: d for d in devices}
+        self.index = {d.device_id: i for i, d in enumerate(devices)}
         self.rounds, self.max_s, self.kill, self.presend = rounds, max_s, kill, presend
-        self.log = log
+        self.log, self.uplink = log, uplink
+
+    def holds(self, dev: SimDevice) -> bool:
+        """Whether an open-loop device holds its next sample on board: a full round's worth
+        of its samples waits that no task has taken."""
+        return self.uplink == 'open' and self.engine.waiting(dev.device_id) >= dev.burst
 
     def run(self, name: str) -> PhaseRecord:
         rec = PhaseRecord(name, len(self.engine.slots), len(self.devices))
@@ -317,10 +352,15 @@ class FleetRun:
         last_log = now
         while True:
             now = time.monotonic()
+            running = {d for devices, _ in self.engine.in_flight().values() for d in devices}
             while heap and heap[0][0] <= now:
                 _, i = heapq.heappop(heap)
                 dev = self.devices[i]
-                self._send(dev, now)
+                if self.holds(dev):
+                    dev.held += 1
+                else:
+                    self._send(dev, now)
+                    dev.sent_while_running += int(dev.device_id in running)
                 if not dev.waiting:
                     dev.schedule_next(now)
                     heapq.heappush(heap, (dev.next_t, i))
@@ -354,6 +394,9 @@ class FleetRun:
         rec.end = time.monotonic() - rec.t0
         rec.driver_cpu_s = time.process_time() - cpu0
         rec.samples_sent = sum(d.sent for d in self.devices)
+        rec.samples_held = sum(d.held for d in self.devices)
+        rec.sent_while_running = sum(d.sent_while_running for d in self.devices)
+        rec.uplink = self.uplink
         rec.samples_lost = self._samples_lost()
         rec.store_bytes = sum(f.stat().st_size for f in self.engine.store.root.rglob('*')
                               if f.is_file())
@@ -410,8 +453,7 @@ class FleetRun:
             if result.envelope is not None:
                 row['delta'] = dev.take_delta(result.envelope)
         rec.rounds.append(row)
-        dev.served_now(time.monotonic())
-        return self.devices.index(dev)
+        return self.index[dev.device_id] if dev.served_now(time.monotonic()) else None
 
     def _maybe_kill(self, rec: PhaseRecord) -> None:
         plan = self.kill
@@ -448,17 +490,21 @@ class FleetRun:
                 return device_id
         return None
 
-    def _drain(self, rec: PhaseRecord, timeout: float = 300.0) -> None:
+    def _owed(self) -> int:
+        """Devices owed a round: a closed loop's device waiting for its round; any device
+        whose round is due (or running) in the engine."""
+        running = {d for devices, _ in self.engine.in_flight().values() for d in devices}
+        return sum(d.waiting or d.device_id in running or self.engine.due(d.device_id)
+                   for d in self.devices)
+
+    def _drain(self, rec: PhaseRecord, timeout: float = 600.0) -> None:
         """No more uplink; wait for every owed round (bounded)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            owed = [d for d in self.devices if d.waiting]
-            if not owed and not self.engine.in_flight():
-                break
+        while time.monotonic() < deadline and self._owed():
             for event in self.engine.poll(timeout=0.1):
                 self._event(event, rec)
             self._maybe_revive(rec)
-        rec.owed_after_drain = sum(d.waiting for d in self.devices)
+        rec.owed_after_drain = self._owed()
 
     def _maybe_revive(self, rec: PhaseRecord) -> None:
         """When the killed worker serves again: after the engine saw it die (a slot still

@@ -349,6 +349,7 @@ class _Device:
     base_since: float | None = None
     last_done: float = 0.0
     in_flight: str | None = None   # ticket
+    taken_upto: int = -1           # last inbox number when its running task was handed out
     failures: int = 0
     paused_until: float = 0.0
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_IDS))
@@ -713,6 +714,17 @@ class FleetEngine:
                 out.append(d)
         return out
 
+    def waiting(self, device_id: str) -> int:
+        """Samples of the device that no task has taken: those pending after its last task,
+        or, while a task of it runs, those that arrived after the task was handed out (the
+        few that arrive before its worker reads the inbox go with it: they count here until
+        it ends)."""
+        with self._lock:
+            dev = self._device(device_id)
+            if dev.in_flight is None:
+                return dev.base_pending + len(dev.unapplied)
+            return sum(1 for number, _ in dev.unapplied if number > dev.taken_upto)
+
     def due(self, device_id: str, now: float | None = None) -> bool:
         """Whether the device's round is due (and not running)."""
         with self._lock:
@@ -767,6 +779,7 @@ class FleetEngine:
                 for d in ids:
                     ticket = f'{d}:{uuid.uuid4().hex[:16]}'
                     self._devices[d].in_flight = ticket
+                    self._devices[d].taken_upto = self._devices[d].next_number - 1
                     tasks.append({'device_id': d, 'ticket': ticket,
                                   'trigger': self._trigger.get(d), 'dispatched': now})
             for task in tasks:

@@ -48,6 +48,8 @@ from cdcca_ros.core.updates import (
     seal_rollback,
 )
 
+ANCHOR_CACHE = 8  # trainable sets whose anchor answers a runner keeps
+
 if TYPE_CHECKING:  # pragma: no cover
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from torch import Tensor
@@ -144,10 +146,14 @@ class RoundRunner:
         self.anchor = list(anchor)
         self._labeller = AKDTrainer(teacher, student, akd, progress=False)
         self.base = student.trainable_state_dict()
-        gate_anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
+        self._gate_anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
+        # Per-sample answers right of a trainable set (by its hash) on the anchor's gate share:
+        # the gate asks them of the device's version every round, and that version changes
+        # only when a round ships (most devices run the base: one entry serves them all).
+        self._anchor_right: dict[str, np.ndarray] = {}
         #: The base student's accuracy on the anchor's gate share (1.0 with its own answers).
-        self.anchor_base = (float(self.correct(self.base, gate_anchor).mean())
-                            if gate_anchor else None)
+        self.anchor_base = (float(self.anchor_correct(self.base).mean())
+                            if self._gate_anchor else None)
 
     def configure(self, akd: AKDConfig, guard: GuardConfig, codec: str,
                   codec_params: dict[str, Any], budget_bytes: int | None, refit: RefitConfig,
@@ -188,6 +194,20 @@ class RoundRunner:
         answers = self.answers(self.student, records)
         return np.array([normalise(a) == normalise(r.label)
                          for a, r in zip(answers, records, strict=True)], dtype=bool)
+
+    def anchor_correct(self, weights: dict[str, Tensor]) -> np.ndarray:
+        """:meth:`correct` on the anchor's gate share, kept per trainable set (by hash, the
+        last ``ANCHOR_CACHE`` sets): greedy answers of the same weights do not change."""
+        from cdcca_ros.core.wire import state_dict_hash
+
+        key = state_dict_hash(weights)
+        right = self._anchor_right.pop(key, None)
+        if right is None:
+            right = self.correct(weights, self._gate_anchor)
+        self._anchor_right[key] = right  # the newest last
+        while len(self._anchor_right) > ANCHOR_CACHE:
+            self._anchor_right.pop(next(iter(self._anchor_right)))
+        return right
 
     # ---------------------------------------------------------------- 1. labels
     def label(self, state: DeviceState) -> list[str]:
@@ -408,22 +428,23 @@ class RoundRunner:
                 pooled += members
         if pooled:
             slices[f'{REPLAY}/small'] = pooled
-        anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
-        if anchor:
-            slices[ANCHOR] = anchor
+        device = [r for members in slices.values() for r in members]  # new and replay
+        if self._gate_anchor:
+            slices[ANCHOR] = self._gate_anchor
         everything = [r for members in slices.values() for r in members]
         if not everything:
             return {NEW: PairedCounts(0, 0, 0, 0, 0)}
-        cur = self.correct(current, everything)
+        cur = self.correct(current, device)
+        if self._gate_anchor:  # the device's version on the anchor: known from before
+            cur = np.concatenate([cur, self.anchor_correct(current)])
         cand = self.correct(candidate, everything)
         out, start = {}, 0
         for name, members in slices.items():
             stop = start + len(members)
             out[name] = PairedCounts.of(cur[start:stop], cand[start:stop])
             start = stop
-        device = len(everything) - len(slices.get(ANCHOR, ()))  # new and replay come first
-        if device:
-            out[DEVICE] = PairedCounts.of(cur[:device], cand[:device])
+        if device:  # new and replay come first
+            out[DEVICE] = PairedCounts.of(cur[:len(device)], cand[:len(device)])
         return out
 
     def _compress(self, delta: dict[str, Tensor], records: Sequence[Record],

@@ -202,10 +202,8 @@ def run(ctx: BenchContext) -> BenchResult:
                           closed=a.uplink == 'closed') for p in profiles]
         try:
             engine.teacher_report(reset=True)
-            threads = engine.actor_threads()
             record = FleetRun(engine, sims, n_rounds, a.max_minutes * 60.0, kill=kill,
                               presend=presend, log=log, uplink=a.uplink).run(name)
-            record.threads = threads
         finally:
             engine.close()
         log(f'[{name}] {len(record.rounds)} rounds in {record.end:.0f} s')
@@ -293,8 +291,36 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'teacher_occupancy': (teacher.get('label') or {}).get('occupancy'),
         'teacher': teacher, 'driver_cpu_s': round(rec.driver_cpu_s, 1),
         'duration_s': round(rec.end, 1), 'events': dict(rec.events),
-        'actor_threads': rec.threads,
+        'actor_threads': {role: [a['threads'] for a in infos]
+                          for role, infos in rec.actors.items()},
+        'cpu': _cpu_figures(rec),
         'store_bytes_per_device': rec.store_bytes / rec.devices if rec.devices else None}
+
+
+def _cpu_figures(rec: PhaseRecord) -> dict[str, Any]:
+    """Where the machine's CPU went from the phase's start to its cutoff: cores used on
+    average by the workers, the teacher, this process and everything else on the machine,
+    and the worker CPU seconds a round cost (what contention cannot change)."""
+    cpu = rec.cpu
+    wall = cpu.get('wall_s') or 0.0
+    if not wall:
+        return {}
+    out: dict[str, Any] = {'wall_s': round(wall, 2)}
+    ours = 0.0
+    for role in ('workers', 'teacher', 'driver'):
+        used = cpu.get(role)
+        out[f'{role}_cores'] = None if used is None else round(used / wall, 3)
+        ours += used or 0.0
+    machine = cpu.get('machine')
+    out['machine_cores'] = None if machine is None else round(machine / wall, 3)
+    # Ray's own processes (raylet, GCS) count here too: a few percent of a core.
+    out['others_cores'] = None if machine is None else round((machine - ours) / wall, 3)
+    done = cpu.get('rounds') or 0
+    out['worker_cpu_s_per_round'] = (round(cpu['workers'] / done, 3)
+                                     if done and cpu.get('workers') is not None else None)
+    out['core_share_per_worker'] = (round(cpu['workers'] / wall / rec.workers, 3)
+                                    if cpu.get('workers') is not None else None)
+    return out
 
 
 def refusal_kind(reason: str | None) -> str:

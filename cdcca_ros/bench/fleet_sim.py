@@ -30,7 +30,9 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import os
 import random
+import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 UPLINKS = ('open', 'unbounded', 'closed')
+HOST = socket.gethostname()
 
 
 # --- the world's tokens ------------------------------------------------------------------------
@@ -300,7 +303,8 @@ class PhaseRecord:
     driver_cpu_s: float = 0.0
     store_bytes: int = 0
     events: Counter[str] = field(default_factory=Counter)
-    threads: dict[str, Any] = field(default_factory=dict)  # the actors' torch threads
+    actors: dict[str, Any] = field(default_factory=dict)  # pids and torch threads
+    cpu: dict[str, Any] = field(default_factory=dict)     # CPU seconds, start to cutoff
 
 
 class FleetRun:
@@ -339,7 +343,9 @@ class FleetRun:
 
     def run(self, name: str) -> PhaseRecord:
         rec = PhaseRecord(name, len(self.engine.slots), len(self.devices))
+        rec.actors = self.engine.actors()
         cpu0 = time.process_time()
+        usage0 = self._usage(rec)
         rec.t0 = now = time.monotonic()
         rng = random.Random(len(self.devices))
         for dev in self.devices:  # part of the first burst already sent
@@ -388,6 +394,11 @@ class FleetRun:
                          f'{len(rec.rounds)} rounds, served min {min(served)} max '
                          f'{max(served)}, {figures["fleet.due"]} due, '
                          f'{figures["fleet.workers_alive"]} workers')
+        usage1 = self._usage(rec)
+        rec.cpu = {k: (None if usage0[k] is None or usage1[k] is None
+                       else usage1[k] - usage0[k]) for k in usage0}
+        rec.cpu.update(wall_s=time.monotonic() - rec.t0, rounds=len(rec.rounds),
+                       driver=time.process_time() - cpu0)
         if rec.cutoff is None:
             rec.served_at_cutoff = {d.device_id: d.served for d in self.devices}
         self._drain(rec)
@@ -405,6 +416,20 @@ class FleetRun:
         rec.teacher = self.engine.teacher_report(reset=True)
         rec.engine = dict(self.engine.counters)
         return rec
+
+    def _usage(self, rec: PhaseRecord) -> dict[str, float | None]:
+        """CPU seconds so far of the phase's workers and teachers (as started: a killed
+        worker's are lost, so None) and of the whole machine (Linux ``/proc``; None
+        elsewhere)."""
+        def of(role: str) -> float | None:
+            here = [a['pid'] for a in rec.actors.get(role, []) if a['host'] == HOST]
+            used = [process_cpu_s(pid) for pid in here]
+            if not here or any(u is None for u in used):
+                return None
+            return float(sum(u for u in used if u is not None))
+
+        return {'workers': of('workers'), 'teacher': of('teachers'),
+                'machine': machine_cpu_s()}
 
     def _send(self, dev: SimDevice, now: float) -> None:
         space = self.engine.space
@@ -532,6 +557,28 @@ class FleetRun:
                     have.add(str(entry.read()[0].get('sample_id', '')))
             lost += sum(f'{dev.device_id}-{i}' not in have for i in range(dev.sent))
         return lost
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (Linux ``/proc``); None: gone."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            fields = f.read().rsplit(b')', 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def machine_cpu_s() -> float | None:
+    """CPU seconds the machine's cores have been busy (every process; ``/proc/stat``)."""
+    try:
+        with open('/proc/stat', 'rb') as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    busy = sum(values[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf('SC_CLK_TCK')
 
 
 def _rel(t: float | None, t0: float) -> float | None:

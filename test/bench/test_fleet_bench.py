@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cdcca_ros.bench.fleet import _round_config, kill_figures, phase_figures, refusal_kind
-from cdcca_ros.bench.fleet_sim import PhaseRecord
+from cdcca_ros.bench.fleet_sim import PhaseRecord, machine_cpu_s, process_cpu_s
 
 
 def round_row(device, trigger, dispatch, done, outcome='refused', attempts=1, delta=None,
@@ -84,3 +84,24 @@ def test_round_settings_keep_the_light_profile_under_cloud_overrides():
     assert cfg.guard.gate.alpha == pytest.approx(0.2)
     assert _round_config('light', 16, ['guard.max_steps=40']).guard.train.max_steps == 40
     assert _round_config('node', 16).guard.train.max_steps == 300
+
+
+def test_cpu_figures_say_how_much_of_a_core_each_worker_got():
+    rec = phase()  # 2 workers
+    rec.cpu = {'workers': 12.0, 'teacher': 1.0, 'driver': 0.5, 'machine': 17.5,
+               'wall_s': 10.0, 'rounds': 6}
+    cpu = phase_figures(rec)['cpu']
+    assert cpu['core_share_per_worker'] == pytest.approx(0.6)
+    assert cpu['worker_cpu_s_per_round'] == pytest.approx(2.0)
+    assert cpu['others_cores'] == pytest.approx(0.4)  # 17.5 - 13.5 over 10 s
+    rec.cpu['workers'] = None  # a worker killed: its seconds are lost, not guessed
+    assert phase_figures(rec)['cpu']['core_share_per_worker'] is None
+
+
+def test_cpu_seconds_come_from_proc():
+    import os
+
+    me, machine = process_cpu_s(os.getpid()), machine_cpu_s()
+    sum(i * i for i in range(300_000))  # some work of this process
+    assert process_cpu_s(os.getpid()) > me and machine_cpu_s() > machine
+    assert process_cpu_s(2 ** 22 + 12345) is None  # beyond pid_max: no such process

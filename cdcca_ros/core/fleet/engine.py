@@ -947,14 +947,16 @@ class FleetEngine:
 
         return ray.get([t.report.remote(reset) for t in self.teachers], timeout=timeout)
 
-    def actor_threads(self, timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:
-        """Each live worker's and teacher's torch threads (blocking; see :func:`_threads`)."""
+    def actors(self, timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:
+        """Each live worker's and teacher's process (``pid``, ``host``) and torch threads
+        (``threads``, see :func:`_threads`); blocking."""
         import ray
 
         workers = [s.handle for s in self.slots if s.alive]
         infos = ray.get([h.ping.remote() for h in workers + self.teachers], timeout=timeout)
-        return {'workers': [i['threads'] for i in infos[:len(workers)]],
-                'teachers': [i['threads'] for i in infos[len(workers):]]}
+        keep = ('pid', 'host', 'threads')
+        infos = [{k: i[k] for k in keep} for i in infos]
+        return {'workers': infos[:len(workers)], 'teachers': infos[len(workers):]}
 
     def in_flight(self) -> dict[int, tuple[list[str], float]]:
         """Worker -> (devices of its running task, when it was handed the task)."""

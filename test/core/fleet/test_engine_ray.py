@@ -92,8 +92,9 @@ def test_rounds_of_three_devices_ship_one_signed_delta_each(fleet, tiny_tokens):
     teacher = engine.teacher_report()[0]
     assert teacher['label']['samples'] == 15 and teacher['targets']['samples'] >= 3
     # Each actor holds one CPU: one torch thread (two would fight the other actor's core).
-    threads = engine.actor_threads()
-    assert [t['intra'] for t in threads['workers'] + threads['teachers']] == [1, 1, 1]
+    actors = engine.actors()
+    assert [a['threads']['intra'] for a in actors['workers'] + actors['teachers']] == [1, 1, 1]
+    assert [a['pid'] for a in actors['workers']] == [s.pid for s in engine.slots]
 
 
 def _again(tiny_tokens, row):

@@ -400,6 +400,11 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         'worker_busy_share': {w: f['worker_busy_share'] for w, f in per_w.items()},
         'round_new_samples_p50': {w: f['round_new_samples_p50'] for w, f in per_w.items()},
         'uplink': ctx.args.uplink,
+        'core_share_per_worker': {w: f['cpu'].get('core_share_per_worker')
+                                  for w, f in per_w.items()},
+        'others_cores': {w: f['cpu'].get('others_cores') for w, f in per_w.items()},
+        'worker_cpu_s_per_round': {w: f['cpu'].get('worker_cpu_s_per_round')
+                                   for w, f in per_w.items()},
         'trigger_to_delta_p50_s': top['trigger_to_delta_p50_s'],
         'trigger_to_delta_p99_s': top['trigger_to_delta_p99_s'],
         'trigger_to_result_p50_s': top['trigger_to_result_p50_s'],
@@ -451,6 +456,9 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         f'({WORKER_NICENESS_ENV}={os.environ.get(WORKER_NICENESS_ENV)}, niceness '
         f'{os.nice(0)}); the bench process (devices, store writes, '
         'scheduling) runs beside them',
+        'cpu: from a phase\'s start to its cutoff, the share of a core each worker got and '
+        'the cores everything else on the machine used (other work, Ray\'s own processes): '
+        'a speedup below the workers\' cores is contention, not the fleet',
         'rounds/min: device rounds finished between the first and the last moment as many '
         'rounds were owed (running included) as there are workers, i.e. while more workers '
         'could have helped (refused rounds count: they cost the same work); to_last: up to '

@@ -23,8 +23,9 @@ Phases, each on fresh actors and a fresh store:
   middle of a round once half the devices got one: rounds lost, deltas duplicated, samples
   lost, time to recover;
 - ``group_off`` / ``group_on`` (``--grouping-ab``): one worker, every device owed a round at
-  once, one device per task against ``--group-max`` devices of one uplink group per task:
-  teacher forwards and teacher time per labelled sample.
+  once (a full first burst sent, closed loop whatever ``--uplink``: the same rounds in both),
+  one device per task against ``--group-max`` devices of one uplink group per task: teacher
+  forwards and teacher time per labelled sample.
 
 Round settings (``--profile``): ``light`` (default) is the guarded round shortened (12 steps,
 no refit, a 256-sample anchor) so the figures are about scheduling and the run takes minutes;
@@ -47,6 +48,7 @@ from cdcca_ros.bench.common import (
     param_overrides,
 )
 from cdcca_ros.bench.fleet_sim import (
+    FULL_BURST,
     UPLINKS,
     FleetRun,
     KillPlan,
@@ -185,8 +187,8 @@ def run(ctx: BenchContext) -> BenchResult:
     load: dict[str, Any] = {'start': _loadavg()}
 
     def phase(name: str, w: int, devices: int, n_rounds: int, kill: KillPlan | None = None,
-              group_max: int | None = None, presend: float = 1.0, prefix: str = 'robot'
-              ) -> PhaseRecord:
+              group_max: int | None = None, presend: float = 1.0, prefix: str = 'robot',
+              uplink: str = a.uplink) -> PhaseRecord:
         opts = FleetOptions(workers=w, store=str(ctx.workdir / name),
                             group_max=group_max or a.group_max, threads=ctx.args.threads)
         t0 = time.monotonic()
@@ -199,11 +201,11 @@ def run(ctx: BenchContext) -> BenchResult:
         for p in profiles:
             p.device_id = p.device_id.replace('robot', prefix)
         sims = [SimDevice(p, pool, min_samples, public, base, base_hash,
-                          closed=a.uplink == 'closed') for p in profiles]
+                          closed=uplink == 'closed') for p in profiles]
         try:
             engine.teacher_report(reset=True)
             record = FleetRun(engine, sims, n_rounds, a.max_minutes * 60.0, kill=kill,
-                              presend=presend, log=log, uplink=a.uplink).run(name)
+                              presend=presend, log=log, uplink=uplink).run(name)
         finally:
             engine.close()
         log(f'[{name}] {len(record.rounds)} rounds in {record.end:.0f} s')
@@ -216,11 +218,9 @@ def run(ctx: BenchContext) -> BenchResult:
             phases['kill'] = phase('kill', max_w, n_dev, max(1, rounds - 1),
                                    kill=KillPlan(after_rounds=max(1, n_dev // 2)))
         if a.grouping_ab:
-            phases['group_off'] = phase('group_off', 1, ab_devices, 1, group_max=1,
-                                        presend=1.0, prefix='off')
-            phases['group_on'] = phase('group_on', 1, ab_devices, 1,
-                                       group_max=max(2, a.group_max), presend=1.0,
-                                       prefix='on')
+            for name, g in (('group_off', 1), ('group_on', max(2, a.group_max))):
+                phases[name] = phase(name, 1, ab_devices, 1, group_max=g, presend=FULL_BURST,
+                                     prefix=name.split('_')[1], uplink='closed')
     finally:
         ray.shutdown()
     load['end'] = _loadavg()

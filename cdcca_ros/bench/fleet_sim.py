@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 UPLINKS = ('open', 'unbounded', 'closed')
+FULL_BURST = -1.0  # FleetRun presend: every device starts with a full first burst sent
 HOST = socket.gethostname()
 
 
@@ -318,7 +319,8 @@ class FleetRun:
         max_s: Time cap of the phase (the drain aside).
         kill: Kill a worker mid-round (None: no).
         presend: Share of the first burst each device has sent at the start (uniform per
-            device up to this), so rounds are owed from the start.
+            device up to this), so rounds are owed from the start; :data:`FULL_BURST`: all
+            of it, every device owed a round at the start.
         log: Progress lines.
         uplink: How devices uplink, one of :data:`UPLINKS` (see the module docstring).
     """
@@ -349,7 +351,8 @@ class FleetRun:
         rec.t0 = now = time.monotonic()
         rng = random.Random(len(self.devices))
         for dev in self.devices:  # part of the first burst already sent
-            for _ in range(int(round(rng.uniform(0.0, self.presend) * dev.burst))):
+            share = 1.0 if self.presend == FULL_BURST else rng.uniform(0.0, self.presend)
+            for _ in range(int(round(share * dev.burst))):
                 self._send(dev, now)
             if not dev.waiting:
                 dev.schedule_next(now)

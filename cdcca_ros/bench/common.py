@@ -615,13 +615,15 @@ def world_samples(seed: int, domains: Sequence[str], n_per_domain: int,
 
 def param_overrides(items: Sequence[str], node: str) -> dict[str, Any]:
     """``PARAM=VALUE`` strings (a bench's repeatable ``--cloud`` / ``--device``) as validated,
-    typed parameters of ``node``'s table.
+    typed parameters of ``node``'s table: only the parameters named (merge them over the
+    table's defaults with :func:`~cdcca_ros.nodes.tables.validate`; returning every default
+    here made the fleet bench's overrides of its own profile silently fall back to them).
 
     Raises:
         ConfigError: An item is not ``PARAM=VALUE`` with a known parameter, or a value is out
             of its parameter's range.
     """
-    from cdcca_ros.nodes.tables import TABLES, validate
+    from cdcca_ros.nodes.tables import TABLES
 
     table = {p.name: p for p in TABLES[node]}
     flag = '--cloud' if node == 'cloud_node' else '--device'
@@ -632,7 +634,8 @@ def param_overrides(items: Sequence[str], node: str) -> dict[str, Any]:
             raise ConfigError(f'{flag} {item!r}: not PARAM=VALUE with a known {node} parameter')
         kind = table[name].type
         try:
-            out[name] = (text.lower() in ('1', 'true', 'yes') if kind is bool else kind(text))
+            value = text.lower() in ('1', 'true', 'yes') if kind is bool else kind(text)
         except ValueError as err:
             raise ConfigError(f'{flag} {item!r}: {err}') from err
-    return validate(node, out)
+        out[name] = table[name].check(value)
+    return out

@@ -197,6 +197,7 @@ def run(ctx: BenchContext) -> BenchResult:
     import json
 
     from cdcca_ros.bench.common import device_params, load_plugin
+    from cdcca_ros.nodes.tables import validate
 
     args = ctx.args
     if args.merge:
@@ -219,8 +220,8 @@ def run(ctx: BenchContext) -> BenchResult:
         raise ConfigError(f'unknown methods {unknown}; known: {list(METHODS)}')
     if 'source_only' not in names:
         names.insert(0, 'source_only')
-    cloud = param_overrides(args.cloud, 'cloud_node')
-    device = {**device_params(), **param_overrides(args.device, 'device_node')}
+    cloud = validate('cloud_node', param_overrides(args.cloud, 'cloud_node'))
+    device = device_params(**param_overrides(args.device, 'device_node'))
     if ctx.quick:
         cloud.update({'round.min_samples': 8, 'guard.max_steps': 4, 'guard.min_steps': 2,
                       'akd.steps': 4, 'guard.gate_fraction': 0.3})

@@ -7,6 +7,11 @@ Lightweight simulated devices (:mod:`cdcca_ros.bench.fleet_sim`: uplink from the
 world at 0.3-0.5 samples a second each, every device its own drift schedule and UTS setting,
 deltas verified by each device's gate, no ROS graph per device) against
 :class:`~cdcca_ros.core.fleet.engine.FleetEngine` on a Ray cluster started on this machine.
+The devices uplink in an open loop (``--uplink open``): they go on uplinking while their
+rounds run, and hold back only while a full round of theirs waits untaken, so every round
+carries about ``round.min_samples`` new samples and a fleet that produces faster than the
+workers serve keeps them fed (``closed``: the devices of the bench before, which send their
+next burst only when their round came back).
 Phases, each on fresh actors and a fresh store:
 
 - ``w<N>`` for every ``--workers`` count: every device gets ``--rounds`` rounds; rounds per
@@ -18,8 +23,9 @@ Phases, each on fresh actors and a fresh store:
   middle of a round once half the devices got one: rounds lost, deltas duplicated, samples
   lost, time to recover;
 - ``group_off`` / ``group_on`` (``--grouping-ab``): one worker, every device owed a round at
-  once, one device per task against ``--group-max`` devices of one uplink group per task:
-  teacher forwards and teacher time per labelled sample.
+  once (a full first burst sent, closed loop whatever ``--uplink``: the same rounds in both),
+  one device per task against ``--group-max`` devices of one uplink group per task: teacher
+  forwards and teacher time per labelled sample.
 
 Round settings (``--profile``): ``light`` (default) is the guarded round shortened (12 steps,
 no refit, a 256-sample anchor) so the figures are about scheduling and the run takes minutes;
@@ -42,6 +48,8 @@ from cdcca_ros.bench.common import (
     param_overrides,
 )
 from cdcca_ros.bench.fleet_sim import (
+    FULL_BURST,
+    UPLINKS,
     FleetRun,
     KillPlan,
     PhaseRecord,
@@ -69,6 +77,14 @@ LIGHT = {'guard.max_steps': 12, 'guard.min_steps': 6, 'dwc.refit_steps': 0}
 LIGHT_ANCHOR_LIMIT = 256
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 WORKER_NICENESS_ENV = 'RAY_worker_niceness'  # Ray's raylet setting (default 15)
+UPLINK_NOTES = {
+    'open': 'open loop (a device uplinks while its rounds run and holds back only while a '
+            'full round of its samples waits untaken: rounds of about round.min_samples new '
+            'samples)',
+    'unbounded': 'open loop without holding back (a round takes everything waiting: rounds '
+                 'grow when the workers fall behind)',
+    'closed': 'closed loop (a device sends its next burst when its round came back)',
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'quick 4)')
     parser.add_argument('--rate', default='0.3,0.5',
                         help='uplinked samples a second per device, low,high (default 0.3,0.5)')
+    parser.add_argument('--uplink', choices=UPLINKS, default='open',
+                        help='open: devices uplink at their rate while their rounds run, '
+                             'holding back only while a round of theirs waits untaken '
+                             '(default); unbounded: never holding back (rounds grow under '
+                             'saturation); closed: the next burst only after the round came '
+                             'back')
     parser.add_argument('--group-max', type=int, default=4,
                         help='devices of one uplink group per task (default 4; 1: none)')
     parser.add_argument('--kill-worker', action='store_true',
@@ -144,6 +166,7 @@ def run(ctx: BenchContext) -> BenchResult:
                           'positive numbers')
     log = _logger()
     cfg = _round_config(a.profile, min_samples, a.cloud)
+    min_samples = cfg.min_samples  # a --cloud round.min_samples=N sizes the devices' bursts too
     student = ctx.models.student()
     pool = TokenPool.build(student, ctx.seed, pool_n, model_image_size(student, 64),
                            start=1_800_000)
@@ -164,8 +187,8 @@ def run(ctx: BenchContext) -> BenchResult:
     load: dict[str, Any] = {'start': _loadavg()}
 
     def phase(name: str, w: int, devices: int, n_rounds: int, kill: KillPlan | None = None,
-              group_max: int | None = None, presend: float = 1.0, prefix: str = 'robot'
-              ) -> PhaseRecord:
+              group_max: int | None = None, presend: float = 1.0, prefix: str = 'robot',
+              uplink: str = a.uplink) -> PhaseRecord:
         opts = FleetOptions(workers=w, store=str(ctx.workdir / name),
                             group_max=group_max or a.group_max, threads=ctx.args.threads)
         t0 = time.monotonic()
@@ -177,11 +200,12 @@ def run(ctx: BenchContext) -> BenchResult:
                                  pool.domains)
         for p in profiles:
             p.device_id = p.device_id.replace('robot', prefix)
-        sims = [SimDevice(p, pool, min_samples, public, base, base_hash) for p in profiles]
+        sims = [SimDevice(p, pool, min_samples, public, base, base_hash,
+                          closed=uplink == 'closed') for p in profiles]
         try:
             engine.teacher_report(reset=True)
             record = FleetRun(engine, sims, n_rounds, a.max_minutes * 60.0, kill=kill,
-                              presend=presend, log=log).run(name)
+                              presend=presend, log=log, uplink=uplink).run(name)
         finally:
             engine.close()
         log(f'[{name}] {len(record.rounds)} rounds in {record.end:.0f} s')
@@ -194,11 +218,9 @@ def run(ctx: BenchContext) -> BenchResult:
             phases['kill'] = phase('kill', max_w, n_dev, max(1, rounds - 1),
                                    kill=KillPlan(after_rounds=max(1, n_dev // 2)))
         if a.grouping_ab:
-            phases['group_off'] = phase('group_off', 1, ab_devices, 1, group_max=1,
-                                        presend=1.0, prefix='off')
-            phases['group_on'] = phase('group_on', 1, ab_devices, 1,
-                                       group_max=max(2, a.group_max), presend=1.0,
-                                       prefix='on')
+            for name, g in (('group_off', 1), ('group_on', max(2, a.group_max))):
+                phases[name] = phase(name, 1, ab_devices, 1, group_max=g, presend=FULL_BURST,
+                                     prefix=name.split('_')[1], uplink='closed')
     finally:
         ray.shutdown()
     load['end'] = _loadavg()
@@ -225,6 +247,7 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
     to_end = [r for r in rec.rounds if start <= r['done'] <= end]
     served = list(rec.served_at_cutoff.values())
     task_s = [r['done'] - r['dispatch'] for r in rec.rounds]
+    new_samples = [r['samples'] for r in rec.rounds if r.get('samples') is not None]
     latency = [r['done'] - r['trigger'] for r in rec.rounds
                if r.get('delta') == 'applied' and r['trigger'] is not None]
     answered = [r['done'] - r['trigger'] for r in rec.rounds if r['trigger'] is not None]
@@ -242,10 +265,15 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'workers': rec.workers, 'devices': rec.devices, 'rounds': len(rec.rounds),
         'rounds_in_window': len(window), 'window_s': round(span, 2),
         'rounds_per_min': 60.0 * len(window) / span if window else None,
+        'new_samples_per_min': (60.0 * sum(r.get('samples') or 0 for r in window) / span
+                                if window else None),
         'rounds_per_min_to_last': (60.0 * len(to_end) / max(end - start, 1e-9)
                                    if to_end else None),
         'worker_busy_share': (sum(busy) / len(busy) / rec.workers) if busy else None,
         'task_s_p50': percentile(task_s, 50), 'task_s_p90': percentile(task_s, 90),
+        'first_dispatch_s': min((r['dispatch'] for r in rec.rounds), default=None),
+        'round_new_samples_p50': percentile(new_samples, 50),
+        'round_new_samples_p90': percentile(new_samples, 90),
         'trigger_to_delta_p50_s': percentile(latency, 50),
         'trigger_to_delta_p99_s': percentile(latency, 99),
         'deltas_applied': len(latency),
@@ -256,12 +284,43 @@ def phase_figures(rec: PhaseRecord) -> dict[str, Any]:
         'contended_share': (sum(contended) / len(contended)) if contended else None,
         'outcomes': outcomes, 'refusals': refusals, 'owed_after_drain': rec.owed_after_drain,
         'samples_sent': rec.samples_sent, 'samples_lost': rec.samples_lost,
+        'samples_held': rec.samples_held, 'sent_while_running': rec.sent_while_running,
+        'uplink': rec.uplink,
         'device_counts': rec.device_counts, 'engine': rec.engine,
         'teacher_samples_per_forward': (teacher.get('label') or {}).get('samples_per_forward'),
         'teacher_occupancy': (teacher.get('label') or {}).get('occupancy'),
         'teacher': teacher, 'driver_cpu_s': round(rec.driver_cpu_s, 1),
         'duration_s': round(rec.end, 1), 'events': dict(rec.events),
+        'actor_threads': {role: [a['threads'] for a in infos]
+                          for role, infos in rec.actors.items()},
+        'cpu': _cpu_figures(rec),
         'store_bytes_per_device': rec.store_bytes / rec.devices if rec.devices else None}
+
+
+def _cpu_figures(rec: PhaseRecord) -> dict[str, Any]:
+    """Where the machine's CPU went from the phase's start to its cutoff: cores used on
+    average by the workers, the teacher, this process and everything else on the machine,
+    and the worker CPU seconds a round cost (what contention cannot change)."""
+    cpu = rec.cpu
+    wall = cpu.get('wall_s') or 0.0
+    if not wall:
+        return {}
+    out: dict[str, Any] = {'wall_s': round(wall, 2)}
+    ours = 0.0
+    for role in ('workers', 'teacher', 'driver'):
+        used = cpu.get(role)
+        out[f'{role}_cores'] = None if used is None else round(used / wall, 3)
+        ours += used or 0.0
+    machine = cpu.get('machine')
+    out['machine_cores'] = None if machine is None else round(machine / wall, 3)
+    # Ray's own processes (raylet, GCS) count here too: a few percent of a core.
+    out['others_cores'] = None if machine is None else round((machine - ours) / wall, 3)
+    done = cpu.get('rounds') or 0
+    out['worker_cpu_s_per_round'] = (round(cpu['workers'] / done, 3)
+                                     if done and cpu.get('workers') is not None else None)
+    out['core_share_per_worker'] = (round(cpu['workers'] / wall / rec.workers, 3)
+                                    if cpu.get('workers') is not None else None)
+    return out
 
 
 def refusal_kind(reason: str | None) -> str:
@@ -334,6 +393,18 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         'speedup_2_workers': (per_w['2']['rounds_per_min'] / per_w['1']['rounds_per_min']
                               if '1' in per_w and '2' in per_w and per_w['1']['rounds_per_min']
                               and per_w['2']['rounds_per_min'] else None),
+        'speedup_2_workers_samples': (
+            per_w['2']['new_samples_per_min'] / per_w['1']['new_samples_per_min']
+            if '1' in per_w and '2' in per_w and per_w['1']['new_samples_per_min']
+            and per_w['2']['new_samples_per_min'] else None),
+        'worker_busy_share': {w: f['worker_busy_share'] for w, f in per_w.items()},
+        'round_new_samples_p50': {w: f['round_new_samples_p50'] for w, f in per_w.items()},
+        'uplink': ctx.args.uplink,
+        'core_share_per_worker': {w: f['cpu'].get('core_share_per_worker')
+                                  for w, f in per_w.items()},
+        'others_cores': {w: f['cpu'].get('others_cores') for w, f in per_w.items()},
+        'worker_cpu_s_per_round': {w: f['cpu'].get('worker_cpu_s_per_round')
+                                   for w, f in per_w.items()},
         'trigger_to_delta_p50_s': top['trigger_to_delta_p50_s'],
         'trigger_to_delta_p99_s': top['trigger_to_delta_p99_s'],
         'trigger_to_result_p50_s': top['trigger_to_result_p50_s'],
@@ -376,23 +447,26 @@ def _result(phases: dict[str, PhaseRecord], workers: list[int], load: dict[str, 
         f'models: teacher {ctx.args.teacher}, student {ctx.args.student}; round profile '
         f'{ctx.args.profile} (guard.max_steps {cfg.guard.train.max_steps}, refit '
         f'{cfg.refit.steps} steps, anchor limit {cfg.guard.anchor_limit}); round.min_samples '
-        f'{min_samples}; overrides {ctx.args.cloud or "none"}; device uplink {rates[0]}-'
-        f'{rates[1]} samples/s, closed loop (a device sends its next burst when its round '
-        'came back)',
+        f'{min_samples}, round.max_wait_s {cfg.max_wait_s:g}; overrides '
+        f'{ctx.args.cloud or "none"}; device uplink {rates[0]}-{rates[1]} samples/s, '
+        + UPLINK_NOTES[ctx.args.uplink],
         f'Ray local cluster on this machine: {os.cpu_count()} cores shared with other work '
         f'(load average {load["start"]} at the start, {load.get("end")} at the end); each '
         'worker and the teacher one torch thread, at the bench process\'s priority '
         f'({WORKER_NICENESS_ENV}={os.environ.get(WORKER_NICENESS_ENV)}, niceness '
         f'{os.nice(0)}); the bench process (devices, store writes, '
         'scheduling) runs beside them',
+        'cpu: from a phase\'s start to its cutoff, the share of a core each worker got and '
+        'the cores everything else on the machine used (other work, Ray\'s own processes): '
+        'a speedup below the workers\' cores is contention, not the fleet',
         'rounds/min: device rounds finished between the first and the last moment as many '
         'rounds were owed (running included) as there are workers, i.e. while more workers '
         'could have helped (refused rounds count: they cost the same work); to_last: up to '
         'the moment every device had its rounds, the drain included',
-        'trigger->delta: from the moment the device\'s round was owed (its burst complete) '
-        'to its delta at the device, shipped rounds only; in a saturated closed loop this is '
-        'mostly queueing behind the other devices; trigger->result: the same to the round\'s '
-        'result whatever its outcome (a refused round answers too)',
+        'trigger->delta: from the moment the device\'s round was owed (round.min_samples of '
+        'its samples waiting) to its delta at the device, shipped rounds only; in a saturated '
+        'fleet this is mostly queueing behind the other devices; trigger->result: the same to '
+        'the round\'s result whatever its outcome (a refused round answers too)',
     ]
     if 'grouping' in summary:
         g = summary['grouping']

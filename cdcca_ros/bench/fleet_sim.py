@@ -7,10 +7,20 @@ samples with every token), packed as the device packs them; and the downlink: ev
 verified by the device's :class:`~cdcca_ros.core.updates.DeltaGate` (signature, version
 order, base hash) and taken, rollback orders checked and carried out and reported back.
 
-The devices are closed loops: a device uplinks ``burst`` samples (``round.min_samples``:
-then a round is owed to it) and sends its next burst once its round came back, so every
-round carries the same number of new samples whatever the number of workers (rounds per
-minute compare), while the fleet is saturated (more rounds owed than workers).
+How a device uplinks (:data:`UPLINKS`):
+
+- ``open`` (the default): a robot answers questions all the time and uplinks at its rate,
+  also while its previous round runs; only while a full round's worth of its samples
+  (``round.min_samples``) waits that no task has taken (its next round is owed and has not
+  started) does it hold what it answers on board (counted as ``held``). So every round
+  carries about ``min_samples`` new samples whatever the number of workers (rounds per
+  minute compare), and a fleet that produces faster than the workers serve always owes
+  them work;
+- ``unbounded``: the same without the hold: under saturation the rounds grow (each takes
+  everything waiting), so fewer workers make bigger rounds;
+- ``closed``: a device uplinks ``min_samples`` samples and sends its next burst only once
+  its round came back (what the bench did before: a device produces nothing while its round
+  runs or waits, so a saturated fleet owes its workers work only part of the time).
 
 :class:`FleetRun` is one phase: devices, engine, the loop, an optional worker kill, and the
 records the bench summarises.
@@ -20,7 +30,9 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import os
 import random
+import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -32,6 +44,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from cdcca_ros.core.fleet.engine import FleetEngine
     from cdcca_ros.models.base import MLLM, VisionSpace
+
+
+UPLINKS = ('open', 'unbounded', 'closed')
+FULL_BURST = -1.0  # FleetRun presend: every device starts with a full first burst sent
+HOST = socket.gethostname()
 
 
 # --- the world's tokens ------------------------------------------------------------------------
@@ -118,10 +135,11 @@ class SimDevice:
     """A robot as the cloud sees it (see the module docstring)."""
 
     def __init__(self, profile: DeviceProfile, pool: TokenPool, burst: int, public_key: Any,
-                 trainable: dict[str, Tensor], base_hash: str, pack_dtype: str = 'ecq') -> None:
+                 trainable: dict[str, Tensor], base_hash: str, pack_dtype: str = 'ecq',
+                 closed: bool = False) -> None:
         from cdcca_ros.core.updates import DeltaGate
 
-        self.p, self.pool, self.burst = profile, pool, int(burst)
+        self.p, self.pool, self.burst, self.closed = profile, pool, int(burst), bool(closed)
         self.rng = random.Random(profile.seed)
         self.public_key, self.trainable = public_key, trainable
         self.gate = DeltaGate(profile.device_id, public_key, 0, base_hash, trainable)
@@ -129,8 +147,10 @@ class SimDevice:
         self.pack_dtype = pack_dtype
         self.sent = 0                 # samples sent in all
         self.in_burst = 0             # samples of the burst under way
-        self.waiting = False          # burst complete, its round owed
+        self.waiting = False          # closed loop: burst complete, its round owed
         self.served = 0               # rounds that came back (any outcome)
+        self.held = 0                 # open: answered on board while a round's worth waited
+        self.sent_while_running = 0   # uplinked while a round of it ran
         self.counts: Counter[str] = Counter()
         self.seen: set[tuple[int, str]] = set()
         self.next_t = 0.0
@@ -172,7 +192,7 @@ class SimDevice:
                 self.ring.popitem(last=False)
         self.sent += 1
         self.in_burst += 1
-        if self.in_burst >= self.burst:
+        if self.closed and self.in_burst >= self.burst:
             self.waiting = True
         return tokens, idx, self.pool.questions[domain][row], sid, audit
 
@@ -193,11 +213,16 @@ class SimDevice:
         self.counts['pulls_served'] += 1
         return unpack_tokens(pack_tokens(full[rest], self.pack_dtype)), rest
 
-    def served_now(self, now: float) -> None:
-        """Its round came back: the next burst starts."""
+    def served_now(self, now: float) -> bool:
+        """Its round came back; True when that starts its next burst (a closed loop's device:
+        its next uplink is scheduled now)."""
         self.served += 1
-        self.waiting, self.in_burst = False, 0
+        self.in_burst = 0
+        if not self.closed:
+            return False
+        self.waiting = False
         self.schedule_next(now)
+        return True
 
     def take_delta(self, envelope: Any) -> str:
         """Verify and take a delta: ``applied``, ``duplicate`` (a version already taken, the
@@ -269,6 +294,9 @@ class PhaseRecord:
     owed_after_drain: int = 0
     samples_sent: int = 0
     samples_lost: int = 0
+    samples_held: int = 0       # answered on board while a round's worth waited (open)
+    sent_while_running: int = 0
+    uplink: str = ''
     device_counts: dict[str, int] = field(default_factory=dict)
     kill: dict[str, Any] = field(default_factory=dict)
     teacher: list[dict[str, Any]] = field(default_factory=list)
@@ -276,6 +304,8 @@ class PhaseRecord:
     driver_cpu_s: float = 0.0
     store_bytes: int = 0
     events: Counter[str] = field(default_factory=Counter)
+    actors: dict[str, Any] = field(default_factory=dict)  # pids and torch threads
+    cpu: dict[str, Any] = field(default_factory=dict)     # CPU seconds, start to cutoff
 
 
 class FleetRun:
@@ -284,30 +314,45 @@ class FleetRun:
 
     Args:
         engine: The fleet.
-        devices: The simulated robots.
+        devices: The simulated robots (closed-loop devices for ``uplink='closed'``).
         rounds: Rounds every device should get.
         max_s: Time cap of the phase (the drain aside).
         kill: Kill a worker mid-round (None: no).
         presend: Share of the first burst each device has sent at the start (uniform per
-            device up to this), so rounds are owed from the start.
+            device up to this), so rounds are owed from the start; :data:`FULL_BURST`: all
+            of it, every device owed a round at the start.
         log: Progress lines.
+        uplink: How devices uplink, one of :data:`UPLINKS` (see the module docstring).
     """
 
     def __init__(self, engine: FleetEngine, devices: list[SimDevice], rounds: int,
                  max_s: float, kill: KillPlan | None = None, presend: float = 1.0,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, uplink: str = 'open') -> None:
+        if uplink not in UPLINKS:
+            raise ValueError(f'uplink {uplink!r} is not one of {UPLINKS}')
+        if any(d.closed != (uplink == 'closed') for d in devices):
+            raise ValueError(f'uplink {uplink!r} needs devices with closed={uplink == "closed"}')
         self.engine, self.devices = engine, devices
         self.by_id = {d.device_id: d for d in devices}
+        self.index = {d.device_id: i for i, d in enumerate(devices)}
         self.rounds, self.max_s, self.kill, self.presend = rounds, max_s, kill, presend
-        self.log = log
+        self.log, self.uplink = log, uplink
+
+    def holds(self, dev: SimDevice) -> bool:
+        """Whether an open-loop device holds its next sample on board: a full round's worth
+        of its samples waits that no task has taken."""
+        return self.uplink == 'open' and self.engine.waiting(dev.device_id) >= dev.burst
 
     def run(self, name: str) -> PhaseRecord:
         rec = PhaseRecord(name, len(self.engine.slots), len(self.devices))
+        rec.actors = self.engine.actors()
         cpu0 = time.process_time()
+        usage0 = self._usage(rec)
         rec.t0 = now = time.monotonic()
         rng = random.Random(len(self.devices))
         for dev in self.devices:  # part of the first burst already sent
-            for _ in range(int(round(rng.uniform(0.0, self.presend) * dev.burst))):
+            share = 1.0 if self.presend == FULL_BURST else rng.uniform(0.0, self.presend)
+            for _ in range(int(round(share * dev.burst))):
                 self._send(dev, now)
             if not dev.waiting:
                 dev.schedule_next(now)
@@ -316,10 +361,15 @@ class FleetRun:
         last_log = now
         while True:
             now = time.monotonic()
+            running = {d for devices, _ in self.engine.in_flight().values() for d in devices}
             while heap and heap[0][0] <= now:
                 _, i = heapq.heappop(heap)
                 dev = self.devices[i]
-                self._send(dev, now)
+                if self.holds(dev):
+                    dev.held += 1
+                else:
+                    self._send(dev, now)
+                    dev.sent_while_running += int(dev.device_id in running)
                 if not dev.waiting:
                     dev.schedule_next(now)
                     heapq.heappush(heap, (dev.next_t, i))
@@ -347,12 +397,20 @@ class FleetRun:
                          f'{len(rec.rounds)} rounds, served min {min(served)} max '
                          f'{max(served)}, {figures["fleet.due"]} due, '
                          f'{figures["fleet.workers_alive"]} workers')
+        usage1 = self._usage(rec)
+        rec.cpu = {k: (None if usage0[k] is None or usage1[k] is None
+                       else usage1[k] - usage0[k]) for k in usage0}
+        rec.cpu.update(wall_s=time.monotonic() - rec.t0, rounds=len(rec.rounds),
+                       driver=time.process_time() - cpu0)
         if rec.cutoff is None:
             rec.served_at_cutoff = {d.device_id: d.served for d in self.devices}
         self._drain(rec)
         rec.end = time.monotonic() - rec.t0
         rec.driver_cpu_s = time.process_time() - cpu0
         rec.samples_sent = sum(d.sent for d in self.devices)
+        rec.samples_held = sum(d.held for d in self.devices)
+        rec.sent_while_running = sum(d.sent_while_running for d in self.devices)
+        rec.uplink = self.uplink
         rec.samples_lost = self._samples_lost()
         rec.store_bytes = sum(f.stat().st_size for f in self.engine.store.root.rglob('*')
                               if f.is_file())
@@ -361,6 +419,20 @@ class FleetRun:
         rec.teacher = self.engine.teacher_report(reset=True)
         rec.engine = dict(self.engine.counters)
         return rec
+
+    def _usage(self, rec: PhaseRecord) -> dict[str, float | None]:
+        """CPU seconds so far of the phase's workers and teachers (as started: a killed
+        worker's are lost, so None) and of the whole machine (Linux ``/proc``; None
+        elsewhere)."""
+        def of(role: str) -> float | None:
+            here = [a['pid'] for a in rec.actors.get(role, []) if a['host'] == HOST]
+            used = [process_cpu_s(pid) for pid in here]
+            if not here or any(u is None for u in used):
+                return None
+            return float(sum(u for u in used if u is not None))
+
+        return {'workers': of('workers'), 'teacher': of('teachers'),
+                'machine': machine_cpu_s()}
 
     def _send(self, dev: SimDevice, now: float) -> None:
         space = self.engine.space
@@ -409,8 +481,7 @@ class FleetRun:
             if result.envelope is not None:
                 row['delta'] = dev.take_delta(result.envelope)
         rec.rounds.append(row)
-        dev.served_now(time.monotonic())
-        return self.devices.index(dev)
+        return self.index[dev.device_id] if dev.served_now(time.monotonic()) else None
 
     def _maybe_kill(self, rec: PhaseRecord) -> None:
         plan = self.kill
@@ -447,17 +518,21 @@ class FleetRun:
                 return device_id
         return None
 
-    def _drain(self, rec: PhaseRecord, timeout: float = 300.0) -> None:
+    def _owed(self) -> int:
+        """Devices owed a round: a closed loop's device waiting for its round; any device
+        whose round is due (or running) in the engine."""
+        running = {d for devices, _ in self.engine.in_flight().values() for d in devices}
+        return sum(d.waiting or d.device_id in running or self.engine.due(d.device_id)
+                   for d in self.devices)
+
+    def _drain(self, rec: PhaseRecord, timeout: float = 600.0) -> None:
         """No more uplink; wait for every owed round (bounded)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            owed = [d for d in self.devices if d.waiting]
-            if not owed and not self.engine.in_flight():
-                break
+        while time.monotonic() < deadline and self._owed():
             for event in self.engine.poll(timeout=0.1):
                 self._event(event, rec)
             self._maybe_revive(rec)
-        rec.owed_after_drain = sum(d.waiting for d in self.devices)
+        rec.owed_after_drain = self._owed()
 
     def _maybe_revive(self, rec: PhaseRecord) -> None:
         """When the killed worker serves again: after the engine saw it die (a slot still
@@ -485,6 +560,28 @@ class FleetRun:
                     have.add(str(entry.read()[0].get('sample_id', '')))
             lost += sum(f'{dev.device_id}-{i}' not in have for i in range(dev.sent))
         return lost
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (Linux ``/proc``); None: gone."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            fields = f.read().rsplit(b')', 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def machine_cpu_s() -> float | None:
+    """CPU seconds the machine's cores have been busy (every process; ``/proc/stat``)."""
+    try:
+        with open('/proc/stat', 'rb') as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    busy = sum(values[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf('SC_CLK_TCK')
 
 
 def _rel(t: float | None, t0: float) -> float | None:

@@ -287,3 +287,6 @@ def test_param_overrides_are_typed_validated_and_refuse_what_the_node_lacks():
                 ['guard.alpha=7']):
         with pytest.raises(ConfigError):
             param_overrides(bad, 'cloud_node')
+    # Only what was named: merged over a bench's own settings, a default must not win.
+    assert set(got) == {'guard.max_steps', 'guard.gate', 'guard.alpha'}
+    assert param_overrides([], 'cloud_node') == {}

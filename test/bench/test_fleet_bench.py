@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cdcca_ros.bench.fleet import kill_figures, phase_figures, refusal_kind
-from cdcca_ros.bench.fleet_sim import PhaseRecord
+from cdcca_ros.bench.fleet import _round_config, kill_figures, phase_figures, refusal_kind
+from cdcca_ros.bench.fleet_sim import PhaseRecord, machine_cpu_s, process_cpu_s
 
 
 def round_row(device, trigger, dispatch, done, outcome='refused', attempts=1, delta=None,
@@ -72,3 +72,36 @@ def test_refusal_reasons_are_classified_from_the_gates_text():
     assert refusal_kind('replay/2 falls by 3.1 points (4 broken, 1 fixed of 40)') == 'replay_fell'
     assert refusal_kind('anchor falls by 2.0 points (3 broken, 0 fixed of 77)') == 'anchor_fell'
     assert refusal_kind(None) == 'other'
+
+
+def test_round_settings_keep_the_light_profile_under_cloud_overrides():
+    # An override of one parameter once brought every cloud_node default back (min_samples
+    # 64, 300 steps, 150 refit steps) under the light profile and the devices' 16-sample
+    # bursts: rounds came due only after round.max_wait_s and cost 3x.
+    cfg = _round_config('light', 16, ['guard.alpha=0.2'])
+    assert cfg.min_samples == 16 and cfg.max_wait_s == 3600.0
+    assert (cfg.guard.train.max_steps, cfg.refit.steps) == (12, 0)
+    assert cfg.guard.gate.alpha == pytest.approx(0.2)
+    assert _round_config('light', 16, ['guard.max_steps=40']).guard.train.max_steps == 40
+    assert _round_config('node', 16).guard.train.max_steps == 300
+
+
+def test_cpu_figures_say_how_much_of_a_core_each_worker_got():
+    rec = phase()  # 2 workers
+    rec.cpu = {'workers': 12.0, 'teacher': 1.0, 'driver': 0.5, 'machine': 17.5,
+               'wall_s': 10.0, 'rounds': 6}
+    cpu = phase_figures(rec)['cpu']
+    assert cpu['core_share_per_worker'] == pytest.approx(0.6)
+    assert cpu['worker_cpu_s_per_round'] == pytest.approx(2.0)
+    assert cpu['others_cores'] == pytest.approx(0.4)  # 17.5 - 13.5 over 10 s
+    rec.cpu['workers'] = None  # a worker killed: its seconds are lost, not guessed
+    assert phase_figures(rec)['cpu']['core_share_per_worker'] is None
+
+
+def test_cpu_seconds_come_from_proc():
+    import os
+
+    me, machine = process_cpu_s(os.getpid()), machine_cpu_s()
+    sum(i * i for i in range(300_000))  # some work of this process
+    assert process_cpu_s(os.getpid()) > me and machine_cpu_s() > machine
+    assert process_cpu_s(2 ** 22 + 12345) is None  # beyond pid_max: no such process

@@ -299,7 +299,7 @@ class TeacherActor:
         return out
 
     async def ping(self) -> dict[str, Any]:
-        return {'pid': os.getpid(), 'host': socket.gethostname()}
+        return {'pid': os.getpid(), 'host': socket.gethostname(), 'threads': _threads()}
 
 
 class WorkerActor:
@@ -323,7 +323,16 @@ class WorkerActor:
 
         return {'pid': os.getpid(), 'host': socket.gethostname(),
                 'restarted': ray.get_runtime_context().was_current_actor_reconstructed,
-                'tasks': self.worker.tasks_done}
+                'tasks': self.worker.tasks_done, 'threads': _threads()}
+
+
+def _threads() -> dict[str, Any]:
+    """The torch threads of this process (intra-op, inter-op) and its ``OMP_NUM_THREADS``:
+    an actor that runs more threads than its bundle's CPUs fights the others for cores."""
+    import torch
+
+    return {'intra': torch.get_num_threads(), 'interop': torch.get_num_interop_threads(),
+            'omp': os.environ.get('OMP_NUM_THREADS')}
 
 
 def _space(space: dict[str, Any]) -> VisionSpace:
@@ -342,6 +351,7 @@ class _Device:
     base_since: float | None = None
     last_done: float = 0.0
     in_flight: str | None = None   # ticket
+    taken_upto: int = -1           # last inbox number when its running task was handed out
     failures: int = 0
     paused_until: float = 0.0
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_IDS))
@@ -711,6 +721,17 @@ class FleetEngine:
                 out.append(d)
         return out
 
+    def waiting(self, device_id: str) -> int:
+        """Samples of the device that no task has taken: those pending after its last task,
+        or, while a task of it runs, those that arrived after the task was handed out (the
+        few that arrive before its worker reads the inbox go with it: they count here until
+        it ends)."""
+        with self._lock:
+            dev = self._device(device_id)
+            if dev.in_flight is None:
+                return dev.base_pending + len(dev.unapplied)
+            return sum(1 for number, _ in dev.unapplied if number > dev.taken_upto)
+
     def due(self, device_id: str, now: float | None = None) -> bool:
         """Whether the device's round is due (and not running)."""
         with self._lock:
@@ -765,6 +786,7 @@ class FleetEngine:
                 for d in ids:
                     ticket = f'{d}:{uuid.uuid4().hex[:16]}'
                     self._devices[d].in_flight = ticket
+                    self._devices[d].taken_upto = self._devices[d].next_number - 1
                     tasks.append({'device_id': d, 'ticket': ticket,
                                   'trigger': self._trigger.get(d), 'dispatched': now})
             for task in tasks:
@@ -931,6 +953,17 @@ class FleetEngine:
         import ray
 
         return ray.get([t.report.remote(reset) for t in self.teachers], timeout=timeout)
+
+    def actors(self, timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:
+        """Each live worker's and teacher's process (``pid``, ``host``) and torch threads
+        (``threads``, see :func:`_threads`); blocking."""
+        import ray
+
+        workers = [s.handle for s in self.slots if s.alive]
+        infos = ray.get([h.ping.remote() for h in workers + self.teachers], timeout=timeout)
+        keep = ('pid', 'host', 'threads')
+        infos = [{k: i[k] for k in keep} for i in infos]
+        return {'workers': infos[:len(workers)], 'teachers': infos[len(workers):]}
 
     def in_flight(self) -> dict[int, tuple[list[str], float]]:
         """Worker -> (devices of its running task, when it was handed the task)."""

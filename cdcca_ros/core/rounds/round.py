@@ -49,6 +49,8 @@ from cdcca_ros.core.updates import (
     seal_rollback,
 )
 
+ANCHOR_CACHE = 8  # trainable sets whose anchor answers a runner keeps
+
 if TYPE_CHECKING:  # pragma: no cover
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from torch import Tensor
@@ -150,10 +152,14 @@ class RoundRunner:
         self.anchor = list(anchor)
         self._labeller = AKDTrainer(teacher, student, akd, progress=False)
         self.base = student.trainable_state_dict()
-        gate_anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
+        self._gate_anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
+        # Per-sample answers right of a trainable set (by its hash) on the anchor's gate share:
+        # the gate asks them of the device's version every round, and that version changes
+        # only when a round ships (most devices run the base: one entry serves them all).
+        self._anchor_right: dict[str, np.ndarray] = {}
         #: The base student's accuracy on the anchor's gate share (1.0 with its own answers).
-        self.anchor_base = (float(self.correct(self.base, gate_anchor).mean())
-                            if gate_anchor else None)
+        self.anchor_base = (float(self.anchor_correct(self.base).mean())
+                            if self._gate_anchor else None)
 
     def configure(self, akd: AKDConfig, guard: GuardConfig, codec: str,
                   codec_params: dict[str, Any], budget_bytes: int | None, refit: RefitConfig,
@@ -194,6 +200,20 @@ class RoundRunner:
         answers = self.answers(self.student, records)
         return np.array([normalise(a) == normalise(r.label)
                          for a, r in zip(answers, records, strict=True)], dtype=bool)
+
+    def anchor_correct(self, weights: dict[str, Tensor]) -> np.ndarray:
+        """:meth:`correct` on the anchor's gate share, kept per trainable set (by hash, the
+        last ``ANCHOR_CACHE`` sets): greedy answers of the same weights do not change."""
+        from cdcca_ros.core.wire import state_dict_hash
+
+        key = state_dict_hash(weights)
+        right = self._anchor_right.pop(key, None)
+        if right is None:
+            right = self.correct(weights, self._gate_anchor)
+        self._anchor_right[key] = right  # the newest last
+        while len(self._anchor_right) > ANCHOR_CACHE:
+            self._anchor_right.pop(next(iter(self._anchor_right)))
+        return right
 
     # ---------------------------------------------------------------- 1. labels
     def label(self, state: DeviceState) -> list[str]:
@@ -427,9 +447,9 @@ class RoundRunner:
                 pooled += members
         if pooled:
             slices[f'{REPLAY}/small'] = pooled
-        anchor = [r for r in self.anchor if r.split == 'gate' and r.usable]
-        if anchor:
-            slices[ANCHOR] = anchor
+        device = [r for members in slices.values() for r in members]  # new and replay
+        if self._gate_anchor:
+            slices[ANCHOR] = self._gate_anchor
         everything = [r for members in slices.values() for r in members]
         if not everything:
             return {NEW: PairedCounts(0, 0, 0, 0, 0)}
@@ -439,9 +459,8 @@ class RoundRunner:
             stop = start + len(members)
             out[name] = PairedCounts.of(cur[start:stop], cand[start:stop])
             start = stop
-        device = len(everything) - len(slices.get(ANCHOR, ()))  # new and replay come first
-        if device:
-            out[DEVICE] = PairedCounts.of(cur[:device], cand[:device])
+        if device:  # new and replay come first
+            out[DEVICE] = PairedCounts.of(cur[:len(device)], cand[:len(device)])
         # The new data per cluster too (new comes first in `everything`): a gain on the whole
         # must not hide a scene that falls (an update learnt on one shift breaking another
         # that went up in the same stretch).
@@ -461,14 +480,30 @@ class RoundRunner:
         by the shipped student (``self.base``), whose answer is then the same for both."""
         covered = self.covered(state, records)
         cur, cand = np.zeros(len(records), bool), np.zeros(len(records), bool)
+        # The anchor's gate share is answered by a version once (anchor_correct keeps it).
+        where = {id(r): k for k, r in enumerate(self._gate_anchor)}
+        anchor = np.array([id(r) in where for r in records], dtype=bool)
         inside, outside = np.flatnonzero(covered), np.flatnonzero(~covered)
+
+        def known(weights: dict[str, Tensor], idx: np.ndarray) -> np.ndarray:
+            return self.anchor_correct(weights)[[where[id(records[i])] for i in idx]]
+
+        def answer(weights: dict[str, Tensor], idx: np.ndarray) -> np.ndarray:
+            return self.correct(weights, [records[i] for i in idx])
+
         if len(inside):
-            part = [records[i] for i in inside]
-            cur[inside], cand[inside] = (self.correct(current, part),
-                                         self.correct(candidate, part))
+            cand[inside] = answer(candidate, inside)
+            rest, kept = inside[~anchor[inside]], inside[anchor[inside]]
+            if len(rest):
+                cur[rest] = answer(current, rest)
+            if len(kept):
+                cur[kept] = known(current, kept)
         if len(outside):
-            base = self.correct(self.base, [records[i] for i in outside])
-            cur[outside], cand[outside] = base, base
+            rest, kept = outside[~anchor[outside]], outside[anchor[outside]]
+            if len(rest):
+                cur[rest] = cand[rest] = answer(self.base, rest)
+            if len(kept):
+                cur[kept] = cand[kept] = known(self.base, kept)
         return cur, cand
 
     def covered(self, state: DeviceState, records: Sequence[Record]) -> np.ndarray:

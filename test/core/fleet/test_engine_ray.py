@@ -23,10 +23,15 @@ DEVICES = ('r0', 'r1', 'r2')
 
 
 @pytest.fixture(scope='module')
-def fleet(tiny_dirs, tmp_path_factory):
+def keys():
+    return generate_keypair()
+
+
+@pytest.fixture(scope='module')
+def fleet(tiny_dirs, tmp_path_factory, keys):
     from cdcca_ros.models import bundled
 
-    private, public = generate_keypair()
+    private, public = keys
     # Rounds long enough (100 steps) to be killed in the middle of one.
     engine = FleetEngine(tiny_dirs['teacher'], tiny_dirs['student'], 'cpu', None, private,
                          short_round(steps=100, min_samples=4), 'none',
@@ -86,6 +91,10 @@ def test_rounds_of_three_devices_ship_one_signed_delta_each(fleet, tiny_tokens):
         assert engine.status(event.device_id)['pending'] == 0
     teacher = engine.teacher_report()[0]
     assert teacher['label']['samples'] == 15 and teacher['targets']['samples'] >= 3
+    # Each actor holds one CPU: one torch thread (two would fight the other actor's core).
+    actors = engine.actors()
+    assert [a['threads']['intra'] for a in actors['workers'] + actors['teachers']] == [1, 1, 1]
+    assert [a['pid'] for a in actors['workers']] == [s.pid for s in engine.slots]
 
 
 def _again(tiny_tokens, row):
@@ -141,3 +150,33 @@ def test_a_worker_killed_mid_round_loses_nothing_and_duplicates_nothing(fleet, t
     # The killed worker is restarted by Ray (its bundle kept) and serves again.
     assert engine.wait_workers(120.0)
     assert killed['pid'] not in {s.pid for s in engine.slots}
+
+
+def test_open_loop_devices_uplink_while_their_rounds_run_and_hold_a_full_round(
+        fleet, keys, tiny_dirs):
+    """The fleet bench's open-loop robots (bench/fleet_sim.py) on this engine: they uplink
+    while their rounds run, and hold back while a full round of theirs waits untaken, so no
+    round grows past about min_samples however far the workers fall behind."""
+    from cdcca_ros.bench.common import model_image_size
+    from cdcca_ros.bench.fleet_sim import FleetRun, SimDevice, TokenPool, make_profiles
+    from cdcca_ros.models import bundled
+
+    engine, _ = fleet
+    assert engine.wait_workers(120.0)
+    student = bundled.load(tiny_dirs['student'])
+    pool = TokenPool.build(student, 0, 4, model_image_size(student, 64), start=1_900_000)
+    base = student.trainable_state_dict()
+    burst = engine.cfg.min_samples
+    # 40 samples a second: a round's worth in 0.1 s, far faster than a 100-step round.
+    profiles = make_profiles(2, 0, pool.space.num_tokens, (40.0, 40.0), pool.domains)
+    for p in profiles:
+        p.device_id = p.device_id.replace('robot', 'open')
+    sims = [SimDevice(p, pool, burst, keys[1], base, state_dict_hash(base)) for p in profiles]
+    rec = FleetRun(engine, sims, rounds=2, max_s=240.0, presend=0.0, log=lambda _: None,
+                   uplink='open').run('open')
+    assert rec.cutoff is not None and min(rec.served_at_cutoff.values()) >= 2
+    assert rec.owed_after_drain == 0 and rec.samples_lost == 0
+    assert rec.sent_while_running > 0 and rec.samples_held > 0
+    for dev in sims:  # never more than the rounds served and one more round's worth ahead
+        assert dev.sent <= burst * (dev.served + 2), (dev.sent, dev.served)
+        assert dev.counts['duplicate'] == dev.counts['rejected'] == 0

@@ -108,6 +108,34 @@ def test_the_gate_refuses_a_harmful_candidate_and_ships_a_better_one(models, fog
     assert slices[NEW].gain >= 10 and decision.ship, decision.reason
 
 
+def test_the_gate_asks_the_anchor_of_the_devices_version_once(models, fog):
+    cloud, _ = _cloud(models, routing=None)  # every sample answered by the adapters
+    _add_fog(cloud, fog, n=24)
+    runner, state = cloud.runner, cloud.device(DEVICE)
+    runner.label(state)
+    view = state.feedback.view
+    asked: list[int] = []
+    answers = runner.answers
+
+    def counted(student, records):
+        asked.append(len(records))
+        return answers(student, records)
+
+    runner.answers = counted
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.5, 0.05):  # two candidates against the same version, as two rounds
+        candidate = {k: v + torch.randn(v.shape, generator=g) * scale for k, v in view.items()}
+        asked.clear()
+        slices = runner._slices(state, view, candidate)
+        anchor = runner._gate_anchor
+        # The device's version (the base here) answers the anchor as computed at start: only
+        # the candidate is asked about it, and the counts are those of asking both.
+        assert sum(asked) == 2 * slices[NEW].n + len(anchor) + sum(
+            c.n for name, c in slices.items() if name.startswith('replay'))
+        want = runner.correct(view, anchor), runner.correct(candidate, anchor)
+        assert slices[ANCHOR] == type(slices[ANCHOR]).of(*want)
+
+
 def test_a_refused_round_sends_nothing_and_keeps_training(models, fog):
     cloud, _ = _cloud(models, gate=__import__('cdcca_ros.core.rounds.gate', fromlist=['x'])
                       .GateConfig(min_gain=100.0, anchor_tolerance=100.0, anchor_budget=100.0))

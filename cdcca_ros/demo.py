@@ -108,11 +108,23 @@ class Driver:
                 return True
         return False
 
-    def call(self, client, request, timeout_s: float = 120.0):
-        future = client.call_async(request)
-        if not self.spin_until(future.done, timeout_s):
-            raise TimeoutError(f'{client.srv_name} did not answer in {timeout_s} s')
-        return future.result()
+    def call(self, client, request, timeout_s: float = 120.0, attempt_s: float = 30.0):
+        """``request`` on ``client``, sent again every ``attempt_s`` without a reply.
+
+        Fast DDS can drop a reply when it is sent before the server's reply writer has
+        matched this client's reader ("failed to send response (timeout)" in the node's log:
+        seen on the first ``ask`` of a loaded machine); the demo's requests are answers and
+        parameter sets, which may be asked twice.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            future = client.call_async(request)
+            left = deadline - time.monotonic()
+            if self.spin_until(future.done, min(attempt_s, max(left, 0.0))):
+                return future.result()
+            client.remove_pending_request(future)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f'{client.srv_name} did not answer in {timeout_s} s')
 
     def set_schedule(self, schedule: str) -> None:
         from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue

@@ -81,9 +81,12 @@ def test_rounds_of_three_devices_ship_one_signed_delta_each(fleet, tiny_tokens):
     for n, device in enumerate(DEVICES):
         uplink(engine, device, range(5 * n, 5 * n + 5), tiny_tokens)
     assert not engine.add_sample(DEVICES[0], *_again(tiny_tokens, 0))  # a re-delivery
+    # Due and not yet started: all three (nothing polled yet); none after their rounds.
+    assert engine.queue() == (3, 0)
     done: list[RoundDone] = []
     run_until(engine, done, 3, 180.0)
     assert sorted(e.device_id for e in done) == list(DEVICES), engine.figures()
+    assert engine.queue() == (0, 0)
     for event in done:
         assert event.result.outcome == 'shipped' and event.attempts == 1
         apply(gates, event)

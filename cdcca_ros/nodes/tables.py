@@ -277,6 +277,11 @@ CLOUD = (
           high=100.0),
     Param('guard.anchor_tolerance', 1.0, 'gate: largest fall of the anchor slice (points)',
           low=0.0, high=100.0),
+    Param('guard.harm_alpha', 0.2, 'gate: a replay or new-data cluster slice falls only when '
+          'its loss is significant at this level (one-sided exact McNemar)', low=1e-6,
+          high=1.0),
+    Param('guard.harm_correction', 'holm', 'gate: holm = guard.harm_alpha holds for all those '
+          'slices together (Holm step-down), none = for each alone', choices=('holm', 'none')),
     Param('guard.anchor_budget', 3.0, 'gate: largest fall of the anchor slice below the base '
           'student, all updates together (points)', low=0.0, high=100.0),
     Param('guard.gain_on', 'new', 'gate: the slice whose significant gain ships an update: '

@@ -158,7 +158,9 @@ class GuardConfig:
                             tolerance=p['tolerance'],
                             anchor_tolerance=p['anchor_tolerance'],
                             anchor_budget=p['anchor_budget'], gain_on=p['gain_on'],
-                            new_clusters=p['gate_new_clusters']),
+                            new_clusters=p['gate_new_clusters'],
+                            harm_alpha=p['harm_alpha'],
+                            harm_correction=p['harm_correction']),
             routing=(CoverageConfig(margin=p['gate_coverage_margin']) if p['gate_routed']
                      else None),
             labels=LabelConfig(min_confidence=p['min_label_confidence'],

@@ -39,10 +39,16 @@ The anchor falls when it loses more than ``anchor_tolerance`` points *and* more 
 ``min_broken`` net samples: its reference answers are the base student's own, so every broken
 one is the original behaviour lost, and it is held strictly. A replay slice falls when it loses
 more than ``tolerance`` points and ``min_broken`` samples *and* the loss is unlikely to be
-noise (one-sided McNemar ``p < harm_alpha``): its references are teacher labels, a few of them
-wrong, and answers flip both ways between two adapters. One test of gain, on one slice, so no
-multiple-comparison correction is needed for shipping; the harm checks, applied to every slice,
-can only refuse.
+noise (one-sided McNemar): its references are teacher labels, a few of them wrong, and
+answers flip both ways between two adapters. One test of gain, on one slice, so no
+multiple-comparison correction is needed for shipping. The harm tests are many (every replay
+and ``new/<c>`` slice, 5-12 of them once the memory has its clusters), and at ``harm_alpha``
+each a candidate that harms nothing is often refused by one of them by chance alone; with
+``harm_correction='holm'`` (default) ``harm_alpha`` bounds the chance that *any* of them
+refuses a harmless candidate (Holm's step-down over their p-values). A slice that falls
+far and surely (6 broken, 0 fixed: p = 0.016) still refuses among up to 12 slices; a 5-point
+fall on 10 broken against 5 fixed of 100 (p = 0.15), which flips between two equally good
+adapters produce in one slice of several by chance, no longer does.
 
 Slices are :class:`~cdcca_ros.core.rounds.stats.PairedCounts` (right / wrong against the
 reference answer) or :class:`~cdcca_ros.core.rounds.stats.PairedScores` (a per-sample score,
@@ -65,6 +71,7 @@ from cdcca_ros.errors import ConfigError
 
 NEW, ANCHOR, REPLAY, DEVICE = 'new', 'anchor', 'replay', 'device'
 GAIN_ON = ('new', 'device')
+HARM_CORRECTIONS = ('holm', 'none')
 
 
 @dataclass
@@ -89,6 +96,8 @@ class GateConfig:
             held-out data) or ``'new'`` (what arrived since the last update).
         new_clusters: The new data is also judged per memory cluster (``new/<c>`` harm
             slices).
+        harm_correction: ``'holm'``: ``harm_alpha`` holds for the harm tests of all replay
+            and ``new/<c>`` slices together (Holm's step-down); ``'none'``: for each alone.
     """
 
     enabled: bool = True
@@ -103,6 +112,7 @@ class GateConfig:
     max_new: int = 1000
     gain_on: str = 'new'
     new_clusters: bool = True
+    harm_correction: str = 'holm'
 
     def __post_init__(self) -> None:
         if self.gain_on not in GAIN_ON:
@@ -113,20 +123,40 @@ class GateConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ConfigError(f'gate {name} must be finite and >= 0, got {value}')
+        if self.harm_correction not in HARM_CORRECTIONS:
+            raise ConfigError(f'gate harm_correction must be one of {HARM_CORRECTIONS}, '
+                              f'got {self.harm_correction!r}')
         if not 0.0 < self.harm_alpha <= 1.0:
             raise ConfigError(f'gate harm_alpha must be in (0, 1], got {self.harm_alpha}')
         if self.min_broken < 0 or self.min_slice < 1 or self.max_new < 1:
             raise ConfigError(f'gate min_broken={self.min_broken}, min_slice={self.min_slice} '
                               f'and max_new={self.max_new} are out of range')
 
-    def falls(self, name: str, counts: Paired) -> bool:
-        """Whether slice ``name`` fell by more than it may."""
+    def falls(self, name: str, counts: Paired, level: float | None = None) -> bool:
+        """Whether slice ``name`` fell by more than it may; a replay slice's loss must also be
+        significant at ``level`` (default ``harm_alpha``; :meth:`fallen` passes Holm's)."""
         tol = self.anchor_tolerance if name == ANCHOR else self.tolerance
         net = counts.broken - counts.fixed
         fell = counts.n > 0 and -counts.gain > tol and net > self.min_broken
         if name == ANCHOR or not fell:
             return fell
-        return counts.p_worse() < self.harm_alpha
+        return counts.p_worse() < (self.harm_alpha if level is None else level)
+
+    def fallen(self, slices: Mapping[str, Paired], skip: tuple[str, ...] = ()) -> list[str]:
+        """The slices (all but ``skip``) that fall: the anchor by its own rule, the others
+        by size and a harm test, Holm-corrected over them unless ``harm_correction`` is
+        ``'none'``."""
+        names = [n for n in slices if n not in skip]
+        harm = sorted((slices[n].p_worse(), n) for n in names if n != ANCHOR)
+        level = {n: self.harm_alpha for _, n in harm}
+        if self.harm_correction == 'holm':
+            # Step-down: the i-th smallest p is tested at alpha / (m - i); once one is not
+            # rejected, none after it is (their levels are those it failed at, or looser).
+            rejecting = True
+            for i, (p, n) in enumerate(harm):
+                rejecting = rejecting and p < self.harm_alpha / (len(harm) - i)
+                level[n] = self.harm_alpha / (len(harm) - i) if rejecting else 0.0
+        return [n for n in names if self.falls(n, slices[n], level.get(n))]
 
     def over_budget(self, anchor: Paired | None, anchor_base: float | None) -> str:
         """Why the anchor slice is beyond ``anchor_budget`` below the base student (its
@@ -167,8 +197,7 @@ class GateConfig:
             return GateDecision(False, over, dict(slices), harmful=True)
         gain_name = DEVICE if self.gain_on == 'device' else NEW
         gain = slices.get(gain_name, new)
-        fallen = [name for name, c in slices.items()
-                  if name not in (gain_name, DEVICE) and self.falls(name, c)]
+        fallen = self.fallen(slices, skip=(gain_name, DEVICE))
         if fallen:
             worst = min(fallen, key=lambda name: slices[name].gain)
             return GateDecision(False, _fall(worst, slices[worst]), dict(slices), harmful=True)

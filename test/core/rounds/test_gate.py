@@ -107,3 +107,21 @@ def test_a_gain_on_the_whole_new_data_does_not_hide_a_scene_that_falls():
     assert not d.ship and d.harmful and d.reason.startswith('new/3 falls by 18.3 points')
     del slices[f'{NEW}/3']
     assert GateConfig().decide(slices).ship
+
+
+def test_harm_tests_over_many_slices_are_corrected_together():
+    # One of eight replay slices loses 10, wins 5 of 100: 5 points, p_worse = 0.15. Tested
+    # alone at harm_alpha = 0.2 it falls; among eight (Holm: its level is 0.2 / 8) it does not.
+    quiet = {f'replay/{c}': counts(100, 3, 3) for c in range(1, 8)}
+    slices = {NEW: counts(60, 30, 0), 'replay/0': counts(100, 5, 10), **quiet}
+    assert GateConfig().decide(slices).ship
+    d = GateConfig(harm_correction='none').decide(slices)
+    assert not d.ship and d.reason.startswith('replay/0 falls by 5.0 points')
+    # A sure fall (6 broken, 0 fixed: p = 0.016 < 0.2 / 8) still refuses, and so does a
+    # second one in the step-down (its level is 0.2 / 7), but not a slice after a miss.
+    sure = {**slices, 'replay/0': counts(100, 0, 6), 'replay/1': counts(100, 0, 6)}
+    assert GateConfig().fallen(sure, skip=(NEW,)) == ['replay/0', 'replay/1']
+    sure['replay/1'] = counts(100, 2, 9)  # p = 0.033 > 0.2 / 7: not rejected
+    assert GateConfig().fallen(sure, skip=(NEW,)) == ['replay/0']
+    with pytest.raises(ConfigError):
+        GateConfig(harm_correction='bonferroni')

@@ -53,7 +53,7 @@ class CoverageConfig:
 
     max_features: int = 2048
     quantile: float = 0.99
-    margin: float = 1.5
+    margin: float = 1.25
     min_features: int = 32
     anchor_answers_base: bool = True
 

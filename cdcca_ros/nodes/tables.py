@@ -197,7 +197,7 @@ DEVICE = (
           high=100.0),
     Param('guard.coverage', True, 'answer with the adapter only on frames like those the '
           'update was trained on (uplinked scenes), with the shipped model elsewhere'),
-    Param('guard.coverage_margin', 1.5, 'coverage radius: the features\' 99th-percentile '
+    Param('guard.coverage_margin', 1.25, 'coverage radius: the features\' 99th-percentile '
           'nearest-neighbour distance times this', low=0.1, high=100.0),
     Param('guard.coverage_anchor_base', True, 'a frame nearer an anchor-set sample than any '
           'uplinked one is answered by the shipped model (the anchor is where it is right)'),
@@ -294,7 +294,7 @@ CLOUD = (
           'guard.coverage answers a fresh frame like it (the candidate where covered, the '
           'shipped student elsewhere); false: the candidate everywhere (devices without '
           'coverage)'),
-    Param('guard.gate_coverage_margin', 1.5, 'gate: the devices\' guard.coverage_margin',
+    Param('guard.gate_coverage_margin', 1.25, 'gate: the devices\' guard.coverage_margin',
           low=0.1, high=100.0),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
           low=0.0, high=0.999),

@@ -114,7 +114,7 @@ def test_the_device_node_parameters_build_the_coverage():
     from cdcca_ros.nodes.tables import defaults
 
     params = defaults('device_node')
-    assert CoverageConfig.from_params(params) == CoverageConfig(margin=1.5)
+    assert CoverageConfig.from_params(params) == CoverageConfig(margin=1.25)
     off = CoverageConfig.from_params({**params, 'guard.coverage_anchor_base': False})
     assert off is not None and not off.anchor_answers_base
     assert CoverageConfig.from_params({**params, 'guard.coverage': False}) is None

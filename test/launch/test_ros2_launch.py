@@ -50,6 +50,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _signal_masks(pid: int) -> str:
+    """Each thread's pending, blocked, ignored and caught signal masks (``/proc``)."""
+    lines = []
+    for task in sorted(Path(f'/proc/{pid}/task').glob('*')):
+        try:
+            status = (task / 'status').read_text().splitlines()
+        except OSError:
+            continue
+        sig = [ln.split()[1] for ln in status if ln.split()[:1] and ln.split()[0] in (
+            'SigPnd:', 'ShdPnd:', 'SigBlk:', 'SigIgn:', 'SigCgt:')]
+        lines.append(f'  thread {task.name}: pnd/shdpnd/blk/ign/cgt {" ".join(sig)}')
+    return '\n'.join(lines)
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f'/proc/{pid}/stat').read_text()
@@ -323,6 +337,7 @@ def test_sigint_stops_every_node_cleanly(launched):
             # Seen about one full run in four on a loaded machine, launch's own log ending at
             # 'process started'; where its main thread is stuck is the open question: the
             # faulthandler's dump of every thread goes into the failure.
+            masks = _signal_masks(launch.proc.pid)  # SIGINT (bit 2) pending, blocked, ignored?
             launch.proc.send_signal(signal.SIGABRT)
             try:
                 launch.proc.wait(timeout=10.0)
@@ -335,7 +350,8 @@ def test_sigint_stops_every_node_cleanly(launched):
                 except ProcessLookupError:
                     pass
             pytest.fail(f'{key}: ros2 launch still running 60 s after SIGINT (then SIGABRT, its '
-                        f'stacks at the end):\n{launch.tail(120)}')
+                        f'stacks at the end); signal masks per thread:\n{masks}\n'
+                        f'{launch.tail(120)}')
         assert code == 0, launch.tail()
         launch._thread.join(timeout=10.0)
         assert not [pid for pid in children[key] if _alive(pid)], launch.tail()

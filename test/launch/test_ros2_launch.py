@@ -58,8 +58,9 @@ def _signal_masks(pid: int) -> str:
             status = (task / 'status').read_text().splitlines()
         except OSError:
             continue
-        sig = [ln.split()[1] for ln in status if ln.split()[:1] and ln.split()[0] in (
-            'SigPnd:', 'ShdPnd:', 'SigBlk:', 'SigIgn:', 'SigCgt:')]
+        fields = dict(ln.split(':', 1) for ln in status if ':' in ln)
+        sig = [fields.get(k, '?').strip() for k in ('SigPnd', 'ShdPnd', 'SigBlk', 'SigIgn',
+                                                    'SigCgt')]
         lines.append(f'  thread {task.name}: pnd/shdpnd/blk/ign/cgt {" ".join(sig)}')
     return '\n'.join(lines)
 

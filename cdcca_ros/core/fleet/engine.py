@@ -614,9 +614,10 @@ class FleetEngine:
         """Fleet-wide figures for diagnostics."""
         with self._lock:
             alive = sum(s.alive for s in self.slots)
+            due, busy = self.queue()
             return {'fleet.workers_alive': f'{alive}/{len(self.slots)}',
-                    'fleet.busy': sum(s.ref is not None for s in self.slots),
-                    'fleet.due': len(self._due_devices(self._clock(), ())),
+                    'fleet.busy': busy,
+                    'fleet.due': due,
                     'fleet.retry_queue': len(self._retry),
                     **{f'fleet.{k}': v for k, v in self.counters.items()},
                     'fleet.groups': ','.join(f'{g}:{n}' for g, n in

@@ -277,6 +277,8 @@ CLOUD = (
           high=100.0),
     Param('guard.anchor_tolerance', 1.0, 'gate: largest fall of the anchor slice (points)',
           low=0.0, high=100.0),
+    Param('guard.anchor_min_broken', 2, 'gate: ... and the anchor falls only when it loses '
+          'more than this many samples net', low=0, high=1_000_000),
     Param('guard.harm_alpha', 0.2, 'gate: a replay or new-data cluster slice falls only when '
           'its loss is significant at this level (one-sided exact McNemar)', low=1e-6,
           high=1.0),

@@ -157,6 +157,7 @@ class GuardConfig:
             gate=GateConfig(enabled=p['gate'], alpha=p['alpha'], min_gain=p['min_gain'],
                             tolerance=p['tolerance'],
                             anchor_tolerance=p['anchor_tolerance'],
+                            anchor_min_broken=p['anchor_min_broken'],
                             anchor_budget=p['anchor_budget'], gain_on=p['gain_on'],
                             new_clusters=p['gate_new_clusters'],
                             harm_alpha=p['harm_alpha'],

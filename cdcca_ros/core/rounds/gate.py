@@ -36,7 +36,7 @@ replay slice. Measured on the continual bench (seed 0), ``device`` shipped no mo
 than ``new`` -- the anchor budget refused most candidates either way -- so it stays an option.
 
 The anchor falls when it loses more than ``anchor_tolerance`` points *and* more than
-``min_broken`` net samples: its reference answers are the base student's own, so every broken
+``anchor_min_broken`` net samples: its reference answers are the base student's own, so every broken
 one is the original behaviour lost, and it is held strictly. A replay slice falls when it loses
 more than ``tolerance`` points and ``min_broken`` samples *and* the loss is unlikely to be
 noise (one-sided McNemar): its references are teacher labels, a few of them wrong, and
@@ -85,6 +85,8 @@ class GateConfig:
         tolerance: Largest fall (points) of a replay slice.
         anchor_tolerance: Largest fall (points) of the anchor slice.
         min_broken: A slice falls only when it also loses more than this many samples net.
+        anchor_min_broken: The same for the anchor slice (its references are the base
+            student's own answers, so a net loss there is the original behaviour lost).
         harm_alpha: A replay slice falls only when its loss is significant at this level
             (one-sided McNemar); 1 disables that condition.
         anchor_budget: The anchor also falls when the candidate answers it more than this
@@ -106,6 +108,7 @@ class GateConfig:
     tolerance: float = 2.0
     anchor_tolerance: float = 1.0
     min_broken: int = 2
+    anchor_min_broken: int = 2
     harm_alpha: float = 0.2
     anchor_budget: float = 3.0
     min_slice: int = 30
@@ -128,17 +131,21 @@ class GateConfig:
                               f'got {self.harm_correction!r}')
         if not 0.0 < self.harm_alpha <= 1.0:
             raise ConfigError(f'gate harm_alpha must be in (0, 1], got {self.harm_alpha}')
-        if self.min_broken < 0 or self.min_slice < 1 or self.max_new < 1:
-            raise ConfigError(f'gate min_broken={self.min_broken}, min_slice={self.min_slice} '
+        if (self.min_broken < 0 or self.anchor_min_broken < 0 or self.min_slice < 1
+                or self.max_new < 1):
+            raise ConfigError(f'gate min_broken={self.min_broken}, anchor_min_broken='
+                              f'{self.anchor_min_broken}, min_slice={self.min_slice} '
                               f'and max_new={self.max_new} are out of range')
 
     def falls(self, name: str, counts: Paired, level: float | None = None) -> bool:
         """Whether slice ``name`` fell by more than it may; a replay slice's loss must also be
         significant at ``level`` (default ``harm_alpha``; :meth:`fallen` passes Holm's)."""
-        tol = self.anchor_tolerance if name == ANCHOR else self.tolerance
+        anchor = name == ANCHOR
+        tol = self.anchor_tolerance if anchor else self.tolerance
         net = counts.broken - counts.fixed
-        fell = counts.n > 0 and -counts.gain > tol and net > self.min_broken
-        if name == ANCHOR or not fell:
+        fell = (counts.n > 0 and -counts.gain > tol
+                and net > (self.anchor_min_broken if anchor else self.min_broken))
+        if anchor or not fell:
             return fell
         return counts.p_worse() < (self.harm_alpha if level is None else level)
 

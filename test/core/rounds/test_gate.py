@@ -42,6 +42,16 @@ def test_one_or_two_flipped_anchor_answers_are_not_a_fall():
     assert GateConfig().decide({NEW: counts(60, 30, 0), ANCHOR: counts(100, 0, 2)}).ship
 
 
+def test_a_strict_anchor_refuses_any_net_loss_and_leaves_replay_slices_alone():
+    strict = GateConfig(anchor_tolerance=0.0, anchor_min_broken=0)
+    d = strict.decide({NEW: counts(60, 30, 0), ANCHOR: counts(300, 1, 2)})
+    assert not d.ship and d.reason.startswith('anchor falls by 0.3 points (2 broken, 1 fixed')
+    assert strict.decide({NEW: counts(60, 30, 0), ANCHOR: counts(300, 2, 2)}).ship
+    # Replay slices keep min_broken = 2: one net broken replay answer is no fall.
+    assert strict.decide({NEW: counts(60, 30, 0), 'replay/0': counts(50, 0, 1),
+                          ANCHOR: counts(300, 0, 0)}).ship
+
+
 def test_a_replay_slice_falls_only_when_the_loss_is_not_noise():
     # 8 broken, 5 fixed of 80: 3.75 points but p_worse = 0.29 -> noise, ships.
     assert GateConfig().decide({NEW: counts(60, 30, 0), 'replay/0': counts(80, 5, 8)}).ship
@@ -74,7 +84,7 @@ def test_disabled_gate_ships_everything():
 
 @pytest.mark.parametrize('field,value', [('alpha', 0.0), ('alpha', 1.0), ('min_gain', -1.0),
                                          ('tolerance', float('nan')), ('harm_alpha', 0.0),
-                                         ('min_slice', 0)])
+                                         ('min_slice', 0), ('anchor_min_broken', -1)])
 def test_bad_settings_are_refused(field, value):
     with pytest.raises(ConfigError):
         GateConfig(**{field: value})

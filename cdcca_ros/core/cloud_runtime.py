@@ -39,7 +39,7 @@ from cdcca_ros.core.captions.round import (
 from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.anchor import anchor_records
 from cdcca_ros.core.rounds.config import GuardConfig
-from cdcca_ros.core.rounds.memory import Record, split_of
+from cdcca_ros.core.rounds.memory import Record, audit_split, split_of
 from cdcca_ros.core.rounds.round import AuditResult, RoundResult, RoundRunner
 from cdcca_ros.core.rounds.state import DeviceState
 from cdcca_ros.errors import ConfigError, WireError
@@ -286,8 +286,8 @@ class CloudRuntime:
             audit = False  # the audit watches answers
             split = split_of(sid, 0.0, guard.gate_fraction) if guard.enabled else 'train'
         else:
-            split = ('gate' if audit and guard.enabled else
-                     split_of(sid, guard.val_fraction, guard.gate_fraction))
+            split = (audit_split(sid, guard.audit_gate_fraction) if audit and guard.enabled
+                     else split_of(sid, guard.val_fraction, guard.gate_fraction))
         record = Record(sample_id=sid, seq=memory.next_seq,
                         tokens=tokens.detach().to(torch.float16),
                         indices=None if indices is None else indices.detach().long(),

@@ -266,6 +266,8 @@ CLOUD = (
           high=0.5),
     Param('guard.gate_fraction', 0.25, 'share of samples held out for the update gate', low=0.0,
           high=0.5),
+    Param('guard.audit_gate_fraction', 1.0, 'share of the audit stream\'s samples held out for '
+          'the gate and the live audit (the rest train)', low=0.0, high=1.0),
     Param('guard.anchor', '', 'anchor set: empty = the student\'s own anchor.safetensors, '
           '"none", or a file'),
     Param('guard.gate', True, 'gate every candidate on held-out new data, replay and anchor'),

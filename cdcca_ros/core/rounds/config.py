@@ -90,7 +90,11 @@ class GuardConfig:
         memory_bytes: Bound of the per-device replay memory.
         clusters: Largest number of memory clusters (replay balance, gate slices).
         val_fraction: Share of samples held out for early stopping.
-        gate_fraction: Share of samples held out for the gate (audit samples: all).
+        gate_fraction: Share of samples held out for the gate (audit samples: see
+            ``audit_gate_fraction``).
+        audit_gate_fraction: Share of the audit stream's samples held out for the gate and
+            the live audit; the rest train like uplinked samples (1: every audit sample is
+            held out).
         anchor: Anchor set: '' (the student's own ``anchor.safetensors`` if it ships one),
             ``'none'``, or a file (see :mod:`cdcca_ros.core.rounds.anchor`).
         anchor_limit: Anchor samples used at most.
@@ -111,6 +115,7 @@ class GuardConfig:
     clusters: int = 6
     val_fraction: float = 0.1
     gate_fraction: float = 0.25
+    audit_gate_fraction: float = 1.0
     anchor: str = ''
     anchor_limit: int = 1024
     anchor_gate_fraction: float = 0.3
@@ -126,6 +131,9 @@ class GuardConfig:
                 or self.val_fraction + self.gate_fraction >= 1.0):
             raise ConfigError(f'val_fraction={self.val_fraction} + gate_fraction='
                               f'{self.gate_fraction} must be in [0, 1)')
+        if not 0.0 <= self.audit_gate_fraction <= 1.0:
+            raise ConfigError(f'audit_gate_fraction must be in [0, 1], got '
+                              f'{self.audit_gate_fraction}')
 
     @classmethod
     def plain(cls, steps: int) -> GuardConfig:
@@ -172,4 +180,5 @@ class GuardConfig:
             memory_bytes=int(p['memory_mb'] * (1 << 20)),
             reset_after_refusals=p['reset_after_refusals'],
             val_fraction=p['val_fraction'], gate_fraction=p['gate_fraction'],
+            audit_gate_fraction=p['audit_gate_fraction'],
             anchor=p['anchor'])

@@ -60,6 +60,14 @@ def split_of(sample_id: str, val_fraction: float, gate_fraction: float) -> str:
     return 'train'
 
 
+def audit_split(sample_id: str, gate_fraction: float) -> str:
+    """The split of an audit sample: ``gate`` for a ``gate_fraction`` share (the gate's and
+    the live audit's unbiased samples), ``train`` for the rest (a pure function of the id)."""
+    if gate_fraction >= 1.0:
+        return 'gate'
+    return split_of(sample_id, 0.0, gate_fraction)
+
+
 @dataclass
 class TeacherTargets:
     """The teacher's side of Eq. 5-6 for one labelled sample (float16).

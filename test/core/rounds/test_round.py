@@ -204,6 +204,32 @@ def test_the_audit_orders_a_signed_rollback_of_a_worse_version(models, fog):
     assert cloud.audit(DEVICE).rollback is None  # no audit samples of v2 yet
 
 
+@pytest.mark.parametrize('share', [1.0, 0.5, 0.0])
+def test_a_share_of_the_audit_stream_trains_and_the_rest_stays_held_out(models, fog, share):
+    cloud, _ = _cloud(models, audit_gate_fraction=share)
+    tokens, samples = fog
+    space = cloud.space
+    for i in range(40):
+        assert cloud.add_sample(DEVICE, tokens[i], None, samples[i].question, space.num_tokens,
+                                space.dim, f'audit-{i}', device_version=0, audit=True)
+    splits = [r.split for r in cloud.device(DEVICE).memory.select()]
+    held = splits.count('gate')
+    assert set(splits) <= {'gate', 'train'} and len(splits) == 40
+    if share == 1.0:
+        assert held == 40  # every audit sample is the gate's and the live audit's
+    elif share == 0.0:
+        assert held == 0
+    else:
+        assert 10 <= held <= 30  # about half (a hash of the id: the same on every cloud)
+        again, _ = _cloud(models, audit_gate_fraction=share)
+        for i in range(40):
+            again.add_sample(DEVICE, tokens[i], None, samples[i].question, space.num_tokens,
+                             space.dim, f'audit-{i}', device_version=0, audit=True)
+        assert [r.split for r in again.device(DEVICE).memory.select()] == splits
+    # Only held-out audit samples are judged by the live audit and the gate.
+    assert len(cloud.device(DEVICE).memory.select('gate', audit=True)) == held
+
+
 def test_memory_and_labels_survive_a_cloud_restart(models, fog, tmp_path):
     cloud, _ = _cloud(models, tmp_path)
     _add_fog(cloud, fog, n=10)

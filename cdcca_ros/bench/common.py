@@ -55,6 +55,8 @@ BENCHES: dict[str, str] = {
     'table5': 'cdcca_ros.bench.table5',
     # Continual adaptation over a long stream with revisits (the guarded round).
     'continual': 'cdcca_ros.bench.continual',
+    # The trainable set's ceiling: AKD on one domain alone, nothing holding it.
+    'capacity': 'cdcca_ros.bench.capacity',
     # Many devices against the cloud on Ray: throughput, fairness, a worker killed.
     'fleet': 'cdcca_ros.bench.fleet',
     # Reliability (issue 16): hostile input at volume, and hours of running.

@@ -142,12 +142,27 @@ def _check_apply(s: dict[str, Any], rec: dict[str, Any]) -> None:
             'decode_ms', 'persist_ms'} <= set(rec['detail']['steps_ms'])
 
 
+def _check_capacity(s: dict[str, Any], rec: dict[str, Any]) -> None:
+    from cdcca_ros.sim.domains import DRIFTED
+
+    assert (s['samples'], s['steps'], s['eval_per_domain']) == (8, 2, 8)
+    assert set(s['per_domain']) == set(DRIFTED) == set(s['domains'])
+    for d, p in s['per_domain'].items():
+        for key in ('before', 'after', 'teacher', 'source_before', 'source_after'):
+            assert 0.0 <= p[key] <= 100.0, (d, key)
+        assert p['train_s'] >= 0.0
+    gains = [p['after'] - p['before'] for p in s['per_domain'].values()]
+    assert s['drifted_mean_gain'] == pytest.approx(sum(gains) / len(gains))
+    assert [row[0] for row in rec['table']['rows']] == list(s['domains'])
+
+
 CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
     'uplink': _check_uplink,
     'uts_cost': _check_uts_cost,
     'node_overhead': _check_node_overhead,
     'downlink': _check_downlink,
     'apply': _check_apply,
+    'capacity': _check_capacity,
 }
 
 

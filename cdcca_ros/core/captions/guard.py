@@ -54,7 +54,8 @@ def caption_gate_config(**overrides: float | int | bool | str) -> GateConfig:
     updates together. Keyword arguments override single fields.
     """
     base: dict[str, float | int | bool | str] = {
-        'min_gain': 5.0, 'tolerance': 20.0, 'anchor_tolerance': 20.0, 'anchor_budget': 30.0}
+        'min_gain': 5.0, 'tolerance': 20.0, 'anchor_tolerance': 20.0, 'anchor_min_broken': 2,
+        'anchor_budget': 30.0}
     base.update(overrides)
     return GateConfig(**base)  # type: ignore[arg-type]
 

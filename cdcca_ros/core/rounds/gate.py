@@ -85,10 +85,9 @@ class GateConfig:
         tolerance: Largest fall (points) of a replay slice.
         anchor_tolerance: Largest fall (points) of the anchor slice. 0 (with
             ``anchor_min_broken`` 0): any net loss of the base student's own answers refuses.
-            Measured on the continual bench (3 seeds) against 1.0 and 2: the mean gain
-            +21.1 -> +22.1 (seed 0 +19.1 -> +22.0, the others within 0.05), the largest
-            one-round fall of a domain 5.0 -> 3.0: candidates that trade a few anchor
-            answers for new data were the ones that later broke other scenes.
+            Measured on the continual bench (3 seeds) against 1.0 and 2: seed 0 +19.1 ->
+            +22.0 and its largest one-round fall of a domain 5.0 -> 3.0; seeds 1 and 2
+            identical (what it refused there was refused anyway).
         min_broken: A slice falls only when it also loses more than this many samples net.
         anchor_min_broken: The same for the anchor slice (its references are the base
             student's own answers, so a net loss there is the original behaviour lost).

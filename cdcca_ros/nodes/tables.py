@@ -277,9 +277,9 @@ CLOUD = (
           low=0.0, high=100.0),
     Param('guard.tolerance', 2.0, 'gate: largest fall of a replay slice (points)', low=0.0,
           high=100.0),
-    Param('guard.anchor_tolerance', 0.0, 'gate: largest fall of the anchor slice (points)',
+    Param('guard.anchor_tolerance', 1.0, 'gate: largest fall of the anchor slice (points)',
           low=0.0, high=100.0),
-    Param('guard.anchor_min_broken', 0, 'gate: ... and the anchor falls only when it loses '
+    Param('guard.anchor_min_broken', 2, 'gate: ... and the anchor falls only when it loses '
           'more than this many samples net', low=0, high=1_000_000),
     Param('guard.harm_alpha', 0.2, 'gate: a replay or new-data cluster slice falls only when '
           'its loss is significant at this level (one-sided exact McNemar)', low=1e-6,

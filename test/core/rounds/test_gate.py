@@ -41,8 +41,9 @@ def test_a_lenient_anchor_lets_one_or_two_flipped_answers_pass():
     # 2 net broken of 100 is 2 points but not more than anchor_min_broken = 2 samples.
     lenient = GateConfig(anchor_tolerance=1.0, anchor_min_broken=2)
     assert lenient.decide({NEW: counts(60, 30, 0), ANCHOR: counts(100, 0, 2)}).ship
-    # The default holds the anchor strictly: one answer lost net refuses.
-    d = GateConfig().decide({NEW: counts(60, 30, 0), ANCHOR: counts(300, 0, 1)})
+    # Held strictly, one answer lost net refuses.
+    strict = GateConfig(anchor_tolerance=0.0, anchor_min_broken=0)
+    d = strict.decide({NEW: counts(60, 30, 0), ANCHOR: counts(300, 0, 1)})
     assert not d.ship and d.harmful and d.reason.startswith('anchor falls by 0.3 points')
 
 

@@ -36,9 +36,9 @@ replay slice. Measured on the continual bench (seed 0), ``device`` shipped no mo
 than ``new`` -- the anchor budget refused most candidates either way -- so it stays an option.
 
 The anchor falls when it loses more than ``anchor_tolerance`` points *and* more than
-``anchor_min_broken`` net samples: its reference answers are the base student's own, so every broken
-one is the original behaviour lost, and it is held strictly. A replay slice falls when it loses
-more than ``tolerance`` points and ``min_broken`` samples *and* the loss is unlikely to be
+``anchor_min_broken`` net samples: its reference answers are the base student's own, so every
+broken one is the original behaviour lost, and it is held strictly. A replay slice falls when it
+loses more than ``tolerance`` points and ``min_broken`` samples *and* the loss is unlikely to be
 noise (one-sided McNemar): its references are teacher labels, a few of them wrong, and
 answers flip both ways between two adapters. One test of gain, on one slice, so no
 multiple-comparison correction is needed for shipping. The harm tests are many (every replay

@@ -7,11 +7,13 @@ Used by :mod:`cdcca_ros.bench.stream` (the continual bench) and
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from cdcca_ros.errors import ConfigError
+from cdcca_ros.sim.questions import answer_of
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -86,7 +88,8 @@ class Robot:
             self.cloud.add_sample(DEVICE_ID, tokens, indices, sample.question,
                                   self.space.num_tokens, self.space.dim, sid,
                                   device_answer=answered.text, device_version=answered.version,
-                                  audit=audit, label=sample.answer if truth else None, now=now)
+                                  audit=audit, label=sample.answer if truth else None, now=now,
+                                  answer=partial(answer_of, sample.scene) if truth else None)
             self.counts['uplinked'] += 1
             self.counts['audit_samples'] += int(audit)
             self.truth[sid] = sample

@@ -24,6 +24,7 @@ adapters are kept per device.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.anchor import anchor_records
 from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.rounds.memory import Record, audit_split, split_of
+from cdcca_ros.core.rounds.questions import QuestionSource, derive, question_source
 from cdcca_ros.core.rounds.round import AuditResult, RoundResult, RoundRunner
 from cdcca_ros.core.rounds.state import DeviceState
 from cdcca_ros.errors import ConfigError, WireError
@@ -187,6 +189,10 @@ class CloudRuntime:
         if self.captions is not None:
             self.captions.cfg = cfg.captions  # (its anchor frames stay as they were)
 
+    @property
+    def _questions(self) -> QuestionSource | None:
+        return question_source(self.cfg.guard.question_source)
+
     def device(self, device_id: str) -> DeviceState:
         """The state of ``device_id`` (resumed from its checkpoint, or fresh at the base).
 
@@ -250,13 +256,19 @@ class CloudRuntime:
     def add_sample(self, device_id: str, tokens: Tensor, indices: Tensor | None, question: str,
                    num_tokens: int, token_dim: int, sample_id: str = '', *,
                    device_answer: str = '', device_version: int = -1, audit: bool = False,
-                   label: str | None = None, now: float | None = None) -> bool:
+                   label: str | None = None, now: float | None = None,
+                   answer: Callable[[str], str | None] | None = None) -> bool:
         """Keep one uplinked sample; False when ``sample_id`` was already taken (a
         re-delivery after a restart).
 
         ``label`` gives the sample's answer instead of the teacher's (true labels: the
-        oracle of the benchmarks); ``now`` is the arrival time on :func:`time.monotonic`'s
+        oracle of the benchmarks) and ``answer`` the true answer of any other question about
+        the frame (the questions the cloud derives, ``guard.extra_questions``; without it a
+        labelled sample gets none); ``now`` is the arrival time on :func:`time.monotonic`'s
         clock (a simulation passes its own).
+
+        A training-split sample also brings up to ``guard.extra_questions`` questions the
+        cloud asks of the same tokens (:mod:`cdcca_ros.core.rounds.questions`).
 
         A sample whose question asks for a caption (:func:`~cdcca_ros.core.captions.describe.
         is_describe`) goes to the device's caption memory (train or gate split; never an
@@ -297,6 +309,11 @@ class CloudRuntime:
             record.label, record.labelled, record.confidence = label or None, True, 1.0
             record.label_tokens = int(tokens.shape[0])
         memory.add(record)
+        if not caption and guard.enabled and (label is None or answer is not None):
+            for extra in derive(record, self._questions, guard.extra_questions,
+                                memory.next_seq, answer):
+                memory.add(extra)
+                state.counters['derived_questions'] += 1
         state.recent_ids.append(sid)
         state.samples_seen += 1
         arrived = time.monotonic() if now is None else now
@@ -350,6 +367,11 @@ class CloudRuntime:
         record.indices = None if bool(have.all()) else kept
         record.labelled, record.label, record.targets, record.pull = False, None, None, 'done'
         state.memory.update(record)
+        for child in state.memory.select():
+            if child.parent == sample_id:  # its questions are asked again of every token
+                child.tokens, child.indices = record.tokens, record.indices
+                child.labelled, child.label, child.targets = False, None, None
+                state.memory.update(child)
         state.counters['pulled'] += 1
         return True
 

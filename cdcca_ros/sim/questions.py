@@ -197,3 +197,66 @@ def vocabulary() -> list[str]:
             words.update(tokenize(ref))
     words.update(tokenize(format_mc_prompt('', ANSWER_POOLS['exist'])))
     return sorted(words)
+
+
+def parse(text: str) -> tuple[str, str | None, str | None] | None:
+    """``(qtype, color, kind)`` of a question written from :data:`TEMPLATES` (the colour or
+    the kind None where the template names none); None for any other text."""
+    text = text.strip().lower()
+    for qtype, templates in TEMPLATES.items():
+        for template in templates:
+            colors: list[str | None] = list(COLORS) if '{color}' in template else [None]
+            kinds: list[str | None] = list(KINDS) if '{kind}' in template else [None]
+            for color, kind in itertools.product(colors, kinds):
+                if template.format(color=color, kind=kind) == text:
+                    return qtype, color, kind
+    return None
+
+
+def related_questions(text: str, k: int, seed: int) -> list[str]:
+    """Up to ``k`` other questions about the scene ``text`` was asked on, built from the
+    question alone (no ground truth): the same object's other attributes, the count, and an
+    exist question on the object. Empty for a question not written from :data:`TEMPLATES`.
+
+    Deterministic in ``(text, k, seed)``. This is the cloud's ``templates`` question source
+    (:mod:`cdcca_ros.core.rounds.questions`).
+    """
+    parsed = parse(text)
+    if parsed is None or k <= 0:
+        return []
+    qtype, color, kind = parsed
+    rng = np.random.default_rng(seed)
+    cands = [TEMPLATES['count'][0]]
+    if qtype != 'exist' and kind is not None:  # the object of this kind is in the scene
+        cands += [TEMPLATES['color'][0].format(kind=kind),
+                  TEMPLATES['position'][0].format(kind=kind),
+                  TEMPLATES['exist'][0].format(color=_pick(rng, BASE_COLORS), kind=kind)]
+    elif qtype != 'exist' and color is not None:
+        cands += [TEMPLATES['shape'][0].format(color=color),
+                  TEMPLATES['position'][1].format(color=color),
+                  TEMPLATES['exist'][0].format(color=color, kind=_pick(rng, BASE_KINDS))]
+    else:
+        cands.append(TEMPLATES['exist'][0].format(color=_pick(rng, BASE_COLORS),
+                                                  kind=_pick(rng, BASE_KINDS)))
+    own = text.strip().lower()
+    cands = [c for c in dict.fromkeys(cands) if c != own]
+    order = rng.permutation(len(cands))
+    return [cands[int(i)] for i in order[:k]]
+
+
+def answer_of(scene: Scene, text: str) -> str | None:
+    """The true answer to a question written from :data:`TEMPLATES` about ``scene``; None
+    for other text or a question about an object the scene does not hold."""
+    parsed = parse(text)
+    if parsed is None:
+        return None
+    qtype, color, kind = parsed
+    if qtype == 'count':
+        return str(len(scene.objects))
+    found = scene.find(kind=kind, color=color)
+    if qtype == 'exist':
+        return 'yes' if found else 'no'
+    if len(found) != 1:
+        return None
+    obj = found[0]
+    return {'color': obj.color, 'shape': obj.kind, 'position': obj.column}[qtype]

@@ -95,6 +95,11 @@ class GuardConfig:
         audit_gate_fraction: Share of the audit stream's samples held out for the gate and
             the live audit; the rest train like uplinked samples (1: every audit sample is
             held out).
+        extra_questions: Most questions the cloud derives from each uplinked training
+            sample and has the teacher answer on the same tokens (no uplink cost; see
+            :mod:`cdcca_ros.core.rounds.questions`).
+        question_source: Who writes them: ``templates`` (the bundled world's; inert on
+            other questions), ``none`` or ``module:function``.
         anchor: Anchor set: '' (the student's own ``anchor.safetensors`` if it ships one),
             ``'none'``, or a file (see :mod:`cdcca_ros.core.rounds.anchor`).
         anchor_limit: Anchor samples used at most.
@@ -116,6 +121,8 @@ class GuardConfig:
     val_fraction: float = 0.1
     gate_fraction: float = 0.25
     audit_gate_fraction: float = 1.0
+    extra_questions: int = 4
+    question_source: str = 'templates'
     anchor: str = ''
     anchor_limit: int = 1024
     anchor_gate_fraction: float = 0.3
@@ -131,6 +138,11 @@ class GuardConfig:
                 or self.val_fraction + self.gate_fraction >= 1.0):
             raise ConfigError(f'val_fraction={self.val_fraction} + gate_fraction='
                               f'{self.gate_fraction} must be in [0, 1)')
+        if not 0 <= self.extra_questions <= 16:
+            raise ConfigError(f'extra_questions must be in [0, 16], got {self.extra_questions}')
+        from cdcca_ros.core.rounds.questions import question_source
+
+        question_source(self.question_source)  # raises on an unknown one
         if not 0.0 <= self.audit_gate_fraction <= 1.0:
             raise ConfigError(f'audit_gate_fraction must be in [0, 1], got '
                               f'{self.audit_gate_fraction}')
@@ -143,7 +155,7 @@ class GuardConfig:
                                      patience=1, mix_new=1.0, mix_anchor=0.0,
                                      data_epochs=1e9),
                    gate=GateConfig(enabled=False), audit=AuditConfig(enabled=False),
-                   val_fraction=0.0, gate_fraction=0.0, anchor='none')
+                   val_fraction=0.0, gate_fraction=0.0, anchor='none', extra_questions=0)
 
     def with_(self, **changes: Any) -> GuardConfig:
         """A copy with some fields changed."""
@@ -169,7 +181,8 @@ class GuardConfig:
                             anchor_budget=p['anchor_budget'], gain_on=p['gain_on'],
                             new_clusters=p['gate_new_clusters'],
                             harm_alpha=p['harm_alpha'],
-                            harm_correction=p['harm_correction']),
+                            harm_correction=p['harm_correction'],
+                            big_fall=p['big_fall']),
             routing=(CoverageConfig(margin=p['gate_coverage_margin']) if p['gate_routed']
                      else None),
             labels=LabelConfig(min_confidence=p['min_label_confidence'],
@@ -181,4 +194,5 @@ class GuardConfig:
             reset_after_refusals=p['reset_after_refusals'],
             val_fraction=p['val_fraction'], gate_fraction=p['gate_fraction'],
             audit_gate_fraction=p['audit_gate_fraction'],
+            extra_questions=p['extra_questions'], question_source=p['question_source'],
             anchor=p['anchor'])

@@ -104,6 +104,10 @@ class GateConfig:
             slices).
         harm_correction: ``'holm'``: ``harm_alpha`` holds for the harm tests of all replay
             and ``new/<c>`` slices together (Holm's step-down); ``'none'``: for each alone.
+        big_fall: A slice that falls by more than this many points is tested at
+            ``harm_alpha`` alone, outside the correction: the correction spares small
+            falls that flips between equal adapters produce by chance, not large ones
+            (0: every slice inside it).
     """
 
     enabled: bool = True
@@ -120,13 +124,14 @@ class GateConfig:
     gain_on: str = 'new'
     new_clusters: bool = True
     harm_correction: str = 'holm'
+    big_fall: float = 5.0
 
     def __post_init__(self) -> None:
         if self.gain_on not in GAIN_ON:
             raise ConfigError(f'gate gain_on must be one of {GAIN_ON}, got {self.gain_on!r}')
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f'gate alpha must be in (0, 1), got {self.alpha}')
-        for name in ('min_gain', 'tolerance', 'anchor_tolerance'):
+        for name in ('min_gain', 'tolerance', 'anchor_tolerance', 'big_fall'):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 raise ConfigError(f'gate {name} must be finite and >= 0, got {value}')
@@ -167,6 +172,10 @@ class GateConfig:
             for i, (p, n) in enumerate(harm):
                 rejecting = rejecting and p < self.harm_alpha / (len(harm) - i)
                 level[n] = self.harm_alpha / (len(harm) - i) if rejecting else 0.0
+            if self.big_fall > 0:
+                for _, n in harm:
+                    if -slices[n].gain > self.big_fall:
+                        level[n] = self.harm_alpha
         return [n for n in names if self.falls(n, slices[n], level.get(n))]
 
     def over_budget(self, anchor: Paired | None, anchor_base: float | None) -> str:

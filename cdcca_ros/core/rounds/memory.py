@@ -107,6 +107,8 @@ class Record:
         targets: The teacher's AKD targets for ``label`` (None: computed when needed).
         pull: Token pull state: '' (never asked), 'requested', 'done', 'unavailable'.
         cluster: Cluster id from the last :meth:`Memory.recluster` (-1: none yet).
+        parent: For a question the cloud derived from an uplinked one
+            (:mod:`cdcca_ros.core.rounds.questions`), the uplinked sample's id; '' otherwise.
     """
 
     sample_id: str
@@ -126,6 +128,7 @@ class Record:
     pull: str = ''
     pull_round: int = -1
     cluster: int = -1
+    parent: str = ''
     feature: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     soft: tuple[Tensor, Tensor] | None = None
     """Anchor records: the base student's answer distribution at each answer position,
@@ -157,7 +160,7 @@ class Record:
         if self.targets is not None:
             size += self.targets.nbytes()
         return int(size + len(self.question) + len(self.device_answer) + len(self.label or '')
-                   + len(self.sample_id) + 64)
+                   + len(self.sample_id) + len(self.parent) + 64)
 
     def to_akd(self) -> AkdSample:
         """The sample as AKD trains on it (float32 tokens, the label as answer)."""
@@ -182,7 +185,7 @@ class Record:
                 'device_version': self.device_version, 'audit': self.audit,
                 'label': self.label, 'confidence': self.confidence,
                 'label_tokens': self.label_tokens, 'labelled': self.labelled,
-                'pull': self.pull, 'pull_round': self.pull_round}
+                'pull': self.pull, 'pull_round': self.pull_round, 'parent': self.parent}
         return save(tensors, metadata={'format': RECORD_FORMAT, 'record': json.dumps(meta)})
 
     @classmethod
@@ -216,7 +219,8 @@ class Record:
                    label_tokens=int(meta.get('label_tokens', 0)),
                    labelled=bool(meta.get('labelled', False)), targets=targets,
                    pull=str(meta.get('pull', '')),
-                   pull_round=int(meta.get('pull_round', -1)))
+                   pull_round=int(meta.get('pull_round', -1)),
+                   parent=str(meta.get('parent', '')))
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

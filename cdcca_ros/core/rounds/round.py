@@ -240,7 +240,9 @@ class RoundRunner:
                     r.label_tokens = r.num_kept
                     r.label = text or None
                     r.targets = None
-                    partial = r.indices is not None
+                    # A derived question is never pulled itself (its parent's pull reaches
+                    # it) and does not grow the pull budget.
+                    partial = r.indices is not None and not r.parent
                     partial_labelled += int(partial)
                     if (partial and cfg.pull_below > 0 and conf < cfg.pull_below
                             and r.pull == '' and self.guard.enabled):
@@ -514,7 +516,7 @@ class RoundRunner:
         if self.guard.routing is None or not records:
             return np.ones(len(records), dtype=bool)
         anchors = (np.stack([r.feature for r in self.anchor]) if self.anchor else None)
-        noted = [r.feature for r in state.memory.select()]
+        noted = [r.feature for r in state.memory.select() if not r.parent]
         noted += [r.feature for r in state.captions.select()]  # the device notes captions too
         coverage = Coverage.trained(self.guard.routing, anchors, noted)
         return coverage.covers_all(np.stack([r.feature for r in records]), exclude_self=True)

@@ -41,7 +41,7 @@ from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.anchor import anchor_records
 from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.rounds.memory import Record, audit_split, split_of
-from cdcca_ros.core.rounds.questions import QuestionSource, derive, question_source
+from cdcca_ros.core.rounds.extra_questions import QuestionSource, derive, question_source
 from cdcca_ros.core.rounds.round import AuditResult, RoundResult, RoundRunner
 from cdcca_ros.core.rounds.state import DeviceState
 from cdcca_ros.errors import ConfigError, WireError
@@ -268,7 +268,7 @@ class CloudRuntime:
         clock (a simulation passes its own).
 
         A training-split sample also brings up to ``guard.extra_questions`` questions the
-        cloud asks of the same tokens (:mod:`cdcca_ros.core.rounds.questions`).
+        cloud asks of the same tokens (:mod:`cdcca_ros.core.rounds.extra_questions`).
 
         A sample whose question asks for a caption (:func:`~cdcca_ros.core.captions.describe.
         is_describe`) goes to the device's caption memory (train or gate split; never an

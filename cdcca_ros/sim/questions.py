@@ -219,7 +219,7 @@ def related_questions(text: str, k: int, seed: int) -> list[str]:
     exist question on the object. Empty for a question not written from :data:`TEMPLATES`.
 
     Deterministic in ``(text, k, seed)``. This is the cloud's ``templates`` question source
-    (:mod:`cdcca_ros.core.rounds.questions`).
+    (:mod:`cdcca_ros.core.rounds.extra_questions`).
     """
     parsed = parse(text)
     if parsed is None or k <= 0:

@@ -13,10 +13,13 @@ from cdcca_ros.sim.questions import (
     NUM_CHOICES,
     QTYPES,
     Question,
+    answer_of,
     answer_space,
     ask,
     format_mc_prompt,
+    parse,
     reference_answers,
+    related_questions,
     tokenize,
     vocabulary,
 )
@@ -119,3 +122,39 @@ def test_vocabulary_is_closed_over_every_domain() -> None:
     assert used <= vocab, used - vocab
     # The vocabulary is not padded with words nothing ever produces.
     assert len(vocab - used) <= 2, vocab - used
+
+
+def _samples(n: int = 40):
+    world = World(5)
+    return [s for domain in (SOURCE,) + tuple(DRIFTED) for s in world.samples(domain, n, 32)]
+
+
+def test_the_true_answer_of_any_template_question_is_read_from_the_scene():
+    samples = _samples()
+    assert all(answer_of(s.scene, s.question) == s.answer for s in samples)
+    assert answer_of(SCENE, 'what color is the diamond?') is None  # no diamond in the scene
+    assert answer_of(SCENE, 'is there a red diamond?') == 'no'
+
+
+def test_related_questions_ask_other_things_about_the_same_frame():
+    words = set(vocabulary())
+    kinds = collections.Counter()
+    for i, s in enumerate(_samples()):
+        qs = related_questions(s.question, 4, seed=i)
+        assert qs == related_questions(s.question, 4, seed=i)  # deterministic
+        assert 1 <= len(qs) <= 4 and s.question not in qs and len(set(qs)) == len(qs)
+        assert related_questions(s.question, 1, seed=i) == qs[:1]
+        for q in qs:
+            qtype, _, _ = parse(q)
+            kinds[qtype] += 1
+            # Written from the question alone, yet about something the frame holds.
+            assert answer_of(s.scene, q) is not None
+            assert set(tokenize(q)) <= words
+    assert set(kinds) == set(QTYPES)
+
+
+def test_a_question_not_written_from_the_templates_gets_no_related_ones():
+    assert parse('is the door open?') is None
+    assert related_questions('is the door open?', 4, 0) == []
+    assert answer_of(SCENE, 'is the door open?') is None
+    assert related_questions('what color is the circle?', 0, 0) == []

@@ -97,7 +97,7 @@ class GuardConfig:
             held out).
         extra_questions: Most questions the cloud derives from each uplinked training
             sample and has the teacher answer on the same tokens (no uplink cost; see
-            :mod:`cdcca_ros.core.rounds.questions`).
+            :mod:`cdcca_ros.core.rounds.extra_questions`).
         question_source: Who writes them: ``templates`` (the bundled world's; inert on
             other questions), ``none`` or ``module:function``.
         anchor: Anchor set: '' (the student's own ``anchor.safetensors`` if it ships one),
@@ -140,7 +140,7 @@ class GuardConfig:
                               f'{self.gate_fraction} must be in [0, 1)')
         if not 0 <= self.extra_questions <= 16:
             raise ConfigError(f'extra_questions must be in [0, 16], got {self.extra_questions}')
-        from cdcca_ros.core.rounds.questions import question_source
+        from cdcca_ros.core.rounds.extra_questions import question_source
 
         question_source(self.question_source)  # raises on an unknown one
         if not 0.0 <= self.audit_gate_fraction <= 1.0:

@@ -108,7 +108,7 @@ class Record:
         pull: Token pull state: '' (never asked), 'requested', 'done', 'unavailable'.
         cluster: Cluster id from the last :meth:`Memory.recluster` (-1: none yet).
         parent: For a question the cloud derived from an uplinked one
-            (:mod:`cdcca_ros.core.rounds.questions`), the uplinked sample's id; '' otherwise.
+            (:mod:`cdcca_ros.core.rounds.extra_questions`), the uplinked sample's id; '' otherwise.
     """
 
     sample_id: str

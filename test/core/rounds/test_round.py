@@ -234,11 +234,13 @@ def test_memory_and_labels_survive_a_cloud_restart(models, fog, tmp_path):
     cloud, _ = _cloud(models, tmp_path)
     _add_fog(cloud, fog, n=10)
     cloud.label(DEVICE)
-    before = {sid: r.label for sid, r in cloud.device(DEVICE).memory.records.items()}
+    before = {sid: (r.label, r.parent) for sid, r in cloud.device(DEVICE).memory.records.items()}
     cloud.device(DEVICE).save()
     again, _ = _cloud(models, tmp_path)
-    after = {sid: r.label for sid, r in again.device(DEVICE).memory.records.items()}
-    assert after == before and len(after) == 10
+    after = {sid: (r.label, r.parent) for sid, r in again.device(DEVICE).memory.records.items()}
+    # The cloud's own questions about the training frames survive with their parents.
+    assert after == before and sum(not parent for _, parent in after.values()) == 10
+    assert any(parent for _, parent in after.values())
     # A re-delivered sample is still refused after the restart.
     tokens, samples = fog
     assert not again.add_sample(DEVICE, tokens[0], None, samples[0].question,
@@ -270,3 +272,48 @@ def test_the_new_data_is_also_judged_per_cluster(models, fog):
     assert per_cluster, sorted(slices)
     assert sum(c.n for c in per_cluster.values()) <= slices[NEW].n
     assert sum(c.broken for c in per_cluster.values()) <= slices[NEW].broken
+
+
+def test_the_cloud_asks_more_questions_of_each_training_frame(models, fog):
+    from functools import partial
+
+    from cdcca_ros.core.rounds.memory import split_of
+    from cdcca_ros.sim.questions import answer_of
+
+    cloud, _ = _cloud(models, extra_questions=3)
+    _add_fog(cloud, fog, n=30, partial=True)
+    state = cloud.device(DEVICE)
+    memory = state.memory
+    parents = [r for r in memory.select() if not r.parent]
+    kids = [r for r in memory.select() if r.parent]
+    assert len(parents) == 30 and state.samples_seen == 30
+    # Every training frame (fog's questions are the templates') and nothing held out.
+    assert {r.parent for r in kids} == {r.sample_id for r in parents if r.split == 'train'}
+    assert state.counters['derived_questions'] == len(kids) <= 3 * 30
+    for kid in kids:
+        parent = memory.get(kid.parent)
+        assert kid.split == 'train' and kid.question != parent.question
+        assert torch.equal(kid.tokens, parent.tokens)
+    # The teacher labels them like any other; they are never pulled themselves.
+    pulls = cloud.label(DEVICE)
+    assert all(r.labelled for r in kids) and not any(memory.get(p).parent for p in pulls)
+    # A pull of a frame's other tokens reaches its questions: labelled again from all.
+    tokens, samples = fog
+    frame = next(r for r in parents if r.split == 'train')
+    frame.pull = 'requested'
+    assert cloud.add_pulled(DEVICE, frame.sample_id, tokens[int(frame.sample_id[7:])], None)
+    for kid in (r for r in memory.select() if r.parent == frame.sample_id):
+        assert kid.indices is None and kid.tokens.shape[0] == cloud.space.num_tokens
+        assert not kid.labelled
+    # The benchmarks' oracle: true answers for them too.
+    s = samples[40]
+    sid = next(f'oracle-{i}' for i in range(100) if split_of(f'oracle-{i}', 0.1, 0.25) == 'train')
+    cloud.add_sample(DEVICE, tokens[40], None, s.question, cloud.space.num_tokens,
+                     cloud.space.dim, sid, label=s.answer, answer=partial(answer_of, s.scene))
+    told = [r for r in memory.select() if r.parent == sid]
+    assert told and all(r.labelled and r.confidence == 1.0
+                        and r.label == answer_of(s.scene, r.question) for r in told)
+    # Off: none.
+    off, _ = _cloud(models, extra_questions=0)
+    _add_fog(off, fog, n=10)
+    assert not any(r.parent for r in off.device(DEVICE).memory.select())

@@ -268,7 +268,7 @@ CLOUD = (
           high=0.5),
     Param('guard.audit_gate_fraction', 1.0, 'share of the audit stream\'s samples held out for '
           'the gate and the live audit (the rest train)', low=0.0, high=1.0),
-    Param('guard.extra_questions', 4, 'questions the cloud derives from each uplinked '
+    Param('guard.extra_questions', 0, 'questions the cloud derives from each uplinked '
           'training sample and has the teacher answer on its tokens (no uplink cost)', low=0,
           high=16),
     Param('guard.question_source', 'templates', 'who writes them: templates (the bundled '
@@ -291,7 +291,7 @@ CLOUD = (
           high=1.0),
     Param('guard.harm_correction', 'holm', 'gate: holm = guard.harm_alpha holds for all those '
           'slices together (Holm step-down), none = for each alone', choices=('holm', 'none')),
-    Param('guard.big_fall', 5.0, 'gate: a slice falling by more than this (points) is tested '
+    Param('guard.big_fall', 0.0, 'gate: a slice falling by more than this (points) is tested '
           'at guard.harm_alpha alone, outside the correction (0: never)', low=0.0, high=100.0),
     Param('guard.anchor_budget', 3.0, 'gate: largest fall of the anchor slice below the base '
           'student, all updates together (points)', low=0.0, high=100.0),

@@ -121,7 +121,7 @@ class GuardConfig:
     val_fraction: float = 0.1
     gate_fraction: float = 0.25
     audit_gate_fraction: float = 1.0
-    extra_questions: int = 4
+    extra_questions: int = 0
     question_source: str = 'templates'
     anchor: str = ''
     anchor_limit: int = 1024

@@ -140,23 +140,23 @@ def test_harm_tests_over_many_slices_are_corrected_together():
     sure = {**slices, 'replay/0': counts(100, 0, 6), 'replay/1': counts(100, 0, 6)}
     assert GateConfig().fallen(sure, skip=(NEW,)) == ['replay/0', 'replay/1']
     sure['replay/1'] = counts(100, 2, 9)  # p = 0.033 > 0.2 / 7: not rejected ...
-    assert GateConfig(big_fall=0.0).fallen(sure, skip=(NEW,)) == ['replay/0']
+    assert GateConfig().fallen(sure, skip=(NEW,)) == ['replay/0']
     # ... unless its 7 points are past big_fall (5): then it is tested at 0.2 alone.
-    assert GateConfig().fallen(sure, skip=(NEW,)) == ['replay/0', 'replay/1']
+    assert GateConfig(big_fall=5.0).fallen(sure, skip=(NEW,)) == ['replay/0', 'replay/1']
     with pytest.raises(ConfigError):
         GateConfig(harm_correction='bonferroni')
 
 
 def test_a_big_fall_is_tested_alone_outside_the_correction():
     # One of eight replay slices loses 16, wins 7 of 100: 9 points, p_worse = 0.047. Among
-    # eight, Holm tests it at 0.2 / 8 and it hides; past big_fall (5 points) it is tested at
-    # harm_alpha alone and refuses.
+    # eight, Holm tests it at 0.2 / 8 and it hides; past big_fall (here 5 points) it is tested
+    # at harm_alpha alone and refuses.
     quiet = {f'replay/{c}': counts(100, 3, 3) for c in range(1, 8)}
     slices = {NEW: counts(60, 30, 0), 'replay/0': counts(100, 7, 16), **quiet}
-    assert GateConfig(big_fall=0.0).decide(slices).ship
-    d = GateConfig().decide(slices)
+    assert GateConfig().decide(slices).ship  # big_fall 0 (the default): inside it
+    d = GateConfig(big_fall=5.0).decide(slices)
     assert not d.ship and d.harmful and d.reason.startswith('replay/0 falls by 9.0 points')
     # A big fall that could well be noise (6 broken, 3 fixed of 30: p = 0.25) still ships,
     # and a small one stays inside the correction.
-    assert GateConfig().decide({**slices, 'replay/0': counts(30, 3, 6)}).ship
+    assert GateConfig(big_fall=5.0).decide({**slices, 'replay/0': counts(30, 3, 6)}).ship
     assert GateConfig(big_fall=10.0).decide(slices).ship

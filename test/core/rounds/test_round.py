@@ -231,12 +231,12 @@ def test_a_share_of_the_audit_stream_trains_and_the_rest_stays_held_out(models, 
 
 
 def test_memory_and_labels_survive_a_cloud_restart(models, fog, tmp_path):
-    cloud, _ = _cloud(models, tmp_path)
+    cloud, _ = _cloud(models, tmp_path, extra_questions=2)
     _add_fog(cloud, fog, n=10)
     cloud.label(DEVICE)
     before = {sid: (r.label, r.parent) for sid, r in cloud.device(DEVICE).memory.records.items()}
     cloud.device(DEVICE).save()
-    again, _ = _cloud(models, tmp_path)
+    again, _ = _cloud(models, tmp_path, extra_questions=2)
     after = {sid: (r.label, r.parent) for sid, r in again.device(DEVICE).memory.records.items()}
     # The cloud's own questions about the training frames survive with their parents.
     assert after == before and sum(not parent for _, parent in after.values()) == 10
@@ -313,7 +313,7 @@ def test_the_cloud_asks_more_questions_of_each_training_frame(models, fog):
     told = [r for r in memory.select() if r.parent == sid]
     assert told and all(r.labelled and r.confidence == 1.0
                         and r.label == answer_of(s.scene, r.question) for r in told)
-    # Off: none.
-    off, _ = _cloud(models, extra_questions=0)
+    # Off (the default): none.
+    off, _ = _cloud(models)
     _add_fog(off, fog, n=10)
     assert not any(r.parent for r in off.device(DEVICE).memory.select())

@@ -40,8 +40,8 @@ from cdcca_ros.core.captions.round import (
 from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.anchor import anchor_records
 from cdcca_ros.core.rounds.config import GuardConfig
-from cdcca_ros.core.rounds.memory import Record, audit_split, split_of
 from cdcca_ros.core.rounds.extra_questions import QuestionSource, derive, question_source
+from cdcca_ros.core.rounds.memory import Record, audit_split, split_of
 from cdcca_ros.core.rounds.round import AuditResult, RoundResult, RoundRunner
 from cdcca_ros.core.rounds.state import DeviceState
 from cdcca_ros.errors import ConfigError, WireError

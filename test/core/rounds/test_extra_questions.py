@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdcca_ros.core.rounds.memory import Record
 from cdcca_ros.core.rounds.extra_questions import derive, derived_id, question_source
+from cdcca_ros.core.rounds.memory import Record
 from cdcca_ros.errors import ConfigError
 
 QUESTION = 'what color is the square?'

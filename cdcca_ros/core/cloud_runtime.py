@@ -40,7 +40,13 @@ from cdcca_ros.core.captions.round import (
 from cdcca_ros.core.refit import RefitConfig
 from cdcca_ros.core.rounds.anchor import anchor_records
 from cdcca_ros.core.rounds.config import GuardConfig
-from cdcca_ros.core.rounds.extra_questions import QuestionSource, derive, question_source
+from cdcca_ros.core.rounds.extra_questions import (
+    MAX_EXTRA_QUESTIONS,
+    QuestionSource,
+    derive,
+    derived_id,
+    question_source,
+)
 from cdcca_ros.core.rounds.memory import Record, audit_split, split_of
 from cdcca_ros.core.rounds.round import AuditResult, RoundResult, RoundRunner
 from cdcca_ros.core.rounds.state import DeviceState
@@ -309,7 +315,8 @@ class CloudRuntime:
             record.label, record.labelled, record.confidence = label or None, True, 1.0
             record.label_tokens = int(tokens.shape[0])
         memory.add(record)
-        if not caption and guard.enabled and (label is None or answer is not None):
+        if (guard.extra_questions and not caption and guard.enabled
+                and (label is None or answer is not None)):
             for extra in derive(record, self._questions, guard.extra_questions,
                                 memory.next_seq, answer):
                 memory.add(extra)
@@ -367,8 +374,10 @@ class CloudRuntime:
         record.indices = None if bool(have.all()) else kept
         record.labelled, record.label, record.targets, record.pull = False, None, None, 'done'
         state.memory.update(record)
-        for child in state.memory.select():
-            if child.parent == sample_id:  # its questions are asked again of every token
+        # Its derived questions (those still in memory) are asked again of every token.
+        for j in range(MAX_EXTRA_QUESTIONS):
+            child = state.memory.get(derived_id(sample_id, j))
+            if child is not None:
                 child.tokens, child.indices = record.tokens, record.indices
                 child.labelled, child.label, child.targets = False, None, None
                 state.memory.update(child)

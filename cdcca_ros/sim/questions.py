@@ -11,6 +11,7 @@ tokenizer built from it never meets an unknown word.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass
@@ -199,18 +200,23 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def parse(text: str) -> tuple[str, str | None, str | None] | None:
-    """``(qtype, color, kind)`` of a question written from :data:`TEMPLATES` (the colour or
-    the kind None where the template names none); None for any other text."""
-    text = text.strip().lower()
+@functools.cache
+def _template_questions() -> dict[str, tuple[str, str | None, str | None]]:
+    """Every question :data:`TEMPLATES` can write, with its ``(qtype, color, kind)``."""
+    table: dict[str, tuple[str, str | None, str | None]] = {}
     for qtype, templates in TEMPLATES.items():
         for template in templates:
             colors: list[str | None] = list(COLORS) if '{color}' in template else [None]
             kinds: list[str | None] = list(KINDS) if '{kind}' in template else [None]
             for color, kind in itertools.product(colors, kinds):
-                if template.format(color=color, kind=kind) == text:
-                    return qtype, color, kind
-    return None
+                table.setdefault(template.format(color=color, kind=kind), (qtype, color, kind))
+    return table
+
+
+def parse(text: str) -> tuple[str, str | None, str | None] | None:
+    """``(qtype, color, kind)`` of a question written from :data:`TEMPLATES` (the colour or
+    the kind None where the template names none); None for any other text."""
+    return _template_questions().get(text.strip().lower())
 
 
 def related_questions(text: str, k: int, seed: int) -> list[str]:

@@ -138,10 +138,11 @@ class GuardConfig:
                 or self.val_fraction + self.gate_fraction >= 1.0):
             raise ConfigError(f'val_fraction={self.val_fraction} + gate_fraction='
                               f'{self.gate_fraction} must be in [0, 1)')
-        if not 0 <= self.extra_questions <= 16:
-            raise ConfigError(f'extra_questions must be in [0, 16], got {self.extra_questions}')
-        from cdcca_ros.core.rounds.extra_questions import question_source
+        from cdcca_ros.core.rounds.extra_questions import MAX_EXTRA_QUESTIONS, question_source
 
+        if not 0 <= self.extra_questions <= MAX_EXTRA_QUESTIONS:
+            raise ConfigError(f'extra_questions must be in [0, {MAX_EXTRA_QUESTIONS}], got '
+                              f'{self.extra_questions}')
         question_source(self.question_source)  # raises on an unknown one
         if not 0.0 <= self.audit_gate_fraction <= 1.0:
             raise ConfigError(f'audit_gate_fraction must be in [0, 1], got '

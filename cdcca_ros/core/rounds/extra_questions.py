@@ -22,6 +22,7 @@ themselves: a pull of the parent's other tokens reaches them (:meth:`CloudRuntim
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 from collections.abc import Callable
@@ -31,6 +32,9 @@ from cdcca_ros.errors import ConfigError
 
 QuestionSource = Callable[[str, int, int], list[str]]
 """``(question, k, seed) -> at most k other questions about the same frame``."""
+
+MAX_EXTRA_QUESTIONS = 16
+"""The most questions derived from one frame (``guard.extra_questions``' bound)."""
 
 DERIVED_SEP = '~q'
 """A derived record's id is its parent's id, this separator and its index."""
@@ -45,8 +49,10 @@ def _templates(question: str, k: int, seed: int) -> list[str]:
 _BUILTIN: dict[str, QuestionSource | None] = {'none': None, '': None, 'templates': _templates}
 
 
+@functools.cache
 def question_source(name: str) -> QuestionSource | None:
-    """The source named ``name`` (``templates``, ``none``/'' or ``module:function``).
+    """The source named ``name`` (``templates``, ``none``/'' or ``module:function``),
+    resolved once per name.
 
     Raises:
         ConfigError: An unknown name, or a ``module:function`` that does not import or is

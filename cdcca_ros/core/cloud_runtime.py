@@ -273,8 +273,9 @@ class CloudRuntime:
         labelled sample gets none); ``now`` is the arrival time on :func:`time.monotonic`'s
         clock (a simulation passes its own).
 
-        A training-split sample also brings up to ``guard.extra_questions`` questions the
-        cloud asks of the same tokens (:mod:`cdcca_ros.core.rounds.extra_questions`).
+        A training-split sample (and a gate-split one, with ``guard.gate_questions``) also
+        brings up to ``guard.extra_questions`` questions the cloud asks of the same tokens
+        (:mod:`cdcca_ros.core.rounds.extra_questions`).
 
         A sample whose question asks for a caption (:func:`~cdcca_ros.core.captions.describe.
         is_describe`) goes to the device's caption memory (train or gate split; never an
@@ -318,7 +319,7 @@ class CloudRuntime:
         if (guard.extra_questions and not caption and guard.enabled
                 and (label is None or answer is not None)):
             for extra in derive(record, self._questions, guard.extra_questions,
-                                memory.next_seq, answer):
+                                memory.next_seq, answer, gate=guard.gate_questions):
                 memory.add(extra)
                 state.counters['derived_questions'] += 1
         state.recent_ids.append(sid)

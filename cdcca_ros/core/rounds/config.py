@@ -100,6 +100,10 @@ class GuardConfig:
             :mod:`cdcca_ros.core.rounds.extra_questions`).
         question_source: Who writes them: ``templates`` (the bundled world's; inert on
             other questions), ``none`` or ``module:function``.
+        gate_questions: The gate's held-out frames get the extra questions too, and the
+            gate judges every slice frame by frame (a frame's share of right answers, the
+            sign test over frames): more evidence per held-out frame, the tests still
+            counting independent frames.
         anchor: Anchor set: '' (the student's own ``anchor.safetensors`` if it ships one),
             ``'none'``, or a file (see :mod:`cdcca_ros.core.rounds.anchor`).
         anchor_limit: Anchor samples used at most.
@@ -123,6 +127,7 @@ class GuardConfig:
     audit_gate_fraction: float = 1.0
     extra_questions: int = 0
     question_source: str = 'templates'
+    gate_questions: bool = False
     anchor: str = ''
     anchor_limit: int = 1024
     anchor_gate_fraction: float = 0.3
@@ -196,4 +201,5 @@ class GuardConfig:
             val_fraction=p['val_fraction'], gate_fraction=p['gate_fraction'],
             audit_gate_fraction=p['audit_gate_fraction'],
             extra_questions=p['extra_questions'], question_source=p['question_source'],
+            gate_questions=p['gate_questions'],
             anchor=p['anchor'])

@@ -14,11 +14,13 @@ the price). A *question source* writes them:
   deterministic in its arguments).
 - ``none``: no extra questions.
 
-Derived records (:func:`derive`) share their parent's tokens and split; only training-split
-parents get any, so the gate's and early stopping's held-out samples stay one per frame (the
-gate's paired tests count independent frames). They are never audit samples and never pulled
-themselves: a pull of the parent's other tokens reaches them (:meth:`CloudRuntime.add_pulled
-<cdcca_ros.core.cloud_runtime.CloudRuntime.add_pulled>`).
+Derived records (:func:`derive`) share their parent's tokens, feature and split. Training-split
+parents get them; the gate's held-out parents too with ``guard.gate_questions``, and the gate
+then judges frame by frame (:func:`cdcca_ros.core.rounds.round.paired`), so its paired
+tests still count independent frames. Early stopping's held-out samples stay one per frame. Derived records are
+never audit samples (the live audit compares versions on the devices' own questions) and never
+pulled themselves: a pull of the parent's other tokens reaches them
+(:meth:`CloudRuntime.add_pulled <cdcca_ros.core.cloud_runtime.CloudRuntime.add_pulled>`).
 """
 from __future__ import annotations
 
@@ -78,21 +80,26 @@ def derived_id(parent_id: str, index: int) -> str:
 
 
 def derive(parent: Record, source: QuestionSource | None, k: int, next_seq: int,
-           answer: Callable[[str], str | None] | None = None) -> list[Record]:
+           answer: Callable[[str], str | None] | None = None, gate: bool = False
+           ) -> list[Record]:
     """Up to ``k`` records asking other questions of ``parent``'s frame.
 
     Args:
-        parent: An uplinked, training-split, non-audit record (anything else gets none).
+        parent: An uplinked training-split non-audit record, or (with ``gate``) a gate-split
+            one, audit or not (anything else gets none).
         source: The question source (None: none).
         k: Most questions.
         next_seq: The memory's next sequence number (the records take consecutive ones).
         answer: Gives the true answer of a question (the benchmarks' oracle); None: the
             teacher labels them. A question it cannot answer is skipped.
+        gate: The gate's held-out frames get questions too (``guard.gate_questions``).
 
     Raises:
         ConfigError: The source returned something that is not a list of strings.
     """
-    if source is None or k <= 0 or parent.split != 'train' or parent.audit or parent.parent:
+    eligible = ((parent.split == 'train' and not parent.audit)
+                or (gate and parent.split == 'gate'))
+    if source is None or k <= 0 or not eligible or parent.parent:
         return []
     seed = int.from_bytes(hashlib.sha256(parent.sample_id.encode('utf-8')).digest()[:8], 'big')
     questions = source(parent.question, k, seed)
@@ -106,7 +113,7 @@ def derive(parent: Record, source: QuestionSource | None, k: int, next_seq: int,
             continue
         record = Record(sample_id=derived_id(parent.sample_id, len(out)),
                         seq=next_seq + len(out), tokens=parent.tokens, indices=parent.indices,
-                        question=text, split='train', parent=parent.sample_id,
+                        question=text, split=parent.split, parent=parent.sample_id,
                         feature=parent.feature)
         if answer is not None:
             label = answer(text)

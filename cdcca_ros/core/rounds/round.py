@@ -40,7 +40,7 @@ from cdcca_ros.core.refit import RefitConfig, RefitResult, akd_task_loss, refit_
 from cdcca_ros.core.rounds.config import GuardConfig
 from cdcca_ros.core.rounds.gate import ANCHOR, DEVICE, NEW, REPLAY, GateDecision
 from cdcca_ros.core.rounds.memory import Record
-from cdcca_ros.core.rounds.stats import PairedCounts
+from cdcca_ros.core.rounds.stats import Paired, PairedCounts, PairedScores
 from cdcca_ros.core.rounds.trainer import RoundTrainer, TrainResult, fill_targets, grouped
 from cdcca_ros.core.updates import (
     DeltaEnvelope,
@@ -65,6 +65,30 @@ EVAL_BATCH = 64
 def normalise(text: str | None) -> str:
     """Answers compare case- and space-insensitively."""
     return ' '.join((text or '').lower().split())
+
+
+def frames(records: Sequence[Record]) -> int:
+    """How many frames ``records`` ask about (a derived question shares its parent's)."""
+    return len({r.parent or r.sample_id for r in records})
+
+
+def paired(records: Sequence[Record], old: np.ndarray, new: np.ndarray) -> Paired:
+    """The gate's comparison of two adapters on ``records`` (right/wrong per record).
+
+    One question per frame: :class:`PairedCounts` (McNemar). With derived questions
+    (``guard.gate_questions``) each frame is one sample scoring its share of right answers,
+    compared by the sign test over frames (:class:`PairedScores`): a frame's questions share
+    its tokens and are not independent, so the test counts frames, each carrying more
+    evidence than one answer.
+    """
+    if not any(r.parent for r in records):
+        return PairedCounts.of(old, new)
+    keys = [r.parent or r.sample_id for r in records]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    frame = np.array([index[k] for k in keys])
+    size = np.bincount(frame)
+    return PairedScores.of(np.bincount(frame, weights=np.asarray(old, float)) / size,
+                           np.bincount(frame, weights=np.asarray(new, float)) / size)
 
 
 @dataclass
@@ -433,8 +457,10 @@ class RoundRunner:
                               for a, r in zip(answers, records, strict=True)]))
 
     def _slices(self, state: DeviceState, current: dict[str, Tensor],
-                candidate: dict[str, Tensor]) -> dict[str, PairedCounts]:
-        """Paired right/wrong counts of ``current`` vs ``candidate`` on every gate slice."""
+                candidate: dict[str, Tensor]) -> dict[str, Paired]:
+        """Paired right/wrong counts of ``current`` vs ``candidate`` on every gate slice;
+        per frame (:func:`paired`) where the slice holds derived questions
+        (``guard.gate_questions``)."""
         gate = self.guard.gate
         held = [r for r in state.memory.select('gate') if self.trainable(r)]
         new = [r for r in held if r.seq >= state.ship_seq][-gate.max_new:]
@@ -443,7 +469,7 @@ class RoundRunner:
         clusters = state.memory.clusters_of(old)
         pooled: list[Record] = []
         for c, members in sorted(clusters.items()):
-            if len(members) >= gate.min_slice:
+            if frames(members) >= gate.min_slice:
                 slices[f'{REPLAY}/{c}'] = members
             else:
                 pooled += members
@@ -456,22 +482,23 @@ class RoundRunner:
         if not everything:
             return {NEW: PairedCounts(0, 0, 0, 0, 0)}
         cur, cand = self.routed_correct(state, current, candidate, everything)
-        out, start = {}, 0
+        out: dict[str, Paired] = {}
+        start = 0
         for name, members in slices.items():
             stop = start + len(members)
-            out[name] = PairedCounts.of(cur[start:stop], cand[start:stop])
+            out[name] = paired(members, cur[start:stop], cand[start:stop])
             start = stop
         if device:  # new and replay come first
-            out[DEVICE] = PairedCounts.of(cur[:len(device)], cand[:len(device)])
+            out[DEVICE] = paired(device, cur[:len(device)], cand[:len(device)])
         # The new data per cluster too (new comes first in `everything`): a gain on the whole
         # must not hide a scene that falls (an update learnt on one shift breaking another
         # that went up in the same stretch).
         position = {id(r): i for i, r in enumerate(new)}
         clusters = state.memory.clusters_of(new) if gate.new_clusters else {}
         for c, members in sorted(clusters.items()):
-            if len(members) >= gate.min_slice and len(members) < len(new):
+            if frames(members) >= gate.min_slice and len(members) < len(new):
                 idx = np.array([position[id(r)] for r in members])
-                out[f'{NEW}/{c}'] = PairedCounts.of(cur[idx], cand[idx])
+                out[f'{NEW}/{c}'] = paired(members, cur[idx], cand[idx])
         return out
 
     def routed_correct(self, state: DeviceState, current: dict[str, Tensor],

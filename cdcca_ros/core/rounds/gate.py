@@ -55,6 +55,12 @@ reference answer) or :class:`~cdcca_ros.core.rounds.stats.PairedScores` (a per-s
 e.g. a caption's CIDEr-D against the reference caption, compared with the sign test); points,
 tolerances and the anchor budget are then in the score's points.
 
+With ``guard.gate_questions`` the held-out frames carry the cloud's derived questions too
+(:mod:`~cdcca_ros.core.rounds.extra_questions`) and every slice that holds some is a
+:class:`~cdcca_ros.core.rounds.stats.PairedScores` over frames (a frame's share of right
+answers; :func:`~cdcca_ros.core.rounds.round.paired`): the tests still count independent
+frames, and each frame shows more of what an update changed.
+
 Where the teacher is no better than the device on a shift, its labels either agree with what
 the device already answers (no discordant pairs to gain from) or are unsure and dropped
 (an empty ``new`` slice): both refuse, and the device stays as it is.

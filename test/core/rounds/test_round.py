@@ -7,6 +7,7 @@ samples the candidates never saw.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -317,3 +318,49 @@ def test_the_cloud_asks_more_questions_of_each_training_frame(models, fog):
     off, _ = _cloud(models)
     _add_fog(off, fog, n=10)
     assert not any(r.parent for r in off.device(DEVICE).memory.select())
+
+
+def test_with_gate_questions_the_gate_counts_frames_not_questions(models, fog):
+    from cdcca_ros.core.rounds.stats import PairedCounts, PairedScores
+
+    cloud, _ = _cloud(models, extra_questions=3, gate_questions=True)
+    _add_fog(cloud, fog, n=40, partial=True)
+    runner, state = cloud.runner, cloud.device(DEVICE)
+    memory = state.memory
+    gate_frames = {r.sample_id for r in memory.select('gate') if not r.parent}
+    gate_kids = [r for r in memory.select('gate') if r.parent]
+    assert gate_frames and gate_kids and {r.parent for r in gate_kids} == gate_frames
+    runner.label(state)
+    view = state.feedback.view
+    g = torch.Generator().manual_seed(0)
+    scrambled = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in view.items()}
+    slices = runner._slices(state, view, scrambled)
+    new = slices[NEW]
+    # One sample per held-out frame (its share of right answers), not one per question.
+    held = [r for r in memory.select('gate') if runner.trainable(r)]
+    assert isinstance(new, PairedScores)
+    assert new.n == len({r.parent or r.sample_id for r in held}) < len(held)
+    assert isinstance(slices[ANCHOR], PairedCounts)  # no derived questions there
+    decision = cloud.runner.guard.gate.decide(slices, anchor_base=runner.anchor_base)
+    assert not decision.ship
+
+
+def test_paired_scores_a_frame_by_its_share_of_right_answers():
+    from cdcca_ros.core.rounds.memory import Record
+    from cdcca_ros.core.rounds.round import paired
+    from cdcca_ros.core.rounds.stats import PairedCounts
+
+    def rec(sid, parent=''):
+        return Record(sample_id=sid, seq=0, tokens=torch.zeros(1, 1), indices=None,
+                      question='q', split='gate', parent=parent)
+
+    alone = [rec('a'), rec('b')]
+    counts = paired(alone, np.array([1, 0], bool), np.array([0, 1], bool))
+    assert counts == PairedCounts(n=2, old_right=1, new_right=1, fixed=1, broken=1)
+    # Frames a (3 questions) and b (2): a loses one answer of 3, b gains both of 2.
+    records = [rec('a'), rec('a~q0', 'a'), rec('b'), rec('a~q1', 'a'), rec('b~q0', 'b')]
+    old = np.array([1, 1, 0, 1, 0], bool)
+    new = np.array([1, 0, 1, 1, 1], bool)
+    scores = paired(records, old, new)
+    assert (scores.n, scores.fixed, scores.broken) == (2, 1, 1)
+    assert scores.gain == pytest.approx(100 * ((2 / 3 + 1) - (1 + 0)) / 2)

@@ -14,13 +14,14 @@ the price). A *question source* writes them:
   deterministic in its arguments).
 - ``none``: no extra questions.
 
-Derived records (:func:`derive`) share their parent's tokens, feature and split. Training-split
-parents get them; the gate's held-out parents too with ``guard.gate_questions``, and the gate
-then judges frame by frame (:func:`cdcca_ros.core.rounds.round.paired`), so its paired
-tests still count independent frames. Early stopping's held-out samples stay one per frame. Derived records are
-never audit samples (the live audit compares versions on the devices' own questions) and never
-pulled themselves: a pull of the parent's other tokens reaches them
-(:meth:`CloudRuntime.add_pulled <cdcca_ros.core.cloud_runtime.CloudRuntime.add_pulled>`).
+Derived records (:func:`derive`) share their parent's tokens, feature and split.
+Training-split parents get them; the gate's held-out parents too with
+``guard.gate_questions``, and the gate then judges frame by frame
+(:func:`cdcca_ros.core.rounds.round.paired`), so its paired tests still count independent
+frames. Early stopping's held-out samples stay one per frame. Derived records are never audit
+samples (the live audit compares versions on the devices' own questions) and never pulled
+themselves: a pull of the parent's other tokens reaches them (:meth:`CloudRuntime.add_pulled
+<cdcca_ros.core.cloud_runtime.CloudRuntime.add_pulled>`).
 """
 from __future__ import annotations
 

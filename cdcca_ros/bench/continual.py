@@ -144,6 +144,7 @@ def _seed_figures(runs: dict[str, RunRecord], stream: ContinualStream,
     out['rounds_shipped'] = ours.shipped
     out['rollbacks'] = ours.rollbacks + ours.local_rollbacks
     out['label_accuracy'] = ours.label_accuracy
+    out['derived_label_accuracy'] = ours.derived_label_accuracy
     for name in (UNGATED.name, CE_ONLY.name):
         if name in runs:
             key = 'ungated' if name == UNGATED.name else 'ce_only'

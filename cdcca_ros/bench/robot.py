@@ -52,6 +52,7 @@ class Robot:
         self.space = device.model.vision_space()
         self.truth: dict[str, Sample] = {}
         self.label_hits: list[float] = []
+        self.derived_hits: list[float] = []   # the cloud's derived questions, exact match
         self.counts = {'uplink_bytes': 0, 'pull_bytes': 0, 'downlink_bytes': 0, 'uplinked': 0,
                        'audit_samples': 0, 'shipped': 0, 'refused': 0, 'rollbacks': 0,
                        'local_rollbacks': 0}
@@ -147,13 +148,20 @@ class Robot:
     def _label_hits(self) -> list[float]:
         """VQA accuracy of the labels the next round will use on samples it has not used
         (labelled now, pulls included)."""
+        from cdcca_ros.core.rounds.round import normalise
         from cdcca_ros.sim.scoring import vqa_accuracy
 
         state = self.cloud.device(DEVICE_ID)
         out = []
         for r in state.memory.select(since_seq=state.round_seq):
-            sample = self.truth.get(r.sample_id)
-            if sample is not None and r.labelled and r.label and r.pull != 'requested':
+            sample = self.truth.get(r.parent or r.sample_id)
+            if sample is None or not (r.labelled and r.label and r.pull != 'requested'):
+                continue
+            if r.parent:
+                truth = answer_of(sample.scene, r.question)
+                self.derived_hits.append(float(truth is not None
+                                               and normalise(r.label) == normalise(truth)))
+            else:
                 out.append(vqa_accuracy(r.label, sample.answers))
         return out
 
@@ -161,11 +169,16 @@ class Robot:
         """VQA accuracy (%) of the labels the cloud trained on, against the truth."""
         return 100.0 * float(np.mean(self.label_hits)) if self.label_hits else None
 
+    def derived_label_accuracy(self) -> float | None:
+        """Share (%) of the derived questions' labels that are the true answer."""
+        return 100.0 * float(np.mean(self.derived_hits)) if self.derived_hits else None
+
     def fill(self, record: Any) -> None:
         """Copy the counters into a bench record (a :class:`~cdcca_ros.bench.stream.RunRecord`)."""
         for key, value in self.counts.items():
             setattr(record, key, value)
         record.label_accuracy = self.label_accuracy()
+        record.derived_label_accuracy = self.derived_label_accuracy()
 
 
 # --- figures ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -167,6 +167,7 @@ class RunRecord:
     rollbacks: int = 0
     local_rollbacks: int = 0
     label_accuracy: float | None = None
+    derived_label_accuracy: float | None = None
     wall_s: float = 0.0
     final_scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
@@ -354,8 +355,7 @@ class ContinualStream:
             cfg.guard = cfg.guard.with_(gate=cfg.guard.gate.__class__(enabled=False),
                                         audit=cfg.guard.audit.__class__(enabled=False))
         if not method.pulls:
-            cfg.guard = cfg.guard.with_(labels=cfg.guard.labels.__class__(
-                min_confidence=cfg.guard.labels.min_confidence, pull_below=0.0))
+            cfg.guard = cfg.guard.with_(labels=replace(cfg.guard.labels, pull_below=0.0))
         student_dir = self.models.spec('student')
         from cdcca_ros.models import bundled
 

@@ -392,7 +392,7 @@ class CloudRuntime:
         if record is None or record.pull != 'requested':
             return
         record.pull = 'unavailable'
-        if not (record.label and record.confidence >= self.cfg.guard.labels.min_confidence):
+        if not self.cfg.guard.labels.trusted(record):
             record.label = None
         state.counters['pulls_unavailable'] += 1
         state.memory.update(record)

@@ -280,7 +280,7 @@ class RoundRunner:
                 r.pull, r.pull_round = 'requested', state.round
                 pulls.append(r.sample_id)
         for r in todo:
-            if r.pull != 'requested' and not (r.label and r.confidence >= cfg.min_confidence):
+            if r.pull != 'requested' and not cfg.trusted(r):
                 r.label = None
             state.memory.update(r)
         # Pulls that never came back: fall back on the first label.
@@ -289,7 +289,7 @@ class RoundRunner:
                 waited = state.round - r.pull_round
                 if waited >= cfg.pull_wait_rounds:
                     r.pull = 'unavailable'
-                    if not (r.label and r.confidence >= cfg.min_confidence):
+                    if not cfg.trusted(r):
                         r.label = None
                     state.counters['pulls_unavailable'] += 1
                     state.memory.update(r)

@@ -311,6 +311,9 @@ CLOUD = (
           low=0.1, high=100.0),
     Param('guard.derived_min_confidence', 0.98, 'drop teacher labels of derived questions '
           '(guard.extra_questions) less confident than this', low=0.0, high=0.999),
+    Param('guard.derived_student_below', 0.0, 'a derived training question keeps its label '
+          'only when the device\'s student answers it less confidently than this (0: always)',
+          low=0.0, high=0.999),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',
           low=0.0, high=0.999),
     Param('guard.pull_below', 0.98, 'ask the device for the rest of a sample\'s tokens when '

@@ -26,6 +26,10 @@ class LabelConfig:
             derived labels were 92-93% right on fog and novel but 78% on overexposed frames
             (the student: 91%), and 94% of those it gave with confidence >= 0.98 (two
             thirds of them).
+        derived_student_below: A derived training question keeps its label only when the
+            device's student answers it with less confidence than this (0: always):
+            :meth:`RoundRunner._skip_what_the_student_knows
+            <cdcca_ros.core.rounds.round.RoundRunner._skip_what_the_student_knows>`.
         pull_below: A label made from a subset of the tokens with less confidence than this
             asks the device for the rest of the sample's tokens (0: never); the sample waits
             for them, then is labelled again from all tokens.
@@ -38,12 +42,14 @@ class LabelConfig:
 
     min_confidence: float = 0.0
     derived_min_confidence: float = 0.98
+    derived_student_below: float = 0.0
     pull_below: float = 0.98
     pull_wait_rounds: int = 2
     pull_fraction: float = 0.25
 
     def __post_init__(self) -> None:
-        for name in ('min_confidence', 'derived_min_confidence', 'pull_below'):
+        for name in ('min_confidence', 'derived_min_confidence', 'derived_student_below',
+                     'pull_below'):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f'labels.{name} must be in [0, 1), got {value}')
@@ -209,6 +215,7 @@ class GuardConfig:
                      else None),
             labels=LabelConfig(min_confidence=p['min_label_confidence'],
                                derived_min_confidence=p['derived_min_confidence'],
+                               derived_student_below=p['derived_student_below'],
                                pull_below=p['pull_below'],
                                pull_fraction=p['pull_fraction']),
             audit=AuditConfig(enabled=p['audit'], alpha=p['audit_alpha'],

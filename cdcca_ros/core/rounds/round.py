@@ -48,6 +48,7 @@ from cdcca_ros.core.updates import (
     seal_delta,
     seal_rollback,
 )
+from cdcca_ros.core.uts import answer_confidence
 
 ANCHOR_CACHE = 8  # trainable sets whose anchor answers a runner keeps
 
@@ -198,7 +199,13 @@ class RoundRunner:
     # ---------------------------------------------------------------- answers
     def answers(self, model: MLLM, records: Sequence[Record]) -> list[str]:
         """Greedy answers of ``model`` to ``records`` (eval mode), in order."""
-        out: dict[str, str] = {}
+        return [text for text, _ in self.scored_answers(model, records)]
+
+    def scored_answers(self, model: MLLM, records: Sequence[Record]
+                       ) -> list[tuple[str, float]]:
+        """Greedy answers of ``model`` to ``records`` with their confidence (the geometric
+        mean of the answer tokens' probabilities), in order."""
+        out: dict[int, tuple[str, float]] = {}
         was = model.torch_model.training
         model.torch_model.eval()
         try:
@@ -212,11 +219,12 @@ class RoundRunner:
                         results = model.answer_from_tokens(
                             tokens, indices, [r.question for r in part],
                             max_new_tokens=self.akd.max_new_tokens)
-                        out.update({id(r): res.text.strip()  # type: ignore[misc]
+                        out.update({id(r): (res.text.strip(),
+                                            answer_confidence(res.token_probs))
                                     for r, res in zip(part, results, strict=True)})
         finally:
             model.torch_model.train(was)
-        return [out[id(r)] for r in records]  # type: ignore[index]
+        return [out[id(r)] for r in records]
 
     def correct(self, weights: dict[str, Tensor], records: Sequence[Record]) -> np.ndarray:
         """Per record: does the student with ``weights`` answer its label?"""
@@ -282,6 +290,8 @@ class RoundRunner:
         for r in todo:
             if r.pull != 'requested' and not cfg.trusted(r):
                 r.label = None
+        self._skip_what_the_student_knows(state, todo)
+        for r in todo:
             state.memory.update(r)
         # Pulls that never came back: fall back on the first label.
         for r in state.memory.select():
@@ -295,6 +305,24 @@ class RoundRunner:
                     state.memory.update(r)
         state.counters['pulls_requested'] += len(pulls)
         return pulls
+
+    def _skip_what_the_student_knows(self, state: DeviceState, records: Sequence[Record]
+                                     ) -> None:
+        """Drop the labels of derived training questions the device's student already
+        answers with confidence >= ``labels.derived_student_below`` (UTS's sample test, put
+        to the cloud's own questions): the device sends a frame because it is unsure of
+        *its* question, not of every other one, and a confident answer is mostly right
+        where the shift does not touch it, so a teacher error there only teaches a wrong
+        answer."""
+        below = self.guard.labels.derived_student_below
+        asked = [r for r in records if r.parent and r.split == 'train' and r.label]
+        if not (below > 0 and asked):
+            return
+        self.student.load_trainable_state_dict(state.feedback.view)
+        for r, (_, conf) in zip(asked, self.scored_answers(self.student, asked), strict=True):
+            if conf >= below:
+                r.label = None
+                state.counters['derived_student_sure'] += 1
 
     @staticmethod
     def trainable(r: Record) -> bool:

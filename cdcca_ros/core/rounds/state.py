@@ -92,7 +92,8 @@ class DeviceState:
                                          'resets': 0, 'pulls_requested': 0, 'pulled': 0,
                                          'pulls_unavailable': 0, 'audit_samples': 0,
                                          'caption_samples': 0, 'caption_shipped': 0,
-                                         'caption_refused': 0, 'derived_questions': 0}
+                                         'caption_refused': 0, 'derived_questions': 0,
+                                         'derived_student_sure': 0}
         self.last_gate: dict[str, Any] = {}
         self.last_caption_gate: dict[str, Any] = {}
         self.last_audit: dict[str, Any] = {}

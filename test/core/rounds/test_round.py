@@ -364,3 +364,20 @@ def test_paired_scores_a_frame_by_its_share_of_right_answers():
     scores = paired(records, old, new)
     assert (scores.n, scores.fixed, scores.broken) == (2, 1, 1)
     assert scores.gain == pytest.approx(100 * ((2 / 3 + 1) - (1 + 0)) / 2)
+
+
+def test_derived_questions_the_student_is_sure_of_are_not_trained_on(models, fog):
+    cloud, _ = _cloud(models, extra_questions=3,
+                      labels=LabelConfig(derived_min_confidence=0.0, derived_student_below=0.9))
+    _add_fog(cloud, fog, n=30)
+    state = cloud.device(DEVICE)
+    cloud.label(DEVICE)
+    kids = [r for r in state.memory.select() if r.parent]
+    sure = state.counters['derived_student_sure']
+    assert kids and 0 < sure < len(kids)
+    assert sum(r.label is None for r in kids) >= sure
+    # The student's own confidence decides: with the shipped weights, every kept one is a
+    # question it answers with less than 0.9.
+    kept = [r for r in kids if r.label]
+    confidence = [c for _, c in cloud.runner.scored_answers(cloud.runner.student, kept)]
+    assert max(confidence) < 0.9

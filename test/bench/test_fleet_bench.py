@@ -100,8 +100,13 @@ def test_cpu_figures_say_how_much_of_a_core_each_worker_got():
 
 def test_cpu_seconds_come_from_proc():
     import os
+    import time
 
     me, machine = process_cpu_s(os.getpid()), machine_cpu_s()
-    sum(i * i for i in range(300_000))  # some work of this process
+    # Some work of this process, until the clock ticks (10 ms; on a loaded machine a short
+    # burst can fall between two ticks), at most ~2 s of it.
+    deadline = time.process_time() + 2.0
+    while process_cpu_s(os.getpid()) <= me and time.process_time() < deadline:
+        sum(i * i for i in range(100_000))
     assert process_cpu_s(os.getpid()) > me and machine_cpu_s() > machine
     assert process_cpu_s(2 ** 22 + 12345) is None  # beyond pid_max: no such process

@@ -273,8 +273,8 @@ class CloudRuntime:
         labelled sample gets none); ``now`` is the arrival time on :func:`time.monotonic`'s
         clock (a simulation passes its own).
 
-        A training-split sample (and a gate-split one, with ``guard.gate_questions``) also
-        brings up to ``guard.extra_questions`` questions the cloud asks of the same tokens
+        A training-split sample also brings up to ``guard.extra_questions`` questions the
+        cloud asks of the same tokens, a gate-split one up to ``guard.gate_questions``
         (:mod:`cdcca_ros.core.rounds.extra_questions`).
 
         A sample whose question asks for a caption (:func:`~cdcca_ros.core.captions.describe.
@@ -316,7 +316,7 @@ class CloudRuntime:
             record.label, record.labelled, record.confidence = label or None, True, 1.0
             record.label_tokens = int(tokens.shape[0])
         memory.add(record)
-        if (guard.extra_questions and not caption and guard.enabled
+        if ((guard.extra_questions or guard.gate_questions) and not caption and guard.enabled
                 and (label is None or answer is not None)):
             for extra in derive(record, self._questions, guard.extra_questions,
                                 memory.next_seq, answer, gate=guard.gate_questions):

@@ -271,8 +271,9 @@ CLOUD = (
     Param('guard.extra_questions', 0, 'questions the cloud derives from each uplinked '
           'training sample and has the teacher answer on its tokens (no uplink cost)', low=0,
           high=16),
-    Param('guard.gate_questions', False, 'the gate\'s held-out frames get those questions '
-          'too, and the gate judges frame by frame (sign test over frames)'),
+    Param('guard.gate_questions', 0, 'questions the cloud derives from each of the gate\'s '
+          'held-out frames; the gate then judges frame by frame (sign test over frames)',
+          low=0, high=16),
     Param('guard.question_source', 'templates', 'who writes them: templates (the bundled '
           'world\'s; inert on other questions), none, or module:function'),
     Param('guard.anchor', '', 'anchor set: empty = the student\'s own anchor.safetensors, '

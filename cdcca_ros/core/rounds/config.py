@@ -122,10 +122,10 @@ class GuardConfig:
             :mod:`cdcca_ros.core.rounds.extra_questions`).
         question_source: Who writes them: ``templates`` (the bundled world's; inert on
             other questions), ``none`` or ``module:function``.
-        gate_questions: The gate's held-out frames get the extra questions too, and the
-            gate judges every slice frame by frame (a frame's share of right answers, the
-            sign test over frames): more evidence per held-out frame, the tests still
-            counting independent frames.
+        gate_questions: Most questions derived from each of the gate's held-out frames
+            (0: none); the gate then judges every slice that holds some frame by frame (a
+            frame's share of right answers, the sign test over frames): more evidence per
+            held-out frame, the tests still counting independent frames.
         anchor: Anchor set: '' (the student's own ``anchor.safetensors`` if it ships one),
             ``'none'``, or a file (see :mod:`cdcca_ros.core.rounds.anchor`).
         anchor_limit: Anchor samples used at most.
@@ -149,7 +149,7 @@ class GuardConfig:
     audit_gate_fraction: float = 1.0
     extra_questions: int = 0
     question_source: str = 'templates'
-    gate_questions: bool = False
+    gate_questions: int = 0
     anchor: str = ''
     anchor_limit: int = 1024
     anchor_gate_fraction: float = 0.3
@@ -167,9 +167,10 @@ class GuardConfig:
                               f'{self.gate_fraction} must be in [0, 1)')
         from cdcca_ros.core.rounds.extra_questions import MAX_EXTRA_QUESTIONS, question_source
 
-        if not 0 <= self.extra_questions <= MAX_EXTRA_QUESTIONS:
-            raise ConfigError(f'extra_questions must be in [0, {MAX_EXTRA_QUESTIONS}], got '
-                              f'{self.extra_questions}')
+        for name in ('extra_questions', 'gate_questions'):
+            if not 0 <= getattr(self, name) <= MAX_EXTRA_QUESTIONS:
+                raise ConfigError(f'{name} must be in [0, {MAX_EXTRA_QUESTIONS}], got '
+                                  f'{getattr(self, name)}')
         question_source(self.question_source)  # raises on an unknown one
         if not 0.0 <= self.audit_gate_fraction <= 1.0:
             raise ConfigError(f'audit_gate_fraction must be in [0, 1], got '
@@ -183,7 +184,8 @@ class GuardConfig:
                                      patience=1, mix_new=1.0, mix_anchor=0.0,
                                      data_epochs=1e9),
                    gate=GateConfig(enabled=False), audit=AuditConfig(enabled=False),
-                   val_fraction=0.0, gate_fraction=0.0, anchor='none', extra_questions=0)
+                   val_fraction=0.0, gate_fraction=0.0, anchor='none', extra_questions=0,
+                   gate_questions=0)
 
     def with_(self, **changes: Any) -> GuardConfig:
         """A copy with some fields changed."""

@@ -81,26 +81,28 @@ def derived_id(parent_id: str, index: int) -> str:
 
 
 def derive(parent: Record, source: QuestionSource | None, k: int, next_seq: int,
-           answer: Callable[[str], str | None] | None = None, gate: bool = False
+           answer: Callable[[str], str | None] | None = None, gate: int = 0
            ) -> list[Record]:
     """Up to ``k`` records asking other questions of ``parent``'s frame.
 
     Args:
-        parent: An uplinked training-split non-audit record, or (with ``gate``) a gate-split
-            one, audit or not (anything else gets none).
+        parent: An uplinked training-split non-audit record (up to ``k`` questions) or a
+            gate-split one, audit or not (up to ``gate``); anything else gets none.
         source: The question source (None: none).
-        k: Most questions.
+        k: Most questions for a training frame.
         next_seq: The memory's next sequence number (the records take consecutive ones).
         answer: Gives the true answer of a question (the benchmarks' oracle); None: the
             teacher labels them. A question it cannot answer is skipped.
-        gate: The gate's held-out frames get questions too (``guard.gate_questions``).
+        gate: Most questions for a gate frame (``guard.gate_questions``).
 
     Raises:
         ConfigError: The source returned something that is not a list of strings.
     """
-    eligible = ((parent.split == 'train' and not parent.audit)
-                or (gate and parent.split == 'gate'))
-    if source is None or k <= 0 or not eligible or parent.parent:
+    if parent.split == 'gate':
+        k = gate
+    elif parent.split != 'train' or parent.audit:
+        k = 0
+    if source is None or k <= 0 or parent.parent:
         return []
     seed = int.from_bytes(hashlib.sha256(parent.sample_id.encode('utf-8')).digest()[:8], 'big')
     questions = source(parent.question, k, seed)

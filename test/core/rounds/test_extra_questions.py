@@ -52,12 +52,12 @@ def test_held_out_audit_and_derived_records_get_none(parent):
 
 @pytest.mark.parametrize('parent', [_record('gate'), _record('gate', audit=True)])
 def test_gate_frames_get_questions_with_gate_questions(parent):
-    kids = derive(parent, question_source('templates'), 3, 10, gate=True)
+    kids = derive(parent, question_source('templates'), 0, 10, gate=3)
     assert kids and all(k.split == 'gate' and not k.audit and k.parent == 'robot1-7'
                         for k in kids)
     # Early stopping's held-out frames and derived records still get none.
     for other in (_record('val'), _record('gate', parent='robot1-1')):
-        assert derive(other, question_source('templates'), 3, 10, gate=True) == []
+        assert derive(other, question_source('templates'), 3, 10, gate=3) == []
 
 
 def test_nothing_without_a_source_or_a_count_and_a_bad_source_is_refused():

@@ -323,7 +323,7 @@ def test_the_cloud_asks_more_questions_of_each_training_frame(models, fog):
 def test_with_gate_questions_the_gate_counts_frames_not_questions(models, fog):
     from cdcca_ros.core.rounds.stats import PairedCounts, PairedScores
 
-    cloud, _ = _cloud(models, extra_questions=3, gate_questions=True)
+    cloud, _ = _cloud(models, gate_questions=3)
     _add_fog(cloud, fog, n=40, partial=True)
     runner, state = cloud.runner, cloud.device(DEVICE)
     memory = state.memory

@@ -131,7 +131,7 @@ class Robot:
                                                       int(rest[1].numel()))
             self.cloud.add_pulled(DEVICE_ID, pulled, unpack_tokens(packed), rest[1])
         self.cloud.label(DEVICE_ID)  # the pulled samples, from all their tokens now
-        self.label_hits += self._label_hits()
+        self._score_labels()
         result = self.cloud.run_round(DEVICE_ID)
         if result is None:
             return out
@@ -145,14 +145,15 @@ class Robot:
             out.append(('refused', result))
         return out
 
-    def _label_hits(self) -> list[float]:
-        """VQA accuracy of the labels the next round will use on samples it has not used
-        (labelled now, pulls included)."""
+    def _score_labels(self) -> None:
+        """Score the labels the next round will use on samples it has not used (labelled
+        now, pulls included) against the truth: VQA accuracy for the uplinked questions
+        (:attr:`label_hits`), exact match for the cloud's derived ones
+        (:attr:`derived_hits`)."""
         from cdcca_ros.core.rounds.round import normalise
         from cdcca_ros.sim.scoring import vqa_accuracy
 
         state = self.cloud.device(DEVICE_ID)
-        out = []
         for r in state.memory.select(since_seq=state.round_seq):
             sample = self.truth.get(r.parent or r.sample_id)
             if sample is None or not (r.labelled and r.label and r.pull != 'requested'):
@@ -162,8 +163,7 @@ class Robot:
                 self.derived_hits.append(float(truth is not None
                                                and normalise(r.label) == normalise(truth)))
             else:
-                out.append(vqa_accuracy(r.label, sample.answers))
-        return out
+                self.label_hits.append(vqa_accuracy(r.label, sample.answers))
 
     def label_accuracy(self) -> float | None:
         """VQA accuracy (%) of the labels the cloud trained on, against the truth."""

@@ -199,13 +199,19 @@ class RoundRunner:
     # ---------------------------------------------------------------- answers
     def answers(self, model: MLLM, records: Sequence[Record]) -> list[str]:
         """Greedy answers of ``model`` to ``records`` (eval mode), in order."""
-        return [text for text, _ in self.scored_answers(model, records)]
+        return [res.text.strip() for res in self._results(model, records)]
 
     def scored_answers(self, model: MLLM, records: Sequence[Record]
                        ) -> list[tuple[str, float]]:
         """Greedy answers of ``model`` to ``records`` with their confidence (the geometric
         mean of the answer tokens' probabilities), in order."""
-        out: dict[int, tuple[str, float]] = {}
+        return [(res.text.strip(), answer_confidence(res.token_probs))
+                for res in self._results(model, records)]
+
+    def _results(self, model: MLLM, records: Sequence[Record]) -> list[Any]:
+        """``model.answer_from_tokens`` results for ``records`` (eval mode, no grad), in
+        order, batched per stackable group."""
+        out: dict[int, Any] = {}
         was = model.torch_model.training
         model.torch_model.eval()
         try:
@@ -219,8 +225,7 @@ class RoundRunner:
                         results = model.answer_from_tokens(
                             tokens, indices, [r.question for r in part],
                             max_new_tokens=self.akd.max_new_tokens)
-                        out.update({id(r): (res.text.strip(),
-                                            answer_confidence(res.token_probs))
+                        out.update({id(r): res
                                     for r, res in zip(part, results, strict=True)})
         finally:
             model.torch_model.train(was)

@@ -57,6 +57,8 @@ BENCHES: dict[str, str] = {
     'continual': 'cdcca_ros.bench.continual',
     # The trainable set's ceiling: AKD on one domain alone, nothing holding it.
     'capacity': 'cdcca_ros.bench.capacity',
+    # What the uplink's coding does to the teacher's labels, per domain.
+    'label_fidelity': 'cdcca_ros.bench.label_fidelity',
     # Many devices against the cloud on Ray: throughput, fairness, a worker killed.
     'fleet': 'cdcca_ros.bench.fleet',
     # Reliability (issue 16): hostile input at volume, and hours of running.
@@ -575,7 +577,8 @@ def device_uplink(spec: str, space: Any, features: Callable[..., Any],
         else:
             packing = 'ecq'
     return UplinkPipeline(cfg, features, has_cls=space.has_cls, packing=packing, basis=basis,
-                          budget_bytes=p['uts.budget_bytes'])
+                          budget_bytes=p['uts.budget_bytes'],
+                          max_error=p['uts.basis_max_error'])
 
 
 def cloud_token_basis(spec: str, space: Any) -> Any:

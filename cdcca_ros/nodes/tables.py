@@ -176,6 +176,11 @@ DEVICE = (
           'bytes, and at 1.0 every token shares it', low=0.0, high=1.0, runtime=True),
     Param('uts.budget_bytes', 176, 'basis packing: largest payload of one selected sample '
           '(the finest step that fits is used)', low=16, runtime=True),
+    Param('uts.basis_max_error', 0.0, 'basis packing: code each sample only as finely as '
+          'this relative error of its tokens needs, up to uts.budget_bytes (0: always the '
+          'budget); the basis is fitted on source frames, and a shift unlike them coded '
+          'under a fixed budget gives the teacher worse tokens to label', low=0.0,
+          high=0.999, runtime=True),
     Param('uts.basis', '', 'basis packing: token basis file; empty: uplink_basis.safetensors '
           'in the model directory (without one the node packs ecq and says so)'),
     Param('uts.uplink', 'tokens', 'what a selected sample sends: its kept tokens, or the frame '

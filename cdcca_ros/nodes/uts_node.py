@@ -298,6 +298,7 @@ class UtsNode(Node):
         return UplinkPipeline(cfg, runtime.mc_token_features, has_cls=space.has_cls,
                               packing=packing, basis=basis,
                               budget_bytes=params['uts.budget_bytes'],
+                              max_error=params['uts.basis_max_error'],
                               mode=params['uts.uplink'], jpeg_quality=params['uts.jpeg_quality'])
 
     def process(self, sample: AnsweredSample, header: Header, rgb: np.ndarray

@@ -156,6 +156,30 @@ def _check_capacity(s: dict[str, Any], rec: dict[str, Any]) -> None:
     assert [row[0] for row in rec['table']['rows']] == list(s['domains'])
 
 
+def _check_label_fidelity(s: dict[str, Any], rec: dict[str, Any]) -> None:
+    from cdcca_ros.sim.domains import DRIFTED, SOURCE
+
+    assert s['per_domain_frames'] == 4 and s['basis_fitted_here'] is True  # tiny: no basis
+    assert {SOURCE, *DRIFTED} <= set(s['per_domain']) and s['domains'][0] == SOURCE
+    budgets = [f'basis@{b}' for b in s['budgets']]
+    assert s['device_budget_bytes'] in s['budgets'] and len(budgets) >= 2
+    for d, p in s['per_domain'].items():
+        assert set(p) == {'exact', 'ecq', *budgets}, d
+        assert p['exact']['rel_l2'] == 0.0 and p['exact']['bytes'] == 0.0
+        for name in ('ecq', *budgets):
+            assert 0.0 < p[name]['rel_l2'] < 1.0 and p[name]['bytes'] > 0, (d, name)
+        # The budget bounds the basis payload, and more bytes code closer.
+        for b in s['budgets']:
+            assert p[f'basis@{b}']['bytes'] <= b
+        assert p[budgets[-1]]['rel_l2'] <= p[budgets[0]]['rel_l2'] + 1e-6
+        assert all(0.0 <= v['teacher'] <= 100.0 for v in p.values())
+    at = f'basis@{s["device_budget_bytes"]}'
+    losses = {d: p['exact']['teacher'] - p[at]['teacher'] for d, p in s['per_domain'].items()}
+    assert s['label_loss'] == pytest.approx(losses)
+    assert s['worst_label_loss'] == pytest.approx(max(losses.values()))
+    assert [row[0] for row in rec['table']['rows']] == s['domains']
+
+
 CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
     'uplink': _check_uplink,
     'uts_cost': _check_uts_cost,
@@ -163,6 +187,7 @@ CHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
     'downlink': _check_downlink,
     'apply': _check_apply,
     'capacity': _check_capacity,
+    'label_fidelity': _check_label_fidelity,
 }
 
 

@@ -176,7 +176,8 @@ class TokenBasis:
         return _varint(bound) + coder.get_compressed().astype('<u4').tobytes()
 
     def pack(self, tokens: Tensor, kept: Tensor | Sequence[int], num_tokens: int,
-             budget_bytes: int | None = None, step: float | None = None) -> BasisPacked:
+             budget_bytes: int | None = None, step: float | None = None,
+             max_error: float = 0.0) -> BasisPacked:
         """Code one sample's kept tokens.
 
         Args:
@@ -185,6 +186,11 @@ class TokenBasis:
             num_tokens: ``N`` of the sample.
             budget_bytes: Largest payload: the step is the smallest (searched) that fits.
             step: A fixed step instead (exactly one of ``budget_bytes`` and ``step``).
+            max_error: With a budget and a value above 0, the step is instead the largest
+                one whose reconstruction is within this relative L2 error of ``tokens``,
+                unless that payload is over the budget (then the budget's step): a sample
+                the basis codes well costs less, one of a shift unlike the basis's frames
+                gets up to the budget to keep its labels right.
 
         Raises:
             ConfigError: Shapes or indices that do not fit, both or neither of budget and
@@ -217,6 +223,14 @@ class TokenBasis:
             raise ConfigError(f'budget {budget_bytes} B is below the {len(head)}-byte bitmap '
                               f'plus the {len(cheapest)}-byte empty code of {idx.size} tokens')
         best, best_step = cheapest, top
+        if max_error > 0:
+            fine = self._step_within(tokens, float(max_error), top)
+            try:
+                coded = body(fine)
+            except ConfigError:  # unreachable (levels too large): the budget decides
+                coded = b''
+            if coded and len(coded) <= room:
+                return BasisPacked(head + coded, fine)
         low = top * 1e-6
         for _ in range(_STEP_SEARCH):   # geometric bisection: smallest step that fits
             mid = float(np.float32(math.sqrt(low * best_step)))
@@ -228,6 +242,22 @@ class TokenBasis:
             else:
                 low = mid
         return BasisPacked(head + best, best_step)
+
+    def _step_within(self, tokens: Tensor, max_error: float, top: float) -> float:
+        """The largest step (searched, below ``top``) at which :meth:`reconstruct` is within
+        ``max_error`` relative L2 error of ``tokens`` (the smallest searched if none is)."""
+        x = tokens.detach().float().cpu()
+        norm = max(float(x.norm()), 1e-30)
+        low, high = top * 1e-6, top
+        for _ in range(_STEP_SEARCH):   # geometric bisection: error grows with the step
+            mid = float(np.float32(math.sqrt(low * high)))
+            if not low < mid < high or high < low * 1.002:
+                break
+            if float((self.reconstruct(x, mid) - x).norm()) / norm <= max_error:
+                low = mid
+            else:
+                high = mid
+        return float(np.float32(low))
 
     def unpack(self, data: bytes, step: float, num_tokens: int, dim: int
                ) -> tuple[Tensor, Tensor]:

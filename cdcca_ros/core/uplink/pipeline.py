@@ -96,6 +96,9 @@ class UplinkPipeline:
         packing: One of :data:`PACKINGS` (tokens mode).
         basis: The token basis (``'basis'`` packing).
         budget_bytes: Payload budget of a ``'basis'`` sample.
+        max_error: ``'basis'``: code each sample only as finely as this relative error
+            needs, up to the budget (0: always the budget; see
+            :meth:`~cdcca_ros.core.uplink.basis.TokenBasis.pack`).
         mode: ``'tokens'`` or ``'image'``.
         jpeg_quality: JPEG quality of the image mode.
 
@@ -106,7 +109,7 @@ class UplinkPipeline:
     def __init__(self, cfg: UtsConfig, mc_features: Callable[[Tensor, float, int], Tensor],
                  has_cls: bool = False, packing: str = 'ecq', basis: TokenBasis | None = None,
                  budget_bytes: int | None = None, mode: str = 'tokens',
-                 jpeg_quality: int = DEFAULT_QUALITY) -> None:
+                 jpeg_quality: int = DEFAULT_QUALITY, max_error: float = 0.0) -> None:
         if mode not in UPLINK_MODES:
             raise ConfigError(f'uplink mode must be one of {UPLINK_MODES}, got {mode!r}')
         if packing not in PACKINGS:
@@ -116,7 +119,9 @@ class UplinkPipeline:
         if not 1 <= int(jpeg_quality) <= 100:
             raise ConfigError(f'JPEG quality must be in 1..100, got {jpeg_quality}')
         self.mode, self.packing, self.basis = mode, packing, basis
-        self.budget_bytes = budget_bytes
+        if not 0.0 <= max_error < 1.0:
+            raise ConfigError(f'max_error must be in [0, 1), got {max_error}')
+        self.budget_bytes, self.max_error = budget_bytes, float(max_error)
         self.jpeg_quality = int(jpeg_quality)
         # UTS packs with its own packings; for 'basis' it hands over fp16 (cheap) and the
         # kept tokens are re-packed from the exact ones.
@@ -175,7 +180,7 @@ class UplinkPipeline:
         kept = result.kept_indices
         exact = tokens.detach().float().cpu().index_select(0, kept)
         coded = self.basis.pack(exact, kept, int(tokens.shape[0]),
-                                budget_bytes=int(self.budget_bytes))
+                                budget_bytes=int(self.budget_bytes), max_error=self.max_error)
         packed = PackedTokens(data=coded.data, dtype=BASIS, scale=[coded.step],
                               shape=(int(kept.numel()), int(tokens.shape[1])))
         return UplinkSample(entropy=result.entropy,

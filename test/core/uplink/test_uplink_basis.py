@@ -60,6 +60,30 @@ def test_more_bytes_give_smaller_errors(basis):
     assert errors == sorted(errors, reverse=True) and errors[-1] < 0.01 < 0.3 < errors[0]
 
 
+def _rel_error(basis, tokens, packed):
+    decoded, _ = basis.unpack(packed.data, packed.step, tokens.shape[0], tokens.shape[1])
+    return float((decoded - tokens).norm() / tokens.norm())
+
+
+def test_an_error_target_spends_bytes_where_the_basis_codes_badly(basis):
+    kept = torch.arange(17)
+    like = correlated_tokens(17, seed=5)               # the basis's own kind of tokens
+    unlike = correlated_tokens(17, seed=5, space=1)    # a shift the basis was not fitted on
+    fixed = [basis.pack(t, kept, 17, budget_bytes=900) for t in (like, unlike)]
+    sized = [basis.pack(t, kept, 17, budget_bytes=900, max_error=0.05) for t in (like, unlike)]
+    for tokens, packed in zip((like, unlike), sized):
+        assert _rel_error(basis, tokens, packed) <= 0.05
+        # The coarsest step that meets it: a step 5% coarser does not.
+        coarser = basis.reconstruct(tokens, packed.step * 1.05)
+        assert float((coarser - tokens).norm() / tokens.norm()) > 0.05
+    # Tokens the basis codes well cost less than the budget, and less than unlike ones.
+    assert len(sized[0].data) < len(fixed[0].data) and len(sized[0].data) < len(sized[1].data)
+    # A target the budget cannot meet: the budget's step, as without a target.
+    tight = basis.pack(unlike, kept, 17, budget_bytes=400, max_error=0.05)
+    assert tight.data == basis.pack(unlike, kept, 17, budget_bytes=400).data
+    assert len(tight.data) <= 400 and _rel_error(basis, unlike, tight) > 0.05
+
+
 def test_a_budget_below_the_bitmap_is_refused(basis):
     with pytest.raises(ConfigError, match='budget'):
         basis.pack(correlated_tokens(1), [0], 200, budget_bytes=20)

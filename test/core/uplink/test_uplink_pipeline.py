@@ -88,6 +88,26 @@ def test_image_mode_sends_the_frame_of_selected_samples_only(student, sample):
         pipeline(student, mode='image').process(probs, tokens)
 
 
+def test_an_error_target_codes_a_sample_only_as_finely_as_it_needs(student, sample):
+    from cdcca_ros.models.bundled import BUNDLED_DIR
+
+    _, tokens, probs = sample
+    basis = TokenBasis.load(Path(BUNDLED_DIR) / 'student' / BASIS_FILE)
+
+    def coded(**kw):
+        up = pipeline(student, packing='basis', basis=basis, **kw).process(probs, tokens)
+        decoded, _ = decode_tokens('basis', up.uts.packed.data, up.uts.packed.scale, [],
+                                   tokens.shape[0], tokens.shape[1], up.basis_version, basis)
+        return (len(up.uts.packed.data),
+                float((decoded - tokens.float()).norm() / tokens.float().norm()))
+
+    fixed_bytes, fixed_error = coded(budget_bytes=352)
+    loose_bytes, loose_error = coded(budget_bytes=352, max_error=fixed_error * 2)
+    assert loose_bytes < fixed_bytes and fixed_error < loose_error <= fixed_error * 2
+    with pytest.raises(ConfigError, match='max_error'):
+        pipeline(student, packing='basis', basis=basis, budget_bytes=352, max_error=1.0)
+
+
 def test_bad_settings_are_refused(student):
     with pytest.raises(ConfigError, match='basis'):
         pipeline(student, packing='basis')

@@ -11,12 +11,8 @@ label; the anchor set's own label). The held-out samples are never trained on:
   clusters pooled), what earlier updates learnt;
 - ``anchor``: the anchor set's held-out part, what the student knew before any update;
 - ``new/<c>`` (``new_clusters``): the ``new`` slice again, one per memory cluster with enough
-  samples, the other clusters pooled into ``new/small``: harm slices only, so that a gain on
-  the whole cannot hide a scene that falls (an update learnt on one shift breaking another
-  that went up in the same stretch). The memory is clustered again every round, and a scene
-  whose held-out frames were a cluster of their own one round can be split below
-  ``min_slice`` the next (before the pool, 64 of 336 new held-out frames went unjudged in one
-  round of the unseen stream, seed 0, ``guard.extra_questions=4``). The devices'
+  samples: harm slices only, so that a gain on the whole cannot hide a scene that falls (an
+  update learnt on one shift breaking another that went up in the same stretch). The devices'
   audit stream (``uts.audit_fraction``, 20%) puts the scene's sure frames in it too: uplinked
   for uncertainty alone, a scene the student mostly gets right shows only its unsure frames,
   which an update may fix while it breaks the sure ones. Measured on a stream of shifts the

@@ -526,18 +526,12 @@ class RoundRunner:
         # The new data per cluster too (new comes first in `everything`): a gain on the whole
         # must not hide a scene that falls (an update learnt on one shift breaking another
         # that went up in the same stretch).
-        # Clusters with fewer than min_slice frames are pooled into new/small, as the
-        # replay's are, so that no scene goes unjudged.
         position = {id(r): i for i, r in enumerate(new)}
         clusters = state.memory.clusters_of(new) if gate.new_clusters else {}
-        groups: dict[str, list[Record]] = {}
         for c, members in sorted(clusters.items()):
-            key = str(c) if frames(members) >= gate.min_slice else 'small'
-            groups.setdefault(key, []).extend(members)
-        for key, members in groups.items():
-            if len(members) < len(new):
+            if frames(members) >= gate.min_slice and len(members) < len(new):
                 idx = np.array([position[id(r)] for r in members])
-                out[f'{NEW}/{key}'] = paired(members, cur[idx], cand[idx])
+                out[f'{NEW}/{c}'] = paired(members, cur[idx], cand[idx])
         return out
 
     def routed_correct(self, state: DeviceState, current: dict[str, Tensor],

@@ -64,6 +64,29 @@ def _accuracy(answers: list[Any], samples: list[Any]) -> np.ndarray:
                                                                     strict=True)])
 
 
+def _decoded_versions(tokens: Any, basis: Any, budgets: list[int]
+                      ) -> dict[str, tuple[Any, float]]:
+    """``{packing: (tokens as the cloud decodes them [B, N, D], mean payload bytes)}`` of
+    ``tokens [B, N, D]``, every token kept: exact, ecq, and basis at each budget."""
+    import torch
+
+    from cdcca_ros.core.uts import pack_tokens, unpack_tokens
+
+    num, dim = int(tokens.shape[1]), int(tokens.shape[2])
+    coded: dict[str, tuple[Any, float]] = {'exact': (tokens, 0.0)}
+    packed = [pack_tokens(t, 'ecq') for t in tokens]
+    coded['ecq'] = (torch.stack([unpack_tokens(p) for p in packed]).float(),
+                    float(np.mean([len(p.data) for p in packed])))
+    for budget in budgets:
+        out, sizes = [], []
+        for t in tokens:
+            p = basis.pack(t, list(range(num)), num, budget_bytes=budget)
+            out.append(basis.unpack(p.data, p.step, num, dim)[0])
+            sizes.append(len(p.data))
+        coded[f'basis@{budget}'] = (torch.stack(out), float(np.mean(sizes)))
+    return coded
+
+
 def run(ctx: BenchContext) -> BenchResult:
     """Code, decode and label every domain's frames (see the module docstring)."""
     import torch
@@ -75,7 +98,6 @@ def run(ctx: BenchContext) -> BenchResult:
         model_image_size,
     )
     from cdcca_ros.core.uplink.fit import fit_for_model, synthetic_source_frames
-    from cdcca_ros.core.uts import pack_tokens, unpack_tokens
     from cdcca_ros.sim import domains as registry
     from cdcca_ros.sim.world import World
 
@@ -110,18 +132,7 @@ def run(ctx: BenchContext) -> BenchResult:
         with torch.no_grad():
             tokens = torch.cat([student.vision_tokens([s.image for s in samples[i:i + BATCH]])
                                 for i in range(0, n, BATCH)]).float()
-        num, dim = int(tokens.shape[1]), int(tokens.shape[2])
-        coded: dict[str, tuple[torch.Tensor, float]] = {'exact': (tokens, 0.0)}
-        packed = [pack_tokens(t, 'ecq') for t in tokens]
-        coded['ecq'] = (torch.stack([unpack_tokens(p) for p in packed]).float(),
-                        float(np.mean([len(p.data) for p in packed])))
-        for budget in budgets:
-            out, sizes = [], []
-            for t in tokens:
-                p = basis.pack(t, list(range(num)), num, budget_bytes=budget)
-                out.append(basis.unpack(p.data, p.step, num, dim)[0])
-                sizes.append(len(p.data))
-            coded[f'basis@{budget}'] = (torch.stack(out), float(np.mean(sizes)))
+        coded = _decoded_versions(tokens, basis, budgets)
         count = np.array([s.qtype == 'count' for s in samples])
         per_domain[d] = {}
         for name, (decoded, nbytes) in coded.items():

@@ -174,9 +174,9 @@ DEVICE = (
     Param('uts.basis_keep_ratio', 1.0, 'basis packing: stage-2 keep ratio (uts.keep_ratio '
           'is that of the other packings and of the ecq fallback); the byte budget bounds the '
           'bytes, and at 1.0 every token shares it', low=0.0, high=1.0, runtime=True),
-    Param('uts.budget_bytes', 176, 'basis packing: largest payload of one selected sample '
+    Param('uts.budget_bytes', 352, 'basis packing: largest payload of one selected sample '
           '(the finest step that fits is used)', low=16, runtime=True),
-    Param('uts.basis_max_error', 0.0, 'basis packing: code each sample only as finely as '
+    Param('uts.basis_max_error', 0.1, 'basis packing: code each sample only as finely as '
           'this relative error of its tokens needs, up to uts.budget_bytes (0: always the '
           'budget); the basis is fitted on source frames, and a shift unlike them coded '
           'under a fixed budget gives the teacher worse tokens to label', low=0.0,
@@ -273,10 +273,10 @@ CLOUD = (
           high=0.5),
     Param('guard.audit_gate_fraction', 1.0, 'share of the audit stream\'s samples held out for '
           'the gate and the live audit (the rest train)', low=0.0, high=1.0),
-    Param('guard.extra_questions', 0, 'questions the cloud derives from each uplinked '
+    Param('guard.extra_questions', 4, 'questions the cloud derives from each uplinked '
           'training sample and has the teacher answer on its tokens (no uplink cost)', low=0,
           high=16),
-    Param('guard.gate_questions', 0, 'questions the cloud derives from each of the gate\'s '
+    Param('guard.gate_questions', 4, 'questions the cloud derives from each of the gate\'s '
           'held-out frames; the gate then judges frame by frame (sign test over frames)',
           low=0, high=16),
     Param('guard.question_source', 'templates', 'who writes them: templates (the bundled '
@@ -299,7 +299,7 @@ CLOUD = (
           high=1.0),
     Param('guard.harm_correction', 'holm', 'gate: holm = guard.harm_alpha holds for all those '
           'slices together (Holm step-down), none = for each alone', choices=('holm', 'none')),
-    Param('guard.big_fall', 0.0, 'gate: a slice falling by more than this (points) is tested '
+    Param('guard.big_fall', 5.0, 'gate: a slice falling by more than this (points) is tested '
           'at guard.harm_alpha alone, outside the correction (0: never)', low=0.0, high=100.0),
     Param('guard.anchor_budget', 3.0, 'gate: largest fall of the anchor slice below the base '
           'student, all updates together (points)', low=0.0, high=100.0),
@@ -317,7 +317,7 @@ CLOUD = (
           low=0.1, high=100.0),
     Param('guard.derived_min_confidence', 0.98, 'drop teacher labels of derived questions '
           '(guard.extra_questions) less confident than this', low=0.0, high=0.999),
-    Param('guard.derived_student_below', 0.0, 'a derived training question keeps its label '
+    Param('guard.derived_student_below', 0.99, 'a derived training question keeps its label '
           'only when the device\'s student answers it less confidently than this (0: always)',
           low=0.0, high=0.999),
     Param('guard.min_label_confidence', 0.0, 'drop teacher labels less confident than this',

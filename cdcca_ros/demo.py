@@ -485,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error('--rounds must be >= 1 and --caption-frames >= 0')
     from cdcca_ros.errors import CdccaError
     from cdcca_ros.models.bundled import resolve
+    from cdcca_ros.runner import exit_on_stop_signals
     from cdcca_ros.sim.domains import domain_names
 
     unknown = [d for d in args.domains if d not in domain_names()]
@@ -499,9 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(args)
-        if args.caption_frames:
-            result['captions'] = run_captions(args, result['plan'])
+        with exit_on_stop_signals():  # `kill` / systemd stop the nodes too, as Ctrl-C does
+            result = run(args)
+            if args.caption_frames:
+                result['captions'] = run_captions(args, result['plan'])
     except (RuntimeError, TimeoutError, CdccaError) as err:
         print(f'demo failed: {err}', file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ same:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
 
 from cdcca_ros.errors import ConfigError
@@ -40,6 +41,24 @@ STOP_GRACE_S = 10.0
 """How long the nodes get to stop after SIGTERM before SIGKILL."""
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Signals that make the runner stop the set."""
+
+
+@contextlib.contextmanager
+def exit_on_stop_signals() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` in the main
+    thread, as Ctrl-C raises ``KeyboardInterrupt``: a program that runs a :class:`Runner` as
+    a library (the demo) then reaches the ``finally`` that stops its nodes, which run in their
+    own sessions and would outlive it. The previous handlers come back on exit."""
+    def on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    stops = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT]
+    previous = {sig: signal.signal(sig, on_signal) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def command(launch: NodeLaunch) -> list[str]:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from processes import Output, alive, children
 
 pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
 
@@ -44,3 +47,30 @@ def test_demo_quick_round_writes_json_and_plot(tmp_path):
     assert all(f['before'] and f['after'] and f['reference'] for f in caps['frames'])
     assert set(caps['cider_before']) == set(caps['cider_after']) >= {'in', 'all'}
     assert len(caps['gate']) == 1 and 'before (shipped):' in proc.stdout
+
+
+def test_sigterm_stops_the_demo_and_every_node_it_started(tmp_path):
+    """`kill` (or a service manager) sends SIGTERM: the demo stops its nodes, which run in
+    their own sessions, before it exits; none outlives it."""
+    env = dict(os.environ, HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, '-m', 'cdcca_ros.demo', '--quick', '--out',
+                             str(tmp_path / 'demo')], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = Output(proc)
+    try:
+        assert out.wait_for('starting', 120.0), out.text
+        deadline = time.monotonic() + 30.0
+        while len(children(proc.pid)) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        nodes = children(proc.pid)
+        assert len(nodes) >= 5, (nodes, out.text)  # the camera, device, cloud and bridges
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60.0) == 128 + signal.SIGTERM, out.text
+        deadline = time.monotonic() + 5.0
+        while any(alive(pid) for pid in nodes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in nodes if alive(pid)], out.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

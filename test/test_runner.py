@@ -9,40 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from processes import Output, alive, children
 
 from cdcca_ros.nodes.sets import SETS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (from /proc)."""
-    out = []
-    for entry in Path('/proc').iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / 'stat').read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-        fields = stat[stat.rindex(')') + 2:].split()
-        if int(fields[1]) == pid:
-            out.append(int(entry.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f'/proc/{pid}/stat').read_text()
-    except OSError:
-        return False
-    return state[state.rindex(')') + 2] != 'Z'
 
 
 def _free_port() -> int:
@@ -51,38 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Output:
-    """Collects a process's output lines in a thread, so waits on it can be bounded."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            self.lines.append(line)
-
-    def wait_for(self, needle: str, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if any(needle in line for line in self.lines):
-                return True
-            time.sleep(0.1)
-        return False
-
-    @property
-    def text(self) -> str:
-        return ''.join(self.lines)
-
-
-def _runner(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, _Output]:
+def _runner(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Output]:
     cmd = [sys.executable, '-m', 'cdcca_ros.runner', 'device',
            f'device.state_dir:={tmp_path / "state"}', 'camera.width:=64', 'camera.height:=48',
            'camera.fps:=2.0', *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    return proc, _Output(proc)
+    return proc, Output(proc)
 
 
 def test_sigterm_stops_every_node_of_the_set(tmp_path):
@@ -92,14 +42,14 @@ def test_sigterm_stops_every_node_of_the_set(tmp_path):
                         f'device_bridge.spool_dir:={tmp_path / "spool"}')
     try:
         assert out.wait_for('ready in', 90.0), out.text  # the device node loaded its model
-        nodes = _children(proc.pid)
+        nodes = children(proc.pid)
         assert len(nodes) == len(SETS['device']), (nodes, out.text)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30.0) == 0, out.text
         deadline = time.monotonic() + 5.0
-        while any(_alive(pid) for pid in nodes) and time.monotonic() < deadline:
+        while any(alive(pid) for pid in nodes) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in nodes if _alive(pid)], out.text
+        assert not [pid for pid in nodes if alive(pid)], out.text
         assert 'Traceback' not in out.text, out.text
     finally:
         if proc.poll() is None:
@@ -116,7 +66,7 @@ def test_a_node_that_cannot_load_stops_the_set(tmp_path):
         fatal = [line for line in out.lines if 'FATAL' in line]
         assert len(fatal) == 1 and '/nonexistent/student' in fatal[0], out.text
         assert 'device_node exited with code 1; stopping the others' in out.text
-        assert not _children(proc.pid)
+        assert not children(proc.pid)
     finally:
         if proc.poll() is None:
             proc.kill()

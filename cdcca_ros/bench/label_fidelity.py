@@ -8,7 +8,10 @@ student's vision tokens of ``--per-domain`` frames (every token, as ``uts.basis_
 - ``exact``: float32, nothing lost (the reference);
 - ``ecq``: what an audit sample travels as when the packing is ``basis``;
 - ``basis@B``: transform-coded in the student's token basis under a ``B``-byte budget (the
-  device's ``uts.budget_bytes`` and ``--budgets``).
+  device's ``uts.budget_bytes`` and ``--budgets``), the finest step that fits;
+- ``device``: as the device packs an uplinked sample: up to ``uts.budget_bytes``, only as fine
+  as ``uts.basis_max_error`` needs (the same as ``basis@B`` at the device's budget when that
+  is 0).
 
 The teacher answers each frame's question from each decoded version; ``teacher`` is its
 accuracy against the truth (exact match), ``rel_l2`` the coding's relative error. The basis is
@@ -20,8 +23,7 @@ the student the codec's errors, and its gate, which judges on the same decoded t
 tell.
 
 ``summary``: ``per_domain`` (per packing: ``bytes``, ``rel_l2``, ``teacher``, ``count``),
-``worst_label_loss`` (largest exact - ``basis`` at the device's budget over the domains,
-points) and the settings. A model without a shipped basis gets one fitted here on source
+``worst_label_loss`` (largest exact - ``device`` over the domains, points) and the settings. A model without a shipped basis gets one fitted here on source
 frames (what ``python -m cdcca_ros.core.uplink.fit`` would store beside it).
 """
 from __future__ import annotations
@@ -64,10 +66,11 @@ def _accuracy(answers: list[Any], samples: list[Any]) -> np.ndarray:
                                                                     strict=True)])
 
 
-def _decoded_versions(tokens: Any, basis: Any, budgets: list[int]
-                      ) -> dict[str, tuple[Any, float]]:
+def _decoded_versions(tokens: Any, basis: Any, budgets: list[int],
+                      device: tuple[int, float]) -> dict[str, tuple[Any, float]]:
     """``{packing: (tokens as the cloud decodes them [B, N, D], mean payload bytes)}`` of
-    ``tokens [B, N, D]``, every token kept: exact, ecq, and basis at each budget."""
+    ``tokens [B, N, D]``, every token kept: exact, ecq, basis at each budget, and ``device``:
+    basis at ``device = (budget, max_error)``."""
     import torch
 
     from cdcca_ros.core.uts import pack_tokens, unpack_tokens
@@ -77,13 +80,15 @@ def _decoded_versions(tokens: Any, basis: Any, budgets: list[int]
     packed = [pack_tokens(t, 'ecq') for t in tokens]
     coded['ecq'] = (torch.stack([unpack_tokens(p) for p in packed]).float(),
                     float(np.mean([len(p.data) for p in packed])))
-    for budget in budgets:
+    settings = {f'basis@{b}': (b, 0.0) for b in budgets}
+    settings['device'] = device
+    for name, (budget, max_error) in settings.items():
         out, sizes = [], []
         for t in tokens:
-            p = basis.pack(t, list(range(num)), num, budget_bytes=budget)
+            p = basis.pack(t, list(range(num)), num, budget_bytes=budget, max_error=max_error)
             out.append(basis.unpack(p.data, p.step, num, dim)[0])
             sizes.append(len(p.data))
-        coded[f'basis@{budget}'] = (torch.stack(out), float(np.mean(sizes)))
+        coded[name] = (torch.stack(out), float(np.mean(sizes)))
     return coded
 
 
@@ -107,7 +112,8 @@ def run(ctx: BenchContext) -> BenchResult:
     n = args.per_domain or (4 if ctx.quick else 200)
     if n < 1:
         raise ConfigError(f'--per-domain must be >= 1, got {n}')
-    device_budget = int(device_params()['uts.budget_bytes'])
+    params = device_params()
+    device_budget, max_error = int(params['uts.budget_bytes']), float(params['uts.basis_max_error'])
     try:
         extra = [int(b) for b in args.budgets.split(',') if b.strip()]
     except ValueError as exc:
@@ -132,7 +138,7 @@ def run(ctx: BenchContext) -> BenchResult:
         with torch.no_grad():
             tokens = torch.cat([student.vision_tokens([s.image for s in samples[i:i + BATCH]])
                                 for i in range(0, n, BATCH)]).float()
-        coded = _decoded_versions(tokens, basis, budgets)
+        coded = _decoded_versions(tokens, basis, budgets, (device_budget, max_error))
         count = np.array([s.qtype == 'count' for s in samples])
         per_domain[d] = {}
         for name, (decoded, nbytes) in coded.items():
@@ -153,17 +159,17 @@ def run(ctx: BenchContext) -> BenchResult:
                            for k in coded])
         print(f'  {d}: ' + ', '.join(f'{k} {v["teacher"]:.1f}' for k, v in p.items()),
               flush=True)
-    at = f'basis@{device_budget}'
-    losses = {d: p['exact']['teacher'] - p[at]['teacher'] for d, p in per_domain.items()}
+    losses = {d: p['exact']['teacher'] - p['device']['teacher'] for d, p in per_domain.items()}
     summary = {'worst_label_loss': max(losses.values()),
                'worst_label_loss_domain': max(losses, key=losses.__getitem__),
                'label_loss': losses, 'per_domain': per_domain, 'per_domain_frames': n,
-               'device_budget_bytes': device_budget, 'budgets': budgets,
+               'device_budget_bytes': device_budget, 'device_max_error': max_error,
+               'budgets': budgets,
                'basis_fitted_here': fitted, 'domains': names}
     notes = [f'{n} frames a domain, one question each (the types cycling), every token; the '
              'teacher answers from each decoded version; cells: its accuracy (relative '
              'coding error).',
-             f'worst_label_loss: exact - basis at the device\'s budget ({device_budget} B), '
-             'the largest over the domains.']
+             f'worst_label_loss: exact - device (basis up to {device_budget} B, '
+             f'uts.basis_max_error={max_error:g}), the largest over the domains.']
     return BenchResult(summary=summary, headers=['domain', *coded], rows=rows,
                        detail={'per_domain': per_domain}, notes=notes)

@@ -164,17 +164,23 @@ def _check_label_fidelity(s: dict[str, Any], rec: dict[str, Any]) -> None:
     budgets = [f'basis@{b}' for b in s['budgets']]
     assert s['device_budget_bytes'] in s['budgets'] and len(budgets) >= 2
     for d, p in s['per_domain'].items():
-        assert set(p) == {'exact', 'ecq', *budgets}, d
+        assert set(p) == {'exact', 'ecq', *budgets, 'device'}, d
         assert p['exact']['rel_l2'] == 0.0 and p['exact']['bytes'] == 0.0
-        for name in ('ecq', *budgets):
+        for name in ('ecq', *budgets, 'device'):
             assert 0.0 < p[name]['rel_l2'] < 1.0 and p[name]['bytes'] > 0, (d, name)
         # The budget bounds the basis payload, and more bytes code closer.
         for b in s['budgets']:
             assert p[f'basis@{b}']['bytes'] <= b
         assert p[budgets[-1]]['rel_l2'] <= p[budgets[0]]['rel_l2'] + 1e-6
+        # The device's packing: within its budget, and within its error target unless the
+        # budget's finest step is coarser (then it is the budget's packing).
+        device, at_budget = p['device'], p[f'basis@{s["device_budget_bytes"]}']
+        assert device['bytes'] <= s['device_budget_bytes']
+        assert device['bytes'] <= at_budget['bytes'] + 1e-6
+        assert device['rel_l2'] >= at_budget['rel_l2'] - 1e-6
         assert all(0.0 <= v['teacher'] <= 100.0 for v in p.values())
-    at = f'basis@{s["device_budget_bytes"]}'
-    losses = {d: p['exact']['teacher'] - p[at]['teacher'] for d, p in s['per_domain'].items()}
+    losses = {d: p['exact']['teacher'] - p['device']['teacher']
+              for d, p in s['per_domain'].items()}
     assert s['label_loss'] == pytest.approx(losses)
     assert s['worst_label_loss'] == pytest.approx(max(losses.values()))
     assert [row[0] for row in rec['table']['rows']] == s['domains']

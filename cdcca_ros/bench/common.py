@@ -578,7 +578,8 @@ def device_uplink(spec: str, space: Any, features: Callable[..., Any],
             packing = 'ecq'
     return UplinkPipeline(cfg, features, has_cls=space.has_cls, packing=packing, basis=basis,
                           budget_bytes=p['uts.budget_bytes'],
-                          max_error=p['uts.basis_max_error'])
+                          max_error=p['uts.basis_max_error'],
+                          audit_packing=p['uts.audit_packing'])
 
 
 def cloud_token_basis(spec: str, space: Any) -> Any:

@@ -181,6 +181,9 @@ DEVICE = (
           'budget); the basis is fitted on source frames, and a shift unlike them coded '
           'under a fixed budget gives the teacher worse tokens to label', low=0.0,
           high=0.999, runtime=True),
+    Param('uts.audit_packing', 'ecq', 'basis packing: how audit samples (every token) '
+          'travel: ecq, or basis (the budget and uts.basis_max_error, as the selected ones)',
+          choices=('ecq', 'basis'), runtime=True),
     Param('uts.basis', '', 'basis packing: token basis file; empty: uplink_basis.safetensors '
           'in the model directory (without one the node packs ecq and says so)'),
     Param('uts.uplink', 'tokens', 'what a selected sample sends: its kept tokens, or the frame '
@@ -226,7 +229,8 @@ CLOUD = (
           'delta so devices that trust the root learn rotations; empty: none (pinned keys)'),
     Param('delta_ttl_s', 7 * 24 * 3600, 'a delta expires this long after it is signed '
           '(devices refuse it later: a held-back delta cannot be replayed)', low=60),
-    Param('round.min_samples', 64, 'start a round when this many samples arrived', low=1,
+    Param('round.min_samples', 64, 'start a round when this many samples arrived (the '
+          'questions the cloud derives from them not counted)', low=1,
           runtime=True),
     Param('round.max_wait_s', 120.0, '... or when this long passed since the first sample',
           low=0.1, runtime=True),

@@ -299,6 +299,7 @@ class UtsNode(Node):
                               packing=packing, basis=basis,
                               budget_bytes=params['uts.budget_bytes'],
                               max_error=params['uts.basis_max_error'],
+                              audit_packing=params['uts.audit_packing'],
                               mode=params['uts.uplink'], jpeg_quality=params['uts.jpeg_quality'])
 
     def process(self, sample: AnsweredSample, header: Header, rgb: np.ndarray

@@ -42,7 +42,7 @@ class LabelConfig:
 
     min_confidence: float = 0.0
     derived_min_confidence: float = 0.98
-    derived_student_below: float = 0.0
+    derived_student_below: float = 0.99
     pull_below: float = 0.98
     pull_wait_rounds: int = 2
     pull_fraction: float = 0.25
@@ -147,9 +147,9 @@ class GuardConfig:
     val_fraction: float = 0.1
     gate_fraction: float = 0.25
     audit_gate_fraction: float = 1.0
-    extra_questions: int = 0
+    extra_questions: int = 4
     question_source: str = 'templates'
-    gate_questions: int = 0
+    gate_questions: int = 4
     anchor: str = ''
     anchor_limit: int = 1024
     anchor_gate_fraction: float = 0.3

@@ -130,7 +130,7 @@ class GateConfig:
     gain_on: str = 'new'
     new_clusters: bool = True
     harm_correction: str = 'holm'
-    big_fall: float = 0.0
+    big_fall: float = 5.0
 
     def __post_init__(self) -> None:
         if self.gain_on not in GAIN_ON:

@@ -212,8 +212,11 @@ class DeviceState:
 
     # ---------------------------------------------------------------- pending samples
     def pending(self) -> int:
-        """Records that arrived since the last round started."""
-        return sum(1 for r in self.memory.records.values() if r.seq >= self.round_seq)
+        """Samples the device sent since the last round started (``round.min_samples``
+        counts these: the questions the cloud derives from them are not counted, or a round
+        would start on a quarter of the frames at ``guard.extra_questions`` 4)."""
+        return sum(1 for r in self.memory.records.values()
+                   if r.seq >= self.round_seq and not r.parent)
 
     def caption_pending(self) -> int:
         """Caption records that arrived since the last caption round started."""

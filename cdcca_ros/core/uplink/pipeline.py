@@ -10,8 +10,8 @@ answer's entropy, stage 2 on the tokens' Monte-Carlo variance) and packs what pa
   it with its own vision encoder(s).
 
 Audit samples (``cfg.audit_fraction``, drawn whatever the uncertainty) go whole: every token
-(``ecq`` when the packing is ``'basis'``, whose byte budget is meant for a kept subset), or the
-frame in image mode.
+(when the packing is ``'basis'``: ``ecq``, or in the basis under the same budget and error
+target, ``audit_packing``), or the frame in image mode.
 
 The cloud's side is :func:`decode_tokens` (token packings).
 """
@@ -47,6 +47,7 @@ UPLINK_MODES = ('tokens', 'image')
 BASIS = 'basis'
 IMAGE = 'image'
 PACKINGS = (*PACK_DTYPES, BASIS)
+AUDIT_PACKINGS = ('ecq', BASIS)
 
 
 @dataclass
@@ -101,6 +102,9 @@ class UplinkPipeline:
             :meth:`~cdcca_ros.core.uplink.basis.TokenBasis.pack`).
         mode: ``'tokens'`` or ``'image'``.
         jpeg_quality: JPEG quality of the image mode.
+        audit_packing: ``'basis'`` packing only: how an audit sample's tokens (every one)
+            travel: ``'ecq'`` (~0.12 relative error, ~270 B on the bundled model) or
+            ``'basis'`` (as an uplinked sample: the budget and ``max_error``).
 
     Raises:
         ConfigError: An unknown mode or packing, or ``'basis'`` without a basis or budget.
@@ -109,7 +113,8 @@ class UplinkPipeline:
     def __init__(self, cfg: UtsConfig, mc_features: Callable[[Tensor, float, int], Tensor],
                  has_cls: bool = False, packing: str = 'ecq', basis: TokenBasis | None = None,
                  budget_bytes: int | None = None, mode: str = 'tokens',
-                 jpeg_quality: int = DEFAULT_QUALITY, max_error: float = 0.0) -> None:
+                 jpeg_quality: int = DEFAULT_QUALITY, max_error: float = 0.0,
+                 audit_packing: str = 'ecq') -> None:
         if mode not in UPLINK_MODES:
             raise ConfigError(f'uplink mode must be one of {UPLINK_MODES}, got {mode!r}')
         if packing not in PACKINGS:
@@ -121,7 +126,11 @@ class UplinkPipeline:
         self.mode, self.packing, self.basis = mode, packing, basis
         if not 0.0 <= max_error < 1.0:
             raise ConfigError(f'max_error must be in [0, 1), got {max_error}')
+        if audit_packing not in AUDIT_PACKINGS:
+            raise ConfigError(f'audit packing must be one of {AUDIT_PACKINGS}, got '
+                              f'{audit_packing!r}')
         self.budget_bytes, self.max_error = budget_bytes, float(max_error)
+        self.audit_packing = audit_packing
         self.jpeg_quality = int(jpeg_quality)
         # UTS packs with its own packings; for 'basis' it hands over fp16 (cheap) and the
         # kept tokens are re-packed from the exact ones.
@@ -167,7 +176,7 @@ class UplinkPipeline:
         result = self.uts.process(step_probs, tokens)
         if result is None:
             return None
-        if result.audit and self.packing == BASIS:
+        if result.audit and self.packing == BASIS and self.audit_packing == 'ecq':
             t0 = time.perf_counter()
             packed = pack_tokens(tokens.detach().cpu(), 'ecq')
             return UplinkSample(entropy=result.entropy,
@@ -186,7 +195,7 @@ class UplinkPipeline:
         return UplinkSample(entropy=result.entropy,
                             uts=dataclasses.replace(result, packed=packed),
                             basis_version=self.basis.version,
-                            encode_ms=(time.perf_counter() - t0) * 1e3)
+                            encode_ms=(time.perf_counter() - t0) * 1e3, audit=result.audit)
 
 
 def decode_tokens(dtype: str, payload: bytes, scales: list[float], kept_indices: list[int],

@@ -128,19 +128,20 @@ def test_a_gain_on_the_whole_new_data_does_not_hide_a_scene_that_falls():
 
 
 def test_harm_tests_over_many_slices_are_corrected_together():
+    # (big_fall 0: every slice inside the correction.)
     # One of eight replay slices loses 10, wins 5 of 100: 5 points, p_worse = 0.15. Tested
     # alone at harm_alpha = 0.2 it falls; among eight (Holm: its level is 0.2 / 8) it does not.
     quiet = {f'replay/{c}': counts(100, 3, 3) for c in range(1, 8)}
     slices = {NEW: counts(60, 30, 0), 'replay/0': counts(100, 5, 10), **quiet}
-    assert GateConfig().decide(slices).ship
+    assert GateConfig(big_fall=0.0).decide(slices).ship
     d = GateConfig(harm_correction='none').decide(slices)
     assert not d.ship and d.reason.startswith('replay/0 falls by 5.0 points')
     # A sure fall (6 broken, 0 fixed: p = 0.016 < 0.2 / 8) still refuses, and so does a
     # second one in the step-down (its level is 0.2 / 7), but not a slice after a miss.
     sure = {**slices, 'replay/0': counts(100, 0, 6), 'replay/1': counts(100, 0, 6)}
-    assert GateConfig().fallen(sure, skip=(NEW,)) == ['replay/0', 'replay/1']
+    assert GateConfig(big_fall=0.0).fallen(sure, skip=(NEW,)) == ['replay/0', 'replay/1']
     sure['replay/1'] = counts(100, 2, 9)  # p = 0.033 > 0.2 / 7: not rejected ...
-    assert GateConfig().fallen(sure, skip=(NEW,)) == ['replay/0']
+    assert GateConfig(big_fall=0.0).fallen(sure, skip=(NEW,)) == ['replay/0']
     # ... unless its 7 points are past big_fall (5): then it is tested at 0.2 alone.
     assert GateConfig(big_fall=5.0).fallen(sure, skip=(NEW,)) == ['replay/0', 'replay/1']
     with pytest.raises(ConfigError):
@@ -153,7 +154,8 @@ def test_a_big_fall_is_tested_alone_outside_the_correction():
     # at harm_alpha alone and refuses.
     quiet = {f'replay/{c}': counts(100, 3, 3) for c in range(1, 8)}
     slices = {NEW: counts(60, 30, 0), 'replay/0': counts(100, 7, 16), **quiet}
-    assert GateConfig().decide(slices).ship  # big_fall 0 (the default): inside it
+    assert GateConfig(big_fall=0.0).decide(slices).ship  # big_fall 0: inside it
+    assert GateConfig().big_fall == 5.0  # the default
     d = GateConfig(big_fall=5.0).decide(slices)
     assert not d.ship and d.harmful and d.reason.startswith('replay/0 falls by 9.0 points')
     # A big fall that could well be noise (6 broken, 3 fixed of 30: p = 0.25) still ships,

@@ -42,7 +42,13 @@ def fog(models):
 
 
 def _cloud(models, tmp_path=None, **guard) -> tuple[CloudRuntime, object]:
+    """A cloud runtime on the bundled pair; no derived questions unless asked (these tests
+    count and split records: the defaults' guard.extra_questions / gate_questions would add
+    four of the cloud's own questions to each frame)."""
     from cdcca_ros.models import bundled
+
+    guard.setdefault('extra_questions', 0)
+    guard.setdefault('gate_questions', 0)
 
     private, public = generate_keypair()
     teacher, student = models
@@ -288,6 +294,8 @@ def test_the_cloud_asks_more_questions_of_each_training_frame(models, fog):
     parents = [r for r in memory.select() if not r.parent]
     kids = [r for r in memory.select() if r.parent]
     assert len(parents) == 30 and state.samples_seen == 30
+    # A round starts on the frames the device sent, not on the questions derived from them.
+    assert kids and state.pending() == 30
     # Every training frame (fog's questions are the templates') and nothing held out.
     assert {r.parent for r in kids} == {r.sample_id for r in parents if r.split == 'train'}
     assert state.counters['derived_questions'] == len(kids) <= 3 * 30

@@ -132,6 +132,21 @@ def test_audit_samples_go_whole_in_every_mode(student, sample):
     assert tokens_up.uts.kept_indices.tolist() == list(range(n))
     assert tokens_up.basis_version == ''
     assert tokens_up.uts.packed.data == pack_tokens(tokens.detach().cpu(), 'ecq').data
+    # ... or every token in the basis, under the budget and error target of the others.
+    in_basis = UplinkPipeline(cfg, student.mc_token_features, has_cls=True, packing='basis',
+                              basis=basis, budget_bytes=352, max_error=0.1,
+                              audit_packing='basis').process(probs, tokens)
+    assert in_basis is not None and in_basis.audit and in_basis.dtype == 'basis'
+    assert in_basis.basis_version == basis.version
+    assert in_basis.uts.kept_indices.tolist() == list(range(n))
+    decoded, idx = decode_tokens('basis', in_basis.uts.packed.data, in_basis.uts.packed.scale,
+                                 [], n, tokens.shape[1], in_basis.basis_version, basis)
+    assert idx.tolist() == list(range(n)) and len(in_basis.uts.packed.data) <= 352
+    error = float((decoded - tokens.float()).norm() / tokens.float().norm())
+    assert error <= 0.1 or len(in_basis.uts.packed.data) > 300  # the target, or the budget's
+    with pytest.raises(ConfigError, match='audit packing'):
+        UplinkPipeline(cfg, student.mc_token_features, packing='basis', basis=basis,
+                       budget_bytes=352, audit_packing='fp16')
     image_up = UplinkPipeline(cfg, student.mc_token_features, mode='image').process(
         probs, tokens, s.image)
     assert image_up is not None and image_up.audit and image_up.dtype == 'image'

@@ -23,8 +23,9 @@ the student the codec's errors, and its gate, which judges on the same decoded t
 tell.
 
 ``summary``: ``per_domain`` (per packing: ``bytes``, ``rel_l2``, ``teacher``, ``count``),
-``worst_label_loss`` (largest exact - ``device`` over the domains, points) and the settings. A model without a shipped basis gets one fitted here on source
-frames (what ``python -m cdcca_ros.core.uplink.fit`` would store beside it).
+``worst_label_loss`` (largest exact - ``device`` over the domains, points) and the settings.
+A model without a shipped basis gets one fitted here on source frames (what
+``python -m cdcca_ros.core.uplink.fit`` would store beside it).
 """
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def run(ctx: BenchContext) -> BenchResult:
     if n < 1:
         raise ConfigError(f'--per-domain must be >= 1, got {n}')
     params = device_params()
-    device_budget, max_error = int(params['uts.budget_bytes']), float(params['uts.basis_max_error'])
+    device_budget = int(params['uts.budget_bytes'])
+    max_error = float(params['uts.basis_max_error'])
     try:
         extra = [int(b) for b in args.budgets.split(',') if b.strip()]
     except ValueError as exc:

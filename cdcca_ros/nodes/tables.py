@@ -181,7 +181,7 @@ DEVICE = (
           'budget); the basis is fitted on source frames, and a shift unlike them coded '
           'under a fixed budget gives the teacher worse tokens to label', low=0.0,
           high=0.999, runtime=True),
-    Param('uts.audit_packing', 'ecq', 'basis packing: how audit samples (every token) '
+    Param('uts.audit_packing', 'basis', 'basis packing: how audit samples (every token) '
           'travel: ecq, or basis (the budget and uts.basis_max_error, as the selected ones)',
           choices=('ecq', 'basis'), runtime=True),
     Param('uts.basis', '', 'basis packing: token basis file; empty: uplink_basis.safetensors '

@@ -313,9 +313,6 @@ CLOUD = (
     Param('guard.gate_new_clusters', True, 'gate: also judge the new data per memory '
           'cluster (a scene of it may not fall, whatever the whole gains; the devices\' audit '
           'samples, uts.audit_fraction, hold its sure frames)'),
-    Param('guard.gate_replay_pooled', False, 'gate: also judge the older data as one '
-          'harm slice (every replay cluster together): small falls on every older scene, '
-          'none significant alone, add up there'),
     Param('guard.gate_routed', True, 'gate: judge each held-out sample as a device with '
           'guard.coverage answers a fresh frame like it (the candidate where covered, the '
           'shipped student elsewhere); false: the candidate everywhere (devices without '

@@ -210,7 +210,6 @@ class GuardConfig:
                             anchor_min_broken=p['anchor_min_broken'],
                             anchor_budget=p['anchor_budget'], gain_on=p['gain_on'],
                             new_clusters=p['gate_new_clusters'],
-                            replay_pooled=p['gate_replay_pooled'],
                             harm_alpha=p['harm_alpha'],
                             harm_correction=p['harm_correction'],
                             big_fall=p['big_fall']),

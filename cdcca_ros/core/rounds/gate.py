@@ -9,8 +9,6 @@ label; the anchor set's own label). The held-out samples are never trained on:
   included), the data the round is meant to help with;
 - ``replay/<c>``: older gate-split samples, one slice per cluster of the memory (small
   clusters pooled), what earlier updates learnt;
-- ``replay`` (``replay_pooled``): every ``replay/<c>`` slice together, a harm slice: a
-  candidate that loses a little on every older scene, none significant alone, falls there;
 - ``anchor``: the anchor set's held-out part, what the student knew before any update;
 - ``new/<c>`` (``new_clusters``): the ``new`` slice again, one per memory cluster with enough
   samples: harm slices only, so that a gain on the whole cannot hide a scene that falls (an
@@ -116,8 +114,6 @@ class GateConfig:
             ``harm_alpha`` alone, outside the correction: the correction spares small
             falls that flips between equal adapters produce by chance, not large ones
             (0: every slice inside it).
-        replay_pooled: The older data is also judged as one harm slice (``replay``), all
-            ``replay/<c>`` together, inside the correction.
     """
 
     enabled: bool = True
@@ -135,7 +131,6 @@ class GateConfig:
     new_clusters: bool = True
     harm_correction: str = 'holm'
     big_fall: float = 5.0
-    replay_pooled: bool = False
 
     def __post_init__(self) -> None:
         if self.gain_on not in GAIN_ON:

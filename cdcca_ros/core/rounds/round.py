@@ -523,10 +523,6 @@ class RoundRunner:
             start = stop
         if device:  # new and replay come first
             out[DEVICE] = paired(device, cur[:len(device)], cand[:len(device)])
-        replays = [name for name in slices if name.startswith(f'{REPLAY}/')]
-        if gate.replay_pooled and len(replays) > 1:  # the older data as one harm slice
-            out[REPLAY] = paired(device[len(new):], cur[len(new):len(device)],
-                                 cand[len(new):len(device)])
         # The new data per cluster too (new comes first in `everything`): a gain on the whole
         # must not hide a scene that falls (an update learnt on one shift breaking another
         # that went up in the same stretch).

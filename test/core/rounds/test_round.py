@@ -281,40 +281,6 @@ def test_the_new_data_is_also_judged_per_cluster(models, fog):
     assert sum(c.broken for c in per_cluster.values()) <= slices[NEW].broken
 
 
-def test_the_older_data_is_also_judged_as_one_slice(models, fog):
-    """guard.gate_replay_pooled: every replay cluster together is one more harm slice, so
-    small falls on every older scene add up; off, there is none."""
-    from dataclasses import replace
-
-    from cdcca_ros.core.rounds.gate import REPLAY, GateConfig
-
-    cloud, _ = _cloud(models, gate=GateConfig(min_slice=1, replay_pooled=True))
-    _add_fog(cloud, fog)
-    state = cloud.device(DEVICE)
-    state.ship_seq = state.memory.next_seq  # fog is older data now: the replay slices
-    night = World(3).samples('night', N_FOG, 48, start=1_800_000)
-    with torch.no_grad():
-        tokens = models[1].vision_tokens([s.image for s in night])
-    for i, s in enumerate(night):
-        assert cloud.add_sample(DEVICE, tokens[i], None, s.question, cloud.space.num_tokens,
-                                cloud.space.dim, f'{DEVICE}-n{i}', device_version=0)
-    runner = cloud.runner
-    runner.label(state)
-    state.memory.recluster()
-    view = state.feedback.view
-    g = torch.Generator().manual_seed(0)
-    other = {k: v + torch.randn(v.shape, generator=g) * 0.5 for k, v in view.items()}
-    slices = runner._slices(state, view, other)
-    replays = [v for k, v in slices.items() if k.startswith(f'{REPLAY}/')]
-    assert len(replays) > 1, sorted(slices)
-    pooled = slices[REPLAY]
-    assert pooled.n == sum(r.n for r in replays) > 0
-    assert (pooled.fixed, pooled.broken) == (sum(r.fixed for r in replays),
-                                             sum(r.broken for r in replays))
-    runner.guard = replace(runner.guard, gate=replace(runner.guard.gate, replay_pooled=False))
-    assert REPLAY not in runner._slices(state, view, other)
-
-
 def test_the_cloud_asks_more_questions_of_each_training_frame(models, fog):
     from functools import partial
 

@@ -24,6 +24,7 @@ import pytest
 
 pytest.importorskip('cdcca_ros.msg', reason='package not built: run through `make test`')
 
+import processes  # noqa: E402 (test/: process helpers)
 from ros_graph import spin_until  # noqa: E402
 
 START_S = 180.0  # three launches, four models, two cores
@@ -34,20 +35,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path('/proc').iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / 'stat').read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(')') + 2:].split()[1]) == pid:
-            out.append(int(entry.name))
-    return out
 
 
 def _signal_masks(pid: int) -> str:
@@ -63,14 +50,6 @@ def _signal_masks(pid: int) -> str:
                                                     'SigCgt')]
         lines.append(f'  thread {task.name}: pnd/shdpnd/blk/ign/cgt {" ".join(sig)}')
     return '\n'.join(lines)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f'/proc/{pid}/stat').read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(')') + 2] != 'Z'
 
 
 class Launch:
@@ -102,7 +81,7 @@ class Launch:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            for pid in _children(self.proc.pid):
+            for pid in processes.children(self.proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -316,7 +295,7 @@ def test_ask_answers_on_each_robot(launched):
 def test_sigint_stops_every_node_cleanly(launched):
     """Ctrl-C: launch passes SIGINT on, every node ends on its own, exit code 0."""
     launches = launched['launches']
-    children = {key: _children(launch.proc.pid) for key, launch in launches.items()}
+    children = {key: processes.children(launch.proc.pid) for key, launch in launches.items()}
     for key, launch in launches.items():
         assert len(children[key]) == len({n for ns, n in EXPECTED_NODES[key]} - {'uts_node'}), (
             key, launch.tail())
@@ -355,7 +334,7 @@ def test_sigint_stops_every_node_cleanly(launched):
                         f'{launch.tail(120)}')
         assert code == 0, launch.tail()
         launch._thread.join(timeout=10.0)
-        assert not [pid for pid in children[key] if _alive(pid)], launch.tail()
+        assert not [pid for pid in children[key] if processes.alive(pid)], launch.tail()
         finished = launch.text.count('process has finished cleanly')
         assert finished == len(children[key]), launch.tail()
         assert 'Traceback' not in launch.text and 'was required' not in launch.text, (
